@@ -1,0 +1,126 @@
+"""Super-weight coordinates: the record, and coordinate files in and out (YAML or JSON).
+
+A coordinates file looks like:
+
+    model: smollm2-135m
+    model_type: llama
+    tensor: model.layers.{layer}.mlp.down_proj.weight   # where (row, col) live in the checkpoint
+    super_weights:
+      - {layer: 11, row: 507, col: 1229, value: 5.876, ...}
+
+Only `layer`, `row` and `col` (and `expert` for mixture-of-experts models) are required when
+reading; everything else is provenance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import CoordinatesError
+from .files import atomic_write_text
+
+
+@dataclass(frozen=True)
+class SuperWeight:
+    """One super weight: `down_proj.weight[row, col]` of decoder layer `layer` (of `expert`)."""
+
+    layer: int
+    row: int
+    col: int
+    expert: int | None = None
+    value: float | None = None  # the weight itself
+    input_activation: float | None = None  # down_proj input at (token, col)
+    output_spike: float | None = None  # what the layer writes at (token, row)
+    token: int | None = None
+    iteration: int | None = None
+
+    @property
+    def key(self) -> tuple[int, int, int, int | None]:
+        return (self.layer, self.row, self.col, self.expert)
+
+    def label(self) -> str:
+        where = f"[{self.layer}, {self.row}, {self.col}]"
+        return where if self.expert is None else f"{where} expert {self.expert}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+_REQUIRED = ("layer", "row", "col")
+_INT_FIELDS = {"layer", "row", "col", "expert", "token", "iteration"}
+
+
+def from_dict(entry: Any, where: str) -> SuperWeight:
+    if not isinstance(entry, dict):
+        raise CoordinatesError(f"{where}: expected a mapping with layer, row, col; got {entry!r}")
+    missing = [k for k in _REQUIRED if k not in entry]
+    if missing:
+        raise CoordinatesError(f"{where}: missing key(s) {', '.join(missing)}; each entry needs layer, row, col")
+    known = {f.name for f in fields(SuperWeight)}
+    values = {}
+    for key, value in entry.items():
+        if key not in known:
+            continue
+        if value is None:
+            values[key] = None
+        elif key in _INT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CoordinatesError(f"{where}: '{key}' must be a non-negative integer, got {value!r}")
+            values[key] = value
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CoordinatesError(f"{where}: '{key}' must be a number, got {value!r}")
+            values[key] = float(value)
+    return SuperWeight(**values)
+
+
+def parse_coord(text: str) -> SuperWeight:
+    """`LAYER,ROW,COL` or `LAYER,ROW,COL,EXPERT` as given on the command line."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
+        raise CoordinatesError(
+            f"bad coordinate '{text}': write LAYER,ROW,COL (or LAYER,ROW,COL,EXPERT) as non-negative integers"
+        )
+    numbers = [int(p) for p in parts]
+    return SuperWeight(*numbers[:3], expert=numbers[3] if len(numbers) == 4 else None)
+
+
+def read_coords(path: str | Path) -> tuple[list[SuperWeight], dict[str, Any]]:
+    """Read a coordinates file; returns (super weights, the file's other top-level fields)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CoordinatesError(f"coordinates file not found: {path}; make one with `sw detect MODEL --out {path}`")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CoordinatesError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first_line}") from None
+    if isinstance(data, list):
+        data = {"super_weights": data}
+    if not isinstance(data, dict) or not isinstance(data.get("super_weights"), list):
+        raise CoordinatesError(f"{path}: expected a top-level 'super_weights:' list of {{layer, row, col}} entries")
+    weights = [from_dict(e, f"{path}: super_weights[{i}]") for i, e in enumerate(data["super_weights"])]
+    meta = {k: v for k, v in data.items() if k != "super_weights"}
+    return weights, meta
+
+
+def coords_document(weights: list[SuperWeight], **meta: Any) -> dict[str, Any]:
+    return {**meta, "super_weights": [w.to_dict() for w in weights]}
+
+
+def write_coords(path: str | Path, weights: list[SuperWeight], **meta: Any) -> Path:
+    """Write atomically; JSON when the name ends in .json, YAML otherwise."""
+    path = Path(path)
+    document = coords_document(weights, **meta)
+    if path.suffix.lower() == ".json":
+        text = json.dumps(document, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
+    atomic_write_text(path, text)
+    return path

@@ -1,0 +1,37 @@
+"""Exception types the CLI turns into one-line messages.
+
+Every error a user can cause raises a subclass of `SuperweightError` whose message says what is
+wrong and what to do about it. The CLI prints `error: <message>` and exits with `exit_code`.
+"""
+
+
+class SuperweightError(Exception):
+    """Base class: a user-facing problem with a one-line, actionable message."""
+
+    exit_code = 1
+
+
+class UsageError(SuperweightError):
+    """Bad option values or arguments."""
+
+    exit_code = 2
+
+
+class ModelLoadError(SuperweightError):
+    """The model could not be found, read or understood."""
+
+
+class UnsupportedArchitectureError(SuperweightError):
+    """The model's family is not in the adapter table."""
+
+
+class CoordinatesError(SuperweightError):
+    """A coordinates file is malformed or does not fit the model."""
+
+
+class OutputPathError(SuperweightError):
+    """An output path cannot or must not be written."""
+
+
+class DataError(SuperweightError):
+    """Evaluation data is missing or malformed."""

@@ -1,0 +1,164 @@
+"""Scoped forward hooks on the down projections.
+
+Every hook is registered inside a context manager and removed in `finally`, even when the forward
+pass raises. Hooks reduce on the fly: per layer they keep a handful of scalars (maxima and where
+they are), never whole activations, so memory stays flat in sequence length and model size.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .arch import Adapter, adapter_for, decoder_layers, down_proj_matrix
+
+
+@dataclass
+class LayerStats:
+    """Running reductions of one decoder layer's down projection for one forward pass.
+
+    `spike_*` describe the largest value the MLP writes into the residual stream (after the
+    post-feed-forward norm where the family has one); `col`/`expert` name the input channel whose
+    product with the weight contributes most to that value at that token.
+    """
+
+    layer: int
+    input_max: float = 0.0  # max |down_proj input| over tokens and channels
+    input_token: int = -1
+    input_channel: int = -1
+    output_max: float = 0.0  # max |raw down_proj output|
+    output_token: int = -1
+    output_channel: int = -1
+    spike: float = 0.0  # signed residual write at (spike_token, row)
+    spike_token: int = -1
+    row: int = -1
+    col: int = -1
+    expert: int | None = None
+    col_input: float = 0.0  # down_proj input at (spike_token, col)
+    col_weight: float = 0.0  # weight[row, col]
+    residual_before: float = 0.0  # residual stream at (spike_token, row) entering the layer
+
+
+def _abs_argmax(x: torch.Tensor) -> tuple[float, int, int]:
+    """Max |x| over a [tokens, channels] tensor and its (token, channel)."""
+    flat = x.detach().abs().reshape(-1)
+    index = int(flat.argmax())
+    token, channel = divmod(index, x.shape[-1])
+    return float(flat[index]), token, channel
+
+
+def _first_sequence(t: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, dim] or [seq, dim] -> [seq, dim] of the first sequence (detection uses one)."""
+    return t[0] if t.dim() == 3 else t
+
+
+def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _DenseProbe:
+    """Hooks of one dense layer: down_proj (input, raw output) and, if any, its post norm."""
+
+    def __init__(self, stats: LayerStats, weight: torch.Tensor):
+        self.stats = stats
+        self.weight = weight  # [out, in] view
+        self.down_input: torch.Tensor | None = None  # held only until the residual write is seen
+        self.residual_in: torch.Tensor | None = None
+
+    def on_layer_input(self, module, args, kwargs):
+        self.residual_in = _first_sequence(_hidden_states_arg(args, kwargs))
+
+    def on_down_proj(self, module, args, output):
+        x = _first_sequence(args[0])
+        y = _first_sequence(output)
+        s = self.stats
+        s.input_max, s.input_token, s.input_channel = _abs_argmax(x)
+        s.output_max, s.output_token, s.output_channel = _abs_argmax(y)
+        self.down_input = x
+
+    def on_residual_write(self, module, args, output):
+        self._locate(_first_sequence(output))
+
+    def _locate(self, write: torch.Tensor) -> None:
+        s = self.stats
+        _, s.spike_token, s.row = _abs_argmax(write)
+        s.spike = float(write[s.spike_token, s.row])
+        x_t = self.down_input[s.spike_token]
+        contribution = x_t.to(self.weight.device, self.weight.dtype) * self.weight[s.row]
+        s.col = int(contribution.abs().argmax())
+        s.col_input = float(x_t[s.col])
+        s.col_weight = float(self.weight[s.row, s.col])
+        if self.residual_in is not None:
+            s.residual_before = float(self.residual_in[s.spike_token, s.row])
+        self.down_input = None
+        self.residual_in = None
+
+
+class _ExpertsProbe(_DenseProbe):
+    """Hooks of one fused mixture-of-experts block.
+
+    The fused experts module never exposes an expert's down-projection input, so the hook
+    recomputes it for the experts routed at the spike token only (top-k small vectors).
+    """
+
+    def __init__(self, stats: LayerStats, experts: nn.Module):
+        super().__init__(stats, weight=None)
+        self.experts = experts
+
+    def on_down_proj(self, module, args, output):
+        hidden, top_k_index, top_k_weights = args[:3]
+        y = _first_sequence(output)
+        s = self.stats
+        s.output_max, s.output_token, s.output_channel = _abs_argmax(y)
+        s.spike_token, s.row = s.output_token, s.output_channel
+        s.spike = float(y[s.spike_token, s.row])
+        hidden_t = hidden[s.spike_token]
+        best = None
+        for slot, expert in enumerate(top_k_index[s.spike_token].tolist()):
+            gate, up = nn.functional.linear(hidden_t, module.gate_up_proj[expert]).chunk(2, dim=-1)
+            x_e = module.act_fn(gate) * up
+            route = top_k_weights[s.spike_token, slot]
+            contribution = (route * x_e * module.down_proj[expert][s.row]).abs()
+            col = int(contribution.argmax())
+            input_max = float(x_e.abs().max())
+            if input_max > s.input_max:
+                s.input_max, s.input_token = input_max, s.spike_token
+                s.input_channel = int(x_e.abs().argmax())
+            if best is None or contribution[col] > best[0]:
+                best = (contribution[col], expert, col, float(x_e[col]))
+        _, s.expert, s.col, s.col_input = best
+        s.col_weight = float(module.down_proj[s.expert][s.row, s.col])
+        if self.residual_in is not None:
+            s.residual_before = float(self.residual_in[s.spike_token, s.row])
+        self.residual_in = None
+
+
+@contextmanager
+def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None) -> Iterator[list[LayerStats]]:
+    """Within the block, every forward pass fills one `LayerStats` per decoder layer."""
+    adapter = adapter or adapter_for(model)
+    layers = decoder_layers(model, adapter)
+    stats = [LayerStats(layer=i) for i in range(len(layers))]
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            down_proj = layer.get_submodule(adapter.down_proj)
+            if adapter.experts:
+                probe: _DenseProbe = _ExpertsProbe(stats[i], down_proj)
+            else:
+                probe = _DenseProbe(stats[i], down_proj_matrix(model, i, adapter=adapter).detach())
+            handles.append(layer.register_forward_pre_hook(probe.on_layer_input, with_kwargs=True))
+            handles.append(down_proj.register_forward_hook(probe.on_down_proj))
+            if adapter.post_norm:
+                writer = layer.get_submodule(adapter.post_norm)
+                handles.append(writer.register_forward_hook(probe.on_residual_write))
+            elif not adapter.experts:
+                handles.append(down_proj.register_forward_hook(probe.on_residual_write))
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()

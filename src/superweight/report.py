@@ -1,0 +1,129 @@
+"""Turning results into things people read: rows for tables, JSON documents, PNG plots.
+
+No terminal code here (the CLI renders rows with rich); plots use matplotlib's Agg backend so
+they work on headless machines.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .coords import SuperWeight
+from .detect import Detection
+from .files import atomic_write_bytes
+from .model import load_yaml_config
+
+
+@dataclass(frozen=True)
+class KnownCheck:
+    """How detected coordinates compare with the published ones for this model."""
+
+    key: str
+    published: list[tuple[int, int, int]]
+    verdict: str  # "agrees", "partly agrees", "differs"
+    missing: list[tuple[int, int, int]]
+    extra: list[tuple[int, int, int]]
+
+    def summary(self) -> str:
+        text = f"published coordinates for {self.key}: detection {self.verdict}"
+        if self.missing:
+            text += f"; not found: {', '.join(map(str, map(list, self.missing)))}"
+        if self.extra:
+            text += f"; not published: {', '.join(map(str, map(list, self.extra)))}"
+        return text
+
+
+def known_entry_key(known_key: str | None, model_id: str | None) -> str | None:
+    table = load_yaml_config("known_coordinates.yaml")
+    if known_key in table:
+        return known_key
+    for key, entry in table.items():
+        if model_id and model_id in entry.get("hub", []):
+            return key
+    return None
+
+
+def check_known(weights: list[SuperWeight], known_key: str | None, model_id: str | None = None) -> KnownCheck | None:
+    key = known_entry_key(known_key, model_id)
+    if key is None:
+        return None
+    published = [tuple(c) for c in load_yaml_config("known_coordinates.yaml")[key]["super_weights"]]
+    found = [(w.layer, w.row, w.col) for w in weights]
+    missing = [c for c in published if c not in found]
+    extra = [c for c in found if c not in published]
+    verdict = "agrees" if not missing and not extra else ("differs" if len(missing) == len(published) else "partly agrees")
+    return KnownCheck(key, published, verdict, missing, extra)
+
+
+SUPER_WEIGHT_COLUMNS = ("layer", "row", "col", "expert", "weight", "input act.", "output spike", "token", "iter.")
+
+
+def super_weight_rows(weights: list[SuperWeight]) -> list[tuple[str, ...]]:
+    def num(x: float | None) -> str:
+        return "" if x is None else f"{x:.4g}"
+
+    return [
+        (str(w.layer), str(w.row), str(w.col), "" if w.expert is None else str(w.expert), num(w.value),
+         num(w.input_activation), num(w.output_spike), str(w.token), str(w.iteration))
+        for w in weights
+    ]
+
+
+def detection_document(detection: Detection, model: dict[str, Any], known: KnownCheck | None) -> dict[str, Any]:
+    """Everything `sw detect --json` prints: coordinates, the rule, and per-layer evidence."""
+    first = detection.iterations[0] if detection.iterations else []
+    return {
+        "model": model,
+        "prompt": detection.prompt,
+        "num_tokens": detection.num_tokens,
+        "rule": vars(detection.rule),
+        "super_weights": [w.to_dict() for w in detection.super_weights],
+        "candidate_layers": detection.candidate_layers,
+        "cancelling_layers": detection.cancelling_layers,
+        "layers": [
+            {"layer": s.layer, "down_proj_input_max": s.input_max, "down_proj_output_max": s.output_max,
+             "residual_write": s.spike, "row": s.row, "token": s.spike_token}
+            for s in first
+        ],
+        "known": None if known is None else {
+            "entry": known.key, "verdict": known.verdict, "published": [list(c) for c in known.published],
+        },
+    }
+
+
+def plot_activations(detection: Detection, path: str | Path, title: str = "") -> Path:
+    """Per-layer max |down_proj input| and |output| (log scale), candidate layers marked.
+
+    Like the paper's Figure 3: the super weight's layer stands out by orders of magnitude.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = detection.iterations[0]
+    layers = [s.layer for s in stats]
+    candidates = set(detection.candidate_layers[0]) if detection.candidate_layers else set()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+    panels = (("max |down_proj input|", [s.input_max for s in stats]),
+              ("max |down_proj output|", [s.output_max for s in stats]))
+    for ax, (label, values) in zip(axes, panels):
+        ax.plot(layers, values, marker="o", ms=3, lw=1.2, color="#3366aa")
+        for layer in sorted(candidates):
+            ax.plot([layer], [values[layer]], marker="*", ms=14, color="#cc3311", zorder=3)
+            ax.annotate(f"layer {layer}", (layer, values[layer]), textcoords="offset points", xytext=(6, -4),
+                        fontsize=8, color="#cc3311")
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, which="both", ls=":", lw=0.5)
+    fig.suptitle(title or "Down-projection activations (first iteration; * = super-weight layer)", fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
