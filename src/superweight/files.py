@@ -16,6 +16,9 @@ def check_writable(path: str | Path) -> None:
     """Fail early, before slow work, when `path` could not be written."""
     path = Path(path)
     parent = path.parent
+    blocking_file = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocking_file is not None:
+        raise OutputPathError(f"cannot write {path}: {blocking_file} is a file, not a directory; choose another path")
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +35,8 @@ def refuse_inside(path: str | Path, protected: list[Path]) -> None:
         directory = Path(directory).expanduser().resolve()
         if target == directory or directory in target.parents:
             raise OutputPathError(
-                f"refusing to write {path}: it is inside the model directory {directory}; choose an output path elsewhere"
+                f"refusing to write {path}: it is inside the model directory {directory} (or is the model); "
+                "choose an output path elsewhere"
             )
 
 

@@ -62,9 +62,11 @@ class ModelSource:
         from huggingface_hub import constants
 
         protected = [Path(constants.HF_HUB_CACHE)]
-        if self.kind != "hub":
-            path = Path(self.location)
-            protected.append(path.parent if path.is_file() else path)
+        path = Path(self.location)
+        if self.kind == "local" or self.alias:  # a model directory, or a package's own files
+            protected.append(path if path.is_dir() else path.parent)
+        elif self.kind == "gguf":  # a lone .gguf file may sit in any folder: protect the file itself
+            protected.append(path)
         return protected
 
 

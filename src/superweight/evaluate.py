@@ -1,0 +1,476 @@
+"""One engine for every task: log-likelihood scoring that reproduces lm-evaluation-harness (HF backend).
+
+Agreement with lm-eval comes from tokenising exactly as its `HFLM` does (see `Encoder`) and from
+scoring the same token sequences: each request is `context + continuation`, left-truncated to
+`max_length + 1` tokens, fed without its last token, and the continuation's log-probabilities summed.
+Rolling windows for perplexity follow lm-eval's `get_rolling_token_windows` with `context_len=1`
+followed by `make_disjoint_window`.
+
+Speed comes from doing less, not from approximating:
+  * the choices of one document share their context tokens; that prefix is run once and its
+    key/value cache reused for every choice (lm-eval re-runs it per choice);
+  * the output head and log-softmax run only on continuation positions, a chunk at a time, so
+    full-vocabulary logits never exist for the whole batch;
+  * requests are sorted by length and batched, identical requests are scored once.
+Both shortcuts are checked against a plain forward pass on the model at hand before use and
+switched off when the model does not reproduce it (see `Scorer._check_shortcuts`).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+from .tasks import TASKS, LoadedTask, Prompt, load_task, resolve_task_names
+
+Progress = Callable[[str, int, int], None]
+
+CPU_TOKENS_PER_BATCH = 4096  # on CPU throughput is flat beyond a few thousand tokens per forward
+CUDA_TOKENS_PER_BATCH = 65536  # first try on accelerators; halved on out-of-memory
+HEAD_CHUNK_ELEMENTS = 1 << 27  # positions x vocab per log-softmax chunk (512 MiB in float32)
+BOOTSTRAP_RESAMPLES = 1000  # perplexity stderr (lm-eval also bootstraps perplexity)
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
+TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "model_max_length unset"
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def model_max_length(model, tokenizer) -> int:
+    """lm-eval's `resolve_max_length`: config length attributes, then the tokenizer, then 2048."""
+    config = getattr(model.config, "text_config", None) or model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit != TOKENIZER_INFINITY else DEFAULT_MAX_LENGTH
+
+
+class Encoder:
+    """Tokenises exactly like lm-eval's HFLM.
+
+    Special tokens are added as the tokenizer does by default, except when the text already starts
+    with the prefix token; the prefix token is BOS, else EOS, and conditions empty contexts and the
+    first rolling window.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix is None:
+            raise UsageError("the tokenizer has neither a BOS nor an EOS token; evaluation needs one to start texts")
+        self.prefix_token_id = int(prefix)
+        self._prefix_text = tokenizer.decode(self.prefix_token_id)
+
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        if add_special_tokens is None and self._prefix_text and text.startswith(self._prefix_text):
+            add_special_tokens = False
+        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        return list(self.tokenizer.encode(text, **kwargs))
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            continuation_enc = self.encode(continuation, add_special_tokens=False)
+            if continuation_enc[0] == self.prefix_token_id:
+                return continuation_enc[:1], continuation_enc[1:]
+            return [self.prefix_token_id], continuation_enc
+        # Trailing context spaces belong to the continuation, so the word boundary tokenises alike.
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.encode(context + continuation)
+        context_enc = self.encode(context)
+        return context_enc, whole[len(context_enc) :]
+
+
+def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) windows that predict every token once, each input <= max_length.
+
+    The first window predicts the first `max_length` tokens after the prefix token; each later one
+    predicts the next `max_length` tokens (fewer at the end), conditioned on as many preceding
+    tokens as fit. Same windows as lm-eval's rolling windows made disjoint.
+    """
+    if not tokens:
+        return []
+    first = min(max_length, len(tokens))
+    windows = [([prefix_token], tokens[:first])]
+    start = first
+    while start < len(tokens):
+        end = min(len(tokens), start + max_length)
+        windows.append((tokens[end - 1 - max_length : start], tokens[start:end]))
+        start = end
+    return windows
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Request:
+    tokens: tuple[int, ...]  # context + continuation, left-truncated to max_length + 1
+    n_scored: int  # trailing continuation tokens whose log-probabilities are summed
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.tokens) - 1
+
+
+@dataclass
+class Group:
+    """Requests scored together: the choices of one document, or one rolling window."""
+
+    requests: list[int]  # indices into the unique request list
+    shared: int = 0  # leading input tokens common to all, computed once
+
+
+def make_request(context_enc: list[int], continuation_enc: list[int], max_length: int) -> Request:
+    if not continuation_enc:
+        raise UsageError("a continuation tokenised to nothing; the task text is empty")
+    tokens = tuple((context_enc + continuation_enc)[-(max_length + 1) :])
+    return Request(tokens, min(len(continuation_enc), len(tokens) - 1))
+
+
+def shared_prefix(requests: list[Request]) -> int:
+    """Input tokens all requests share before their first scored position (0 if not worth it)."""
+    if len(requests) < 2:
+        return 0
+    limit = min(r.n_inputs - r.n_scored for r in requests)
+    first = requests[0].tokens
+    n = 0
+    while n < limit and all(r.tokens[n] == first[n] for r in requests):
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scored:
+    logprob: float
+    greedy: bool  # every continuation token is the argmax prediction
+
+
+class Scorer:
+    """Runs the model on batches of request groups and returns summed continuation log-probs."""
+
+    def __init__(self, model, batch_size: int | str = "auto"):
+        self.model = model
+        self.device = model.get_input_embeddings().weight.device
+        self.batch_size = batch_size
+        on_cpu = self.device.type == "cpu"
+        self.token_budget = CPU_TOKENS_PER_BATCH if on_cpu else CUDA_TOKENS_PER_BATCH
+        self.base = model.base_model if model.base_model is not model else None
+        self.head = model.get_output_embeddings()
+        self.split_head = False
+        self.share_prefix = False
+        self._checked = False
+
+    # A model's own forward may scale or cap logits after its head, or not support caches; the
+    # shortcuts are only used when they reproduce the plain forward pass on this model.
+    def _check_shortcuts(self, tokens: list[int]) -> None:
+        self._checked = True
+        ids = torch.tensor([tokens[:16]], device=self.device)
+        if ids.shape[1] < 4:
+            return
+        reference = self.model(ids).logits.float()
+        if self.base is not None and self.head is not None:
+            try:
+                logits = self._logits(self.base(input_ids=ids).last_hidden_state).float()
+                self.split_head = bool(torch.allclose(logits, reference.to(logits.device), rtol=1e-4, atol=1e-3))
+            except Exception:
+                self.split_head = False
+        try:
+            half = ids.shape[1] // 2
+            cache = self._forward(ids[:, :half], use_cache=True)[1]
+            cache.reorder_cache(torch.tensor([0, 0], device=self.device))
+            tail = self._forward(ids[:, half:].repeat(2, 1), cache=cache)[0]
+            tail = self._logits(tail) if self.split_head else tail
+            self.share_prefix = bool(torch.allclose(tail.float()[1], reference[0, half:].to(tail.device), rtol=1e-4, atol=1e-3))
+        except Exception:
+            self.share_prefix = False
+
+    def _forward(self, ids: torch.Tensor, cache=None, use_cache: bool = False):
+        """Hidden states (or logits without the head split) and the cache."""
+        use_cache = use_cache or cache is not None
+        if self.split_head:
+            out = self.base(input_ids=ids, past_key_values=cache, use_cache=use_cache)
+            return out.last_hidden_state, getattr(out, "past_key_values", None)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=use_cache)
+        return out.logits, getattr(out, "past_key_values", None)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.to(self.head.weight.device))
+
+    def score(self, requests: list[Request], groups: list[Group], on_batch: Callable[[int], None] | None = None) -> list[Scored]:
+        if not self._checked and requests:
+            self._check_shortcuts(list(requests[0].tokens))
+        for g in groups:
+            g.shared = shared_prefix([requests[i] for i in g.requests]) if self.share_prefix else 0
+        # Longest first, as lm-eval: out-of-memory shows at once and padding stays small.
+        groups = sorted(groups, key=lambda g: (-g.shared, -max(requests[i].n_inputs for i in g.requests)))
+        results: list[Scored | None] = [None] * len(requests)
+        position = 0
+        while position < len(groups):
+            batch = self._take_batch(requests, groups, position)
+            try:
+                with torch.inference_mode():
+                    scored = self._score_batch(requests, batch)
+            except torch.OutOfMemoryError:
+                if self.batch_size != "auto" or (len(batch) == 1 and self.token_budget <= 1):
+                    raise
+                self.token_budget //= 2
+                _free_accelerator_memory()
+                continue
+            for group in batch:
+                for i in group.requests:
+                    results[i] = scored[i]
+            position += len(batch)
+            if on_batch:
+                on_batch(sum(len(g.requests) for g in batch))
+        return results  # type: ignore[return-value]
+
+    def _take_batch(self, requests: list[Request], groups: list[Group], start: int) -> list[Group]:
+        batch: list[Group] = []
+        rows = 0
+        longest = 0
+        for group in groups[start:]:
+            shared = min([group.shared] + [g.shared for g in batch])
+            longest = max([longest] + [requests[i].n_inputs for i in group.requests])
+            n_rows = rows + len(group.requests)
+            if batch:
+                if self.batch_size == "auto":
+                    too_big = (n_rows * (longest - shared) + (len(batch) + 1) * shared) > self.token_budget
+                else:
+                    too_big = n_rows > int(self.batch_size)
+                if too_big:
+                    break
+            batch.append(group)
+            rows = n_rows
+        return batch
+
+    def _score_batch(self, requests: list[Request], batch: list[Group]) -> dict[int, Scored]:
+        shared = min(g.shared for g in batch)
+        cache = None
+        if shared:
+            prefix = torch.tensor([requests[g.requests[0]].tokens[:shared] for g in batch], device=self.device)
+            cache = self._forward(prefix, use_cache=True)[1]
+            cache.reorder_cache(torch.tensor([n for n, g in enumerate(batch) for _ in g.requests], device=self.device))
+        order = [i for g in batch for i in g.requests]
+        width = max(requests[i].n_inputs for i in order) - shared
+        # Right padding needs no attention mask: causal attention never looks ahead at the pads.
+        inputs = torch.zeros((len(order), width), dtype=torch.long)
+        rows, cols, targets, owner = [], [], [], []
+        for row, i in enumerate(order):
+            request = requests[i]
+            suffix = request.tokens[shared : request.n_inputs]
+            inputs[row, : len(suffix)] = torch.tensor(suffix)
+            first = request.n_inputs - request.n_scored - shared
+            rows += [row] * request.n_scored
+            cols += range(first, first + request.n_scored)
+            targets += request.tokens[-request.n_scored :]
+            owner += [i] * request.n_scored
+        hidden = self._forward(inputs.to(self.device), cache=cache)[0]
+        picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
+        del hidden, cache
+        logprobs, greedy = self._target_logprobs(picked, torch.tensor(targets))
+        out: dict[int, Scored] = {}
+        owner_t = torch.tensor(owner)
+        for i in order:
+            mask = owner_t == i
+            out[i] = Scored(float(logprobs[mask].sum()), bool(greedy[mask].all()))
+        return out
+
+    def _target_logprobs(self, picked: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of each target token and whether it is the argmax, a chunk at a time."""
+        vocab = self.head.weight.shape[0] if self.split_head else picked.shape[-1]
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+        logprobs, greedy = [], []
+        for start in range(0, picked.shape[0], chunk):
+            part = picked[start : start + chunk]
+            logits = self._logits(part) if self.split_head else part
+            log_softmax = torch.log_softmax(logits.float(), dim=-1)
+            target = targets[start : start + chunk].to(log_softmax.device)
+            logprobs.append(log_softmax.gather(-1, target[:, None])[:, 0].double().cpu())
+            greedy.append((log_softmax.argmax(-1) == target).cpu())
+        return torch.cat(logprobs), torch.cat(greedy)
+
+
+def _free_accelerator_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- tasks -> requests
+
+
+@dataclass
+class TaskRequests:
+    """A task's prompts turned into unique requests; `doc_requests[d]` lists doc d's request ids."""
+
+    prompts: list[Prompt]
+    requests: list[Request] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    doc_requests: list[list[int]] = field(default_factory=list)
+
+
+def build_requests(loaded: LoadedTask, encoder: Encoder, max_length: int) -> TaskRequests:
+    built = TaskRequests([loaded.task.prompt(doc) for doc in loaded.docs])
+    index: dict[Request, int] = {}
+
+    def add(request: Request, group: Group) -> int:
+        if request not in index:  # identical requests are scored once
+            index[request] = len(built.requests)
+            built.requests.append(request)
+            group.requests.append(index[request])
+        return index[request]
+
+    for prompt in built.prompts:
+        if loaded.task.scoring == "rolling":
+            ids = []
+            for context, continuation in rolling_windows(encoder.encode(prompt.text), encoder.prefix_token_id, max_length):
+                group = Group([])
+                ids.append(add(make_request(context, continuation, max_length), group))
+                if group.requests:
+                    built.groups.append(group)
+        else:
+            group = Group([])
+            ids = [add(make_request(*encoder.encode_pair(c, x), max_length), group) for c, x in prompt.pairs]
+            if group.requests:
+                built.groups.append(group)
+        built.doc_requests.append(ids)
+    return built
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _mean_and_stderr(values: list[float]) -> tuple[float, float | str]:
+    arr = np.asarray(values, dtype=float)
+    stderr = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else "N/A"
+    return float(arr.mean()), stderr
+
+
+def _perplexity_stderr(logprobs: np.ndarray, seed: int) -> float | str:
+    """Bootstrap stderr of exp(-mean log-likelihood), seeded for reproducibility."""
+    if len(logprobs) < 2:
+        return "N/A"
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(logprobs), size=(BOOTSTRAP_RESAMPLES, len(logprobs)))
+    return float(np.exp(-logprobs[samples].mean(axis=1)).std(ddof=1))
+
+
+def task_metrics(task_name: str, built: TaskRequests, scored: list[Scored], seed: int) -> dict[str, Any]:
+    task = TASKS[task_name]
+    per_doc = [[scored[i] for i in ids] for ids in built.doc_requests]
+    results: dict[str, Any] = {}
+    if task.scoring == "rolling":
+        logprob = sum(s.logprob for doc in per_doc for s in doc)
+        words = sum(p.words for p in built.prompts)
+        n_bytes = sum(p.bytes for p in built.prompts)
+        results["word_perplexity"] = math.exp(-logprob / words)
+        results["byte_perplexity"] = math.exp(-logprob / n_bytes)
+        results["bits_per_byte"] = -logprob / n_bytes / math.log(2)
+        for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+            results[metric + "_stderr"] = "N/A"  # lm-eval reports none for these weighted metrics
+    elif task.scoring == "greedy":
+        logprobs = np.array([doc[0].logprob for doc in per_doc])
+        results["acc"], results["acc_stderr"] = _mean_and_stderr([float(doc[0].greedy) for doc in per_doc])
+        results["perplexity"] = float(np.exp(-logprobs.mean()))
+        results["perplexity_stderr"] = _perplexity_stderr(logprobs, seed)
+    else:
+        acc, acc_norm = [], []
+        for prompt, doc in zip(built.prompts, per_doc):
+            lls = np.array([s.logprob for s in doc])
+            lengths = np.array([float(len(c)) for c in prompt.choices])
+            acc.append(float(np.argmax(lls) == prompt.gold))  # ties go to the first, as np.argmax
+            acc_norm.append(float(np.argmax(lls / lengths) == prompt.gold))
+        results["acc"], results["acc_stderr"] = _mean_and_stderr(acc)
+        if "acc_norm" in task.metrics:
+            results["acc_norm"], results["acc_norm_stderr"] = _mean_and_stderr(acc_norm)
+    return results
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[str] | str,
+    *,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    batch_size: int | str = "auto",
+    max_length: int | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score `model` on lm-eval tasks; returns lm-eval's results layout plus data checksums.
+
+    `limit` keeps the first N documents of each task; `batch_size` is the number of sequences per
+    forward pass or "auto" (a token budget, halved on accelerator out-of-memory); `max_length`
+    overrides the model's context length used for truncation and rolling windows.
+    """
+    names = resolve_task_names(tasks)
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--limit must be a positive number of documents, got {limit}")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size <= 0):
+        raise UsageError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
+    if max_length is not None and max_length < 2:
+        raise UsageError(f"max length must be at least 2 tokens, got {max_length}")
+    length = max_length or model_max_length(model, tokenizer)
+    loaded = [load_task(name, data_dir, limit) for name in names]  # fail on missing data before any scoring
+    encoder = Encoder(tokenizer)
+    scorer = Scorer(model, batch_size)
+    was_training = model.training
+    model.eval()
+    out: dict[str, Any] = {"results": {}, "n_samples": {}, "data_sha256": {}}
+    try:
+        for name, task_data in zip(names, loaded):
+            built = build_requests(task_data, encoder, length)
+            total, done = len(built.requests), 0
+            if progress:
+                progress(name, 0, total)
+
+            def advance(n: int, name: str = name, total: int = total) -> None:
+                nonlocal done
+                done += n
+                if progress:
+                    progress(name, done, total)
+
+            scored = scorer.score(built.requests, built.groups, advance)
+            out["results"][name] = task_metrics(name, built, scored, seed)
+            out["n_samples"][name] = {"original": task_data.n_total, "effective": len(task_data.docs)}
+            out["data_sha256"].update(task_data.sha256)
+    finally:
+        model.train(was_training)
+    out["config"] = {
+        "model": getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
+        "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(scorer.device),
+        "batch_size": batch_size,
+        "max_length": length,
+        "limit": limit,
+        "seed": seed,
+        "prefix_token_id": encoder.prefix_token_id,
+        "shared_prefix_cache": scorer.share_prefix,
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers"), "python": platform.python_version()},
+    }
+    return out
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

@@ -1,0 +1,123 @@
+"""The CLI: help, version, and one-line errors (no traceback, non-zero exit) for bad input."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from superweight.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(map(str, args)))
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_version_and_help():
+    assert invoke("--version").output.startswith("sw (superweight) 0.1.0")
+    result = invoke("detect", "--help")
+    assert result.exit_code == 0
+    for option in ("--prompt", "--iterations", "--dtype", "--device-map", "--trust-remote-code", "Examples"):
+        assert option in result.output
+
+
+def test_unknown_model_offline():
+    assert_one_line_error(invoke("detect", "no-such-org/no-such-model", "-q"), "no-such-org/no-such-model", "offline")
+
+
+def test_missing_gguf_file(tmp_path):
+    assert_one_line_error(invoke("detect", tmp_path / "missing.gguf", "-q"), "not found")
+
+
+def test_missing_model_directory(tmp_path):
+    assert_one_line_error(invoke("detect", tmp_path / "nope" / "model", "-q"), "not found")
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00garbage" * 100)
+    assert_one_line_error(invoke("detect", bad, "-q", "--out", tmp_path / "c.yaml"), "not a readable GGUF")
+
+
+def test_truncated_gguf(tmp_path):
+    from conftest import smollm2_gguf
+
+    real = smollm2_gguf()
+    truncated = tmp_path / "truncated.gguf"
+    with open(real, "rb") as f:
+        truncated.write_bytes(f.read(5_000_000))
+    assert_one_line_error(invoke("detect", truncated, "-q", "--out", tmp_path / "c.yaml"), "not a readable GGUF")
+
+
+def _config_dir(tmp_path, config):
+    path = tmp_path / config.model_type
+    config.save_pretrained(path)
+    return path
+
+
+def test_not_a_causal_lm(tmp_path):
+    from transformers import ViTConfig
+
+    path = _config_dir(tmp_path, ViTConfig())
+    assert_one_line_error(invoke("detect", path, "-q", "--out", tmp_path / "c.yaml"), "not a causal language model")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import BloomConfig
+
+    path = _config_dir(tmp_path, BloomConfig())
+    line = assert_one_line_error(invoke("detect", path, "-q", "--out", tmp_path / "c.yaml"), "bloom", "not supported")
+    assert "llama" in line and "gpt2" in line  # names the supported families
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--prompt", ""], "prompt"),
+    (["--prompt", "   "], "prompt"),
+    (["--iterations", "0"], "--iterations"),
+])
+def test_bad_detect_options(tiny_llama_dir, tmp_path, args, fragment):
+    assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", tmp_path / "c.yaml", *args), fragment)
+
+
+def test_unwritable_output_path(tiny_llama_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", blocker / "c.yaml"), "cannot")
+
+
+def test_output_inside_model_directory_is_refused(tiny_llama_dir):
+    before = sorted(p.name for p in tiny_llama_dir.iterdir())
+    assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", tiny_llama_dir / "c.yaml"),
+                          "inside the model directory")
+    assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before
+
+
+def test_detect_on_local_directory_writes_coordinates(tiny_llama_dir, tmp_path):
+    out = tmp_path / "coords.json"
+    result = invoke("detect", tiny_llama_dir, "-q", "--json", "--out", out, "--plot", tmp_path / "act.png")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["model"]["model_type"] == "llama"
+    assert len(document["layers"]) == 4
+    assert json.loads(out.read_text())["super_weights"] == document["super_weights"]
+    assert (tmp_path / "act.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = invoke("detect", tmp_path / "missing.gguf", "--debug")
+    assert result.exit_code != 0
+    assert result.exception is not None and not isinstance(result.exception, SystemExit)

