@@ -44,11 +44,16 @@ class LayerStats:
 
 
 def _abs_argmax(x: torch.Tensor) -> tuple[float, int, int]:
-    """Max |x| over a [tokens, channels] tensor and its (token, channel)."""
-    flat = x.detach().abs().reshape(-1)
-    index = int(flat.argmax())
+    """Max |x| over a [tokens, channels] tensor and its (token, channel).
+
+    Uses argmax and argmin rather than `x.abs()`, which would allocate a copy as large as the
+    activation: the hooks' memory must not grow with sequence length.
+    """
+    flat = x.detach().reshape(-1)
+    top, bottom = int(flat.argmax()), int(flat.argmin())
+    index = top if abs(float(flat[top])) >= abs(float(flat[bottom])) else bottom
     token, channel = divmod(index, x.shape[-1])
-    return float(flat[index]), token, channel
+    return abs(float(flat[index])), token, channel
 
 
 def _first_sequence(t: torch.Tensor) -> torch.Tensor:

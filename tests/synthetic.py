@@ -1,0 +1,246 @@
+"""Tiny random models of every supported family, and a way to plant a genuine super weight in them.
+
+Nothing here downloads anything: configs come from `AutoConfig.for_model(model_type)` with small
+sizes, models are randomly initialised (float32, eval mode).
+
+`plant_super_weight(model, layer, row, col)` rewires one MLP so that it really behaves like the
+paper's super weight, through the model's own forward pass:
+
+* a constant *carrier* channel (`CARRIER_CHANNEL`) is added to every token embedding, so the
+  normalised input of every MLP shares one direction at all tokens;
+* the up side of the MLP (gate/up, fused gate_up, c_fc / fc1 / dense_h_to_4h, or an expert's fused
+  gate_up_proj, with the router steered to that expert) is aligned with that direction for channel
+  `col`, so the down-projection input has a large spike at `col` at every token;
+* `down_proj[row, col]` is set large and the rest of the row's random entries are zeroed, so the
+  MLP writes a massive value at hidden channel `row` and zeroing that one weight removes it;
+* where the family normalises the MLP output (Gemma 2/3, OLMo-2), the post-feed-forward norm's
+  gain at `row` is raised so the residual write stays massive.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from superweight.arch import adapter_for, decoder_layers, down_proj_matrix, down_proj_module
+
+HIDDEN = 32
+INTERMEDIATE = 64
+LAYERS = 4
+HEADS = 4
+VOCAB = 128
+CARRIER_CHANNEL = 1  # the hidden channel every token embedding carries; do not plant rows here
+CARRIER_VALUE = 1.0
+
+_COMMON = dict(
+    hidden_size=HIDDEN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+_LLAMA_SIZES = dict(intermediate_size=INTERMEDIATE, num_key_value_heads=2, head_dim=HIDDEN // HEADS)
+
+# Family-specific config bits (sizes the common names above do not reach).
+FAMILY_CONFIG: dict[str, dict] = {
+    "llama": _LLAMA_SIZES,
+    "mistral": {**_LLAMA_SIZES, "sliding_window": None},
+    "qwen2": {**_LLAMA_SIZES, "use_sliding_window": False},
+    "qwen3": {**_LLAMA_SIZES, "use_sliding_window": False},
+    "phi3": {"intermediate_size": INTERMEDIATE, "num_key_value_heads": 2},
+    "olmo": {"intermediate_size": INTERMEDIATE, "num_key_value_heads": 2},
+    "olmo2": {"intermediate_size": INTERMEDIATE, "num_key_value_heads": 2},
+    "gemma": _LLAMA_SIZES,
+    "gemma2": {**_LLAMA_SIZES, "sliding_window": 16, "query_pre_attn_scalar": HIDDEN // HEADS},
+    "gemma3_text": {**_LLAMA_SIZES, "sliding_window": 16, "query_pre_attn_scalar": HIDDEN // HEADS},
+    "gpt2": {"n_inner": INTERMEDIATE, "n_positions": 64},
+    "gpt_neox": {"intermediate_size": INTERMEDIATE},
+    "opt": {"ffn_dim": INTERMEDIATE, "word_embed_proj_dim": HIDDEN, "do_layer_norm_before": True},
+    "falcon": {"ffn_hidden_size": INTERMEDIATE, "new_decoder_architecture": False, "multi_query": True},
+    "mixtral": {**_LLAMA_SIZES, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    "qwen3_moe": {
+        **_LLAMA_SIZES,
+        "moe_intermediate_size": INTERMEDIATE,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+        "use_sliding_window": False,
+    },
+}
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch on one thread inside the block: tiny matmuls are dominated by thread
+    synchronisation otherwise, badly so on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tiny_config(model_type: str, **overrides):
+    """A small config of `model_type` built locally (hidden 32, 4 layers, vocabulary 128)."""
+    config = AutoConfig.for_model(model_type)
+    for key, value in {**_COMMON, **FAMILY_CONFIG.get(model_type, {}), **overrides}.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
+    """A randomly initialised tiny model of `model_type`: float32, eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+PROBE_IDS = torch.tensor([[5, 17, 33, 42, 64, 77, 90, 101, 115, 126]])  # used to measure MLP inputs
+
+
+def _mlp_parent(model: nn.Module, layer: int) -> nn.Module:
+    """The module that holds the down projection (the MLP, or the decoder layer itself for OPT)."""
+    adapter = adapter_for(model)
+    parent_path, _, _ = adapter.down_proj.rpartition(".")
+    block = decoder_layers(model, adapter)[layer]
+    return block.get_submodule(parent_path) if parent_path else block
+
+
+def _up_side(model: nn.Module, layer: int) -> tuple[str, nn.Module, nn.Module | None]:
+    """(kind, module that reads the MLP input, router or None) for `layer`.
+
+    kind is one of: "experts" (fused gate_up_proj [E, 2I, H]), "gated" (gate_proj + up_proj),
+    "fused" (one Linear [2I, H], gate rows first: Phi-3), "plain" (one up projection + activation).
+    """
+    adapter = adapter_for(model)
+    parent = _mlp_parent(model, layer)
+    if adapter.experts:
+        return "experts", down_proj_module(model, layer, adapter), parent.get_submodule("gate")
+    if hasattr(parent, "gate_proj") and hasattr(parent, "up_proj"):
+        return "gated", parent.gate_proj, None
+    if hasattr(parent, "gate_up_proj"):
+        return "fused", parent.gate_up_proj, None
+    for name in ("c_fc", "dense_h_to_4h", "fc1", "up_proj"):
+        if hasattr(parent, name):
+            return "plain", getattr(parent, name), None
+    raise NotImplementedError(f"synthetic.py does not know the up side of {type(parent).__name__}")
+
+
+def _set_linear_row(module: nn.Module, index: int, vector: torch.Tensor) -> None:
+    """Set output channel `index` of an nn.Linear or GPT-2 Conv1D (weight [in, out]); zero its bias."""
+    if type(module).__name__ == "Conv1D":
+        module.weight[:, index] = vector
+    else:
+        module.weight[index] = vector
+    if getattr(module, "bias", None) is not None:
+        module.bias[index] = 0
+
+
+def _add_carrier(model: nn.Module) -> None:
+    """Give every token embedding the same constant at CARRIER_CHANNEL (idempotent)."""
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        embeddings[:, CARRIER_CHANNEL] = CARRIER_VALUE
+
+
+def mlp_input_direction(model: nn.Module, layer: int) -> tuple[torch.Tensor, float]:
+    """(unit vector along the mean MLP input of `layer` over PROBE_IDS, mean projection onto it).
+
+    The MLP input is what the up side reads: the normalised residual stream.
+    """
+    _, reader, _ = _up_side(model, layer)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen["x"] = x.detach().reshape(-1, x.shape[-1]).clone()
+
+    handle = reader.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model(input_ids=PROBE_IDS, use_cache=False)
+    finally:
+        handle.remove()
+    x = seen["x"]
+    direction = x.mean(0)
+    direction = direction / direction.norm()
+    projections = x @ direction
+    if not bool(projections.min() > 0.5 * projections.mean()):
+        raise RuntimeError(f"layer {layer}: the MLP input has no direction shared by all tokens")
+    return direction, float(projections.mean())
+
+
+def plant_super_weight(
+    model: nn.Module,
+    layer: int,
+    row: int,
+    col: int,
+    expert: int | None = None,
+    *,
+    input_spike: float = 100.0,
+    weight: float = 10.0,
+    post_norm_gain: float = 200.0,
+    clean_row: bool = True,
+) -> None:
+    """Make `down_proj[row, col]` of `layer` (and `expert`) a genuine super weight.
+
+    The down-projection input at `col` becomes about `input_spike` at every token, the weight
+    becomes `weight`, so the raw MLP output at `row` is about `input_spike * weight`. With
+    `clean_row`, the row's small (random-init, |w| < 1) entries are zeroed so that zeroing the
+    planted weight really removes the spike; larger entries (earlier plants) are kept.
+    Post-norm families get the post-feed-forward norm's gain at `row` set to `post_norm_gain`
+    (pass None to leave the norm alone).
+    """
+    adapter = adapter_for(model)
+    if row == CARRIER_CHANNEL:
+        raise ValueError(f"row {row} is the carrier channel; plant elsewhere")
+    _add_carrier(model)
+    kind, reader, router = _up_side(model, layer)
+    direction, scale = mlp_input_direction(model, layer)
+    unit = direction / scale  # unit @ x ~= 1 for every token
+    with torch.no_grad():
+        if kind == "plain":
+            # relu / gelu of a large positive pre-activation is about the pre-activation.
+            _set_linear_row(reader, col, input_spike * unit)
+        else:
+            # act(g) * u with g = u = sqrt(spike): silu / gelu of a large g is about g.
+            root = input_spike**0.5
+            if kind == "gated":
+                parent = _mlp_parent(model, layer)
+                _set_linear_row(parent.gate_proj, col, root * unit)
+                _set_linear_row(parent.up_proj, col, root * unit)
+            elif kind == "fused":
+                half = reader.weight.shape[0] // 2
+                _set_linear_row(reader, col, root * unit)
+                _set_linear_row(reader, half + col, root * unit)
+            else:  # experts: steer every token to `expert`, then plant inside it
+                if expert is None:
+                    raise ValueError("a mixture-of-experts model needs an expert to plant in")
+                half = reader.gate_up_proj.shape[1] // 2
+                reader.gate_up_proj[expert, col] = root * unit
+                reader.gate_up_proj[expert, half + col] = root * unit
+                router.weight[expert] = 20.0 * unit
+        matrix = down_proj_matrix(model, layer, expert, adapter)
+        if clean_row:
+            small = matrix[row].abs() < 1.0
+            matrix[row][small] = 0
+            bias = getattr(down_proj_module(model, layer, adapter), "bias", None)
+            if bias is not None and bias.dim() == 1:
+                bias[row] = 0
+        matrix[row, col] = weight
+        if adapter.post_norm and post_norm_gain is not None:
+            norm = decoder_layers(model, adapter)[layer].get_submodule(adapter.post_norm)
+            # Gemma's RMSNorm multiplies by (1 + weight); the others by weight.
+            offset = 1.0 if "Gemma" in type(norm).__name__ else 0.0
+            norm.weight[row] = post_norm_gain - offset

@@ -1,0 +1,201 @@
+"""Super-weight detection on tiny random models with planted super weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from superweight.arch import decoder_layers, down_proj_matrix
+from superweight.detect import SpikeRule, detect
+from superweight.errors import UsageError
+
+from synthetic import plant_super_weight, single_threaded, tiny_model
+
+IDS = torch.tensor([[3, 9, 27, 81, 12, 36, 108, 70, 50]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_threaded():
+        yield
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_bit_identical(model, before) -> None:
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"weights changed: {changed}"
+
+
+def _hook_count(model) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(getattr(m, "_forward_hooks_with_kwargs", {}))
+        for m in model.modules()
+    )
+
+
+def test_planted_super_weight_found_exactly():
+    model = tiny_model("llama")
+    plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)
+    rule = SpikeRule()
+
+    detection = detect(model, IDS, rule=rule)
+
+    assert [w.key for w in detection.super_weights] == [(1, 7, 13, None)]
+    w = detection.super_weights[0]
+    assert w.value == 10.0
+    assert w.input_activation == pytest.approx(100.0, rel=0.1)
+    assert w.output_spike == pytest.approx(1000.0, rel=0.1)
+    assert 0 <= w.token < IDS.shape[1]
+    assert w.iteration == 0
+    assert detection.candidate_layers == [[1], []]
+    assert detection.num_tokens == IDS.shape[1]
+    # the evidence of iteration 0 names the same place
+    s = detection.iterations[0][1]
+    assert (s.row, s.col) == (7, 13)
+
+
+def test_nothing_planted_reports_nothing():
+    for model_type in ("llama", "gpt2"):
+        model = tiny_model(model_type)
+        detection = detect(model, IDS)
+        assert detection.super_weights == []
+        assert detection.candidate_layers == [[]]
+        assert len(detection.iterations) == 1
+        assert max(abs(s.spike) for s in detection.iterations[0]) < SpikeRule().min_spike
+
+
+def test_two_super_weights_in_one_row_found_by_iteration():
+    model = tiny_model("llama")
+    # The second one is hidden behind the first (smaller input spike): only seen once it is zeroed.
+    plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)
+    plant_super_weight(model, 1, 7, 40, input_spike=30.0, weight=10.0)
+    before = _snapshot(model)
+
+    detection = detect(model, IDS, iterations=5)
+
+    assert [(w.key, w.iteration) for w in detection.super_weights] == [
+        ((1, 7, 13, None), 0),
+        ((1, 7, 40, None), 1),
+    ]
+    assert detection.super_weights[1].output_spike == pytest.approx(300.0, rel=0.1)
+    assert detection.candidate_layers == [[1], [1], []]
+    _assert_bit_identical(model, before)
+
+    # One iteration sees only the first.
+    once = detect(model, IDS, iterations=1)
+    assert [w.key for w in once.super_weights] == [(1, 7, 13, None)]
+    _assert_bit_identical(model, before)
+
+
+def test_gpt2_conv1d_layout_reports_row_and_col():
+    model = tiny_model("gpt2")
+    c_proj = decoder_layers(model)[1].mlp.c_proj
+    assert tuple(c_proj.weight.shape) == (64, 32)  # Conv1D: [in (intermediate), out (hidden)]
+    plant_super_weight(model, 1, 7, 13, weight=10.0)
+
+    detection = detect(model, IDS)
+
+    assert [w.key for w in detection.super_weights] == [(1, 7, 13, None)]
+    assert c_proj.weight[13, 7].item() == 10.0
+    assert c_proj.weight[7, 13].item() != 10.0
+    assert down_proj_matrix(model, 1)[7, 13].item() == c_proj.weight[13, 7].item()
+    assert detection.super_weights[0].value == 10.0
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "olmo2"])
+def test_post_norm_super_weight_found_through_the_norm(model_type):
+    rule = SpikeRule()
+    # Raw down_proj output at the row is ~50, below the floor; the post-feed-forward norm's gain
+    # at that row makes the residual write huge.
+    model = tiny_model(model_type)
+    plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=0.5, post_norm_gain=500.0)
+
+    detection = detect(model, IDS, rule=rule)
+
+    assert [w.key for w in detection.super_weights] == [(1, 7, 13, None)]
+    stats = detection.iterations[0][1]
+    assert stats.output_max < rule.min_spike
+    assert abs(stats.spike) >= 10 * rule.min_spike
+
+    # Control: the same plant with the norm left alone is not a super weight.
+    plain = tiny_model(model_type)
+    plant_super_weight(plain, 1, 7, 13, input_spike=100.0, weight=0.5, post_norm_gain=None)
+    assert detect(plain, IDS, rule=rule).super_weights == []
+
+
+@pytest.mark.parametrize("iterations", [0, -1])
+def test_iterations_must_be_positive(iterations):
+    model = tiny_model("llama")
+    with pytest.raises(UsageError):
+        detect(model, IDS, iterations=iterations)
+
+
+def test_hooks_removed_after_detect(monkeypatch):
+    model = tiny_model("llama")
+    plant_super_weight(model, 1, 7, 13)
+    baseline = _hook_count(model)
+    mlp = decoder_layers(model)[3].mlp
+    original = mlp.forward
+    during = []
+
+    def counting(*args, **kwargs):
+        during.append(_hook_count(model))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "forward", counting)
+    detect(model, IDS)
+    assert len(during) == 2 and all(n > baseline for n in during)  # they were there while running
+    assert _hook_count(model) == baseline
+
+
+def test_hooks_removed_and_weights_restored_when_forward_raises(monkeypatch):
+    model = tiny_model("llama")
+    plant_super_weight(model, 1, 7, 13)
+    before = _snapshot(model)
+    baseline = _hook_count(model)
+    mlp = decoder_layers(model)[3].mlp
+    original = mlp.forward
+    calls = []
+
+    def failing_on_second_pass(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the first super weight was zeroed
+            raise RuntimeError("boom")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "forward", failing_on_second_pass)
+    with pytest.raises(RuntimeError, match="boom"):
+        detect(model, IDS)
+    assert len(calls) == 2
+    assert _hook_count(model) == baseline
+    _assert_bit_identical(model, before)
+
+
+def _cancelling_model(sign: float):
+    # 8 layers: with two spiking layers out of 4 the median rule would hide both.
+    model = tiny_model("llama", num_hidden_layers=8)
+    plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)  # writes ~ +1000 at row 7
+    # Layer 2 reads the super activation and writes at the same row ~ 900 with `sign`.
+    plant_super_weight(model, 2, 7, 21, input_spike=100.0, weight=sign * 9.0)
+    return model
+
+
+def test_cancelling_layer_is_not_reported():
+    model = _cancelling_model(-1.0)
+    detection = detect(model, IDS)
+    stats = detection.iterations[0][2]
+    assert stats.spike < -SpikeRule().min_spike and stats.residual_before > 500  # opposite signs
+    assert [w.key for w in detection.super_weights] == [(1, 7, 13, None)]
+    assert detection.cancelling_layers == [2]
+
+
+def test_same_sign_later_layer_is_reported():
+    # Control for the test above: only the sign differs, and now layer 2 is a source too.
+    model = _cancelling_model(+1.0)
+    detection = detect(model, IDS)
+    assert sorted(w.key for w in detection.super_weights) == [(1, 7, 13, None), (2, 7, 21, None)]
+    assert detection.cancelling_layers == []
