@@ -170,8 +170,7 @@ def detect(
         from .coords import write_coords
         from .files import check_writable, refuse_inside
         from .model import load_model, resolve
-        from .report import (SUPER_WEIGHT_COLUMNS, check_known, detection_document, plot_activations,
-                             super_weight_rows)
+        from .report import check_known, detection_document, plot_activations, super_weight_table
         from .errors import UsageError
 
         text = DEFAULT_PROMPT if prompt is None else prompt
@@ -216,7 +215,7 @@ def detect(
             typer.echo(json.dumps(document, indent=2))
             return
         title = f"Super weights of {source.spec} ({len(detection.super_weights)} found)"
-        _print_table(title, SUPER_WEIGHT_COLUMNS, super_weight_rows(detection.super_weights))
+        _print_table(title, *super_weight_table(detection.super_weights))
         if not detection.super_weights:
             stdout.print("no layer stands out: no super weight under the current rule "
                          "(see --min-spike / --median-ratio)")

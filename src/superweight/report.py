@@ -58,18 +58,20 @@ def check_known(weights: list[SuperWeight], known_key: str | None, model_id: str
     return KnownCheck(key, published, verdict, missing, extra)
 
 
-SUPER_WEIGHT_COLUMNS = ("layer", "row", "col", "expert", "weight", "input act.", "output spike", "token", "iter.")
-
-
-def super_weight_rows(weights: list[SuperWeight]) -> list[tuple[str, ...]]:
+def super_weight_table(weights: list[SuperWeight]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(columns, rows) for a table of super weights; the expert column only for MoE models."""
     def num(x: float | None) -> str:
         return "" if x is None else f"{x:.4g}"
 
-    return [
-        (str(w.layer), str(w.row), str(w.col), "" if w.expert is None else str(w.expert), num(w.value),
+    with_expert = any(w.expert is not None for w in weights)
+    columns = ("layer", "row", "col", *(("expert",) if with_expert else ()), "weight", "input act.",
+               "output spike", "token", "iter.")
+    rows = [
+        (str(w.layer), str(w.row), str(w.col), *((str(w.expert),) if with_expert else ()), num(w.value),
          num(w.input_activation), num(w.output_spike), str(w.token), str(w.iteration))
         for w in weights
     ]
+    return columns, rows
 
 
 def detection_document(detection: Detection, model: dict[str, Any], known: KnownCheck | None) -> dict[str, Any]:

@@ -1,0 +1,52 @@
+"""Resolving MODEL (alias, GGUF, directory, hub id) and loading local models offline."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from superweight.errors import ModelLoadError, UsageError
+from superweight.model import load_model, resolve
+
+
+def test_default_model_is_the_packaged_smollm2():
+    source = resolve(None)
+    assert source.alias == "smollm2-135m" and source.kind == "gguf"
+    assert source.location.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(source.location).is_file()
+    assert source.known_key == "smollm2-135m"
+    assert Path(source.location).parent in source.protected_dirs  # never write into the package
+
+
+def test_paper_aliases_point_at_the_hub():
+    expected = {"llama-7b": "huggyllama/llama-7b", "mistral-7b": "mistralai/Mistral-7B-v0.1",
+                "llama-13b": "huggyllama/llama-13b", "llama-30b": "huggyllama/llama-30b",
+                "llama3-8b": "meta-llama/Meta-Llama-3-8B", "olmo-1b": "allenai/OLMo-1B-0724-hf",
+                "olmo-7b": "allenai/OLMo-7B-0724-hf", "phi3-mini": "microsoft/Phi-3-mini-4k-instruct"}
+    for alias, hub_id in expected.items():
+        source = resolve(alias)
+        assert (source.kind, source.location, source.known_key) == ("hub", hub_id, alias)
+
+
+def test_kinds(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    assert resolve(str(gguf)).kind == "gguf"
+    assert resolve(str(tmp_path), gguf_file="m.gguf").location == str(gguf)
+    assert resolve(str(tmp_path)).kind == "local"
+    assert resolve("org/name", revision="abc").revision == "abc"
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve(str(tmp_path), gguf_file="other.gguf")
+
+
+def test_local_directory_loads_with_dtype(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir), dtype="bfloat16", device="cpu")
+    assert loaded.model.dtype == torch.bfloat16 and loaded.dtype == "bfloat16"
+    assert loaded.source.kind == "local" and not loaded.model.training
+    assert loaded.tokenizer("Apple Inc. is").input_ids
+
+
+def test_bad_dtype_and_device(tiny_llama_dir):
+    with pytest.raises(UsageError, match="--dtype"):
+        load_model(str(tiny_llama_dir), dtype="float8")
+    with pytest.raises(UsageError, match="--device"):
+        load_model(str(tiny_llama_dir), device="tpu")
