@@ -226,6 +226,231 @@ def detect(
     session.run(work)
 
 
+COORDS = typer.Option(None, "--coords", help="Coordinates file from `sw detect` (YAML or JSON).")
+COORD = typer.Option(None, "--coord", help="A coordinate LAYER,ROW,COL[,EXPERT]; repeatable.")
+MODE = typer.Option("zero", "--mode", help="zero (default) or scale.")
+FACTOR = typer.Option(None, "--factor", help="With --mode scale: multiply by S (0 zeroes, > 1 amplifies).")
+CONTROL = typer.Option(None, "--control", help="Ablate a control instead: random (same count, same matrices) "
+                                                "or outliers (the --top N largest other weights).")
+TOP = typer.Option(None, "--top", help="With --control outliers: how many weights.")
+SEED = typer.Option(0, "--seed", help="Seed for the random control and bootstrap errors.")
+
+
+def _load_with_status(session: Session, source_spec: Optional[str], **load_options):
+    from .model import load_model
+
+    with session.status(f"loading {source_spec or 'default model'}") as update:
+        loaded = load_model(source_spec, progress=update, **load_options)
+    session.say(f"loaded {loaded.source.spec} ({loaded.dtype}) in {loaded.load_seconds:.1f} s"
+                + (" from the GGUF cache" if loaded.from_cache else ""))
+    return loaded
+
+
+@app.command()
+def ablate(
+    model: Optional[str] = MODEL_ARG,
+    coords: Optional[Path] = COORDS,
+    coord: Optional[list[str]] = COORD,
+    mode: str = MODE,
+    factor: Optional[str] = FACTOR,
+    control: Optional[str] = CONTROL,
+    top: Optional[int] = TOP,
+    seed: int = SEED,
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the ablated model (safetensors)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+    as_json: bool = JSON,
+    revision: Optional[str] = REVISION,
+    gguf_file: Optional[str] = GGUF_FILE,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    device_map: Optional[str] = DEVICE_MAP,
+    trust_remote_code: bool = TRUST,
+    cache_dir: Optional[str] = CACHE_DIR,
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Zero or rescale super weights (or a control) and save the model.
+
+    Writes safetensors, the tokenizer and superweight_ablation.json (what changed, original
+    values) to --out, atomically; never into the source model's directory.
+
+    Examples:
+
+      sw ablate --coords smollm2-135m.superweights.yaml --out smollm2-no-sw
+
+      sw ablate llama-7b --coord 2,3968,7003 --mode scale --factor 2 --out llama-7b-sw-x2
+
+      sw ablate --coords c.yaml --control outliers --top 7000 --out smollm2-no-outliers
+    """
+    session = Session(quiet, debug)
+
+    def work() -> None:
+        from . import ablate as ablation
+        from .coords import requested
+        from .errors import UsageError
+        from .experiments import control_weights, parse_factor
+        from .files import check_writable, refuse_inside
+        from .model import resolve
+
+        value = parse_factor(factor, mode)
+        weights = requested(coords, coord)
+        if not weights:
+            raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
+        source = resolve(model, revision=revision, gguf_file=gguf_file)
+        refuse_inside(out, source.protected_dirs)
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+        check_writable(out)
+        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
+                                   device=device, device_map=device_map, trust_remote_code=trust_remote_code,
+                                   cache_dir=cache_dir)
+        ablation.validate_coords(loaded.model, weights)
+        targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
+        record = ablation.apply(loaded.model, targets, mode=mode, factor=value, control=control,
+                                seed=seed if control == "random" else None,
+                                top=top if control == "outliers" else None,
+                                reference=weights if control else None)
+        with session.status(f"writing {out}"):
+            ablation.save_ablated(loaded, record, out, force=force)
+        if as_json:
+            typer.echo(json.dumps({"out": str(out), "ablation": record.to_dict()}, indent=2))
+        else:
+            what = f"{len(targets)} {control + ' control ' if control else 'super '}weight(s)"
+            how = "zeroed" if mode == "zero" else f"scaled x{value:g}"
+            stdout.print(f"{what} {how}; model written to {out}")
+
+    session.run(work)
+
+
+@app.command(name="eval")
+def eval_(
+    model: Optional[str] = MODEL_ARG,
+    task: list[str] = typer.Option(["wikitext"], "--task", "-t", help="Task; repeatable, or 'all': wikitext, "
+                                   "lambada_openai, piqa, arc_easy, arc_challenge, hellaswag, sciq, winogrande."),
+    coords: Optional[Path] = COORDS,
+    coord: Optional[list[str]] = COORD,
+    mode: str = MODE,
+    factor: Optional[str] = FACTOR,
+    control: Optional[str] = CONTROL,
+    top: Optional[int] = TOP,
+    restore_activation: bool = typer.Option(False, "--restore-activation",
+                                            help="Zero the super weights but write the super activation back."),
+    compare: bool = typer.Option(False, "--compare", help="Original, zeroed, zeroed + restored, and a control "
+                                                          "side by side (the paper's Table 1)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", envvar="SUPERWEIGHT_DATA",
+                                           help="Folder with one subfolder per task (env SUPERWEIGHT_DATA)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N documents of each task (smoke runs)."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Sequences per forward pass, or auto."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Context length (default: the model's)."),
+    seed: int = SEED,
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the results (lm-eval layout) to FILE.json."),
+    as_json: bool = JSON,
+    revision: Optional[str] = REVISION,
+    gguf_file: Optional[str] = GGUF_FILE,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    device_map: Optional[str] = DEVICE_MAP,
+    trust_remote_code: bool = TRUST,
+    cache_dir: Optional[str] = CACHE_DIR,
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Perplexity and zero-shot accuracy, as lm-evaluation-harness computes them.
+
+    With --coords/--coord the model is ablated in memory (nothing is saved).
+
+    Examples:
+
+      sw eval --task wikitext --task piqa --limit 100
+
+      sw eval --coords smollm2-135m.superweights.yaml --compare --task all --limit 200
+
+      sw eval llama-7b --coord 2,3968,7003 --restore-activation --task wikitext --json
+    """
+    session = Session(quiet, debug)
+
+    def work() -> None:
+        from . import ablate as ablation
+        from .coords import requested
+        from .errors import UsageError
+        from .experiments import comparison_configurations, parse_factor, run_configurations, single_configuration, summary_table
+        from .files import atomic_write_text, check_writable, refuse_inside
+        from .model import resolve
+        from .tasks import load_task, resolve_task_names
+
+        value = parse_factor(factor, mode)
+        if limit is not None and limit <= 0:
+            raise UsageError(f"--limit must be a positive number of documents, got {limit}")
+        if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+            raise UsageError(f"--batch-size must be a positive integer or auto, got '{batch_size}'")
+        names = resolve_task_names(task)
+        for name in names:  # missing data fails now, not after loading the model
+            load_task(name, data_dir, limit=1)
+        weights = requested(coords, coord)
+        if (compare or restore_activation or control) and not weights:
+            raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
+        source = resolve(model, revision=revision, gguf_file=gguf_file)
+        if output:
+            refuse_inside(output, source.protected_dirs)
+            check_writable(output)
+        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
+                                   device=device, device_map=device_map, trust_remote_code=trust_remote_code,
+                                   cache_dir=cache_dir)
+        if weights:
+            ablation.validate_coords(loaded.model, weights)
+        if compare:
+            configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
+        else:
+            configurations = [single_configuration(loaded.model, weights, mode=mode, factor=value,
+                                                   restore_activation=restore_activation, control=control,
+                                                   seed=seed, top=top)]
+        with _task_progress(session) as (on_start, on_progress):
+            runs = run_configurations(
+                loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
+                limit=limit, batch_size=int(batch_size) if batch_size.isdigit() else "auto",
+                max_length=max_length, seed=seed, progress=on_progress)
+        document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
+        document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
+                             "dtype": loaded.dtype}
+        document["tool"] = f"superweight {__version__}"
+        if output:
+            atomic_write_text(output, json.dumps(document, indent=2) + "\n")
+        if as_json:
+            typer.echo(json.dumps(document, indent=2))
+            return
+        table = summary_table(runs)
+        _print_table(f"{source.spec}" + (f", first {limit} documents per task" if limit else ""),
+                     tuple(table.columns), [tuple(r) for r in table.rows])
+        if output:
+            stdout.print(f"results written to {output}")
+
+    session.run(work)
+
+
+@contextmanager
+def _task_progress(session: Session):
+    """A rich progress bar per (configuration, task) on stderr."""
+    if session.quiet:
+        yield (lambda configuration: None), None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    current = {"configuration": ""}
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=stderr, transient=False) as progress:
+        def on_start(configuration) -> None:
+            current["configuration"] = configuration.name
+
+        def on_progress(task_name: str, done: int, total: int) -> None:
+            key = f"{current['configuration']}: {task_name}"
+            if key not in bars:
+                bars[key] = progress.add_task(key, total=total)
+            progress.update(bars[key], completed=done, total=total)
+
+        yield on_start, on_progress
+
+
 def main() -> None:
     app()
 

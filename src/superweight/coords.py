@@ -124,3 +124,13 @@ def write_coords(path: str | Path, weights: list[SuperWeight], **meta: Any) -> P
         text = yaml.safe_dump(document, sort_keys=False, default_flow_style=None)
     atomic_write_text(path, text)
     return path
+
+
+def requested(coords_file: str | Path | None, coord_texts: list[str] | None) -> list[SuperWeight]:
+    """Coordinates from `--coords FILE` and repeated `--coord L,R,C`, in that order, without repeats."""
+    weights = read_coords(coords_file)[0] if coords_file else []
+    weights += [parse_coord(text) for text in coord_texts or []]
+    unique: dict[tuple, SuperWeight] = {}
+    for weight in weights:
+        unique.setdefault(weight.key, weight)
+    return list(unique.values())

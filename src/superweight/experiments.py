@@ -1,0 +1,148 @@
+"""One loaded model, several ablation configurations, evaluated side by side.
+
+A `Configuration` says what to do to the model before evaluating (nothing; zero or scale some
+weights; optionally write the super activation back). `run_configurations` applies each one in
+place, evaluates, and undoes it exactly, so the model is loaded once, never reloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import ablate
+from .coords import SuperWeight
+from .errors import UsageError
+from .evaluate import evaluate
+
+CONTROLS = ("random", "outliers")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    weights: tuple[SuperWeight, ...] = ()
+    mode: str = "zero"
+    factor: float | None = None
+    restore_activation: bool = False
+    control: str | None = None  # how `weights` were chosen when they are a control
+    control_seed: int | None = None
+    control_top: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "mode": self.mode if self.weights else None, "factor": self.factor,
+            "restore_activation": self.restore_activation, "control": self.control,
+            "control_seed": self.control_seed, "control_top": self.control_top,
+            "num_weights": len(self.weights),
+            "weights": [w.to_dict() for w in self.weights] if len(self.weights) <= 64 else "omitted (> 64)",
+        }
+
+
+def parse_factor(text: str | None, mode: str) -> float | None:
+    if mode not in ("zero", "scale"):
+        raise UsageError(f"unknown --mode '{mode}'; use zero or scale")
+    if mode == "zero":
+        return 0.0
+    if text is None:
+        raise UsageError("--mode scale needs --factor S (a number; 0 zeroes, > 1 amplifies)")
+    try:
+        factor = float(text)
+    except ValueError:
+        raise UsageError(f"--factor must be a number, got '{text}'") from None
+    if not math.isfinite(factor):
+        raise UsageError(f"--factor must be a finite number, got '{text}'")
+    return factor
+
+
+def control_weights(model, super_weights: list[SuperWeight], control: str, *, seed: int, top: int | None) -> list[SuperWeight]:
+    """The paper's controls: random weights of the same matrices, or the other largest weights."""
+    if control == "random":
+        return ablate.random_control(model, super_weights, seed=seed)
+    if control == "outliers":
+        if top is None or top <= 0:
+            raise UsageError("--control outliers needs --top N (a positive number of weights)")
+        return ablate.outlier_control(model, super_weights, top=top)
+    raise UsageError(f"unknown --control '{control}'; use {' or '.join(CONTROLS)}")
+
+
+def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, factor: float | None,
+                         restore_activation: bool, control: str | None, seed: int, top: int | None) -> Configuration:
+    """What `sw eval --coords ...` (without --compare) evaluates."""
+    if not super_weights:
+        return Configuration("original")
+    if control:
+        chosen = control_weights(model, super_weights, control, seed=seed, top=top)
+        return Configuration(f"{control} control ({mode})", tuple(chosen), mode, factor, False, control, seed, top)
+    name = "super weights " + ("zeroed" if mode == "zero" else f"scaled x{factor:g}")
+    if restore_activation:
+        name += " + activation restored"
+    return Configuration(name, tuple(super_weights), mode, factor, restore_activation)
+
+
+def comparison_configurations(model, super_weights: list[SuperWeight], *, control: str | None, seed: int,
+                              top: int | None) -> list[Configuration]:
+    """The paper's Table 1: original, SW zeroed, SW zeroed + SA restored, and a control."""
+    control = control or "random"
+    chosen = control_weights(model, super_weights, control, seed=seed, top=top)
+    weights = tuple(super_weights)
+    return [
+        Configuration("original"),
+        Configuration("super weights zeroed", weights),
+        Configuration("zeroed + activation restored", weights, restore_activation=True),
+        Configuration(f"{control} control zeroed", tuple(chosen), control=control, control_seed=seed, control_top=top),
+    ]
+
+
+def run_configurations(model, tokenizer, configurations: list[Configuration], tasks: list[str], *,
+                       on_start: Callable[[Configuration], None] | None = None, **evaluate_options) -> dict[str, Any]:
+    """Evaluate each configuration; the model is restored bit-exactly after each one."""
+    runs = {}
+    for configuration in configurations:
+        if on_start:
+            on_start(configuration)
+        with ExitStack() as stack:
+            if configuration.weights:
+                record = stack.enter_context(
+                    ablate.ablated(model, list(configuration.weights), configuration.mode, configuration.factor))
+                if configuration.restore_activation:
+                    stack.enter_context(ablate.restored_activation(model, record))
+            result = evaluate(model, tokenizer, tasks, **evaluate_options)
+        result["ablation"] = configuration.describe()
+        runs[configuration.name] = result
+    return runs
+
+
+@dataclass
+class SummaryTable:
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+
+# The headline metric of each task in tables (lm-eval reports all of them in the JSON).
+HEADLINE_METRICS = {
+    "wikitext": ("word_perplexity",),
+    "lambada_openai": ("acc", "perplexity"),
+}
+
+
+def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
+    """Rows = configurations, columns = task metrics (+ average accuracy when there are several)."""
+    first = next(iter(runs.values()))
+    columns: list[tuple[str, str]] = []
+    for task, metrics in first["results"].items():
+        wanted = HEADLINE_METRICS.get(task, ("acc", "acc_norm"))
+        columns += [(task, m) for m in wanted if m in metrics]
+    accuracy_columns = [(t, m) for t, m in columns if m == "acc"]
+    table = SummaryTable(["configuration", *(f"{t} {m}" for t, m in columns)])
+    if len(accuracy_columns) > 1:
+        table.columns.append("avg acc")
+    for name, result in runs.items():
+        values = [result["results"][t][m] for t, m in columns]
+        row = [name] + [f"{v:.4f}" if m.startswith("acc") else f"{v:.3f}" for (t, m), v in zip(columns, values)]
+        if len(accuracy_columns) > 1:
+            row.append(f"{sum(result['results'][t][m] for t, m in accuracy_columns) / len(accuracy_columns):.4f}")
+        table.rows.append(row)
+    return table
