@@ -1,0 +1,136 @@
+"""`sw ablate` and `sw eval` through the CLI: results, and one-line errors that leave nothing behind."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import DATA_DIR
+from test_cli import assert_one_line_error, invoke
+
+WEIGHT = "model.layers.1.mlp.down_proj.weight"
+
+
+@pytest.fixture
+def coords_file(tmp_path):
+    path = tmp_path / "coords.yaml"
+    path.write_text("super_weights:\n  - {layer: 1, row: 3, col: 5}\n")
+    return path
+
+
+def test_ablate_writes_a_traceable_model(tiny_llama_dir, coords_file, tmp_path):
+    out = tmp_path / "ablated"
+    result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", out, "-q", "--json")
+    assert result.exit_code == 0, result.output
+    original = load_file(tiny_llama_dir / "model.safetensors")
+    ablated = load_file(out / "model.safetensors")
+    assert ablated[WEIGHT][3, 5] == 0 and original[WEIGHT][3, 5] != 0
+    changed = [name for name in original if not torch.equal(original[name], ablated[name])]
+    assert changed == [WEIGHT]
+    record = json.loads((out / "superweight_ablation.json").read_text())
+    assert record["coordinates"] == [{"layer": 1, "row": 3, "col": 5}]
+    assert record["original_values"] == [pytest.approx(original[WEIGHT][3, 5].item())]
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_ablate_scale_and_controls(tiny_llama_dir, coords_file, tmp_path):
+    result = invoke("ablate", tiny_llama_dir, "--coord", "1,3,5", "--mode", "scale", "--factor", "2.5",
+                    "--out", tmp_path / "x2", "-q")
+    assert result.exit_code == 0, result.output
+    original = load_file(tiny_llama_dir / "model.safetensors")[WEIGHT]
+    assert load_file(tmp_path / "x2" / "model.safetensors")[WEIGHT][3, 5] == original[3, 5] * 2.5
+    result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--control", "outliers", "--top", "7",
+                    "--out", tmp_path / "outliers", "-q", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "outliers" / "superweight_ablation.json").read_text())
+    assert len(record["coordinates"]) == 7 and record["control"]["kind"] == "outliers"
+    assert {"layer": 1, "row": 3, "col": 5} not in record["coordinates"]
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("super_weights: [ {layer: 1", "not valid YAML"),
+    ("super_weights: [{layer: 1, row: 2}]", "missing key(s) col"),
+    ("super_weights: [{layer: x, row: 2, col: 3}]", "must be a non-negative integer"),
+    ("super_weights: [{layer: 99, row: 2, col: 3}]", "layer"),
+    ("super_weights: [{layer: 1, row: 32, col: 3}]", "row"),
+    ("super_weights: [{layer: 1, row: 2, col: 64}]", "col"),
+])
+@pytest.mark.parametrize("command", ["ablate", "eval"])
+def test_bad_coordinates(tiny_llama_dir, tmp_path, text, fragment, command):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    extra = ["--out", tmp_path / "out"] if command == "ablate" else ["--data-dir", DATA_DIR, "--limit", "2"]
+    assert_one_line_error(invoke(command, tiny_llama_dir, "--coords", path, "-q", *extra), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ablate_refuses_model_directory_and_non_empty_out(tiny_llama_dir, coords_file, tmp_path):
+    before = sorted(p.name for p in tiny_llama_dir.iterdir())
+    assert_one_line_error(invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", tiny_llama_dir, "-q"),
+                          "model directory")
+    assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    assert_one_line_error(invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", busy, "-q"),
+                          "not empty", "--force")
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", busy, "-q", "--force")
+    assert result.exit_code == 0 and (busy / "model.safetensors").is_file() and not (busy / "keep.txt").exists()
+
+
+def test_interrupted_ablate_leaves_nothing(tiny_llama_dir, coords_file, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    real_save = PreTrainedModel.save_pretrained
+
+    def save_then_interrupt(self, directory, *args, **kwargs):
+        real_save(self, directory, *args, **kwargs)  # a full model is on disk in the temp dir...
+        raise KeyboardInterrupt  # ...when the user presses Ctrl-C
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_interrupt)
+    out = tmp_path / "ablated"
+    result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", out, "-q")
+    assert result.exit_code == 130
+    assert not out.exists() and list(tmp_path.iterdir()) == [coords_file]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--task", "nosuchtask"], "nosuchtask"),
+    (["--limit", "0"], "--limit"),
+    (["--mode", "scale", "--factor", "abc"], "--factor must be a number"),
+    (["--mode", "scale"], "--factor"),
+    (["--batch-size", "zero"], "--batch-size"),
+    (["--compare"], "--coords"),
+])
+def test_bad_eval_options(tiny_llama_dir, args, fragment):
+    assert_one_line_error(invoke("eval", tiny_llama_dir, "-q", "--data-dir", DATA_DIR, *args), fragment)
+
+
+def test_ablate_factor_not_a_number(tiny_llama_dir, coords_file, tmp_path):
+    assert_one_line_error(invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--mode", "scale",
+                                 "--factor", "two", "--out", tmp_path / "o", "-q"), "--factor must be a number")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_offline_names_the_files(tiny_llama_dir, tmp_path):
+    line = assert_one_line_error(invoke("eval", tiny_llama_dir, "-q", "--task", "piqa", "--data-dir", tmp_path), "piqa")
+    assert "valid.jsonl" in line
+
+
+def test_eval_json_layout_and_compare(tiny_llama_dir, coords_file, tmp_path):
+    output = tmp_path / "results.json"
+    result = invoke("eval", tiny_llama_dir, "-q", "--data-dir", DATA_DIR, "--task", "piqa", "--task", "arc_easy",
+                    "--limit", "4", "--coords", coords_file, "--compare", "--json", "--output", output)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert json.loads(output.read_text()) == document
+    runs = document["configurations"]
+    assert list(runs) == ["original", "super weights zeroed", "zeroed + activation restored", "random control zeroed"]
+    for run in runs.values():
+        assert set(run["results"]) == {"piqa", "arc_easy"}
+        assert 0 <= run["results"]["piqa"]["acc"] <= 1 and "acc_norm_stderr" in run["results"]["piqa"]
+        assert run["n_samples"]["piqa"]["effective"] == 4
+    assert runs["random control zeroed"]["ablation"]["control"] == "random"
