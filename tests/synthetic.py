@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import pytest
+
 from superweight.arch import adapter_for, decoder_layers, down_proj_matrix, down_proj_module
 
 HIDDEN = 32
@@ -244,3 +246,18 @@ def plant_super_weight(
             # Gemma's RMSNorm multiplies by (1 + weight); the others by weight.
             offset = 1.0 if "Gemma" in type(norm).__name__ else 0.0
             norm.weight[row] = post_norm_gain - offset
+
+
+PROMPT_IDS = torch.tensor([[3, 9, 27, 81, 12, 36, 108, 70, 50]])  # a detection prompt for tiny models
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every tensor, to check that something left the model bit-identical."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_module():
+    """Import into a test module to run its tiny models on one thread (see `single_threaded`)."""
+    with single_threaded():
+        yield

@@ -28,19 +28,10 @@ from superweight.coords import SuperWeight
 from superweight.errors import CoordinatesError, OutputPathError, UsageError
 from superweight.model import load_model
 
-from synthetic import INTERMEDIATE, HIDDEN, LAYERS, plant_super_weight, single_threaded, tiny_model
+from synthetic import (HIDDEN, INTERMEDIATE, LAYERS, PROMPT_IDS, one_thread_per_module, plant_super_weight,  # noqa: F401
+                       snapshot, tiny_model)
 
-IDS = torch.tensor([[3, 9, 27, 81, 12, 36, 108, 70, 50]])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
-
-
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+IDS = PROMPT_IDS
 
 
 def _changed(model, before) -> dict[str, list[tuple[int, ...]]]:
@@ -70,7 +61,7 @@ def _logits(model, ids=IDS) -> torch.Tensor:
 
 def test_zero_changes_exactly_the_named_weights_and_undo_restores():
     model = tiny_model("llama")
-    before = _snapshot(model)
+    before = snapshot(model)
     weights = [SuperWeight(0, 3, 5), SuperWeight(2, 31, 63), SuperWeight(2, 0, 7)]
     originals = [float(down_proj_matrix(model, w.layer)[w.row, w.col].detach()) for w in weights]
     assert all(v != 0 for v in originals)
@@ -92,7 +83,7 @@ def test_zero_changes_exactly_the_named_weights_and_undo_restores():
 
 def test_scale_multiplies_by_factor():
     model = tiny_model("llama")
-    before = _snapshot(model)
+    before = snapshot(model)
     w = SuperWeight(1, 7, 13)
     original = down_proj_matrix(model, 1)[7, 13].clone()
 
@@ -107,7 +98,7 @@ def test_scale_multiplies_by_factor():
 
 def test_gpt2_conv1d_layout_and_moe_expert():
     gpt2 = tiny_model("gpt2")
-    before = _snapshot(gpt2)
+    before = snapshot(gpt2)
     record = apply(gpt2, [SuperWeight(1, 7, 13)])
     # Conv1D stores [in, out]: (row 7, col 13) is weight[13, 7]
     assert _changed(gpt2, before) == {"transformer.h.1.mlp.c_proj.weight": [(13, 7)]}
@@ -115,7 +106,7 @@ def test_gpt2_conv1d_layout_and_moe_expert():
     assert _changed(gpt2, before) == {}
 
     moe = tiny_model("mixtral")
-    before = _snapshot(moe)
+    before = snapshot(moe)
     record = apply(moe, [SuperWeight(2, 5, 9, expert=3)], mode="scale", factor=-1.0)
     assert _changed(moe, before) == {"model.layers.2.mlp.experts.down_proj": [(3, 5, 9)]}
     undo(moe, record)
@@ -125,7 +116,7 @@ def test_gpt2_conv1d_layout_and_moe_expert():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_undo_is_bit_exact_in_half_precision(dtype):
     model = tiny_model("llama").to(dtype)
-    before = _snapshot(model)
+    before = snapshot(model)
     weights = [SuperWeight(0, 1, 2), SuperWeight(3, 30, 60)]
     record = apply(model, weights, mode="scale", factor=0.3)
     assert all(t.dtype == dtype and t.dim() == 0 for t in record.original)
@@ -136,7 +127,7 @@ def test_undo_is_bit_exact_in_half_precision(dtype):
 
 def test_ablated_context_undoes_even_on_error():
     model = tiny_model("llama")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
         with ablated(model, [SuperWeight(1, 7, 13)]) as record:
             assert float(down_proj_matrix(model, 1)[7, 13].detach()) == 0.0
@@ -152,7 +143,7 @@ def test_ablated_context_undoes_even_on_error():
 )
 def test_bad_mode_or_factor_is_a_usage_error(mode, factor):
     model = tiny_model("llama")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(UsageError):
         apply(model, [SuperWeight(1, 7, 13)], mode=mode, factor=factor)
     assert _changed(model, before) == {}
@@ -170,7 +161,7 @@ def test_bad_mode_or_factor_is_a_usage_error(mode, factor):
 )
 def test_out_of_range_coordinates_refused_before_touching(bad, words):
     model = tiny_model("llama")
-    before = _snapshot(model)
+    before = snapshot(model)
     good = SuperWeight(0, 1, 2)
     with pytest.raises(CoordinatesError) as info:
         apply(model, [good, bad])
@@ -187,7 +178,7 @@ def test_out_of_range_coordinates_refused_before_touching(bad, words):
 )
 def test_moe_expert_coordinates_refused(bad, words):
     model = tiny_model("mixtral")
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(CoordinatesError) as info:
         apply(model, [SuperWeight(0, 1, 2, expert=0), bad])
     for word in [*words, "another model"]:
@@ -265,7 +256,7 @@ def test_outlier_control_is_the_top_n_without_super_weights(model_type, top):
     with torch.no_grad():  # make the super weights the largest of all: they must still be left out
         down_proj_matrix(model, 1, expert)[7, 13] = 50.0
         down_proj_matrix(model, 2, expert)[4, 9] = -40.0
-    before = _snapshot(model)
+    before = snapshot(model)
 
     outliers = outlier_control(model, supers, top)
 
@@ -371,7 +362,7 @@ def test_restoration_threshold_rule():
 def test_restoration_through_the_whole_model_recovers_the_output():
     model = tiny_model("llama")
     plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)
-    before = _snapshot(model)
+    before = snapshot(model)
     original = _logits(model)
     weights = [SuperWeight(1, 7, 13)]
     with ablated(model, weights) as record:
@@ -422,7 +413,7 @@ def _record_on(loaded, weights=(SuperWeight(1, 7, 13),)):
 
 def test_save_ablated_round_trip(loaded, tmp_path):
     record = _record_on(loaded, [SuperWeight(1, 7, 13), SuperWeight(2, 3, 4)])
-    expected = _snapshot(loaded.model)
+    expected = snapshot(loaded.model)
     out = save_ablated(loaded, record, tmp_path / "ablated")
 
     assert out == tmp_path / "ablated"

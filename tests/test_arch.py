@@ -18,7 +18,7 @@ from superweight.arch import (
 from superweight.detect import SpikeRule, detect
 from superweight.errors import UnsupportedArchitectureError
 
-from synthetic import HIDDEN, INTERMEDIATE, LAYERS, plant_super_weight, single_threaded, tiny_model
+from synthetic import HIDDEN, INTERMEDIATE, LAYERS, one_thread_per_module, plant_super_weight, tiny_model  # noqa: F401
 
 FAMILIES = sorted(ADAPTERS)
 PROMPT_IDS = torch.tensor([[3, 9, 27, 81, 12, 36, 108, 70, 50]])
@@ -26,12 +26,6 @@ REQUIRED = {
     "llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2",
     "gemma3_text", "gpt2", "gpt_neox", "opt", "falcon",
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
 
 
 def _experts(model) -> list[int | None]:

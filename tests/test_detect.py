@@ -9,19 +9,9 @@ from superweight.arch import decoder_layers, down_proj_matrix
 from superweight.detect import SpikeRule, detect
 from superweight.errors import UsageError
 
-from synthetic import plant_super_weight, single_threaded, tiny_model
+from synthetic import PROMPT_IDS, one_thread_per_module, plant_super_weight, snapshot, tiny_model  # noqa: F401
 
-IDS = torch.tensor([[3, 9, 27, 81, 12, 36, 108, 70, 50]])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with single_threaded():
-        yield
-
-
-def _snapshot(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+IDS = PROMPT_IDS
 
 
 def _assert_bit_identical(model, before) -> None:
@@ -73,7 +63,7 @@ def test_two_super_weights_in_one_row_found_by_iteration():
     # The second one is hidden behind the first (smaller input spike): only seen once it is zeroed.
     plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)
     plant_super_weight(model, 1, 7, 40, input_spike=30.0, weight=10.0)
-    before = _snapshot(model)
+    before = snapshot(model)
 
     detection = detect(model, IDS, iterations=5)
 
@@ -155,7 +145,7 @@ def test_hooks_removed_after_detect(monkeypatch):
 def test_hooks_removed_and_weights_restored_when_forward_raises(monkeypatch):
     model = tiny_model("llama")
     plant_super_weight(model, 1, 7, 13)
-    before = _snapshot(model)
+    before = snapshot(model)
     baseline = _hook_count(model)
     mlp = decoder_layers(model)[3].mlp
     original = mlp.forward

@@ -1,0 +1,300 @@
+"""The scoring engine on tiny random models: windows, tokenisation, batching, metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from superweight.errors import DataError, UsageError
+from superweight.evaluate import (
+    Encoder,
+    Request,
+    Scored,
+    Scorer,
+    TaskRequests,
+    build_requests,
+    evaluate,
+    rolling_windows,
+    task_metrics,
+)
+from superweight.tasks import Prompt, load_task
+
+WORDS = "Question: Answer: the a cat dog sat on mat ran fast slow red blue is was and it".split()
+
+
+def word_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if add_bos:  # like Llama tokenizers: BOS prepended by default
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def reference_logprob(model, request: Request) -> tuple[float, bool]:
+    """Plain lm-eval-style scoring of one request: full forward pass, log-softmax everywhere."""
+    ids = torch.tensor([request.tokens[:-1]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    positions = range(request.n_inputs - request.n_scored, request.n_inputs)
+    targets = request.tokens[-request.n_scored :]
+    total = sum(logprobs[p, t].item() for p, t in zip(positions, targets))
+    greedy = all(logprobs[p].argmax().item() == t for p, t in zip(positions, targets))
+    return total, greedy
+
+
+# ----------------------------------------------------------------------------- rolling windows
+
+
+@pytest.mark.parametrize("n_tokens", [1, 5, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("max_length", [1, 2, 8])
+def test_rolling_windows_cover_every_token_once(n_tokens, max_length):
+    tokens = list(range(100, 100 + n_tokens))
+    windows = rolling_windows(tokens, prefix_token=0, max_length=max_length)
+    predicted = [t for _, continuation in windows for t in continuation]
+    assert predicted == tokens
+    for context, continuation in windows:
+        assert 1 <= len(context)
+        assert len(context) + len(continuation) - 1 <= max_length  # model input fits
+    # Every window conditions on exactly the tokens that precede its predictions.
+    assert windows[0][0] == [0]
+    start = len(windows[0][1])
+    for context, continuation in windows[1:]:
+        assert context == tokens[start - len(context) : start]
+        assert len(context) + len(continuation) == max_length + 1  # later windows use the full length
+        start += len(continuation)
+
+
+def test_rolling_windows_empty_text():
+    assert rolling_windows([], 0, 8) == []
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def test_encode_pair_moves_trailing_space_to_continuation():
+    tokenizer = word_tokenizer()
+    encoder = Encoder(tokenizer)
+    context, continuation = encoder.encode_pair("the cat ", "sat")
+    assert context == tokenizer.encode("the cat")
+    assert tokenizer.decode(continuation) == "sat"
+
+
+def test_encode_pair_keeps_tokenizer_default_bos():
+    tokenizer = word_tokenizer(add_bos=True)
+    encoder = Encoder(tokenizer)
+    context, continuation = encoder.encode_pair("the cat", " sat on")
+    assert context[0] == 1 and context.count(1) == 1
+    assert continuation == tokenizer.convert_tokens_to_ids(["sat", "on"])
+    # Text already starting with the BOS text is not given a second BOS.
+    assert encoder.encode("<s> the")[0] == 1 and encoder.encode("<s> the").count(1) == 1
+
+
+def test_empty_context_is_conditioned_on_prefix_token():
+    encoder = Encoder(word_tokenizer())
+    context, continuation = encoder.encode_pair("", " the cat")
+    assert context == [encoder.prefix_token_id] == [1]
+    assert len(continuation) == 2
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _requests_and_groups():
+    encoder = Encoder(word_tokenizer())
+    prompts = [
+        Prompt(pairs=(("Question: the cat\nAnswer:", " sat"), ("Question: the cat\nAnswer:", " ran fast on the mat")),
+               choices=("sat", "ran fast on the mat"), gold=0),
+        Prompt(pairs=(("the dog was", " red"), ("the dog was", " blue and slow"), ("the dog was", " fast")),
+               choices=("red", "blue and slow", "fast"), gold=2),
+        Prompt(pairs=(("a cat", " is on the mat"), ("a dog", " is on the mat")), choices=("a cat", "a dog"), gold=1),
+    ]
+    requests, groups = [], []
+    from superweight.evaluate import Group, make_request
+
+    for prompt in prompts:
+        group = Group([])
+        for context, continuation in prompt.pairs:
+            group.requests.append(len(requests))
+            requests.append(make_request(*encoder.encode_pair(context, continuation), max_length=64))
+        groups.append(group)
+    return prompts, requests, groups
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, "auto"])
+def test_batched_scores_equal_unbatched_reference(tiny_model, batch_size):
+    _, requests, groups = _requests_and_groups()
+    scored = Scorer(tiny_model, batch_size).score(requests, groups)
+    for request, result in zip(requests, scored):
+        expected, greedy = reference_logprob(tiny_model, request)
+        assert result.logprob == pytest.approx(expected, abs=1e-4)
+        assert result.greedy == greedy
+
+
+def test_shortcuts_are_enabled_for_llama_and_match_plain_path(tiny_model):
+    _, requests, groups = _requests_and_groups()
+    fast = Scorer(tiny_model, "auto")
+    fast_scores = fast.score(requests, groups)
+    assert fast.split_head and fast.share_prefix
+    plain = Scorer(tiny_model, "auto")
+    plain._checked = True  # skip the check: both shortcuts stay off
+    plain_scores = plain.score(requests, [type(g)(list(g.requests)) for g in groups])
+    for a, b in zip(fast_scores, plain_scores):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+def test_truncation_keeps_the_last_max_length_plus_one_tokens():
+    from superweight.evaluate import make_request
+
+    request = make_request(list(range(10)), [10, 11, 12], max_length=5)
+    assert request.tokens == (6, 7, 8, 9, 10, 11, 12)[-6:]
+    assert request.n_scored == 3
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_acc_and_acc_norm_from_known_loglikelihoods():
+    # Doc 0: raw argmax is choice 1 (-2.0); per character choice 0 wins (-3/10 > -2/2).
+    # Doc 1: both pick choice 0, which is gold.
+    prompts = [
+        Prompt(pairs=(("c", " x"), ("c", " y")), choices=("abcdefghij", "ab"), gold=0),
+        Prompt(pairs=(("c", " x"), ("c", " y")), choices=("abc", "abc"), gold=0),
+    ]
+    built = TaskRequests(prompts, doc_requests=[[0, 1], [2, 3]])
+    scored = [Scored(-3.0, False), Scored(-2.0, False), Scored(-1.0, True), Scored(-5.0, False)]
+    results = task_metrics("piqa", built, scored, seed=0)
+    assert results["acc"] == 0.5
+    assert results["acc_norm"] == 1.0
+    assert results["acc_stderr"] == pytest.approx(0.5)  # sample std 0.7071 / sqrt(2)
+    assert results["acc_norm_stderr"] == 0.0
+
+
+def test_winogrande_reports_acc_only():
+    prompts = [Prompt(pairs=(("a", " z"), ("b", " z")), choices=("a", "b"), gold=1)]
+    results = task_metrics("winogrande", TaskRequests(prompts, doc_requests=[[0, 1]]), [Scored(-2, 0), Scored(-1, 0)], 0)
+    assert results["acc"] == 1.0 and "acc_norm" not in results
+
+
+def test_lambada_metrics():
+    prompts = [Prompt(pairs=(("a", " b"),)), Prompt(pairs=(("c", " d"),))]
+    built = TaskRequests(prompts, doc_requests=[[0], [1]])
+    results = task_metrics("lambada_openai", built, [Scored(-1.0, True), Scored(-3.0, False)], seed=0)
+    assert results["acc"] == 0.5
+    assert results["perplexity"] == pytest.approx(math.exp(2.0))
+    assert results["perplexity_stderr"] > 0
+
+
+def test_wikitext_metrics_weight_by_words_and_bytes():
+    prompts = [Prompt(text="x", words=3, bytes=10), Prompt(text="y", words=1, bytes=6)]
+    built = TaskRequests(prompts, doc_requests=[[0, 1], [2]])
+    results = task_metrics("wikitext", built, [Scored(-2.0, 0), Scored(-2.0, 0), Scored(-4.0, 0)], seed=0)
+    assert results["word_perplexity"] == pytest.approx(math.exp(8 / 4))
+    assert results["byte_perplexity"] == pytest.approx(math.exp(8 / 16))
+    assert results["bits_per_byte"] == pytest.approx(0.5 / math.log(2))
+    assert results["word_perplexity_stderr"] == "N/A"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _write_piqa(root, rows):
+    task_dir = root / "piqa"
+    task_dir.mkdir(parents=True)
+    (task_dir / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (task_dir / "valid-labels.lst").write_text("".join(f"{r['label']}\n" for r in rows))
+
+
+def test_evaluate_end_to_end_matches_reference(tiny_model, tmp_path):
+    rows = [
+        {"goal": "the cat", "sol1": "sat on the mat", "sol2": "ran", "label": 0},
+        {"goal": "the dog", "sol1": "was red", "sol2": "was blue and it ran fast", "label": 1},
+        {"goal": "a cat is", "sol1": "slow", "sol2": "fast", "label": 1},
+    ]
+    _write_piqa(tmp_path, rows)
+    tokenizer = word_tokenizer()
+    calls = []
+    out = evaluate(tiny_model, tokenizer, ["piqa"], data_dir=str(tmp_path), batch_size=2,
+                   progress=lambda task, done, total: calls.append((task, done, total)))
+    encoder = Encoder(tokenizer)
+    acc, acc_norm = [], []
+    for row in rows:
+        context = f"Question: {row['goal']}\nAnswer:"
+        lls = [reference_logprob(tiny_model, Request(tuple(sum(encoder.encode_pair(context, " " + s), [])),
+                                                     len(encoder.encode_pair(context, " " + s)[1])))[0]
+               for s in (row["sol1"], row["sol2"])]
+        lengths = [len(row["sol1"]), len(row["sol2"])]
+        acc.append(float(max(range(2), key=lambda i: lls[i]) == row["label"]))
+        acc_norm.append(float(max(range(2), key=lambda i: lls[i] / lengths[i]) == row["label"]))
+    assert out["results"]["piqa"]["acc"] == pytest.approx(sum(acc) / 3)
+    assert out["results"]["piqa"]["acc_norm"] == pytest.approx(sum(acc_norm) / 3)
+    assert out["n_samples"]["piqa"] == {"original": 3, "effective": 3}
+    assert set(out["data_sha256"]) == {"piqa/valid.jsonl", "piqa/valid-labels.lst"}
+    assert calls[0] == ("piqa", 0, 6) and calls[-1] == ("piqa", 6, 6)
+
+
+def test_rolling_loglikelihood_equals_sum_over_tokens(tiny_model, tmp_path):
+    """Wikitext scoring with windows much shorter than the text equals token-by-token scoring."""
+    text = " ".join(WORDS[2:] * 3)
+    (tmp_path / "wikitext").mkdir()
+    (tmp_path / "wikitext" / "wikitext-2-raw-v1_test_documents.jsonl").write_text(json.dumps({"page": text}) + "\n")
+    tokenizer = word_tokenizer()
+    out = evaluate(tiny_model, tokenizer, ["wikitext"], data_dir=str(tmp_path), max_length=8)
+    tokens = tokenizer.encode(text)
+    expected = 0.0
+    for context, continuation in rolling_windows(tokens, 1, 8):
+        expected += reference_logprob(tiny_model, Request(tuple(context + continuation), len(continuation)))[0]
+    words = len(text.split())
+    assert out["results"]["wikitext"]["word_perplexity"] == pytest.approx(math.exp(-expected / words), rel=1e-5)
+    assert out["config"]["max_length"] == 8
+
+
+def test_limit_and_bad_options(tiny_model, tmp_path):
+    _write_piqa(tmp_path, [{"goal": "the cat", "sol1": "sat", "sol2": "ran", "label": 0}] * 3)
+    tokenizer = word_tokenizer()
+    out = evaluate(tiny_model, tokenizer, "piqa", data_dir=str(tmp_path), limit=2)
+    assert out["n_samples"]["piqa"] == {"original": 3, "effective": 2}
+    with pytest.raises(UsageError, match="positive"):
+        evaluate(tiny_model, tokenizer, ["piqa"], data_dir=str(tmp_path), limit=0)
+    with pytest.raises(UsageError, match="batch size"):
+        evaluate(tiny_model, tokenizer, ["piqa"], data_dir=str(tmp_path), batch_size=0)
+    with pytest.raises(DataError, match="arc_easy"):
+        evaluate(tiny_model, tokenizer, ["arc_easy"], data_dir=str(tmp_path))
+
+
+def test_model_is_left_in_its_training_mode(tiny_model, tmp_path):
+    _write_piqa(tmp_path, [{"goal": "the cat", "sol1": "sat", "sol2": "ran", "label": 0}])
+    tiny_model.train()
+    try:
+        evaluate(tiny_model, word_tokenizer(), ["piqa"], data_dir=str(tmp_path))
+        assert tiny_model.training
+    finally:
+        tiny_model.eval()
+
+
+def test_load_task_limit_reads_first_documents(tmp_path):
+    _write_piqa(tmp_path, [{"goal": f"g{i}", "sol1": "a", "sol2": "b", "label": i % 2} for i in range(5)])
+    loaded = load_task("piqa", str(tmp_path), limit=2)
+    assert [d["goal"] for d in loaded.docs] == ["g0", "g1"] and loaded.n_total == 5
+
+
+def test_build_requests_deduplicates_identical_choices():
+    from superweight.tasks import TASKS, LoadedTask
+
+    doc = {"goal": "the cat", "sol1": "sat", "sol2": "sat", "label": 0}
+    built = build_requests(LoadedTask(TASKS["piqa"], [doc], 1, {}), Encoder(word_tokenizer()), 64)
+    assert len(built.requests) == 1 and built.doc_requests == [[0, 0]]
