@@ -50,3 +50,37 @@ def test_bad_dtype_and_device(tiny_llama_dir):
         load_model(str(tiny_llama_dir), dtype="float8")
     with pytest.raises(UsageError, match="--device"):
         load_model(str(tiny_llama_dir), device="tpu")
+
+
+def test_device_map_and_max_memory_parsing(tmp_path):
+    from superweight.model import parse_device_map, parse_max_memory
+
+    assert parse_device_map("balanced") == "balanced"
+    assert parse_device_map('{"model.layers": 0, "lm_head": "cpu"}') == {"model.layers": 0, "lm_head": "cpu"}
+    path = tmp_path / "map.json"
+    path.write_text('{"": "cpu"}')
+    assert parse_device_map(str(path)) == {"": "cpu"}
+    assert parse_max_memory("0=20GiB, 1=20GiB,cpu=64GB") == {0: "20GiB", 1: "20GiB", "cpu": "64GB"}
+    for bad in ("20GiB", "gpu0=20GiB", "0=lots", "0=20GiB,,"):
+        with pytest.raises(UsageError, match="--max-memory"):
+            parse_max_memory(bad)
+    with pytest.raises(UsageError, match="--device-map"):
+        parse_device_map("everywhere")
+
+
+def test_cli_malformed_max_memory_is_one_line(tiny_llama_dir, tmp_path):
+    from test_cli import assert_one_line_error, invoke
+
+    assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", tmp_path / "c.yaml", "--max-memory", "0=lots"),
+                          "--max-memory")
+
+
+def test_explicit_device_map_detects_like_a_plain_load(tiny_llama_dir, tmp_path):
+    """accelerate places the model (here all on CPU through a device map); detection is unchanged."""
+    from superweight.detect import detect
+
+    ids = torch.tensor([[1, 3, 4, 5, 6]])
+    plain = load_model(str(tiny_llama_dir), device="cpu")
+    mapped = load_model(str(tiny_llama_dir), device_map={"": "cpu"})
+    a, b = detect(plain.model, ids, iterations=1), detect(mapped.model, ids, iterations=1)
+    assert [s.spike for s in a.iterations[0]] == pytest.approx([s.spike for s in b.iterations[0]])

@@ -109,7 +109,9 @@ REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag or c
 GGUF_FILE = typer.Option(None, "--gguf-file", help="GGUF file name inside the MODEL directory.")
 DTYPE = typer.Option("auto", "--dtype", help="auto|float32|float16|bfloat16 (auto: the checkpoint's; GGUF: float32).")
 DEVICE = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N|mps.")
-DEVICE_MAP = typer.Option(None, "--device-map", help="accelerate device map: auto|balanced|sequential.")
+DEVICE_MAP = typer.Option(None, "--device-map", help="accelerate device map: auto|balanced|balanced_low_0|"
+                                                       "sequential, or a JSON object/file (module -> device).")
+MAX_MEMORY = typer.Option(None, "--max-memory", help="Per-device budget for --device-map, e.g. 0=20GiB,cpu=64GiB.")
 TRUST = typer.Option(False, "--trust-remote-code", help="Run model code from the hub (off by default).")
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Hugging Face cache directory.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr.")
@@ -148,6 +150,7 @@ def detect(
     dtype: str = DTYPE,
     device: str = DEVICE,
     device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY,
     trust_remote_code: bool = TRUST,
     cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
@@ -169,7 +172,7 @@ def detect(
         from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, SpikeRule, detect as run_detect, encode_prompt
         from .coords import write_coords
         from .files import check_writable, refuse_inside
-        from .model import load_model, resolve
+        from .model import load_model, parse_device_map, parse_max_memory, resolve
         from .report import check_known, detection_document, plot_activations, super_weight_table
         from .errors import UsageError
 
@@ -189,7 +192,8 @@ def detect(
             check_writable(path)
         with session.status(f"loading {source.spec}") as update:
             loaded = load_model(model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
-                                device_map=device_map, trust_remote_code=trust_remote_code, cache_dir=cache_dir,
+                                device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
+                                trust_remote_code=trust_remote_code, cache_dir=cache_dir,
                                 progress=update)
             update(f"detecting: {n} iteration(s) at most")
             input_ids = encode_prompt(loaded.tokenizer, text)
@@ -264,6 +268,7 @@ def ablate(
     dtype: str = DTYPE,
     device: str = DEVICE,
     device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY,
     trust_remote_code: bool = TRUST,
     cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
@@ -290,7 +295,7 @@ def ablate(
         from .errors import UsageError
         from .experiments import control_weights, parse_factor
         from .files import check_writable, refuse_inside
-        from .model import resolve
+        from .model import parse_device_map, parse_max_memory, resolve
 
         value = parse_factor(factor, mode)
         weights = requested(coords, coord)
@@ -302,7 +307,8 @@ def ablate(
             raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
         check_writable(out)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=device_map, trust_remote_code=trust_remote_code,
+                                   device=device, device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
+                                trust_remote_code=trust_remote_code,
                                    cache_dir=cache_dir)
         ablation.validate_coords(loaded.model, weights)
         targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
@@ -350,6 +356,7 @@ def eval_(
     dtype: str = DTYPE,
     device: str = DEVICE,
     device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY,
     trust_remote_code: bool = TRUST,
     cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
@@ -375,7 +382,7 @@ def eval_(
         from .errors import UsageError
         from .experiments import comparison_configurations, parse_factor, run_configurations, single_configuration, summary_table
         from .files import atomic_write_text, check_writable, refuse_inside
-        from .model import resolve
+        from .model import parse_device_map, parse_max_memory, resolve
         from .tasks import load_task, resolve_task_names
 
         value = parse_factor(factor, mode)
@@ -394,7 +401,8 @@ def eval_(
             refuse_inside(output, source.protected_dirs)
             check_writable(output)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=device_map, trust_remote_code=trust_remote_code,
+                                   device=device, device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
+                                trust_remote_code=trust_remote_code,
                                    cache_dir=cache_dir)
         if weights:
             ablation.validate_coords(loaded.model, weights)

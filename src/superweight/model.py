@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +161,47 @@ def resolve_device(device: str) -> str:
     return device
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """`--device-map`: an accelerate strategy, or a JSON object / .json file mapping modules to devices."""
+    if text is None:
+        return None
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    raw = Path(text).read_text(encoding="utf-8") if text.endswith(".json") and Path(text).is_file() else text
+    try:
+        mapping = json.loads(raw)
+    except json.JSONDecodeError:
+        mapping = None
+    if not isinstance(mapping, dict) or not mapping:
+        raise UsageError(
+            f"bad --device-map '{text}': use {', '.join(DEVICE_MAP_STRATEGIES)}, or a JSON object such as "
+            "'{\"model.embed_tokens\": 0, \"model.layers\": 0, \"lm_head\": \"cpu\"}' (or a .json file with one)"
+        )
+    return mapping
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """`--max-memory 0=20GiB,1=20GiB,cpu=64GiB` -> accelerate's max_memory dict."""
+    if not text:
+        return None
+    budget: dict[int | str, str] = {}
+    for part in text.split(","):
+        device, _, amount = part.strip().partition("=")
+        device, amount = device.strip(), amount.strip()
+        valid_device = device.isdigit() or device in ("cpu", "disk", "mps")
+        valid_amount = bool(re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", amount, re.IGNORECASE))
+        if not (valid_device and valid_amount):
+            raise UsageError(
+                f"bad --max-memory entry '{part.strip()}': write DEVICE=AMOUNT pairs separated by commas, "
+                "e.g. 0=20GiB,1=20GiB,cpu=64GiB"
+            )
+        budget[int(device) if device.isdigit() else device] = amount.replace(" ", "")
+    return budget
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -279,10 +322,13 @@ def load_model(
             raise _from_pretrained_errors(source, e) from None
         _check_config(config)
     placement: dict[str, Any] = {}
+    if max_memory and not device_map:
+        device_map = "auto"  # a memory budget only means something to accelerate's placement
     if device_map:
         placement["device_map"] = device_map
         if max_memory:
             placement["max_memory"] = max_memory
+            placement["offload_folder"] = str(cache_root(cache_dir) / "offload")
     progress(f"loading weights of {source.spec}")
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **hub_kwargs, **placement)
