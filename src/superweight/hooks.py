@@ -68,8 +68,9 @@ def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
 class _DenseProbe:
     """Hooks of one dense layer: down_proj (input, raw output) and, if any, its post norm."""
 
-    def __init__(self, stats: LayerStats, weight: torch.Tensor):
+    def __init__(self, stats: LayerStats, weight: torch.Tensor, output_is_residual_write: bool = True):
         self.stats = stats
+        self.output_is_residual_write = output_is_residual_write
         self.weight = weight  # [out, in] view
         self.down_input: torch.Tensor | None = None  # held only until the residual write is seen
         self.residual_in: torch.Tensor | None = None
@@ -84,13 +85,17 @@ class _DenseProbe:
         s.input_max, s.input_token, s.input_channel = _abs_argmax(x)
         s.output_max, s.output_token, s.output_channel = _abs_argmax(y)
         self.down_input = x
+        if self.output_is_residual_write:  # no norm in between: the spike is already located
+            self._locate(y, s.output_token, s.output_channel)
 
     def on_residual_write(self, module, args, output):
-        self._locate(_first_sequence(output))
+        write = _first_sequence(output)
+        _, token, row = _abs_argmax(write)
+        self._locate(write, token, row)
 
-    def _locate(self, write: torch.Tensor) -> None:
+    def _locate(self, write: torch.Tensor, token: int, row: int) -> None:
         s = self.stats
-        _, s.spike_token, s.row = _abs_argmax(write)
+        s.spike_token, s.row = token, row
         s.spike = float(write[s.spike_token, s.row])
         x_t = self.down_input[s.spike_token]
         contribution = x_t.to(self.weight.device, self.weight.dtype) * self.weight[s.row]
@@ -111,7 +116,7 @@ class _ExpertsProbe(_DenseProbe):
     """
 
     def __init__(self, stats: LayerStats, experts: nn.Module):
-        super().__init__(stats, weight=None)
+        super().__init__(stats, weight=None, output_is_residual_write=False)
         self.experts = experts
 
     def on_down_proj(self, module, args, output):
@@ -155,14 +160,13 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None) -> Ite
             if adapter.experts:
                 probe: _DenseProbe = _ExpertsProbe(stats[i], down_proj)
             else:
-                probe = _DenseProbe(stats[i], down_proj_matrix(model, i, adapter=adapter).detach())
+                probe = _DenseProbe(stats[i], down_proj_matrix(model, i, adapter=adapter).detach(),
+                                    output_is_residual_write=adapter.post_norm is None)
             handles.append(layer.register_forward_pre_hook(probe.on_layer_input, with_kwargs=True))
             handles.append(down_proj.register_forward_hook(probe.on_down_proj))
             if adapter.post_norm:
                 writer = layer.get_submodule(adapter.post_norm)
                 handles.append(writer.register_forward_hook(probe.on_residual_write))
-            elif not adapter.experts:
-                handles.append(down_proj.register_forward_hook(probe.on_residual_write))
         yield stats
     finally:
         for handle in handles:

@@ -1,0 +1,318 @@
+"""Round-to-nearest weight and activation quantization, naive and super-outlier aware."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from superweight.arch import decoder_layers, down_proj_matrix, down_proj_module
+from superweight.coords import SuperWeight
+from superweight.errors import UsageError
+from superweight.quantize import (
+    activation_quantization_compare,
+    block_scales,
+    default_block_sizes,
+    fake_quantize_activation_aware,
+    fake_quantize_blockwise,
+    fake_quantize_per_tensor,
+    fake_quantize_superweight_aware,
+    plot_sweep,
+    quantize_model_weights,
+    quantized_activations,
+    quantized_weights,
+    restore_weights,
+    super_activation_mask,
+    weight_quantization_sweep,
+    zscore_clip,
+)
+
+from conftest import build_word_tokenizer
+from synthetic import PROBE_IDS, one_thread_per_module, plant_super_weight, snapshot, tiny_model  # noqa: F401
+
+LAYER, ROW, COL = 1, 5, 9
+SW = SuperWeight(LAYER, ROW, COL)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A tiny Llama with a genuine super weight at (1, 5, 9)."""
+    model = tiny_model("llama", seed=3)
+    plant_super_weight(model, LAYER, ROW, COL)
+    return model
+
+
+def _tol(x: torch.Tensor) -> torch.Tensor:
+    return x * (1 + 1e-5) + 1e-7
+
+
+# ----------------------------------------------------------------------------- tensor quantizers
+
+
+def test_blockwise_by_hand():
+    w = torch.tensor([0.0, 0.1, 0.3, 1.5, -2.0, 0.4, 0.2, 1.0])
+    # block 0: min 0, max 1.5 -> scale 0.5, zero 0; block 1: min -2, max 1 -> scale 1, zero 2 (2 bits: 3 levels)
+    assert block_scales(w, 2, 4).tolist() == pytest.approx([0.5, 1.0])
+    dq = fake_quantize_blockwise(w, bits=2, block_size=4)
+    assert dq.tolist() == pytest.approx([0.0, 0.0, 0.5, 1.5, -2.0, 0.0, 0.0, 1.0], abs=1e-7)
+
+
+def test_blockwise_error_bound_and_shape_dtype():
+    torch.manual_seed(0)
+    w = torch.randn(37, 53) * torch.linspace(0.01, 3, 53)  # 1961 elements: the last block is partial
+    for bits, block in ((2, 64), (4, 128), (8, 500), (3, 1)):
+        dq = fake_quantize_blockwise(w, bits, block)
+        assert dq.shape == w.shape and dq.dtype == w.dtype
+        scales = block_scales(w, bits, block)
+        err = (w - dq).abs().reshape(-1)
+        per_element = scales.repeat_interleave(block)[: w.numel()]
+        assert bool((err <= _tol(per_element / 2)).all())
+    w16 = w.to(torch.bfloat16)
+    assert fake_quantize_blockwise(w16, 4, 64).dtype == torch.bfloat16
+    original = w.clone()
+    fake_quantize_blockwise(w, 4, 64)
+    assert torch.equal(w, original)
+
+
+def test_each_block_uses_its_own_range_and_last_partial_block():
+    small = torch.linspace(0, 0.01, 4)
+    large = torch.linspace(0, 100, 4)
+    tail = torch.tensor([6.0, 9.0, 7.0])  # a partial block of three: its own scale 1 puts them on integers
+    w = torch.cat([small, large, tail])
+    dq = fake_quantize_blockwise(w, bits=2, block_size=4)
+    # 2 bits, 4 evenly spaced values per block: every value sits on its block's own grid
+    assert torch.allclose(dq[:4], small, atol=1e-9)
+    assert torch.allclose(dq[4:8], large, atol=1e-5)
+    assert dq[8:].tolist() == [6.0, 9.0, 7.0]
+    # one shared range would wipe out the small block
+    shared = fake_quantize_blockwise(w, bits=2, block_size=w.numel())
+    assert (shared[:4] - small).abs().max() > 1e-3
+
+
+def test_constant_blocks_are_kept():
+    w = torch.tensor([3.3, 3.3, 3.3, 3.3, 0.0, 1.0, 2.0, 3.0, -1.25])
+    dq = fake_quantize_blockwise(w, bits=2, block_size=4)
+    assert torch.equal(dq[:4], w[:4])
+    assert torch.equal(dq[8:], w[8:])  # a one-element (constant) last block
+    assert torch.equal(fake_quantize_blockwise(torch.full((3, 5), -0.7), 4, 8), torch.full((3, 5), -0.7))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 4.0, True, "4"])
+def test_bad_bits(bits):
+    with pytest.raises(UsageError, match="bits must be an integer from 2 to 8") as e:
+        fake_quantize_blockwise(torch.ones(4), bits, 2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="bits"):
+        fake_quantize_per_tensor(torch.ones(4), bits)
+
+
+@pytest.mark.parametrize("block", [0, -8, 2.5, None, False])
+def test_bad_block_size(block):
+    with pytest.raises(UsageError, match="block size must be a positive integer"):
+        fake_quantize_blockwise(torch.ones(4), 4, block)
+
+
+@pytest.mark.parametrize("z", [0, -1.0, math.nan, math.inf, True])
+def test_bad_z(z):
+    with pytest.raises(UsageError, match="z-score clipping threshold must be a positive number"):
+        fake_quantize_superweight_aware(torch.ones(4, 4), 4, 4, z, [])
+
+
+def test_clip_outliers_then_restore_the_super_weight():
+    torch.manual_seed(1)
+    w = torch.randn(64, 128) * 0.1
+    w[3, 7] = 5.0  # the super weight
+    w[40, 5] = -4.0  # another outlier, to be clipped
+    z = 3.0
+    wide = w.double()
+    lo = float(wide.mean() - z * wide.std())
+    hi = float(wide.mean() + z * wide.std())
+    clipped, n = zscore_clip(w, z)
+    assert clipped[40, 5].item() == pytest.approx(lo, rel=1e-6)
+    assert clipped[3, 7].item() == pytest.approx(hi, rel=1e-6)
+    assert n == int(((wide < lo) | (wide > hi)).sum()) >= 2
+    inliers = (wide >= lo) & (wide <= hi)
+    assert torch.equal(clipped[inliers], w[inliers])
+
+    out = fake_quantize_superweight_aware(w, bits=4, block_size=64, z=z, super_weight_positions=[(3, 7)])
+    assert out[3, 7].item() == 5.0  # exactly the original
+    # the clipped outlier was quantized from mean - z * std, within its block's half-step
+    block = (40 * 128 + 5) // 64
+    scale = block_scales(clipped, 4, 64)[block]
+    assert abs(out[40, 5].item() - lo) <= float(_tol(scale / 2))
+    # clipping shrinks the outliers' blocks: their inliers are reproduced far better than by naive RTN
+    naive = fake_quantize_blockwise(w, 4, 64)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    keep[3, 7] = keep[40, 5] = False
+    assert (out - w)[keep].abs().max() < 0.25 * (naive - w)[keep].abs().max()
+    # without z only the restore happens
+    restored_only = fake_quantize_superweight_aware(w, 4, 64, None, [(3, 7)])
+    expected = naive.clone()
+    expected[3, 7] = 5.0
+    assert torch.equal(restored_only, expected)
+    with pytest.raises(UsageError, match="does not fit a tensor of shape"):
+        fake_quantize_superweight_aware(w, 4, 64, z, [(64, 0)])
+
+
+# ----------------------------------------------------------------------------- model weights
+
+
+def test_quantized_weights_restores_the_model_bit_identically(planted):
+    before = snapshot(planted)
+    matrix = down_proj_matrix(planted, LAYER)
+    original = matrix[ROW, COL].clone()
+    with quantized_weights(planted, bits=3, block_size=256, super_weights=[SW], z=3.0) as record:
+        inside = snapshot(planted)
+        assert matrix[ROW, COL].item() == original.item()
+        changed = {k for k in before if not torch.equal(before[k], inside[k])}
+        # every decoder weight matrix, nothing else (embeddings, head, norms stay)
+        expected = {k for k, v in before.items() if k.startswith("model.layers.") and v.dim() >= 2}
+        assert changed == expected and len(expected) == 4 * 7
+        assert record.clipped > 0 and len(record.names) == len(expected)
+        assert record.to_dict()["super_weights"] == [{"layer": LAYER, "row": ROW, "col": COL}]
+    after = snapshot(planted)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with quantized_weights(planted, bits=2, block_size=64):
+            assert not torch.equal(down_proj_matrix(planted, 0), before["model.layers.0.mlp.down_proj.weight"])
+            raise RuntimeError("boom")
+    after = snapshot(planted)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    record = quantize_model_weights(planted, 4, 128)  # naive: the super weight is quantized too
+    assert matrix[ROW, COL].item() != original.item()
+    restore_weights(record)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(planted).items())
+
+
+def test_gpt2_conv1d_blocks_follow_the_out_in_layout():
+    model = tiny_model("gpt2", seed=0)
+    before = snapshot(model)
+    sw = SuperWeight(0, 3, 11)  # c_proj.weight is [in, out]: the weight lives at [11, 3]
+    with quantized_weights(model, 4, 64, [sw], z=2.0):
+        view = down_proj_matrix(model, 0)
+        assert view[3, 11].item() == before["transformer.h.0.mlp.c_proj.weight"][11, 3].item()
+        expected = fake_quantize_superweight_aware(before["transformer.h.0.mlp.c_proj.weight"].T, 4, 64, 2.0, [(3, 11)])
+        assert torch.equal(view, expected)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+
+
+def test_default_block_sizes():
+    model = tiny_model("llama")  # largest matrix 32 x 64 = 2048 weights
+    assert default_block_sizes(model) == [64, 256, 1024]
+    assert default_block_sizes(model, factor=2) == [64, 128, 256, 512, 1024]
+    with pytest.raises(UsageError, match="factor"):
+        default_block_sizes(model, factor=1)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def test_activation_tensor_quantizers():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [100.0, 0.5, 1.5, 2.5]])
+    mask = super_activation_mask(x[None], [0])[0]
+    assert mask.tolist() == [[False] * 4, [True, False, False, False]]
+    out = fake_quantize_activation_aware(x, bits=2, mask=mask)
+    assert out[1, 0].item() == 100.0
+    # without the spike the range is [0, 3]: scale 1, so values land on integers
+    assert out[0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    naive = fake_quantize_per_tensor(x, bits=2)  # scale 100 / 3: everything small becomes 0
+    assert naive[0].tolist() == [0.0, 0.0, 0.0, 0.0]
+    # the median replaces the spike while quantizing: (range [0, 3] either way here)
+    assert torch.equal(fake_quantize_activation_aware(x, 2, torch.zeros_like(mask)), naive)
+
+
+def _capture_down_proj_input(model, layer):
+    """(pre-hook seeing the original input, forward hook seeing the input after later pre-hooks)."""
+    seen: dict[str, torch.Tensor] = {}
+    module = down_proj_module(model, layer)
+    first = module.register_forward_pre_hook(lambda m, args: seen.__setitem__("original", args[0].clone()))
+    last = module.register_forward_hook(lambda m, args, out: seen.__setitem__("used", args[0].clone()))
+    return seen, (first, last)
+
+
+def test_quantized_activations_keeps_the_super_activation_exact(planted):
+    counts = [len(down_proj_module(planted, i)._forward_pre_hooks) for i in range(4)]
+    seen, handles = _capture_down_proj_input(planted, LAYER)
+    try:
+        with torch.inference_mode(), quantized_activations(planted, bits=4, super_weights=[SW]) as stats:
+            planted(PROBE_IDS)
+        x, used = seen["original"], seen["used"]
+        spike = super_activation_mask(x, [COL])
+        assert x[..., COL].abs().min() > 50  # the planted spike is at every token
+        assert int(spike.sum()) == PROBE_IDS.shape[1] == stats.held_out and stats.calls == 4
+        assert torch.equal(used[spike], x[spike])
+        rest = ~spike
+        assert not torch.equal(used[rest], x[rest])
+        held = torch.where(spike, x.median(), x)
+        scale = (held.max() - held.min()) / 15
+        assert bool(((used - x)[rest].abs() <= _tol(scale / 2)).all())
+
+        with torch.inference_mode(), quantized_activations(planted, bits=4):  # naive: the spike sets the range
+            planted(PROBE_IDS)
+        naive = seen["used"]
+        assert (naive - x)[rest].abs().max() > 5 * (used - x)[rest].abs().max()
+    finally:
+        for h in handles:
+            h.remove()
+    assert [len(down_proj_module(planted, i)._forward_pre_hooks) for i in range(4)] == counts
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with quantized_activations(planted, 8, [SW]):
+            raise RuntimeError("boom")
+    assert [len(down_proj_module(planted, i)._forward_pre_hooks) for i in range(4)] == counts
+    with pytest.raises(UsageError, match="activation bits"):
+        with quantized_activations(planted, 9):
+            pass
+
+
+# ----------------------------------------------------------------------------- drivers
+
+
+WORDS = "the of and to in a is was on for as with by he it at from his an were are which".split()
+
+
+@pytest.fixture(scope="module")
+def wikitext_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data")
+    (path / "wikitext").mkdir()
+    pages = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(40)) for i in range(2)]
+    (path / "wikitext" / "wikitext-2-raw-v1_test_documents.jsonl").write_text(
+        "".join(json.dumps({"page": p}) + "\n" for p in pages))
+    return path
+
+
+def test_sweeps_on_a_tiny_model(planted, wikitext_dir, tmp_path):
+    tokenizer = build_word_tokenizer(WORDS)
+    before = snapshot(planted)
+    options = dict(data_dir=str(wikitext_dir), max_length=16)
+    rows = weight_quantization_sweep(planted, tokenizer, [SW], [64, 1024], bits=3, z=3.0, baseline=True, **options)
+    assert [r["block_size"] for r in rows] == [64, 1024]
+    for r in rows:
+        assert r["bits"] == 3 and r["z"] == 3.0 and r["clipped"] > 0
+        for key in ("naive_perplexity", "aware_perplexity", "baseline_perplexity"):
+            assert math.isfinite(r[key]) and r[key] > 1
+        assert r["naive"]["wikitext"]["word_perplexity"] == r["naive_perplexity"]
+    assert rows[0]["baseline_perplexity"] == rows[1]["baseline_perplexity"]
+    assert rows[0]["naive_perplexity"] != rows[1]["naive_perplexity"]
+    assert all(torch.equal(before[k], v) for k, v in snapshot(planted).items())
+
+    png = plot_sweep(rows, tmp_path / "sweep.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    act = activation_quantization_compare(planted, tokenizer, [SW], bits=[4], **options)
+    assert act[0]["bits"] == 4 and act[0]["held_out"] > 0
+    assert math.isfinite(act[0]["naive_perplexity"]) and math.isfinite(act[0]["aware_perplexity"])
+    assert all(len(down_proj_module(planted, i)._forward_pre_hooks) == 0 for i in range(len(decoder_layers(planted))))
+
+    with pytest.raises(UsageError, match="no block sizes given"):
+        weight_quantization_sweep(planted, tokenizer, [SW], [], **options)
+    with pytest.raises(UsageError, match="block size"):
+        weight_quantization_sweep(planted, tokenizer, [SW], [64, 0], **options)
+    with pytest.raises(UsageError, match="z-score"):
+        weight_quantization_sweep(planted, tokenizer, [SW], [64], z=-1, **options)
+    with pytest.raises(UsageError, match="nothing to plot"):
+        plot_sweep([], tmp_path / "empty.png")
