@@ -435,6 +435,143 @@ def eval_(
     session.run(work)
 
 
+@app.command()
+def quantize(
+    model: Optional[str] = MODEL_ARG,
+    coords: Optional[Path] = COORDS,
+    coord: Optional[list[str]] = COORD,
+    bits: int = typer.Option(4, "--bits", help="Weight bits, 2..8 (default 4)."),
+    block_size: Optional[list[str]] = typer.Option(None, "--block-size", help="Elements per 1-D block; repeatable "
+                                                   "(default: a grid that suits the model's matrix sizes)."),
+    z: float = typer.Option(9.0, "--z", help="Clip weights with |z-score| above this before quantizing (paper: 9)."),
+    activations: bool = typer.Option(False, "--activations", help="Also compare per-tensor activation RTN of the "
+                                                                   "down-projection input, naive vs super-activation-aware."),
+    activation_bits: int = typer.Option(8, "--activation-bits", help="Bits for --activations (default 8)."),
+    task: list[str] = typer.Option(["wikitext"], "--task", "-t", help="Tasks to evaluate (default wikitext)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", envvar="SUPERWEIGHT_DATA", help="Evaluation data."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N documents of each task."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Context length (default: the model's)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Perplexity vs block size (PNG)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Save the super-weight-aware fake-quantized model "
+                                                                 "(needs exactly one --block-size)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+    as_json: bool = JSON,
+    revision: Optional[str] = REVISION,
+    gguf_file: Optional[str] = GGUF_FILE,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY,
+    trust_remote_code: bool = TRUST,
+    cache_dir: Optional[str] = CACHE_DIR,
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Round-to-nearest quantization with and without super-weight handling (paper Sec. 4).
+
+    Without --coords/--coord the super weights are detected first.
+
+    Examples:
+
+      sw quantize --limit 5 --block-size 1024 --block-size 65536 --plot rtn.png
+
+      sw quantize llama-7b --coords llama7b.yaml --block-size 16384 --block-size 1048576
+
+      sw quantize --block-size 4096 --out smollm2-w4-bs4096
+    """
+    session = Session(quiet, debug)
+
+    def work() -> None:
+        from . import quantize as rtn
+        from .coords import requested
+        from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
+        from .errors import UsageError
+        from .files import check_writable, refuse_inside
+        from .model import parse_device_map, parse_max_memory, resolve
+        from .tasks import load_task, resolve_task_names
+
+        sizes = None
+        if block_size:
+            try:
+                sizes = [int(text) for text in block_size]
+            except ValueError:
+                raise UsageError(f"--block-size must be a positive integer, got {block_size}") from None
+            rtn.check_block_sizes(sizes)
+        rtn.check_bits(bits)
+        rtn.check_bits(activation_bits, "activation")
+        rtn.check_z(z)
+        if limit is not None and limit <= 0:
+            raise UsageError(f"--limit must be a positive number of documents, got {limit}")
+        names = resolve_task_names(task)
+        if not names:
+            raise UsageError("no task given; pass --task wikitext (or another task)")
+        for name in names:
+            load_task(name, data_dir, limit=1)
+        if out is not None and (not sizes or len(sizes) != 1):
+            raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
+        source = resolve(model, revision=revision, gguf_file=gguf_file)
+        for path in filter(None, (plot, out)):
+            refuse_inside(path, source.protected_dirs)
+            check_writable(path)
+        if out is not None and out.is_dir() and any(out.iterdir()) and not force:
+            raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+        weights = requested(coords, coord)
+        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
+                                   device=device, device_map=parse_device_map(device_map),
+                                   max_memory=parse_max_memory(max_memory), trust_remote_code=trust_remote_code,
+                                   cache_dir=cache_dir)
+        if not weights:
+            weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+            session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
+        grid = sizes or rtn.default_block_sizes(loaded.model)
+        options = dict(data_dir=data_dir, limit=limit, max_length=max_length)
+        with session.status(f"quantizing to {bits} bits at {len(grid)} block size(s), evaluating each"):
+            rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z,
+                                                 tasks=names, baseline=True, **options)
+            activation_rows = (rtn.activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
+                                                                   bits=activation_bits, tasks=names, **options)
+                               if activations else [])
+        if plot:
+            rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
+        if out is not None:
+            with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights, z=z):
+                _save_quantized(loaded, out, force, {"bits": bits, "block_size": grid[0], "z": z,
+                                                     "super_weights": [w.to_dict() for w in weights]})
+        document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z,
+                    "super_weights": [w.to_dict() for w in weights],
+                    "weights": [{k: v for k, v in r.items() if k not in ("naive", "aware", "baseline")} for r in rows],
+                    "activations": [{k: v for k, v in r.items() if k not in ("naive", "aware", "baseline")}
+                                    for r in activation_rows],
+                    "tool": f"superweight {__version__}"}
+        if as_json:
+            typer.echo(json.dumps(document, indent=2))
+            return
+        baseline = rows[0].get("baseline_perplexity") if rows else None
+        def ppl(value) -> str:
+            return "" if value is None else f"{value:.3f}"
+        _print_table(f"{source.spec}: INT{bits} RTN, wikitext word perplexity (unquantized {ppl(baseline)})",
+                     ("block size", "naive", f"super-weight aware (z={z:g})"),
+                     [(str(r["block_size"]), ppl(r["naive_perplexity"]), ppl(r["aware_perplexity"])) for r in rows])
+        if activation_rows:
+            _print_table("down-projection input, per-tensor RTN", ("bits", "naive", "super activation held out"),
+                         [(str(r["bits"]), ppl(r["naive_perplexity"]), ppl(r["aware_perplexity"]))
+                          for r in activation_rows])
+
+    session.run(work)
+
+
+def _save_quantized(loaded, out: Path, force: bool, settings: dict) -> None:
+    """The fake-quantized (dequantized values) model as safetensors, written atomically."""
+    from .files import atomic_directory
+
+    with atomic_directory(out, force=force) as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "superweight_quantization.json").write_text(json.dumps(
+            {"source": loaded.source.spec, "location": loaded.source.location, **settings,
+             "tool": f"superweight {__version__}"}, indent=2) + "\n")
+
+
 @contextmanager
 def _task_progress(session: Session):
     """A rich progress bar per (configuration, task) on stderr."""

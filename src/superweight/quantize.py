@@ -70,19 +70,19 @@ SMALLEST_DEFAULT_BLOCK = 64
 # Validation
 
 
-def _check_bits(bits: Any, what: str = "weight") -> int:
+def check_bits(bits: Any, what: str = "weight") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise UsageError(f"{what} bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}; use e.g. 4 or 8")
     return bits
 
 
-def _check_block_size(block_size: Any) -> int:
+def check_block_size(block_size: Any) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise UsageError(f"block size must be a positive integer number of weights, got {block_size!r}; use e.g. 4096")
     return block_size
 
 
-def _check_z(z: Any) -> float | None:
+def check_z(z: Any) -> float | None:
     if z is None:
         return None
     if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
@@ -90,8 +90,8 @@ def _check_z(z: Any) -> float | None:
     return float(z)
 
 
-def _check_block_sizes(block_sizes: Iterable[Any]) -> list[int]:
-    sizes = [_check_block_size(b) for b in block_sizes]
+def check_block_sizes(block_sizes: Iterable[Any]) -> list[int]:
+    sizes = [check_block_size(b) for b in block_sizes]
     if not sizes:
         raise UsageError("no block sizes given; give at least one, e.g. 4096 (or use default_block_sizes(model))")
     return sizes
@@ -101,7 +101,7 @@ def _check_bits_list(bits: int | Iterable[int], what: str) -> list[int]:
     values = [bits] if isinstance(bits, int) else list(bits)
     if not values:
         raise UsageError(f"no {what} bit widths given; give at least one, e.g. 8")
-    return [_check_bits(b, what) for b in values]
+    return [check_bits(b, what) for b in values]
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,8 +125,8 @@ def _rtn(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torc
 
 def block_scales(tensor: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     """The per-block scales (max - min) / (2^bits - 1), float32, one per block (last may be partial)."""
-    _check_bits(bits)
-    _check_block_size(block_size)
+    check_bits(bits)
+    check_block_size(block_size)
     flat = tensor.detach().reshape(-1).float()
     return torch.stack([(b.max() - b.min()) / _levels(bits) for b in flat.split(block_size)]) if flat.numel() else flat
 
@@ -138,8 +138,8 @@ def fake_quantize_blockwise(tensor: torch.Tensor, bits: int = DEFAULT_WEIGHT_BIT
     float32; a last block shorter than `block_size` gets its own scale; a constant block is
     returned unchanged.
     """
-    bits = _check_bits(bits)
-    block_size = _check_block_size(block_size)
+    bits = check_bits(bits)
+    block_size = check_block_size(block_size)
     flat = tensor.detach().reshape(-1).float()
     n = flat.numel()
     if n == 0:
@@ -161,7 +161,7 @@ def zscore_clip(tensor: torch.Tensor, z: float) -> tuple[torch.Tensor, int]:
 
     float32 result; mean and (unbiased) std are computed over every element, in float64.
     """
-    z = _check_z(z)
+    z = check_z(z)
     if z is None:
         raise UsageError(f"zscore_clip needs a z-score threshold; the paper uses {DEFAULT_Z:g}")
     x = tensor.detach().float()
@@ -206,9 +206,9 @@ def fake_quantize_superweight_aware(
     matrix); those elements come back bit-exactly as they were. `z=None` skips the clipping.
     Returns a new tensor of the same shape and dtype.
     """
-    bits = _check_bits(bits)
-    block_size = _check_block_size(block_size)
-    return _quantize_aware(tensor, bits, block_size, _check_z(z), _positions(tensor, super_weight_positions))[0]
+    bits = check_bits(bits)
+    block_size = check_block_size(block_size)
+    return _quantize_aware(tensor, bits, block_size, check_z(z), _positions(tensor, super_weight_positions))[0]
 
 
 def _quantize_aware(
@@ -315,9 +315,9 @@ def quantize_model_weights(
     """
     from .ablate import validate_coords
 
-    bits = _check_bits(bits)
-    block_size = _check_block_size(block_size)
-    z = _check_z(z)
+    bits = check_bits(bits)
+    block_size = check_block_size(block_size)
+    z = check_z(z)
     weights = _unique(super_weights or [])
     if weights:
         validate_coords(model, weights)
@@ -370,7 +370,7 @@ def default_block_sizes(model: nn.Module, factor: int = 4, smallest: int = SMALL
     """
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
         raise UsageError(f"the block-size grid factor must be an integer >= 2, got {factor!r}")
-    smallest = _check_block_size(smallest)
+    smallest = check_block_size(smallest)
     largest = max((m.numel() for t in weight_targets(model) for _, m in _matrices(t)), default=0)
     sizes = [smallest]
     while sizes[-1] * factor <= largest // 2:
@@ -384,7 +384,7 @@ def default_block_sizes(model: nn.Module, factor: int = 4, smallest: int = SMALL
 
 def fake_quantize_per_tensor(x: torch.Tensor, bits: int = DEFAULT_ACTIVATION_BITS) -> torch.Tensor:
     """Asymmetric min-max RTN of the whole tensor with one scale; same shape and dtype."""
-    bits = _check_bits(bits, "activation")
+    bits = check_bits(bits, "activation")
     flat = x.detach().float()
     if flat.numel() == 0:
         return x.detach().clone()
@@ -412,7 +412,7 @@ def fake_quantize_activation_aware(
 
     The median is torch's (the lower of the two middle values for an even count), over all entries.
     """
-    bits = _check_bits(bits, "activation")
+    bits = check_bits(bits, "activation")
     if mask is None or not bool(mask.any()):
         return fake_quantize_per_tensor(x, bits)
     source = x.detach()
@@ -445,7 +445,7 @@ def quantized_activations(
     """
     from .ablate import validate_coords
 
-    bits = _check_bits(bits, "activation")
+    bits = check_bits(bits, "activation")
     if isinstance(spike_fraction, bool) or not isinstance(spike_fraction, (int, float)) or not 0 < spike_fraction <= 1:
         raise UsageError(f"the spike fraction must be a number in (0, 1], got {spike_fraction!r}")
     adapter = adapter_for(model)
@@ -525,9 +525,9 @@ def weight_quantization_sweep(
     """
     from .ablate import validate_coords
 
-    bits = _check_bits(bits)
-    sizes = _check_block_sizes(block_sizes)
-    z = _check_z(z)
+    bits = check_bits(bits)
+    sizes = check_block_sizes(block_sizes)
+    z = check_z(z)
     if z is None:
         raise UsageError(f"the super-weight-aware scheme needs a z-score clipping threshold; the paper uses {DEFAULT_Z:g}")
     weights = _unique(super_weights or [])

@@ -1,0 +1,49 @@
+"""`sw quantize` through the CLI on a tiny local model."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import DATA_DIR
+from test_cli import assert_one_line_error, invoke
+
+
+def test_quantize_sweep_json_and_saved_model(tiny_llama_dir, tmp_path):
+    out = tmp_path / "w4"
+    result = invoke("quantize", tiny_llama_dir, "-q", "--json", "--coord", "1,3,5", "--block-size", "256",
+                    "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "64", "--out", out,
+                    "--plot", tmp_path / "rtn.png")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    (row,) = document["weights"]
+    assert row["block_size"] == 256 and row["naive_perplexity"] > 0 and row["aware_perplexity"] > 0
+    original = load_file(tiny_llama_dir / "model.safetensors")
+    quantized = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert quantized[name][3, 5] == original[name][3, 5]  # the super weight is kept exactly
+    assert len(set(quantized[name][4:8].flatten().tolist())) <= 16  # rows 4-7 are one 256-element block: 16 levels
+    assert len(set(original[name][4:8].flatten().tolist())) > 16
+    assert json.loads((out / "superweight_quantization.json").read_text())["block_size"] == 256
+    assert (tmp_path / "rtn.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--bits", "9"], "bits"),
+    (["--bits", "1"], "bits"),
+    (["--block-size", "abc"], "--block-size"),
+    (["--block-size", "-5"], "block size"),
+    (["--z", "0"], "z"),
+    (["--task", "nosuchtask"], "nosuchtask"),
+    (["--out", "somewhere"], "exactly one --block-size"),
+])
+def test_bad_quantize_options(tiny_llama_dir, tmp_path, args, fragment):
+    assert_one_line_error(invoke("quantize", tiny_llama_dir, "-q", "--coord", "1,3,5", "--data-dir", DATA_DIR, *args),
+                          fragment)
+
+
+def test_quantize_unwritable_out(tiny_llama_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(invoke("quantize", tiny_llama_dir, "-q", "--coord", "1,3,5", "--data-dir", DATA_DIR,
+                                 "--block-size", "64", "--out", blocker / "out"), "cannot write")
