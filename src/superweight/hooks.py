@@ -46,14 +46,15 @@ class LayerStats:
 def _abs_argmax(x: torch.Tensor) -> tuple[float, int, int]:
     """Max |x| over a [tokens, channels] tensor and its (token, channel).
 
-    Uses argmax and argmin rather than `x.abs()`, which would allocate a copy as large as the
-    activation: the hooks' memory must not grow with sequence length.
+    Two levels — per-token max and min along channels, then the winning token's row — because a
+    flat `argmax` runs single-threaded and `x.abs()` would allocate a copy as large as the
+    activation: the hooks must stay cheap and their memory flat in sequence length.
     """
-    flat = x.detach().reshape(-1)
-    top, bottom = int(flat.argmax()), int(flat.argmin())
-    index = top if abs(float(flat[top])) >= abs(float(flat[bottom])) else bottom
-    token, channel = divmod(index, x.shape[-1])
-    return abs(float(flat[index])), token, channel
+    x = x.detach()
+    magnitude = torch.maximum(x.amax(dim=-1), -x.amin(dim=-1))
+    token = int(magnitude.argmax())
+    channel = int(x[token].abs().argmax())
+    return abs(float(x[token, channel])), token, channel
 
 
 def _first_sequence(t: torch.Tensor) -> torch.Tensor:
