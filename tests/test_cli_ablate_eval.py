@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from conftest import DATA_DIR
 from test_cli import assert_one_line_error, invoke

@@ -560,6 +560,126 @@ def quantize(
     session.run(work)
 
 
+@app.command()
+def study(
+    model: Optional[str] = MODEL_ARG,
+    coords: Optional[Path] = COORDS,
+    coord: Optional[list[str]] = COORD,
+    task: list[str] = typer.Option(["all"], "--task", "-t", help="Tasks; repeatable (default all: wikitext and "
+                                                                 "the 7 zero-shot tasks)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N documents of each task (quick runs)."),
+    top: Optional[int] = typer.Option(None, "--top", help="How many other large down-projection weights to zero "
+                                                          "(default: the paper's ~7000 of Llama-7B, scaled)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Scaling factors for the sweep, e.g. 0,0.5,1,2 "
+                                                            "(default 0 to 3 in steps of 0.5)."),
+    stop_words: Optional[Path] = typer.Option(None, "--stop-words", help="Stop-word list, one per line "
+                                                                         "(default configs/stop_words.txt)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report directory (default ./<model>-study)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", envvar="SUPERWEIGHT_DATA", help="Evaluation data."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Sequences per forward pass, or auto."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Context length (default: the model's)."),
+    seed: int = SEED,
+    as_json: bool = JSON,
+    revision: Optional[str] = REVISION,
+    gguf_file: Optional[str] = GGUF_FILE,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY,
+    trust_remote_code: bool = TRUST,
+    cache_dir: Optional[str] = CACHE_DIR,
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """The paper's analysis of MODEL in one command: REPORT.md, report.json and plots in --out.
+
+    Table 1 (original, super weights zeroed, other outliers zeroed, zeroed + super activation
+    restored, random control), the scale sweep, the stop-word shift and the activation profile.
+    Evaluation results are cached: a rerun with the same inputs evaluates nothing again.
+
+    Examples:
+
+      sw study --limit 200
+
+      sw study llama-7b --coords llama7b.yaml --task wikitext --task piqa --grid 0,1,2,3
+    """
+    session = Session(quiet, debug)
+
+    def work() -> None:
+        import time
+
+        from . import ablate as ablation
+        from . import study as analysis
+        from .coords import requested
+        from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
+        from .errors import UsageError
+        from .experiments import summary_table
+        from .files import check_writable, refuse_inside
+        from .model import cache_root, model_fingerprint, parse_device_map, parse_max_memory, resolve
+        from .tasks import load_task, resolve_task_names
+
+        started = time.perf_counter()
+        factors = analysis.parse_grid(grid)
+        if limit is not None and limit <= 0:
+            raise UsageError(f"--limit must be a positive number of documents, got {limit}")
+        if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+            raise UsageError(f"--batch-size must be a positive integer or auto, got '{batch_size}'")
+        if top is not None and top <= 0:
+            raise UsageError(f"--top must be a positive number of weights, got {top}")
+        names = resolve_task_names(task)
+        for name in dict.fromkeys([*names, "wikitext"]):  # the stop-word shift reads wikitext
+            load_task(name, data_dir, limit=1)
+        words = analysis.load_stop_words(stop_words)
+        source = resolve(model, revision=revision, gguf_file=gguf_file)
+        out_dir = out or Path(f"{_slug(source.alias or source.spec)}-study")
+        refuse_inside(out_dir, source.protected_dirs)
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+            raise UsageError(f"{out_dir} exists and is not empty; choose another --out or pass --force to replace it")
+        check_writable(out_dir)
+        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
+                                   device=device, device_map=parse_device_map(device_map),
+                                   max_memory=parse_max_memory(max_memory), trust_remote_code=trust_remote_code,
+                                   cache_dir=cache_dir)
+        weights = requested(coords, coord)
+        if weights:
+            ablation.validate_coords(loaded.model, weights)
+        else:
+            weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+            session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
+        table_configurations = analysis.study_configurations(loaded.model, weights, top=top, seed=seed)
+        sweep = analysis.scale_sweep_configurations(weights, factors)
+        cache = analysis.EvaluationCache(cache_root(cache_dir) / "evaluations")
+        with _task_progress(session) as (on_start, on_progress):
+            runs = analysis.run_cached(
+                cache, model_fingerprint(loaded), loaded.model, loaded.tokenizer, table_configurations + sweep, names,
+                on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limit,
+                batch_size=int(batch_size) if batch_size.isdigit() else "auto", max_length=max_length, seed=seed)
+        with session.status("stop-word shift and activation profile"):
+            shift = analysis.stop_word_shift(loaded.model, loaded.tokenizer, analysis.wikitext_texts(data_dir),
+                                             weights, words)
+            profile = analysis.activation_profile(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT),
+                                                  weights)
+        table = summary_table({c.name: runs[c.name] for c in table_configurations})
+        cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
+        meta = {"command": "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
+                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
+                "tasks": names, "limit": limit, "seed": seed, "grid": factors,
+                "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
+                "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
+        analysis.write_report(out_dir, force=force, super_weights=weights, table=table,
+                              sweep_rows=analysis.sweep_rows(runs, sweep), stop_words=shift, profile=profile, meta=meta)
+        if as_json:
+            typer.echo((out_dir / analysis.JSON_FILE).read_text(encoding="utf-8").rstrip())
+            return
+        _print_table(f"{source.spec}" + (f", first {limit} documents per task" if limit else ""),
+                     tuple(table.columns), [tuple(r) for r in table.rows])
+        stdout.print(f"report written to {out_dir / analysis.REPORT_FILE} ({cached} of "
+                     f"{meta['evaluations']['total']} task evaluations from the cache)", soft_wrap=True)
+
+    session.run(work)
+
+
 def _save_quantized(loaded, out: Path, force: bool, settings: dict) -> None:
     """The fake-quantized (dequantized values) model as safetensors, written atomically."""
     from .files import atomic_directory

@@ -135,6 +135,16 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
 
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """Names the weights that were evaluated, for result caches: their source, version and dtype,
+    and for files on disk their names, sizes and modification times (a rewrite is a new model)."""
+    where = Path(getattr(loaded.model, "name_or_path", "") or loaded.source.location)
+    weight_files = sorted(p for p in where.glob("*") if p.suffix in (".safetensors", ".bin")) if where.is_dir() else []
+    stamps = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weight_files]
+    return json.dumps([loaded.source.location, loaded.source.revision,
+                       getattr(loaded.model.config, "_commit_hash", None), loaded.dtype, str(where), stamps])
+
+
 def _torch_dtype(name: str):
     import torch
 

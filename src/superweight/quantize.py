@@ -43,7 +43,6 @@ mean|w| + z * std|w|, clamp to +/- threshold); here it is the signed z-score ove
 
 from __future__ import annotations
 
-import io
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -595,16 +594,12 @@ def activation_quantization_compare(
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Perplexity against block size (log2 x axis, log y axis), naive vs super-weight aware, PNG
     (or any format matplotlib knows from the suffix), written atomically."""
-    from .files import atomic_write_bytes
+    from .report import pyplot, save_figure
 
     points = sorted((r for r in rows if r.get("block_size") is not None), key=lambda r: r["block_size"])
     if not points:
         raise UsageError("nothing to plot: the sweep has no rows; run weight_quantization_sweep first")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sizes = [r["block_size"] for r in points]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for key, label, color, marker in (("naive_perplexity", "naive RTN", "#cc3311", "o"),
@@ -624,10 +619,4 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, title: str = ""
     ax.set_title(title or f"INT{bits} round-to-nearest: perplexity vs block size", fontsize=10)
     ax.grid(True, which="both", ls=":", lw=0.5)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    suffix = Path(path).suffix.lstrip(".").lower() or "png"
-    fig.savefig(buffer, format=suffix, dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return save_figure(fig, path)

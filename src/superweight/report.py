@@ -96,16 +96,33 @@ def detection_document(detection: Detection, model: dict[str, Any], known: Known
     }
 
 
-def plot_activations(detection: Detection, path: str | Path, title: str = "") -> Path:
-    """Per-layer max |down_proj input| and |output| (log scale), candidate layers marked.
-
-    Like the paper's Figure 3: the super weight's layer stands out by orders of magnitude.
-    """
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: plots work on headless machines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` atomically, in the format its suffix names (PNG by default), and close it."""
+    plt = pyplot()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def plot_activations(detection: Detection, path: str | Path, title: str = "") -> Path:
+    """Per-layer max |down_proj input| and |output| (log scale), candidate layers marked.
+
+    Like the paper's Figure 3: the super weight's layer stands out by orders of magnitude.
+    """
+    plt = pyplot()
     stats = detection.iterations[0]
     layers = [s.layer for s in stats]
     candidates = set(detection.candidate_layers[0]) if detection.candidate_layers else set()
@@ -123,9 +140,4 @@ def plot_activations(detection: Detection, path: str | Path, title: str = "") ->
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="both", ls=":", lw=0.5)
     fig.suptitle(title or "Down-projection activations (first iteration; * = super-weight layer)", fontsize=11)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return save_figure(fig, path)

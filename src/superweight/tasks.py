@@ -242,7 +242,7 @@ def resolve_task_names(names: list[str] | str) -> list[str]:
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     resolved: list[str] = []
-    for name in (n.strip() for n in names):
+    for name in (n.strip() for n in names if n.strip()):
         expanded = list(TASKS) if name == "all" else [name]
         for task in expanded:
             if task not in TASKS:

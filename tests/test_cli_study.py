@@ -1,0 +1,88 @@
+"""`sw study` through the CLI on a tiny local model: the report, the cache, and one-line errors."""
+
+import json
+
+import pytest
+
+from conftest import DATA_DIR
+from test_cli import assert_one_line_error, invoke
+
+COORD = ("--coord", "1,3,5")
+QUICK = ("--data-dir", DATA_DIR, "--limit", "1", "--max-length", "64", "-q")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "cache"))
+
+
+def test_study_writes_report_and_reuses_cached_evaluations(tiny_llama_dir, tmp_path):
+    out = tmp_path / "study"
+    args = ("study", tiny_llama_dir, *COORD, *QUICK, "--task", "wikitext", "--task", "piqa", "--grid", "0,1,2",
+            "--top", "5", "--out", out, "--json")
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    document = json.loads(first.output)
+    assert sorted(p.name for p in out.iterdir()) == ["REPORT.md", "activation_profile.png", "report.json",
+                                                       "scale_sweep.png", "stop_words.png"]
+    assert json.loads((out / "report.json").read_text()) == document
+    rows = {row[0]: row for row in document["table"]["rows"]}
+    assert list(rows) == ["original", "super weights zeroed", "other 5 outliers zeroed",
+                          "zeroed + activation restored", "random control zeroed"]
+    assert document["table"]["columns"][:2] == ["configuration", "wikitext word_perplexity"]
+    assert [r["factor"] for r in document["sweep"]] == [0.0, 1.0, 2.0]
+    # s = 0 is the zeroed row and s = 1 the original: the same evaluations, not new ones
+    by_factor = {r["factor"]: r["perplexity"] for r in document["sweep"]}
+    assert by_factor[1.0] == pytest.approx(float(rows["original"][1]), rel=1e-3)
+    assert by_factor[0.0] == pytest.approx(float(rows["super weights zeroed"][1]), rel=1e-3)
+    evaluations = document["meta"]["evaluations"]
+    assert evaluations == {"total": 2 * 8, "from_cache": 2 * 2}
+    assert document["super_weights"][0] | {"layer": 1, "row": 3, "col": 5} == document["super_weights"][0]
+    assert 0 < document["stop_words"]["stop_mass_original"] <= 1
+    report = (out / "REPORT.md").read_text()
+    for heading in ("## Super weights", "## Table 1", "## Scaling the super weights", "## Stop-word shift",
+                    "## Activation profile"):
+        assert heading in report
+
+    second = invoke(*args[:-1], "--force", "--json")
+    assert second.exit_code == 0, second.output
+    again = json.loads(second.output)
+    assert again["meta"]["evaluations"] == {"total": 16, "from_cache": 16}  # nothing evaluated again
+    assert again["table"] == document["table"] and again["sweep"] == document["sweep"]
+
+
+def test_study_table_on_stdout(tiny_llama_dir, tmp_path):
+    out = tmp_path / "study"
+    result = invoke("study", tiny_llama_dir, *COORD, *QUICK, "--task", "wikitext", "--grid", "0,1", "--top", "3",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "original" in result.output and "configuration" in result.output and f"report written to {out / 'REPORT.md'}" in result.output
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--grid", "0,x,1"], "--grid"),
+    (["--grid", ""], "--grid"),
+    (["--task", "nosuchtask"], "nosuchtask"),
+    (["--task", ""], "no task"),
+    (["--limit", "0"], "--limit"),
+    (["--top", "0"], "--top"),
+    (["--batch-size", "many"], "--batch-size"),
+])
+def test_bad_study_options(tiny_llama_dir, tmp_path, args, fragment):
+    out = tmp_path / "study"
+    assert_one_line_error(invoke("study", tiny_llama_dir, *COORD, *QUICK, "--out", out, *args), fragment)
+    assert not out.exists()
+
+
+def test_study_refuses_non_empty_and_unwritable_out(tiny_llama_dir, tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    assert_one_line_error(invoke("study", tiny_llama_dir, *COORD, *QUICK, "--out", out), "not empty", "--force")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_one_line_error(invoke("study", tiny_llama_dir, *COORD, *QUICK, "--out", blocker / "study"), "cannot write")
+    assert_one_line_error(invoke("study", tiny_llama_dir, *COORD, *QUICK, "--out", tiny_llama_dir / "study"),
+                          "model")
+    assert not (tiny_llama_dir / "study").exists()
