@@ -72,7 +72,7 @@ def write_lm_eval_task(task: str, data_dir: str, out_dir: Path) -> str:
     return name
 
 
-def run_lm_eval(model, tokenizer, task: str, data_dir: str, limit: int | None, batch_size: int, tmp: Path):
+def run_lm_eval(model, tokenizer, task: str, data_dir: str, limit: int | None, batch_size: int | str, tmp: Path):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -102,25 +102,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("SUPERWEIGHT_DATA", "/work/shared/data"))
     parser.add_argument("--tasks", default="lambada_openai,piqa,arc_easy,arc_challenge,hellaswag,sciq,winogrande,wikitext")
-    parser.add_argument("--limit", type=int, default=200, help="documents per multiple-choice task (wikitext: all)")
+    parser.add_argument("--limit", type=int, default=200, help="documents per multiple-choice task (wikitext: all; "
+                        "0: all documents)")
     parser.add_argument("--wikitext-limit", type=int, default=None, help="documents of wikitext (default: all 62)")
-    parser.add_argument("--lm-eval-batch-size", type=int, default=16)
+    parser.add_argument("--lm-eval-batch-size", default="16", help="an integer, or auto (lm-eval finds the largest)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--out", default=None, help="also write the raw numbers as JSON here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
+    model.to(args.device)
     with torch.inference_mode():  # the first forward pass of a process is slow; keep it out of both timings
-        model(torch.tensor([tokenizer.encode("Warm up the kernels once before timing anything.")] * 4))
+        model(torch.tensor([tokenizer.encode("Warm up the kernels once before timing anything.")] * 4,
+                           device=args.device))
     rows, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in resolve_task_names(args.tasks):
-            limit = args.wikitext_limit if task == "wikitext" else args.limit
+            limit = args.wikitext_limit if task == "wikitext" else (args.limit or None)
             n_docs = len(load_task(task, args.data_dir, limit).docs)
             start = time.perf_counter()
             ours = evaluate(model, tokenizer, [task], data_dir=args.data_dir, limit=limit)["results"][task]
             our_seconds = time.perf_counter() - start
-            batch = 1 if task == "wikitext" else args.lm_eval_batch_size
+            size = args.lm_eval_batch_size
+            batch = 1 if task == "wikitext" else (size if size == "auto" else int(size))
             theirs, their_seconds = run_lm_eval(model, tokenizer, task, args.data_dir, limit, batch, Path(tmp))
             raw[task] = {"docs": n_docs, "ours": ours, "lm_eval": theirs, "our_seconds": our_seconds,
                          "lm_eval_seconds": their_seconds, "lm_eval_batch_size": batch}
