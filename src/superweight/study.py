@@ -393,7 +393,7 @@ def plot_stop_word_shift(shift: StopWordShift, path: str | Path) -> Path:
     axes[1].axvline(0, color="black", lw=0.8)
     axes[1].set_title("largest changes in mean next-token probability (zeroed - original)", fontsize=10)
     axes[1].grid(True, axis="x", ls=":", lw=0.5)
-    fig.suptitle("Zeroing the super weights moves probability to stop words", fontsize=11)
+    fig.suptitle("Next-token probability when the super weights are zeroed (stop words and largest changes)", fontsize=11)
     return save_figure(fig, path)
 
 
