@@ -143,8 +143,8 @@ def bench_synthetic_7b(bandwidth: float, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--model", help="SmolLM2 GGUF (or any model); omit to run only --synthetic-7b")
+    parser.add_argument("--data")
     parser.add_argument("--tasks", default="wikitext")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--repeats", type=int, default=20)
@@ -156,7 +156,7 @@ def main() -> None:
     document = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
                 "copy_bandwidth_gb_s": bandwidth / 1e9, "models": []}
     print(json.dumps({"copy_bandwidth_gb_s": document["copy_bandwidth_gb_s"]}), flush=True)
-    for dtype in args.dtypes.split(","):
+    for dtype in args.dtypes.split(",") if args.model else ():
         document["models"].append(bench_model(args.model, dtype, tasks, args.data, bandwidth, args.repeats))
         print(json.dumps({k: v for k, v in document["models"][-1].items() if k != "eval"}), flush=True)
     if args.synthetic_7b:
