@@ -92,3 +92,27 @@ def test_paper_claim_on_wikitext(smollm2):
     assert abs(ppl["restored"] / ppl["original"] - 1) <= 0.02, ppl
     assert abs(ppl["random"] / ppl["original"] - 1) <= 0.01, ppl
     assert torch.equal(down_proj_matrix(smollm2.model, 11), before)  # every configuration was undone
+
+
+def test_quantize_smoke_keeps_super_weights_and_restores_the_model(smollm2):
+    """`sw quantize`'s library path on the real model, one wikitext document at a short context."""
+    from conftest import DATA_DIR
+    from superweight.coords import SuperWeight
+    from superweight.quantize import quantized_weights, weight_quantization_sweep
+
+    model = smollm2.model
+    weights = [SuperWeight(11, 507, 1229), SuperWeight(11, 507, 1487)]
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if "layers.11." in name}
+    (row,) = weight_quantization_sweep(model, smollm2.tokenizer, weights, [1024], bits=4, baseline=True,
+                                       data_dir=DATA_DIR, limit=1, max_length=256)
+    assert row["clipped"] > 0
+    for key in ("naive_perplexity", "aware_perplexity"):  # 4-bit RTN costs quality, but stays a model
+        assert row["baseline_perplexity"] < row[key] < 50 * row["baseline_perplexity"]
+    with quantized_weights(model, bits=4, block_size=1024, super_weights=weights, z=9.0):
+        matrix = down_proj_matrix(model, 11)
+        assert [matrix[507, 1229].item(), matrix[507, 1487].item()] == [
+            before["model.layers.11.mlp.down_proj.weight"][507, c].item() for c in (1229, 1487)]
+        assert len(torch.unique(matrix[0, :1024])) <= 16  # elements 0-1023: one block, 16 levels at 4 bits
+    for name, p in model.named_parameters():
+        if name in before:
+            assert torch.equal(p, before[name]), name  # bit-identical after the sweep and the context
