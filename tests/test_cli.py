@@ -122,3 +122,21 @@ def test_debug_shows_traceback(tmp_path):
     result = invoke("detect", tmp_path / "missing.gguf", "--debug")
     assert result.exit_code != 0
     assert result.exception is not None and not isinstance(result.exception, SystemExit)
+
+
+def test_gguf_architecture_transformers_cannot_read(tmp_path, monkeypatch):
+    import gguf
+    import numpy as np
+
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv9")  # an architecture transformers' GGUF loader lacks
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_one_line_error(invoke("detect", path, "-q", "--out", tmp_path / "c.yaml"),
+                          "cannot read the 'rwkv9' architecture", "convert")
+    assert not (tmp_path / "c.yaml").exists() and not list((tmp_path / "cache").rglob("config.json"))
