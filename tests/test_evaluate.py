@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -23,6 +24,8 @@ from superweight.evaluate import (
     task_metrics,
 )
 from superweight.tasks import Prompt, load_task
+
+from synthetic import single_threaded
 
 WORDS = "Question: Answer: the a cat dog sat on mat ran fast slow red blue is was and it".split()
 
@@ -298,3 +301,85 @@ def test_build_requests_deduplicates_identical_choices():
     doc = {"goal": "the cat", "sol1": "sat", "sol2": "sat", "label": 0}
     built = build_requests(LoadedTask(TASKS["piqa"], [doc], 1, {}), Encoder(word_tokenizer()), 64)
     assert len(built.requests) == 1 and built.doc_requests == [[0, 0]]
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+
+class _SimulatedMemory:
+    """A forward pre-hook on the base model: more than `limit` input tokens at once raise CUDA's
+    out-of-memory error, as a too large batch would on a GPU."""
+
+    def __init__(self, model, limit: int):
+        self.limit, self.fitted = limit, []
+        self.handle = model.base_model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids.numel() > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"simulated: {ids.numel()} tokens")
+        self.fitted.append(ids.numel())
+
+
+def _write_wikitext(tmp_path, n_words: int = 90):
+    (tmp_path / "wikitext").mkdir(exist_ok=True)
+    text = " ".join((WORDS[2:] * 10)[:n_words])
+    (tmp_path / "wikitext" / "wikitext-2-raw-v1_test_documents.jsonl").write_text(json.dumps({"page": text}) + "\n")
+
+
+def test_auto_batch_size_halves_on_out_of_memory_with_the_same_results(tiny_model, tmp_path):
+    """90 tokens in windows of 8: the first 'auto' batch (all of them) does not fit in 40 tokens;
+    the budget halves from CPU_TOKENS_PER_BATCH until a batch of 4 windows (32 tokens) fits."""
+    _write_wikitext(tmp_path)
+    options = dict(data_dir=str(tmp_path), max_length=8)
+    with single_threaded():
+        expected = evaluate(tiny_model, word_tokenizer(), ["wikitext"], batch_size=1, **options)
+    memory = _SimulatedMemory(tiny_model, limit=40)
+    try:
+        with single_threaded():
+            got = evaluate(tiny_model, word_tokenizer(), ["wikitext"], batch_size="auto", **options)
+    finally:
+        memory.handle.remove()
+    assert got["results"]["wikitext"]["word_perplexity"] == pytest.approx(
+        expected["results"]["wikitext"]["word_perplexity"], rel=1e-6)
+    assert max(memory.fitted) == 32  # the largest power-of-two budget that fits, not a batch of one
+
+
+def test_out_of_memory_that_no_batch_avoids_is_a_usage_error(tiny_model, tmp_path):
+    _write_wikitext(tmp_path)
+    options = dict(data_dir=str(tmp_path), max_length=32)
+    memory = _SimulatedMemory(tiny_model, limit=20)  # a window is 32 tokens; the shortcut check 16
+    try:
+        with single_threaded(), pytest.raises(UsageError, match="--max-length"):
+            evaluate(tiny_model, word_tokenizer(), ["wikitext"], batch_size="auto", **options)
+        with single_threaded(), pytest.raises(UsageError, match="--batch-size"):
+            evaluate(tiny_model, word_tokenizer(), ["wikitext"], batch_size=2, **options)
+    finally:
+        memory.handle.remove()
+
+
+# ----------------------------------------------------------------------------- precision
+
+# Word perplexity in half precision vs float32, relative. Measured on CPU (wikitext, 1 document):
+# the planted tiny Llama below differs by 2.2e-4 (bfloat16) and 5e-5 (float16); SmolLM2-135M
+# (max length 256) by 4.5e-4 and 2e-4. The bounds leave 5-20x room, yet catch a log-softmax taken
+# in the model's dtype (+1.0% in bfloat16, +0.13% in float16 on the tiny model).
+HALF_PRECISION_RTOL = {"bfloat16": 2.5e-3, "float16": 1e-3}
+
+
+@pytest.mark.parametrize("dtype", sorted(HALF_PRECISION_RTOL))
+def test_half_precision_perplexity_is_close_to_float32(dtype):
+    from conftest import DATA_DIR, PROMPT_WORDS, build_word_tokenizer
+    from synthetic import plant_super_weight
+    from synthetic import tiny_model as synthetic_model
+
+    model = synthetic_model("llama")
+    plant_super_weight(model, 1, 7, 13)  # a massive activation, as in real models
+    half = copy.deepcopy(model).to(getattr(torch, dtype))
+    tokenizer = build_word_tokenizer(PROMPT_WORDS)
+    options = dict(data_dir=str(DATA_DIR), limit=1, max_length=64)
+    with single_threaded():
+        reference = evaluate(model, tokenizer, ["wikitext"], **options)["results"]["wikitext"]["word_perplexity"]
+        got = evaluate(half, tokenizer, ["wikitext"], **options)
+    assert got["config"]["model_dtype"] == dtype
+    assert got["results"]["wikitext"]["word_perplexity"] == pytest.approx(reference, rel=HALF_PRECISION_RTOL[dtype])

@@ -30,6 +30,7 @@ from .arch import Adapter, adapter_for, decoder_layers, down_proj_matrix, down_p
 from .coords import SuperWeight
 from .errors import CoordinatesError, UsageError
 from .files import atomic_directory, refuse_inside
+from .placement import release
 
 MODES = ("zero", "scale")
 CONTROLS = ("random", "outliers")
@@ -91,7 +92,7 @@ def validate_coords(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
                 )
         key = (w.layer, w.expert)
         if key not in shapes:
-            shapes[key] = tuple(down_proj_matrix(model, w.layer, w.expert, adapter).shape)
+            shapes[key] = tuple(down_proj_matrix(model, w.layer, w.expert, adapter, writable=False).shape)
         out_features, in_features = shapes[key]
         if w.row >= out_features:
             raise CoordinatesError(
@@ -117,18 +118,23 @@ def _unique(weights: Sequence[SuperWeight]) -> list[SuperWeight]:
 
 
 class _Matrices:
-    """Cache of [out, in] views of the down projections, keyed by (layer, expert)."""
+    """Cache of [out, in] views of the down projections, keyed by (layer, expert).
 
-    def __init__(self, model: nn.Module):
+    Only `writable` views may be written (an offloaded matrix is otherwise a copy, see placement.py).
+    """
+
+    def __init__(self, model: nn.Module, writable: bool = False):
         self.model = model
         self.adapter = adapter_for(model)
+        self.writable = writable
         self._cache: dict[tuple[int, int | None], torch.Tensor] = {}
 
     def __call__(self, w: SuperWeight) -> torch.Tensor:
         key = (w.layer, w.expert)
         if key not in self._cache:
             # detached: a view of the same storage, so writes reach the weight without autograd
-            self._cache[key] = down_proj_matrix(self.model, w.layer, w.expert, self.adapter).detach()
+            self._cache[key] = down_proj_matrix(self.model, w.layer, w.expert, self.adapter,
+                                                writable=self.writable).detach()
         return self._cache[key]
 
 
@@ -218,7 +224,7 @@ def apply(
         raise UsageError(f"unknown control '{control}'; use one of {', '.join(CONTROLS)}")
     weights = _unique(weights)
     validate_coords(model, weights)
-    matrices = _Matrices(model)
+    matrices = _Matrices(model, writable=True)
     original: list[torch.Tensor] = []
     new: list[torch.Tensor] = []
     with torch.no_grad():
@@ -236,10 +242,14 @@ def apply(
 
 def undo(model: nn.Module, record: AblationRecord) -> None:
     """Write the original values back, bit-exactly."""
-    matrices = _Matrices(model)
+    matrices = _Matrices(model, writable=True)
     with torch.no_grad():
         for w, value in reversed(list(zip(record.weights, record.original))):
             matrices(w)[w.row, w.col] = value
+    # A disk-offloaded matrix was held in memory while edited; unchanged again, it can go back.
+    adapter = adapter_for(model)
+    for layer in sorted({w.layer for w in record.weights}):
+        release(down_proj_module(model, layer, adapter), adapter.weight_name)
 
 
 @contextmanager
@@ -293,7 +303,7 @@ def _all_matrices(model: nn.Module, adapter: Adapter) -> Iterator[tuple[int, int
     n_experts = num_experts(model, adapter)
     for layer in range(len(decoder_layers(model, adapter))):
         for expert in range(n_experts) if n_experts is not None else (None,):
-            yield layer, expert, down_proj_matrix(model, layer, expert, adapter)
+            yield layer, expert, down_proj_matrix(model, layer, expert, adapter, writable=False)
 
 
 def outlier_control(model: nn.Module, weights: Sequence[SuperWeight], top: int) -> list[SuperWeight]:
@@ -421,8 +431,8 @@ def restored_activation(
                 ablated_row = output[..., entry.row]
                 original = ablated_row.float()
                 for col, delta in zip(entry.cols, entry.deltas):
-                    if delta:
-                        original = original + x[..., col].float() * delta
+                    if delta:  # x is the input as the caller passed it, before accelerate moved it
+                        original = original + x[..., col].to(original.device).float() * delta
                 spikes = original.abs() >= entry.threshold
                 output[..., entry.row] = torch.where(spikes, original.to(output.dtype), ablated_row)
             return output

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedArchitectureError
+from .placement import stored_tensor
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,17 @@ def num_experts(model: nn.Module, adapter: Adapter | None = None) -> int | None:
 
 
 def down_proj_matrix(
-    model: nn.Module, layer: int, expert: int | None = None, adapter: Adapter | None = None
+    model: nn.Module, layer: int, expert: int | None = None, adapter: Adapter | None = None,
+    *, writable: bool = True,
 ) -> torch.Tensor:
     """The down projection of `layer` (and `expert`) as an [out, in] view of the real tensor.
 
-    Writing into the returned view writes the model's weight.
+    Writing into the returned view writes the model's weight, also where accelerate offloaded the
+    layer (see placement.py: an edited disk-offloaded matrix then stays in memory). Readers that
+    scan many layers pass `writable=False` so that offloaded matrices are only read.
     """
     adapter = adapter or adapter_for(model)
-    weight = getattr(down_proj_module(model, layer, adapter), adapter.weight_name)
+    weight = stored_tensor(down_proj_module(model, layer, adapter), adapter.weight_name, writable=writable)
     if adapter.experts:
         if expert is None:
             raise UnsupportedArchitectureError(

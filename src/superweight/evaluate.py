@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .placement import execution_device
 from .tasks import TASKS, LoadedTask, Prompt, load_task, resolve_task_names
 
 Progress = Callable[[str, int, int], None]
@@ -163,12 +164,13 @@ class Scorer:
 
     def __init__(self, model, batch_size: int | str = "auto"):
         self.model = model
-        self.device = model.get_input_embeddings().weight.device
+        self.device = execution_device(model.get_input_embeddings())  # not its weight's: meta if offloaded
         self.batch_size = batch_size
         on_cpu = self.device.type == "cpu"
         self.token_budget = CPU_TOKENS_PER_BATCH if on_cpu else CUDA_TOKENS_PER_BATCH
         self.base = model.base_model if model.base_model is not model else None
         self.head = model.get_output_embeddings()
+        self.head_device = execution_device(self.head) if self.head is not None else self.device
         self.split_head = False
         self.share_prefix = False
         self._checked = False
@@ -207,7 +209,7 @@ class Scorer:
         return out.logits, getattr(out, "past_key_values", None)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden.to(self.head.weight.device))
+        return self.head(hidden.to(self.head_device))
 
     def score(self, requests: list[Request], groups: list[Group], on_batch: Callable[[int], None] | None = None) -> list[Scored]:
         if not self._checked and requests:
@@ -225,10 +227,15 @@ class Scorer:
                 with torch.inference_mode():
                     scored = self._score_batch(requests, batch)
             except torch.OutOfMemoryError:
-                if self.batch_size != "auto" or (len(batch) == 1 and self.token_budget <= 1):
-                    raise
-                self.token_budget //= 2
                 _free_accelerator_memory()
+                if self.batch_size != "auto":
+                    raise UsageError(f"out of memory at batch size {self.batch_size}; lower --batch-size "
+                                     "or use --batch-size auto") from None
+                if len(batch) == 1:  # nothing smaller to try: retrying the same batch cannot fit
+                    tokens = max(requests[i].n_inputs for i in batch[0].requests)
+                    raise UsageError(f"out of memory even on one document's requests alone ({tokens} tokens); lower "
+                                     "--max-length, or spread the model with --device-map / --max-memory") from None
+                self.token_budget //= 2  # kept for the batches after this one
                 continue
             for group in batch:
                 for i in group.requests:

@@ -13,7 +13,10 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,8 +24,8 @@ from typing import Any, Callable
 import yaml
 
 from .arch import adapter_for_type
-from .errors import ModelLoadError, UsageError
-from .files import atomic_directory
+from .errors import ModelLoadError, OutputPathError, UsageError
+from .files import atomic_directory, refuse_inside
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 Progress = Callable[[str], None]
@@ -190,7 +193,36 @@ def parse_device_map(text: str | None) -> str | dict | None:
             f"bad --device-map '{text}': use {', '.join(DEVICE_MAP_STRATEGIES)}, or a JSON object such as "
             "'{\"model.embed_tokens\": 0, \"model.layers\": 0, \"lm_head\": \"cpu\"}' (or a .json file with one)"
         )
+    for module, device in mapping.items():
+        if _map_gpu(device) is None and device not in ("cpu", "disk", "mps"):
+            raise UsageError(
+                f"bad --device-map device {json.dumps(device)} for '{module}': use a GPU index (0, 1, ...), "
+                "cuda:N, mps, cpu or disk"
+            )
     return mapping
+
+
+def _map_gpu(device: Any) -> int | None:
+    """The CUDA index a device-map value names (0, "cuda", "cuda:1"), else None."""
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return device
+    match = re.fullmatch(r"cuda(?::(\d+))?", device) if isinstance(device, str) else None
+    return int(match.group(1) or 0) if match else None
+
+
+def _check_map_devices(device_map: dict) -> None:
+    """Fail before loading when a device map names a GPU this machine lacks."""
+    import torch
+
+    for module, device in device_map.items():
+        gpu = _map_gpu(device)
+        if gpu is not None and gpu >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device-map puts '{module}' on CUDA device {gpu}, but this machine has "
+                f"{torch.cuda.device_count()}; use existing devices, cpu or disk"
+            )
+        if device == "mps":
+            resolve_device("mps")
 
 
 def parse_max_memory(text: str | None) -> dict | None:
@@ -297,6 +329,21 @@ def _load_gguf_into_cache(source: ModelSource, dtype: str, cache_dir: str | None
     return target, False
 
 
+def _fresh_offload_folder(cache_dir: str | None, source: ModelSource) -> Path:
+    """A new folder of this load's own for accelerate's disk offload: never shared with another
+    process or load (accelerate writes an index.json there), never inside the model's directory."""
+    parent = cache_root(cache_dir) / "offload"
+    try:
+        refuse_inside(parent, source.protected_dirs)
+    except OutputPathError:
+        raise OutputPathError(
+            f"the disk-offload folder {parent} would be inside the model's directory or the hub cache; "
+            "point SUPERWEIGHT_CACHE (or --cache-dir) elsewhere"
+        ) from None
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -334,17 +381,33 @@ def load_model(
     placement: dict[str, Any] = {}
     if max_memory and not device_map:
         device_map = "auto"  # a memory budget only means something to accelerate's placement
+    offload_folder = None
+    if isinstance(device_map, dict):
+        _check_map_devices(device_map)
     if device_map:
         placement["device_map"] = device_map
         if max_memory:
             placement["max_memory"] = max_memory
-            placement["offload_folder"] = str(cache_root(cache_dir) / "offload")
+        # Any placement may send weights to "disk" ("auto" too, when they do not fit).
+        offload_folder = _fresh_offload_folder(cache_dir, source)
+        placement["offload_folder"] = str(offload_folder)
     progress(f"loading weights of {source.spec}")
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **hub_kwargs, **placement)
         tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
-    except (OSError, ValueError) as e:
-        raise _from_pretrained_errors(source, e) from None
+    except BaseException as e:
+        if offload_folder is not None:
+            shutil.rmtree(offload_folder, ignore_errors=True)  # a failed load leaves nothing behind
+        if isinstance(e, (OSError, ValueError)):
+            raise _from_pretrained_errors(source, e) from None
+        raise
+    if offload_folder is not None:
+        if any(offload_folder.iterdir()):
+            # Offloaded weights are read from there at every forward pass: it lives as long as the
+            # model (finalize also runs at interpreter exit).
+            weakref.finalize(model, shutil.rmtree, offload_folder, ignore_errors=True)
+        else:
+            offload_folder.rmdir()  # nothing written (a safetensors checkpoint is read in place)
     if not device_map:
         model.to(resolve_device(device))
     model.eval()

@@ -281,6 +281,10 @@ def weight_targets(model: nn.Module, super_weights: Sequence[SuperWeight] = ()) 
             for param_name, param in module.named_parameters(recurse=False):
                 if param.dim() < 2 or id(param) in seen:
                     continue
+                if param.is_meta:  # accelerate offloaded it: rewriting every matrix needs them in memory
+                    raise UsageError("sw quantize rewrites every weight matrix, so it needs the whole model in "
+                                     "memory: drop --device-map/--max-memory (or give --max-memory enough to "
+                                     "hold it without offload)")
                 seen.add(id(param))
                 name = ".".join(p for p in (adapter.layers, str(i), module_name, param_name) if p)
                 targets.append(_Target(name, param, transposed, by_param.get(id(param), {})))

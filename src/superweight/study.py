@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from . import ablate
-from .arch import adapter_for, decoder_layers, down_proj_matrix, num_experts
+from .arch import adapter_for, decoder_layers, down_proj_module
 from .coords import SuperWeight
 from .errors import UsageError
 from .experiments import Configuration, SummaryTable, run_configurations
 from .files import atomic_directory
 from .hooks import LayerStats, capture_layer_stats
+from .placement import execution_device
 from .report import pyplot, save_figure
 from .tasks import load_task, resolve_task_names, wikitext_detokenize
 
@@ -80,12 +81,10 @@ def scale_sweep_configurations(super_weights: Sequence[SuperWeight], factors: Se
 
 def down_proj_elements(model: nn.Module) -> int:
     adapter = adapter_for(model)
-    experts = num_experts(model, adapter)
-    total = 0
-    for layer in range(len(decoder_layers(model, adapter))):
-        for expert in range(experts) if experts is not None else (None,):
-            total += down_proj_matrix(model, layer, expert, adapter).numel()
-    return total
+    # The modules' own parameters (all experts of a fused block in one): their shapes hold on the
+    # meta device too, so an offloaded model has nothing read from disk for a count.
+    return sum(getattr(down_proj_module(model, layer, adapter), adapter.weight_name).numel()
+               for layer in range(len(decoder_layers(model, adapter))))
 
 
 def default_outlier_count(model: nn.Module) -> int:
@@ -278,7 +277,7 @@ def stop_word_shift(model, tokenizer, texts: Sequence[str], super_weights: Seque
                     stop_words: Sequence[str] | None = None, *, max_tokens: int = 512,
                     top_k: int = 10) -> StopWordShift:
     """Compare the mean next-token distribution of the original and the super-weight-zeroed model."""
-    device = model.get_input_embeddings().weight.device
+    device = execution_device(model.get_input_embeddings())
     batches = []
     for text in texts:
         ids = list(tokenizer(text).input_ids)[:max_tokens]
@@ -323,7 +322,7 @@ class ActivationProfile:
 
 
 def activation_profile(model, input_ids: torch.Tensor, super_weights: Sequence[SuperWeight]) -> ActivationProfile:
-    device = model.get_input_embeddings().weight.device
+    device = execution_device(model.get_input_embeddings())
     input_ids = input_ids.to(device)
 
     def measure() -> list[LayerStats]:
