@@ -1,4 +1,5 @@
-"""Benchmark detection on SmolLM2-135M: hook overhead, hook memory vs length, load time.
+"""Benchmark detection on SmolLM2-135M: hook overhead, hook memory vs length, load time, and
+layer streaming (`sw detect --stream`) against a full load: peak memory and time.
 
 Prints ratios measured in this one run. Usage:
     .venv/bin/python scripts/bench_detect.py [--repeats 5]
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -18,6 +22,7 @@ import torch
 from superweight.detect import DEFAULT_PROMPT, detect, encode_prompt
 from superweight.hooks import capture_layer_stats
 from superweight.model import load_model
+from superweight.stream import detect_streamed, open_checkpoint
 
 
 def peak_rss_reset() -> None:
@@ -67,10 +72,60 @@ def peak_added_mib(model, input_ids, hooked: bool, repeats: int = 3) -> float:
     return min(samples)
 
 
+def detect_once(mode: str, directory: str) -> dict:
+    """In a fresh process: load + detect (`full`) or streamed detect (`stream`) of a safetensors dir.
+
+    Peak RSS (VmHWM) is of the whole process, imports included; `imports_kib` is what the process
+    held before touching the model, so both the whole peak and the part above it can be compared.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401  (both use them)
+
+    imports_kib = rss_kib("VmHWM")
+    started = time.perf_counter()
+    if mode == "full":
+        loaded = load_model(directory, device="cpu")
+        result = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT))
+    else:
+        checkpoint = open_checkpoint(directory)
+        result = detect_streamed(checkpoint, encode_prompt(checkpoint.tokenizer, DEFAULT_PROMPT), device="cpu")
+    return {"seconds": time.perf_counter() - started, "peak_kib": rss_kib("VmHWM"), "imports_kib": imports_kib,
+            "found": [w.label() for w in result.super_weights]}
+
+
+def compare_streamed(directory: str, repeats: int) -> None:
+    """Streamed vs full detection, each run in its own process so VmHWM starts clean; interleaved."""
+    runs: dict[str, list[dict]] = {"full": [], "stream": []}
+    for _ in range(repeats):
+        for mode in runs:
+            child = subprocess.run([sys.executable, __file__, "--child", mode, directory],
+                                   capture_output=True, text=True, check=True)
+            runs[mode].append(json.loads(child.stdout.strip().splitlines()[-1]))
+
+    def summary(mode: str) -> dict:  # min memory (allocator noise only adds), median time
+        return {"peak_kib": min(r["peak_kib"] for r in runs[mode]),
+                "imports_kib": min(r["imports_kib"] for r in runs[mode]),
+                "seconds": statistics.median(r["seconds"] for r in runs[mode]), "found": runs[mode][0]["found"]}
+
+    full, stream = summary("full"), summary("stream")
+    assert stream["found"] == full["found"], (stream["found"], full["found"])
+    above = {name: (run["peak_kib"] - run["imports_kib"]) / 1024 for name, run in (("full", full), ("stream", stream))}
+    print(f"streamed vs full load + detect ({repeats} fresh processes each, found {stream['found']} in both):")
+    print(f"  peak RSS: full {full['peak_kib'] / 1024:.0f} MiB, streamed {stream['peak_kib'] / 1024:.0f} MiB, "
+          f"ratio {stream['peak_kib'] / full['peak_kib']:.3f} (goal <= 0.25)")
+    print(f"  peak RSS above the imports: full {above['full']:.0f} MiB, streamed {above['stream']:.0f} MiB, "
+          f"ratio {above['stream'] / above['full']:.3f}")
+    print(f"  time (load + detect, median): full {full['seconds']:.2f} s, streamed {stream['seconds']:.2f} s, "
+          f"ratio {stream['seconds'] / full['seconds']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(detect_once(*args.child)))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
 
     with tempfile.TemporaryDirectory() as cache:
@@ -80,9 +135,10 @@ def main() -> None:
         del first
         gc.collect()
         loaded = load_model("smollm2-135m", device="cpu")
-    print(f"load: first (GGUF dequantize + cache write) {first_seconds:.2f} s; "
-          f"second (safetensors cache) {loaded.load_seconds:.2f} s; "
-          f"speed-up {first_seconds / loaded.load_seconds:.1f}x (goal >= 5x)")
+        print(f"load: first (GGUF dequantize + cache write) {first_seconds:.2f} s; "
+              f"second (safetensors cache) {loaded.load_seconds:.2f} s; "
+              f"speed-up {first_seconds / loaded.load_seconds:.1f}x (goal >= 5x)")
+        compare_streamed(loaded.model.name_or_path, args.repeats)
 
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt_ids = encode_prompt(tokenizer, DEFAULT_PROMPT)

@@ -144,6 +144,8 @@ def detect(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coordinates file (.yaml or .json). "
                                                                  "Default: ./<model>.superweights.yaml"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer activation plot (PNG)."),
+    stream: bool = typer.Option(False, "--stream", help="Read a safetensors checkpoint one decoder layer at a "
+                                                        "time (memory: embeddings + one layer) instead of loading it."),
     as_json: bool = JSON,
     revision: Optional[str] = REVISION,
     gguf_file: Optional[str] = GGUF_FILE,
@@ -165,6 +167,8 @@ def detect(
       sw detect mistral-7b --dtype float16 --plot act.png
 
       sw detect ./my-model --out coords.json --json
+
+      sw detect mistral-7b --stream --dtype float16   # one decoder layer in memory at a time
     """
     session = Session(quiet, debug)
 
@@ -182,6 +186,8 @@ def detect(
             raise UsageError(f"--iterations must be at least 1, got {n}")
         if not text.strip():
             raise UsageError("--prompt is empty; give a non-empty prompt (default: the paper's sentence)")
+        if stream and (device_map or max_memory):
+            raise UsageError("--stream puts one layer at a time on --device; drop --device-map/--max-memory")
         defaults = SpikeRule()
         rule = SpikeRule(min_spike=defaults.min_spike if min_spike is None else min_spike,
                          median_ratio=defaults.median_ratio if median_ratio is None else median_ratio)
@@ -191,22 +197,31 @@ def detect(
             refuse_inside(path, source.protected_dirs)
             check_writable(path)
         with session.status(f"loading {source.spec}") as update:
-            loaded = load_model(model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
-                                device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
-                                trust_remote_code=trust_remote_code, cache_dir=cache_dir,
-                                progress=update)
-            update(f"detecting: {n} iteration(s) at most")
+            if stream:  # no weights loaded here: config and tokenizer only
+                from .stream import detect_streamed, open_checkpoint
+                loaded = open_checkpoint(model, revision=revision, gguf_file=gguf_file, dtype=dtype,
+                                         cache_dir=cache_dir, trust_remote_code=trust_remote_code, progress=update)
+            else:
+                loaded = load_model(model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
+                                    device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
+                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir,
+                                    progress=update)
+            update(f"detecting: {n} iteration(s) at most" + (", one layer at a time" if stream else ""))
             input_ids = encode_prompt(loaded.tokenizer, text)
-            detection = run_detect(loaded.model, input_ids, iterations=n, rule=rule, prompt=text)
-        session.say(f"loaded {source.spec} ({loaded.dtype}) in {loaded.load_seconds:.1f} s"
-                    + (" from the GGUF cache" if loaded.from_cache else ""))
+            if stream:
+                detection = detect_streamed(loaded, input_ids, device=device, iterations=n, rule=rule, prompt=text)
+            else:
+                detection = run_detect(loaded.model, input_ids, iterations=n, rule=rule, prompt=text)
+        session.say(f"{'opened' if stream else 'loaded'} {source.spec} ({loaded.dtype}) in "
+                    f"{loaded.load_seconds:.1f} s" + (" from the GGUF cache" if loaded.from_cache else ""))
+        config = loaded.config if stream else loaded.model.config
         model_info = {"spec": source.spec, "location": source.location, "kind": source.kind,
-                      "model_type": loaded.model.config.model_type, "dtype": loaded.dtype}
+                      "model_type": config.model_type, "dtype": loaded.dtype}
         known = check_known(detection.super_weights, source.known_key, source.location)
-        from .arch import adapter_for
-        adapter = adapter_for(loaded.model)
+        from .arch import adapter_for_type
+        adapter = adapter_for_type(config.model_type)
         write_coords(coords_path, detection.super_weights, model=source.spec,
-                     model_type=loaded.model.config.model_type,
+                     model_type=config.model_type,
                      tensor=f"{adapter.layers}.{{layer}}.{adapter.down_proj}.{adapter.weight_name}",
                      layout="[expert, row, col]" if adapter.experts else
                      ("[col, row] (Conv1D)" if adapter.transposed else "[row, col]"),

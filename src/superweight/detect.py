@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from .arch import Adapter, adapter_for, down_proj_matrix
 from .coords import SuperWeight
 from .errors import UsageError
 from .hooks import LayerStats, capture_layer_stats
+from .placement import execution_device
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 DEFAULT_ITERATIONS = 5
@@ -67,13 +69,13 @@ class Detection:
     rule: SpikeRule = field(default_factory=SpikeRule)
 
 
-def _forward(model: nn.Module, input_ids: torch.Tensor) -> None:
+def forward_pass(model: nn.Module, input_ids: torch.Tensor) -> None:
     with torch.inference_mode():
         model(input_ids=input_ids, use_cache=False)
 
 
 def input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return execution_device(model.get_input_embeddings())
 
 
 def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
@@ -95,47 +97,74 @@ def detect(
     on_iteration=None,
 ) -> Detection:
     """Find super weights of `model` from forward passes on `input_ids` ([1, seq])."""
-    if iterations < 1:
-        raise UsageError(f"--iterations must be at least 1, got {iterations}")
-    rule = rule or SpikeRule()
     adapter: Adapter = adapter_for(model)
     input_ids = input_ids.to(input_device(model))
-    result = Detection(super_weights=[], rule=rule, prompt=prompt, num_tokens=int(input_ids.shape[-1]))
-    found: dict[tuple, SuperWeight] = {}
     originals: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
-    cancelling: set[int] = set()
+
+    def one_pass() -> list[LayerStats]:
+        with capture_layer_stats(model, adapter) as stats:
+            forward_pass(model, input_ids)
+        return stats
+
+    def zero(weight: SuperWeight) -> None:
+        matrix = down_proj_matrix(model, weight.layer, weight.expert, adapter)
+        with torch.no_grad():
+            originals.append((matrix, weight.row, weight.col, matrix[weight.row, weight.col].clone()))
+            matrix[weight.row, weight.col] = 0
+
     try:
-        for iteration in range(iterations):
-            with capture_layer_stats(model, adapter) as stats:
-                _forward(model, input_ids)
-            result.iterations.append(stats)
-            spiking = rule.standing_out(stats)
-            cancelling |= {s.layer for s in spiking if rule.is_cancelling(s)}
-            candidates = [s for s in spiking if s.layer not in cancelling]
-            result.candidate_layers.append([s.layer for s in candidates])
-            new = []
-            for s in candidates:
-                weight = SuperWeight(
-                    layer=s.layer, row=s.row, col=s.col, expert=s.expert, value=s.col_weight,
-                    input_activation=s.col_input, output_spike=s.spike, token=s.spike_token,
-                    iteration=iteration,
-                )
-                if weight.key not in found:
-                    new.append(weight)
-            if on_iteration:
-                on_iteration(iteration, new)
-            if not new:
-                break
-            for weight in new:
-                found[weight.key] = weight
-                matrix = down_proj_matrix(model, weight.layer, weight.expert, adapter)
-                with torch.no_grad():
-                    originals.append((matrix, weight.row, weight.col, matrix[weight.row, weight.col].clone()))
-                    matrix[weight.row, weight.col] = 0
+        return iterate(one_pass, zero, iterations=iterations, rule=rule, prompt=prompt,
+                       num_tokens=int(input_ids.shape[-1]), on_iteration=on_iteration)
     finally:
         with torch.no_grad():
             for matrix, row, col, value in reversed(originals):
                 matrix[row, col] = value
+
+
+def iterate(
+    one_pass: Callable[[], list[LayerStats]],
+    zero: Callable[[SuperWeight], None],
+    *,
+    iterations: int = DEFAULT_ITERATIONS,
+    rule: SpikeRule | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    num_tokens: int = 0,
+    on_iteration=None,
+) -> Detection:
+    """The iteration of the module docstring, whatever runs the passes.
+
+    `one_pass` runs one forward pass and returns its per-layer stats; `zero(weight)` makes the next
+    passes see that weight as zero (in a loaded model, or in weights streamed from disk).
+    """
+    if iterations < 1:
+        raise UsageError(f"--iterations must be at least 1, got {iterations}")
+    rule = rule or SpikeRule()
+    result = Detection(super_weights=[], rule=rule, prompt=prompt, num_tokens=num_tokens)
+    found: dict[tuple, SuperWeight] = {}
+    cancelling: set[int] = set()
+    for iteration in range(iterations):
+        stats = one_pass()
+        result.iterations.append(stats)
+        spiking = rule.standing_out(stats)
+        cancelling |= {s.layer for s in spiking if rule.is_cancelling(s)}
+        candidates = [s for s in spiking if s.layer not in cancelling]
+        result.candidate_layers.append([s.layer for s in candidates])
+        new = []
+        for s in candidates:
+            weight = SuperWeight(
+                layer=s.layer, row=s.row, col=s.col, expert=s.expert, value=s.col_weight,
+                input_activation=s.col_input, output_spike=s.spike, token=s.spike_token,
+                iteration=iteration,
+            )
+            if weight.key not in found:
+                new.append(weight)
+        if on_iteration:
+            on_iteration(iteration, new)
+        if not new:
+            break
+        for weight in new:
+            found[weight.key] = weight
+            zero(weight)
     result.super_weights = list(found.values())
     result.cancelling_layers = sorted(cancelling)
     return result

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from .arch import Adapter, adapter_for, decoder_layers, down_proj_matrix
+from .placement import stored_tensor
 
 
 @dataclass
@@ -69,10 +70,13 @@ def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
 class _DenseProbe:
     """Hooks of one dense layer: down_proj (input, raw output) and, if any, its post norm."""
 
-    def __init__(self, stats: LayerStats, weight: torch.Tensor, output_is_residual_write: bool = True):
+    def __init__(self, stats: LayerStats, weight: Callable[[], torch.Tensor] | None,
+                 output_is_residual_write: bool = True):
         self.stats = stats
         self.output_is_residual_write = output_is_residual_write
-        self.weight = weight  # [out, in] view
+        # Looked up when the spike is located, not when the hook is registered: a streamed layer's
+        # weights are only materialised while it runs (see stream.py).
+        self.weight = weight  # -> [out, in] view
         self.down_input: torch.Tensor | None = None  # held only until the residual write is seen
         self.residual_in: torch.Tensor | None = None
 
@@ -99,10 +103,11 @@ class _DenseProbe:
         s.spike_token, s.row = token, row
         s.spike = float(write[s.spike_token, s.row])
         x_t = self.down_input[s.spike_token]
-        contribution = x_t.to(self.weight.device, self.weight.dtype) * self.weight[s.row]
+        weight = self.weight()
+        contribution = x_t.to(weight.device, weight.dtype) * weight[s.row]
         s.col = int(contribution.abs().argmax())
         s.col_input = float(x_t[s.col])
-        s.col_weight = float(self.weight[s.row, s.col])
+        s.col_weight = float(weight[s.row, s.col])
         if self.residual_in is not None:
             s.residual_before = float(self.residual_in[s.spike_token, s.row])
         self.down_input = None
@@ -128,12 +133,16 @@ class _ExpertsProbe(_DenseProbe):
         s.spike_token, s.row = s.output_token, s.output_channel
         s.spike = float(y[s.spike_token, s.row])
         hidden_t = hidden[s.spike_token]
+        # Offloaded experts are back on the meta device once their forward returns: read the store.
+        gate_up_proj = stored_tensor(module, "gate_up_proj", writable=False)
+        down_proj = stored_tensor(module, "down_proj", writable=False)
+        hidden_t = hidden_t.to(down_proj.device)
         best = None
         for slot, expert in enumerate(top_k_index[s.spike_token].tolist()):
-            gate, up = nn.functional.linear(hidden_t, module.gate_up_proj[expert]).chunk(2, dim=-1)
+            gate, up = nn.functional.linear(hidden_t, gate_up_proj[expert]).chunk(2, dim=-1)
             x_e = module.act_fn(gate) * up
-            route = top_k_weights[s.spike_token, slot]
-            contribution = (route * x_e * module.down_proj[expert][s.row]).abs()
+            route = top_k_weights[s.spike_token, slot].to(down_proj.device)
+            contribution = (route * x_e * down_proj[expert][s.row]).abs()
             col = int(contribution.argmax())
             input_max = float(x_e.abs().max())
             if input_max > s.input_max:
@@ -142,7 +151,7 @@ class _ExpertsProbe(_DenseProbe):
             if best is None or contribution[col] > best[0]:
                 best = (contribution[col], expert, col, float(x_e[col]))
         _, s.expert, s.col, s.col_input = best
-        s.col_weight = float(module.down_proj[s.expert][s.row, s.col])
+        s.col_weight = float(down_proj[s.expert][s.row, s.col])
         if self.residual_in is not None:
             s.residual_before = float(self.residual_in[s.spike_token, s.row])
         self.residual_in = None
@@ -161,7 +170,9 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None) -> Ite
             if adapter.experts:
                 probe: _DenseProbe = _ExpertsProbe(stats[i], down_proj)
             else:
-                probe = _DenseProbe(stats[i], down_proj_matrix(model, i, adapter=adapter).detach(),
+                # only read: a disk-offloaded matrix must not stay in memory (placement.py)
+                probe = _DenseProbe(stats[i],
+                                    lambda i=i: down_proj_matrix(model, i, adapter=adapter, writable=False).detach(),
                                     output_is_residual_write=adapter.post_norm is None)
             handles.append(layer.register_forward_pre_hook(probe.on_layer_input, with_kwargs=True))
             handles.append(down_proj.register_forward_hook(probe.on_down_proj))
@@ -169,6 +180,21 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None) -> Ite
                 writer = layer.get_submodule(adapter.post_norm)
                 handles.append(writer.register_forward_hook(probe.on_residual_write))
         yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def around_layers(layers: nn.ModuleList, before: Callable[[int], None], after: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, `before(i)` runs as decoder layer i starts and `after(i)` once it returns
+    (layer streaming materialises a layer's weights in one and frees them in the other)."""
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(lambda module, args, i=i: before(i)))
+            handles.append(layer.register_forward_hook(lambda module, args, output, i=i: after(i)))
+        yield
     finally:
         for handle in handles:
             handle.remove()
