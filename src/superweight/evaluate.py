@@ -35,6 +35,7 @@ Progress = Callable[[str, int, int], None]
 
 CPU_TOKENS_PER_BATCH = 4096  # on CPU throughput is flat beyond a few thousand tokens per forward
 CUDA_TOKENS_PER_BATCH = 65536  # first try on accelerators; halved on out-of-memory
+MAX_PADDING_RATIO = 1.25  # auto batches end where padded tokens would exceed 1.25x the real ones
 HEAD_CHUNK_ELEMENTS = 1 << 27  # positions x vocab per log-softmax chunk (512 MiB in float32)
 BOOTSTRAP_RESAMPLES = 1000  # perplexity stderr (lm-eval also bootstraps perplexity)
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
@@ -258,19 +259,27 @@ class Scorer:
         batch: list[Group] = []
         rows = 0
         longest = 0
+        inputs = 0  # tokens of every row, before prefix sharing and padding
+        shared = None
         for group in groups[start:]:
-            shared = min([group.shared] + [g.shared for g in batch])
+            shared = group.shared if shared is None else min(shared, group.shared)
             longest = max([longest] + [requests[i].n_inputs for i in group.requests])
             n_rows = rows + len(group.requests)
+            n_inputs = inputs + sum(requests[i].n_inputs for i in group.requests)
             if batch:
                 if self.batch_size == "auto":
-                    too_big = (n_rows * (longest - shared) + (len(batch) + 1) * shared) > self.token_budget
+                    # Rows are padded to the batch's longest: stop before padding outgrows the
+                    # tokens that matter, as well as at the token budget.
+                    padded = n_rows * (longest - shared)
+                    useful = n_inputs - n_rows * shared
+                    too_big = (padded + (len(batch) + 1) * shared > self.token_budget
+                               or padded > MAX_PADDING_RATIO * useful)
                 else:
                     too_big = n_rows > int(self.batch_size)
                 if too_big:
                     break
             batch.append(group)
-            rows = n_rows
+            rows, inputs = n_rows, n_inputs
         return batch
 
     def _score_batch(self, requests: list[Request], batch: list[Group]) -> dict[int, Scored]:
