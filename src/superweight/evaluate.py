@@ -263,27 +263,28 @@ class Scorer:
         batch: list[Group] = []
         rows = 0
         longest = 0
-        inputs = 0  # tokens of every row, before prefix sharing and padding
+        ideal = 0  # tokens this batch's rows need with each group's own prefix run once, no padding
         shared = None
         for group in groups[start:]:
             shared = group.shared if shared is None else min(shared, group.shared)
             longest = max([longest] + [requests[i].n_inputs for i in group.requests])
             n_rows = rows + len(group.requests)
-            n_inputs = inputs + sum(requests[i].n_inputs for i in group.requests)
+            n_ideal = (ideal + sum(requests[i].n_inputs for i in group.requests)
+                       - (len(group.requests) - 1) * group.shared)
             if batch:
                 if self.batch_size == "auto":
-                    # Rows are padded to the batch's longest: stop before padding outgrows the
-                    # tokens that matter, as well as at the token budget.
-                    padded = n_rows * (longest - shared)
-                    useful = n_inputs - n_rows * shared
-                    too_big = (padded + (len(batch) + 1) * shared > self.token_budget
-                               or (self.padding_cap is not None and padded > self.padding_cap * useful))
+                    # What the batch computes: rows padded to the longest, one prefix per group,
+                    # and only the prefix all its groups share. Stop at the token budget, and
+                    # before padding and lost sharing outgrow the tokens that are needed.
+                    computed = n_rows * (longest - shared) + (len(batch) + 1) * shared
+                    too_big = (computed > self.token_budget
+                               or (self.padding_cap is not None and computed > self.padding_cap * n_ideal))
                 else:
                     too_big = n_rows > int(self.batch_size)
                 if too_big:
                     break
             batch.append(group)
-            rows, inputs = n_rows, n_inputs
+            rows, ideal = n_rows, n_ideal
         return batch
 
     def _score_batch(self, requests: list[Request], batch: list[Group]) -> dict[int, Scored]:
