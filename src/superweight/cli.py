@@ -255,14 +255,57 @@ TOP = typer.Option(None, "--top", help="With --control outliers: how many weight
 SEED = typer.Option(0, "--seed", help="Seed for the random control and bootstrap errors.")
 
 
-def _load_with_status(session: Session, source_spec: Optional[str], **load_options):
-    from .model import load_model
+def _load_with_status(session: Session, source_spec: Optional[str], *, device_map: Optional[str],
+                      max_memory: Optional[str], **load_options):
+    from .model import load_model, parse_device_map, parse_max_memory
 
+    placement = dict(device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory))
     with session.status(f"loading {source_spec or 'default model'}") as update:
-        loaded = load_model(source_spec, progress=update, **load_options)
+        loaded = load_model(source_spec, progress=update, **placement, **load_options)
     session.say(f"loaded {loaded.source.spec} ({loaded.dtype}) in {loaded.load_seconds:.1f} s"
                 + (" from the GGUF cache" if loaded.from_cache else ""))
     return loaded
+
+
+def _check_limit(limit: Optional[int]) -> None:
+    from .errors import UsageError
+
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--limit must be a positive number of documents, got {limit}")
+
+
+def _batch_size(text: str):
+    """--batch-size as the evaluator takes it: a positive int, or "auto"."""
+    from .errors import UsageError
+
+    if text == "auto":
+        return "auto"
+    if not (text.isdigit() and int(text) > 0):
+        raise UsageError(f"--batch-size must be a positive integer or auto, got '{text}'")
+    return int(text)
+
+
+def _tasks_with_data(task: list[str], data_dir: Optional[str], also: tuple[str, ...] = ()) -> list[str]:
+    """The task names; missing data (of these and of `also`) fails now, not after loading the model."""
+    from .tasks import load_task, resolve_task_names
+
+    names = resolve_task_names(task)
+    for name in dict.fromkeys([*names, *also]):
+        load_task(name, data_dir, limit=1)
+    return names
+
+
+def _check_outputs(source, files=(), directory: Optional[Path] = None, force: bool = False) -> None:
+    """Outputs are never inside the model's own files, are writable, and a non-empty output
+    directory is only replaced with --force."""
+    from .errors import UsageError
+    from .files import check_writable, refuse_inside
+
+    for path in filter(None, (*files, directory)):
+        refuse_inside(path, source.protected_dirs)
+        if path == directory and path.is_dir() and any(path.iterdir()) and not force:
+            raise UsageError(f"{path} exists and is not empty; choose another --out or pass --force to replace it")
+        check_writable(path)
 
 
 @app.command()
@@ -309,22 +352,17 @@ def ablate(
         from .coords import requested
         from .errors import UsageError
         from .experiments import control_weights, parse_factor
-        from .files import check_writable, refuse_inside
-        from .model import parse_device_map, parse_max_memory, resolve
+        from .model import resolve
 
         value = parse_factor(factor, mode)
         weights = requested(coords, coord)
         if not weights:
             raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
         source = resolve(model, revision=revision, gguf_file=gguf_file)
-        refuse_inside(out, source.protected_dirs)
-        if out.is_dir() and any(out.iterdir()) and not force:
-            raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
-        check_writable(out)
+        _check_outputs(source, directory=out, force=force)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
-                                trust_remote_code=trust_remote_code,
-                                   cache_dir=cache_dir)
+                                   device=device, device_map=device_map, max_memory=max_memory,
+                                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
         ablation.validate_coords(loaded.model, weights)
         targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
         record = ablation.apply(loaded.model, targets, mode=mode, factor=value, control=control,
@@ -396,29 +434,21 @@ def eval_(
         from .coords import requested
         from .errors import UsageError
         from .experiments import comparison_configurations, parse_factor, run_configurations, single_configuration, summary_table
-        from .files import atomic_write_text, check_writable, refuse_inside
-        from .model import parse_device_map, parse_max_memory, resolve
-        from .tasks import load_task, resolve_task_names
+        from .files import atomic_write_text
+        from .model import resolve
 
         value = parse_factor(factor, mode)
-        if limit is not None and limit <= 0:
-            raise UsageError(f"--limit must be a positive number of documents, got {limit}")
-        if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
-            raise UsageError(f"--batch-size must be a positive integer or auto, got '{batch_size}'")
-        names = resolve_task_names(task)
-        for name in names:  # missing data fails now, not after loading the model
-            load_task(name, data_dir, limit=1)
+        _check_limit(limit)
+        batch = _batch_size(batch_size)
+        names = _tasks_with_data(task, data_dir)
         weights = requested(coords, coord)
         if (compare or restore_activation or control) and not weights:
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
         source = resolve(model, revision=revision, gguf_file=gguf_file)
-        if output:
-            refuse_inside(output, source.protected_dirs)
-            check_writable(output)
+        _check_outputs(source, files=(output,))
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
-                                trust_remote_code=trust_remote_code,
-                                   cache_dir=cache_dir)
+                                   device=device, device_map=device_map, max_memory=max_memory,
+                                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
         if weights:
             ablation.validate_coords(loaded.model, weights)
         if compare:
@@ -430,8 +460,7 @@ def eval_(
         with _task_progress(session) as (on_start, on_progress):
             runs = run_configurations(
                 loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
-                limit=limit, batch_size=int(batch_size) if batch_size.isdigit() else "auto",
-                max_length=max_length, seed=seed, progress=on_progress)
+                limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress)
         document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
         document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
                              "dtype": loaded.dtype}
@@ -501,9 +530,7 @@ def quantize(
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
         from .errors import UsageError
-        from .files import check_writable, refuse_inside
-        from .model import parse_device_map, parse_max_memory, resolve
-        from .tasks import load_task, resolve_task_names
+        from .model import resolve
 
         sizes = None
         if block_size:
@@ -515,25 +542,16 @@ def quantize(
         rtn.check_bits(bits)
         rtn.check_bits(activation_bits, "activation")
         rtn.check_z(z)
-        if limit is not None and limit <= 0:
-            raise UsageError(f"--limit must be a positive number of documents, got {limit}")
-        names = resolve_task_names(task)
-        if not names:
-            raise UsageError("no task given; pass --task wikitext (or another task)")
-        for name in names:
-            load_task(name, data_dir, limit=1)
+        _check_limit(limit)
+        names = _tasks_with_data(task, data_dir)
         if out is not None and (not sizes or len(sizes) != 1):
             raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
         source = resolve(model, revision=revision, gguf_file=gguf_file)
-        for path in filter(None, (plot, out)):
-            refuse_inside(path, source.protected_dirs)
-            check_writable(path)
-        if out is not None and out.is_dir() and any(out.iterdir()) and not force:
-            raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+        _check_outputs(source, files=(plot,), directory=out, force=force)
         weights = requested(coords, coord)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=parse_device_map(device_map),
-                                   max_memory=parse_max_memory(max_memory), trust_remote_code=trust_remote_code,
+                                   device=device, device_map=device_map,
+                                   max_memory=max_memory, trust_remote_code=trust_remote_code,
                                    cache_dir=cache_dir)
         if not weights:
             weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
@@ -630,31 +648,22 @@ def study(
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
         from .errors import UsageError
         from .experiments import summary_table
-        from .files import check_writable, refuse_inside
-        from .model import cache_root, model_fingerprint, parse_device_map, parse_max_memory, resolve
-        from .tasks import load_task, resolve_task_names
+        from .model import cache_root, model_fingerprint, resolve
 
         started = time.perf_counter()
         factors = analysis.parse_grid(grid)
-        if limit is not None and limit <= 0:
-            raise UsageError(f"--limit must be a positive number of documents, got {limit}")
-        if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
-            raise UsageError(f"--batch-size must be a positive integer or auto, got '{batch_size}'")
+        _check_limit(limit)
+        batch = _batch_size(batch_size)
         if top is not None and top <= 0:
             raise UsageError(f"--top must be a positive number of weights, got {top}")
-        names = resolve_task_names(task)
-        for name in dict.fromkeys([*names, "wikitext"]):  # the stop-word shift reads wikitext
-            load_task(name, data_dir, limit=1)
+        names = _tasks_with_data(task, data_dir, also=("wikitext",))  # the stop-word shift reads wikitext
         words = analysis.load_stop_words(stop_words)
         source = resolve(model, revision=revision, gguf_file=gguf_file)
         out_dir = out or Path(f"{_slug(source.alias or source.spec)}-study")
-        refuse_inside(out_dir, source.protected_dirs)
-        if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-            raise UsageError(f"{out_dir} exists and is not empty; choose another --out or pass --force to replace it")
-        check_writable(out_dir)
+        _check_outputs(source, directory=out_dir, force=force)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=parse_device_map(device_map),
-                                   max_memory=parse_max_memory(max_memory), trust_remote_code=trust_remote_code,
+                                   device=device, device_map=device_map,
+                                   max_memory=max_memory, trust_remote_code=trust_remote_code,
                                    cache_dir=cache_dir)
         weights = requested(coords, coord)
         if weights:
@@ -669,7 +678,7 @@ def study(
             runs = analysis.run_cached(
                 cache, model_fingerprint(loaded), loaded.model, loaded.tokenizer, table_configurations + sweep, names,
                 on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limit,
-                batch_size=int(batch_size) if batch_size.isdigit() else "auto", max_length=max_length, seed=seed)
+                batch_size=batch, max_length=max_length, seed=seed)
         with session.status("stop-word shift and activation profile"):
             shift = analysis.stop_word_shift(loaded.model, loaded.tokenizer, analysis.wikitext_texts(data_dir),
                                              weights, words)
