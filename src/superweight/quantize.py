@@ -543,16 +543,19 @@ def weight_quantization_sweep(
             naive = _run_eval(model, tokenizer, tasks, evaluate_options)
         with quantized_weights(model, bits, size, weights, z) as record:
             aware = _run_eval(model, tokenizer, tasks, evaluate_options)
-        row = {
-            "bits": bits, "block_size": size, "z": z, "clipped": record.clipped,
-            "naive_perplexity": _perplexity({"results": naive}), "aware_perplexity": _perplexity({"results": aware}),
-            "naive": naive, "aware": aware,
-        }
-        if reference is not None:
-            row["baseline_perplexity"] = _perplexity({"results": reference})
-            row["baseline"] = reference
-        rows.append(row)
+        rows.append(_comparison_row(naive, aware, reference, bits=bits, block_size=size, z=z, clipped=record.clipped))
     return rows
+
+
+def _comparison_row(naive: dict, aware: dict, reference: dict | None, **settings: Any) -> dict[str, Any]:
+    """One row of a naive vs super-weight-aware comparison: the settings, both results and their
+    wikitext perplexities, and the unquantized baseline when it was evaluated."""
+    row = {**settings, "naive_perplexity": _perplexity({"results": naive}),
+           "aware_perplexity": _perplexity({"results": aware}), "naive": naive, "aware": aware}
+    if reference is not None:
+        row["baseline_perplexity"] = _perplexity({"results": reference})
+        row["baseline"] = reference
+    return row
 
 
 def activation_quantization_compare(
@@ -579,15 +582,7 @@ def activation_quantization_compare(
             naive = _run_eval(model, tokenizer, tasks, evaluate_options)
         with quantized_activations(model, width, super_weights, spike_fraction=spike_fraction) as stats:
             aware = _run_eval(model, tokenizer, tasks, evaluate_options)
-        row = {
-            "bits": width, "held_out": stats.held_out,
-            "naive_perplexity": _perplexity({"results": naive}), "aware_perplexity": _perplexity({"results": aware}),
-            "naive": naive, "aware": aware,
-        }
-        if reference is not None:
-            row["baseline_perplexity"] = _perplexity({"results": reference})
-            row["baseline"] = reference
-        rows.append(row)
+        rows.append(_comparison_row(naive, aware, reference, bits=width, held_out=stats.held_out))
     return rows
 
 
