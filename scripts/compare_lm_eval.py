@@ -3,8 +3,9 @@
 Both run in this process on one in-memory model. lm-eval reads the local data through temporary
 task yamls that `include` its own task definitions and only swap the dataset for local JSON lines
 (written in the shape of the HF dataset lm-eval normally downloads). Prints, per task and metric,
-both values, their difference and the throughput ratio (our docs/s / lm-eval's docs/s). Our time is
-the whole `evaluate()` call (data reading included); lm-eval's only its log-likelihood calls.
+both values, their difference and the throughput ratio (our docs/s / lm-eval's docs/s, medians over
+`--repeats` alternating runs). Our time is the whole `evaluate()` call (data reading included);
+lm-eval's only its log-likelihood calls.
 
     pip install lm_eval
     python scripts/compare_lm_eval.py --data-dir /work/shared/data --limit 200 --out compare.json
@@ -18,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--wikitext-limit", type=int, default=None, help="documents of wikitext (default: all 62)")
     parser.add_argument("--lm-eval-batch-size", default="16", help="an integer, or auto (lm-eval finds the largest)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--repeats", type=int, default=1, help="time each side this many times, alternating; "
+                        "the table shows the medians")
     parser.add_argument("--out", default=None, help="also write the raw numbers as JSON here")
     args = parser.parse_args()
 
@@ -121,17 +125,23 @@ def main() -> None:
         for task in resolve_task_names(args.tasks):
             limit = args.wikitext_limit if task == "wikitext" else (args.limit or None)
             n_docs = len(load_task(task, args.data_dir, limit).docs)
-            start = time.perf_counter()
-            ours = evaluate(model, tokenizer, [task], data_dir=args.data_dir, limit=limit)["results"][task]
-            our_seconds = time.perf_counter() - start
             size = args.lm_eval_batch_size
             batch = 1 if task == "wikitext" else (size if size == "auto" else int(size))
-            theirs, their_seconds = run_lm_eval(model, tokenizer, task, args.data_dir, limit, batch, Path(tmp))
-            raw[task] = {"docs": n_docs, "ours": ours, "lm_eval": theirs, "our_seconds": our_seconds,
-                         "lm_eval_seconds": their_seconds, "lm_eval_batch_size": batch}
+            # Alternate the two, so a slow spell of a shared machine hits both; report the medians.
+            our_times, their_times = [], []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                ours = evaluate(model, tokenizer, [task], data_dir=args.data_dir, limit=limit)["results"][task]
+                our_times.append(time.perf_counter() - start)
+                theirs, seconds = run_lm_eval(model, tokenizer, task, args.data_dir, limit, batch, Path(tmp))
+                their_times.append(seconds)
+            our_seconds, their_seconds = statistics.median(our_times), statistics.median(their_times)
+            raw[task] = {"docs": n_docs, "ours": ours, "lm_eval": theirs, "our_seconds": our_times,
+                         "lm_eval_seconds": their_times, "lm_eval_batch_size": batch}
             for metric in REPORTED.get(task, ("acc", "acc_norm")):
                 rows.append((task, metric, n_docs, ours[metric], theirs[metric], our_seconds, their_seconds))
-            print(f"{task}: ours {our_seconds:.0f}s, lm-eval {their_seconds:.0f}s", flush=True)
+            print(f"{task}: ours {' '.join(f'{t:.1f}' for t in our_times)} s, "
+                  f"lm-eval {' '.join(f'{t:.1f}' for t in their_times)} s", flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(raw, indent=2))
     print()

@@ -160,6 +160,42 @@ def test_shortcuts_are_enabled_for_llama_and_match_plain_path(tiny_model):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
 
 
+def test_pack_puts_the_prefix_once_and_keeps_each_choice_own_positions():
+    from superweight.evaluate import Group, pack, packed_length
+
+    requests = [Request((5, 6, 7, 8, 9), 2), Request((5, 6, 7, 3, 4, 2), 3), Request((1, 2, 3), 1)]
+    batch = [Group([0, 1], shared=2), Group([2])]
+    packed = pack(requests, batch)
+    assert packed_length(requests, batch[0]) == 2 + 2 + 3
+    assert packed.inputs.tolist() == [[5, 6, 7, 8, 7, 3, 4], [1, 2, 0, 0, 0, 0, 0]]
+    assert packed.positions[0].tolist() == [0, 1, 2, 3, 2, 3, 4]
+    assert packed.segments.tolist() == [[0, 0, 1, 1, 2, 2, 2], [1, 1, -1, -1, -1, -1, -1]]
+    # Scored positions predict each request's last n_scored tokens, from its own columns.
+    assert list(zip(packed.rows, packed.cols, packed.targets)) == [
+        (0, 2, 8), (0, 3, 9), (0, 4, 3), (0, 5, 4), (0, 6, 2), (1, 1, 3)]
+    allowed = packed.attention_mask(torch.float32)[0, 0] == 0
+    assert allowed[4].tolist() == [True, True, False, False, True, False, False]  # 2nd choice: prefix + itself
+    assert allowed[3].tolist() == [True, True, True, True, False, False, False]
+
+
+def test_sliding_window_models_are_packed_only_within_the_window():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           sliding_window=6, bos_token_id=1, eos_token_id=2)
+    model = MistralForCausalLM(config).eval()
+    _, requests, groups = _requests_and_groups()
+    scorer = Scorer(model, "auto")
+    scored = scorer.score(requests, groups)
+    assert scorer.share_prefix and scorer.packing_limit == 6
+    assert max(r.n_inputs for r in requests) > 6  # some requests reach beyond the window
+    for request, result in zip(requests, scored):  # the window is the model's own, not the packing mask's
+        expected, _ = reference_logprob(model, request)
+        assert result.logprob == pytest.approx(expected, abs=1e-4)
+
+
 def test_truncation_keeps_the_last_max_length_plus_one_tokens():
     from superweight.evaluate import make_request
 

@@ -7,8 +7,9 @@ Rolling windows for perplexity follow lm-eval's `get_rolling_token_windows` with
 followed by `make_disjoint_window`.
 
 Speed comes from doing less, not from approximating:
-  * the choices of one document share their context tokens; that prefix is run once and its
-    key/value cache reused for every choice (lm-eval re-runs it per choice);
+  * the choices of one document share their context tokens: one input row holds that prefix once,
+    then each choice's own tokens, with position ids and an attention mask that make every choice
+    see exactly the prefix and itself (lm-eval re-runs the prefix per choice);
   * the output head and log-softmax run only on continuation positions, a chunk at a time, so
     full-vocabulary logits never exist for the whole batch;
   * requests are sorted by length and batched, identical requests are scored once.
@@ -36,6 +37,7 @@ Progress = Callable[[str, int, int], None]
 CPU_TOKENS_PER_BATCH = 4096  # on CPU throughput is flat beyond a few thousand tokens per forward
 CUDA_TOKENS_PER_BATCH = 65536  # first try on accelerators; halved on out-of-memory
 MAX_PADDING_RATIO = 1.25  # on CPUs, auto batches end where padded tokens would exceed 1.25x the real ones
+MAX_PACKED_TOKENS = 2048  # longer choice rows are scored one request per row (the mask grows as its square)
 HEAD_CHUNK_ELEMENTS = 1 << 27  # positions x vocab per log-softmax chunk (512 MiB in float32)
 BOOTSTRAP_RESAMPLES = 1000  # perplexity stderr (lm-eval also bootstraps perplexity)
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer says
@@ -130,7 +132,7 @@ class Group:
     """Requests scored together: the choices of one document, or one rolling window."""
 
     requests: list[int]  # indices into the unique request list
-    shared: int = 0  # leading input tokens common to all, computed once
+    shared: int = 0  # leading input tokens common to all, computed once (set by the scorer)
 
 
 def make_request(context_enc: list[int], continuation_enc: list[int], max_length: int) -> Request:
@@ -138,6 +140,11 @@ def make_request(context_enc: list[int], continuation_enc: list[int], max_length
         raise UsageError("a continuation tokenised to nothing; the task text is empty")
     tokens = tuple((context_enc + continuation_enc)[-(max_length + 1) :])
     return Request(tokens, min(len(continuation_enc), len(tokens) - 1))
+
+
+def packed_length(requests: list[Request], group: Group) -> int:
+    """Input tokens of the group's row: the shared prefix once, then each request's own tokens."""
+    return group.shared + sum(requests[i].n_inputs - group.shared for i in group.requests)
 
 
 def shared_prefix(requests: list[Request]) -> int:
@@ -161,6 +168,66 @@ class Scored:
     greedy: bool  # every continuation token is the argmax prediction
 
 
+@dataclass
+class PackedBatch:
+    """Model inputs for a batch of rows, and where each request's scored positions landed."""
+
+    inputs: torch.Tensor  # [rows, width] token ids, right-padded with 0
+    order: list[int]  # request ids in packing order
+    rows: list[int]  # per scored position: its row ...
+    cols: list[int]  # ... and column in `inputs`
+    targets: list[int]  # ... the token it predicts
+    owners: list[int]  # ... and its request's index in `order`
+    positions: torch.Tensor | None = None  # [rows, width] position ids, only when a row holds choices
+    segments: torch.Tensor | None = None  # [rows, width] 0 prefix, k the k-th request, -1 padding
+
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive [rows, 1, width, width] mask: causal, and a request sees only the prefix and itself."""
+        index = torch.arange(self.inputs.shape[1])
+        causal = index[:, None] >= index[None, :]
+        keys, queries = self.segments[:, None, :], self.segments[:, :, None]
+        allowed = causal & ((keys == 0) | (keys == queries))
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]
+
+
+def pack(requests: list[Request], batch: list[Group]) -> PackedBatch:
+    """One row per group: its shared prefix, then each request's remaining input tokens.
+
+    Each request keeps the positions it has on its own (its suffix continues from the prefix), so
+    with `PackedBatch.attention_mask` every scored position sees exactly the tokens it would see
+    in a row of its own.
+    """
+    width = max(packed_length(requests, group) for group in batch)
+    packed = PackedBatch(torch.zeros((len(batch), width), dtype=torch.long), [], [], [], [], [])
+    if any(len(group.requests) > 1 for group in batch):
+        packed.positions = torch.zeros((len(batch), width), dtype=torch.long)
+        packed.segments = torch.full((len(batch), width), -1, dtype=torch.long)
+    for row, group in enumerate(batch):
+        shared = group.shared
+        packed.inputs[row, :shared] = torch.tensor(requests[group.requests[0]].tokens[:shared], dtype=torch.long)
+        if packed.positions is not None:
+            packed.positions[row, :shared] = torch.arange(shared)
+            packed.segments[row, :shared] = 0
+        start = shared
+        for segment, i in enumerate(group.requests, start=1):
+            request = requests[i]
+            own = request.tokens[shared : request.n_inputs]
+            end = start + len(own)
+            packed.inputs[row, start:end] = torch.tensor(own, dtype=torch.long)
+            if packed.positions is not None:
+                packed.positions[row, start:end] = torch.arange(shared, request.n_inputs)
+                packed.segments[row, start:end] = segment
+            first = end - request.n_scored
+            packed.rows += [row] * request.n_scored
+            packed.cols += range(first, end)
+            packed.targets += request.tokens[-request.n_scored :]
+            packed.owners += [len(packed.order)] * request.n_scored
+            packed.order.append(i)
+            start = end
+    return packed
+
+
 # model -> (split_head, share_prefix), so evaluating many tasks and ablations of one model checks once.
 _SHORTCUTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[bool, bool]]" = weakref.WeakKeyDictionary()
 
@@ -181,62 +248,80 @@ class Scorer:
         self.base = model.base_model if model.base_model is not model else None
         self.head = model.get_output_embeddings()
         self.head_device = execution_device(self.head) if self.head is not None else self.device
+        self.packing_limit = _packing_limit(model.config)
         self.split_head = False
         self.share_prefix = False
         self._checked = False
 
-    # A model's own forward may scale or cap logits after its head, or not support caches; the
-    # shortcuts are only used when they reproduce the plain forward pass on this model.
+    # A model's own forward may scale or cap logits after its head, or ignore custom masks and
+    # position ids; the shortcuts are only used when they reproduce the plain forward on this model.
     def _check_shortcuts(self, tokens: list[int]) -> None:
         self._checked = True
         if self.model in _SHORTCUTS:  # an architecture property: checked once per model, not per task
             self.split_head, self.share_prefix = _SHORTCUTS[self.model]
             return
-        ids = torch.tensor([tokens[:16]], device=self.device)
-        if ids.shape[1] < 4:
+        n = min(len(tokens), 16)
+        while n >= 4 and n // 2 + 2 * (n - n // 2) > self.packing_limit:  # the check's row must be packable
+            n -= 1
+        if n < 4:
             return
-        reference = self.model(ids).logits.float()
+        ids = torch.tensor([tokens[:n]], device=self.device)
+        reference = self.model(ids).logits.float()[0]
         if self.base is not None and self.head is not None:
             try:
-                logits = self._logits(self.base(input_ids=ids).last_hidden_state).float()
+                logits = self._logits(self.base(input_ids=ids).last_hidden_state).float()[0]
                 self.split_head = bool(torch.allclose(logits, reference.to(logits.device), rtol=1e-4, atol=1e-3))
             except Exception:
                 self.split_head = False
         try:
-            half = ids.shape[1] // 2
-            cache = self._forward(ids[:, :half], use_cache=True)[1]
-            cache.reorder_cache(torch.tensor([0, 0], device=self.device))
-            tail = self._forward(ids[:, half:].repeat(2, 1), cache=cache)[0]
-            tail = self._logits(tail) if self.split_head else tail
-            self.share_prefix = bool(torch.allclose(tail.float()[1], reference[0, half:].to(tail.device), rtol=1e-4, atol=1e-3))
+            # The same request twice behind a shared half: the second copy must not see the first.
+            half = n // 2
+            request = Request(tuple(tokens[:n]) + (0,), n - half)
+            packed = pack([request, request], [Group([0, 1], shared=half)])
+            out = self._forward(packed)
+            second = out[0, packed.cols[n - half :]]
+            second = self._logits(second) if self.split_head else second
+            self.share_prefix = bool(torch.allclose(second.float(), reference[half:].to(second.device), rtol=1e-4, atol=1e-3))
         except Exception:
             self.share_prefix = False
         _SHORTCUTS[self.model] = (self.split_head, self.share_prefix)
 
-    def _forward(self, ids: torch.Tensor, cache=None, use_cache: bool = False):
-        """Hidden states (or logits without the head split) and the cache."""
-        use_cache = use_cache or cache is not None
+    def _forward(self, packed: PackedBatch) -> torch.Tensor:
+        """Hidden states (logits without the head split) for every position of the batch."""
+        kwargs = {}
+        if packed.positions is not None:
+            kwargs["position_ids"] = packed.positions.to(self.device)
+            kwargs["attention_mask"] = packed.attention_mask(self.model.dtype).to(self.device)
+        # Right padding needs no mask otherwise: causal attention never looks ahead at the pads.
         if self.split_head:
-            out = self.base(input_ids=ids, past_key_values=cache, use_cache=use_cache)
-            return out.last_hidden_state, getattr(out, "past_key_values", None)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=use_cache)
-        return out.logits, getattr(out, "past_key_values", None)
+            return self.base(input_ids=packed.inputs.to(self.device), use_cache=False, **kwargs).last_hidden_state
+        return self.model(input_ids=packed.inputs.to(self.device), use_cache=False, **kwargs).logits
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.to(self.head_device))
 
+    def _rows(self, requests: list[Request], groups: list[Group]) -> list[Group]:
+        """A row per group whose requests share a prefix (packed), else a row per request."""
+        rows = []
+        for group in groups:
+            members = [requests[i] for i in group.requests]
+            shared = shared_prefix(members) if self.share_prefix else 0
+            row = Group(list(group.requests), shared)
+            if shared and packed_length(requests, row) <= self.packing_limit:
+                rows.append(row)
+            else:
+                rows += [Group([i]) for i in group.requests]
+        return rows
+
     def score(self, requests: list[Request], groups: list[Group], on_batch: Callable[[int], None] | None = None) -> list[Scored]:
         if not self._checked and requests:
             self._check_shortcuts(list(requests[0].tokens))
-        for g in groups:
-            g.shared = shared_prefix([requests[i] for i in g.requests]) if self.share_prefix else 0
-        # Longest first, as lm-eval: out-of-memory shows at once and padding stays small. A batch
-        # shares only its shortest common prefix; neighbours in this order have similar ones.
-        groups = sorted(groups, key=lambda g: (-max(requests[i].n_inputs for i in g.requests), -g.shared))
+        # Longest first, as lm-eval: out-of-memory shows at once and padding stays small.
+        rows = sorted(self._rows(requests, groups), key=lambda row: -packed_length(requests, row))
         results: list[Scored | None] = [None] * len(requests)
         position = 0
-        while position < len(groups):
-            batch = self._take_batch(requests, groups, position)
+        while position < len(rows):
+            batch = self._take_batch(requests, rows, position)
             try:
                 with torch.inference_mode():
                     scored = self._score_batch(requests, batch)
@@ -246,77 +331,54 @@ class Scorer:
                     raise UsageError(f"out of memory at batch size {self.batch_size}; lower --batch-size "
                                      "or use --batch-size auto") from None
                 if len(batch) == 1:  # nothing smaller to try: retrying the same batch cannot fit
-                    tokens = max(requests[i].n_inputs for i in batch[0].requests)
+                    tokens = packed_length(requests, batch[0])
                     raise UsageError(f"out of memory even on one document's requests alone ({tokens} tokens); lower "
                                      "--max-length, or spread the model with --device-map / --max-memory") from None
                 self.token_budget //= 2  # kept for the batches after this one
                 continue
-            for group in batch:
-                for i in group.requests:
-                    results[i] = scored[i]
+            for i, result in scored.items():
+                results[i] = result
             position += len(batch)
             if on_batch:
-                on_batch(sum(len(g.requests) for g in batch))
+                on_batch(len(scored))
         return results  # type: ignore[return-value]
 
-    def _take_batch(self, requests: list[Request], groups: list[Group], start: int) -> list[Group]:
+    def _take_batch(self, requests: list[Request], rows: list[Group], start: int) -> list[Group]:
+        """Rows from `start` (longest first) up to the batch size, or in auto mode the token budget."""
         batch: list[Group] = []
-        rows = 0
-        longest = 0
-        ideal = 0  # tokens this batch's rows need with each group's own prefix run once, no padding
-        shared = None
-        for group in groups[start:]:
-            shared = group.shared if shared is None else min(shared, group.shared)
-            longest = max([longest] + [requests[i].n_inputs for i in group.requests])
-            n_rows = rows + len(group.requests)
-            n_ideal = (ideal + sum(requests[i].n_inputs for i in group.requests)
-                       - (len(group.requests) - 1) * group.shared)
+        n_requests = 0
+        ideal = 0  # tokens the rows need without padding
+        width = packed_length(requests, rows[start])
+        for row in rows[start:]:
+            length = packed_length(requests, row)
             if batch:
                 if self.batch_size == "auto":
-                    # What the batch computes: rows padded to the longest, one prefix per group,
-                    # and only the prefix all its groups share. Stop at the token budget, and
-                    # before padding and lost sharing outgrow the tokens that are needed.
-                    computed = n_rows * (longest - shared) + (len(batch) + 1) * shared
+                    # Stop at the token budget, and on CPUs before padding outgrows the needed tokens.
+                    computed = (len(batch) + 1) * width
                     too_big = (computed > self.token_budget
-                               or (self.padding_cap is not None and computed > self.padding_cap * n_ideal))
+                               or (self.padding_cap is not None and computed > self.padding_cap * (ideal + length)))
                 else:
-                    too_big = n_rows > int(self.batch_size)
+                    too_big = n_requests + len(row.requests) > int(self.batch_size)
                 if too_big:
                     break
-            batch.append(group)
-            rows, ideal = n_rows, n_ideal
+            batch.append(row)
+            n_requests += len(row.requests)
+            ideal += length
         return batch
 
     def _score_batch(self, requests: list[Request], batch: list[Group]) -> dict[int, Scored]:
-        shared = min(g.shared for g in batch)
-        cache = None
-        if shared:
-            prefix = torch.tensor([requests[g.requests[0]].tokens[:shared] for g in batch], device=self.device)
-            cache = self._forward(prefix, use_cache=True)[1]
-            cache.reorder_cache(torch.tensor([n for n, g in enumerate(batch) for _ in g.requests], device=self.device))
-        order = [i for g in batch for i in g.requests]
-        width = max(requests[i].n_inputs for i in order) - shared
-        # Right padding needs no attention mask: causal attention never looks ahead at the pads.
-        inputs = torch.zeros((len(order), width), dtype=torch.long)
-        rows, cols, targets = [], [], []
-        for row, i in enumerate(order):
-            request = requests[i]
-            suffix = request.tokens[shared : request.n_inputs]
-            inputs[row, : len(suffix)] = torch.tensor(suffix)
-            first = request.n_inputs - request.n_scored - shared
-            rows += [row] * request.n_scored
-            cols += range(first, first + request.n_scored)
-            targets += request.tokens[-request.n_scored :]
-        hidden = self._forward(inputs.to(self.device), cache=cache)[0]
-        picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
-        del hidden, cache
-        logprobs, greedy = self._target_logprobs(picked, torch.tensor(targets))
+        packed = pack(requests, batch)
+        hidden = self._forward(packed)
+        picked = hidden[torch.tensor(packed.rows, device=hidden.device), torch.tensor(packed.cols, device=hidden.device)]
+        del hidden
+        logprobs, greedy = self._target_logprobs(picked, torch.tensor(packed.targets))
         # Per request: sum of its targets' log-probs, and whether none missed the argmax (one
         # pass over the scored positions, not one mask per request).
-        row_of = torch.tensor(rows)
-        totals = torch.zeros(len(order), dtype=logprobs.dtype).index_add_(0, row_of, logprobs).tolist()
-        misses = torch.zeros(len(order), dtype=torch.long).index_add_(0, row_of, (~greedy).long()).tolist()
-        return {i: Scored(totals[row], misses[row] == 0) for row, i in enumerate(order)}
+        owner = torch.tensor(packed.owners)
+        n = len(packed.order)
+        totals = torch.zeros(n, dtype=logprobs.dtype).index_add_(0, owner, logprobs).tolist()
+        misses = torch.zeros(n, dtype=torch.long).index_add_(0, owner, (~greedy).long()).tolist()
+        return {i: Scored(totals[k], misses[k] == 0) for k, i in enumerate(packed.order)}
 
     def _target_logprobs(self, picked: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of each target token and whether it is the argmax, a chunk at a time."""
@@ -331,6 +393,13 @@ class Scorer:
             logprobs.append(log_softmax.gather(-1, target[:, None])[:, 0].double().cpu())
             greedy.append((log_softmax.argmax(-1) == target).cpu())
         return torch.cat(logprobs), torch.cat(greedy)
+
+
+def _packing_limit(config) -> int:
+    """Longest packed row: a custom mask replaces the model's own, so stay within any local window."""
+    config = getattr(config, "text_config", None) or config
+    windows = [getattr(config, attr, None) for attr in ("sliding_window", "attention_chunk_size")]
+    return min([MAX_PACKED_TOKENS] + [int(w) for w in windows if isinstance(w, int) and w > 0])
 
 
 def _free_accelerator_memory() -> None:
@@ -491,7 +560,7 @@ def evaluate(
         "limit": limit,
         "seed": seed,
         "prefix_token_id": encoder.prefix_token_id,
-        "shared_prefix_cache": scorer.share_prefix,
+        "shared_prefix": scorer.share_prefix,
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"), "python": platform.python_version()},
     }
     return out
