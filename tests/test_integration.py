@@ -116,3 +116,28 @@ def test_quantize_smoke_keeps_super_weights_and_restores_the_model(smollm2):
     for name, p in model.named_parameters():
         if name in before:
             assert torch.equal(p, before[name]), name  # bit-identical after the sweep and the context
+
+
+def test_bulk_tokenisation_equals_lm_eval_one_pair_at_a_time(smollm2):
+    """The bulk `encode_pairs` gives, on real task data, exactly lm-eval's per-request `_encode_pair`."""
+    from conftest import DATA_DIR
+    from superweight.evaluate import Encoder
+    from superweight.tasks import TASKS, load_task
+
+    tokenizer = smollm2.tokenizer
+
+    def lm_eval_encode_pair(context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole, context_enc = tokenizer.encode(context + continuation), tokenizer.encode(context)
+        return context_enc, whole[len(context_enc):]
+
+    checked = 0
+    for name, task in TASKS.items():
+        if task.scoring == "rolling":
+            continue
+        pairs = [pair for doc in load_task(name, str(DATA_DIR), 30).docs for pair in task.prompt(doc).pairs]
+        assert Encoder(tokenizer).encode_pairs(pairs) == [lm_eval_encode_pair(c, x) for c, x in pairs]
+        checked += len(pairs)
+    assert checked > 400

@@ -74,25 +74,57 @@ class Encoder:
         self.prefix_token_id = int(prefix)
         self._prefix_text = tokenizer.decode(self.prefix_token_id)
 
-    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    def _special_tokens(self, text: str, add_special_tokens: bool | None) -> bool | None:
         if add_special_tokens is None and self._prefix_text and text.startswith(self._prefix_text):
-            add_special_tokens = False
-        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        return list(self.tokenizer.encode(text, **kwargs))
+            return False
+        return add_special_tokens
+
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        return self.encode_many([text], add_special_tokens)[0]
+
+    def encode_many(self, texts: list[str], add_special_tokens: bool | None = None) -> list[list[int]]:
+        """`encode` of each text, with one tokenizer call per special-token setting.
+
+        A fast tokenizer encodes a list in one Rust call; one call per text costs more in Python
+        than in tokenising (measured in docs/benchmarks.md).
+        """
+        out: list[list[int]] = [[] for _ in texts]
+        by_setting: dict[bool | None, list[int]] = {}
+        for i, text in enumerate(texts):
+            by_setting.setdefault(self._special_tokens(text, add_special_tokens), []).append(i)
+        for setting, indices in by_setting.items():
+            kwargs = {} if setting is None else {"add_special_tokens": setting}
+            encoded = self.tokenizer([texts[i] for i in indices], **kwargs)["input_ids"]
+            for i, ids in zip(indices, encoded):
+                out[i] = list(ids)
+        return out
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if context == "":
-            continuation_enc = self.encode(continuation, add_special_tokens=False)
-            if continuation_enc[0] == self.prefix_token_id:
-                return continuation_enc[:1], continuation_enc[1:]
-            return [self.prefix_token_id], continuation_enc
+        return self.encode_pairs([(context, continuation)])[0]
+
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """lm-eval's `_encode_pair` for each (context, continuation), the texts encoded in bulk, each once."""
         # Trailing context spaces belong to the continuation, so the word boundary tokenises alike.
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        whole = self.encode(context + continuation)
-        context_enc = self.encode(context)
-        return context_enc, whole[len(context_enc) :]
+        split = []
+        for context, continuation in pairs:
+            n_spaces = len(context) - len(context.rstrip())
+            split.append((context[:-n_spaces], context[-n_spaces:] + continuation) if n_spaces else (context, continuation))
+        texts = sorted({t for c, x in split if c for t in (c, c + x)})
+        encoded = dict(zip(texts, self.encode_many(texts)))
+        alone = sorted({x for c, x in split if not c})  # empty contexts: the continuation without specials
+        encoded_alone = dict(zip(alone, self.encode_many(alone, add_special_tokens=False)))
+        out = []
+        for context, continuation in split:
+            if not context:
+                continuation_enc = encoded_alone[continuation]
+                if continuation_enc[0] == self.prefix_token_id:
+                    out.append((continuation_enc[:1], continuation_enc[1:]))
+                else:
+                    out.append(([self.prefix_token_id], continuation_enc))
+                continue
+            context_enc = encoded[context]
+            out.append((context_enc, encoded[context + continuation][len(context_enc) :]))
+        return out
 
 
 def rolling_windows(tokens: list[int], prefix_token: int, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -431,17 +463,25 @@ def build_requests(loaded: LoadedTask, encoder: Encoder, max_length: int) -> Tas
             group.requests.append(index[request])
         return index[request]
 
-    for prompt in built.prompts:
-        if loaded.task.scoring == "rolling":
+    # Each document's input pairs: its rolling windows, or its (context, choice) pairs, all
+    # tokenised in one bulk call.
+    if loaded.task.scoring == "rolling":
+        texts = encoder.encode_many([prompt.text for prompt in built.prompts])
+        doc_pairs = [rolling_windows(tokens, encoder.prefix_token_id, max_length) for tokens in texts]
+    else:
+        encoded = iter(encoder.encode_pairs([pair for prompt in built.prompts for pair in prompt.pairs]))
+        doc_pairs = [[next(encoded) for _ in prompt.pairs] for prompt in built.prompts]
+    for prompt, pairs in zip(built.prompts, doc_pairs):
+        if loaded.task.scoring == "rolling":  # a window is scored on its own
             ids = []
-            for context, continuation in rolling_windows(encoder.encode(prompt.text), encoder.prefix_token_id, max_length):
+            for pair in pairs:
                 group = Group([])
-                ids.append(add(make_request(context, continuation, max_length), group))
+                ids.append(add(make_request(*pair, max_length), group))
                 if group.requests:
                     built.groups.append(group)
-        else:
+        else:  # the choices of a document together
             group = Group([])
-            ids = [add(make_request(*encoder.encode_pair(c, x), max_length), group) for c, x in prompt.pairs]
+            ids = [add(make_request(*pair, max_length), group) for pair in pairs]
             if group.requests:
                 built.groups.append(group)
         built.doc_requests.append(ids)
