@@ -3,6 +3,7 @@ layer streaming (`sw detect --stream`) against a full load: peak memory and time
 
 Prints ratios measured in this one run. Usage:
     .venv/bin/python scripts/bench_detect.py [--repeats 5]
+    .venv/bin/python scripts/bench_detect.py --synthetic 1b   # streamed vs full only, on a random 1.3B Llama
 """
 
 from __future__ import annotations
@@ -129,15 +130,43 @@ def compare_streamed(directory: str, repeats: int) -> None:
           f"ratio {stream['seconds'] / full['seconds']:.2f}")
 
 
+# Random Llama checkpoints where the weights, not the libraries, dominate memory (TinyLlama's shape).
+SYNTHETIC_SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),
+}
+
+
+def write_synthetic_checkpoint(size: str, tokenizer, directory: str) -> int:
+    """A random float32 Llama of the given shape, sharded safetensors + tokenizer; returns its parameters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, **SYNTHETIC_SHAPES[size])
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory, max_shard_size="1GB")
+    tokenizer.save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--synthetic", choices=sorted(SYNTHETIC_SHAPES), help="only streamed vs full, on a random "
+                        "Llama of this size (SmolLM2's tokenizer); needs ~6 GB of disk and ~12 GB of memory")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(detect_once(*args.child)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    if args.synthetic:
+        with tempfile.TemporaryDirectory() as directory:
+            tokenizer = load_model("smollm2-135m", device="cpu").tokenizer
+            n_params = write_synthetic_checkpoint(args.synthetic, tokenizer, directory)
+            print(f"random Llama, {n_params / 1e9:.2f} B parameters, float32, sharded safetensors")
+            compare_streamed(directory, args.repeats)
+        return
 
     with tempfile.TemporaryDirectory() as cache:
         os.environ["SUPERWEIGHT_CACHE"] = cache

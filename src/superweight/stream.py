@@ -1,14 +1,14 @@
 """Layer-streaming detection (`sw detect --stream`): one decoder layer in memory at a time.
 
 The model is built on the meta device, so it holds no weights. What precedes the decoder layers
-(embeddings, position tables) is read from the safetensors checkpoint once; then the model's own
+(the prompt's embedding rows, position tables) is read from the safetensors checkpoint once; then the model's own
 forward pass runs with a hook around every decoder layer that reads just that layer's tensors
 before it runs and puts the layer back on the meta device after. Running the model's own forward,
 rather than calling the layers by hand, keeps each family's masks, position embeddings and
 embedding scaling exactly as in a full load, so the hooks of hooks.py see the same numbers. The
 pass stops after the last decoder layer: the final norm and the LM head are never needed.
 
-Peak memory is about the embeddings + one layer + the activations of the prompt. Super weights
+Peak memory is about one layer + the prompt's embedding rows and activations. Super weights
 found by one pass are zeroed in the streamed tensors of the next (the iteration of detect.py).
 """
 
