@@ -114,6 +114,30 @@ def test_empty_context_is_conditioned_on_prefix_token():
     assert len(continuation) == 2
 
 
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_bulk_encode_pairs_equal_lm_eval_one_pair_at_a_time(add_bos):
+    tokenizer = word_tokenizer(add_bos)
+    encoder = Encoder(tokenizer)
+    prefix = encoder.prefix_token_id
+
+    def one_pair(context, continuation):  # lm-eval: empty context as given -> prefix token
+        if context == "":
+            enc = tokenizer.encode(continuation, add_special_tokens=False)
+            return (enc[:1], enc[1:]) if enc[0] == prefix else ([prefix], enc)
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        kwargs = {"add_special_tokens": False} if context.startswith("<s>") else {}
+        whole, context_enc = tokenizer.encode(context + continuation, **kwargs), tokenizer.encode(context, **kwargs)
+        return context_enc, whole[len(context_enc):]
+
+    pairs = [("the cat ", "sat"), ("the cat", " sat on"), ("", " the cat"), ("  ", "the cat"), ("<s> the", " cat"),
+             ("the cat", " sat on"), ("a dog", " ran"), ("", "<s> red")]
+    assert encoder.encode_pairs(pairs) == [one_pair(c, x) for c, x in pairs]
+    assert [encoder.encode_pair(c, x) for c, x in pairs] == encoder.encode_pairs(pairs)
+
+
 # ----------------------------------------------------------------------------- scoring
 
 

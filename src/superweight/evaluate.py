@@ -105,17 +105,19 @@ class Encoder:
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
         """lm-eval's `_encode_pair` for each (context, continuation), the texts encoded in bulk, each once."""
         # Trailing context spaces belong to the continuation, so the word boundary tokenises alike.
-        split = []
+        split = []  # (context, continuation, whether the context was empty as given)
         for context, continuation in pairs:
             n_spaces = len(context) - len(context.rstrip())
-            split.append((context[:-n_spaces], context[-n_spaces:] + continuation) if n_spaces else (context, continuation))
-        texts = sorted({t for c, x in split if c for t in (c, c + x)})
+            if n_spaces:
+                context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+            split.append((context, continuation, not (context or n_spaces)))
+        texts = sorted({t for c, x, empty in split if not empty for t in (c, c + x)})
         encoded = dict(zip(texts, self.encode_many(texts)))
-        alone = sorted({x for c, x in split if not c})  # empty contexts: the continuation without specials
+        alone = sorted({x for _, x, empty in split if empty})  # conditioned on the prefix token instead
         encoded_alone = dict(zip(alone, self.encode_many(alone, add_special_tokens=False)))
         out = []
-        for context, continuation in split:
-            if not context:
+        for context, continuation, empty in split:
+            if empty:
                 continuation_enc = encoded_alone[continuation]
                 if continuation_enc[0] == self.prefix_token_id:
                     out.append((continuation_enc[:1], continuation_enc[1:]))
