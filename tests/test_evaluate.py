@@ -149,6 +149,9 @@ def _requests_and_groups():
         Prompt(pairs=(("the dog was", " red"), ("the dog was", " blue and slow"), ("the dog was", " fast")),
                choices=("red", "blue and slow", "fast"), gold=2),
         Prompt(pairs=(("a cat", " is on the mat"), ("a dog", " is on the mat")), choices=("a cat", "a dog"), gold=1),
+        # Choices that start alike, and one-token choices: the shared prefix reaches into them.
+        Prompt(pairs=(("the dog", " sat on the mat"), ("the dog", " sat on the cat")), choices=("mat", "cat"), gold=0),
+        Prompt(pairs=(("a cat is", " red"), ("a cat is", " blue")), choices=("red", "blue"), gold=1),
     ]
     requests, groups = [], []
     from superweight.evaluate import Group, make_request
@@ -195,12 +198,26 @@ def test_pack_puts_the_prefix_once_and_keeps_each_choice_own_positions():
     assert packed.positions[0].tolist() == [0, 1, 2, 3, 2, 3, 4]
     assert packed.segments.tolist() == [[0, 0, 1, 1, 2, 2, 2], [1, 1, -1, -1, -1, -1, -1]]
     # Scored positions predict each request's last n_scored tokens, from its own columns.
+    assert packed.picks == list(range(6)) and packed.owners == [0, 0, 1, 1, 1, 2]
     assert list(zip(packed.rows, packed.cols, packed.targets)) == [
         (0, 2, 8), (0, 3, 9), (0, 4, 3), (0, 5, 4), (0, 6, 2), (1, 1, 3)]
     allowed = packed.attention_mask(torch.float32)[0, 0] == 0
     assert allowed[4].tolist() == [True, True, False, False, True, False, False]  # 2nd choice: prefix + itself
     assert allowed[3].tolist() == [True, True, True, True, False, False, False]
 
+
+
+def test_scored_positions_inside_the_shared_prefix_are_computed_once_and_counted_for_each():
+    from superweight.evaluate import Group, pack, shared_prefix
+
+    requests = [Request((5, 6, 7, 8, 9), 3), Request((5, 6, 7, 8, 4), 3)]
+    assert shared_prefix(requests) == 4  # all inputs shared: only the last targets differ
+    packed = pack(requests, [Group([0, 1], shared=4)])
+    assert packed.inputs.tolist() == [[5, 6, 7, 8]]
+    assert list(zip(packed.rows, packed.cols)) == [(0, 1), (0, 2), (0, 3)]
+    assert packed.picks == [0, 1, 2, 0, 1, 2]
+    assert packed.targets == [7, 8, 9, 7, 8, 4]
+    assert packed.owners == [0, 0, 0, 1, 1, 1]
 
 def test_sliding_window_models_are_packed_only_within_the_window():
     from transformers import MistralConfig, MistralForCausalLM

@@ -182,10 +182,15 @@ def packed_length(requests: list[Request], group: Group) -> int:
 
 
 def shared_prefix(requests: list[Request]) -> int:
-    """Input tokens all requests share before their first scored position (0 if not worth it)."""
+    """Leading input tokens common to all requests (0 for a lone request).
+
+    The prefix may reach into the continuations (PIQA's two solutions often start alike): a
+    position there has the same hidden state and, but for the last, the same target in every
+    request, so it is computed and scored once and counted for each.
+    """
     if len(requests) < 2:
         return 0
-    limit = min(r.n_inputs - r.n_scored for r in requests)
+    limit = min(r.n_inputs for r in requests)
     first = requests[0].tokens
     n = 0
     while n < limit and all(r.tokens[n] == first[n] for r in requests):
@@ -204,14 +209,15 @@ class Scored:
 
 @dataclass
 class PackedBatch:
-    """Model inputs for a batch of rows, and where each request's scored positions landed."""
+    """Model inputs for a batch of rows, the positions to score, and which request each counts for."""
 
     inputs: torch.Tensor  # [rows, width] token ids, right-padded with 0
-    order: list[int]  # request ids in packing order
-    rows: list[int]  # per scored position: its row ...
-    cols: list[int]  # ... and column in `inputs`
-    targets: list[int]  # ... the token it predicts
-    owners: list[int]  # ... and its request's index in `order`
+    order: list[int] = field(default_factory=list)  # request ids in packing order
+    rows: list[int] = field(default_factory=list)  # per scored position (each once): its row ...
+    cols: list[int] = field(default_factory=list)  # ... and column in `inputs`
+    picks: list[int] = field(default_factory=list)  # per (request, target): index into rows/cols ...
+    targets: list[int] = field(default_factory=list)  # ... the token predicted there
+    owners: list[int] = field(default_factory=list)  # ... and the request's index in `order`
     positions: torch.Tensor | None = None  # [rows, width] position ids, only when a row holds choices
     segments: torch.Tensor | None = None  # [rows, width] 0 prefix, k the k-th request, -1 padding
 
@@ -230,20 +236,21 @@ def pack(requests: list[Request], batch: list[Group]) -> PackedBatch:
 
     Each request keeps the positions it has on its own (its suffix continues from the prefix), so
     with `PackedBatch.attention_mask` every scored position sees exactly the tokens it would see
-    in a row of its own.
+    in a row of its own. A scored position inside the prefix is listed once, for every request.
     """
     width = max(packed_length(requests, group) for group in batch)
-    packed = PackedBatch(torch.zeros((len(batch), width), dtype=torch.long), [], [], [], [], [])
+    packed = PackedBatch(torch.zeros((len(batch), width), dtype=torch.long))
     if any(len(group.requests) > 1 for group in batch):
         packed.positions = torch.zeros((len(batch), width), dtype=torch.long)
         packed.segments = torch.full((len(batch), width), -1, dtype=torch.long)
+    pick_of: dict[tuple[int, int], int] = {}
     for row, group in enumerate(batch):
         shared = group.shared
         packed.inputs[row, :shared] = torch.tensor(requests[group.requests[0]].tokens[:shared], dtype=torch.long)
         if packed.positions is not None:
             packed.positions[row, :shared] = torch.arange(shared)
             packed.segments[row, :shared] = 0
-        start = shared
+        start = shared  # where the current request's own tokens begin in the row
         for segment, i in enumerate(group.requests, start=1):
             request = requests[i]
             own = request.tokens[shared : request.n_inputs]
@@ -252,11 +259,15 @@ def pack(requests: list[Request], batch: list[Group]) -> PackedBatch:
             if packed.positions is not None:
                 packed.positions[row, start:end] = torch.arange(shared, request.n_inputs)
                 packed.segments[row, start:end] = segment
-            first = end - request.n_scored
-            packed.rows += [row] * request.n_scored
-            packed.cols += range(first, end)
-            packed.targets += request.tokens[-request.n_scored :]
-            packed.owners += [len(packed.order)] * request.n_scored
+            for position in range(request.n_inputs - request.n_scored, request.n_inputs):
+                col = position if position < shared else start + position - shared
+                if (row, col) not in pick_of:
+                    pick_of[row, col] = len(packed.rows)
+                    packed.rows.append(row)
+                    packed.cols.append(col)
+                packed.picks.append(pick_of[row, col])
+                packed.targets.append(request.tokens[position + 1])
+                packed.owners.append(len(packed.order))
             packed.order.append(i)
             start = end
     return packed
@@ -313,7 +324,7 @@ class Scorer:
             request = Request(tuple(tokens[:n]) + (0,), n - half)
             packed = pack([request, request], [Group([0, 1], shared=half)])
             out = self._forward(packed)
-            second = out[0, packed.cols[n - half :]]
+            second = out[0, [packed.cols[pick] for pick, owner in zip(packed.picks, packed.owners) if owner == 1]]
             second = self._logits(second) if self.split_head else second
             self.share_prefix = bool(torch.allclose(second.float(), reference[half:].to(second.device), rtol=1e-4, atol=1e-3))
         except Exception:
@@ -405,7 +416,7 @@ class Scorer:
         hidden = self._forward(packed)
         picked = hidden[torch.tensor(packed.rows, device=hidden.device), torch.tensor(packed.cols, device=hidden.device)]
         del hidden
-        logprobs, greedy = self._target_logprobs(picked, torch.tensor(packed.targets))
+        logprobs, greedy = self._target_logprobs(picked, torch.tensor(packed.picks), torch.tensor(packed.targets))
         # Per request: sum of its targets' log-probs, and whether none missed the argmax (one
         # pass over the scored positions, not one mask per request).
         owner = torch.tensor(packed.owners)
@@ -414,19 +425,23 @@ class Scorer:
         misses = torch.zeros(n, dtype=torch.long).index_add_(0, owner, (~greedy).long()).tolist()
         return {i: Scored(totals[k], misses[k] == 0) for k, i in enumerate(packed.order)}
 
-    def _target_logprobs(self, picked: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probability of each target token and whether it is the argmax, a chunk at a time."""
+    def _target_logprobs(self, picked: torch.Tensor, picks: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of each target at its position (`picks` into `picked`) and whether it is the
+        argmax there; the head and log-softmax run once per position, a chunk of positions at a time."""
         vocab = self.head.weight.shape[0] if self.split_head else picked.shape[-1]
         chunk = max(1, HEAD_CHUNK_ELEMENTS // vocab)
-        logprobs, greedy = [], []
+        logprobs = torch.empty(len(picks), dtype=torch.float64)
+        greedy = torch.empty(len(picks), dtype=torch.bool)
         for start in range(0, picked.shape[0], chunk):
             part = picked[start : start + chunk]
             logits = self._logits(part) if self.split_head else part
             log_softmax = torch.log_softmax(logits.float(), dim=-1)
-            target = targets[start : start + chunk].to(log_softmax.device)
-            logprobs.append(log_softmax.gather(-1, target[:, None])[:, 0].double().cpu())
-            greedy.append((log_softmax.argmax(-1) == target).cpu())
-        return torch.cat(logprobs), torch.cat(greedy)
+            here = ((picks >= start) & (picks < start + len(part))).nonzero()[:, 0]
+            at = (picks[here] - start).to(log_softmax.device)
+            target = targets[here].to(log_softmax.device)
+            logprobs[here] = log_softmax[at, target].double().cpu()
+            greedy[here] = (log_softmax.argmax(-1)[at] == target).cpu()
+        return logprobs, greedy
 
 
 def _packing_limit(config) -> int:
