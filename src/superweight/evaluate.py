@@ -7,9 +7,10 @@ Rolling windows for perplexity follow lm-eval's `get_rolling_token_windows` with
 followed by `make_disjoint_window`.
 
 Speed comes from doing less, not from approximating:
-  * the choices of one document share their context tokens: one input row holds that prefix once,
-    then each choice's own tokens, with position ids and an attention mask that make every choice
-    see exactly the prefix and itself (lm-eval re-runs the prefix per choice);
+  * the choices of one document share their leading tokens (the context, and often the first words
+    of the choices): one input row holds that prefix once, then each choice's own tokens, with
+    position ids and an attention mask that make every choice see exactly the prefix and itself
+    (lm-eval re-runs the context per choice); a scored position in the prefix is scored once;
   * the output head and log-softmax run only on continuation positions, a chunk at a time, so
     full-vocabulary logits never exist for the whole batch;
   * requests are sorted by length and batched, identical requests are scored once.
