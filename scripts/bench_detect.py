@@ -3,7 +3,7 @@ layer streaming (`sw detect --stream`) against a full load: peak memory and time
 
 Prints ratios measured in this one run. Usage:
     .venv/bin/python scripts/bench_detect.py [--repeats 5]
-    .venv/bin/python scripts/bench_detect.py --synthetic 1b   # streamed vs full only, on a random 1.3B Llama
+    .venv/bin/python scripts/bench_detect.py --synthetic 1b   # streamed vs full only, on a random 1.17B Llama
 """
 
 from __future__ import annotations

@@ -112,9 +112,9 @@ class Encoder:
             if n_spaces:
                 context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
             split.append((context, continuation, not (context or n_spaces)))
-        texts = sorted({t for c, x, empty in split if not empty for t in (c, c + x)})
+        texts = list(dict.fromkeys(t for c, x, empty in split if not empty for t in (c, c + x)))
         encoded = dict(zip(texts, self.encode_many(texts)))
-        alone = sorted({x for _, x, empty in split if empty})  # conditioned on the prefix token instead
+        alone = list(dict.fromkeys(x for _, x, empty in split if empty))  # conditioned on the prefix token instead
         encoded_alone = dict(zip(alone, self.encode_many(alone, add_special_tokens=False)))
         out = []
         for context, continuation, empty in split:
@@ -489,17 +489,13 @@ def build_requests(loaded: LoadedTask, encoder: Encoder, max_length: int) -> Tas
     else:
         encoded = iter(encoder.encode_pairs([pair for prompt in built.prompts for pair in prompt.pairs]))
         doc_pairs = [[next(encoded) for _ in prompt.pairs] for prompt in built.prompts]
-    for prompt, pairs in zip(built.prompts, doc_pairs):
-        if loaded.task.scoring == "rolling":  # a window is scored on its own
-            ids = []
-            for pair in pairs:
-                group = Group([])
-                ids.append(add(make_request(*pair, max_length), group))
-                if group.requests:
-                    built.groups.append(group)
-        else:  # the choices of a document together
+    for pairs in doc_pairs:
+        # A rolling window is scored on its own; the choices of a document together.
+        together = [[pair] for pair in pairs] if loaded.task.scoring == "rolling" else [pairs]
+        ids = []
+        for members in together:
             group = Group([])
-            ids = [add(make_request(*pair, max_length), group) for pair in pairs]
+            ids += [add(make_request(*pair, max_length), group) for pair in members]
             if group.requests:
                 built.groups.append(group)
         built.doc_requests.append(ids)
