@@ -5,7 +5,10 @@ task yamls that `include` its own task definitions and only swap the dataset for
 (written in the shape of the HF dataset lm-eval normally downloads). Prints, per task and metric,
 both values, their difference and the throughput ratio (our docs/s / lm-eval's docs/s, medians over
 `--repeats` alternating runs). Our time is the whole `evaluate()` call (data reading included);
-lm-eval's only its log-likelihood calls.
+lm-eval's only its log-likelihood calls. `--bound` also times the model's body alone (decoder
+layers, no head, no scoring) on the batches our scorer runs: the least time an exact scorer that
+feeds these tokens through the model's own forward can take, so lm-eval's time over it is the
+highest ratio such a scorer can reach on this machine.
 
     pip install lm_eval
     python scripts/compare_lm_eval.py --data-dir /work/shared/data --limit 200 --out compare.json
@@ -30,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from superweight.evaluate import evaluate  # noqa: E402
+from superweight.evaluate import Encoder, Scored, Scorer, build_requests, evaluate, model_max_length, pack  # noqa: E402
 from superweight.tasks import load_task, resolve_task_names  # noqa: E402
 
 REPORTED = {  # metric shown per task
@@ -100,6 +103,25 @@ def run_lm_eval(model, tokenizer, task: str, data_dir: str, limit: int | None, b
     return metrics, seconds
 
 
+class BodyOnly(Scorer):
+    """Our scorer's rows and batches through the model's body only: no head, log-softmax or sums."""
+
+    def _score_batch(self, requests, batch):
+        self._forward(pack(requests, batch))  # hidden states only, when the head is split off
+        return {i: Scored(0.0, False) for row in batch for i in row.requests}
+
+
+def time_body(model, tokenizer, task: str, data_dir: str, limit: int | None) -> float:
+    built = build_requests(load_task(task, data_dir, limit), Encoder(tokenizer), model_max_length(model, tokenizer))
+    scorer = BodyOnly(model)
+    scorer.score(built.requests, built.groups[:1])  # the once-per-model shortcut check, outside the timing
+    if not scorer.split_head:
+        raise SystemExit("--bound needs a model whose head can be split off (the body alone is what it times)")
+    start = time.perf_counter()
+    scorer.score(built.requests, built.groups)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("SUPERWEIGHT_DATA", "/work/shared/data"))
@@ -111,6 +133,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--repeats", type=int, default=1, help="time each side this many times, alternating; "
                         "the table shows the medians")
+    parser.add_argument("--bound", action="store_true", help="also time the model's body alone on our batches "
+                        "and print the highest ratio an exact scorer can reach here")
     parser.add_argument("--out", default=None, help="also write the raw numbers as JSON here")
     args = parser.parse_args()
 
@@ -128,20 +152,26 @@ def main() -> None:
             size = args.lm_eval_batch_size
             batch = 1 if task == "wikitext" else (size if size == "auto" else int(size))
             # Alternate the two, so a slow spell of a shared machine hits both; report the medians.
-            our_times, their_times = [], []
+            our_times, their_times, body_times = [], [], []
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 ours = evaluate(model, tokenizer, [task], data_dir=args.data_dir, limit=limit)["results"][task]
                 our_times.append(time.perf_counter() - start)
                 theirs, seconds = run_lm_eval(model, tokenizer, task, args.data_dir, limit, batch, Path(tmp))
                 their_times.append(seconds)
+                if args.bound:
+                    body_times.append(time_body(model, tokenizer, task, args.data_dir, limit))
             our_seconds, their_seconds = statistics.median(our_times), statistics.median(their_times)
             raw[task] = {"docs": n_docs, "ours": ours, "lm_eval": theirs, "our_seconds": our_times,
                          "lm_eval_seconds": their_times, "lm_eval_batch_size": batch}
+            if args.bound:
+                raw[task]["body_seconds"] = body_times
             for metric in REPORTED.get(task, ("acc", "acc_norm")):
                 rows.append((task, metric, n_docs, ours[metric], theirs[metric], our_seconds, their_seconds))
             print(f"{task}: ours {' '.join(f'{t:.1f}' for t in our_times)} s, "
-                  f"lm-eval {' '.join(f'{t:.1f}' for t in their_times)} s", flush=True)
+                  f"lm-eval {' '.join(f'{t:.1f}' for t in their_times)} s"
+                  + (f", body alone {' '.join(f'{t:.1f}' for t in body_times)} s; highest possible ratio "
+                     f"{their_seconds / statistics.median(body_times):.2f}" if args.bound else ""), flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(raw, indent=2))
     print()
