@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from superweight.errors import DataError, UsageError
 from superweight.evaluate import (
     Encoder,
+    Group,
     Request,
     Scored,
     Scorer,
@@ -113,6 +114,34 @@ def test_empty_context_is_conditioned_on_prefix_token():
     assert context == [encoder.prefix_token_id] == [1]
     assert len(continuation) == 2
 
+
+def test_empty_context_and_empty_continuation_is_a_usage_error():
+    from superweight.evaluate import make_request
+
+    encoder = Encoder(word_tokenizer())
+    context, continuation = encoder.encode_pair("", "")
+    assert context == [encoder.prefix_token_id] and continuation == []
+    with pytest.raises(UsageError, match="tokenised to nothing"):
+        make_request(context, continuation, 8)
+
+
+def test_a_prefix_token_that_decodes_to_nothing_prefixes_every_text():
+    class SilentBos:  # lm-eval's check is `text.startswith(decode(prefix))`, true for "" on any text
+        bos_token_id, eos_token_id = 1, 2
+
+        def __init__(self):
+            self.kwargs = []
+
+        def decode(self, token_id):
+            return ""
+
+        def __call__(self, texts, **kwargs):
+            self.kwargs.append(kwargs)
+            return {"input_ids": [[1, len(text)] for text in texts]}
+
+    tokenizer = SilentBos()
+    Encoder(tokenizer).encode_many(["the cat", "a dog"])
+    assert tokenizer.kwargs == [{"add_special_tokens": False}]
 
 
 @pytest.mark.parametrize("add_bos", [False, True])
@@ -235,6 +264,39 @@ def test_sliding_window_models_are_packed_only_within_the_window():
     for request, result in zip(requests, scored):  # the window is the model's own, not the packing mask's
         expected, _ = reference_logprob(model, request)
         assert result.logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_row_longer_than_the_window_never_shares_a_batch_with_a_packed_row():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from superweight.evaluate import make_request
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           sliding_window=8, bos_token_id=1, eos_token_id=2)
+    model = MistralForCausalLM(config).eval()
+    long = make_request(list(range(3, 22)), [50, 51], 63)  # 20 inputs, alone in its group, past the window
+    choices = [make_request([5, 6, 7], [8, 9], 63), make_request([5, 6, 7], [10, 11], 63)]  # a packed row
+    requests = [long, *choices]
+    scorer = Scorer(model, 100)  # room for all rows in one batch: only the mask split keeps them apart
+    scored = scorer.score(requests, [Group([0]), Group([1, 2])])
+    assert scorer.share_prefix and scorer.packing_limit == 8
+    for request, result in zip(requests, scored):  # the long row keeps the model's own window mask
+        expected, _ = reference_logprob(model, request)
+        assert result.logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_short_first_request_does_not_switch_the_shortcuts_off():
+    from synthetic import tiny_model as synthetic_model
+
+    from superweight.evaluate import make_request
+
+    model = synthetic_model("llama")  # a fresh model: nothing cached from other tests
+    requests = [make_request([5], [6, 7], 63), make_request(list(range(5, 25)), [30], 63)]
+    scorer = Scorer(model, "auto")
+    scorer.score(requests, [Group([0]), Group([1])])
+    assert scorer.split_head and scorer.share_prefix  # checked on the request long enough to check
 
 
 def test_truncation_keeps_the_last_max_length_plus_one_tokens():

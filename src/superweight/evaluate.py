@@ -76,7 +76,8 @@ class Encoder:
         self._prefix_text = tokenizer.decode(self.prefix_token_id)
 
     def _special_tokens(self, text: str, add_special_tokens: bool | None) -> bool | None:
-        if add_special_tokens is None and self._prefix_text and text.startswith(self._prefix_text):
+        # As lm-eval's `has_bos_prefix`: a prefix token that decodes to "" prefixes every text.
+        if add_special_tokens is None and text.startswith(self._prefix_text):
             return False
         return add_special_tokens
 
@@ -120,7 +121,7 @@ class Encoder:
         for context, continuation, empty in split:
             if empty:
                 continuation_enc = encoded_alone[continuation]
-                if continuation_enc[0] == self.prefix_token_id:
+                if continuation_enc[:1] == [self.prefix_token_id]:  # an empty one fails in make_request
                     out.append((continuation_enc[:1], continuation_enc[1:]))
                 else:
                     out.append(([self.prefix_token_id], continuation_enc))
@@ -302,15 +303,16 @@ class Scorer:
     # A model's own forward may scale or cap logits after its head, or ignore custom masks and
     # position ids; the shortcuts are only used when they reproduce the plain forward on this model.
     def _check_shortcuts(self, tokens: list[int]) -> None:
-        self._checked = True
         if self.model in _SHORTCUTS:  # an architecture property: checked once per model, not per task
             self.split_head, self.share_prefix = _SHORTCUTS[self.model]
+            self._checked = True
             return
         n = min(len(tokens), 16)
         while n >= 4 and n // 2 + 2 * (n - n // 2) > self.packing_limit:  # the check's row must be packable
             n -= 1
-        if n < 4:
+        if n < 4:  # too short to check: shortcuts stay off, and the next task's requests may do
             return
+        self._checked = True
         ids = torch.tensor([tokens[:n]], device=self.device)
         reference = self.model(ids).logits.float()[0]
         if self.base is not None and self.head is not None:
@@ -361,7 +363,7 @@ class Scorer:
 
     def score(self, requests: list[Request], groups: list[Group], on_batch: Callable[[int], None] | None = None) -> list[Scored]:
         if not self._checked and requests:
-            self._check_shortcuts(list(requests[0].tokens))
+            self._check_shortcuts(list(max(requests, key=lambda r: len(r.tokens)).tokens))
         # Longest first, as lm-eval: out-of-memory shows at once and padding stays small.
         rows = sorted(self._rows(requests, groups), key=lambda row: -packed_length(requests, row))
         results: list[Scored | None] = [None] * len(requests)
@@ -398,6 +400,11 @@ class Scorer:
         for row in rows[start:]:
             length = packed_length(requests, row)
             if batch:
+                # A packed row puts a custom mask on the whole batch, which would take a row longer
+                # than the packing limit (only ever the first rows: longest first) out of the
+                # model's own sliding-window or chunked mask.
+                if len(row.requests) > 1 and width > self.packing_limit:
+                    break
                 if self.batch_size == "auto":
                     # Stop at the token budget, and on CPUs before padding outgrows the needed tokens.
                     computed = (len(batch) + 1) * width
