@@ -455,6 +455,15 @@ def test_save_refuses_inside_the_model_directory(loaded, tiny_llama_dir):
     assert sorted(p.name for p in tiny_llama_dir.iterdir()) == listing
 
 
+def test_save_refuses_a_directory_that_contains_the_model_even_with_force(loaded, tiny_llama_dir):
+    record = _record_on(loaded)
+    parent = tiny_llama_dir.parent  # replacing it with --force would delete the model inside
+    listing = sorted(p.name for p in parent.iterdir())
+    with pytest.raises(OutputPathError, match="contains the model directory"):
+        save_ablated(loaded, record, parent, force=True)
+    assert sorted(p.name for p in parent.iterdir()) == listing and (tiny_llama_dir / "config.json").is_file()
+
+
 def test_interrupted_save_leaves_nothing(loaded, tmp_path, monkeypatch):
     record = _record_on(loaded)
     real_save = loaded.model.save_pretrained

@@ -29,7 +29,8 @@ def check_writable(path: str | Path) -> None:
 
 
 def refuse_inside(path: str | Path, protected: list[Path]) -> None:
-    """Refuse to write `path` when it is (inside) one of the protected directories."""
+    """Refuse to write `path` when it is, is inside, or contains one of the protected directories
+    (an output directory replaced with --force is deleted first, with everything in it)."""
     target = Path(path).expanduser().resolve()
     for directory in protected:
         directory = Path(directory).expanduser().resolve()
@@ -37,6 +38,11 @@ def refuse_inside(path: str | Path, protected: list[Path]) -> None:
             raise OutputPathError(
                 f"refusing to write {path}: it is inside the model directory {directory} (or is the model); "
                 "choose an output path elsewhere"
+            )
+        if target in directory.parents:
+            raise OutputPathError(
+                f"refusing to write {path}: it contains the model directory {directory}, which replacing it "
+                "would delete; choose an output path elsewhere"
             )
 
 
