@@ -379,6 +379,25 @@ def test_restoration_through_the_whole_model_recovers_the_output():
     assert _changed(model, before) == {}
 
 
+@pytest.mark.parametrize("model_type", ["olmo2", "gemma2"])
+def test_restoration_of_a_detected_weight_recovers_post_norm_models(model_type):
+    # The recorded spike is the residual write, after the post-feed-forward norm: it is not in the
+    # raw down-projection units the hook compares, so it must not set the threshold there.
+    from superweight.detect import detect
+
+    model = tiny_model(model_type)
+    plant_super_weight(model, 1, 7, 13, post_norm_gain=5000.0)
+    original = _logits(model)
+    weights = detect(model, IDS).super_weights
+    assert [(w.layer, w.row, w.col) for w in weights][:1] == [(1, 7, 13)] and abs(weights[0].output_spike) > 2000
+    with ablated(model, weights[:1]) as record:
+        broken = _logits(model)
+        with restored_activation(model, record):
+            restored = _logits(model)
+    assert (broken - original).abs().max() > 1e-2
+    torch.testing.assert_close(restored, original, rtol=1e-4, atol=1e-4)
+
+
 def test_restoration_hooks_removed_on_error_and_moe_refused():
     model = tiny_model("llama")
     hooks = _hook_count(model)

@@ -391,7 +391,8 @@ def restored_activation(
         threshold = floor                              otherwise (floor defaults to 100).
 
     Elsewhere the ablated output is left untouched. For post-norm families (Gemma 2/3, OLMo-2) the
-    raw down-projection output is restored, before the norm. Dense families only: mixture-of-
+    raw down-projection output is restored, before the norm, and the threshold is the floor alone:
+    their recorded `output_spike` is measured after the norm, in other units. Dense families only: mixture-of-
     experts models raise `UsageError`. Hooks are removed on exit, also when the block raises.
     """
     adapter = adapter_for(model)
@@ -420,7 +421,9 @@ def restored_activation(
         entry.deltas.append(float(orig) - float(new))
         by_row.setdefault((w.layer, w.row), []).append(w)
     for (layer, row), ws in by_row.items():
-        plan[layer][row].threshold = restore_threshold(ws, floor)
+        # A post-norm family's recorded spike is its residual write, after the norm: not in the
+        # units of the raw down-projection output the hook restores, so only the floor applies.
+        plan[layer][row].threshold = floor if adapter.post_norm else restore_threshold(ws, floor)
 
     def make_hook(rows: dict[int, _RowRestore]):
         def hook(module, args, output):
