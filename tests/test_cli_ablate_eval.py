@@ -108,6 +108,26 @@ def test_bad_eval_options(tiny_llama_dir, args, fragment):
     assert_one_line_error(invoke("eval", tiny_llama_dir, "-q", "--data-dir", DATA_DIR, *args), fragment)
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (["--compare", "--mode", "scale", "--factor", "2"], "drop --mode/--factor"),
+    (["--restore-activation", "--control", "random"], "drop one of them"),
+    (["--output", "."], "is a directory"),
+])
+def test_eval_options_that_would_be_ignored_or_fail_late_are_refused(tiny_llama_dir, coords_file, args, fragment):
+    assert_one_line_error(invoke("eval", tiny_llama_dir, "-q", "--data-dir", DATA_DIR, "--task", "piqa",
+                                 "--limit", "1", "--coords", coords_file, *args), fragment)
+
+
+def test_ablate_refuses_the_current_directory_as_out(tiny_llama_dir, coords_file, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", ".."):
+        assert_one_line_error(invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", out, "--force", "-q"),
+                              "current directory")
+    assert list(here.iterdir()) == [] and coords_file.is_file()
+
+
 def test_ablate_factor_not_a_number(tiny_llama_dir, coords_file, tmp_path):
     assert_one_line_error(invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--mode", "scale",
                                  "--factor", "two", "--out", tmp_path / "o", "-q"), "--factor must be a number")

@@ -303,6 +303,8 @@ def _check_outputs(source, files=(), directory: Optional[Path] = None, force: bo
 
     for path in filter(None, (*files, directory)):
         refuse_inside(path, source.protected_dirs)
+        if path != directory and Path(path).is_dir():
+            raise UsageError(f"{path} is a directory; give a file name for this output")
         if path == directory and path.is_dir() and any(path.iterdir()) and not force:
             raise UsageError(f"{path} exists and is not empty; choose another --out or pass --force to replace it")
         check_writable(path)
@@ -444,6 +446,8 @@ def eval_(
         weights = requested(coords, coord)
         if (compare or restore_activation or control) and not weights:
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
+        if compare and (mode != "zero" or factor is not None):
+            raise UsageError("--compare evaluates the paper's zeroing layout; drop --mode/--factor, or drop --compare")
         source = resolve(model, revision=revision, gguf_file=gguf_file)
         _check_outputs(source, files=(output,))
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,

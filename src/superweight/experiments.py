@@ -73,6 +73,9 @@ def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, 
     """What `sw eval --coords ...` (without --compare) evaluates."""
     if not super_weights:
         return Configuration("original")
+    if control and restore_activation:
+        raise UsageError("--restore-activation writes back the super weights' activation, which a --control "
+                         "ablation leaves alone; drop one of them (--compare evaluates both)")
     if control:
         chosen = control_weights(model, super_weights, control, seed=seed, top=top)
         return Configuration(f"{control} control ({mode})", tuple(chosen), mode, factor, False, control, seed, top)

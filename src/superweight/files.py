@@ -72,7 +72,10 @@ def atomic_directory(path: str | Path, force: bool = False) -> Iterator[Path]:
     An interrupted or failed write leaves nothing at `path`. An existing non-empty `path` is
     refused unless `force`.
     """
-    path = Path(path)
+    path = Path(path).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if path == cwd or path in cwd.parents:  # replacing it would leave the shell in a deleted directory
+        raise OutputPathError(f"{path} is the current directory or contains it; give --out a new directory name")
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{path} exists and is not a directory; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not force:
