@@ -372,10 +372,12 @@ def test_restoration_through_the_whole_model_recovers_the_output():
         # the list-of-weights form, reading the ablated values from the model
         with restored_activation(model, weights, [v for v in record.original]):
             restored_again = _logits(model)
+        with restored_activation(model, weights * 2, [v for v in record.original] * 2):  # a repeat counts once
+            restored_repeated = _logits(model)
         assert torch.equal(_logits(model), broken)  # hooks are gone
     assert (broken - original).abs().max() > 1e-2
     torch.testing.assert_close(restored, original, rtol=1e-4, atol=1e-4)
-    assert torch.equal(restored, restored_again)
+    assert torch.equal(restored, restored_again) and torch.equal(restored, restored_repeated)
     assert _changed(model, before) == {}
 
 

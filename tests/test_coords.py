@@ -31,7 +31,8 @@ def test_minimal_file_and_bare_list(tmp_path):
     ("super_weights: [{layer: one, row: 2, col: 3}]", "'layer' must be a non-negative integer"),
     ("super_weights: [{layer: -1, row: 2, col: 3}]", "'layer' must be a non-negative integer"),
     ("super_weights: [{layer: 1, row: 2.5, col: 3}]", "'row' must be a non-negative integer"),
-    ("super_weights: [{layer: 1, row: 2, col: 3, value: big}]", "'value' must be a number"),
+    ("super_weights: [{layer: 1, row: 2, col: 3, value: big}]", "'value' must be a finite number"),
+    ("super_weights: [{layer: 1, row: 2, col: 3, output_spike: .inf}]", "'output_spike' must be a finite number"),
     ("super_weights: [[1, 2, 3]]", "expected a mapping"),
 ])
 def test_malformed_files(tmp_path, text, fragment):
@@ -41,6 +42,13 @@ def test_malformed_files(tmp_path, text, fragment):
         read_coords(path)
     assert fragment in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_binary_file_is_a_coordinates_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\xff\xfe\x00layer")
+    with pytest.raises(CoordinatesError, match="not a text file"):
+        read_coords(path)
 
 
 def test_bad_json_and_missing_file(tmp_path):

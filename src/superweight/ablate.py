@@ -410,7 +410,8 @@ def restored_activation(
         if original_values is None or len(original_values) != len(weights):
             raise UsageError("restoring the super activation needs one original value per weight")
         validate_coords(model, weights)
-        originals = list(original_values)
+        unique = dict(zip((w.key for w in weights), zip(weights, original_values)))  # a repeat counts once
+        weights, originals = [w for w, _ in unique.values()], [v for _, v in unique.values()]
         news = [matrices(w)[w.row, w.col] for w in weights]
     plan: dict[int, dict[int, _RowRestore]] = {}
     by_row: dict[tuple[int, int], list[SuperWeight]] = {}

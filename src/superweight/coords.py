@@ -15,6 +15,7 @@ reading; everything else is provenance.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,8 @@ def from_dict(entry: Any, where: str) -> SuperWeight:
                 raise CoordinatesError(f"{where}: '{key}' must be a non-negative integer, got {value!r}")
             values[key] = value
         else:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise CoordinatesError(f"{where}: '{key}' must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise CoordinatesError(f"{where}: '{key}' must be a finite number, got {value!r}")
             values[key] = float(value)
     return SuperWeight(**values)
 
@@ -95,7 +96,10 @@ def read_coords(path: str | Path) -> tuple[list[SuperWeight], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise CoordinatesError(f"coordinates file not found: {path}; make one with `sw detect MODEL --out {path}`")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CoordinatesError(f"{path} is not a text file (not UTF-8); give a coordinates file from `sw detect`") from None
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
