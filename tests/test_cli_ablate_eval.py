@@ -55,6 +55,7 @@ def test_ablate_scale_and_controls(tiny_llama_dir, coords_file, tmp_path):
     ("super_weights: [{layer: 99, row: 2, col: 3}]", "layer"),
     ("super_weights: [{layer: 1, row: 32, col: 3}]", "row"),
     ("super_weights: [{layer: 1, row: 2, col: 64}]", "col"),
+    ("super_weights: [{layer: 1, row: 2, col: 3, value: 1234.5}]", "made for another model"),  # in range, wrong weight
 ])
 @pytest.mark.parametrize("command", ["ablate", "eval"])
 def test_bad_coordinates(tiny_llama_dir, tmp_path, text, fragment, command):
@@ -63,6 +64,15 @@ def test_bad_coordinates(tiny_llama_dir, tmp_path, text, fragment, command):
     extra = ["--out", tmp_path / "out"] if command == "ablate" else ["--data-dir", DATA_DIR, "--limit", "2"]
     assert_one_line_error(invoke(command, tiny_llama_dir, "--coords", path, "-q", *extra), fragment)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recorded_value_matches_within_half_precision_rounding(tiny_llama_dir, tmp_path):
+    weight = load_file(tiny_llama_dir / "model.safetensors")[WEIGHT][2, 3].item()
+    path = tmp_path / "c.yaml"
+    path.write_text(f"super_weights: [{{layer: 1, row: 2, col: 3, value: {weight!r}}}]\n")
+    result = invoke("ablate", tiny_llama_dir, "--coords", path, "--dtype", "bfloat16", "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert load_file(tmp_path / "out" / "model.safetensors")[WEIGHT][2, 3].item() == 0
 
 
 def test_ablate_refuses_model_directory_and_non_empty_out(tiny_llama_dir, coords_file, tmp_path):

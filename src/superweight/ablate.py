@@ -39,6 +39,7 @@ DEFAULT_RESTORE_FLOOR = 100.0
 RESTORE_SPIKE_FRACTION = 0.1
 
 _ANOTHER_MODEL = "was the file made for another model?"
+RECORDED_VALUE_RTOL = 0.01  # a recorded value vs the model's: bfloat16 rounds by up to 2**-8 relative
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +104,25 @@ def validate_coords(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
             raise CoordinatesError(
                 f"{where}: col {w.col} is out of range; layer {w.layer}'s down projection has {in_features} "
                 f"input (intermediate) channels (valid cols 0..{in_features - 1}); {_ANOTHER_MODEL}"
+            )
+
+
+def check_recorded_values(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
+    """Raise `CoordinatesError` when a weight's value recorded by `sw detect` is not the value this
+    model holds there: the file was made for another model (or this one is already ablated).
+
+    In-range coordinates of another model would otherwise be applied without a word. The
+    tolerance covers a file written in float32 and a model loaded in half precision.
+    """
+    matrices = _Matrices(model)
+    for w in weights:
+        if w.value is None:
+            continue
+        current = float(matrices(w)[w.row, w.col])
+        if not math.isclose(current, w.value, rel_tol=RECORDED_VALUE_RTOL, abs_tol=1e-6):
+            raise CoordinatesError(
+                f"coordinate {w.label()}: the file records the weight as {w.value:.6g}, but this model holds "
+                f"{current:.6g} there; {_ANOTHER_MODEL} (or is this model already ablated?) Run `sw detect` on it"
             )
 
 

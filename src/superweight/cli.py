@@ -366,6 +366,7 @@ def ablate(
                                    device=device, device_map=device_map, max_memory=max_memory,
                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir)
         ablation.validate_coords(loaded.model, weights)
+        ablation.check_recorded_values(loaded.model, weights)
         targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
         record = ablation.apply(loaded.model, targets, mode=mode, factor=value, control=control,
                                 seed=seed if control == "random" else None,
@@ -455,6 +456,7 @@ def eval_(
                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir)
         if weights:
             ablation.validate_coords(loaded.model, weights)
+            ablation.check_recorded_values(loaded.model, weights)
         if compare:
             configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
         else:
@@ -672,6 +674,7 @@ def study(
         weights = requested(coords, coord)
         if weights:
             ablation.validate_coords(loaded.model, weights)
+            ablation.check_recorded_values(loaded.model, weights)
         else:
             weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
             session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
