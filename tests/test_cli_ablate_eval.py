@@ -106,6 +106,31 @@ def test_interrupted_ablate_leaves_nothing(tiny_llama_dir, coords_file, tmp_path
     assert not out.exists() and list(tmp_path.iterdir()) == [coords_file]
 
 
+def test_terminated_ablate_leaves_nothing(tiny_llama_dir, coords_file, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from transformers import PreTrainedModel
+
+    from superweight import cli
+
+    real_save = PreTrainedModel.save_pretrained
+
+    def save_then_terminate(self, directory, *args, **kwargs):
+        real_save(self, directory, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # a job scheduler or `timeout` ends the run
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_terminate)
+    previous = signal.signal(signal.SIGTERM, cli._terminate)  # as `sw` installs it in main()
+    try:
+        out = tmp_path / "ablated"
+        result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", out, "-q")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 143
+    assert not out.exists() and list(tmp_path.iterdir()) == [coords_file]
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--task", "nosuchtask"], "nosuchtask"),
     (["--limit", "0"], "--limit"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,9 +61,9 @@ class Session:
                 raise
             stderr.print(f"error: {e}", markup=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             stderr.print("error: interrupted; nothing was written")
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
         except typer.Exit:
             raise
         except Exception as e:  # last resort: still one line, unless --debug
@@ -747,7 +748,16 @@ def _task_progress(session: Session):
         yield on_start, on_progress
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, `timeout`) unwinds like Ctrl-C, so atomic writes clean up."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 
