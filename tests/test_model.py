@@ -27,6 +27,19 @@ def test_paper_aliases_point_at_the_hub():
         assert (source.kind, source.location, source.known_key) == ("hub", hub_id, alias)
 
 
+def test_a_hub_model_in_a_custom_cache_dir_protects_its_folder_there(tmp_path):
+    from superweight.errors import OutputPathError
+    from superweight.files import refuse_inside
+
+    source = resolve("org/tiny", cache_dir=str(tmp_path))
+    folder = tmp_path / "models--org--tiny"
+    assert folder in source.protected_dirs
+    for target in (folder / "snapshots" / "abc" / "ablated", folder):
+        with pytest.raises(OutputPathError):
+            refuse_inside(target, source.protected_dirs)
+    refuse_inside(tmp_path / "superweight" / "offload", source.protected_dirs)  # our own cache stays usable
+
+
 def test_kinds(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"x")

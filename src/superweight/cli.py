@@ -192,7 +192,7 @@ def detect(
         defaults = SpikeRule()
         rule = SpikeRule(min_spike=defaults.min_spike if min_spike is None else min_spike,
                          median_ratio=defaults.median_ratio if median_ratio is None else median_ratio)
-        source = resolve(model, revision=revision, gguf_file=gguf_file)
+        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         coords_path = out or Path(f"{_slug(source.alias or source.spec)}.superweights.yaml")
         for path in filter(None, (coords_path, plot)):
             refuse_inside(path, source.protected_dirs)
@@ -361,7 +361,7 @@ def ablate(
         weights = requested(coords, coord)
         if not weights:
             raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
-        source = resolve(model, revision=revision, gguf_file=gguf_file)
+        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, directory=out, force=force)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map, max_memory=max_memory,
@@ -450,7 +450,7 @@ def eval_(
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
         if compare and (mode != "zero" or factor is not None):
             raise UsageError("--compare evaluates the paper's zeroing layout; drop --mode/--factor, or drop --compare")
-        source = resolve(model, revision=revision, gguf_file=gguf_file)
+        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, files=(output,))
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map, max_memory=max_memory,
@@ -553,7 +553,7 @@ def quantize(
         names = _tasks_with_data(task, data_dir)
         if out is not None and (not sizes or len(sizes) != 1):
             raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
-        source = resolve(model, revision=revision, gguf_file=gguf_file)
+        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, files=(plot,), directory=out, force=force)
         weights = requested(coords, coord)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
@@ -665,7 +665,7 @@ def study(
             raise UsageError(f"--top must be a positive number of weights, got {top}")
         names = _tasks_with_data(task, data_dir, also=("wikitext",))  # the stop-word shift reads wikitext
         words = analysis.load_stop_words(stop_words)
-        source = resolve(model, revision=revision, gguf_file=gguf_file)
+        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         out_dir = out or Path(f"{_slug(source.alias or source.spec)}-study")
         _check_outputs(source, directory=out_dir, force=force)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,

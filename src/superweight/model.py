@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,6 +60,7 @@ class ModelSource:
     revision: str | None = None
     alias: str | None = None
     known_key: str | None = None  # entry in configs/known_coordinates.yaml, if any
+    cache_dir: str | None = None  # --cache-dir, for a hub model
 
     @property
     def protected_dirs(self) -> list[Path]:
@@ -67,6 +68,8 @@ class ModelSource:
         from huggingface_hub import constants
 
         protected = [Path(constants.HF_HUB_CACHE)]
+        if self.kind == "hub" and self.cache_dir:  # this model's folder in a --cache-dir hub cache
+            protected.append(Path(self.cache_dir).expanduser() / f"models--{self.location.replace('/', '--')}")
         path = Path(self.location)
         if self.kind == "local" or self.alias:  # a model directory, or a package's own files
             protected.append(path if path.is_dir() else path.parent)
@@ -97,8 +100,14 @@ def _packaged_gguf(alias: str, entry: dict[str, Any]) -> str:
     return str(path)
 
 
-def resolve(spec: str | None, revision: str | None = None, gguf_file: str | None = None) -> ModelSource:
-    """Turn MODEL (alias, .gguf path, directory, hub id) into a `ModelSource`."""
+def resolve(spec: str | None, revision: str | None = None, gguf_file: str | None = None,
+            cache_dir: str | None = None) -> ModelSource:
+    """Turn MODEL (alias, .gguf path, directory, hub id) into a `ModelSource`; `cache_dir` is where
+    a hub model is cached when not in the default hub cache (kept only to protect it)."""
+    return replace(_resolve(spec, revision, gguf_file), cache_dir=cache_dir)
+
+
+def _resolve(spec: str | None, revision: str | None, gguf_file: str | None) -> ModelSource:
     spec = spec or default_model()
     table = aliases()
     if spec in table:
@@ -362,7 +371,7 @@ def load_model(
 
     progress = progress or (lambda message: None)
     torch_dtype = _torch_dtype(dtype)
-    source = resolve(spec, revision=revision, gguf_file=gguf_file)
+    source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     started = time.perf_counter()
     from_cache = False
     location, hub_kwargs = source.location, {}

@@ -111,7 +111,7 @@ def open_checkpoint(
 
     progress = progress or (lambda message: None)
     _torch_dtype(dtype)  # an unknown --dtype fails before anything is read
-    source = resolve(spec, revision=revision, gguf_file=gguf_file)
+    source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     started = time.perf_counter()
     from_cache = False
     if source.kind == "gguf":  # stream from the dequantised cache, written once as in a full load
