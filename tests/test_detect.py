@@ -81,6 +81,18 @@ def test_two_super_weights_in_one_row_found_by_iteration():
     _assert_bit_identical(model, before)
 
 
+def test_col_is_the_largest_push_in_the_spikes_direction_not_against_it():
+    model = tiny_model("llama")
+    plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)  # writes +1000
+    plant_super_weight(model, 1, 7, 40, input_spike=60.0, weight=10.0)  # writes +600
+    plant_super_weight(model, 1, 7, 50, input_spike=120.0, weight=-9.0)  # -1080: larger, but against the spike
+
+    detection = detect(model, IDS, iterations=1)
+
+    assert [w.key for w in detection.super_weights] == [(1, 7, 13, None)]
+    assert detection.super_weights[0].value == 10.0
+
+
 def test_gpt2_conv1d_layout_reports_row_and_col():
     model = tiny_model("gpt2")
     c_proj = decoder_layers(model)[1].mlp.c_proj

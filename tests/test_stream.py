@@ -66,6 +66,19 @@ def test_streamed_equals_full_load(tmp_path, model_type, max_shard_size):
     assert_same_detection(streamed, full)
 
 
+def test_a_pad_id_beyond_the_prompts_rows_streams(tmp_path):
+    # Phi-3-mini's pad id is 32000: the embedding keeps only the prompt's rows when streaming.
+    model = tiny_model("llama", pad_token_id=100)
+    plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)
+    path = tmp_path / "padded"
+    model.save_pretrained(path)
+    build_word_tokenizer(PROMPT_WORDS).save_pretrained(path)
+    full = detect(load_model(str(path), device="cpu").model, PROMPT_IDS)
+    streamed = detect_streamed(open_checkpoint(str(path)), PROMPT_IDS)
+    assert [w.key for w in streamed.super_weights][:1] == [(1, 7, 13, None)]
+    assert_same_detection(streamed, full)
+
+
 def test_one_iteration_sees_only_the_first(tmp_path):
     path = _save_planted(tmp_path / "llama", "llama")
     once = detect_streamed(open_checkpoint(str(path)), PROMPT_IDS, iterations=1)

@@ -104,8 +104,11 @@ class _DenseProbe:
         s.spike = float(write[s.spike_token, s.row])
         x_t = self.down_input[s.spike_token]
         weight = self.weight()
-        contribution = x_t.to(weight.device, weight.dtype) * weight[s.row]
-        s.col = int(contribution.abs().argmax())
+        contribution = (x_t.to(weight.device, weight.dtype) * weight[s.row]).float()
+        # The largest push in the spike's own direction (the raw output's sign, which a post-norm
+        # gain may flip): a large weight working against the spike is not what writes it.
+        direction = torch.sign(contribution.sum())
+        s.col = int((contribution * direction).argmax() if direction else contribution.abs().argmax())
         s.col_input = float(x_t[s.col])
         s.col_weight = float(weight[s.row, s.col])
         if self.residual_in is not None:

@@ -193,6 +193,7 @@ class LayerStream:
             rows = f.get_slice(self.stored_name[name])
             weight = torch.cat([rows[i : i + 1] for i in self.vocabulary.tolist()])
         embedding.weight = nn.Parameter(weight.to(self.device, meta.dtype), requires_grad=False)
+        embedding.padding_idx = None  # a pad id past the kept rows fails F.embedding's check; it only masks gradients
 
     def _stored_names(self) -> dict[str, str]:
         """Model tensor name -> checkpoint tensor name, for every weight the pass needs.
