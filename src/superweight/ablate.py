@@ -430,8 +430,11 @@ def restored_activation(
         if original_values is None or len(original_values) != len(weights):
             raise UsageError("restoring the super activation needs one original value per weight")
         validate_coords(model, weights)
-        unique = dict(zip((w.key for w in weights), zip(weights, original_values)))  # a repeat counts once
-        weights, originals = [w for w, _ in unique.values()], [v for _, v in unique.values()]
+        original_of: dict[tuple, float | torch.Tensor] = {}
+        for w, value in zip(weights, original_values):
+            original_of.setdefault(w.key, value)
+        weights = _unique(weights)  # a repeat counts once, as in `apply`
+        originals = [original_of[w.key] for w in weights]
         news = [matrices(w)[w.row, w.col] for w in weights]
     plan: dict[int, dict[int, _RowRestore]] = {}
     by_row: dict[tuple[int, int], list[SuperWeight]] = {}

@@ -300,8 +300,10 @@ def _check_outputs(source, files=(), directory: Optional[Path] = None, force: bo
     """Outputs are never inside the model's own files, are writable, and a non-empty output
     directory is only replaced with --force."""
     from .errors import UsageError
-    from .files import check_writable, refuse_inside
+    from .files import check_writable, refuse_current_directory, refuse_inside
 
+    if directory:  # checked again when written (atomic_directory); here before the slow work
+        refuse_current_directory(directory)
     for path in filter(None, (*files, directory)):
         refuse_inside(path, source.protected_dirs)
         if path != directory and Path(path).is_dir():

@@ -46,6 +46,14 @@ def refuse_inside(path: str | Path, protected: list[Path]) -> None:
             )
 
 
+def refuse_current_directory(path: str | Path) -> None:
+    """Refuse an output directory that is or contains the current one: replacing it would leave
+    the shell in a deleted directory."""
+    target, cwd = Path(path).expanduser().resolve(), Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise OutputPathError(f"{path} is the current directory or contains it; give --out a new directory name")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     check_writable(path)
@@ -73,9 +81,7 @@ def atomic_directory(path: str | Path, force: bool = False) -> Iterator[Path]:
     refused unless `force`.
     """
     path = Path(path).expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    if path == cwd or path in cwd.parents:  # replacing it would leave the shell in a deleted directory
-        raise OutputPathError(f"{path} is the current directory or contains it; give --out a new directory name")
+    refuse_current_directory(path)
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{path} exists and is not a directory; choose another --out")
     if path.is_dir() and any(path.iterdir()) and not force:
