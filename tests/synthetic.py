@@ -261,3 +261,32 @@ def one_thread_per_module():
     """Import into a test module to run its tiny models on one thread (see `single_threaded`)."""
     with single_threaded():
         yield
+
+
+def layered_super_activation(model_type: str, *, num_layers: int = 12, builders=range(2, 8), cancellers=(10, 11),
+                             row: int = 7, seed: int = 0) -> nn.Module:
+    """What a real post-norm model (a Gemma-3-family GGUF, issue 12) does, in a tiny model.
+
+    Six consecutive layers (`builders`) each write a massive value into hidden channel `row`
+    through one weight of their own (input channel 10 + layer); the late `cancellers` write the
+    opposite sign and remove it. In post-norm families the raw down_proj outputs stay small
+    (< 2: the plant's input ~12 times a weight 0.15) and the post-feed-forward norm's gain (600)
+    makes each write massive, and every other layer's norm gain is raised too (1000 everywhere)
+    so that every layer writes >= 1000, as in the real model, but spread over many channels.
+    In pre-norm families the builders write ~1000 each through weight 10.
+    """
+    model = tiny_model(model_type, seed=seed, num_hidden_layers=num_layers)
+    adapter = adapter_for(model)
+    post_norm = adapter.post_norm is not None
+    spike, weight = (12.25, 0.15) if post_norm else (100.0, 10.0)
+    for layer in range(num_layers):
+        if post_norm and layer not in builders and layer not in cancellers:
+            norm = decoder_layers(model, adapter)[layer].get_submodule(adapter.post_norm)
+            offset = 1.0 if "Gemma" in type(norm).__name__ else 0.0
+            with torch.no_grad():
+                norm.weight.fill_(1000.0 - offset)
+    for layer in builders:
+        plant_super_weight(model, layer, row, 10 + layer, input_spike=spike, weight=weight, post_norm_gain=600.0)
+    for layer in cancellers:
+        plant_super_weight(model, layer, row, 40 + layer, input_spike=spike, weight=-weight, post_norm_gain=600.0)
+    return model

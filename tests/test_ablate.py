@@ -523,3 +523,23 @@ def test_save_refuses_a_model_not_in_the_recorded_state(loaded, tmp_path):
     with pytest.raises(UsageError, match="not ablated"):
         save_ablated(loaded, record, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_restoration_recovers_a_post_norm_model_whose_raw_outputs_are_tiny():
+    """Issue 12's Gemma-3 pattern: six layers build the super activation, each through one weight
+    whose raw output is < 2 (the norm's gain makes it massive). The restoration threshold comes from
+    the recorded raw output; a floor of 100 raw units would never fire and restore nothing."""
+    from superweight.detect import detect
+    from synthetic import layered_super_activation
+
+    model = layered_super_activation("gemma3_text")
+    original = _logits(model)
+    weights = detect(model, IDS).super_weights
+    assert len(weights) == 6 and all(abs(w.raw_output) < 2 for w in weights)
+    with ablated(model, weights) as record:
+        broken = _logits(model)
+        with restored_activation(model, record):
+            restored = _logits(model)
+    assert (broken - original).abs().max() > 1e-2
+    torch.testing.assert_close(restored, original, rtol=1e-4, atol=1e-4)
+    assert restore_threshold(weights, post_norm=True) == pytest.approx(0.1 * max(abs(w.raw_output) for w in weights))

@@ -93,7 +93,7 @@ def test_down_proj_matrix_is_out_by_in_view(model_type):
     assert not torch.allclose(_logits(model), before)
 
 
-@pytest.mark.parametrize("where", [(0, 20, 50, 0), (3, 30, 0, 3)])
+@pytest.mark.parametrize("where", [(0, 20, 50, 0), (2, 30, 0, 3)])
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_planted_super_weight_is_found_exactly(model_type, where):
     layer, row, col, expert = where
@@ -125,21 +125,21 @@ def test_cancelling_layer_seen_through_family_hooks(model_type, sign):
     """The layer-input hook reads the residual stream in every family: a later layer writing the
     opposite sign of the super activation is cancelling (not reported); the same sign is a source."""
     expert = 2 if ADAPTERS[model_type].experts else None
-    model = tiny_model(model_type, num_hidden_layers=8)  # 8 layers: two spikes stay above the median
+    model = tiny_model(model_type, num_hidden_layers=8)  # the stream carries layer 1's spike to layer 4
     plant_super_weight(model, 1, 7, 13, expert)
-    plant_super_weight(model, 2, 7, 21, expert, weight=sign * 9.0)
+    plant_super_weight(model, 4, 7, 21, expert, weight=sign * 9.0)
 
     detection = detect(model, PROMPT_IDS)
 
-    stats = detection.iterations[0][2]
+    stats = detection.iterations[0][4]
     assert stats.row == 7 and stats.residual_before > SpikeRule().min_spike
     assert stats.spike * sign > SpikeRule().min_spike
     keys = sorted(w.key for w in detection.super_weights)
     if sign < 0:
         assert keys == [(1, 7, 13, expert)]
-        assert detection.cancelling_layers == [2]
+        assert detection.cancelling_layers == [4]
     else:
-        assert keys == [(1, 7, 13, expert), (2, 7, 21, expert)]
+        assert keys == [(1, 7, 13, expert), (4, 7, 21, expert)]
         assert detection.cancelling_layers == []
 
 

@@ -140,3 +140,33 @@ def test_gguf_architecture_transformers_cannot_read(tmp_path, monkeypatch):
     assert_one_line_error(invoke("detect", path, "-q", "--out", tmp_path / "c.yaml"),
                           "cannot read the 'rwkv9' architecture", "convert")
     assert not (tmp_path / "c.yaml").exists() and not list((tmp_path / "cache").rglob("config.json"))
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "no-verify", "stream"])
+def test_detect_verify_bad_input_is_one_line_before_loading(tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "text.txt"
+    if case == "empty":
+        text.write_text("  \n", encoding="utf-8")
+    elif case == "binary":
+        text.write_bytes(b"\xff\xfe\x00bad")
+    else:
+        text.write_text("A few words of prose.", encoding="utf-8")
+    args = {"missing": ["--verify", "--verify-text", tmp_path / "nope.txt"],
+            "empty": ["--verify", "--verify-text", text], "binary": ["--verify", "--verify-text", text],
+            "no-verify": ["--verify-text", text], "stream": ["--verify", "--stream"]}[case]
+    # a model that does not exist: the error must come before any load is tried
+    result = invoke("detect", tmp_path / "no-such-model", "-o", "c.yaml", *args)
+    line = assert_one_line_error(result, {"missing": "no such file", "empty": "empty", "binary": "UTF-8",
+                                          "no-verify": "add --verify", "stream": "drop --stream"}[case])
+    assert result.exit_code == 2, line
+    assert not (tmp_path / "c.yaml").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--min-spike", "-5"), ("--min-spike", "0"),
+                                          ("--min-concentration", "2"), ("--min-share", "0")])
+def test_detect_rule_thresholds_checked_before_loading(tmp_path, monkeypatch, option, value):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("detect", tmp_path / "no-such-model", "-o", "c.yaml", option, value)
+    assert_one_line_error(result, option)
+    assert result.exit_code == 2 and not (tmp_path / "c.yaml").exists()

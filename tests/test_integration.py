@@ -14,21 +14,68 @@ from superweight.model import load_model
 pytestmark = pytest.mark.integration
 
 
+def _assert_smollm2_coordinates(weights) -> None:
+    """[11, 507, 1229] in the first pass, [11, 507, 1487] by iteration; anything else is a weight of
+    the massive-activation row 507 at or before layer 11 (never a cancelling layer, 28-29)."""
+    by_key = {(w.layer, w.row, w.col): w for w in weights}
+    assert by_key[(11, 507, 1229)].iteration == 0
+    assert by_key[(11, 507, 1487)].iteration >= 1
+    assert all(row == 507 and layer <= 11 for layer, row, _ in by_key), sorted(by_key)
+
+
 def test_detects_published_super_weight_and_its_row_partner(smollm2):
     model = smollm2.model
     before = down_proj_matrix(model, 11).clone()
     result = detect(model, encode_prompt(smollm2.tokenizer, DEFAULT_PROMPT))
-    coords = [(w.layer, w.row, w.col) for w in result.super_weights]
-    assert coords == [(11, 507, 1229), (11, 507, 1487)]
-    first, second = result.super_weights
-    assert first.iteration == 0 and second.iteration == 1
+    _assert_smollm2_coordinates(result.super_weights)
+    first = next(w for w in result.super_weights if (w.layer, w.col) == (11, 1229))
     assert first.token == 0
     assert first.value == pytest.approx(5.88, abs=0.01)
     assert first.output_spike == pytest.approx(2.4e4, rel=0.05)
     assert first.input_activation == pytest.approx(3.0e3, rel=0.05)
+    # The evidence the call was made on: nearly one-hot, mostly this one weight, carried on.
+    assert first.concentration > 0.9 and 0.5 < first.share <= 1.0
+    assert first.residual_after == pytest.approx(2.4e4, rel=0.05)
     # Late layers that cancel the super activation are recognised, not reported.
     assert 28 in result.cancelling_layers
     assert torch.equal(down_proj_matrix(model, 11), before)  # detection leaves the model as it was
+
+
+def test_ablated_folder_reports_no_cancelling_layer(smollm2, tmp_path):
+    """With both layer-11 super weights zeroed (a folder written by `sw ablate`), the late layers
+    that normally remove the super activation write a massive value of their own (layer 28:
+    -9e3 through one weight); in a fresh run nothing remembers they cancel, and the rule itself
+    must not report them."""
+    runner = CliRunner()
+    out = tmp_path / "smollm2-no-sw"
+    result = runner.invoke(app, ["ablate", "-q", "--coord", "11,507,1229", "--coord", "11,507,1487",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["detect", str(out), "-q", "--json", "--out", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    layers = {w["layer"] for w in document["super_weights"]}
+    assert not layers & {27, 28, 29}, document["super_weights"]
+    layer28 = document["layers"][28]
+    assert abs(layer28["residual_write"]) > 5e3 and layer28["share"] > 0.9  # it does write one, alone
+    assert layer28["rejected"] == "not carried"
+
+
+def test_verify_labels_the_super_weight_and_restoration_recovers(smollm2):
+    from superweight.verify import verify
+
+    weights = detect(smollm2.model, encode_prompt(smollm2.tokenizer, DEFAULT_PROMPT)).super_weights
+    before = down_proj_matrix(smollm2.model, 11).clone()
+    verification = verify(smollm2.model, smollm2.tokenizer, weights)
+    labels = {k[:3]: v for k, v in verification.labels().items()}
+    assert labels[(11, 507, 1229)] == "super"
+    assert set(labels.values()) <= {"super", "redundant", "minor"}
+    assert verification.all_zeroed > 100 * verification.perplexity
+    assert verification.restored < 1.1 * verification.perplexity
+    assert verification.control < 1.1 * verification.perplexity
+    # the super activation does not depend on the prompt: every prompt finds the super weight
+    assert all((11, 507, 1229, None) in check.coordinates for check in verification.prompts)
+    assert torch.equal(down_proj_matrix(smollm2.model, 11), before)
 
 
 def test_zeroing_the_super_weight_removes_the_super_activation(smollm2):
@@ -62,12 +109,15 @@ def test_cli_detect_default_model(smollm2, tmp_path):
     result = CliRunner().invoke(app, ["detect", "--json", "-q", "--out", str(out)])
     assert result.exit_code == 0, result.output
     document = json.loads(result.output)
-    assert [(w["layer"], w["row"], w["col"]) for w in document["super_weights"]] == [(11, 507, 1229), (11, 507, 1487)]
-    assert document["known"]["verdict"] == "agrees"
-    from superweight.coords import read_coords
+    from superweight.coords import SuperWeight, read_coords
 
+    _assert_smollm2_coordinates([SuperWeight(**{k: w[k] for k in ("layer", "row", "col", "iteration")})
+                                 for w in document["super_weights"]])
+    assert document["known"]["verdict"].startswith("agrees")
+    assert document["known"]["provenance"] == "reference coordinates (measured by superweight)"
     weights, meta = read_coords(out)
-    assert [w.key for w in weights] == [(11, 507, 1229, None), (11, 507, 1487, None)]
+    _assert_smollm2_coordinates(weights)
+    assert all(w.share is not None and w.concentration is not None for w in weights)  # evidence in the file
     assert meta["model_type"] == "llama"
 
 

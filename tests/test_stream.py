@@ -176,7 +176,8 @@ def test_smollm2_streamed_equals_full_load(smollm2):
     streamed = detect_streamed(checkpoint, input_ids, device="cpu")
 
     assert checkpoint.from_cache and checkpoint.dtype == "float32"
-    assert [w.key for w in streamed.super_weights] == [(11, 507, 1229, None), (11, 507, 1487, None)]
+    assert [w.key for w in streamed.super_weights] == [w.key for w in full.super_weights]
+    assert {(11, 507, 1229, None), (11, 507, 1487, None)} <= {w.key for w in streamed.super_weights}
     assert_same_detection(streamed, full)
 
 

@@ -381,8 +381,19 @@ class _RowRestore:
     threshold: float
 
 
-def restore_threshold(weights: Sequence[SuperWeight], floor: float = DEFAULT_RESTORE_FLOOR) -> float:
-    """max(floor, 0.1 x the largest |output_spike| recorded by the weights of one row), or floor."""
+def restore_threshold(weights: Sequence[SuperWeight], floor: float = DEFAULT_RESTORE_FLOOR,
+                      post_norm: bool = False) -> float:
+    """Where the hook writes the original output back, in raw down-projection units.
+
+    Pre-norm families: max(floor, 0.1 x the largest |output_spike| recorded by the weights of one
+    row), or floor. Post-norm families: their `output_spike` is the residual write after the norm,
+    in other units, and their raw outputs can be tiny (a Gemma-3 super weight's raw output is
+    0.07-1.8; the norm's gain makes it massive), so 0.1 x the largest recorded |raw_output|, or the
+    floor where none is recorded.
+    """
+    if post_norm:
+        raws = [abs(w.raw_output) for w in weights if w.raw_output is not None]
+        return RESTORE_SPIKE_FRACTION * max(raws) if raws else floor
     spikes = [abs(w.output_spike) for w in weights if w.output_spike is not None]
     return max(floor, RESTORE_SPIKE_FRACTION * max(spikes)) if spikes else floor
 
@@ -411,8 +422,8 @@ def restored_activation(
         threshold = floor                              otherwise (floor defaults to 100).
 
     Elsewhere the ablated output is left untouched. For post-norm families (Gemma 2/3, OLMo-2) the
-    raw down-projection output is restored, before the norm, and the threshold is the floor alone:
-    their recorded `output_spike` is measured after the norm, in other units. Dense families only: mixture-of-
+    raw down-projection output is restored, before the norm, and the threshold comes from the
+    recorded `raw_output` (see `restore_threshold`): their `output_spike` is in other units. Dense families only: mixture-of-
     experts models raise `UsageError`. Hooks are removed on exit, also when the block raises.
     """
     adapter = adapter_for(model)
@@ -445,9 +456,7 @@ def restored_activation(
         entry.deltas.append(float(orig) - float(new))
         by_row.setdefault((w.layer, w.row), []).append(w)
     for (layer, row), ws in by_row.items():
-        # A post-norm family's recorded spike is its residual write, after the norm: not in the
-        # units of the raw down-projection output the hook restores, so only the floor applies.
-        plan[layer][row].threshold = floor if adapter.post_norm else restore_threshold(ws, floor)
+        plan[layer][row].threshold = restore_threshold(ws, floor, post_norm=adapter.post_norm is not None)
 
     def make_hook(rows: dict[int, _RowRestore]):
         def hook(module, args, output):

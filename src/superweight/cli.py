@@ -139,14 +139,24 @@ def detect(
     prompt: str = typer.Option(None, "--prompt", help="Prompt for the forward pass (default: the paper's)."),
     iterations: int = typer.Option(None, "--iterations", "-n", help="At most N passes; each zeroes what was found "
                                                                      "and looks again (default 5)."),
-    min_spike: float = typer.Option(None, "--min-spike", help="Absolute floor for a super activation (default 100)."),
-    median_ratio: float = typer.Option(None, "--median-ratio",
-                                       help="A layer must exceed this multiple of the median layer (default 50)."),
+    min_spike: float = typer.Option(None, "--min-spike", help="Least |residual write| of a super activation "
+                                                              "(default 100)."),
+    min_concentration: float = typer.Option(None, "--min-concentration",
+                                            help="Least part of the token's raw down_proj output energy in the "
+                                                 "spike's channel, in (0, 1] (default 0.25)."),
+    min_share: float = typer.Option(None, "--min-share", help="Least part of the raw output one weight makes, "
+                                                              "in (0, 1] (default 0.5)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coordinates file (.yaml or .json). "
                                                                  "Default: ./<model>.superweights.yaml"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer activation plot (PNG)."),
     stream: bool = typer.Option(False, "--stream", help="Read a safetensors checkpoint one decoder layer at a "
                                                         "time (memory: embeddings + one layer) instead of loading it."),
+    verify: bool = typer.Option(False, "--verify", help="Measure each found weight's effect on perplexity (alone, "
+                                                        "all, restored, random control) and re-detect on more "
+                                                        "prompts; label each super / redundant / minor."),
+    verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="With --verify: a UTF-8 text file to "
+                                                                           "measure perplexity on (default: a "
+                                                                           "shipped paragraph)."),
     as_json: bool = JSON,
     revision: Optional[str] = REVISION,
     gguf_file: Optional[str] = GGUF_FILE,
@@ -189,9 +199,16 @@ def detect(
             raise UsageError("--prompt is empty; give a non-empty prompt (default: the paper's sentence)")
         if stream and (device_map or max_memory):
             raise UsageError("--stream puts one layer at a time on --device; drop --device-map/--max-memory")
-        defaults = SpikeRule()
-        rule = SpikeRule(min_spike=defaults.min_spike if min_spike is None else min_spike,
-                         median_ratio=defaults.median_ratio if median_ratio is None else median_ratio)
+        if verify_text is not None and not verify:
+            raise UsageError("--verify-text is the text --verify measures on; add --verify, or drop --verify-text")
+        if verify and stream:
+            raise UsageError("--verify needs the whole model loaded to measure perplexity; drop --stream "
+                             "(or verify later with `sw eval --coords`)")
+        if verify:
+            from .verify import read_verify_text
+            verify_source = read_verify_text(verify_text)  # a bad file fails before the model loads
+        given = {"min_spike": min_spike, "min_concentration": min_concentration, "min_share": min_share}
+        rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         coords_path = out or Path(f"{_slug(source.alias or source.spec)}.superweights.yaml")
         for path in filter(None, (coords_path, plot)):
@@ -213,6 +230,13 @@ def detect(
                 detection = detect_streamed(loaded, input_ids, device=device, iterations=n, rule=rule, prompt=text)
             else:
                 detection = run_detect(loaded.model, input_ids, iterations=n, rule=rule, prompt=text)
+            verification = None
+            if verify:
+                from .verify import labelled, verify as run_verify
+                verification = run_verify(loaded.model, loaded.tokenizer, detection.super_weights,
+                                          text=verify_source[0], text_source=verify_source[1], rule=rule,
+                                          iterations=n, progress=update)
+                detection.super_weights = labelled(detection.super_weights, verification)
         session.say(f"{'opened' if stream else 'loaded'} {source.spec} ({loaded.dtype}) in "
                     f"{loaded.load_seconds:.1f} s" + (" from the GGUF cache" if loaded.from_cache else ""))
         config = loaded.config if stream else loaded.model.config
@@ -232,15 +256,25 @@ def detect(
         if as_json:
             document = detection_document(detection, model_info, known)
             document["coordinates_file"] = str(coords_path)
+            document["verification"] = verification.to_dict() if verification else None
             typer.echo(json.dumps(document, indent=2))
             return
         title = f"Super weights of {source.spec} ({len(detection.super_weights)} found)"
-        _print_table(title, *super_weight_table(detection.super_weights))
+        _print_table(title, *super_weight_table(detection.super_weights,
+                                                verification.labels() if verification else None))
         if not detection.super_weights:
-            stdout.print("no layer stands out: no super weight under the current rule "
-                         "(see --min-spike / --median-ratio)")
+            stdout.print("no layer writes a super activation under the current rule "
+                         "(README: How detection decides; see --min-spike, --min-concentration, --min-share)")
         if known:
             stdout.print(known.summary())
+        if verification:
+            _print_table(f"Measured effect: perplexity on {verification.text_source} ({verification.num_tokens} "
+                         f"tokens, {verification.seconds:.1f} s)", ("configuration", "perplexity", "x original"),
+                         verification.rows())
+            for check in verification.prompts:
+                stdout.print(f"prompt {check.prompt!r}: " + ("same coordinates" if check.same else
+                             "other coordinates: " + ", ".join(str(list(c[:3])) for c in check.coordinates)),
+                             markup=False)
         stdout.print(f"coordinates written to {coords_path}" + (f"; plot written to {plot}" if plot else ""))
 
     session.run(work)
@@ -681,6 +715,12 @@ def study(
         else:
             weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
             session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
+        verification = None
+        if weights:
+            from .verify import labelled, verify
+            with session.status("measuring each weight's effect") as update:
+                verification = verify(loaded.model, loaded.tokenizer, weights, progress=update)
+            weights = labelled(weights, verification)
         table_configurations = analysis.study_configurations(loaded.model, weights, top=top, seed=seed)
         sweep = analysis.scale_sweep_configurations(weights, factors)
         cache = analysis.EvaluationCache(cache_root(cache_dir) / "evaluations")
@@ -702,7 +742,8 @@ def study(
                 "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
                 "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
         analysis.write_report(out_dir, force=force, super_weights=weights, table=table,
-                              sweep_rows=analysis.sweep_rows(runs, sweep), stop_words=shift, profile=profile, meta=meta)
+                              sweep_rows=analysis.sweep_rows(runs, sweep), stop_words=shift, profile=profile, meta=meta,
+                              verification=verification)
         if as_json:
             typer.echo((out_dir / analysis.JSON_FILE).read_text(encoding="utf-8").rstrip())
             return

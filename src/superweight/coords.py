@@ -39,6 +39,14 @@ class SuperWeight:
     output_spike: float | None = None  # what the layer writes at (token, row)
     token: int | None = None
     iteration: int | None = None
+    # The evidence detection decided on (detect.SpikeRule), so a reader can check the call:
+    raw_output: float | None = None  # raw down_proj output at (token, row), before any post norm
+    concentration: float | None = None  # raw_output**2 over the token's whole raw output energy
+    share: float | None = None  # this weight's part of raw_output: value * input_activation / raw_output
+    residual_after: float | None = None  # the residual stream value it lands on, leaving the layer
+    # What `sw detect --verify` measured (verify.py): its label and the perplexity with it alone zeroed.
+    effect: str | None = None
+    perplexity_alone_zeroed: float | None = None
 
     @property
     def key(self) -> tuple[int, int, int, int | None]:
@@ -54,6 +62,7 @@ class SuperWeight:
 
 _REQUIRED = ("layer", "row", "col")
 _INT_FIELDS = {"layer", "row", "col", "expert", "token", "iteration"}
+_TEXT_FIELDS = {"effect"}
 
 
 def from_dict(entry: Any, where: str) -> SuperWeight:
@@ -69,6 +78,10 @@ def from_dict(entry: Any, where: str) -> SuperWeight:
             continue
         if value is None:
             values[key] = None
+        elif key in _TEXT_FIELDS:
+            if not isinstance(value, str):
+                raise CoordinatesError(f"{where}: '{key}' must be text, got {value!r}")
+            values[key] = value
         elif key in _INT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise CoordinatesError(f"{where}: '{key}' must be a non-negative integer, got {value!r}")

@@ -1,26 +1,39 @@
 """Data-free super-weight detection: one forward pass per iteration (Yu et al. 2024, Sec. 3).
 
-Per decoder layer the hooks report the largest value the MLP writes into the residual stream
-(its *spike*, at token t and hidden channel `row`) and the down-projection input channel `col`
-whose product `x[t, col] * W[row, col]` contributes most to it. A layer is a candidate when
+Per decoder layer the hooks (hooks.py) report the largest value the MLP writes into the residual
+stream (its *spike*, at token t and hidden channel `row`; after the post-feed-forward norm where
+the family has one), the down-projection input channel `col` whose product
+`x[t, col] * W[row, col]` pushes hardest in the spike's direction, and the evidence below. Each
+layer is judged **on its own write**, never against the other layers: in post-norm models
+(Gemma 2/3, OLMo-2) every layer writes thousands and several consecutive layers build one super
+activation together, so "stands out from the median layer" sees nothing there. A layer is a
+candidate when all of these hold (SpikeRule; README "How detection decides" gives the reasons):
 
-  1. |spike| >= `min_spike`                                  (absolute floor), and
-  2. |spike| >= `median_ratio` x median over layers of |spike|  (it stands out), and
-  3. it is not *cancelling* a massive activation already in the residual stream: a write of the
-     opposite sign to a residual value at least `cancel_ratio` x |spike| large is a layer that
-     removes the super activation (late layers do this), not one that creates it. A layer seen
-     cancelling in any iteration is excluded from then on: once the true super weights are
-     zeroed, those layers over-shoot and would otherwise look like new sources.
+  1. large:         |spike| >= `min_spike`;
+  2. concentrated:  the raw down_proj output at token t is nearly one-hot in channel `row`:
+                    raw[t, row]**2 / sum(raw[t, :]**2) >= `min_concentration`;
+  3. one weight:    x[t, col] * W[row, col] makes at least `min_share` of raw[t, row];
+  4. not cancelling: a write against the residual value already at (t, row) that leaves it
+     smaller than it found it removes an activation (late layers remove the super activation
+     this way), it does not create one;
+  5. carried on:    the residual stream leaving the layer holds at least `carry_ratio` x |spike|
+     at (t, row), in the spike's sign, and keeps at least `carry_ratio` of that through the next
+     `carry_layers(n)` layers (10 % of the depth, at least one). A write in the last layers goes
+     straight to the output head; it is not carried anywhere. This is what tells a late layer that
+     writes a massive value only because the super activation it normally removes is gone (SmolLM2
+     with its super weights zeroed: layer 28) from a layer that creates one.
 
 The super weight of a candidate layer is `down_proj.weight[row, col]`. Iteration zeroes what was
 found and runs again, so several super weights in one row (the second one only visible once the
-first is gone) are found; it stops when an iteration adds nothing new. Weights are restored
-before returning: the model is left as it was given.
+first is gone) are found; it stops when an iteration adds nothing new. A layer seen cancelling in
+any iteration stays excluded, and a new candidate fed by the input channel of a weight already
+found in the same layer is that input spike's ordinary fan-out into another row, not a new super
+weight. Weights are restored before returning: the model is left as it was given.
 """
 
 from __future__ import annotations
 
-import statistics
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,21 +52,48 @@ DEFAULT_ITERATIONS = 5
 
 @dataclass(frozen=True)
 class SpikeRule:
-    """When a layer's residual write counts as a super activation (see module docstring)."""
+    """When one layer's residual write is a super activation (rules 1-5 of the module docstring)."""
 
     min_spike: float = 100.0
-    median_ratio: float = 50.0
-    cancel_ratio: float = 0.1
+    min_concentration: float = 0.25
+    min_share: float = 0.5
+    carry_ratio: float = 0.5
+    carry_depth: float = 0.1
+
+    def __post_init__(self):
+        checks = (("--min-spike", self.min_spike, 0, None), ("--min-concentration", self.min_concentration, 0, 1),
+                  ("--min-share", self.min_share, 0, 1), ("carry_ratio", self.carry_ratio, 0, 1), ("carry_depth", self.carry_depth, 0, 1))
+        for name, value, low, high in checks:
+            if not math.isfinite(value) or value <= low or (high is not None and value > high):
+                allowed = f"in (0, {high}]" if high is not None else "a positive number"
+                raise UsageError(f"{name} must be {allowed}, got {value:g}")
+
+    def carry_layers(self, num_layers: int) -> int:
+        return max(1, math.ceil(self.carry_depth * num_layers))
 
     def is_cancelling(self, s: LayerStats) -> bool:
-        opposes = s.spike * s.residual_before < 0
-        return opposes and abs(s.residual_before) >= self.cancel_ratio * abs(s.spike)
+        return s.spike * s.residual_before < 0 and abs(s.residual_after) < abs(s.residual_before)
 
-    def standing_out(self, stats: list[LayerStats]) -> list[LayerStats]:
-        """Layers whose spike passes the floor and the multiple of the median (rules 1 and 2)."""
-        median = statistics.median(abs(s.spike) for s in stats)
-        threshold = max(self.min_spike, self.median_ratio * median)
-        return [s for s in stats if abs(s.spike) >= threshold]
+    def is_carried(self, s: LayerStats, num_layers: int) -> bool:
+        sign = 1.0 if s.spike > 0 else -1.0
+        landed = s.residual_after * sign
+        later = s.carried[: self.carry_layers(num_layers)]
+        return (landed >= self.carry_ratio * abs(s.spike) and len(later) == self.carry_layers(num_layers)
+                and all(value * sign >= self.carry_ratio * landed for value in later))
+
+    def rejection(self, s: LayerStats, num_layers: int) -> str | None:
+        """Why layer `s` is not a candidate (the first rule it fails), or None when it is one."""
+        if abs(s.spike) < self.min_spike:
+            return "small"
+        if s.concentration < self.min_concentration:
+            return "spread"
+        if s.share < self.min_share:
+            return "many weights"
+        if self.is_cancelling(s):
+            return "cancelling"
+        if not self.is_carried(s, num_layers):
+            return "not carried"
+        return None
 
 
 @dataclass
@@ -63,6 +103,7 @@ class Detection:
     super_weights: list[SuperWeight]
     iterations: list[list[LayerStats]] = field(default_factory=list)
     candidate_layers: list[list[int]] = field(default_factory=list)
+    rejections: list[list[str | None]] = field(default_factory=list)  # per iteration, per layer
     cancelling_layers: list[int] = field(default_factory=list)
     prompt: str = DEFAULT_PROMPT
     num_tokens: int = 0
@@ -145,16 +186,24 @@ def iterate(
     for iteration in range(iterations):
         stats = one_pass()
         result.iterations.append(stats)
-        spiking = rule.standing_out(stats)
-        cancelling |= {s.layer for s in spiking if rule.is_cancelling(s)}
-        candidates = [s for s in spiking if s.layer not in cancelling]
+        reasons = [rule.rejection(s, len(stats)) for s in stats]
+        cancelling |= {s.layer for s, reason in zip(stats, reasons) if reason == "cancelling"}
+        fed = {(w.layer, w.expert, w.col) for w in found.values()}
+        for i, s in enumerate(stats):
+            if reasons[i] is None and s.layer in cancelling:
+                reasons[i] = "cancelling"  # seen cancelling in an earlier iteration
+            elif reasons[i] is None and (s.layer, s.expert, s.col) in fed and (s.layer, s.row, s.col, s.expert) not in found:
+                reasons[i] = "fan-out"  # the input spike of a found weight, written into another row
+        result.rejections.append(reasons)
+        candidates = [s for s, reason in zip(stats, reasons) if reason is None]
         result.candidate_layers.append([s.layer for s in candidates])
         new = []
         for s in candidates:
             weight = SuperWeight(
                 layer=s.layer, row=s.row, col=s.col, expert=s.expert, value=s.col_weight,
                 input_activation=s.col_input, output_spike=s.spike, token=s.spike_token,
-                iteration=iteration,
+                iteration=iteration, raw_output=s.raw_output, concentration=s.concentration,
+                share=s.share, residual_after=s.residual_after,
             )
             if weight.key not in found:
                 new.append(weight)

@@ -8,7 +8,7 @@ they are), never whole activations, so memory stays flat in sequence length and 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -24,7 +24,8 @@ class LayerStats:
 
     `spike_*` describe the largest value the MLP writes into the residual stream (after the
     post-feed-forward norm where the family has one); `col`/`expert` name the input channel whose
-    product with the weight contributes most to that value at that token.
+    product with the weight contributes most to that value at that token. The evidence fields
+    (`concentration`, `share`, `residual_after`, `carried`) are what detect.SpikeRule decides on.
     """
 
     layer: int
@@ -42,6 +43,11 @@ class LayerStats:
     col_input: float = 0.0  # down_proj input at (spike_token, col)
     col_weight: float = 0.0  # weight[row, col]
     residual_before: float = 0.0  # residual stream at (spike_token, row) entering the layer
+    raw_output: float = 0.0  # raw down_proj output at (spike_token, row), before any post norm
+    concentration: float = 0.0  # raw_output**2 / sum of the squared raw outputs at spike_token
+    share: float = 0.0  # x[spike_token, col] * weight[row, col] / raw_output: one weight's part of it
+    residual_after: float = 0.0  # residual stream at (spike_token, row) leaving the layer
+    carried: list[float] = field(default_factory=list)  # ... and leaving each later layer
 
 
 def _abs_argmax(x: torch.Tensor) -> tuple[float, int, int]:
@@ -56,6 +62,15 @@ def _abs_argmax(x: torch.Tensor) -> tuple[float, int, int]:
     token = int(magnitude.argmax())
     channel = int(x[token].abs().argmax())
     return abs(float(x[token, channel])), token, channel
+
+
+def _set_raw_output_evidence(s: LayerStats, raw_output_t: torch.Tensor, contribution: float) -> None:
+    """How one-hot the raw down_proj output is at the spike token, and how much of it one weight makes."""
+    raw_output_t = raw_output_t.float()
+    s.raw_output = float(raw_output_t[s.row])
+    energy = float(raw_output_t.pow(2).sum())
+    s.concentration = s.raw_output**2 / energy if energy > 0 else 0.0
+    s.share = contribution / s.raw_output if s.raw_output else 0.0
 
 
 def _first_sequence(t: torch.Tensor) -> torch.Tensor:
@@ -78,6 +93,7 @@ class _DenseProbe:
         # weights are only materialised while it runs (see stream.py).
         self.weight = weight  # -> [out, in] view
         self.down_input: torch.Tensor | None = None  # held only until the residual write is seen
+        self.down_output: torch.Tensor | None = None
         self.residual_in: torch.Tensor | None = None
 
     def on_layer_input(self, module, args, kwargs):
@@ -89,7 +105,7 @@ class _DenseProbe:
         s = self.stats
         s.input_max, s.input_token, s.input_channel = _abs_argmax(x)
         s.output_max, s.output_token, s.output_channel = _abs_argmax(y)
-        self.down_input = x
+        self.down_input, self.down_output = x, y
         if self.output_is_residual_write:  # no norm in between: the spike is already located
             self._locate(y, s.output_token, s.output_channel)
 
@@ -111,9 +127,10 @@ class _DenseProbe:
         s.col = int((contribution * direction).argmax() if direction else contribution.abs().argmax())
         s.col_input = float(x_t[s.col])
         s.col_weight = float(weight[s.row, s.col])
+        _set_raw_output_evidence(s, self.down_output[s.spike_token], float(contribution[s.col]))
         if self.residual_in is not None:
             s.residual_before = float(self.residual_in[s.spike_token, s.row])
-        self.down_input = None
+        self.down_input = self.down_output = None
         self.residual_in = None
 
 
@@ -145,7 +162,8 @@ class _ExpertsProbe(_DenseProbe):
             gate, up = nn.functional.linear(hidden_t, gate_up_proj[expert]).chunk(2, dim=-1)
             x_e = module.act_fn(gate) * up
             route = top_k_weights[s.spike_token, slot].to(down_proj.device)
-            contribution = (route * x_e * down_proj[expert][s.row]).abs()
+            # in the spike's own direction, as for dense layers
+            contribution = route * x_e * down_proj[expert][s.row] * (1.0 if s.spike >= 0 else -1.0)
             col = int(contribution.argmax())
             input_max = float(x_e.abs().max())
             if input_max > s.input_max:
@@ -153,8 +171,9 @@ class _ExpertsProbe(_DenseProbe):
                 s.input_channel = int(x_e.abs().argmax())
             if best is None or contribution[col] > best[0]:
                 best = (contribution[col], expert, col, float(x_e[col]))
-        _, s.expert, s.col, s.col_input = best
+        best_contribution, s.expert, s.col, s.col_input = best
         s.col_weight = float(down_proj[s.expert][s.row, s.col])
+        _set_raw_output_evidence(s, y[s.spike_token], float(best_contribution) * (1.0 if s.spike >= 0 else -1.0))
         if self.residual_in is not None:
             s.residual_before = float(self.residual_in[s.spike_token, s.row])
         self.residual_in = None
@@ -167,6 +186,23 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None) -> Ite
     layers = decoder_layers(model, adapter)
     stats = [LayerStats(layer=i) for i in range(len(layers))]
     handles = []
+
+    def on_layer_output(i: int):
+        # The residual stream leaving layer i, read at the spike of layer i and of every earlier
+        # layer (one gather per layer): whether the stream carries each spike on.
+        def hook(module, args, output):
+            hidden = _first_sequence(output[0] if isinstance(output, tuple) else output)
+            watched = [s for s in stats[: i + 1] if s.spike_token >= 0]
+            if not watched:
+                return
+            values = hidden[[s.spike_token for s in watched], [s.row for s in watched]].float().tolist()
+            for s, value in zip(watched, values):
+                if s.layer == i:
+                    s.residual_after = value
+                else:
+                    s.carried.append(value)
+        return hook
+
     try:
         for i, layer in enumerate(layers):
             down_proj = layer.get_submodule(adapter.down_proj)
@@ -178,6 +214,7 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None) -> Ite
                                     lambda i=i: down_proj_matrix(model, i, adapter=adapter, writable=False).detach(),
                                     output_is_residual_write=adapter.post_norm is None)
             handles.append(layer.register_forward_pre_hook(probe.on_layer_input, with_kwargs=True))
+            handles.append(layer.register_forward_hook(on_layer_output(i)))
             handles.append(down_proj.register_forward_hook(probe.on_down_proj))
             if adapter.post_norm:
                 writer = layer.get_submodule(adapter.post_norm)

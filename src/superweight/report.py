@@ -23,16 +23,22 @@ class KnownCheck:
 
     key: str
     published: list[tuple[int, int, int]]
-    verdict: str  # "agrees", "partly agrees", "differs"
+    verdict: str  # "agrees", "agrees, and found more", "partly agrees", "differs"
     missing: list[tuple[int, int, int]]
     extra: list[tuple[int, int, int]]
+    measured: bool = False  # the entry was measured by this tool, not published in the paper
+
+    @property
+    def provenance(self) -> str:
+        return "reference coordinates (measured by superweight)" if self.measured else \
+            "published coordinates (paper, Table 2)"
 
     def summary(self) -> str:
-        text = f"published coordinates for {self.key}: detection {self.verdict}"
+        text = f"{self.provenance} for {self.key}: detection {self.verdict}"
         if self.missing:
             text += f"; not found: {', '.join(map(str, map(list, self.missing)))}"
         if self.extra:
-            text += f"; not published: {', '.join(map(str, map(list, self.extra)))}"
+            text += f"; also found: {', '.join(map(str, map(list, self.extra)))}"
         return text
 
 
@@ -50,25 +56,40 @@ def check_known(weights: list[SuperWeight], known_key: str | None, model_id: str
     key = known_entry_key(known_key, model_id)
     if key is None:
         return None
-    published = [tuple(c) for c in load_yaml_config("known_coordinates.yaml")[key]["super_weights"]]
+    entry = load_yaml_config("known_coordinates.yaml")[key]
+    published = [tuple(c) for c in entry["super_weights"]]
     found = [(w.layer, w.row, w.col) for w in weights]
     missing = [c for c in published if c not in found]
     extra = [c for c in found if c not in published]
-    verdict = "agrees" if not missing and not extra else ("differs" if len(missing) == len(published) else "partly agrees")
-    return KnownCheck(key, published, verdict, missing, extra)
+    if not missing:
+        verdict = "agrees, and found more" if extra else "agrees"
+    else:
+        verdict = "differs" if len(missing) == len(published) else "partly agrees"
+    return KnownCheck(key, published, verdict, missing, extra, measured=entry.get("source") == "measured")
 
 
-def super_weight_table(weights: list[SuperWeight]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    """(columns, rows) for a table of super weights; the expert column only for MoE models."""
+def super_weight_table(weights: list[SuperWeight], labels: dict[tuple, str] | None = None,
+                       ) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(columns, rows) for a table of super weights; the expert column only for MoE models, the
+    effect column (verify.py's labels, by weight key) only when given.
+
+    write = the residual write, conc. = its concentration in one channel, share = the part of the
+    raw output this one weight makes, lands on = the residual value leaving the layer."""
     def num(x: float | None) -> str:
         return "" if x is None else f"{x:.4g}"
 
+    def share(x: float | None) -> str:
+        return "" if x is None else f"{x:.2f}"
+
     with_expert = any(w.expert is not None for w in weights)
+    with_labels = labels is not None
     columns = ("layer", "row", "col", *(("expert",) if with_expert else ()), "weight", "input act.",
-               "output spike", "token", "iter.")
+               "write", "conc.", "share", "lands on", "token", "iter.", *(("effect",) if with_labels else ()))
     rows = [
         (str(w.layer), str(w.row), str(w.col), *((str(w.expert),) if with_expert else ()), num(w.value),
-         num(w.input_activation), num(w.output_spike), str(w.token), str(w.iteration))
+         num(w.input_activation), num(w.output_spike), share(w.concentration), share(w.share),
+         num(w.residual_after), str(w.token), str(w.iteration),
+         *((labels.get(w.key, ""),) if with_labels else ()))
         for w in weights
     ]
     return columns, rows
@@ -77,6 +98,7 @@ def super_weight_table(weights: list[SuperWeight]) -> tuple[tuple[str, ...], lis
 def detection_document(detection: Detection, model: dict[str, Any], known: KnownCheck | None) -> dict[str, Any]:
     """Everything `sw detect --json` prints: coordinates, the rule, and per-layer evidence."""
     first = detection.iterations[0] if detection.iterations else []
+    first_reasons = detection.rejections[0] if detection.rejections else [None] * len(first)
     return {
         "model": model,
         "prompt": detection.prompt,
@@ -87,11 +109,16 @@ def detection_document(detection: Detection, model: dict[str, Any], known: Known
         "cancelling_layers": detection.cancelling_layers,
         "layers": [
             {"layer": s.layer, "down_proj_input_max": s.input_max, "down_proj_output_max": s.output_max,
-             "residual_write": s.spike, "row": s.row, "token": s.spike_token}
-            for s in first
+             "residual_write": s.spike, "row": s.row, "col": s.col, "token": s.spike_token,
+             "raw_output": s.raw_output, "concentration": s.concentration, "share": s.share,
+             "residual_before": s.residual_before, "residual_after": s.residual_after,
+             "carried": s.carried, "rejected": reason}
+            for s, reason in zip(first, first_reasons)
         ],
         "known": None if known is None else {
             "entry": known.key, "verdict": known.verdict, "published": [list(c) for c in known.published],
+            "provenance": known.provenance, "missing": [list(c) for c in known.missing],
+            "extra": [list(c) for c in known.extra],
         },
     }
 

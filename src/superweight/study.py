@@ -428,7 +428,8 @@ def _stop_word_section(shift: StopWordShift) -> list[str]:
 def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Sequence[SuperWeight] = (),
                  table: SummaryTable | None = None,
                  sweep_rows: list[dict[str, Any]] | None = None, stop_words: StopWordShift | None = None,
-                 profile: ActivationProfile | None = None, meta: dict[str, Any] | None = None) -> Path:
+                 profile: ActivationProfile | None = None, meta: dict[str, Any] | None = None,
+                 verification: Any = None) -> Path:
     """REPORT.md, report.json and the PNG plots, written atomically to `out_dir` (a non-empty
     `out_dir` is refused unless `force`)."""
     meta = dict(meta or {})
@@ -438,11 +439,23 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
         lines += ["Command:", "", "```", str(meta["command"]), "```", ""]
     with atomic_directory(out_dir, force) as tmp:
         if super_weights:
-            lines += ["## Super weights", "", "`down_proj.weight[row, col]` of `layer` (see docs/architectures.md).", "",
-                      markdown_table(("layer", "row", "col", "expert", "weight", "input act.", "output spike", "iter."),
+            labels = verification.labels() if verification is not None else {}
+            lines += ["## Super weights", "", "`down_proj.weight[row, col]` of `layer` (see docs/architectures.md); "
+                      "effect: `sw detect --verify`'s label (README: How detection decides).", "",
+                      markdown_table(("layer", "row", "col", "expert", "weight", "input act.", "output spike", "conc.",
+                                      "share", "iter.", "effect"),
                                      [(w.layer, w.row, w.col, w.expert, w.value, w.input_activation,
-                                       w.output_spike, w.iteration) for w in super_weights]), ""]
+                                       w.output_spike, w.concentration, w.share, w.iteration,
+                                       labels.get(w.key, w.effect)) for w in super_weights]), ""]
             document["super_weights"] = [w.to_dict() for w in super_weights]
+        if verification is not None:
+            lines += [f"## Measured effect of each weight", "",
+                      f"Perplexity on {verification.text_source} ({verification.num_tokens} tokens). "
+                      f"Labels: {verification.to_dict()['rule']}.", "",
+                      markdown_table(("configuration", "perplexity", "x original"), verification.rows()), ""]
+            lines += [f"- prompt {c.prompt!r}: " + ("same coordinates" if c.same else "other coordinates: " + ", ".join(
+                str(list(k[:3])) for k in c.coordinates)) for c in verification.prompts] + [""]
+            document["verification"] = verification.to_dict()
         if table is not None:
             lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), ""]
             document["table"] = {"columns": table.columns, "rows": table.rows}
