@@ -176,7 +176,6 @@ def detect(
     def work() -> None:
         from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, SpikeRule, detect as run_detect, encode_prompt
         from .coords import write_coords
-        from .files import check_writable, refuse_inside
         from .model import load_model, parse_device_map, parse_max_memory, resolve
         from .report import check_known, detection_document, plot_activations, super_weight_table
         from .errors import UsageError
@@ -194,9 +193,7 @@ def detect(
                          median_ratio=defaults.median_ratio if median_ratio is None else median_ratio)
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         coords_path = out or Path(f"{_slug(source.alias or source.spec)}.superweights.yaml")
-        for path in filter(None, (coords_path, plot)):
-            refuse_inside(path, source.protected_dirs)
-            check_writable(path)
+        _check_outputs(source, files=(coords_path, plot))
         with session.status(f"loading {source.spec}") as update:
             if stream:  # no weights loaded here: config and tokenizer only
                 from .stream import detect_streamed, open_checkpoint
