@@ -82,3 +82,74 @@ def test_a_missing_output_folder_is_refused_not_created(tiny_llama_dir, tmp_path
     assert_one_line_error(invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--out",
                                  tmp_path / "no" / "model"), "does not exist")
     assert not (tmp_path / "no").exists()
+
+
+# ----------------------------------------------------------------------------- point 1: options that need another
+
+
+def test_factor_alone_implies_scale_and_says_so(tiny_llama_dir, coords_file, tmp_path):
+    from safetensors.torch import load_file
+
+    result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--factor", "2", "--out", tmp_path / "x2")
+    assert result.exit_code == 0, result.output
+    assert "--mode scale" in result.output
+    record = json.loads((tmp_path / "x2" / "superweight_ablation.json").read_text())
+    assert record["mode"] == "scale" and record["factor"] == 2.0
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert load_file(tmp_path / "x2" / "model.safetensors")[name][3, 5] == 2 * load_file(
+        tiny_llama_dir / "model.safetensors")[name][3, 5]
+    result = invoke("eval", tiny_llama_dir, "-q", "--json", "--coords", coords_file, "--factor", "2",
+                    "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "32")
+    assert result.exit_code == 0, result.output
+    ablation = json.loads(result.output)["ablation"]
+    assert ablation["mode"] == "scale" and ablation["factor"] == 2.0 and ablation["name"] == "super weights scaled x2"
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--mode", "zero", "--factor", "2"], ("--mode zero", "--factor 2")),
+    (["--top", "5"], ("--top 5", "--control outliers")),
+    (["--control", "random", "--top", "5"], ("--top 5", "--control outliers")),
+    (["--control", "bogus"], ("unknown --control 'bogus'",)),
+    (["--control", "outliers"], ("needs --top",)),
+])
+@pytest.mark.parametrize("command", ["ablate", "eval"])
+def test_options_that_would_be_ignored_are_usage_errors_before_the_model_loads(tmp_path, coords_file, command,
+                                                                                 args, fragments):
+    missing_model = tmp_path / "no-model-here"  # checked before the model is even looked for
+    extra = ["--out", tmp_path / "out"] if command == "ablate" else ["--data-dir", DATA_DIR]
+    result = invoke(command, missing_model, "--coords", coords_file, *args, *extra)
+    assert_one_line_error(result, *fragments)
+    assert result.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_with_top_needs_the_outlier_control(tmp_path, coords_file):
+    result = invoke("eval", tmp_path / "no-model", "--coords", coords_file, "--compare", "--top", "5",
+                    "--data-dir", DATA_DIR)
+    assert_one_line_error(result, "--control outliers")
+
+
+# ----------------------------------------------------------------------------- point 4: an empty coordinates file
+
+
+@pytest.mark.parametrize("command", ["ablate", "eval", "study", "quantize"])
+def test_an_empty_coordinates_file_says_so(tiny_llama_dir, tmp_path, command):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("model: tiny\nsuper_weights: []\n")
+    extra = {"ablate": ["--out", tmp_path / "out"], "study": ["--out", tmp_path / "out"]}.get(command, [])
+    result = invoke(command, tiny_llama_dir, "-q", "--coords", empty, "--data-dir", DATA_DIR, "--limit", "1",
+                    *extra) if command != "ablate" else invoke(command, tiny_llama_dir, "-q", "--coords", empty, *extra)
+    assert_one_line_error(result, str(empty), "holds no super weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_coord_value_is_a_usage_error(tmp_path):
+    result = invoke("ablate", tmp_path / "no-model", "--coord", "1,2", "--out", tmp_path / "out")
+    assert_one_line_error(result, "LAYER,ROW,COL")
+    assert result.exit_code == 2
+
+
+def test_missing_data_names_the_data_dir_option(tiny_llama_dir, monkeypatch):
+    monkeypatch.delenv("SUPERWEIGHT_DATA", raising=False)
+    line = assert_one_line_error(invoke("eval", tiny_llama_dir, "-q", "--limit", "1"), "--data-dir", "SUPERWEIGHT_DATA")
+    assert "data_dir" not in line

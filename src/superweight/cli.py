@@ -245,8 +245,9 @@ def detect(
 
 COORDS = typer.Option(None, "--coords", help="Coordinates file from `sw detect` (YAML or JSON).")
 COORD = typer.Option(None, "--coord", help="A coordinate LAYER,ROW,COL[,EXPERT]; repeatable.")
-MODE = typer.Option("zero", "--mode", help="zero (default) or scale.")
-FACTOR = typer.Option(None, "--factor", help="With --mode scale: multiply by S (0 zeroes, > 1 amplifies).")
+MODE = typer.Option(None, "--mode", help="zero (default) or scale.")
+FACTOR = typer.Option(None, "--factor", help="Multiply by S instead of zeroing (implies --mode scale; 0 zeroes, "
+                                             "> 1 amplifies).")
 CONTROL = typer.Option(None, "--control", help="Ablate a control instead: random (same count, same matrices) "
                                                 "or outliers (the --top N largest other weights).")
 TOP = typer.Option(None, "--top", help="With --control outliers: how many weights.")
@@ -315,7 +316,7 @@ def ablate(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
-    mode: str = MODE,
+    mode: Optional[str] = MODE,
     factor: Optional[str] = FACTOR,
     control: Optional[str] = CONTROL,
     top: Optional[int] = TOP,
@@ -353,10 +354,13 @@ def ablate(
         from . import ablate as ablation
         from .coords import requested
         from .errors import UsageError
-        from .experiments import control_weights, parse_factor
+        from .experiments import check_control, control_weights, parse_factor
         from .model import resolve
 
-        value = parse_factor(factor, mode)
+        how, value = parse_factor(factor, mode)
+        if mode is None and factor is not None:
+            session.say(f"--factor {factor} given: scaling the weights (--mode scale)")
+        check_control(control, top)
         weights = requested(coords, coord)
         if not weights:
             raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
@@ -368,7 +372,7 @@ def ablate(
         ablation.validate_coords(loaded.model, weights)
         ablation.check_recorded_values(loaded.model, weights)
         targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
-        record = ablation.apply(loaded.model, targets, mode=mode, factor=value, control=control,
+        record = ablation.apply(loaded.model, targets, mode=how, factor=value, control=control,
                                 seed=seed if control == "random" else None,
                                 top=top if control == "outliers" else None,
                                 reference=weights if control else None)
@@ -378,8 +382,8 @@ def ablate(
             typer.echo(json.dumps({"out": str(out), "ablation": record.to_dict()}, indent=2))
         else:
             what = f"{len(targets)} {control + ' control ' if control else 'super '}weight(s)"
-            how = "zeroed" if mode == "zero" else f"scaled x{value:g}"
-            stdout.print(f"{what} {how}; model written to {out}")
+            done = "zeroed" if how == "zero" else f"scaled x{value:g}"
+            stdout.print(f"{what} {done}; model written to {out}")
 
     session.run(work)
 
@@ -391,7 +395,7 @@ def eval_(
                                    "lambada_openai, piqa, arc_easy, arc_challenge, hellaswag, sciq, winogrande."),
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
-    mode: str = MODE,
+    mode: Optional[str] = MODE,
     factor: Optional[str] = FACTOR,
     control: Optional[str] = CONTROL,
     top: Optional[int] = TOP,
@@ -436,19 +440,23 @@ def eval_(
         from . import ablate as ablation
         from .coords import requested
         from .errors import UsageError
-        from .experiments import comparison_configurations, parse_factor, run_configurations, single_configuration, summary_table
+        from .experiments import (check_control, comparison_configurations, parse_factor, run_configurations,
+                                  single_configuration, summary_table)
         from .files import atomic_write_text
         from .model import resolve
 
-        value = parse_factor(factor, mode)
+        if compare and (mode not in (None, "zero") or factor is not None):
+            raise UsageError("--compare evaluates the paper's zeroing layout; drop --mode/--factor, or drop --compare")
+        how, value = parse_factor(factor, mode)
+        if mode is None and factor is not None:
+            session.say(f"--factor {factor} given: scaling the weights (--mode scale)")
+        check_control(control, top)
         _check_limit(limit)
         batch = _batch_size(batch_size)
         names = _tasks_with_data(task, data_dir)
         weights = requested(coords, coord)
         if (compare or restore_activation or control) and not weights:
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
-        if compare and (mode != "zero" or factor is not None):
-            raise UsageError("--compare evaluates the paper's zeroing layout; drop --mode/--factor, or drop --compare")
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, files=(output,))
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
@@ -460,7 +468,7 @@ def eval_(
         if compare:
             configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
         else:
-            configurations = [single_configuration(loaded.model, weights, mode=mode, factor=value,
+            configurations = [single_configuration(loaded.model, weights, mode=how, factor=value,
                                                    restore_activation=restore_activation, control=control,
                                                    seed=seed, top=top)]
         with _task_progress(session) as (on_start, on_progress):

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CoordinatesError
+from .errors import CoordinateOptionError, CoordinatesError
 from .files import atomic_write_text
 
 
@@ -84,7 +84,7 @@ def parse_coord(text: str) -> SuperWeight:
     """`LAYER,ROW,COL` or `LAYER,ROW,COL,EXPERT` as given on the command line."""
     parts = [p.strip() for p in text.split(",")]
     if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
-        raise CoordinatesError(
+        raise CoordinateOptionError(
             f"bad coordinate '{text}': write LAYER,ROW,COL (or LAYER,ROW,COL,EXPERT) as non-negative integers"
         )
     numbers = [int(p) for p in parts]
@@ -133,6 +133,11 @@ def write_coords(path: str | Path, weights: list[SuperWeight], **meta: Any) -> P
 def requested(coords_file: str | Path | None, coord_texts: list[str] | None) -> list[SuperWeight]:
     """Coordinates from `--coords FILE` and repeated `--coord L,R,C`, in that order, without repeats."""
     weights = read_coords(coords_file)[0] if coords_file else []
+    if coords_file and not weights and not coord_texts:  # else the original model would pass as ablated
+        raise CoordinatesError(
+            f"{coords_file} holds no super weights (the detection that wrote it found none), so there is "
+            "nothing to ablate; detect again with a lower --min-spike / --median-ratio, or give --coord L,R,C"
+        )
     weights += [parse_coord(text) for text in coord_texts or []]
     unique: dict[tuple, SuperWeight] = {}
     for weight in weights:

@@ -29,6 +29,12 @@ class CoordinatesError(SuperweightError):
     """A coordinates file is malformed or does not fit the model."""
 
 
+class CoordinateOptionError(CoordinatesError):
+    """A --coord value that is not LAYER,ROW,COL[,EXPERT]: a usage error."""
+
+    exit_code = 2
+
+
 class OutputPathError(SuperweightError):
     """An output path cannot or must not be written."""
 

@@ -41,11 +41,18 @@ class Configuration:
         }
 
 
-def parse_factor(text: str | None, mode: str) -> float | None:
+def parse_factor(text: str | None, mode: str | None) -> tuple[str, float]:
+    """(mode, factor) from --mode and --factor. --factor alone implies --mode scale (an option
+    that only means something with another must not be accepted and then ignored)."""
+    if mode is None:
+        mode = "zero" if text is None else "scale"
     if mode not in ("zero", "scale"):
         raise UsageError(f"unknown --mode '{mode}'; use zero or scale")
     if mode == "zero":
-        return 0.0
+        if text is not None:
+            raise UsageError(f"--mode zero zeroes the weights, so --factor {text} would be ignored; "
+                             "drop --factor, or drop --mode zero to scale")
+        return mode, 0.0
     if text is None:
         raise UsageError("--mode scale needs --factor S (a number; 0 zeroes, > 1 amplifies)")
     try:
@@ -54,7 +61,18 @@ def parse_factor(text: str | None, mode: str) -> float | None:
         raise UsageError(f"--factor must be a number, got '{text}'") from None
     if not math.isfinite(factor):
         raise UsageError(f"--factor must be a finite number, got '{text}'")
-    return factor
+    return mode, factor
+
+
+def check_control(control: str | None, top: int | None) -> None:
+    """--control and --top, checked before the model loads."""
+    if control is not None and control not in CONTROLS:
+        raise UsageError(f"unknown --control '{control}'; use {' or '.join(CONTROLS)}")
+    if control == "outliers" and (top is None or top <= 0):
+        raise UsageError("--control outliers needs --top N (a positive number of weights)")
+    if top is not None and control != "outliers":
+        raise UsageError(f"--top {top} counts the weights of --control outliers, which is not given; "
+                         "add --control outliers or drop --top")
 
 
 def control_weights(model, super_weights: list[SuperWeight], control: str, *, seed: int, top: int | None) -> list[SuperWeight]:
