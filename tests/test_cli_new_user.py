@@ -153,3 +153,74 @@ def test_missing_data_names_the_data_dir_option(tiny_llama_dir, monkeypatch):
     monkeypatch.delenv("SUPERWEIGHT_DATA", raising=False)
     line = assert_one_line_error(invoke("eval", tiny_llama_dir, "-q", "--limit", "1"), "--data-dir", "SUPERWEIGHT_DATA")
     assert "data_dir" not in line
+
+
+# ----------------------------------------------------------------------------- point 13: piped output
+
+
+def test_piped_output_never_wraps(tiny_llama_dir, coords_file, tmp_path):
+    result = invoke("detect", tiny_llama_dir, "-q", "--out", tmp_path / "c.yaml")  # the tiny model has none
+    assert result.exit_code == 0, result.output
+    assert "no layer stands out: no super weight under the current rule (see --min-spike / --median-ratio)" \
+        in result.output.splitlines()
+    result = invoke("eval", tiny_llama_dir, "-q", "--coords", coords_file, "--compare", "--task", "all",
+                    "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│")]
+    assert len(rows) == 4  # one line per configuration, however wide the table
+    assert any("zeroed + activation restored" in row and "winogrande" not in row for row in rows)
+    assert len({len(line) for line in result.output.splitlines()[1:]}) == 1  # the whole table, no wrapped cells
+
+
+# ----------------------------------------------------------------------------- point 15: the small ones
+
+
+def test_short_help_and_global_options(tiny_llama_dir, tmp_path):
+    result = invoke("-h")
+    assert result.exit_code == 0 and "Commands" in result.output and "--quiet" in result.output
+    assert invoke("eval", "-h").exit_code == 0
+    result = invoke("--quiet", "detect", tiny_llama_dir, "--out", tmp_path / "c.yaml")
+    assert result.exit_code == 0, result.output
+    assert "loaded" not in result.output and "coordinates written" in result.output
+    result = invoke("--debug", "detect", tmp_path / "missing.gguf")
+    assert result.exception is not None and not isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ["detect", "ablate", "eval", "quantize", "study"])
+def test_help_names_values_not_python_types(command):
+    text = invoke(command, "--help").output
+    for python_type in ("<list[", "<str>", "<path>", "<int>"):
+        assert python_type not in text.replace("MODEL <str>", ""), (command, python_type)
+
+
+def test_ablate_seed_help_is_about_the_random_control():
+    text = " ".join(invoke("ablate", "--help").output.split())
+    assert "Seed for --control random" in text and "bootstrap" not in text
+
+
+@pytest.mark.parametrize("task", ["PIQA", "piqa,arc_easy", "Piqa, ARC_EASY"])
+def test_task_names_ignore_case_and_split_on_commas(tiny_llama_dir, task):
+    result = invoke("eval", tiny_llama_dir, "-q", "--json", "--task", task, "--limit", "1", "--max-length", "32",
+                    "--data-dir", DATA_DIR)
+    assert result.exit_code == 0, result.output
+    expected = ["piqa"] if task == "PIQA" else ["piqa", "arc_easy"]
+    assert list(json.loads(result.output)["results"]) == expected
+
+
+def test_one_document_is_singular(tiny_llama_dir):
+    result = invoke("eval", tiny_llama_dir, "-q", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR)
+    assert result.exit_code == 0, result.output
+    assert "first document of each task" in result.output and "first 1 documents" not in result.output
+
+
+@pytest.mark.parametrize("command,args,fragment", [
+    ("quantize", ["--block-size", "abc"], "got 'abc'"),
+    ("quantize", ["--block-size", "64", "--block-size", "x1"], "got 'x1'"),
+    ("eval", ["--max-length", "1"], "--max-length"),
+    ("study", ["--max-length", "0"], "--max-length"),
+    ("quantize", ["--max-length", "-3"], "--max-length"),
+])
+def test_bad_option_values_exit_2_before_the_model_loads(tmp_path, command, args, fragment):
+    result = invoke(command, tmp_path / "no-model-here", "--data-dir", DATA_DIR, *args)
+    line = assert_one_line_error(result, fragment)
+    assert result.exit_code == 2 and "[" not in line

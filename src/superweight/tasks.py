@@ -238,11 +238,12 @@ TASKS: dict[str, Task] = {
 
 
 def resolve_task_names(names: list[str] | str) -> list[str]:
-    """Expand `all`, drop duplicates (keeping order) and reject unknown names."""
+    """Expand `all`, drop duplicates (keeping order) and reject unknown names. Names are matched
+    case-insensitively, and each entry may hold several, comma-separated (`piqa,arc_easy`)."""
     if isinstance(names, str):
-        names = [n for n in names.split(",") if n.strip()]
+        names = [names]
     resolved: list[str] = []
-    for name in (n.strip() for n in names if n.strip()):
+    for name in (n.strip().lower() for entry in names for n in entry.split(",") if n.strip()):
         expanded = list(TASKS) if name == "all" else [name]
         for task in expanded:
             if task not in TASKS:
