@@ -224,3 +224,31 @@ def test_bad_option_values_exit_2_before_the_model_loads(tmp_path, command, args
     result = invoke(command, tmp_path / "no-model-here", "--data-dir", DATA_DIR, *args)
     line = assert_one_line_error(result, fragment)
     assert result.exit_code == 2 and "[" not in line
+
+
+# ----------------------------------------------------------------------------- point 3: an ablated directory
+
+
+def test_eval_of_an_ablated_directory_says_what_it_is(tiny_llama_dir, tmp_path):
+    out = tmp_path / "no-sw"
+    result = invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--coord", "2,4,6", "--out", out)
+    assert result.exit_code == 0, result.output
+    label = f"ablated by superweight: 2 super weights zeroed (source {tiny_llama_dir})"
+    options = ["-q", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR]
+    result = invoke("eval", out, *options)
+    assert result.exit_code == 0, result.output
+    assert label in result.output and "original" not in result.output
+    document = json.loads(invoke("eval", out, "--json", *options).output)
+    assert document["ablation"]["name"] == label
+    assert document["model"]["superweight_ablation"]["coordinates"] == [{"layer": 1, "row": 3, "col": 5},
+                                                                         {"layer": 2, "row": 4, "col": 6}]
+    assert json.loads(invoke("eval", tiny_llama_dir, "--json", *options).output)["ablation"]["name"] == "original"
+
+
+def test_describe_recorded_ablation():
+    from superweight.ablate import describe_recorded_ablation
+
+    record = {"source": {"spec": "m"}, "coordinates": [{}] * 7, "mode": "scale", "factor": 2.5,
+              "control": {"kind": "outliers", "top": 7}}
+    assert describe_recorded_ablation(record) == "ablated by superweight: 7 outliers control weights scaled x2.5 (source m)"
+    assert "unreadable" in describe_recorded_ablation({"unreadable": "x"})

@@ -490,6 +490,8 @@ def eval_(
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, files=(output,))
+        prior = ablation.recorded_ablation(source)
+        unchanged = ablation.describe_recorded_ablation(prior) if prior else "original"
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map, max_memory=max_memory,
                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir)
@@ -497,18 +499,19 @@ def eval_(
             ablation.validate_coords(loaded.model, weights)
             ablation.check_recorded_values(loaded.model, weights)
         if compare:
-            configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
+            configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
+                                                       unchanged=unchanged)
         else:
             configurations = [single_configuration(loaded.model, weights, mode=how, factor=value,
                                                    restore_activation=restore_activation, control=control,
-                                                   seed=seed, top=top)]
+                                                   seed=seed, top=top, unchanged=unchanged)]
         with _task_progress(session) as (on_start, on_progress):
             runs = run_configurations(
                 loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
                 limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress)
         document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
         document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
-                             "dtype": loaded.dtype}
+                             "dtype": loaded.dtype, "superweight_ablation": prior}
         document["tool"] = f"superweight {__version__}"
         if output:
             atomic_write_text(output, json.dumps(document, indent=2) + "\n")

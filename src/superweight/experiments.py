@@ -87,10 +87,12 @@ def control_weights(model, super_weights: list[SuperWeight], control: str, *, se
 
 
 def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, factor: float | None,
-                         restore_activation: bool, control: str | None, seed: int, top: int | None) -> Configuration:
-    """What `sw eval --coords ...` (without --compare) evaluates."""
+                         restore_activation: bool, control: str | None, seed: int, top: int | None,
+                         unchanged: str = "original") -> Configuration:
+    """What `sw eval --coords ...` (without --compare) evaluates; `unchanged` names the model as
+    loaded (a directory that `sw ablate` wrote is not the original)."""
     if not super_weights:
-        return Configuration("original")
+        return Configuration(unchanged)
     if control and restore_activation:
         raise UsageError("--restore-activation writes back the super weights' activation, which a --control "
                          "ablation leaves alone; drop one of them (--compare evaluates both)")
@@ -104,13 +106,13 @@ def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, 
 
 
 def comparison_configurations(model, super_weights: list[SuperWeight], *, control: str | None, seed: int,
-                              top: int | None) -> list[Configuration]:
-    """The paper's Table 1: original, SW zeroed, SW zeroed + SA restored, and a control."""
+                              top: int | None, unchanged: str = "original") -> list[Configuration]:
+    """The paper's Table 1: original (`unchanged`), SW zeroed, SW zeroed + SA restored, and a control."""
     control = control or "random"
     chosen = control_weights(model, super_weights, control, seed=seed, top=top)
     weights = tuple(super_weights)
     return [
-        Configuration("original"),
+        Configuration(unchanged),
         Configuration("super weights zeroed", weights),
         Configuration("zeroed + activation restored", weights, restore_activation=True),
         Configuration(f"{control} control zeroed", tuple(chosen), control=control, control_seed=seed, control_top=top),
