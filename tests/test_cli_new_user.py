@@ -252,3 +252,25 @@ def test_describe_recorded_ablation():
               "control": {"kind": "outliers", "top": 7}}
     assert describe_recorded_ablation(record) == "ablated by superweight: 7 outliers control weights scaled x2.5 (source m)"
     assert "unreadable" in describe_recorded_ablation({"unreadable": "x"})
+
+
+# ----------------------------------------------------------------------------- point 14: a study without wikitext
+
+
+def png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")
+
+
+def test_a_sweep_without_wikitext_has_no_empty_perplexity_panel_or_column(tmp_path):
+    from superweight.study import SWEEP_PLOT, write_report
+
+    accuracy_only = [{"factor": 0.0, "perplexity": None, "avg_acc": 0.0},
+                     {"factor": 1.0, "perplexity": None, "avg_acc": 1.0}]
+    write_report(tmp_path / "acc", sweep_rows=accuracy_only)
+    report = (tmp_path / "acc" / "REPORT.md").read_text()
+    assert "perplexity" not in report
+    assert "| 0 | 0.0000 |" in report and "| 1 | 1.0000 |" in report  # 4 decimals, as in Table 1
+    both = [dict(r, perplexity=10.0 + r["factor"]) for r in accuracy_only]
+    write_report(tmp_path / "both", sweep_rows=both)
+    assert "| 0 | 10.000 | 0.0000 |" in (tmp_path / "both" / "REPORT.md").read_text()
+    assert png_width(tmp_path / "acc" / SWEEP_PLOT) < 0.6 * png_width(tmp_path / "both" / SWEEP_PLOT)  # one panel
