@@ -274,3 +274,25 @@ def test_a_sweep_without_wikitext_has_no_empty_perplexity_panel_or_column(tmp_pa
     write_report(tmp_path / "both", sweep_rows=both)
     assert "| 0 | 10.000 | 0.0000 |" in (tmp_path / "both" / "REPORT.md").read_text()
     assert png_width(tmp_path / "acc" / SWEEP_PLOT) < 0.6 * png_width(tmp_path / "both" / SWEEP_PLOT)  # one panel
+
+
+# ----------------------------------------------------------------------------- point 2: quantize reports every task
+
+
+def test_quantize_reports_the_accuracy_of_a_task_without_perplexity(tiny_llama_dir, tmp_path):
+    options = ["-q", "--coord", "1,3,5", "--task", "piqa", "--block-size", "64", "--data-dir", DATA_DIR,
+               "--limit", "2", "--max-length", "32"]
+    result = invoke("quantize", tiny_llama_dir, "--json", *options, "--plot", tmp_path / "rtn.png")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    (row,) = document["weights"]
+    for scheme in ("naive", "aware"):
+        assert 0 <= row[scheme]["piqa"]["acc"] <= 1 and "acc_norm" in row[scheme]["piqa"]
+    assert 0 <= document["unquantized"]["piqa"]["acc"] <= 1
+    assert png_width(tmp_path / "rtn.png") > 1000  # a panel for acc and one for acc_norm
+    result = invoke("quantize", tiny_llama_dir, *options)
+    assert result.exit_code == 0, result.output
+    assert "piqa acc" in result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.startswith("│")}
+    assert set(rows) == {"unquantized", "naive, block 64", "aware, block 64"}
+    assert all(f"{row[s]['piqa']['acc']:.4f}" in rows[f"{s}, block 64"] for s in ("naive", "aware"))

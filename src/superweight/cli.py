@@ -578,6 +578,7 @@ def quantize(
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
         from .errors import UsageError
+        from .experiments import summary_table
         from .model import resolve
 
         sizes = None
@@ -618,25 +619,25 @@ def quantize(
             with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights, z=z):
                 _save_quantized(loaded, out, force, {"bits": bits, "block_size": grid[0], "z": z,
                                                      "super_weights": [w.to_dict() for w in weights]})
+        def without_baseline(row: dict) -> dict:  # the unquantized results appear once, at the top
+            return {k: v for k, v in row.items() if k != "baseline"}
+
         document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z,
                     "super_weights": [w.to_dict() for w in weights],
-                    "weights": [{k: v for k, v in r.items() if k not in ("naive", "aware", "baseline")} for r in rows],
-                    "activations": [{k: v for k, v in r.items() if k not in ("naive", "aware", "baseline")}
-                                    for r in activation_rows],
+                    "unquantized": rows[0].get("baseline") if rows else None,
+                    "weights": [without_baseline(r) for r in rows],
+                    "activations": [without_baseline(r) for r in activation_rows],
                     "tool": f"superweight {__version__}"}
         if as_json:
             typer.echo(json.dumps(document, indent=2))
             return
-        baseline = rows[0].get("baseline_perplexity") if rows else None
-        def ppl(value) -> str:
-            return "" if value is None else f"{value:.3f}"
-        _print_table(f"{source.spec}: INT{bits} RTN, wikitext word perplexity (unquantized {ppl(baseline)})",
-                     ("block size", "naive", f"super-weight aware (z={z:g})"),
-                     [(str(r["block_size"]), ppl(r["naive_perplexity"]), ppl(r["aware_perplexity"])) for r in rows])
+        table = summary_table(rtn.comparison_runs(rows, lambda r: f"block {r['block_size']}"))
+        _print_table(f"{source.spec}: INT{bits} RTN, naive vs super-weight aware (z={z:g})" + _first_documents(limit),
+                     tuple(table.columns), [tuple(r) for r in table.rows])
         if activation_rows:
-            _print_table("down-projection input, per-tensor RTN", ("bits", "naive", "super activation held out"),
-                         [(str(r["bits"]), ppl(r["naive_perplexity"]), ppl(r["aware_perplexity"]))
-                          for r in activation_rows])
+            table = summary_table(rtn.comparison_runs(activation_rows, lambda r: f"{r['bits']}-bit"))
+            _print_table("down-projection input, per-tensor RTN (aware: super activation held out)",
+                         tuple(table.columns), [tuple(r) for r in table.rows])
 
     session.run(work)
 

@@ -151,13 +151,18 @@ HEADLINE_METRICS = {
 }
 
 
-def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
-    """Rows = configurations, columns = task metrics (+ average accuracy when there are several)."""
-    first = next(iter(runs.values()))
+def headline_columns(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(task, metric) of each task's headline metrics in `results` (task -> metric -> value)."""
     columns: list[tuple[str, str]] = []
-    for task, metrics in first["results"].items():
+    for task, metrics in results.items():
         wanted = HEADLINE_METRICS.get(task, ("acc", "acc_norm"))
         columns += [(task, m) for m in wanted if m in metrics]
+    return columns
+
+
+def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
+    """Rows = configurations, columns = task metrics (+ average accuracy when there are several)."""
+    columns = headline_columns(next(iter(runs.values()))["results"])
     accuracy_columns = [(t, m) for t, m in columns if m == "acc"]
     table = SummaryTable(["configuration", *(f"{t} {m}" for t, m in columns)])
     if len(accuracy_columns) > 1:
