@@ -296,3 +296,19 @@ def test_quantize_reports_the_accuracy_of_a_task_without_perplexity(tiny_llama_d
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.startswith("│")}
     assert set(rows) == {"unquantized", "naive, block 64", "aware, block 64"}
     assert all(f"{row[s]['piqa']['acc']:.4f}" in rows[f"{s}, block 64"] for s in ("naive", "aware"))
+
+
+@pytest.mark.parametrize("command", ["ablate", "eval", "study", "quantize"])
+def test_out_of_range_coordinates_fail_before_the_weights_load(tiny_llama_dir, tmp_path, monkeypatch, command):
+    import superweight.model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(superweight.model, "load_model", no_load)
+    extra = ["--out", tmp_path / "out"] if command in ("ablate", "study") else ["--data-dir", DATA_DIR]
+    if command == "study":
+        extra += ["--data-dir", DATA_DIR]
+    result = invoke(command, tiny_llama_dir, "-q", "--coord", "1,3,64", *extra)  # 64 input channels: 0..63
+    assert_one_line_error(result, "col 64 is out of range")
+    assert not (tmp_path / "out").exists()

@@ -107,6 +107,25 @@ def validate_coords(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
             )
 
 
+def check_coords_before_load(source: Any, weights: Sequence[SuperWeight], *, trust_remote_code: bool = False) -> None:
+    """Out-of-range coordinates fail before the weights are read: `validate_coords` on a
+    weightless (meta-device) model built from the config of a local directory or hub model. A
+    GGUF's config comes out of its dequantisation, so a GGUF is checked after the load; a config
+    that cannot be read is left to the load, which reports it in its own words."""
+    if not weights or source.kind == "gguf":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source.location, revision=source.revision, cache_dir=source.cache_dir,
+                                            trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - any failure here is the load's to report
+        return
+    validate_coords(skeleton, weights)
+
+
 def check_recorded_values(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
     """Raise `CoordinatesError` when a weight's value recorded by `sw detect` is not the value this
     model holds there: the file was made for another model (or this one is already ablated).

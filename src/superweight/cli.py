@@ -396,6 +396,7 @@ def ablate(
             raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, directory=out, force=force)
+        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map, max_memory=max_memory,
                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir)
@@ -492,6 +493,7 @@ def eval_(
         _check_outputs(source, files=(output,))
         prior = ablation.recorded_ablation(source)
         unchanged = ablation.describe_recorded_ablation(prior) if prior else "original"
+        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map, max_memory=max_memory,
                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir)
@@ -575,6 +577,7 @@ def quantize(
 
     def work() -> None:
         from . import quantize as rtn
+        from .ablate import check_coords_before_load
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
         from .errors import UsageError
@@ -598,6 +601,7 @@ def quantize(
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, files=(plot,), directory=out, force=force)
         weights = requested(coords, coord)
+        check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map,
                                    max_memory=max_memory, trust_remote_code=trust_remote_code,
@@ -710,11 +714,12 @@ def study(
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         out_dir = out or Path(f"{_slug(source.alias or source.spec)}-study")
         _check_outputs(source, directory=out_dir, force=force)
+        weights = requested(coords, coord)
+        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map,
                                    max_memory=max_memory, trust_remote_code=trust_remote_code,
                                    cache_dir=cache_dir)
-        weights = requested(coords, coord)
         if weights:
             ablation.validate_coords(loaded.model, weights)
             ablation.check_recorded_values(loaded.model, weights)
