@@ -147,6 +147,9 @@ def test_a_bad_coord_value_is_a_usage_error(tmp_path):
     result = invoke("ablate", tmp_path / "no-model", "--coord", "1,2", "--out", tmp_path / "out")
     assert_one_line_error(result, "LAYER,ROW,COL")
     assert result.exit_code == 2
+    result = invoke("ablate", tmp_path / "no-model", "--coords", tmp_path / "none.yaml", "--out", tmp_path / "out")
+    assert_one_line_error(result, "coordinates file not found")
+    assert result.exit_code == 2
 
 
 def test_missing_data_names_the_data_dir_option(tiny_llama_dir, monkeypatch):

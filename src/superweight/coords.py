@@ -94,8 +94,8 @@ def parse_coord(text: str) -> SuperWeight:
 def read_coords(path: str | Path) -> tuple[list[SuperWeight], dict[str, Any]]:
     """Read a coordinates file; returns (super weights, the file's other top-level fields)."""
     path = Path(path)
-    if not path.is_file():
-        raise CoordinatesError(f"coordinates file not found: {path}; make one with `sw detect MODEL --out {path}`")
+    if not path.is_file():  # a bad --coords value, as click treats a missing path: exit 2
+        raise CoordinateOptionError(f"coordinates file not found: {path}; make one with `sw detect MODEL --out {path}`")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

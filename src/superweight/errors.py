@@ -30,7 +30,8 @@ class CoordinatesError(SuperweightError):
 
 
 class CoordinateOptionError(CoordinatesError):
-    """A --coord value that is not LAYER,ROW,COL[,EXPERT]: a usage error."""
+    """A --coord value that is not LAYER,ROW,COL[,EXPERT], or a --coords file that does not exist:
+    a usage error."""
 
     exit_code = 2
 
