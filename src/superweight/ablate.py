@@ -107,6 +107,25 @@ def validate_coords(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
             )
 
 
+def check_coords_before_load(source: Any, weights: Sequence[SuperWeight], *, trust_remote_code: bool = False) -> None:
+    """Out-of-range coordinates fail before the weights are read: `validate_coords` on a
+    weightless (meta-device) model built from the config of a local directory or hub model. A
+    GGUF's config comes out of its dequantisation, so a GGUF is checked after the load; a config
+    that cannot be read is left to the load, which reports it in its own words."""
+    if not weights or source.kind == "gguf":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source.location, revision=source.revision, cache_dir=source.cache_dir,
+                                            trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - any failure here is the load's to report
+        return
+    validate_coords(skeleton, weights)
+
+
 def check_recorded_values(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
     """Raise `CoordinatesError` when a weight's value recorded by `sw detect` is not the value this
     model holds there: the file was made for another model (or this one is already ablated).
@@ -545,3 +564,32 @@ def save_ablated(loaded: Any, record: AblationRecord, out_dir: str | Path, force
             if was_quantized is not None:
                 model.is_quantized = was_quantized
     return out_dir
+
+
+def recorded_ablation(source: Any) -> dict[str, Any] | None:
+    """The `superweight_ablation.json` of a local model directory written by `save_ablated`, or
+    None: evaluating such a directory must not pass it off as the original model."""
+    if source.kind != "local":
+        return None
+    path = Path(source.location) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {"unreadable": str(path)}
+    return record if isinstance(record, dict) else {"unreadable": str(path)}
+
+
+def describe_recorded_ablation(record: dict[str, Any]) -> str:
+    """One line for tables: "ablated by superweight: 2 super weights zeroed (source smollm2-135m)"."""
+    if "unreadable" in record:
+        return f"ablated by superweight (its {RECORD_FILE} is unreadable)"
+    count = len(record.get("coordinates") or [])
+    control = (record.get("control") or {}).get("kind")
+    what = f"{count} {control + ' control' if control else 'super'} weight{'' if count == 1 else 's'}"
+    factor = record.get("factor")
+    how = "zeroed" if record.get("mode") == "zero" else f"scaled x{factor:g}" if isinstance(factor, (int, float)) \
+        else "scaled"
+    source = (record.get("source") or {}).get("spec")
+    return f"ablated by superweight: {what} {how}" + (f" (source {source})" if source else "")

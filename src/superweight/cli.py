@@ -27,8 +27,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-stdout = Console(highlight=False)
+
+
+class _Stdout:
+    """Results: wrapped to a terminal's width, never wrapped when piped, so that lines and table
+    rows stay whole for grep and scripts (rich would wrap them at 80 columns)."""
+
+    def print(self, *objects, **options) -> None:
+        piped = not sys.stdout.isatty()
+        console = Console(highlight=False, soft_wrap=piped, width=1_000_000 if piped else None)
+        console.print(*objects, **options)
+
+
+stdout = _Stdout()
 stderr = Console(stderr=True, highlight=False)
 
 
@@ -36,8 +49,8 @@ class Session:
     """Per-command output settings: how chatty, and whether errors show tracebacks."""
 
     def __init__(self, quiet: bool, debug: bool):
-        self.quiet = quiet
-        self.debug = debug
+        self.quiet = quiet or GLOBAL_OPTIONS["quiet"]
+        self.debug = debug or GLOBAL_OPTIONS["debug"]
 
     def say(self, message: str) -> None:
         if not self.quiet:
@@ -95,26 +108,33 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+# `sw --quiet detect` as well as `sw detect --quiet`: set by the callback on every invocation.
+GLOBAL_OPTIONS = {"quiet": False, "debug": False}
+
+
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Show the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr (any command)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on error (any command)."),
 ) -> None:
     """Find, ablate and evaluate the super weights of large language models (Yu et al. 2024)."""
+    GLOBAL_OPTIONS.update(quiet=quiet, debug=debug)
 
 
 # Options shared by every command that loads a model.
-MODEL_ARG = typer.Argument(None, help="Alias (see configs/models.yaml), hub id, local directory or .gguf file. "
+MODEL_ARG = typer.Argument(None, metavar="MODEL", help="Alias (see configs/models.yaml), hub id, local directory or .gguf file. "
                                       "Default: smollm2-135m (offline).")
-REVISION = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit).")
-GGUF_FILE = typer.Option(None, "--gguf-file", help="GGUF file name inside the MODEL directory.")
-DTYPE = typer.Option("auto", "--dtype", help="auto|float32|float16|bfloat16 (auto: the checkpoint's; GGUF: float32).")
-DEVICE = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N|mps.")
-DEVICE_MAP = typer.Option(None, "--device-map", help="accelerate device map: auto|balanced|balanced_low_0|"
+REVISION = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit).")
+GGUF_FILE = typer.Option(None, "--gguf-file", metavar="FILE", help="GGUF file name inside the MODEL directory.")
+DTYPE = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto|float32|float16|bfloat16 (auto: the checkpoint's; GGUF: float32).")
+DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto|cpu|cuda|cuda:N|mps.")
+DEVICE_MAP = typer.Option(None, "--device-map", metavar="MAP", help="accelerate device map: auto|balanced|balanced_low_0|"
                                                        "sequential, or a JSON object/file (module -> device).")
-MAX_MEMORY = typer.Option(None, "--max-memory", help="Per-device budget for --device-map, e.g. 0=20GiB,cpu=64GiB.")
+MAX_MEMORY = typer.Option(None, "--max-memory", metavar="BUDGET", help="Per-device budget for --device-map, e.g. 0=20GiB,cpu=64GiB.")
 TRUST = typer.Option(False, "--trust-remote-code", help="Run model code from the hub (off by default).")
-CACHE_DIR = typer.Option(None, "--cache-dir", help="Hugging Face cache directory.")
+CACHE_DIR = typer.Option(None, "--cache-dir", metavar="DIR", help="Hugging Face cache directory.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr.")
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks on error.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
@@ -136,25 +156,25 @@ def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...
 @app.command()
 def detect(
     model: Optional[str] = MODEL_ARG,
-    prompt: str = typer.Option(None, "--prompt", help="Prompt for the forward pass (default: the paper's)."),
-    iterations: int = typer.Option(None, "--iterations", "-n", help="At most N passes; each zeroes what was found "
+    prompt: str = typer.Option(None, "--prompt", metavar="TEXT", help="Prompt for the forward pass (default: the paper's)."),
+    iterations: int = typer.Option(None, "--iterations", "-n", metavar="N", help="At most N passes; each zeroes what was found "
                                                                      "and looks again (default 5)."),
-    min_spike: float = typer.Option(None, "--min-spike", help="Least |residual write| of a super activation "
-                                                              "(default 100)."),
-    min_concentration: float = typer.Option(None, "--min-concentration",
+    min_spike: float = typer.Option(None, "--min-spike", metavar="X", help="Least |residual write| of a super "
+                                                                          "activation (default 100)."),
+    min_concentration: float = typer.Option(None, "--min-concentration", metavar="F",
                                             help="Least part of the token's raw down_proj output energy in the "
                                                  "spike's channel, in (0, 1] (default 0.25)."),
-    min_share: float = typer.Option(None, "--min-share", help="Least part of the raw output one weight makes, "
-                                                              "in (0, 1] (default 0.5)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Coordinates file (.yaml or .json). "
+    min_share: float = typer.Option(None, "--min-share", metavar="F", help="Least part of the raw output one weight "
+                                                                           "makes, in (0, 1] (default 0.5)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Coordinates file (.yaml or .json). "
                                                                  "Default: ./<model>.superweights.yaml"),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-layer activation plot (PNG)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Write the per-layer activation plot (PNG)."),
     stream: bool = typer.Option(False, "--stream", help="Read a safetensors checkpoint one decoder layer at a "
                                                         "time (memory: embeddings + one layer) instead of loading it."),
     verify: bool = typer.Option(False, "--verify", help="Measure each found weight's effect on perplexity (alone, "
                                                         "all, restored, random control) and re-detect on more "
                                                         "prompts; label each super / redundant / minor."),
-    verify_text: Optional[Path] = typer.Option(None, "--verify-text", help="With --verify: a UTF-8 text file to "
+    verify_text: Optional[Path] = typer.Option(None, "--verify-text", metavar="FILE", help="With --verify: a UTF-8 text file to "
                                                                            "measure perplexity on (default: a "
                                                                            "shipped paragraph)."),
     as_json: bool = JSON,
@@ -186,7 +206,6 @@ def detect(
     def work() -> None:
         from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, SpikeRule, detect as run_detect, encode_prompt
         from .coords import write_coords
-        from .files import check_writable, refuse_inside
         from .model import load_model, parse_device_map, parse_max_memory, resolve
         from .report import check_known, detection_document, plot_activations, super_weight_table
         from .errors import UsageError
@@ -211,9 +230,7 @@ def detect(
         rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         coords_path = out or Path(f"{_slug(source.alias or source.spec)}.superweights.yaml")
-        for path in filter(None, (coords_path, plot)):
-            refuse_inside(path, source.protected_dirs)
-            check_writable(path)
+        _check_outputs(source, files=(coords_path, plot))
         with session.status(f"loading {source.spec}") as update:
             if stream:  # no weights loaded here: config and tokenizer only
                 from .stream import detect_streamed, open_checkpoint
@@ -280,14 +297,15 @@ def detect(
     session.run(work)
 
 
-COORDS = typer.Option(None, "--coords", help="Coordinates file from `sw detect` (YAML or JSON).")
-COORD = typer.Option(None, "--coord", help="A coordinate LAYER,ROW,COL[,EXPERT]; repeatable.")
-MODE = typer.Option("zero", "--mode", help="zero (default) or scale.")
-FACTOR = typer.Option(None, "--factor", help="With --mode scale: multiply by S (0 zeroes, > 1 amplifies).")
-CONTROL = typer.Option(None, "--control", help="Ablate a control instead: random (same count, same matrices) "
+COORDS = typer.Option(None, "--coords", metavar="FILE", help="Coordinates file from `sw detect` (YAML or JSON).")
+COORD = typer.Option(None, "--coord", metavar="L,R,C", help="A coordinate LAYER,ROW,COL[,EXPERT]; repeatable.")
+MODE = typer.Option(None, "--mode", metavar="zero|scale", help="zero (default) or scale.")
+FACTOR = typer.Option(None, "--factor", metavar="S", help="Multiply by S instead of zeroing (implies --mode scale; 0 zeroes, "
+                                             "> 1 amplifies).")
+CONTROL = typer.Option(None, "--control", metavar="random|outliers", help="Ablate a control instead: random (same count, same matrices) "
                                                 "or outliers (the --top N largest other weights).")
-TOP = typer.Option(None, "--top", help="With --control outliers: how many weights.")
-SEED = typer.Option(0, "--seed", help="Seed for the random control and bootstrap errors.")
+TOP = typer.Option(None, "--top", metavar="N", help="With --control outliers: how many weights.")
+SEED = typer.Option(0, "--seed", metavar="N", help="Seed for the random control and bootstrap errors.")
 
 
 def _load_with_status(session: Session, source_spec: Optional[str], *, device_map: Optional[str],
@@ -302,11 +320,21 @@ def _load_with_status(session: Session, source_spec: Optional[str], *, device_ma
     return loaded
 
 
-def _check_limit(limit: Optional[int]) -> None:
+def _check_limit(limit: Optional[int], max_length: Optional[int] = None) -> None:
+    """--limit and --max-length, before the model loads (the evaluator checks them again)."""
     from .errors import UsageError
 
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit must be a positive number of documents, got {limit}")
+    if max_length is not None and max_length < 2:
+        raise UsageError(f"--max-length must be at least 2 tokens, got {max_length}")
+
+
+def _first_documents(limit: Optional[int]) -> str:
+    """The table title's note on --limit."""
+    if not limit:
+        return ""
+    return ", first document of each task" if limit == 1 else f", first {limit} documents per task"
 
 
 def _batch_size(text: str):
@@ -352,12 +380,12 @@ def ablate(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
-    mode: str = MODE,
+    mode: Optional[str] = MODE,
     factor: Optional[str] = FACTOR,
     control: Optional[str] = CONTROL,
     top: Optional[int] = TOP,
-    seed: int = SEED,
-    out: Path = typer.Option(..., "--out", "-o", help="Directory for the ablated model (safetensors)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for --control random."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory for the ablated model (safetensors)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
     as_json: bool = JSON,
     revision: Optional[str] = REVISION,
@@ -390,22 +418,26 @@ def ablate(
         from . import ablate as ablation
         from .coords import requested
         from .errors import UsageError
-        from .experiments import control_weights, parse_factor
+        from .experiments import check_control, control_weights, parse_factor
         from .model import resolve
 
-        value = parse_factor(factor, mode)
+        how, value = parse_factor(factor, mode)
+        if mode is None and factor is not None:
+            session.say(f"--factor {factor} given: scaling the weights (--mode scale)")
+        check_control(control, top)
         weights = requested(coords, coord)
         if not weights:
             raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, directory=out, force=force)
+        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map, max_memory=max_memory,
                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir)
         ablation.validate_coords(loaded.model, weights)
         ablation.check_recorded_values(loaded.model, weights)
         targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
-        record = ablation.apply(loaded.model, targets, mode=mode, factor=value, control=control,
+        record = ablation.apply(loaded.model, targets, mode=how, factor=value, control=control,
                                 seed=seed if control == "random" else None,
                                 top=top if control == "outliers" else None,
                                 reference=weights if control else None)
@@ -415,8 +447,8 @@ def ablate(
             typer.echo(json.dumps({"out": str(out), "ablation": record.to_dict()}, indent=2))
         else:
             what = f"{len(targets)} {control + ' control ' if control else 'super '}weight(s)"
-            how = "zeroed" if mode == "zero" else f"scaled x{value:g}"
-            stdout.print(f"{what} {how}; model written to {out}")
+            done = "zeroed" if how == "zero" else f"scaled x{value:g}"
+            stdout.print(f"{what} {done}; model written to {out}")
 
     session.run(work)
 
@@ -424,11 +456,12 @@ def ablate(
 @app.command(name="eval")
 def eval_(
     model: Optional[str] = MODEL_ARG,
-    task: list[str] = typer.Option(["wikitext"], "--task", "-t", help="Task; repeatable, or 'all': wikitext, "
+    task: list[str] = typer.Option(["wikitext"], "--task", "-t", metavar="TASK",
+                                   help="Task; repeatable or comma-separated, or 'all': wikitext, "
                                    "lambada_openai, piqa, arc_easy, arc_challenge, hellaswag, sciq, winogrande."),
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
-    mode: str = MODE,
+    mode: Optional[str] = MODE,
     factor: Optional[str] = FACTOR,
     control: Optional[str] = CONTROL,
     top: Optional[int] = TOP,
@@ -436,13 +469,13 @@ def eval_(
                                             help="Zero the super weights but write the super activation back."),
     compare: bool = typer.Option(False, "--compare", help="Original, zeroed, zeroed + restored, and a control "
                                                           "side by side (the paper's Table 1)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", envvar="SUPERWEIGHT_DATA",
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", envvar="SUPERWEIGHT_DATA",
                                            help="Folder with one subfolder per task (env SUPERWEIGHT_DATA)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N documents of each task (smoke runs)."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Sequences per forward pass, or auto."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Context length (default: the model's)."),
+    limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task (smoke runs)."),
+    batch_size: str = typer.Option("auto", "--batch-size", metavar="N|auto", help="Sequences per forward pass, or auto."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
     seed: int = SEED,
-    output: Optional[Path] = typer.Option(None, "--output", help="Write the results (lm-eval layout) to FILE.json."),
+    output: Optional[Path] = typer.Option(None, "--output", metavar="FILE.json", help="Write the results (lm-eval layout) to FILE.json."),
     as_json: bool = JSON,
     revision: Optional[str] = REVISION,
     gguf_file: Optional[str] = GGUF_FILE,
@@ -473,21 +506,28 @@ def eval_(
         from . import ablate as ablation
         from .coords import requested
         from .errors import UsageError
-        from .experiments import comparison_configurations, parse_factor, run_configurations, single_configuration, summary_table
+        from .experiments import (check_control, comparison_configurations, parse_factor, run_configurations,
+                                  single_configuration, summary_table)
         from .files import atomic_write_text
         from .model import resolve
 
-        value = parse_factor(factor, mode)
-        _check_limit(limit)
+        if compare and (mode not in (None, "zero") or factor is not None):
+            raise UsageError("--compare evaluates the paper's zeroing layout; drop --mode/--factor, or drop --compare")
+        how, value = parse_factor(factor, mode)
+        if mode is None and factor is not None:
+            session.say(f"--factor {factor} given: scaling the weights (--mode scale)")
+        check_control(control, top)
+        _check_limit(limit, max_length)
         batch = _batch_size(batch_size)
         names = _tasks_with_data(task, data_dir)
         weights = requested(coords, coord)
         if (compare or restore_activation or control) and not weights:
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
-        if compare and (mode != "zero" or factor is not None):
-            raise UsageError("--compare evaluates the paper's zeroing layout; drop --mode/--factor, or drop --compare")
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, files=(output,))
+        prior = ablation.recorded_ablation(source)
+        unchanged = ablation.describe_recorded_ablation(prior) if prior else "original"
+        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map, max_memory=max_memory,
                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir)
@@ -495,18 +535,19 @@ def eval_(
             ablation.validate_coords(loaded.model, weights)
             ablation.check_recorded_values(loaded.model, weights)
         if compare:
-            configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
+            configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
+                                                       unchanged=unchanged)
         else:
-            configurations = [single_configuration(loaded.model, weights, mode=mode, factor=value,
+            configurations = [single_configuration(loaded.model, weights, mode=how, factor=value,
                                                    restore_activation=restore_activation, control=control,
-                                                   seed=seed, top=top)]
+                                                   seed=seed, top=top, unchanged=unchanged)]
         with _task_progress(session) as (on_start, on_progress):
             runs = run_configurations(
                 loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
                 limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress)
         document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
         document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
-                             "dtype": loaded.dtype}
+                             "dtype": loaded.dtype, "superweight_ablation": prior}
         document["tool"] = f"superweight {__version__}"
         if output:
             atomic_write_text(output, json.dumps(document, indent=2) + "\n")
@@ -514,7 +555,7 @@ def eval_(
             typer.echo(json.dumps(document, indent=2))
             return
         table = summary_table(runs)
-        _print_table(f"{source.spec}" + (f", first {limit} documents per task" if limit else ""),
+        _print_table(f"{source.spec}" + _first_documents(limit),
                      tuple(table.columns), [tuple(r) for r in table.rows])
         if output:
             stdout.print(f"results written to {output}")
@@ -527,19 +568,19 @@ def quantize(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
-    bits: int = typer.Option(4, "--bits", help="Weight bits, 2..8 (default 4)."),
-    block_size: Optional[list[str]] = typer.Option(None, "--block-size", help="Elements per 1-D block; repeatable "
+    bits: int = typer.Option(4, "--bits", metavar="N", help="Weight bits, 2..8 (default 4)."),
+    block_size: Optional[list[str]] = typer.Option(None, "--block-size", metavar="N", help="Elements per 1-D block; repeatable "
                                                    "(default: a grid that suits the model's matrix sizes)."),
-    z: float = typer.Option(9.0, "--z", help="Clip weights with |z-score| above this before quantizing (paper: 9)."),
+    z: float = typer.Option(9.0, "--z", metavar="Z", help="Clip weights with |z-score| above this before quantizing (paper: 9)."),
     activations: bool = typer.Option(False, "--activations", help="Also compare per-tensor activation RTN of the "
                                                                    "down-projection input, naive vs super-activation-aware."),
-    activation_bits: int = typer.Option(8, "--activation-bits", help="Bits for --activations (default 8)."),
-    task: list[str] = typer.Option(["wikitext"], "--task", "-t", help="Tasks to evaluate (default wikitext)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", envvar="SUPERWEIGHT_DATA", help="Evaluation data."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N documents of each task."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Context length (default: the model's)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Perplexity vs block size (PNG)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Save the super-weight-aware fake-quantized model "
+    activation_bits: int = typer.Option(8, "--activation-bits", metavar="N", help="Bits for --activations (default 8)."),
+    task: list[str] = typer.Option(["wikitext"], "--task", "-t", metavar="TASK", help="Tasks to evaluate, repeatable or comma-separated (default wikitext)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", envvar="SUPERWEIGHT_DATA", help="Evaluation data."),
+    limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Perplexity vs block size (PNG)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Save the super-weight-aware fake-quantized model "
                                                                  "(needs exactly one --block-size)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
     as_json: bool = JSON,
@@ -570,28 +611,31 @@ def quantize(
 
     def work() -> None:
         from . import quantize as rtn
+        from .ablate import check_coords_before_load
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
         from .errors import UsageError
+        from .experiments import summary_table
         from .model import resolve
 
         sizes = None
         if block_size:
-            try:
-                sizes = [int(text) for text in block_size]
-            except ValueError:
-                raise UsageError(f"--block-size must be a positive integer, got {block_size}") from None
+            bad = next((text for text in block_size if not text.strip().lstrip("-").isdigit()), None)
+            if bad is not None:
+                raise UsageError(f"--block-size must be a positive integer, got '{bad}'")
+            sizes = [int(text) for text in block_size]
             rtn.check_block_sizes(sizes)
         rtn.check_bits(bits)
         rtn.check_bits(activation_bits, "activation")
         rtn.check_z(z)
-        _check_limit(limit)
+        _check_limit(limit, max_length)
         names = _tasks_with_data(task, data_dir)
         if out is not None and (not sizes or len(sizes) != 1):
             raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         _check_outputs(source, files=(plot,), directory=out, force=force)
         weights = requested(coords, coord)
+        check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map,
                                    max_memory=max_memory, trust_remote_code=trust_remote_code,
@@ -613,25 +657,25 @@ def quantize(
             with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights, z=z):
                 _save_quantized(loaded, out, force, {"bits": bits, "block_size": grid[0], "z": z,
                                                      "super_weights": [w.to_dict() for w in weights]})
+        def without_baseline(row: dict) -> dict:  # the unquantized results appear once, at the top
+            return {k: v for k, v in row.items() if k != "baseline"}
+
         document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z,
                     "super_weights": [w.to_dict() for w in weights],
-                    "weights": [{k: v for k, v in r.items() if k not in ("naive", "aware", "baseline")} for r in rows],
-                    "activations": [{k: v for k, v in r.items() if k not in ("naive", "aware", "baseline")}
-                                    for r in activation_rows],
+                    "unquantized": rows[0].get("baseline") if rows else None,
+                    "weights": [without_baseline(r) for r in rows],
+                    "activations": [without_baseline(r) for r in activation_rows],
                     "tool": f"superweight {__version__}"}
         if as_json:
             typer.echo(json.dumps(document, indent=2))
             return
-        baseline = rows[0].get("baseline_perplexity") if rows else None
-        def ppl(value) -> str:
-            return "" if value is None else f"{value:.3f}"
-        _print_table(f"{source.spec}: INT{bits} RTN, wikitext word perplexity (unquantized {ppl(baseline)})",
-                     ("block size", "naive", f"super-weight aware (z={z:g})"),
-                     [(str(r["block_size"]), ppl(r["naive_perplexity"]), ppl(r["aware_perplexity"])) for r in rows])
+        table = summary_table(rtn.comparison_runs(rows, lambda r: f"block {r['block_size']}"))
+        _print_table(f"{source.spec}: INT{bits} RTN, naive vs super-weight aware (z={z:g})" + _first_documents(limit),
+                     tuple(table.columns), [tuple(r) for r in table.rows])
         if activation_rows:
-            _print_table("down-projection input, per-tensor RTN", ("bits", "naive", "super activation held out"),
-                         [(str(r["bits"]), ppl(r["naive_perplexity"]), ppl(r["aware_perplexity"]))
-                          for r in activation_rows])
+            table = summary_table(rtn.comparison_runs(activation_rows, lambda r: f"{r['bits']}-bit"))
+            _print_table("down-projection input, per-tensor RTN (aware: super activation held out)",
+                         tuple(table.columns), [tuple(r) for r in table.rows])
 
     session.run(work)
 
@@ -641,20 +685,20 @@ def study(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
-    task: list[str] = typer.Option(["all"], "--task", "-t", help="Tasks; repeatable (default all: wikitext and "
+    task: list[str] = typer.Option(["all"], "--task", "-t", metavar="TASK", help="Tasks; repeatable or comma-separated (default all: wikitext and "
                                                                  "the 7 zero-shot tasks)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="First N documents of each task (quick runs)."),
-    top: Optional[int] = typer.Option(None, "--top", help="How many other large down-projection weights to zero "
+    limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task (quick runs)."),
+    top: Optional[int] = typer.Option(None, "--top", metavar="N", help="How many other large down-projection weights to zero "
                                                           "(default: the paper's ~7000 of Llama-7B, scaled)."),
-    grid: Optional[str] = typer.Option(None, "--grid", help="Scaling factors for the sweep, e.g. 0,0.5,1,2 "
+    grid: Optional[str] = typer.Option(None, "--grid", metavar="S,S,...", help="Scaling factors for the sweep, e.g. 0,0.5,1,2 "
                                                             "(default 0 to 3 in steps of 0.5)."),
-    stop_words: Optional[Path] = typer.Option(None, "--stop-words", help="Stop-word list, one per line "
+    stop_words: Optional[Path] = typer.Option(None, "--stop-words", metavar="FILE", help="Stop-word list, one per line "
                                                                          "(default configs/stop_words.txt)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report directory (default ./<model>-study)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Report directory (default ./<model>-study)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", envvar="SUPERWEIGHT_DATA", help="Evaluation data."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Sequences per forward pass, or auto."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Context length (default: the model's)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", envvar="SUPERWEIGHT_DATA", help="Evaluation data."),
+    batch_size: str = typer.Option("auto", "--batch-size", metavar="N|auto", help="Sequences per forward pass, or auto."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
     seed: int = SEED,
     as_json: bool = JSON,
     revision: Optional[str] = REVISION,
@@ -695,7 +739,7 @@ def study(
 
         started = time.perf_counter()
         factors = analysis.parse_grid(grid)
-        _check_limit(limit)
+        _check_limit(limit, max_length)
         batch = _batch_size(batch_size)
         if top is not None and top <= 0:
             raise UsageError(f"--top must be a positive number of weights, got {top}")
@@ -704,11 +748,12 @@ def study(
         source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
         out_dir = out or Path(f"{_slug(source.alias or source.spec)}-study")
         _check_outputs(source, directory=out_dir, force=force)
+        weights = requested(coords, coord)
+        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
         loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                    device=device, device_map=device_map,
                                    max_memory=max_memory, trust_remote_code=trust_remote_code,
                                    cache_dir=cache_dir)
-        weights = requested(coords, coord)
         if weights:
             ablation.validate_coords(loaded.model, weights)
             ablation.check_recorded_values(loaded.model, weights)
@@ -747,7 +792,7 @@ def study(
         if as_json:
             typer.echo((out_dir / analysis.JSON_FILE).read_text(encoding="utf-8").rstrip())
             return
-        _print_table(f"{source.spec}" + (f", first {limit} documents per task" if limit else ""),
+        _print_table(f"{source.spec}" + _first_documents(limit),
                      tuple(table.columns), [tuple(r) for r in table.rows])
         stdout.print(f"report written to {out_dir / analysis.REPORT_FILE} ({cached} of "
                      f"{meta['evaluations']['total']} task evaluations from the cache)", soft_wrap=True)
@@ -801,7 +846,7 @@ def _terminate(signum, frame) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    app(prog_name="sw")
 
 
 if __name__ == "__main__":

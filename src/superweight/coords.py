@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CoordinatesError
+from .errors import CoordinateOptionError, CoordinatesError
 from .files import atomic_write_text
 
 
@@ -97,7 +97,7 @@ def parse_coord(text: str) -> SuperWeight:
     """`LAYER,ROW,COL` or `LAYER,ROW,COL,EXPERT` as given on the command line."""
     parts = [p.strip() for p in text.split(",")]
     if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
-        raise CoordinatesError(
+        raise CoordinateOptionError(
             f"bad coordinate '{text}': write LAYER,ROW,COL (or LAYER,ROW,COL,EXPERT) as non-negative integers"
         )
     numbers = [int(p) for p in parts]
@@ -107,8 +107,8 @@ def parse_coord(text: str) -> SuperWeight:
 def read_coords(path: str | Path) -> tuple[list[SuperWeight], dict[str, Any]]:
     """Read a coordinates file; returns (super weights, the file's other top-level fields)."""
     path = Path(path)
-    if not path.is_file():
-        raise CoordinatesError(f"coordinates file not found: {path}; make one with `sw detect MODEL --out {path}`")
+    if not path.is_file():  # a bad --coords value, as click treats a missing path: exit 2
+        raise CoordinateOptionError(f"coordinates file not found: {path}; make one with `sw detect MODEL --out {path}`")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -146,6 +146,11 @@ def write_coords(path: str | Path, weights: list[SuperWeight], **meta: Any) -> P
 def requested(coords_file: str | Path | None, coord_texts: list[str] | None) -> list[SuperWeight]:
     """Coordinates from `--coords FILE` and repeated `--coord L,R,C`, in that order, without repeats."""
     weights = read_coords(coords_file)[0] if coords_file else []
+    if coords_file and not weights and not coord_texts:  # else the original model would pass as ablated
+        raise CoordinatesError(
+            f"{coords_file} holds no super weights (the detection that wrote it found none), so there is "
+            "nothing to ablate; detect again with lower thresholds (--min-spike, --min-concentration, --min-share), or give --coord L,R,C"
+        )
     weights += [parse_coord(text) for text in coord_texts or []]
     unique: dict[tuple, SuperWeight] = {}
     for weight in weights:

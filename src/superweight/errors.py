@@ -29,6 +29,13 @@ class CoordinatesError(SuperweightError):
     """A coordinates file is malformed or does not fit the model."""
 
 
+class CoordinateOptionError(CoordinatesError):
+    """A --coord value that is not LAYER,ROW,COL[,EXPERT], or a --coords file that does not exist:
+    a usage error."""
+
+    exit_code = 2
+
+
 class OutputPathError(SuperweightError):
     """An output path cannot or must not be written."""
 

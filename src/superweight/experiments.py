@@ -41,11 +41,18 @@ class Configuration:
         }
 
 
-def parse_factor(text: str | None, mode: str) -> float | None:
+def parse_factor(text: str | None, mode: str | None) -> tuple[str, float]:
+    """(mode, factor) from --mode and --factor. --factor alone implies --mode scale (an option
+    that only means something with another must not be accepted and then ignored)."""
+    if mode is None:
+        mode = "zero" if text is None else "scale"
     if mode not in ("zero", "scale"):
         raise UsageError(f"unknown --mode '{mode}'; use zero or scale")
     if mode == "zero":
-        return 0.0
+        if text is not None:
+            raise UsageError(f"--mode zero zeroes the weights, so --factor {text} would be ignored; "
+                             "drop --factor, or drop --mode zero to scale")
+        return mode, 0.0
     if text is None:
         raise UsageError("--mode scale needs --factor S (a number; 0 zeroes, > 1 amplifies)")
     try:
@@ -54,7 +61,18 @@ def parse_factor(text: str | None, mode: str) -> float | None:
         raise UsageError(f"--factor must be a number, got '{text}'") from None
     if not math.isfinite(factor):
         raise UsageError(f"--factor must be a finite number, got '{text}'")
-    return factor
+    return mode, factor
+
+
+def check_control(control: str | None, top: int | None) -> None:
+    """--control and --top, checked before the model loads."""
+    if control is not None and control not in CONTROLS:
+        raise UsageError(f"unknown --control '{control}'; use {' or '.join(CONTROLS)}")
+    if control == "outliers" and (top is None or top <= 0):
+        raise UsageError("--control outliers needs --top N (a positive number of weights)")
+    if top is not None and control != "outliers":
+        raise UsageError(f"--top {top} counts the weights of --control outliers, which is not given; "
+                         "add --control outliers or drop --top")
 
 
 def control_weights(model, super_weights: list[SuperWeight], control: str, *, seed: int, top: int | None) -> list[SuperWeight]:
@@ -69,10 +87,12 @@ def control_weights(model, super_weights: list[SuperWeight], control: str, *, se
 
 
 def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, factor: float | None,
-                         restore_activation: bool, control: str | None, seed: int, top: int | None) -> Configuration:
-    """What `sw eval --coords ...` (without --compare) evaluates."""
+                         restore_activation: bool, control: str | None, seed: int, top: int | None,
+                         unchanged: str = "original") -> Configuration:
+    """What `sw eval --coords ...` (without --compare) evaluates; `unchanged` names the model as
+    loaded (a directory that `sw ablate` wrote is not the original)."""
     if not super_weights:
-        return Configuration("original")
+        return Configuration(unchanged)
     if control and restore_activation:
         raise UsageError("--restore-activation writes back the super weights' activation, which a --control "
                          "ablation leaves alone; drop one of them (--compare evaluates both)")
@@ -86,13 +106,13 @@ def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, 
 
 
 def comparison_configurations(model, super_weights: list[SuperWeight], *, control: str | None, seed: int,
-                              top: int | None) -> list[Configuration]:
-    """The paper's Table 1: original, SW zeroed, SW zeroed + SA restored, and a control."""
+                              top: int | None, unchanged: str = "original") -> list[Configuration]:
+    """The paper's Table 1: original (`unchanged`), SW zeroed, SW zeroed + SA restored, and a control."""
     control = control or "random"
     chosen = control_weights(model, super_weights, control, seed=seed, top=top)
     weights = tuple(super_weights)
     return [
-        Configuration("original"),
+        Configuration(unchanged),
         Configuration("super weights zeroed", weights),
         Configuration("zeroed + activation restored", weights, restore_activation=True),
         Configuration(f"{control} control zeroed", tuple(chosen), control=control, control_seed=seed, control_top=top),
@@ -131,13 +151,18 @@ HEADLINE_METRICS = {
 }
 
 
-def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
-    """Rows = configurations, columns = task metrics (+ average accuracy when there are several)."""
-    first = next(iter(runs.values()))
+def headline_columns(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(task, metric) of each task's headline metrics in `results` (task -> metric -> value)."""
     columns: list[tuple[str, str]] = []
-    for task, metrics in first["results"].items():
+    for task, metrics in results.items():
         wanted = HEADLINE_METRICS.get(task, ("acc", "acc_norm"))
         columns += [(task, m) for m in wanted if m in metrics]
+    return columns
+
+
+def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
+    """Rows = configurations, columns = task metrics (+ average accuracy when there are several)."""
+    columns = headline_columns(next(iter(runs.values()))["results"])
     accuracy_columns = [(t, m) for t, m in columns if m == "acc"]
     table = SummaryTable(["configuration", *(f"{t} {m}" for t, m in columns)])
     if len(accuracy_columns) > 1:

@@ -19,11 +19,9 @@ def check_writable(path: str | Path) -> None:
     blocking_file = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
     if blocking_file is not None:
         raise OutputPathError(f"cannot write {path}: {blocking_file} is a file, not a directory; choose another path")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputPathError(f"cannot create directory {parent} for {path}: {e.strerror}; choose another path") from None
+    if not parent.exists():  # a typo in a path must not leave new folders behind
+        raise OutputPathError(f"cannot write {path}: the folder {parent} does not exist; create it first "
+                              f"(mkdir -p {parent}) or choose another path")
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"cannot write to {parent}: permission denied; choose another output path")
 
@@ -54,8 +52,25 @@ def refuse_current_directory(path: str | Path) -> None:
         raise OutputPathError(f"{path} is the current directory or contains it; give --out a new directory name")
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _give_default_modes(root: Path) -> None:
+    """mkstemp, mkdtemp and safetensors create 0600/0700 entries; an output should get the mode
+    any new file or folder of the user gets (0644/0755 under umask 022)."""
+    umask = _umask()
+    for entry in (root, *(root.rglob("*") if root.is_dir() else ())):
+        if not entry.is_symlink():
+            entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"cannot write {path}: it is a directory; give a file name")
     check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -63,6 +78,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _give_default_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -88,11 +104,9 @@ def atomic_directory(path: str | Path, force: bool = False) -> Iterator[Path]:
         raise OutputPathError(f"{path} exists and is not empty; choose another --out or pass --force to replace it")
     check_writable(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any new directory
     try:
         yield tmp
+        _give_default_modes(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

@@ -590,9 +590,23 @@ def activation_quantization_compare(
 # Plot
 
 
+def comparison_runs(rows: Sequence[dict[str, Any]], setting: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """The rows of a comparison as named runs for `experiments.summary_table`: "unquantized" (when
+    evaluated), then "naive, <setting>" and "aware, <setting>" per row, every task's metrics."""
+    runs: dict[str, Any] = {}
+    if rows and rows[0].get("baseline") is not None:
+        runs["unquantized"] = {"results": rows[0]["baseline"]}
+    for row in rows:
+        runs[f"naive, {setting(row)}"] = {"results": row["naive"]}
+        runs[f"aware, {setting(row)}"] = {"results": row["aware"]}
+    return runs
+
+
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Perplexity against block size (log2 x axis, log y axis), naive vs super-weight aware, PNG
-    (or any format matplotlib knows from the suffix), written atomically."""
+    """Each task's headline metric against block size (log2 x axis; perplexities on a log y axis),
+    naive vs super-weight aware, one panel per metric, PNG (or any format matplotlib knows from
+    the suffix), written atomically."""
+    from .experiments import headline_columns
     from .report import pyplot, save_figure
 
     points = sorted((r for r in rows if r.get("block_size") is not None), key=lambda r: r["block_size"])
@@ -600,22 +614,22 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, title: str = ""
         raise UsageError("nothing to plot: the sweep has no rows; run weight_quantization_sweep first")
     plt = pyplot()
     sizes = [r["block_size"] for r in points]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for key, label, color, marker in (("naive_perplexity", "naive RTN", "#cc3311", "o"),
-                                      ("aware_perplexity", "super-weight aware", "#3366aa", "s")):
-        values = [r.get(key) for r in points]
-        if any(v is not None for v in values):
-            ax.plot(sizes, [math.nan if v is None else v for v in values], marker=marker, ms=4, lw=1.4,
+    panels = headline_columns(points[0]["naive"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for ax, (task, metric) in zip(axes[0], panels):
+        for key, label, color, marker in (("naive", "naive RTN", "#cc3311", "o"),
+                                          ("aware", "super-weight aware", "#3366aa", "s")):
+            ax.plot(sizes, [r[key][task].get(metric, math.nan) for r in points], marker=marker, ms=4, lw=1.4,
                     color=color, label=label)
-    base = next((r.get("baseline_perplexity") for r in points if r.get("baseline_perplexity") is not None), None)
-    if base is not None:
-        ax.axhline(base, color="#555555", ls="--", lw=1, label="unquantized")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("block size (weights)")
-    ax.set_ylabel("wikitext word perplexity")
+        if points[0].get("baseline") is not None:
+            ax.axhline(points[0]["baseline"][task][metric], color="#555555", ls="--", lw=1, label="unquantized")
+        ax.set_xscale("log", base=2)
+        if "perplexity" in metric:
+            ax.set_yscale("log")
+        ax.set_xlabel("block size (weights)")
+        ax.set_title(f"{task} {metric}", fontsize=10)
+        ax.grid(True, which="both", ls=":", lw=0.5)
+        ax.legend(fontsize=8)
     bits = points[0].get("bits")
-    ax.set_title(title or f"INT{bits} round-to-nearest: perplexity vs block size", fontsize=10)
-    ax.grid(True, which="both", ls=":", lw=0.5)
-    ax.legend(fontsize=8)
+    fig.suptitle(title or f"INT{bits} round-to-nearest vs block size", fontsize=11)
     return save_figure(fig, path)

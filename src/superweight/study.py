@@ -355,16 +355,35 @@ def plot_activation_profile(before: list[LayerStats], after: list[LayerStats], p
     return save_figure(fig, path)
 
 
+# The sweep's metrics: key in `sweep_rows`, label, log scale.
+SWEEP_METRICS = (("perplexity", "wikitext word perplexity", True), ("avg_acc", "average accuracy", False))
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows) of the scale sweep: only the metrics the tasks measured, accuracies to 4
+    decimals (as in Table 1), perplexities to 3."""
+    present = [(key, label) for key, label, _ in SWEEP_METRICS if any(r.get(key) is not None for r in rows)]
+
+    def cell(key: str, value: Any) -> str:
+        if value is None:
+            return ""
+        return f"{value:.4f}" if key == "avg_acc" else f"{value:.3f}"
+
+    return (["s", *(label if key == "perplexity" else "avg acc" for key, label in present)],
+            [[f"{r['factor']:g}", *(cell(key, r.get(key)) for key, _ in present)] for r in rows])
+
+
 def plot_scale_sweep(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Perplexity (log y) and average accuracy against the scaling factor s; s = 1 marked."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
-    for ax, key, label, log in ((axes[0], "perplexity", "wikitext word perplexity", True),
-                                (axes[1], "avg_acc", "average accuracy", False)):
+    panels = [(key, label, log) for key, label, log in SWEEP_METRICS if any(r.get(key) is not None for r in rows)]
+    if not panels:
+        raise UsageError("nothing to plot: the sweep has neither perplexity nor accuracy values")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), sharex=True, squeeze=False)
+    for ax, (key, label, log) in zip(axes[0], panels):  # a metric no task measured gets no empty panel
         points = [(r["factor"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", ms=4, lw=1.2, color="#3366aa")
-        if log and points:
+        ax.plot(*zip(*points), marker="o", ms=4, lw=1.2, color="#3366aa")
+        if log:
             ax.set_yscale("log")
         ax.axvline(1.0, color="#cc3311", ls="--", lw=1, label="s = 1 (original)")
         ax.set_xlabel("super-weight scaling factor s")
@@ -460,10 +479,8 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
             lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), ""]
             document["table"] = {"columns": table.columns, "rows": table.rows}
         if sweep_rows:
-            lines += ["## Scaling the super weights", "", markdown_table(
-                ("s", "wikitext word perplexity", "avg acc"),
-                [(r["factor"], r["perplexity"], r["avg_acc"]) for r in sweep_rows]), "",
-                f"![scale sweep]({SWEEP_PLOT})", ""]
+            lines += ["## Scaling the super weights", "", markdown_table(*sweep_table(sweep_rows)), "",
+                      f"![scale sweep]({SWEEP_PLOT})", ""]
             plot_scale_sweep(sweep_rows, tmp / SWEEP_PLOT)
             document["sweep"] = sweep_rows
         if stop_words is not None:

@@ -238,11 +238,12 @@ TASKS: dict[str, Task] = {
 
 
 def resolve_task_names(names: list[str] | str) -> list[str]:
-    """Expand `all`, drop duplicates (keeping order) and reject unknown names."""
+    """Expand `all`, drop duplicates (keeping order) and reject unknown names. Names are matched
+    case-insensitively, and each entry may hold several, comma-separated (`piqa,arc_easy`)."""
     if isinstance(names, str):
-        names = [n for n in names.split(",") if n.strip()]
+        names = [names]
     resolved: list[str] = []
-    for name in (n.strip() for n in names if n.strip()):
+    for name in (n.strip().lower() for entry in names for n in entry.split(",") if n.strip()):
         expanded = list(TASKS) if name == "all" else [name]
         for task in expanded:
             if task not in TASKS:
@@ -294,7 +295,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
         docs = task.read(task_dir)
         sha = {f"{task.name}/{f}": sha256_file(task_dir / f) for f in task.files}
     elif hub_offline():
-        where = f"{task_dir}/" if task_dir else "<data_dir>/" + task.name + "/ (pass data_dir or set SUPERWEIGHT_DATA)"
+        where = f"{task_dir}/" if task_dir else f"DATA_DIR/{task.name}/ (pass --data-dir DATA_DIR or set SUPERWEIGHT_DATA; README: Evaluation data)"
         raise DataError(
             f"missing data for task {task.name}: put {', '.join(missing)} into {where}; "
             "HF_HUB_OFFLINE is set, so nothing is downloaded"
@@ -312,16 +313,16 @@ def _load_from_hub(task: Task) -> tuple[list[Doc], dict[str, str]]:
         import pyarrow.parquet as pq
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise DataError(f"cannot download {task.name}: {e.name} is not installed; install it or put {', '.join(task.files)} into <data_dir>/{task.name}/") from None
+        raise DataError(f"cannot download {task.name}: {e.name} is not installed; install it or put {', '.join(task.files)} into DATA_DIR/{task.name}/ (--data-dir)") from None
     src = task.hub
     pattern = f"{src.config}/{src.split}/*.parquet"
     try:
         local = Path(snapshot_download(src.repo_id, repo_type="dataset", revision="refs/convert/parquet", allow_patterns=[pattern]))
     except Exception as e:  # network, auth or missing-repo errors all mean the same to the user
-        raise DataError(f"cannot download {task.name} from {src.repo_id}: {e.__class__.__name__}; put {', '.join(task.files)} into <data_dir>/{task.name}/ instead") from None
+        raise DataError(f"cannot download {task.name} from {src.repo_id}: {e.__class__.__name__}; put {', '.join(task.files)} into DATA_DIR/{task.name}/ (--data-dir) instead") from None
     files = sorted(local.glob(pattern))
     if not files:
-        raise DataError(f"{src.repo_id} has no {pattern}; put {', '.join(task.files)} into <data_dir>/{task.name}/ instead")
+        raise DataError(f"{src.repo_id} has no {pattern}; put {', '.join(task.files)} into DATA_DIR/{task.name}/ (--data-dir) instead")
     docs = [row for f in files for row in pq.read_table(f).to_pylist()]
     sha = {f"hf://datasets/{src.repo_id}/{f.relative_to(local)}": sha256_file(f) for f in files}
     return docs, sha

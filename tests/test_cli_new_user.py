@@ -1,0 +1,317 @@
+"""A new user's first hour (issue 13): options that must not silently do something else, outputs
+with ordinary file modes, and output that scripts can read."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from conftest import DATA_DIR
+from test_cli import assert_one_line_error, invoke
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def coords_file(tmp_path):
+    path = tmp_path / "coords.yaml"
+    path.write_text("super_weights:\n  - {layer: 1, row: 3, col: 5}\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- point 11: file modes
+
+
+def test_library_outputs_get_the_umask_mode(tmp_path):
+    from superweight.files import atomic_directory, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "f").write_bytes(b"y")
+            os.chmod(tmp / "sub" / "f", 0o600)  # as safetensors and mkstemp create files
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "a.txt") == 0o640
+    assert mode(tmp_path / "d") == 0o750 and mode(tmp_path / "d" / "sub") == 0o750
+    assert mode(tmp_path / "d" / "sub" / "f") == 0o640
+
+
+def test_cli_outputs_are_0644_under_umask_022(tiny_llama_dir, coords_file, tmp_path, umask_022):
+    result = invoke("detect", tiny_llama_dir, "-q", "--out", tmp_path / "c.yaml", "--plot", tmp_path / "p.png")
+    assert result.exit_code == 0, result.output
+    result = invoke("ablate", tiny_llama_dir, "-q", "--coords", coords_file, "--out", tmp_path / "ablated")
+    assert result.exit_code == 0, result.output
+    result = invoke("eval", tiny_llama_dir, "-q", "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "32",
+                    "--output", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    for name in ("c.yaml", "p.png", "r.json", "ablated/model.safetensors", "ablated/superweight_ablation.json"):
+        assert mode(tmp_path / name) == 0o644, name
+    assert mode(tmp_path / "ablated") == 0o755
+
+
+# ----------------------------------------------------------------------------- point 12: output paths
+
+
+def test_an_existing_directory_as_output_file_is_refused_before_the_work(tiny_llama_dir, tmp_path):
+    (tmp_path / "existing").mkdir()
+    line = assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", tmp_path / "existing"),
+                                 "is a directory")
+    assert "IsADirectoryError" not in line
+    assert list((tmp_path / "existing").iterdir()) == [] and not list(tmp_path.glob(".*"))
+
+
+def test_a_missing_output_folder_is_refused_not_created(tiny_llama_dir, tmp_path):
+    target = tmp_path / "no" / "such" / "x.yaml"
+    assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", target), "does not exist", "mkdir -p")
+    assert not (tmp_path / "no").exists()
+    assert_one_line_error(invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--out",
+                                 tmp_path / "no" / "model"), "does not exist")
+    assert not (tmp_path / "no").exists()
+
+
+# ----------------------------------------------------------------------------- point 1: options that need another
+
+
+def test_factor_alone_implies_scale_and_says_so(tiny_llama_dir, coords_file, tmp_path):
+    from safetensors.torch import load_file
+
+    result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--factor", "2", "--out", tmp_path / "x2")
+    assert result.exit_code == 0, result.output
+    assert "--mode scale" in result.output
+    record = json.loads((tmp_path / "x2" / "superweight_ablation.json").read_text())
+    assert record["mode"] == "scale" and record["factor"] == 2.0
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert load_file(tmp_path / "x2" / "model.safetensors")[name][3, 5] == 2 * load_file(
+        tiny_llama_dir / "model.safetensors")[name][3, 5]
+    result = invoke("eval", tiny_llama_dir, "-q", "--json", "--coords", coords_file, "--factor", "2",
+                    "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "32")
+    assert result.exit_code == 0, result.output
+    ablation = json.loads(result.output)["ablation"]
+    assert ablation["mode"] == "scale" and ablation["factor"] == 2.0 and ablation["name"] == "super weights scaled x2"
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--mode", "zero", "--factor", "2"], ("--mode zero", "--factor 2")),
+    (["--top", "5"], ("--top 5", "--control outliers")),
+    (["--control", "random", "--top", "5"], ("--top 5", "--control outliers")),
+    (["--control", "bogus"], ("unknown --control 'bogus'",)),
+    (["--control", "outliers"], ("needs --top",)),
+])
+@pytest.mark.parametrize("command", ["ablate", "eval"])
+def test_options_that_would_be_ignored_are_usage_errors_before_the_model_loads(tmp_path, coords_file, command,
+                                                                                 args, fragments):
+    missing_model = tmp_path / "no-model-here"  # checked before the model is even looked for
+    extra = ["--out", tmp_path / "out"] if command == "ablate" else ["--data-dir", DATA_DIR]
+    result = invoke(command, missing_model, "--coords", coords_file, *args, *extra)
+    assert_one_line_error(result, *fragments)
+    assert result.exit_code == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_with_top_needs_the_outlier_control(tmp_path, coords_file):
+    result = invoke("eval", tmp_path / "no-model", "--coords", coords_file, "--compare", "--top", "5",
+                    "--data-dir", DATA_DIR)
+    assert_one_line_error(result, "--control outliers")
+
+
+# ----------------------------------------------------------------------------- point 4: an empty coordinates file
+
+
+@pytest.mark.parametrize("command", ["ablate", "eval", "study", "quantize"])
+def test_an_empty_coordinates_file_says_so(tiny_llama_dir, tmp_path, command):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("model: tiny\nsuper_weights: []\n")
+    extra = {"ablate": ["--out", tmp_path / "out"], "study": ["--out", tmp_path / "out"]}.get(command, [])
+    result = invoke(command, tiny_llama_dir, "-q", "--coords", empty, "--data-dir", DATA_DIR, "--limit", "1",
+                    *extra) if command != "ablate" else invoke(command, tiny_llama_dir, "-q", "--coords", empty, *extra)
+    assert_one_line_error(result, str(empty), "holds no super weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_coord_value_is_a_usage_error(tmp_path):
+    result = invoke("ablate", tmp_path / "no-model", "--coord", "1,2", "--out", tmp_path / "out")
+    assert_one_line_error(result, "LAYER,ROW,COL")
+    assert result.exit_code == 2
+    result = invoke("ablate", tmp_path / "no-model", "--coords", tmp_path / "none.yaml", "--out", tmp_path / "out")
+    assert_one_line_error(result, "coordinates file not found")
+    assert result.exit_code == 2
+
+
+def test_missing_data_names_the_data_dir_option(tiny_llama_dir, monkeypatch):
+    monkeypatch.delenv("SUPERWEIGHT_DATA", raising=False)
+    line = assert_one_line_error(invoke("eval", tiny_llama_dir, "-q", "--limit", "1"), "--data-dir", "SUPERWEIGHT_DATA")
+    assert "data_dir" not in line
+
+
+# ----------------------------------------------------------------------------- point 13: piped output
+
+
+def test_piped_output_never_wraps(tiny_llama_dir, coords_file, tmp_path):
+    result = invoke("detect", tiny_llama_dir, "-q", "--out", tmp_path / "c.yaml")  # the tiny model has none
+    assert result.exit_code == 0, result.output
+    assert ("no layer writes a super activation under the current rule (README: How detection decides; "
+            "see --min-spike, --min-concentration, --min-share)") in result.output.splitlines()
+    result = invoke("eval", tiny_llama_dir, "-q", "--coords", coords_file, "--compare", "--task", "all",
+                    "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│")]
+    assert len(rows) == 4  # one line per configuration, however wide the table
+    assert any("zeroed + activation restored" in row and "winogrande" not in row for row in rows)
+    assert len({len(line) for line in result.output.splitlines()[1:]}) == 1  # the whole table, no wrapped cells
+
+
+# ----------------------------------------------------------------------------- point 15: the small ones
+
+
+def test_short_help_and_global_options(tiny_llama_dir, tmp_path):
+    result = invoke("-h")
+    assert result.exit_code == 0 and "Commands" in result.output and "--quiet" in result.output
+    assert invoke("eval", "-h").exit_code == 0
+    result = invoke("--quiet", "detect", tiny_llama_dir, "--out", tmp_path / "c.yaml")
+    assert result.exit_code == 0, result.output
+    assert "loaded" not in result.output and "coordinates written" in result.output
+    result = invoke("--debug", "detect", tmp_path / "missing.gguf")
+    assert result.exception is not None and not isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ["detect", "ablate", "eval", "quantize", "study"])
+def test_help_names_values_not_python_types(command):
+    text = invoke(command, "--help").output
+    for python_type in ("<list[", "<str>", "<path>", "<int>"):
+        assert python_type not in text.replace("MODEL <str>", ""), (command, python_type)
+
+
+def test_ablate_seed_help_is_about_the_random_control():
+    text = " ".join(invoke("ablate", "--help").output.split())
+    assert "Seed for --control random" in text and "bootstrap" not in text
+
+
+@pytest.mark.parametrize("task", ["PIQA", "piqa,arc_easy", "Piqa, ARC_EASY"])
+def test_task_names_ignore_case_and_split_on_commas(tiny_llama_dir, task):
+    result = invoke("eval", tiny_llama_dir, "-q", "--json", "--task", task, "--limit", "1", "--max-length", "32",
+                    "--data-dir", DATA_DIR)
+    assert result.exit_code == 0, result.output
+    expected = ["piqa"] if task == "PIQA" else ["piqa", "arc_easy"]
+    assert list(json.loads(result.output)["results"]) == expected
+
+
+def test_one_document_is_singular(tiny_llama_dir):
+    result = invoke("eval", tiny_llama_dir, "-q", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR)
+    assert result.exit_code == 0, result.output
+    assert "first document of each task" in result.output and "first 1 documents" not in result.output
+
+
+@pytest.mark.parametrize("command,args,fragment", [
+    ("quantize", ["--block-size", "abc"], "got 'abc'"),
+    ("quantize", ["--block-size", "64", "--block-size", "x1"], "got 'x1'"),
+    ("eval", ["--max-length", "1"], "--max-length"),
+    ("study", ["--max-length", "0"], "--max-length"),
+    ("quantize", ["--max-length", "-3"], "--max-length"),
+])
+def test_bad_option_values_exit_2_before_the_model_loads(tmp_path, command, args, fragment):
+    result = invoke(command, tmp_path / "no-model-here", "--data-dir", DATA_DIR, *args)
+    line = assert_one_line_error(result, fragment)
+    assert result.exit_code == 2 and "[" not in line
+
+
+# ----------------------------------------------------------------------------- point 3: an ablated directory
+
+
+def test_eval_of_an_ablated_directory_says_what_it_is(tiny_llama_dir, tmp_path):
+    out = tmp_path / "no-sw"
+    result = invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--coord", "2,4,6", "--out", out)
+    assert result.exit_code == 0, result.output
+    label = f"ablated by superweight: 2 super weights zeroed (source {tiny_llama_dir})"
+    options = ["-q", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR]
+    result = invoke("eval", out, *options)
+    assert result.exit_code == 0, result.output
+    assert label in result.output and "original" not in result.output
+    document = json.loads(invoke("eval", out, "--json", *options).output)
+    assert document["ablation"]["name"] == label
+    assert document["model"]["superweight_ablation"]["coordinates"] == [{"layer": 1, "row": 3, "col": 5},
+                                                                         {"layer": 2, "row": 4, "col": 6}]
+    assert json.loads(invoke("eval", tiny_llama_dir, "--json", *options).output)["ablation"]["name"] == "original"
+
+
+def test_describe_recorded_ablation():
+    from superweight.ablate import describe_recorded_ablation
+
+    record = {"source": {"spec": "m"}, "coordinates": [{}] * 7, "mode": "scale", "factor": 2.5,
+              "control": {"kind": "outliers", "top": 7}}
+    assert describe_recorded_ablation(record) == "ablated by superweight: 7 outliers control weights scaled x2.5 (source m)"
+    assert "unreadable" in describe_recorded_ablation({"unreadable": "x"})
+
+
+# ----------------------------------------------------------------------------- point 14: a study without wikitext
+
+
+def png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")
+
+
+def test_a_sweep_without_wikitext_has_no_empty_perplexity_panel_or_column(tmp_path):
+    from superweight.study import SWEEP_PLOT, write_report
+
+    accuracy_only = [{"factor": 0.0, "perplexity": None, "avg_acc": 0.0},
+                     {"factor": 1.0, "perplexity": None, "avg_acc": 1.0}]
+    write_report(tmp_path / "acc", sweep_rows=accuracy_only)
+    report = (tmp_path / "acc" / "REPORT.md").read_text()
+    assert "perplexity" not in report
+    assert "| 0 | 0.0000 |" in report and "| 1 | 1.0000 |" in report  # 4 decimals, as in Table 1
+    both = [dict(r, perplexity=10.0 + r["factor"]) for r in accuracy_only]
+    write_report(tmp_path / "both", sweep_rows=both)
+    assert "| 0 | 10.000 | 0.0000 |" in (tmp_path / "both" / "REPORT.md").read_text()
+    assert png_width(tmp_path / "acc" / SWEEP_PLOT) < 0.6 * png_width(tmp_path / "both" / SWEEP_PLOT)  # one panel
+
+
+# ----------------------------------------------------------------------------- point 2: quantize reports every task
+
+
+def test_quantize_reports_the_accuracy_of_a_task_without_perplexity(tiny_llama_dir, tmp_path):
+    options = ["-q", "--coord", "1,3,5", "--task", "piqa", "--block-size", "64", "--data-dir", DATA_DIR,
+               "--limit", "2", "--max-length", "32"]
+    result = invoke("quantize", tiny_llama_dir, "--json", *options, "--plot", tmp_path / "rtn.png")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    (row,) = document["weights"]
+    for scheme in ("naive", "aware"):
+        assert 0 <= row[scheme]["piqa"]["acc"] <= 1 and "acc_norm" in row[scheme]["piqa"]
+    assert 0 <= document["unquantized"]["piqa"]["acc"] <= 1
+    assert png_width(tmp_path / "rtn.png") > 1000  # a panel for acc and one for acc_norm
+    result = invoke("quantize", tiny_llama_dir, *options)
+    assert result.exit_code == 0, result.output
+    assert "piqa acc" in result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.startswith("│")}
+    assert set(rows) == {"unquantized", "naive, block 64", "aware, block 64"}
+    assert all(f"{row[s]['piqa']['acc']:.4f}" in rows[f"{s}, block 64"] for s in ("naive", "aware"))
+
+
+@pytest.mark.parametrize("command", ["ablate", "eval", "study", "quantize"])
+def test_out_of_range_coordinates_fail_before_the_weights_load(tiny_llama_dir, tmp_path, monkeypatch, command):
+    import superweight.model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(superweight.model, "load_model", no_load)
+    extra = ["--out", tmp_path / "out"] if command in ("ablate", "study") else ["--data-dir", DATA_DIR]
+    if command == "study":
+        extra += ["--data-dir", DATA_DIR]
+    result = invoke(command, tiny_llama_dir, "-q", "--coord", "1,3,64", *extra)  # 64 input channels: 0..63
+    assert_one_line_error(result, "col 64 is out of range")
+    assert not (tmp_path / "out").exists()
