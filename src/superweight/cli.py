@@ -489,6 +489,85 @@ def eval_(
 
 
 @app.command()
+def generate(
+    model: Optional[str] = MODEL_ARG,
+    coords: Optional[Path] = COORDS,
+    coord: Optional[list[str]] = COORD,
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompt to continue; repeatable "
+                                               "(default: the paper's \"My favourite condiment is\")."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Tokens to generate per prompt (default 16)."),
+    control: Optional[str] = typer.Option(None, "--control", help="The control row: random (default: same count, "
+                                                                  "same matrices) or outliers (--top N)."),
+    top: Optional[int] = TOP,
+    seed: int = SEED,
+    as_json: bool = JSON,
+    revision: Optional[str] = REVISION,
+    gguf_file: Optional[str] = GGUF_FILE,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY,
+    trust_remote_code: bool = TRUST,
+    cache_dir: Optional[str] = CACHE_DIR,
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Greedy continuations side by side: original, super weights zeroed, zeroed with the super
+    activation restored, and a control.
+
+    Without --coords/--coord the super weights are detected first. Nothing is written.
+
+    Examples:
+
+      sw generate
+
+      sw generate --coords smollm2-135m.superweights.yaml --prompt "The capital of France is" --max-new-tokens 24
+
+      sw generate llama-7b --coord 2,3968,7003 --json
+    """
+    session = Session(quiet, debug)
+
+    def work() -> None:
+        from . import ablate as ablation
+        from . import generate as generation
+        from .coords import requested
+        from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
+        from .experiments import comparison_configurations
+        from .model import resolve
+
+        prompts = generation.check_prompts(prompt)
+        generation.check_max_new_tokens(max_new_tokens)
+        weights = requested(coords, coord)
+        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
+        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
+                                   device=device, device_map=device_map, max_memory=max_memory,
+                                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+        if weights:
+            ablation.validate_coords(loaded.model, weights)
+            ablation.check_recorded_values(loaded.model, weights)
+        else:
+            weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+            session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
+        configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
+        with session.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "
+                            f"{len(configurations)} configurations"):
+            generations = generation.generate(loaded.model, loaded.tokenizer, configurations, prompts,
+                                              max_new_tokens=max_new_tokens)
+        if as_json:
+            typer.echo(json.dumps({
+                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
+                "max_new_tokens": max_new_tokens, "decoding": "greedy",
+                "configurations": [c.describe() for c in configurations],
+                "generations": [g.to_dict() for g in generations], "tool": f"superweight {__version__}"}, indent=2))
+            return
+        for text in prompts:
+            _print_table(f"{source.spec}: {text!r} + {max_new_tokens} greedy tokens", ("configuration", "continuation"),
+                         [(g.configuration, g.text) for g in generations if g.prompt == text])
+
+    session.run(work)
+
+
+@app.command()
 def quantize(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
