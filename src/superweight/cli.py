@@ -568,6 +568,71 @@ def generate(
 
 
 @app.command()
+def export(
+    coords_file: Path = typer.Argument(..., metavar="COORDS", help="Coordinates file from `sw detect` (YAML or JSON)."),
+    to: str = typer.Option(..., "--to", help="llama.cpp (llama-quantize --tensor-type-file), bitsandbytes "
+                                             "(llm_int8_skip_modules / modules_to_not_convert) or llm-compressor "
+                                             "(a recipe's ignore list)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to check the names against (default: "
+                                                                    "the file's `model:`, else smollm2-135m)."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="llama.cpp: the GGUF you will quantize, to check the "
+                                                             "tensor names in (default: MODEL itself when a GGUF)."),
+    ggml_type: str = typer.Option("f16", "--type", help="llama.cpp: the type those tensors keep (default f16)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to FILE (default: stdout)."),
+    as_json: bool = JSON,
+    revision: Optional[str] = REVISION,
+    gguf_file: Optional[str] = GGUF_FILE,
+    trust_remote_code: bool = TRUST,
+    cache_dir: Optional[str] = CACHE_DIR,
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """What a real quantizer needs to keep the super weights' matrices in high precision.
+
+    The names are this model's own, checked against it (built from its config, no weights loaded)
+    and, for llama.cpp, against the GGUF's tensor list.
+
+    Examples:
+
+      sw export smollm2-135m.superweights.yaml --to llama.cpp --out smollm2.tensor-types.txt
+
+      sw export c.yaml --to bitsandbytes --model meta-llama/Llama-2-7b-hf --out skip.json
+
+      sw export c.yaml --to llm-compressor --out recipe.yaml
+    """
+    session = Session(quiet, debug)
+
+    def work() -> None:
+        from . import export as handoff
+        from .coords import read_coords
+        from .files import atomic_write_text
+        from .model import resolve
+
+        handoff.check_format(to)
+        weights, meta = read_coords(coords_file)
+        spec = model or (meta.get("model") if isinstance(meta.get("model"), str) else None)
+        source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
+        if out is not None:
+            _check_outputs(source, files=(out,))
+        with session.status(f"checking names against {source.spec}") as update:
+            result = handoff.export(weights, to, spec=spec, revision=revision, gguf_file=gguf_file,
+                                    cache_dir=cache_dir, trust_remote_code=trust_remote_code, gguf=gguf,
+                                    ggml_type=ggml_type, out_name=str(out or "FILE"), progress=update)
+        if out is not None:
+            atomic_write_text(out, result.content)
+        if as_json:
+            typer.echo(json.dumps({**result.to_dict(), "out": str(out) if out else None}, indent=2))
+        elif out is None:
+            typer.echo(result.content, nl=False)
+        session.say(f"{len(result.modules)} matrix(es) kept: {', '.join(result.gguf_tensors or result.modules)}; "
+                    f"checked against {'; '.join(result.checked)}")
+        if out is not None and not as_json:
+            stdout.print(f"{to} names written to {out}; use with: {result.usage}", soft_wrap=True, markup=False)
+
+    session.run(work)
+
+
+@app.command()
 def quantize(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
