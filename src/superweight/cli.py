@@ -796,6 +796,7 @@ def study(
         import time
 
         from . import ablate as ablation
+        from . import generate as generation
         from . import study as analysis
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
@@ -833,11 +834,12 @@ def study(
                 cache, model_fingerprint(loaded), loaded.model, loaded.tokenizer, table_configurations + sweep, names,
                 on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limit,
                 batch_size=batch, max_length=max_length, seed=seed)
-        with session.status("stop-word shift and activation profile"):
+        with session.status("stop-word shift, activation profile and generations"):
             shift = analysis.stop_word_shift(loaded.model, loaded.tokenizer, analysis.wikitext_texts(data_dir),
                                              weights, words)
             profile = analysis.activation_profile(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT),
                                                   weights)
+            generations = generation.generate(loaded.model, loaded.tokenizer, table_configurations)
         table = summary_table({c.name: runs[c.name] for c in table_configurations})
         cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
         meta = {"command": "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
@@ -846,7 +848,8 @@ def study(
                 "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
                 "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
         analysis.write_report(out_dir, force=force, super_weights=weights, table=table,
-                              sweep_rows=analysis.sweep_rows(runs, sweep), stop_words=shift, profile=profile, meta=meta)
+                              sweep_rows=analysis.sweep_rows(runs, sweep), stop_words=shift, profile=profile, meta=meta,
+                              generations=generations)
         if as_json:
             typer.echo((out_dir / analysis.JSON_FILE).read_text(encoding="utf-8").rstrip())
             return
