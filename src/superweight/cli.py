@@ -124,10 +124,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name if text.endswith(".gguf") else text).strip("-")
 
 
-def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]],
+                 text_columns: tuple[str, ...] = ()) -> None:
+    """Numbers right-aligned; `text_columns` (free text) left-aligned and folded, never cut."""
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column, justify="right")
+        if column in text_columns:
+            table.add_column(column, justify="left", overflow="fold")
+        else:
+            table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*row)
     stdout.print(table)
@@ -562,7 +567,8 @@ def generate(
             return
         for text in prompts:
             _print_table(f"{source.spec}: {text!r} + {max_new_tokens} greedy tokens", ("configuration", "continuation"),
-                         [(g.configuration, g.text) for g in generations if g.prompt == text])
+                         [(g.configuration, g.text.replace("\n", "\\n")) for g in generations if g.prompt == text],
+                         text_columns=("continuation",))
 
     session.run(work)
 

@@ -177,7 +177,8 @@ def _read_gguf(path: str | Path) -> tuple[str, dict[str, list[int]]]:
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # gguf raises ValueError, struct errors... on a file that is not GGUF
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}); give the GGUF you quantize") from None
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}); give the GGUF you quantize") from None
     field_ = reader.fields.get("general.architecture")
     architecture = bytes(field_.parts[field_.data[0]]).decode() if field_ else "unknown"
     return architecture, {t.name: [int(n) for n in t.shape] for t in reader.tensors}
@@ -288,6 +289,6 @@ def export(
         defaults = sorted(get_keys_to_not_convert(model)) if fmt == "bitsandbytes" else head_names
         keep = list(dict.fromkeys([*defaults, *modules]))
         content = _bitsandbytes(keep) if fmt == "bitsandbytes" else _llm_compressor(keep)
+    consumer_model = source.location if source.kind == "hub" else source.spec
     return Export(format=fmt, model=source.spec, modules=modules, gguf_tensors=gguf_tensors, keep=keep,
-                  content=content, usage=_usage(fmt, out_name, source.location if source.kind == "hub" else source.spec),
-                  checked=checked)
+                  content=content, usage=_usage(fmt, out_name, consumer_model), checked=checked)
