@@ -146,3 +146,31 @@ def test_format_checks():
         check_ggml_type("f17")
     with pytest.raises(CoordinatesError):
         export([], "bitsandbytes", spec="smollm2-135m")
+
+
+@pytest.mark.parametrize("model_type, expected", [
+    ("llama", "blk.2.ffn_down.weight"),
+    ("mistral", "blk.2.ffn_down.weight"),  # converted as llama.cpp's "llama"
+    ("gpt2", "blk.2.ffn_down.weight"),
+    ("gpt_neox", "blk.2.ffn_down.weight"),
+    ("gemma3_text", "blk.2.ffn_down.weight"),
+    ("qwen3_moe", "blk.2.ffn_down_exps.weight"),  # all experts of the layer in one GGUF tensor
+])
+def test_gguf_names_per_family(model_type, expected):
+    from superweight.arch import gguf_architecture
+    from superweight.export import gguf_tensor_names, module_names
+    from synthetic import tiny_model
+
+    model = tiny_model(model_type)
+    weight = SuperWeight(2, 3, 5, expert=0 if model_type == "qwen3_moe" else None)
+    assert gguf_tensor_names(model, [weight], gguf_architecture(model_type)) == [expected]
+    assert set(module_names(model, [weight])) <= set(dict(model.named_modules()))
+
+
+def test_a_family_llama_cpp_cannot_convert_is_a_usage_error():
+    from superweight.arch import gguf_architecture
+    from superweight.export import gguf_tensor_names
+    from synthetic import tiny_model
+
+    with pytest.raises(UsageError, match="llama.cpp has no 'opt' architecture"):
+        gguf_tensor_names(tiny_model("opt"), [SuperWeight(1, 3, 5)], gguf_architecture("opt"))
