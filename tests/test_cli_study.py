@@ -40,9 +40,13 @@ def test_study_writes_report_and_reuses_cached_evaluations(tiny_llama_dir, tmp_p
     assert document["super_weights"][0] | {"layer": 1, "row": 3, "col": 5} == document["super_weights"][0]
     assert 0 < document["stop_words"]["stop_mass_original"] <= 1
     report = (out / "REPORT.md").read_text()
-    for heading in ("## Super weights", "## Table 1", "## Scaling the super weights", "## Stop-word shift",
-                    "## Activation profile"):
+    for heading in ("## Super weights", "## Table 1", "## Generations", "## Scaling the super weights",
+                    "## Stop-word shift", "## Activation profile"):
         assert heading in report
+    generations = document["generations"]
+    assert [g["configuration"] for g in generations] == list(rows)  # every Table 1 row, one prompt
+    assert {g["prompt"] for g in generations} == {"My favourite condiment is"}
+    assert all(repr(g["text"]).replace("|", "\\|") in report for g in generations)
 
     second = invoke(*args[:-1], "--force", "--json")
     assert second.exit_code == 0, second.output

@@ -130,3 +130,19 @@ def tensor_name(model: nn.Module, layer: int, adapter: Adapter | None = None) ->
     """The checkpoint name of the tensor that holds layer's down projection."""
     adapter = adapter or adapter_for(model)
     return f"{adapter.layers}.{layer}.{adapter.down_proj}.{adapter.weight_name}"
+
+
+# llama.cpp's architecture name (GGUF `general.architecture`, gguf-py's MODEL_ARCH_NAMES) where it is
+# not the transformers `model_type`: convert_hf_to_gguf.py writes Mistral and Mixtral as "llama".
+_GGUF_ARCHITECTURES = {
+    "mistral": "llama",
+    "mixtral": "llama",
+    "gpt_neox": "gptneox",
+    "gemma3_text": "gemma3",
+    "qwen3_moe": "qwen3moe",
+}
+
+
+def gguf_architecture(model_type: str) -> str:
+    """The llama.cpp architecture a model of this family is converted to (opt has none)."""
+    return _GGUF_ARCHITECTURES.get(model_type, model_type)

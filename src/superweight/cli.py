@@ -144,10 +144,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name if text.endswith(".gguf") else text).strip("-")
 
 
-def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]],
+                 text_columns: tuple[str, ...] = ()) -> None:
+    """Numbers right-aligned; `text_columns` (free text) left-aligned and folded, never cut."""
     table = Table(title=title, title_justify="left")
     for column in columns:
-        table.add_column(column, justify="right")
+        if column in text_columns:
+            table.add_column(column, justify="left", overflow="fold")
+        else:
+            table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*row)
     stdout.print(table)
@@ -564,6 +569,151 @@ def eval_(
 
 
 @app.command()
+def generate(
+    model: Optional[str] = MODEL_ARG,
+    coords: Optional[Path] = COORDS,
+    coord: Optional[list[str]] = COORD,
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompt to continue; repeatable "
+                                               "(default: the paper's \"My favourite condiment is\")."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Tokens to generate per prompt (default 16)."),
+    control: Optional[str] = typer.Option(None, "--control", help="The control row: random (default: same count, "
+                                                                  "same matrices) or outliers (--top N)."),
+    top: Optional[int] = TOP,
+    seed: int = SEED,
+    as_json: bool = JSON,
+    revision: Optional[str] = REVISION,
+    gguf_file: Optional[str] = GGUF_FILE,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    device_map: Optional[str] = DEVICE_MAP,
+    max_memory: Optional[str] = MAX_MEMORY,
+    trust_remote_code: bool = TRUST,
+    cache_dir: Optional[str] = CACHE_DIR,
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Greedy continuations side by side: original, super weights zeroed, zeroed with the super
+    activation restored, and a control.
+
+    Without --coords/--coord the super weights are detected first. Nothing is written.
+
+    Examples:
+
+      sw generate
+
+      sw generate --coords smollm2-135m.superweights.yaml --prompt "The capital of France is" --max-new-tokens 24
+
+      sw generate llama-7b --coord 2,3968,7003 --json
+    """
+    session = Session(quiet, debug)
+
+    def work() -> None:
+        from . import ablate as ablation
+        from . import generate as generation
+        from .coords import requested
+        from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
+        from .experiments import comparison_configurations
+        from .model import resolve
+
+        prompts = generation.check_prompts(prompt)
+        generation.check_max_new_tokens(max_new_tokens)
+        weights = requested(coords, coord)
+        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
+        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
+                                   device=device, device_map=device_map, max_memory=max_memory,
+                                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+        if weights:
+            ablation.validate_coords(loaded.model, weights)
+            ablation.check_recorded_values(loaded.model, weights)
+        else:
+            weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+            session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
+        configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
+        with session.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "
+                            f"{len(configurations)} configurations"):
+            generations = generation.generate(loaded.model, loaded.tokenizer, configurations, prompts,
+                                              max_new_tokens=max_new_tokens)
+        if as_json:
+            typer.echo(json.dumps({
+                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
+                "max_new_tokens": max_new_tokens, "decoding": "greedy",
+                "configurations": [c.describe() for c in configurations],
+                "generations": [g.to_dict() for g in generations], "tool": f"superweight {__version__}"}, indent=2))
+            return
+        for text in prompts:
+            _print_table(f"{source.spec}: {text!r} + {max_new_tokens} greedy tokens", ("configuration", "continuation"),
+                         [(g.configuration, g.text.replace("\n", "\\n")) for g in generations if g.prompt == text],
+                         text_columns=("continuation",))
+
+    session.run(work)
+
+
+@app.command()
+def export(
+    coords_file: Path = typer.Argument(..., metavar="COORDS", help="Coordinates file from `sw detect` (YAML or JSON)."),
+    to: str = typer.Option(..., "--to", help="llama.cpp (llama-quantize --tensor-type-file), bitsandbytes "
+                                             "(llm_int8_skip_modules / modules_to_not_convert) or llm-compressor "
+                                             "(a recipe's ignore list)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to check the names against (default: "
+                                                                    "the file's `model:`, else smollm2-135m)."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="llama.cpp: the GGUF you will quantize, to check the "
+                                                             "tensor names in (default: MODEL itself when a GGUF)."),
+    ggml_type: str = typer.Option("f16", "--type", help="llama.cpp: the type those tensors keep (default f16)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to FILE (default: stdout)."),
+    as_json: bool = JSON,
+    revision: Optional[str] = REVISION,
+    gguf_file: Optional[str] = GGUF_FILE,
+    trust_remote_code: bool = TRUST,
+    cache_dir: Optional[str] = CACHE_DIR,
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """What a real quantizer needs to keep the super weights' matrices in high precision.
+
+    The names are this model's own, checked against it (built from its config, no weights loaded)
+    and, for llama.cpp, against the GGUF's tensor list.
+
+    Examples:
+
+      sw export smollm2-135m.superweights.yaml --to llama.cpp --out smollm2.tensor-types.txt
+
+      sw export c.yaml --to bitsandbytes --model meta-llama/Llama-2-7b-hf --out skip.json
+
+      sw export c.yaml --to llm-compressor --out recipe.yaml
+    """
+    session = Session(quiet, debug)
+
+    def work() -> None:
+        from . import export as handoff
+        from .coords import read_coords
+        from .files import atomic_write_text
+        from .model import resolve
+
+        handoff.check_format(to)
+        weights, meta = read_coords(coords_file)
+        spec = model or (meta.get("model") if isinstance(meta.get("model"), str) else None)
+        source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
+        if out is not None:
+            _check_outputs(source, files=(out,))
+        with session.status(f"checking names against {source.spec}") as update:
+            result = handoff.export(weights, to, spec=spec, revision=revision, gguf_file=gguf_file,
+                                    cache_dir=cache_dir, trust_remote_code=trust_remote_code, gguf=gguf,
+                                    ggml_type=ggml_type, out_name=str(out or "FILE"), progress=update)
+        if out is not None:
+            atomic_write_text(out, result.content)
+        if as_json:
+            typer.echo(json.dumps({**result.to_dict(), "out": str(out) if out else None}, indent=2))
+        elif out is None:
+            typer.echo(result.content, nl=False)
+        session.say(f"{len(result.modules)} matrix(es) kept: {', '.join(result.gguf_tensors or result.modules)}; "
+                    f"checked against {'; '.join(result.checked)}")
+        if out is not None and not as_json:
+            stdout.print(f"{to} names written to {out}; use with: {result.usage}", soft_wrap=True, markup=False)
+
+    session.run(work)
+
+
+@app.command()
 def quantize(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
@@ -730,6 +880,7 @@ def study(
         import time
 
         from . import ablate as ablation
+        from . import generate as generation
         from . import study as analysis
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
@@ -774,11 +925,12 @@ def study(
                 cache, model_fingerprint(loaded), loaded.model, loaded.tokenizer, table_configurations + sweep, names,
                 on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limit,
                 batch_size=batch, max_length=max_length, seed=seed)
-        with session.status("stop-word shift and activation profile"):
+        with session.status("stop-word shift, activation profile and generations"):
             shift = analysis.stop_word_shift(loaded.model, loaded.tokenizer, analysis.wikitext_texts(data_dir),
                                              weights, words)
             profile = analysis.activation_profile(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT),
                                                   weights)
+            generations = generation.generate(loaded.model, loaded.tokenizer, table_configurations)
         table = summary_table({c.name: runs[c.name] for c in table_configurations})
         cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
         meta = {"command": "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
@@ -788,7 +940,7 @@ def study(
                 "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
         analysis.write_report(out_dir, force=force, super_weights=weights, table=table,
                               sweep_rows=analysis.sweep_rows(runs, sweep), stop_words=shift, profile=profile, meta=meta,
-                              verification=verification)
+                              verification=verification, generations=generations)
         if as_json:
             typer.echo((out_dir / analysis.JSON_FILE).read_text(encoding="utf-8").rstrip())
             return

@@ -8,9 +8,9 @@ place, evaluates, and undoes it exactly, so the model is loaded once, never relo
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import ablate
 from .coords import SuperWeight
@@ -119,6 +119,18 @@ def comparison_configurations(model, super_weights: list[SuperWeight], *, contro
     ]
 
 
+@contextmanager
+def applied(model, configuration: Configuration) -> Iterator[None]:
+    """The model as `configuration` says within the block; restored bit-exactly on exit (hooks removed)."""
+    with ExitStack() as stack:
+        if configuration.weights:
+            record = stack.enter_context(
+                ablate.ablated(model, list(configuration.weights), configuration.mode, configuration.factor))
+            if configuration.restore_activation:
+                stack.enter_context(ablate.restored_activation(model, record))
+        yield
+
+
 def run_configurations(model, tokenizer, configurations: list[Configuration], tasks: list[str], *,
                        on_start: Callable[[Configuration], None] | None = None, **evaluate_options) -> dict[str, Any]:
     """Evaluate each configuration; the model is restored bit-exactly after each one."""
@@ -126,12 +138,7 @@ def run_configurations(model, tokenizer, configurations: list[Configuration], ta
     for configuration in configurations:
         if on_start:
             on_start(configuration)
-        with ExitStack() as stack:
-            if configuration.weights:
-                record = stack.enter_context(
-                    ablate.ablated(model, list(configuration.weights), configuration.mode, configuration.factor))
-                if configuration.restore_activation:
-                    stack.enter_context(ablate.restored_activation(model, record))
+        with applied(model, configuration):
             result = evaluate(model, tokenizer, tasks, **evaluate_options)
         result["ablation"] = configuration.describe()
         runs[configuration.name] = result

@@ -23,6 +23,7 @@ from .coords import SuperWeight
 from .errors import UsageError
 from .experiments import Configuration, SummaryTable, run_configurations
 from .files import atomic_directory
+from .generate import Generation
 from .hooks import LayerStats, capture_layer_stats
 from .placement import execution_device
 from .report import pyplot, save_figure
@@ -444,11 +445,21 @@ def _stop_word_section(shift: StopWordShift) -> list[str]:
     return lines
 
 
+def _generations_section(generations: Sequence[Generation]) -> list[str]:
+    lines = ["## Generations", ""]
+    for prompt in dict.fromkeys(g.prompt for g in generations):
+        chosen = [g for g in generations if g.prompt == prompt]
+        lines += [f"Greedy continuation of {prompt!r} (at most {max(len(g.token_ids) for g in chosen)} tokens):", "",
+                  markdown_table(("configuration", "continuation"), [(g.configuration, repr(g.text)) for g in chosen]),
+                  ""]
+    return lines
+
+
 def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Sequence[SuperWeight] = (),
                  table: SummaryTable | None = None,
                  sweep_rows: list[dict[str, Any]] | None = None, stop_words: StopWordShift | None = None,
                  profile: ActivationProfile | None = None, meta: dict[str, Any] | None = None,
-                 verification: Any = None) -> Path:
+                 verification: Any = None, generations: Sequence[Generation] | None = None) -> Path:
     """REPORT.md, report.json and the PNG plots, written atomically to `out_dir` (a non-empty
     `out_dir` is refused unless `force`)."""
     meta = dict(meta or {})
@@ -478,6 +489,9 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
         if table is not None:
             lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), ""]
             document["table"] = {"columns": table.columns, "rows": table.rows}
+        if generations:
+            lines += _generations_section(generations)
+            document["generations"] = [g.to_dict() for g in generations]
         if sweep_rows:
             lines += ["## Scaling the super weights", "", markdown_table(*sweep_table(sweep_rows)), "",
                       f"![scale sweep]({SWEEP_PLOT})", ""]

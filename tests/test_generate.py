@@ -1,0 +1,144 @@
+"""`generate`: greedy continuations per configuration; the restoration hook acts with a KV cache."""
+
+import pytest
+import torch
+
+from superweight.coords import SuperWeight
+from superweight.errors import UsageError
+from superweight.experiments import Configuration, comparison_configurations
+from superweight.generate import DEFAULT_PROMPT, check_max_new_tokens, check_prompts, generate, greedy_continuation
+
+from conftest import build_word_tokenizer
+from synthetic import VOCAB, plant_super_weight, snapshot, tiny_model
+
+PLANTED = SuperWeight(1, 7, 13)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A tiny Llama whose [1, 7, 13] is a genuine super weight (a spike at every token), and a
+    word tokenizer that names every id of its vocabulary."""
+    model = tiny_model("llama")
+    plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(VOCAB - 3)])
+    return model, tokenizer
+
+
+PROMPT = "w10 w11 w12 w13 w14"
+
+
+def _configurations():
+    weights = (PLANTED,)
+    return [Configuration("original"), Configuration("super weights zeroed", weights),
+            Configuration("zeroed + activation restored", weights, restore_activation=True)]
+
+
+def test_restoration_acts_on_every_new_token_with_the_kv_cache(planted):
+    model, tokenizer = planted
+    before = snapshot(model)
+    cached = generate(model, tokenizer, _configurations(), [PROMPT], max_new_tokens=8)
+    uncached = generate(model, tokenizer, _configurations(), [PROMPT], max_new_tokens=8, use_cache=False)
+    tokens = {g.configuration: g.token_ids for g in cached}
+    assert [g.token_ids for g in cached] == [g.token_ids for g in uncached]
+    assert tokens["super weights zeroed"] != tokens["original"]  # the planted weight matters
+    # the spike is at every position, new ones included: restored only in the prompt, the
+    # continuation would drift from the original's
+    assert tokens["zeroed + activation restored"] == tokens["original"]
+    assert all(len(ids) >= 1 for ids in tokens.values())
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())  # undone bit-exactly
+
+
+def test_generation_layout(planted):
+    model, tokenizer = planted
+    result = generate(model, tokenizer, _configurations(), [PROMPT, "w20 w21"], max_new_tokens=3)
+    assert [(g.prompt, g.configuration) for g in result] == [
+        (p, c.name) for p in (PROMPT, "w20 w21") for c in _configurations()]
+    for g in result:
+        assert 1 <= len(g.token_ids) <= 3
+        assert g.text == tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        assert g.to_dict()["token_ids"] == g.token_ids
+
+
+def test_greedy_stops_at_end_of_sequence(planted):
+    model, tokenizer = planted
+    first = greedy_continuation(model, tokenizer, PROMPT, 1)[0]
+    eos = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = first
+        assert greedy_continuation(model, tokenizer, PROMPT, 5) == [first]
+    finally:
+        model.generation_config.eos_token_id = eos
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5])
+def test_max_new_tokens_must_be_positive(bad):
+    with pytest.raises(UsageError, match="--max-new-tokens"):
+        check_max_new_tokens(bad)
+
+
+@pytest.mark.parametrize("prompts", [[""], ["  \n"], [DEFAULT_PROMPT, ""]])
+def test_empty_prompt_is_refused(prompts):
+    with pytest.raises(UsageError, match="empty"):
+        check_prompts(prompts)
+
+
+def test_default_prompt_is_the_papers():
+    assert check_prompts(None) == ["My favourite condiment is"]
+
+
+@pytest.mark.integration
+def test_smollm2_generations_side_by_side(smollm2):
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    weights = [SuperWeight(11, 507, 1229), SuperWeight(11, 507, 1487)]
+    configurations = comparison_configurations(model, weights, control=None, seed=0, top=None)
+    before = snapshot(model)
+    cached = generate(model, tokenizer, configurations, max_new_tokens=6)
+    texts = {g.configuration: g.text for g in cached}
+    assert list(texts) == ["original", "super weights zeroed", "zeroed + activation restored",
+                           "random control zeroed"]
+    assert texts["original"].startswith(" often a blend of spices")  # measured, docs/benchmarks.md
+    assert texts["super weights zeroed"] != texts["original"]
+    assert texts["zeroed + activation restored"] == texts["original"]
+    restored = configurations[2:3]
+    uncached = generate(model, tokenizer, restored, max_new_tokens=6, use_cache=False)
+    assert uncached[0].token_ids == cached[2].token_ids
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_generate_json_and_table(tiny_llama_dir):
+    from test_cli import invoke
+
+    import json
+
+    result = invoke("generate", tiny_llama_dir, "--coord", "1,3,5", "--prompt", "Apple Inc. is", "--prompt",
+                    "the of", "--max-new-tokens", "2", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document["max_new_tokens"] == 2 and document["decoding"] == "greedy"
+    names = [c["name"] for c in document["configurations"]]
+    assert names == ["original", "super weights zeroed", "zeroed + activation restored", "random control zeroed"]
+    assert [(g["prompt"], g["configuration"]) for g in document["generations"]] == [
+        (p, n) for p in ("Apple Inc. is", "the of") for n in names]
+    assert all(1 <= len(g["token_ids"]) <= 2 for g in document["generations"])
+
+    table = invoke("generate", tiny_llama_dir, "--coord", "1,3,5", "--max-new-tokens", "1", "-q")
+    assert table.exit_code == 0, table.output
+    assert "condiment is" in table.output and "zeroed + activation restored" in table.output
+
+
+@pytest.mark.parametrize("args, fragment, code", [
+    (("--max-new-tokens", "0"), "--max-new-tokens must be a positive", 2),
+    (("--prompt", ""), "--prompt is empty", 2),
+    (("--prompt", "ok", "--prompt", "   "), "--prompt is empty", 2),
+    (("--coord", "99,0,0"), "layer 99 is out of range", 1),
+    (("--coord", "1,3"), "bad coordinate", 1),
+])
+def test_cli_generate_bad_input_is_one_line(tiny_llama_dir, args, fragment, code):
+    from test_cli import assert_one_line_error, invoke
+
+    result = invoke("generate", tiny_llama_dir, *(("--coord", "1,3,5") if "--coord" not in args else ()), *args, "-q")
+    assert_one_line_error(result, fragment)
+    assert result.exit_code == code
