@@ -314,7 +314,8 @@ def _load_gguf_into_cache(source: ModelSource, dtype: str, cache_dir: str | None
     if (target / "config.json").is_file():
         return target, True
     architecture = _check_gguf(source.location)
-    directory, name = os.path.split(source.location)
+    # An absolute path: from_pretrained takes the file's folder, '' for a bare relative name, for a hub id.
+    directory, name = os.path.split(os.path.abspath(source.location))
     progress(f"dequantizing GGUF ({architecture}); cached for next time")
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=getattr(torch, dtype_name))
