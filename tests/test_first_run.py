@@ -86,3 +86,37 @@ def test_relative_gguf_path_loads_on_the_first_uncached_load(tiny_gguf, tmp_path
     result = invoke("detect", spelling, "-q", "--out", tmp_path / "c.yaml")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "c.yaml").is_file() and list(empty_cache.rglob("config.json"))
+
+
+# ----------------------------------------------------------------------------- point 7
+
+
+def test_a_folder_holding_one_gguf_is_that_gguf(tiny_gguf, tmp_path, empty_cache):
+    folder = tmp_path / "ggdir"
+    folder.mkdir()
+    shutil.copy(tiny_gguf, folder / "m.gguf")
+    source = resolve(str(folder))
+    assert (source.kind, source.location) == ("gguf", str(folder / "m.gguf"))
+    assert folder in source.protected_dirs  # named as MODEL, the folder is a model directory
+    result = invoke("detect", folder, "-q", "--out", tmp_path / "c.yaml")
+    assert result.exit_code == 0, result.output
+    assert_one_line_error(invoke("detect", folder, "-q", "--out", folder / "c.yaml"), "inside the model directory")
+
+
+def test_a_folder_holding_several_ggufs_lists_them_and_names_gguf_file(tiny_gguf, tmp_path):
+    folder = tmp_path / "ggdir"
+    folder.mkdir()
+    for name in ("b-Q8_0.gguf", "a-Q4_1.gguf"):
+        shutil.copy(tiny_gguf, folder / name)
+    with pytest.raises(UsageError, match=r"2 GGUF files \(a-Q4_1.gguf, b-Q8_0.gguf\).*--gguf-file"):
+        resolve(str(folder))
+    assert resolve(str(folder), gguf_file="b-Q8_0.gguf").location == str(folder / "b-Q8_0.gguf")
+    result = invoke("detect", folder, "-q", "--out", tmp_path / "c.yaml")
+    assert_one_line_error(result, "a-Q4_1.gguf, b-Q8_0.gguf", "--gguf-file")
+    assert result.exit_code == 2 and not (tmp_path / "c.yaml").exists()
+
+
+def test_a_folder_with_neither_config_nor_gguf_says_so(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json and no .gguf file"):
+        resolve(str(tmp_path / "empty"))

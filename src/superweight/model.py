@@ -75,6 +75,8 @@ class ModelSource:
             protected.append(path if path.is_dir() else path.parent)
         elif self.kind == "gguf":  # a lone .gguf file may sit in any folder: protect the file itself
             protected.append(path)
+            if Path(self.spec).expanduser().is_dir():  # ... unless MODEL named its folder: a model directory
+                protected.append(Path(self.spec).expanduser())
         return protected
 
 
@@ -129,11 +131,25 @@ def _resolve(spec: str | None, revision: str | None, gguf_file: str | None) -> M
             raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
         return ModelSource(spec, "gguf", str(path))
     if path.is_dir():
-        return ModelSource(spec, "local", str(path))
+        return _directory_source(spec, path)
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and path.parent.exists() and spec.count("/") > 1
     if looks_like_path or path.suffix in (".safetensors", ".bin", ".pt"):
         raise ModelLoadError(f"model path not found: {spec}; give a model directory, a .gguf file, a hub id or an alias")
     return ModelSource(spec, "hub", spec, revision=revision)
+
+
+def _directory_source(spec: str, path: Path) -> ModelSource:
+    """A model directory; one without config.json but with a single .gguf file is that file."""
+    if (path / "config.json").is_file():
+        return ModelSource(spec, "local", str(path))
+    ggufs = sorted(p.name for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(ggufs) == 1:
+        return ModelSource(spec, "gguf", str(path / ggufs[0]))
+    if ggufs:
+        raise UsageError(f"{spec} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); "
+                         f"choose one with --gguf-file NAME")
+    raise ModelLoadError(f"{spec} holds no config.json and no .gguf file; give a model directory (config.json "
+                         "and weights), a .gguf file, a hub id or an alias")
 
 
 @dataclass
