@@ -120,3 +120,84 @@ def test_a_folder_with_neither_config_nor_gguf_says_so(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json and no .gguf file"):
         resolve(str(tmp_path / "empty"))
+
+
+# ----------------------------------------------------------------------------- point 8
+
+
+def test_an_alias_not_in_the_cache_offline_names_its_hub_id():
+    line = assert_one_line_error(invoke("detect", "mistral-7b", "-q"),
+                                 "alias 'mistral-7b' maps to the hub model mistralai/Mistral-7B-v0.1",
+                                 "not in the local cache", "HF_HUB_OFFLINE")
+    assert "not a known alias" not in line
+
+
+def closed_local_port() -> int:
+    """A 127.0.0.1 port nothing listens on: connections to it are refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_sw(*args, env: dict, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`sw` in a fresh process: the hub's settings (endpoint, offline mode) and tqdm's are read at import."""
+    command = [sys.executable, "-c", "from superweight.cli import main; main()", *map(str, args)]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def sw_env(tmp_path: Path, **extra: str) -> dict:
+    """No HF_HUB_OFFLINE, and a hub endpoint on a closed 127.0.0.1 port: "no network" without any
+    request leaving this machine."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_local_port()}", HF_HOME=str(tmp_path / "hf"),
+               SUPERWEIGHT_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO / "src"), **extra)
+    env.pop("HTTP_PROXY", None), env.pop("HTTPS_PROXY", None), env.pop("http_proxy", None), env.pop("https_proxy", None)
+    return env
+
+
+def test_no_network_without_hf_hub_offline_fails_fast_in_one_line(tmp_path):
+    result = run_sw("detect", "mistral-7b", "--out", tmp_path / "c.yaml", env=sw_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr  # no "Retrying in 1s [Retry 1/5]" lines before it
+    assert lines[0].startswith("error: cannot reach http://127.0.0.1:")
+    for fragment in ("mistralai/Mistral-7B-v0.1 (alias 'mistral-7b')", "not in the local cache", "HF_HUB_OFFLINE=1",
+                     "local directory"):
+        assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_no_network_without_hf_hub_offline_uses_a_cached_hub_model(tiny_llama_dir, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    result = run_sw("detect", "org/tiny", "--out", tmp_path / "c.yaml", "--json", env=sw_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "not reachable: using the cached copy of org/tiny" in result.stderr
+    assert "Retry" not in result.stderr and (tmp_path / "c.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- point 9
+
+
+def test_first_gguf_load_says_so_and_no_library_bar_shows(tiny_gguf, tmp_path):
+    env = sw_env(tmp_path, HF_HUB_OFFLINE="1")
+    env.pop("TQDM_DISABLE", None)
+    result = run_sw("detect", tiny_gguf, "--out", tmp_path / "c.yaml", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "first load of tiny.gguf: dequantizing (llama) and caching it, once" in result.stderr
+    assert "Converting" not in result.stderr and "it/s" not in result.stderr, result.stderr  # transformers' tqdm bar
+
+    again = run_sw("detect", tiny_gguf, "--out", tmp_path / "c.yaml", env=env, cwd=tmp_path)
+    assert again.returncode == 0 and "first load" not in again.stderr and "from the GGUF cache" in again.stderr
+
+
+def test_first_gguf_load_under_quiet_prints_nothing_on_stderr(tiny_gguf, tmp_path):
+    env = sw_env(tmp_path, HF_HUB_OFFLINE="1")
+    env.pop("TQDM_DISABLE", None)
+    result = run_sw("detect", tiny_gguf, "-q", "--out", tmp_path / "c.yaml", env=env, cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr

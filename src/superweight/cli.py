@@ -7,6 +7,7 @@ line and exit non-zero; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -76,15 +77,19 @@ class Session:
 
 
 def _quiet_libraries() -> None:
-    """transformers' own bars and warnings would interleave with ours on stderr."""
+    """transformers' and huggingface_hub's own bars, warnings and retry lines would interleave with
+    ours on stderr (the library reports its progress to us instead)."""
     import warnings
 
     warnings.filterwarnings("ignore")
     try:
+        from huggingface_hub.utils import disable_progress_bars, logging as hub_logging
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        hub_logging.set_verbosity_error()
+        disable_progress_bars()
     except ImportError:
         pass
 
@@ -201,12 +206,13 @@ def detect(
             if stream:  # no weights loaded here: config and tokenizer only
                 from .stream import detect_streamed, open_checkpoint
                 loaded = open_checkpoint(model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                         cache_dir=cache_dir, trust_remote_code=trust_remote_code, progress=update)
+                                         cache_dir=cache_dir, trust_remote_code=trust_remote_code, progress=update,
+                                         notice=session.say)
             else:
                 loaded = load_model(model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
                                     device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
                                     trust_remote_code=trust_remote_code, cache_dir=cache_dir,
-                                    progress=update)
+                                    progress=update, notice=session.say)
             update(f"detecting: {n} iteration(s) at most" + (", one layer at a time" if stream else ""))
             input_ids = encode_prompt(loaded.tokenizer, text)
             if stream:
@@ -262,7 +268,7 @@ def _load_with_status(session: Session, source_spec: Optional[str], *, device_ma
 
     placement = dict(device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory))
     with session.status(f"loading {source_spec or 'default model'}") as update:
-        loaded = load_model(source_spec, progress=update, **placement, **load_options)
+        loaded = load_model(source_spec, progress=update, notice=session.say, **placement, **load_options)
     session.say(f"loaded {loaded.source.spec} ({loaded.dtype}) in {loaded.load_seconds:.1f} s"
                 + (" from the GGUF cache" if loaded.from_cache else ""))
     return loaded
@@ -759,6 +765,9 @@ def _terminate(signum, frame) -> None:
 
 
 def main() -> None:
+    # Bars that libraries draw with plain tqdm (transformers' GGUF conversion) obey only this,
+    # read when tqdm is first imported: before any library is.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, _terminate)
     app()
 
