@@ -47,3 +47,17 @@ def test_quantize_unwritable_out(tiny_llama_dir, tmp_path):
     blocker.write_text("x")
     assert_one_line_error(invoke("quantize", tiny_llama_dir, "-q", "--coord", "1,3,5", "--data-dir", DATA_DIR,
                                  "--block-size", "64", "--out", blocker / "out"), "cannot write")
+
+
+def test_quantize_shows_a_bar_for_every_stage(tiny_llama_dir, tmp_path):
+    result = invoke("quantize", tiny_llama_dir, "--json", "--block-size", "256", "--data-dir", DATA_DIR,
+                    "--limit", "1", "--max-length", "64")
+    assert result.exit_code == 0, result.output
+    for stage in ("detecting super weights", "unquantized: wikitext", "INT4 naive, block 256: quantizing",
+                  "INT4 naive, block 256: wikitext", "INT4 aware (z=9), block 256: quantizing",
+                  "INT4 aware (z=9), block 256: wikitext"):
+        assert stage in result.stderr, (stage, result.stderr)
+    json.loads(result.stdout)  # the bars stay off stdout
+    quiet = invoke("quantize", tiny_llama_dir, "-q", "--json", "--coord", "1,3,5", "--block-size", "256",
+                   "--activations", "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "64")
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.output

@@ -90,3 +90,28 @@ def test_study_refuses_non_empty_and_unwritable_out(tiny_llama_dir, tmp_path):
     assert_one_line_error(invoke("study", tiny_llama_dir, *COORD, *QUICK, "--out", tiny_llama_dir / "study"),
                           "model")
     assert not (tiny_llama_dir / "study").exists()
+
+
+def test_study_shows_every_stage_and_caches_the_stop_word_shift(tiny_llama_dir, tmp_path, monkeypatch):
+    from superweight import study
+
+    out = tmp_path / "study"
+    args = ("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "16",
+            "--task", "wikitext", "--grid", "0,1", "--top", "3", "--out", out, "--json")
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    for stage in ("original: wikitext", "super weights zeroed: wikitext", "stop-word shift", "activation profile",
+                  f"writing {out}"):
+        assert stage in first.stderr, (stage, first.stderr)
+    shift = json.loads(first.stdout)["stop_words"]
+    assert shift["num_positions"] <= 16  # --limit 1 document, --max-length 16 tokens of it
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("the stop-word shift ran again on a cached rerun")
+
+    monkeypatch.setattr(study, "_mean_next_token_probs", no_forward_pass)
+    second = invoke(*args, "--force")
+    assert second.exit_code == 0, second.output
+    assert "stop-word shift (from the cache)" in second.stderr
+    again = json.loads(second.stdout)
+    assert again["stop_words"] == shift and again["meta"]["evaluations"]["from_cache"] == again["meta"]["evaluations"]["total"]

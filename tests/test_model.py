@@ -45,7 +45,9 @@ def test_kinds(tmp_path):
     gguf.write_bytes(b"x")
     assert resolve(str(gguf)).kind == "gguf"
     assert resolve(str(tmp_path), gguf_file="m.gguf").location == str(gguf)
-    assert resolve(str(tmp_path)).kind == "local"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert resolve(str(tmp_path / "model")).kind == "local"
     assert resolve("org/name", revision="abc").revision == "abc"
     with pytest.raises(ModelLoadError, match="not found"):
         resolve(str(tmp_path), gguf_file="other.gguf")

@@ -26,6 +26,7 @@ from superweight.quantize import (
     restore_weights,
     super_activation_mask,
     weight_quantization_sweep,
+    weight_targets,
     zscore_clip,
 )
 
@@ -316,3 +317,30 @@ def test_sweeps_on_a_tiny_model(planted, wikitext_dir, tmp_path):
         weight_quantization_sweep(planted, tokenizer, [SW], [64], z=-1, **options)
     with pytest.raises(UsageError, match="nothing to plot"):
         plot_sweep([], tmp_path / "empty.png")
+
+
+def test_sweeps_report_progress_for_every_stage(planted, wikitext_dir):
+    tokenizer = build_word_tokenizer(WORDS)
+    options = dict(data_dir=str(wikitext_dir), max_length=16)
+    seen: dict[str, list[tuple[int, int]]] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        seen.setdefault(stage, []).append((done, total))
+
+    weight_quantization_sweep(planted, tokenizer, [SW], [64, 1024], bits=3, z=3.0, baseline=True, progress=progress,
+                              **options)
+    matrices = len(weight_targets(planted))
+    expected = ["unquantized: wikitext"]
+    for size in (64, 1024):
+        for scheme in ("naive", "aware (z=3)"):
+            expected += [f"INT3 {scheme}, block {size}: quantizing", f"INT3 {scheme}, block {size}: wikitext"]
+    assert list(seen) == expected
+    for stage, calls in seen.items():
+        done, total = calls[-1]
+        assert done == total > 0, stage  # every stage runs to its end
+        if stage.endswith("quantizing"):
+            assert total == matrices and [d for d, _ in calls] == list(range(1, matrices + 1))
+
+    seen.clear()
+    activation_quantization_compare(planted, tokenizer, [SW], bits=[4], progress=progress, **options)
+    assert list(seen) == ["A4 naive: wikitext", "A4 super activation held out: wikitext"]

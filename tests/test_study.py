@@ -131,6 +131,47 @@ def test_stop_word_shift_on_hand_made_vocabulary():
     assert shift.shrinks[0]["ablated"] < shift.shrinks[0]["original"]
 
 
+@pytest.fixture()
+def word_wikitext(tmp_path):
+    """Six wikitext 'documents' of 30 words from the word model's vocabulary."""
+    path = tmp_path / "data"
+    (path / "wikitext").mkdir(parents=True)
+    pages = [" ".join(WORDS[(i + j) % 7] for j in range(30)) for i in range(6)]  # no ".": detokenising joins it
+    (path / "wikitext" / "wikitext-2-raw-v1_test_documents.jsonl").write_text(
+        "".join(json.dumps({"page": p}) + "\n" for p in pages))
+    return path
+
+
+def test_stop_word_shift_is_bounded_by_limit_and_max_length_and_cached(word_wikitext, tmp_path, monkeypatch):
+    model, tokenizer = word_model()
+    weight, words = SuperWeight(0, 3, 5), ["the", "of", "and"]
+    cache = study.EvaluationCache(tmp_path / "cache")
+    arguments = dict(data_dir=str(word_wikitext))
+    full, from_cache = study.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, **arguments)
+    assert not from_cache and full.num_positions == study.STOP_WORD_DOCUMENTS * 30
+    passes = []
+    bounded, _ = study.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, limit=2,
+                                              max_length=8, progress=lambda done, total: passes.append((done, total)),
+                                              **arguments)
+    assert bounded.num_positions == 2 * 8  # two documents, their first 8 tokens
+    assert passes == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]  # original and zeroed pass per text
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("a cached stop-word shift ran the model")
+
+    monkeypatch.setattr(study, "_mean_next_token_probs", no_forward_pass)
+    again, from_cache = study.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, limit=2,
+                                                     max_length=8, **arguments)
+    assert from_cache and again == bounded
+    assert study.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, **arguments) == (full, True)
+    for changed in (dict(model_key="other"), dict(super_weights=[SuperWeight(0, 3, 6)]), dict(stop_words=["cat"]),
+                    dict(limit=3)):
+        options = dict(model_key="m", super_weights=[weight], stop_words=words, **arguments) | changed
+        with pytest.raises(AssertionError, match="ran the model"):
+            study.cached_stop_word_shift(cache, options.pop("model_key"), model, tokenizer,
+                                         options.pop("super_weights"), options.pop("stop_words"), **options)
+
+
 def test_activation_profile_shows_the_super_activation_vanish(planted):
     profile = study.activation_profile(planted, PROMPT_IDS, [SW])
     before, after = profile.before[SW.layer], profile.after[SW.layer]

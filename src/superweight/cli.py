@@ -7,12 +7,13 @@ line and exit non-zero; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -43,6 +44,7 @@ class _Stdout:
 
 stdout = _Stdout()
 stderr = Console(stderr=True, highlight=False)
+T = TypeVar("T")
 
 
 class Session:
@@ -89,15 +91,19 @@ class Session:
 
 
 def _quiet_libraries() -> None:
-    """transformers' own bars and warnings would interleave with ours on stderr."""
+    """transformers' and huggingface_hub's own bars, warnings and retry lines would interleave with
+    ours on stderr (the library reports its progress to us instead)."""
     import warnings
 
     warnings.filterwarnings("ignore")
     try:
+        from huggingface_hub.utils import disable_progress_bars, logging as hub_logging
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        hub_logging.set_verbosity_error()
+        disable_progress_bars()
     except ImportError:
         pass
 
@@ -240,12 +246,13 @@ def detect(
             if stream:  # no weights loaded here: config and tokenizer only
                 from .stream import detect_streamed, open_checkpoint
                 loaded = open_checkpoint(model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                         cache_dir=cache_dir, trust_remote_code=trust_remote_code, progress=update)
+                                         cache_dir=cache_dir, trust_remote_code=trust_remote_code, progress=update,
+                                         notice=session.say)
             else:
                 loaded = load_model(model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
                                     device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
                                     trust_remote_code=trust_remote_code, cache_dir=cache_dir,
-                                    progress=update)
+                                    progress=update, notice=session.say)
             update(f"detecting: {n} iteration(s) at most" + (", one layer at a time" if stream else ""))
             input_ids = encode_prompt(loaded.tokenizer, text)
             if stream:
@@ -319,7 +326,7 @@ def _load_with_status(session: Session, source_spec: Optional[str], *, device_ma
 
     placement = dict(device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory))
     with session.status(f"loading {source_spec or 'default model'}") as update:
-        loaded = load_model(source_spec, progress=update, **placement, **load_options)
+        loaded = load_model(source_spec, progress=update, notice=session.say, **placement, **load_options)
     session.say(f"loaded {loaded.source.spec} ({loaded.dtype}) in {loaded.load_seconds:.1f} s"
                 + (" from the GGUF cache" if loaded.from_cache else ""))
     return loaded
@@ -790,16 +797,18 @@ def quantize(
                                    device=device, device_map=device_map,
                                    max_memory=max_memory, trust_remote_code=trust_remote_code,
                                    cache_dir=cache_dir)
-        if not weights:
-            weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
-            session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
         grid = sizes or rtn.default_block_sizes(loaded.model)
         options = dict(data_dir=data_dir, limit=limit, max_length=max_length)
-        with session.status(f"quantizing to {bits} bits at {len(grid)} block size(s), evaluating each"):
+        with _progress_bars(session) as bar:
+            if not weights:
+                weights = _step(bar, "detecting super weights", lambda: run_detect(
+                    loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights)
+                session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
             rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z,
-                                                 tasks=names, baseline=True, **options)
+                                                 tasks=names, baseline=True, progress=bar, **options)
             activation_rows = (rtn.activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
-                                                                   bits=activation_bits, tasks=names, **options)
+                                                                   bits=activation_bits, tasks=names, progress=bar,
+                                                                   **options)
                                if activations else [])
         if plot:
             rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
@@ -908,39 +917,46 @@ def study(
         if weights:
             ablation.validate_coords(loaded.model, weights)
             ablation.check_recorded_values(loaded.model, weights)
-        else:
-            weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
-            session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
-        verification = None
-        if weights:
-            from .verify import labelled, verify
-            with session.status("measuring each weight's effect") as update:
-                verification = verify(loaded.model, loaded.tokenizer, weights, progress=update)
-            weights = labelled(weights, verification)
-        table_configurations = analysis.study_configurations(loaded.model, weights, top=top, seed=seed)
-        sweep = analysis.scale_sweep_configurations(weights, factors)
+        model_key = model_fingerprint(loaded)
         cache = analysis.EvaluationCache(cache_root(cache_dir) / "evaluations")
-        with _task_progress(session) as (on_start, on_progress):
+        prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
+        with _progress_bars(session) as bar:
+            if not weights:
+                weights = _step(bar, "detecting super weights",
+                                lambda: run_detect(loaded.model, prompt_ids).super_weights)
+                session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
+            verification = None
+            if weights:
+                from .verify import labelled, verify
+                verification = _step(bar, "measuring each weight's effect",
+                                     lambda: verify(loaded.model, loaded.tokenizer, weights))
+                weights = labelled(weights, verification)
+            table_configurations = analysis.study_configurations(loaded.model, weights, top=top, seed=seed)
+            sweep = analysis.scale_sweep_configurations(weights, factors)
+            on_start, on_progress = _configuration_progress(bar)
             runs = analysis.run_cached(
-                cache, model_fingerprint(loaded), loaded.model, loaded.tokenizer, table_configurations + sweep, names,
+                cache, model_key, loaded.model, loaded.tokenizer, table_configurations + sweep, names,
                 on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limit,
                 batch_size=batch, max_length=max_length, seed=seed)
-        with session.status("stop-word shift, activation profile and generations"):
-            shift = analysis.stop_word_shift(loaded.model, loaded.tokenizer, analysis.wikitext_texts(data_dir),
-                                             weights, words)
-            profile = analysis.activation_profile(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT),
-                                                  weights)
-            generations = generation.generate(loaded.model, loaded.tokenizer, table_configurations)
-        table = summary_table({c.name: runs[c.name] for c in table_configurations})
-        cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
-        meta = {"command": "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
-                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
-                "tasks": names, "limit": limit, "seed": seed, "grid": factors,
-                "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
-                "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
-        analysis.write_report(out_dir, force=force, super_weights=weights, table=table,
-                              sweep_rows=analysis.sweep_rows(runs, sweep), stop_words=shift, profile=profile, meta=meta,
-                              verification=verification, generations=generations)
+            shift, shift_cached = analysis.cached_stop_word_shift(
+                cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir, limit=limit,
+                max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total))
+            if shift_cached:
+                bar("stop-word shift (from the cache)", 1, 1)
+            profile = _step(bar, "activation profile",
+                            lambda: analysis.activation_profile(loaded.model, prompt_ids, weights))
+            generations = _step(bar, "generations",
+                                lambda: generation.generate(loaded.model, loaded.tokenizer, table_configurations))
+            table = summary_table({c.name: runs[c.name] for c in table_configurations})
+            cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
+            meta = {"command": "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
+                    "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
+                    "tasks": names, "limit": limit, "seed": seed, "grid": factors,
+                    "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
+                    "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
+            _step(bar, f"writing {out_dir}", lambda: analysis.write_report(
+                out_dir, force=force, super_weights=weights, table=table, sweep_rows=analysis.sweep_rows(runs, sweep),
+                stop_words=shift, profile=profile, meta=meta, verification=verification, generations=generations))
         if as_json:
             typer.echo((out_dir / analysis.JSON_FILE).read_text(encoding="utf-8").rstrip())
             return
@@ -965,27 +981,51 @@ def _save_quantized(loaded, out: Path, force: bool, settings: dict) -> None:
 
 
 @contextmanager
-def _task_progress(session: Session):
-    """A rich progress bar per (configuration, task) on stderr."""
+def _progress_bars(session: Session) -> Iterator[Callable[[str, int, int], None]]:
+    """Rich progress bars on stderr, one per stage; yields `bar(stage, done, total)`, the
+    callback the library reports its progress through."""
     if session.quiet:
-        yield (lambda configuration: None), None
+        yield lambda stage, done, total: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    current = {"configuration": ""}
     bars: dict[str, int] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=stderr, transient=False) as progress:
-        def on_start(configuration) -> None:
-            current["configuration"] = configuration.name
+        def bar(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task(stage, total=total)
+            progress.update(bars[stage], completed=done, total=total)
 
-        def on_progress(task_name: str, done: int, total: int) -> None:
-            key = f"{current['configuration']}: {task_name}"
-            if key not in bars:
-                bars[key] = progress.add_task(key, total=total)
-            progress.update(bars[key], completed=done, total=total)
+        yield bar
 
-        yield on_start, on_progress
+
+def _step(bar: Callable[[str, int, int], None], stage: str, work: Callable[[], T]) -> T:
+    """A stage of one step (no finer progress to report): its bar, then `work()`."""
+    bar(stage, 0, 1)
+    result = work()
+    bar(stage, 1, 1)
+    return result
+
+
+def _configuration_progress(bar: Callable[[str, int, int], None]):
+    """`on_start`/`progress` for `run_configurations`: a bar per (configuration, task)."""
+    current = {"configuration": ""}
+
+    def on_start(configuration) -> None:
+        current["configuration"] = configuration.name
+
+    def on_progress(task_name: str, done: int, total: int) -> None:
+        bar(f"{current['configuration']}: {task_name}", done, total)
+
+    return on_start, on_progress
+
+
+@contextmanager
+def _task_progress(session: Session):
+    """A rich progress bar per (configuration, task) on stderr."""
+    with _progress_bars(session) as bar:
+        yield _configuration_progress(bar)
 
 
 class Terminated(KeyboardInterrupt):
@@ -997,6 +1037,9 @@ def _terminate(signum, frame) -> None:
 
 
 def main() -> None:
+    # Bars that libraries draw with plain tqdm (transformers' GGUF conversion) obey only this,
+    # read when tqdm is first imported: before any library is.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="sw")
 

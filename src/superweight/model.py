@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field, replace
@@ -29,6 +31,7 @@ from .files import atomic_directory, refuse_inside
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 Progress = Callable[[str], None]
+HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub (or proxy) to take a connection before calling it unreachable
 
 
 def configs_dir() -> Path:
@@ -75,6 +78,8 @@ class ModelSource:
             protected.append(path if path.is_dir() else path.parent)
         elif self.kind == "gguf":  # a lone .gguf file may sit in any folder: protect the file itself
             protected.append(path)
+            if Path(self.spec).expanduser().is_dir():  # ... unless MODEL named its folder: a model directory
+                protected.append(Path(self.spec).expanduser())
         return protected
 
 
@@ -129,11 +134,25 @@ def _resolve(spec: str | None, revision: str | None, gguf_file: str | None) -> M
             raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
         return ModelSource(spec, "gguf", str(path))
     if path.is_dir():
-        return ModelSource(spec, "local", str(path))
+        return _directory_source(spec, path)
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and path.parent.exists() and spec.count("/") > 1
     if looks_like_path or path.suffix in (".safetensors", ".bin", ".pt"):
         raise ModelLoadError(f"model path not found: {spec}; give a model directory, a .gguf file, a hub id or an alias")
     return ModelSource(spec, "hub", spec, revision=revision)
+
+
+def _directory_source(spec: str, path: Path) -> ModelSource:
+    """A model directory; one without config.json but with a single .gguf file is that file."""
+    if (path / "config.json").is_file():
+        return ModelSource(spec, "local", str(path))
+    ggufs = sorted(p.name for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(ggufs) == 1:
+        return ModelSource(spec, "gguf", str(path / ggufs[0]))
+    if ggufs:
+        raise UsageError(f"{spec} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); "
+                         f"choose one with --gguf-file NAME")
+    raise ModelLoadError(f"{spec} holds no config.json and no .gguf file; give a model directory (config.json "
+                         "and weights), a .gguf file, a hub id or an alias")
 
 
 @dataclass
@@ -290,12 +309,80 @@ def _check_config(config) -> None:
     adapter_for_type(config.model_type)
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub endpoint (or the proxy in front of it) takes a TCP connection within `timeout`
+    seconds; the name lookup runs in a thread, as it can hang far longer than that without a network."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = getproxies().get(endpoint.scheme)
+    if proxy and not proxy_bypass(host):
+        proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname, proxy_url.port or 80
+    answer: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answer.append(True)
+        except (OSError, ValueError):
+            answer.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answer and answer[0])
+
+
+def _hub_access(source: ModelSource, cache_dir: str | None, notice: Progress) -> dict[str, Any]:
+    """Extra from_pretrained options for a hub model when the hub cannot be reached and
+    HF_HUB_OFFLINE is not set: huggingface_hub would retry for ~30 s before using the cache or failing.
+    A cached copy is then read without asking the hub; without one, fail now."""
+    if _hub_offline() or _hub_reachable():
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source.location, "config.json", cache_dir=cache_dir,
+                                         revision=source.revision), str):
+        notice(f"{constants.ENDPOINT} is not reachable: using the cached copy of {source.location}")
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"cannot reach {constants.ENDPOINT} to download {_hub_name(source)}, and it is not in the local "
+        "cache; connect to the network, or set HF_HUB_OFFLINE=1 to use cached models only, or give a local "
+        "directory or .gguf file"
+    )
+
+
+def _hub_name(source: ModelSource) -> str:
+    return f"{source.location} (alias '{source.alias}')" if source.alias else source.location
+
+
 def _from_pretrained_errors(source: ModelSource, error: Exception) -> ModelLoadError:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if source.kind == "hub":
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-        known = ", ".join(sorted(aliases()))
+        offline = _hub_offline()
         hint = " (offline: HF_HUB_OFFLINE is set)" if offline else ""
+        if source.alias and offline:
+            return ModelLoadError(
+                f"alias '{source.alias}' maps to the hub model {source.location}, which is not in the local cache{hint}; "
+                "unset HF_HUB_OFFLINE to download it, or give a local directory or .gguf file"
+            )
+        if source.alias:
+            return ModelLoadError(
+                f"alias '{source.alias}' maps to the hub model {source.location}, which is not in the local cache and "
+                f"could not be downloaded ({text}); check your access to it, or give a local directory or .gguf file"
+            )
+        known = ", ".join(sorted(aliases()))
         return ModelLoadError(
             f"cannot load '{source.spec}'{hint}: not a known alias ({known}), a local directory, a .gguf file, "
             f"or a hub model in the cache; check the name or go online"
@@ -303,7 +390,8 @@ def _from_pretrained_errors(source: ModelSource, error: Exception) -> ModelLoadE
     return ModelLoadError(f"cannot load {source.location}: {text}")
 
 
-def _load_gguf_into_cache(source: ModelSource, dtype: str, cache_dir: str | None, progress: Progress) -> tuple[Path, bool]:
+def _load_gguf_into_cache(source: ModelSource, dtype: str, cache_dir: str | None, progress: Progress,
+                          notice: Progress) -> tuple[Path, bool]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -314,8 +402,10 @@ def _load_gguf_into_cache(source: ModelSource, dtype: str, cache_dir: str | None
     if (target / "config.json").is_file():
         return target, True
     architecture = _check_gguf(source.location)
-    directory, name = os.path.split(source.location)
-    progress(f"dequantizing GGUF ({architecture}); cached for next time")
+    # An absolute path: from_pretrained takes the file's folder, '' for a bare relative name, for a hub id.
+    directory, name = os.path.split(os.path.abspath(source.location))
+    notice(f"first load of {name}: dequantizing ({architecture}) and caching it, once; later loads read the cache")
+    progress(f"dequantizing GGUF ({architecture})")
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=getattr(torch, dtype_name))
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
@@ -365,22 +455,29 @@ def load_model(
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
     progress: Progress | None = None,
+    notice: Progress | None = None,
 ) -> LoadedModel:
-    """Load MODEL and its tokenizer, ready for inference (eval mode, no grad needed)."""
+    """Load MODEL and its tokenizer, ready for inference (eval mode, no grad needed).
+
+    `progress` gets short status texts as the load goes; `notice` the few messages worth keeping
+    on screen (a first, slow GGUF load; a cached copy used because the hub cannot be reached).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     progress = progress or (lambda message: None)
+    notice = notice or (lambda message: None)
     torch_dtype = _torch_dtype(dtype)
     source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     started = time.perf_counter()
     from_cache = False
     location, hub_kwargs = source.location, {}
     if source.kind == "gguf":
-        cached, from_cache = _load_gguf_into_cache(source, dtype, cache_dir, progress)
+        cached, from_cache = _load_gguf_into_cache(source, dtype, cache_dir, progress, notice)
         location = str(cached)
         torch_dtype = _torch_dtype("float32" if dtype == "auto" else dtype)
     else:
-        hub_kwargs = dict(revision=source.revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+        hub_kwargs = dict(revision=source.revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                          **_hub_access(source, cache_dir, notice))
         progress(f"reading config of {source.spec}")
         try:
             config = AutoConfig.from_pretrained(location, **hub_kwargs)

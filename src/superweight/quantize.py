@@ -308,6 +308,7 @@ def quantize_model_weights(
     block_size: int = 4096,
     super_weights: Sequence[SuperWeight] | None = None,
     z: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> WeightQuantizationRecord:
     """Fake-quantize every decoder weight matrix in place; returns the record to `restore_weights`.
 
@@ -315,6 +316,7 @@ def quantize_model_weights(
     clipped at |z-score| > z; with `super_weights`, those weights are restored to their exact
     original values after quantization (the paper's super-weight-aware scheme uses both: pass
     `z=DEFAULT_Z`). Originals are kept on the CPU so the model can be restored bit-identically.
+    `progress(done, total)` is called after each parameter.
     """
     from .ablate import validate_coords
 
@@ -328,13 +330,15 @@ def quantize_model_weights(
     record = WeightQuantizationRecord(bits, block_size, z, weights, [t.name for t in targets])
     try:
         with torch.no_grad():
-            for target in targets:
+            for done, target in enumerate(targets, 1):
                 record.originals.append((target.param, target.param.detach().to("cpu", copy=True)))
                 for expert, matrix in _matrices(target):
                     positions = target.super_positions.get(expert, [])
                     quantized, clipped = _quantize_aware(matrix, bits, block_size, z, positions)
                     matrix.copy_(quantized)
                     record.clipped += clipped
+                if progress:
+                    progress(done, len(targets))
     except BaseException:
         restore_weights(record)
         raise
@@ -356,9 +360,10 @@ def quantized_weights(
     block_size: int = 4096,
     super_weights: Sequence[SuperWeight] | None = None,
     z: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[WeightQuantizationRecord]:
     """`quantize_model_weights` on entry; the exact original weights back on exit (also on errors)."""
-    record = quantize_model_weights(model, bits, block_size, super_weights, z)
+    record = quantize_model_weights(model, bits, block_size, super_weights, z, progress)
     try:
         yield record
     finally:
@@ -499,10 +504,21 @@ def _perplexity(out: dict[str, Any]) -> float | None:
     return None if wikitext is None else wikitext.get("word_perplexity")
 
 
-def _run_eval(model, tokenizer, tasks, evaluate_options) -> dict[str, Any]:
+StageProgress = Callable[[str, int, int], None]  # (stage, done, total), e.g. ("naive, block 64: wikitext", 3, 10)
+
+
+def _stage(progress: StageProgress | None, stage: str) -> Callable[[int, int], None] | None:
+    """`progress` bound to one stage."""
+    return None if progress is None else (lambda done, total: progress(stage, done, total))
+
+
+def _run_eval(model, tokenizer, tasks, evaluate_options, progress: StageProgress | None = None,
+              stage: str = "") -> dict[str, Any]:
+    """`evaluate`, its progress reported per task as the stage '<stage>: <task>'."""
     from .evaluate import evaluate
 
-    out = evaluate(model, tokenizer, list(tasks), **evaluate_options)
+    per_task = None if progress is None else (lambda task, done, total: progress(f"{stage}: {task}", done, total))
+    out = evaluate(model, tokenizer, list(tasks), progress=per_task, **evaluate_options)
     return out["results"]
 
 
@@ -516,10 +532,12 @@ def weight_quantization_sweep(
     tasks: Sequence[str] = ("wikitext",),
     *,
     baseline: bool = False,
+    progress: StageProgress | None = None,
     **evaluate_options: Any,
 ) -> list[dict[str, Any]]:
     """Per block size: the model quantized naively and super-weight-aware (clip at `z`, restore
     the super weights), each evaluated on `tasks` with `evaluate(..., **evaluate_options)`.
+    `progress(stage, done, total)` follows each quantization and evaluation.
 
     Rows: {"bits", "block_size", "z", "naive_perplexity", "aware_perplexity" (wikitext word
     perplexity, None without wikitext), "naive", "aware" (the per-task results), and with
@@ -536,13 +554,15 @@ def weight_quantization_sweep(
     weights = _unique(super_weights or [])
     if weights:
         validate_coords(model, weights)
-    reference = _run_eval(model, tokenizer, tasks, evaluate_options) if baseline else None
+    reference = _run_eval(model, tokenizer, tasks, evaluate_options, progress, "unquantized") if baseline else None
     rows = []
     for size in sizes:
-        with quantized_weights(model, bits, size):
-            naive = _run_eval(model, tokenizer, tasks, evaluate_options)
-        with quantized_weights(model, bits, size, weights, z) as record:
-            aware = _run_eval(model, tokenizer, tasks, evaluate_options)
+        naive_stage, aware_stage = f"INT{bits} naive, block {size}", f"INT{bits} aware (z={z:g}), block {size}"
+        with quantized_weights(model, bits, size, progress=_stage(progress, f"{naive_stage}: quantizing")):
+            naive = _run_eval(model, tokenizer, tasks, evaluate_options, progress, naive_stage)
+        aware_quantizing = _stage(progress, f"{aware_stage}: quantizing")
+        with quantized_weights(model, bits, size, weights, z, aware_quantizing) as record:
+            aware = _run_eval(model, tokenizer, tasks, evaluate_options, progress, aware_stage)
         rows.append(_comparison_row(naive, aware, reference, bits=bits, block_size=size, z=z, clipped=record.clipped))
     return rows
 
@@ -567,6 +587,7 @@ def activation_quantization_compare(
     *,
     baseline: bool = False,
     spike_fraction: float = SPIKE_FRACTION,
+    progress: StageProgress | None = None,
     **evaluate_options: Any,
 ) -> list[dict[str, Any]]:
     """Per bit width: down-projection inputs quantized per tensor naively and with the super
@@ -575,13 +596,14 @@ def activation_quantization_compare(
     widths = _check_bits_list(bits, "activation")
     if not super_weights:
         raise UsageError("super-activation-aware quantization needs the super weights; give at least one LAYER,ROW,COL")
-    reference = _run_eval(model, tokenizer, tasks, evaluate_options) if baseline else None
+    reference = _run_eval(model, tokenizer, tasks, evaluate_options, progress, "unquantized") if baseline else None
     rows = []
     for width in widths:
         with quantized_activations(model, width):
-            naive = _run_eval(model, tokenizer, tasks, evaluate_options)
+            naive = _run_eval(model, tokenizer, tasks, evaluate_options, progress, f"A{width} naive")
         with quantized_activations(model, width, super_weights, spike_fraction=spike_fraction) as stats:
-            aware = _run_eval(model, tokenizer, tasks, evaluate_options)
+            aware = _run_eval(model, tokenizer, tasks, evaluate_options, progress,
+                              f"A{width} super activation held out")
         rows.append(_comparison_row(naive, aware, reference, bits=width, held_out=stats.held_out))
     return rows
 

@@ -28,8 +28,8 @@ from .coords import SuperWeight
 from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, Detection, SpikeRule, forward_pass, iterate
 from .errors import ModelLoadError, UnsupportedArchitectureError
 from .hooks import LayerStats, around_layers, capture_layer_stats
-from .model import (ModelSource, Progress, _check_config, _from_pretrained_errors, _load_gguf_into_cache,
-                    _torch_dtype, resolve, resolve_device)
+from .model import (ModelSource, Progress, _check_config, _from_pretrained_errors, _hub_access,
+                    _load_gguf_into_cache, _torch_dtype, resolve, resolve_device)
 
 # What a hub snapshot needs for streaming: config, tokenizer files, the transformers-layout
 # safetensors (not pickles, nor a duplicate consolidated.safetensors some repos also carry).
@@ -86,12 +86,13 @@ def _checkpoint_dtype(config, files: dict[str, Path]) -> str:
         return _SAFETENSORS_DTYPES.get(f.get_slice(name).get_dtype(), "float32")
 
 
-def _snapshot(source: ModelSource, cache_dir: str | None) -> Path:
+def _snapshot(source: ModelSource, cache_dir: str | None, notice: Progress) -> Path:
     from huggingface_hub import snapshot_download
 
+    access = _hub_access(source, cache_dir, notice)
     try:
         return Path(snapshot_download(source.location, revision=source.revision, cache_dir=cache_dir,
-                                      allow_patterns=SNAPSHOT_PATTERNS))
+                                      allow_patterns=SNAPSHOT_PATTERNS, **access))
     except (OSError, ValueError) as e:
         raise _from_pretrained_errors(source, e) from None
 
@@ -105,21 +106,23 @@ def open_checkpoint(
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    notice: Progress | None = None,
 ) -> Checkpoint:
     """MODEL as a safetensors directory (a hub snapshot, a local dir, or the GGUF cache) + config + tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
 
     progress = progress or (lambda message: None)
+    notice = notice or (lambda message: None)
     _torch_dtype(dtype)  # an unknown --dtype fails before anything is read
     source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     started = time.perf_counter()
     from_cache = False
     if source.kind == "gguf":  # stream from the dequantised cache, written once as in a full load
-        directory, from_cache = _load_gguf_into_cache(source, dtype, cache_dir, progress)
+        directory, from_cache = _load_gguf_into_cache(source, dtype, cache_dir, progress, notice)
         dtype = "float32" if dtype == "auto" else dtype
     elif source.kind == "hub":
         progress(f"fetching config, tokenizer and safetensors of {source.spec}")
-        directory = _snapshot(source, cache_dir)
+        directory = _snapshot(source, cache_dir, notice)
     else:
         directory = Path(source.location)
     progress(f"reading config of {source.spec}")

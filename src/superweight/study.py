@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ PAPER_OUTLIER_COUNT = 7000
 PAPER_DOWN_PROJ_ELEMENTS = 32 * 4096 * 11008  # Llama-7B: 32 layers x [4096 x 11008]
 
 STOP_WORDS_FILE = "stop_words.txt"  # in configs/: one word per line, '#' starts a comment
+STOP_WORD_DOCUMENTS = 4  # wikitext test documents the stop-word shift reads (fewer with --limit)
+STOP_WORD_TOKENS = 512  # their first tokens (fewer with --max-length)
 
 REPORT_FILE = "REPORT.md"
 JSON_FILE = "report.json"
@@ -148,7 +150,11 @@ class EvaluationCache:
     @staticmethod
     def key(model_key: str, configuration: Configuration, task: str, limit: int | None,
             max_length: int | None) -> str:
-        identity = [model_key, _effect(configuration), task, limit, max_length]
+        return EvaluationCache.key_of([model_key, _effect(configuration), task, limit, max_length])
+
+    @staticmethod
+    def key_of(identity: Any) -> str:
+        """The key of any JSON-able description of a result (all its inputs)."""
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
@@ -242,11 +248,6 @@ def load_stop_words(path: str | Path | None = None) -> list[str]:
     return words
 
 
-def wikitext_texts(data_dir: str | None, count: int = 4) -> list[str]:
-    """The first `count` wikitext test documents, detokenised as the evaluation scores them."""
-    return [wikitext_detokenize(doc["page"]) for doc in load_task("wikitext", data_dir, count).docs]
-
-
 def stop_word_ids(tokenizer, stop_words: Sequence[str], vocab_size: int) -> list[int]:
     """Token ids whose decoded text, stripped and lower-cased, is a stop word."""
     wanted = {w.strip().lower() for w in stop_words if w.strip()}
@@ -255,7 +256,8 @@ def stop_word_ids(tokenizer, stop_words: Sequence[str], vocab_size: int) -> list
     return [i for i, text in enumerate(texts) if text.strip().lower() in wanted]
 
 
-def _mean_next_token_probs(model, batches: list[torch.Tensor], chunk: int = 128) -> tuple[torch.Tensor, int]:
+def _mean_next_token_probs(model, batches: list[torch.Tensor], chunk: int = 128,
+                           on_text: Callable[[], None] | None = None) -> tuple[torch.Tensor, int]:
     """Mean next-token distribution over all positions, as a [vocab] float64 vector."""
     total: torch.Tensor | None = None
     positions = 0
@@ -269,24 +271,37 @@ def _mean_next_token_probs(model, batches: list[torch.Tensor], chunk: int = 128)
                 total += part.sum(0).cpu()
             positions += logits.shape[0]
             del logits
+            if on_text:
+                on_text()
     if total is None:
         raise UsageError("the stop-word analysis needs at least one non-empty text")
     return total / positions, positions
 
 
 def stop_word_shift(model, tokenizer, texts: Sequence[str], super_weights: Sequence[SuperWeight],
-                    stop_words: Sequence[str] | None = None, *, max_tokens: int = 512,
-                    top_k: int = 10) -> StopWordShift:
-    """Compare the mean next-token distribution of the original and the super-weight-zeroed model."""
+                    stop_words: Sequence[str] | None = None, *, max_tokens: int = STOP_WORD_TOKENS,
+                    top_k: int = 10, progress: Callable[[int, int], None] | None = None) -> StopWordShift:
+    """Compare the mean next-token distribution of the original and the super-weight-zeroed model.
+
+    `progress(done, total)` is called after each forward pass (two per text)."""
     device = execution_device(model.get_input_embeddings())
     batches = []
     for text in texts:
         ids = list(tokenizer(text).input_ids)[:max_tokens]
         if ids:
             batches.append(torch.tensor([ids], device=device))
-    original, positions = _mean_next_token_probs(model, batches)
+    passes = {"done": 0, "total": 2 * len(batches)}
+
+    def on_text() -> None:
+        passes["done"] += 1
+        if progress:
+            progress(passes["done"], passes["total"])
+
+    if progress:
+        progress(0, passes["total"])
+    original, positions = _mean_next_token_probs(model, batches, on_text=on_text)
     with ablate.ablated(model, list(super_weights)):
-        ablated_probs, _ = _mean_next_token_probs(model, batches)
+        ablated_probs, _ = _mean_next_token_probs(model, batches, on_text=on_text)
     stop_words = load_stop_words() if stop_words is None else stop_words
     stop_ids = torch.tensor(stop_word_ids(tokenizer, stop_words, original.numel()), dtype=torch.long)
     diff = ablated_probs - original
@@ -302,6 +317,29 @@ def stop_word_shift(model, tokenizer, texts: Sequence[str], super_weights: Seque
         num_positions=positions, num_stop_tokens=int(stop_ids.numel()),
         grows=describe(diff.topk(k).indices), shrinks=describe((-diff).topk(k).indices),
     )
+
+
+def cached_stop_word_shift(cache: EvaluationCache, model_key: str, model, tokenizer,
+                           super_weights: Sequence[SuperWeight], stop_words: Sequence[str], *,
+                           data_dir: str | None = None, limit: int | None = None, max_length: int | None = None,
+                           progress: Callable[[int, int], None] | None = None) -> tuple[StopWordShift, bool]:
+    """`stop_word_shift` over the first wikitext test documents, bounded like the evaluations
+    (`limit` documents at most, `max_length` tokens of each at most) and cached like them: the
+    result and whether it came from `cache`."""
+    documents = min(STOP_WORD_DOCUMENTS, limit) if limit else STOP_WORD_DOCUMENTS
+    tokens = min(STOP_WORD_TOKENS, max_length) if max_length else STOP_WORD_TOKENS
+    wikitext = load_task("wikitext", data_dir, documents)
+    key = EvaluationCache.key_of([
+        "stop_word_shift", model_key, [[w.layer, w.row, w.col, w.expert] for w in super_weights],
+        sorted({w.strip().lower() for w in stop_words}), wikitext.sha256, documents, tokens,
+    ])
+    cached = cache.get(key)
+    if cached is not None:
+        return StopWordShift(**cached), True
+    texts = [wikitext_detokenize(doc["page"]) for doc in wikitext.docs]  # as the evaluation scores them
+    shift = stop_word_shift(model, tokenizer, texts, super_weights, stop_words, max_tokens=tokens, progress=progress)
+    cache.put(key, shift.to_dict())
+    return shift, False
 
 
 # ----------------------------------------------------------------------------- activation profile

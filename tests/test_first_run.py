@@ -1,0 +1,203 @@
+"""A new user's first run: GGUF files named by relative paths or by their folder, hub aliases that
+are not cached, and what a first (uncached) GGUF load prints (issue 13, points 6-9)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from superweight.errors import ModelLoadError, UsageError
+from superweight.model import load_model, resolve
+from test_cli import assert_one_line_error, invoke
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """A random two-layer Llama as an F32 GGUF with a byte-level BPE vocabulary: transformers
+    dequantizes it in well under a second, so a first (uncached) GGUF load is cheap to test."""
+    import gguf
+    import numpy as np
+
+    hidden, intermediate, layers = 16, 32, 2
+    tokens = ["Ġ", "a", "b", "c", "Ġa", "Ġb", "Ġc", "<s>", "</s>"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_block_count(layers)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 7 + [3, 3])
+    writer.add_token_merges(["Ġ a", "Ġ b", "Ġ c"])
+    writer.add_bos_token_id(7)
+    writer.add_eos_token_id(8)
+    rng = np.random.default_rng(0)
+
+    def add(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+
+    add("token_embd.weight", len(tokens), hidden)
+    add("output.weight", len(tokens), hidden)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    for i in range(layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", np.ones(hidden, dtype=np.float32))
+        for projection in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            add(f"blk.{i}.{projection}.weight", hidden, hidden)
+        add(f"blk.{i}.ffn_gate.weight", intermediate, hidden)
+        add(f"blk.{i}.ffn_up.weight", intermediate, hidden)
+        add(f"blk.{i}.ffn_down.weight", hidden, intermediate)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf")
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(cache))
+    return cache
+
+
+# ----------------------------------------------------------------------------- point 6
+
+
+@pytest.mark.parametrize("spelling", ["m.gguf", "./m.gguf"])
+def test_relative_gguf_path_loads_on_the_first_uncached_load(tiny_gguf, tmp_path, empty_cache, monkeypatch, spelling):
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(tiny_gguf, work / "m.gguf")
+    monkeypatch.chdir(work)
+    result = invoke("detect", spelling, "-q", "--out", tmp_path / "c.yaml")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "c.yaml").is_file() and list(empty_cache.rglob("config.json"))
+
+
+# ----------------------------------------------------------------------------- point 7
+
+
+def test_a_folder_holding_one_gguf_is_that_gguf(tiny_gguf, tmp_path, empty_cache):
+    folder = tmp_path / "ggdir"
+    folder.mkdir()
+    shutil.copy(tiny_gguf, folder / "m.gguf")
+    source = resolve(str(folder))
+    assert (source.kind, source.location) == ("gguf", str(folder / "m.gguf"))
+    assert folder in source.protected_dirs  # named as MODEL, the folder is a model directory
+    result = invoke("detect", folder, "-q", "--out", tmp_path / "c.yaml")
+    assert result.exit_code == 0, result.output
+    assert_one_line_error(invoke("detect", folder, "-q", "--out", folder / "c.yaml"), "inside the model directory")
+
+
+def test_a_folder_holding_several_ggufs_lists_them_and_names_gguf_file(tiny_gguf, tmp_path):
+    folder = tmp_path / "ggdir"
+    folder.mkdir()
+    for name in ("b-Q8_0.gguf", "a-Q4_1.gguf"):
+        shutil.copy(tiny_gguf, folder / name)
+    with pytest.raises(UsageError, match=r"2 GGUF files \(a-Q4_1.gguf, b-Q8_0.gguf\).*--gguf-file"):
+        resolve(str(folder))
+    assert resolve(str(folder), gguf_file="b-Q8_0.gguf").location == str(folder / "b-Q8_0.gguf")
+    result = invoke("detect", folder, "-q", "--out", tmp_path / "c.yaml")
+    assert_one_line_error(result, "a-Q4_1.gguf, b-Q8_0.gguf", "--gguf-file")
+    assert result.exit_code == 2 and not (tmp_path / "c.yaml").exists()
+
+
+def test_a_folder_with_neither_config_nor_gguf_says_so(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json and no .gguf file"):
+        resolve(str(tmp_path / "empty"))
+
+
+# ----------------------------------------------------------------------------- point 8
+
+
+def test_an_alias_not_in_the_cache_offline_names_its_hub_id():
+    line = assert_one_line_error(invoke("detect", "mistral-7b", "-q"),
+                                 "alias 'mistral-7b' maps to the hub model mistralai/Mistral-7B-v0.1",
+                                 "not in the local cache", "HF_HUB_OFFLINE")
+    assert "not a known alias" not in line
+
+
+def closed_local_port() -> int:
+    """A 127.0.0.1 port nothing listens on: connections to it are refused at once."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_sw(*args, env: dict, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`sw` in a fresh process: the hub's settings (endpoint, offline mode) and tqdm's are read at import."""
+    command = [sys.executable, "-c", "from superweight.cli import main; main()", *map(str, args)]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def sw_env(tmp_path: Path, **extra: str) -> dict:
+    """No HF_HUB_OFFLINE, and a hub endpoint on a closed 127.0.0.1 port: "no network" without any
+    request leaving this machine."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_local_port()}", HF_HOME=str(tmp_path / "hf"),
+               SUPERWEIGHT_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO / "src"), **extra)
+    env.pop("HTTP_PROXY", None), env.pop("HTTPS_PROXY", None), env.pop("http_proxy", None), env.pop("https_proxy", None)
+    return env
+
+
+def test_no_network_without_hf_hub_offline_fails_fast_in_one_line(tmp_path):
+    result = run_sw("detect", "mistral-7b", "--out", tmp_path / "c.yaml", env=sw_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr  # no "Retrying in 1s [Retry 1/5]" lines before it
+    assert lines[0].startswith("error: cannot reach http://127.0.0.1:")
+    for fragment in ("mistralai/Mistral-7B-v0.1 (alias 'mistral-7b')", "not in the local cache", "HF_HUB_OFFLINE=1",
+                     "local directory"):
+        assert fragment in lines[0], lines[0]
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_no_network_without_hf_hub_offline_uses_a_cached_hub_model(tiny_llama_dir, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    result = run_sw("detect", "org/tiny", "--out", tmp_path / "c.yaml", "--json", env=sw_env(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "not reachable: using the cached copy of org/tiny" in result.stderr
+    assert "Retry" not in result.stderr and (tmp_path / "c.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- point 9
+
+
+def test_first_gguf_load_says_so_and_no_library_bar_shows(tiny_gguf, tmp_path):
+    env = sw_env(tmp_path, HF_HUB_OFFLINE="1")
+    env.pop("TQDM_DISABLE", None)
+    result = run_sw("detect", tiny_gguf, "--out", tmp_path / "c.yaml", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "first load of tiny.gguf: dequantizing (llama) and caching it, once" in result.stderr
+    assert "Converting" not in result.stderr and "it/s" not in result.stderr, result.stderr  # transformers' tqdm bar
+
+    again = run_sw("detect", tiny_gguf, "--out", tmp_path / "c.yaml", env=env, cwd=tmp_path)
+    assert again.returncode == 0 and "first load" not in again.stderr and "from the GGUF cache" in again.stderr
+
+
+def test_first_gguf_load_under_quiet_prints_nothing_on_stderr(tiny_gguf, tmp_path):
+    env = sw_env(tmp_path, HF_HUB_OFFLINE="1")
+    env.pop("TQDM_DISABLE", None)
+    result = run_sw("detect", tiny_gguf, "-q", "--out", tmp_path / "c.yaml", env=env, cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
