@@ -266,3 +266,17 @@ def test_config_of_a_type_the_table_lacks_is_judged_before_loading(model_type, r
     else:
         adapter, note = adapter_for_config(config)
         assert adapter is ADAPTERS[row] and f"'{model_type}'" in note
+
+
+def test_docs_list_every_row():
+    """docs/architectures.md's table and README's Coordinates section name every model type."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    table = (repo / "docs" / "architectures.md").read_text(encoding="utf-8")
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    table_rows = "\n".join(line.split("|")[1] for line in table.splitlines() if line.startswith("| ") and "|" in line[2:])
+    for family in ADAPTERS:
+        assert re.search(rf"\b{family}\b", table_rows), f"{family} missing from docs/architectures.md's table"
+        assert re.search(rf"\b{family}\b", readme), f"{family} missing from README"
