@@ -148,7 +148,7 @@ FAMILY_CONFIG: dict[str, dict] = {
         "moe_layers": [1, 3],
         "interleave_moe_layer_step": 2,
         "no_rope_layers": [1, 1, 1, 0] * (_PER_LAYER // 4),
-        "layer_types": ["chunked_attention", "chunked_attention", "chunked_attention", "full_attention"] * (_PER_LAYER // 4),
+        "layer_types": (["chunked_attention"] * 3 + ["full_attention"]) * (_PER_LAYER // 4),
         "attention_chunk_size": 16,
     },
 }

@@ -35,7 +35,8 @@ def test_minimal_file_and_bare_list(tmp_path):
     ("super_weights: [{layer: 1, row: 2, col: 3, value: big}]", "'value' must be a finite number"),
     ("super_weights: [{layer: 1, row: 2, col: 3, output_spike: .inf}]", "'output_spike' must be a finite number"),
     ("super_weights: [[1, 2, 3]]", "expected a mapping"),
-    ("super_weights: [{layer: 1, row: 2, col: 3, expert: common}]", "'expert' must be a non-negative integer or 'shared'"),
+    ("super_weights: [{layer: 1, row: 2, col: 3, expert: common}]",
+     "'expert' must be a non-negative integer or 'shared'"),
 ])
 def test_malformed_files(tmp_path, text, fragment):
     path = tmp_path / "c.yaml"
