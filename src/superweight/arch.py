@@ -265,7 +265,8 @@ def _is_moe(block: nn.Module, adapter: Adapter) -> bool:
 def is_moe_layer(model: nn.Module, layer: int, adapter: Adapter | None = None) -> bool:
     """Whether decoder layer `layer` has fused experts (some MoE models keep dense layers)."""
     adapter = adapter or adapter_for(model)
-    return _is_moe(decoder_layers(model, adapter)[layer], adapter)
+    # A dense family's answer needs no module lookup (this runs for every layer of every pass).
+    return adapter.experts and _is_moe(decoder_layers(model, adapter)[layer], adapter)
 
 
 def _location(model: nn.Module, layer: int, expert: Expert, adapter: Adapter) -> tuple[str, str, bool, bool]:
