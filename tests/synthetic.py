@@ -28,7 +28,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import pytest
 
-from superweight.arch import adapter_for, decoder_layers, down_proj_matrix, down_proj_module
+from superweight.arch import (
+    SHARED_EXPERT,
+    adapter_for,
+    decoder_layers,
+    down_proj_matrix,
+    down_proj_module,
+    down_proj_path,
+    is_moe_layer,
+)
 
 HIDDEN = 32
 INTERMEDIATE = 64
@@ -50,6 +58,23 @@ _COMMON = dict(
     tie_word_embeddings=False,
 )
 _LLAMA_SIZES = dict(intermediate_size=INTERMEDIATE, num_key_value_heads=2, head_dim=HIDDEN // HEADS)
+
+# Per-layer lists, longer than any test's model (tests use up to 8 layers): cut to its layers.
+_PER_LAYER = 16
+_PER_LAYER_KEYS = {"layer_types", "no_rope_layers"}
+_SLIDING_FULL = {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"] * (_PER_LAYER // 2)}
+_QWEN3_5_ATTENTION = {  # hybrid: Gated DeltaNet (linear) and full attention layers
+    "layer_types": ["linear_attention", "full_attention"] * (_PER_LAYER // 2),
+    "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+}
+_DEEPSEEK_EXPERTS = {"moe_intermediate_size": INTERMEDIATE, "n_shared_experts": 1, "n_routed_experts": 4,
+                     "num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}
+
+# Model types whose checkpoints hold a composite (text + vision) config that AutoModelForCausalLM
+# loads as the text model: the tiny model is built from the text type.
+COMPOSITE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text"}
+# Composite types that load as the multimodal model, the text model inside: given a tiny text config.
+WRAPPING = {"gemma4": "gemma4_text"}
 
 # Family-specific config bits (sizes the common names above do not reach).
 FAMILY_CONFIG: dict[str, dict] = {
@@ -78,6 +103,54 @@ FAMILY_CONFIG: dict[str, dict] = {
         "norm_topk_prob": True,
         "use_sliding_window": False,
     },
+    # Families added with transformers 5 (issue 12, point 7).
+    "ministral": {**_LLAMA_SIZES, "sliding_window": 16, "layer_types": ["sliding_attention"] * _PER_LAYER},
+    "qwen3_5_text": {**_LLAMA_SIZES, **_QWEN3_5_ATTENTION},
+    "smollm3": {**_LLAMA_SIZES, "no_rope_layers": [1, 1, 1, 0] * (_PER_LAYER // 4),
+                "layer_types": ["full_attention"] * _PER_LAYER},
+    "granite": _LLAMA_SIZES,
+    "cohere2": {**_LLAMA_SIZES, **_SLIDING_FULL},
+    "olmo3": {**_LLAMA_SIZES, **_SLIDING_FULL},
+    "gemma4_text": {**_LLAMA_SIZES, **_SLIDING_FULL, "global_head_dim": 2 * HIDDEN // HEADS,
+                    "hidden_size_per_layer_input": 0},
+    "exaone4": {**_LLAMA_SIZES, **_SLIDING_FULL},
+    "glm4": _LLAMA_SIZES,
+    "olmoe": {**_LLAMA_SIZES, "num_experts": 4, "num_experts_per_tok": 2},
+    "phimoe": {**_LLAMA_SIZES, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {**_LLAMA_SIZES, **_SLIDING_FULL, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        **_LLAMA_SIZES,
+        "moe_intermediate_size": INTERMEDIATE,
+        "shared_expert_intermediate_size": INTERMEDIATE,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "layer_types": ["full_attention"] * _PER_LAYER,
+        "max_window_layers": _PER_LAYER,
+    },
+    "qwen3_5_moe_text": {
+        **_LLAMA_SIZES,
+        **_QWEN3_5_ATTENTION,
+        "moe_intermediate_size": INTERMEDIATE,
+        "shared_expert_intermediate_size": INTERMEDIATE,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+    # DeepSeek-V3 / Kimi-K2 shape: layer 0 dense, then shared + routed experts.
+    "deepseek_v3": {**_LLAMA_SIZES, **_DEEPSEEK_EXPERTS, "kv_lora_rank": 16, "q_lora_rank": 16,
+                    "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "qk_head_dim": 8, "v_head_dim": 8, "head_dim": 4},
+    "glm4_moe": {**_LLAMA_SIZES, **_DEEPSEEK_EXPERTS},
+    # Llama 4: experts in layers 1 and 3, dense MLPs in 0 and 2 (the 128-expert model interleaves).
+    "llama4_text": {
+        **_LLAMA_SIZES,
+        "intermediate_size_mlp": INTERMEDIATE,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 1,
+        "moe_layers": [1, 3],
+        "interleave_moe_layer_step": 2,
+        "no_rope_layers": [1, 1, 1, 0] * (_PER_LAYER // 4),
+        "layer_types": (["chunked_attention"] * 3 + ["full_attention"]) * (_PER_LAYER // 4),
+        "attention_chunk_size": 16,
+    },
 }
 
 
@@ -95,8 +168,17 @@ def single_threaded() -> Iterator[None]:
 
 def tiny_config(model_type: str, **overrides):
     """A small config of `model_type` built locally (hidden 32, 4 layers, vocabulary 128)."""
-    config = AutoConfig.for_model(model_type)
-    for key, value in {**_COMMON, **FAMILY_CONFIG.get(model_type, {}), **overrides}.items():
+    model_type = COMPOSITE.get(model_type, model_type)
+    if model_type in WRAPPING:
+        config = AutoConfig.for_model(model_type)
+        config.text_config = tiny_config(WRAPPING[model_type], **overrides)
+        return config
+    settings = {**_COMMON, **FAMILY_CONFIG.get(model_type, {}), **overrides}
+    for key in _PER_LAYER_KEYS & settings.keys():  # one entry per layer, as the family expects
+        settings[key] = settings[key][:settings["num_hidden_layers"]]
+    # Given to the constructor too: what it derives per layer (Gemma 4's full-attention head size) follows.
+    config = AutoConfig.for_model(model_type, **settings)
+    for key, value in settings.items():
         setattr(config, key, value)
     return config
 
@@ -111,24 +193,32 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
 PROBE_IDS = torch.tensor([[5, 17, 33, 42, 64, 77, 90, 101, 115, 126]])  # used to measure MLP inputs
 
 
-def _mlp_parent(model: nn.Module, layer: int) -> nn.Module:
+def _mlp_parent(model: nn.Module, layer: int, expert=None) -> nn.Module:
     """The module that holds the down projection (the MLP, or the decoder layer itself for OPT)."""
     adapter = adapter_for(model)
-    parent_path, _, _ = adapter.down_proj.rpartition(".")
+    parent_path, _, _ = down_proj_path(model, layer, expert, adapter).rpartition(".")
     block = decoder_layers(model, adapter)[layer]
     return block.get_submodule(parent_path) if parent_path else block
 
 
-def _up_side(model: nn.Module, layer: int) -> tuple[str, nn.Module, nn.Module | None]:
-    """(kind, module that reads the MLP input, router or None) for `layer`.
+def _router(block: nn.Module) -> nn.Module:
+    for name in ("gate", "router"):
+        if isinstance(getattr(block, name, None), nn.Module):
+            return getattr(block, name)
+    raise NotImplementedError(f"synthetic.py does not know the router of {type(block).__name__}")
 
-    kind is one of: "experts" (fused gate_up_proj [E, 2I, H]), "gated" (gate_proj + up_proj),
-    "fused" (one Linear [2I, H], gate rows first: Phi-3), "plain" (one up projection + activation).
+
+def _up_side(model: nn.Module, layer: int, expert=None) -> tuple[str, nn.Module, nn.Module | None]:
+    """(kind, module that reads the MLP input, router or None) for `layer` (and `expert`).
+
+    kind is one of: "experts" (fused gate_up_proj [E, 2I, H], or [E, H, 2I] where the family stores
+    experts transposed), "gated" (gate_proj + up_proj), "fused" (one Linear [2I, H], gate rows
+    first: Phi-3, GLM-4), "plain" (one up projection + activation).
     """
     adapter = adapter_for(model)
-    parent = _mlp_parent(model, layer)
-    if adapter.experts:
-        return "experts", down_proj_module(model, layer, adapter), parent.get_submodule("gate")
+    parent = _mlp_parent(model, layer, expert)
+    if is_moe_layer(model, layer, adapter) and expert != SHARED_EXPERT:
+        return "experts", down_proj_module(model, layer, adapter), _router(parent)
     if hasattr(parent, "gate_proj") and hasattr(parent, "up_proj"):
         return "gated", parent.gate_proj, None
     if hasattr(parent, "gate_up_proj"):
@@ -156,12 +246,14 @@ def _add_carrier(model: nn.Module) -> None:
         embeddings[:, CARRIER_CHANNEL] = CARRIER_VALUE
 
 
-def mlp_input_direction(model: nn.Module, layer: int) -> tuple[torch.Tensor, float]:
+def mlp_input_direction(model: nn.Module, layer: int, expert=None) -> tuple[torch.Tensor, float]:
     """(unit vector along the mean MLP input of `layer` over PROBE_IDS, mean projection onto it).
 
     The MLP input is what the up side reads: the normalised residual stream.
     """
-    _, reader, _ = _up_side(model, layer)
+    kind, reader, router = _up_side(model, layer, expert)
+    if kind == "experts":  # the router reads the MLP input itself (Llama 4's experts get it scaled)
+        reader = router
     seen: dict[str, torch.Tensor] = {}
 
     def grab(module, args, kwargs):
@@ -208,8 +300,8 @@ def plant_super_weight(
     if row == CARRIER_CHANNEL:
         raise ValueError(f"row {row} is the carrier channel; plant elsewhere")
     _add_carrier(model)
-    kind, reader, router = _up_side(model, layer)
-    direction, scale = mlp_input_direction(model, layer)
+    kind, reader, router = _up_side(model, layer, expert)
+    direction, scale = mlp_input_direction(model, layer, expert)
     unit = direction / scale  # unit @ x ~= 1 for every token
     with torch.no_grad():
         if kind == "plain":
@@ -219,7 +311,7 @@ def plant_super_weight(
             # act(g) * u with g = u = sqrt(spike): silu / gelu of a large g is about g.
             root = input_spike**0.5
             if kind == "gated":
-                parent = _mlp_parent(model, layer)
+                parent = _mlp_parent(model, layer, expert)
                 _set_linear_row(parent.gate_proj, col, root * unit)
                 _set_linear_row(parent.up_proj, col, root * unit)
             elif kind == "fused":
@@ -229,23 +321,45 @@ def plant_super_weight(
             else:  # experts: steer every token to `expert`, then plant inside it
                 if expert is None:
                     raise ValueError("a mixture-of-experts model needs an expert to plant in")
-                half = reader.gate_up_proj.shape[1] // 2
-                reader.gate_up_proj[expert, col] = root * unit
-                reader.gate_up_proj[expert, half + col] = root * unit
+                _plant_expert_input(reader, adapter.transposed, expert, col, root * unit)
                 router.weight[expert] = 20.0 * unit
+            if expert == SHARED_EXPERT:
+                # Qwen gates the shared expert by sigmoid(shared_expert_gate(x)): open it fully.
+                gate = getattr(_mlp_parent(model, layer), "shared_expert_gate", None)
+                if gate is not None:
+                    gate.weight[0] = 20.0 * unit
         matrix = down_proj_matrix(model, layer, expert, adapter)
         if clean_row:
             small = matrix[row].abs() < 1.0
             matrix[row][small] = 0
-            bias = getattr(down_proj_module(model, layer, adapter), "bias", None)
-            if bias is not None and bias.dim() == 1:
-                bias[row] = 0
+            module = down_proj_module(model, layer, adapter, expert)
+            bias = getattr(module, "down_proj_bias" if is_moe_layer(model, layer, adapter) and
+                           expert != SHARED_EXPERT else "bias", None)
+            if bias is not None:
+                (bias[row] if bias.dim() == 1 else bias[expert, row]).zero_()
         matrix[row, col] = weight
         if adapter.post_norm and post_norm_gain is not None:
             norm = decoder_layers(model, adapter)[layer].get_submodule(adapter.post_norm)
             # Gemma's RMSNorm multiplies by (1 + weight); the others by weight.
             offset = 1.0 if "Gemma" in type(norm).__name__ else 0.0
             norm.weight[row] = post_norm_gain - offset
+
+
+def _plant_expert_input(experts: nn.Module, transposed: bool, expert: int, col: int, vector: torch.Tensor) -> None:
+    """Make gate and up of intermediate channel `col` of `expert` read `vector` (so act(g) * u is large)."""
+    gate_up = experts.gate_up_proj[expert]  # [2I, H], or [H, 2I] when transposed
+    if transposed:
+        gate_up = gate_up.T
+    half = gate_up.shape[0] // 2
+    # gpt-oss interleaves gate and up channels (gate 2i, up 2i + 1); the others concatenate them.
+    interleaved = getattr(experts, "is_concatenated", True) is False
+    gate_row, up_row = (2 * col, 2 * col + 1) if interleaved else (col, half + col)
+    gate_up[gate_row] = vector
+    gate_up[up_row] = vector
+    bias = getattr(experts, "gate_up_proj_bias", None)
+    if bias is not None:
+        bias[expert, gate_row] = 0
+        bias[expert, up_row] = 0
 
 
 PROMPT_IDS = torch.tensor([[3, 9, 27, 81, 12, 36, 108, 70, 50]])  # a detection prompt for tiny models

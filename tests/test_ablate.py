@@ -113,6 +113,44 @@ def test_gpt2_conv1d_layout_and_moe_expert():
     assert _changed(moe, before) == {}
 
 
+def test_shared_expert_and_dense_layer_coordinates_of_a_deepseek_layout():
+    """DeepSeek-V3's shape: layer 0 dense (no expert), later layers routed + shared experts."""
+    model = tiny_model("deepseek_v3")
+    before = snapshot(model)
+    weights = [SuperWeight(0, 5, 9), SuperWeight(2, 5, 9, expert="shared"), SuperWeight(2, 6, 3, expert=1)]
+    record = apply(model, weights, mode="scale", factor=-1.0)
+    assert _changed(model, before) == {
+        "model.layers.0.mlp.down_proj.weight": [(5, 9)],
+        "model.layers.2.mlp.shared_experts.down_proj.weight": [(5, 9)],
+        "model.layers.2.mlp.experts.down_proj": [(1, 6, 3)],
+    }
+    undo(model, record)
+    assert _changed(model, before) == {}
+
+
+@pytest.mark.parametrize("model_type, bad, words", [
+    ("deepseek_v3", SuperWeight(0, 1, 2, expert=0), ["expert 0", "layer 0 is a dense layer"]),
+    ("deepseek_v3", SuperWeight(1, 1, 2), ["no expert", "LAYER,ROW,COL,shared"]),
+    ("mixtral", SuperWeight(1, 1, 2, expert="shared"), ["shared expert", "has none"]),
+])
+def test_expert_coordinates_that_do_not_fit_the_layer_refused(model_type, bad, words):
+    model = tiny_model(model_type)
+    before = snapshot(model)
+    with pytest.raises(CoordinatesError) as info:
+        apply(model, [bad])
+    for word in [*words, "another model"]:
+        assert word in str(info.value)
+    assert _changed(model, before) == {}
+
+
+def test_outlier_control_reaches_shared_experts():
+    model = tiny_model("qwen2_moe")
+    with torch.no_grad():
+        down_proj_matrix(model, 3, "shared")[4, 7] = 50.0  # the largest weight of all down projections
+    drawn = outlier_control(model, [SuperWeight(1, 0, 0, expert=0)], top=1)
+    assert [w.key for w in drawn] == [(3, 4, 7, "shared")]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_undo_is_bit_exact_in_half_precision(dtype):
     model = tiny_model("llama").to(dtype)

@@ -7,30 +7,50 @@ import torch
 
 from superweight.arch import (
     ADAPTERS,
+    SHARED_EXPERT,
     adapter_for,
+    adapter_for_config,
     adapter_for_type,
     decoder_layers,
     down_proj_matrix,
-    down_proj_module,
-    num_experts,
+    down_proj_tensor,
+    is_moe_layer,
+    layer_experts,
+    resolve_adapter,
     supported_families,
 )
 from superweight.detect import SpikeRule, detect
 from superweight.errors import UnsupportedArchitectureError
 
-from synthetic import HIDDEN, INTERMEDIATE, LAYERS, one_thread_per_module, plant_super_weight, tiny_model  # noqa: F401
+from synthetic import (  # noqa: F401
+    COMPOSITE,
+    HIDDEN,
+    INTERMEDIATE,
+    LAYERS,
+    one_thread_per_module,
+    plant_super_weight,
+    tiny_config,
+    tiny_model,
+)
 
-FAMILIES = sorted(ADAPTERS)
+# A composite (text + vision) type's tiny model is its text type's: tested once, under that name.
+FAMILIES = sorted(set(ADAPTERS) - set(COMPOSITE))
+SHARED_FAMILIES = sorted(t for t in FAMILIES if ADAPTERS[t].shared_expert)
 PROMPT_IDS = torch.tensor([[3, 9, 27, 81, 12, 36, 108, 70, 50]])
 REQUIRED = {
     "llama", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2",
     "gemma3_text", "gpt2", "gpt_neox", "opt", "falcon",
+    # the families people download now (transformers 5)
+    "qwen3_5", "qwen3_5_moe", "gemma4", "gemma4_text", "olmo3", "llama4_text", "deepseek_v3", "gpt_oss", "glm4",
+    "glm4_moe", "smollm3", "granite", "ministral", "qwen2_moe", "olmoe", "phimoe", "cohere2", "exaone4",
 }
+# Each of these writes the MLP output into the residual stream through a norm: the detector must read it there.
+POST_NORM = {"olmo2", "olmo3", "gemma2", "gemma3_text", "gemma4", "gemma4_text", "exaone4", "glm4"}
 
 
-def _experts(model) -> list[int | None]:
-    n = num_experts(model)
-    return [None] if n is None else list(range(n))
+def _routed_expert(model, layer: int, expert: int | None) -> int | None:
+    """`expert` where `layer` has experts, None where it is dense."""
+    return expert if is_moe_layer(model, layer) else None
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -54,6 +74,23 @@ def test_table_covers_required_families():
     moe = {t for t, a in ADAPTERS.items() if a.experts}
     assert moe & {"mixtral", "qwen3_moe"}, "no mixture-of-experts family in the table"
     assert supported_families() == sorted(ADAPTERS)
+    assert {t for t, a in ADAPTERS.items() if a.post_norm} == POST_NORM
+
+
+@pytest.mark.parametrize("model_type", sorted(COMPOSITE))
+def test_composite_checkpoint_type_loads_as_its_text_row(model_type):
+    """A Qwen 3.5 / Llama 4 checkpoint's config is composite (text + vision); AutoModelForCausalLM
+    builds the text model, whose type has the same row."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type)
+    config.text_config = tiny_config(COMPOSITE[model_type])
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    assert model.config.model_type == COMPOSITE[model_type]
+    assert adapter_for(model) is ADAPTERS[model_type] is ADAPTERS[COMPOSITE[model_type]]
+    assert len(decoder_layers(model)) == LAYERS
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -71,26 +108,43 @@ def test_tiny_model_builds_from_local_config(model_type):
 def test_down_proj_matrix_is_out_by_in_view(model_type):
     model = tiny_model(model_type)
     adapter = ADAPTERS[model_type]
-    experts = _experts(model)
-    assert (len(experts) > 1) == adapter.experts
+    moe_layers = [layer for layer in range(LAYERS) if is_moe_layer(model, layer)]
+    assert bool(moe_layers) == adapter.experts
     for layer in range(LAYERS):
-        param = getattr(down_proj_module(model, layer), adapter.weight_name)
+        experts = layer_experts(model, layer)
+        assert (layer in moe_layers) == (experts != [None])
+        assert (SHARED_EXPERT in experts) == (layer in moe_layers and bool(adapter.shared_expert))
         for expert in experts:
+            param = getattr(*down_proj_tensor(model, layer, expert))
             matrix = down_proj_matrix(model, layer, expert)
             assert tuple(matrix.shape) == (HIDDEN, INTERMEDIATE)
             assert matrix.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
-    # Coordinates must name an expert exactly when the family has experts.
+    # Coordinates must name an expert exactly where the layer has experts ("shared" only where it has one).
+    first_moe = moe_layers[0] if moe_layers else 0
     with pytest.raises(UnsupportedArchitectureError):
-        down_proj_matrix(model, 0, None if adapter.experts else 0)
+        down_proj_matrix(model, first_moe, None if adapter.experts else 0)
+    if not adapter.shared_expert:
+        with pytest.raises(UnsupportedArchitectureError):
+            down_proj_matrix(model, first_moe, SHARED_EXPERT)
+    dense_layers = [layer for layer in range(LAYERS) if layer not in moe_layers]
+    if adapter.experts and dense_layers:  # DeepSeek-V3's first layer, Llama 4's interleaved ones
+        with pytest.raises(UnsupportedArchitectureError):
+            down_proj_matrix(model, dense_layers[0], 0)
 
     # Writing the view writes the model: the output changes, and so does the parameter itself.
     before = _logits(model)
     with torch.no_grad():
-        for expert in experts:
-            down_proj_matrix(model, 0, expert).mul_(0).add_(0.5)
-    param = getattr(down_proj_module(model, 0), adapter.weight_name)
-    assert bool((param == 0.5).all())
+        for expert in layer_experts(model, first_moe):
+            down_proj_matrix(model, first_moe, expert).mul_(0).add_(0.5)
+    for expert in layer_experts(model, first_moe):
+        assert bool((down_proj_matrix(model, first_moe, expert) == 0.5).all())
     assert not torch.allclose(_logits(model), before)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_random_model_reports_nothing(model_type):
+    detection = detect(tiny_model(model_type), PROMPT_IDS)
+    assert detection.super_weights == []
 
 
 @pytest.mark.parametrize("where", [(0, 20, 50, 0), (2, 30, 0, 3)])
@@ -98,8 +152,7 @@ def test_down_proj_matrix_is_out_by_in_view(model_type):
 def test_planted_super_weight_is_found_exactly(model_type, where):
     layer, row, col, expert = where
     model = tiny_model(model_type)
-    if not ADAPTERS[model_type].experts:
-        expert = None
+    expert = _routed_expert(model, layer, expert)
     plant_super_weight(model, layer, row, col, expert)
     assert down_proj_matrix(model, layer, expert)[row, col].item() == 10.0
     before = _snapshot(model)
@@ -119,15 +172,32 @@ def test_planted_super_weight_is_found_exactly(model_type, where):
     _assert_bit_identical(model, before)
 
 
+@pytest.mark.parametrize("model_type", SHARED_FAMILIES)
+def test_planted_shared_expert_weight_is_found_exactly(model_type):
+    """A super weight in a layer's shared expert is reported with expert "shared", not as the
+    routed expert that contributes most besides it."""
+    model = tiny_model(model_type)
+    assert is_moe_layer(model, 1)
+    plant_super_weight(model, 1, 20, 50, SHARED_EXPERT)
+    before = _snapshot(model)
+
+    detection = detect(model, PROMPT_IDS)
+
+    assert [w.key for w in detection.super_weights] == [(1, 20, 50, SHARED_EXPERT)]
+    assert detection.super_weights[0].value == 10.0
+    assert abs(detection.iterations[1][1].spike) < SpikeRule().min_spike
+    _assert_bit_identical(model, before)
+
+
 @pytest.mark.parametrize("sign", [-1.0, 1.0])
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_cancelling_layer_seen_through_family_hooks(model_type, sign):
     """The layer-input hook reads the residual stream in every family: a later layer writing the
     opposite sign of the super activation is cancelling (not reported); the same sign is a source."""
-    expert = 2 if ADAPTERS[model_type].experts else None
     model = tiny_model(model_type, num_hidden_layers=8)  # the stream carries layer 1's spike to layer 4
-    plant_super_weight(model, 1, 7, 13, expert)
-    plant_super_weight(model, 4, 7, 21, expert, weight=sign * 9.0)
+    first, second = _routed_expert(model, 1, 2), _routed_expert(model, 4, 2)
+    plant_super_weight(model, 1, 7, 13, first)
+    plant_super_weight(model, 4, 7, 21, second, weight=sign * 9.0)
 
     detection = detect(model, PROMPT_IDS)
 
@@ -136,10 +206,10 @@ def test_cancelling_layer_seen_through_family_hooks(model_type, sign):
     assert stats.spike * sign > SpikeRule().min_spike
     keys = sorted(w.key for w in detection.super_weights)
     if sign < 0:
-        assert keys == [(1, 7, 13, expert)]
+        assert keys == [(1, 7, 13, first)]
         assert detection.cancelling_layers == [4]
     else:
-        assert keys == [(1, 7, 13, expert), (4, 7, 21, expert)]
+        assert keys == [(1, 7, 13, first), (4, 7, 21, second)]
         assert detection.cancelling_layers == []
 
 
@@ -152,8 +222,62 @@ def test_unknown_model_type_lists_supported_families():
         assert family in message
 
 
-def test_detect_on_unsupported_model_raises():
+def test_detect_on_unrecognisable_layout_raises():
     model = tiny_model("llama")
     model.config.model_type = "not_a_family"
-    with pytest.raises(UnsupportedArchitectureError, match="llama"):
+    for layer in decoder_layers(model, ADAPTERS["llama"]):
+        layer.mlp.proj_out = layer.mlp.down_proj  # a down projection under a name no row knows
+        del layer.mlp.down_proj
+    with pytest.raises(UnsupportedArchitectureError, match="follow no known layout.*llama"):
         detect(model, PROMPT_IDS)
+
+
+@pytest.mark.parametrize("model_type, where", [
+    ("llama", (1, 20, 50, None)),
+    ("gemma2", (1, 20, 50, None)),  # the post norm is recognised too
+    ("qwen2_moe", (1, 20, 50, 2)),
+    ("qwen2_moe", (1, 20, 50, SHARED_EXPERT)),  # shared experts too
+    ("deepseek_v3", (0, 20, 50, None)),  # and dense layers beside layers with experts
+])
+def test_unknown_type_with_a_known_layout_uses_that_row_with_a_note(model_type, where):
+    model = tiny_model(model_type)
+    plant_super_weight(model, *where)
+    model.config.model_type = "not_a_family"
+
+    adapter, note = resolve_adapter(model)
+    assert adapter is ADAPTERS[model_type]
+    assert "'not_a_family' is not in the adapter table" in note
+    assert any(f"layout of {family} " in note for family, row in ADAPTERS.items() if row is adapter)
+    assert "\n" not in note
+    assert resolve_adapter(tiny_model("llama")) == (ADAPTERS["llama"], None)  # a known type: no note
+    assert [w.key for w in detect(model, PROMPT_IDS).super_weights] == [where]
+
+
+@pytest.mark.parametrize("model_type, row", [("helium", "llama"), ("granitemoe", None), ("starcoder2", None)])
+def test_config_of_a_type_the_table_lacks_is_judged_before_loading(model_type, row):
+    """Real transformers families not in the table, looked at on a weightless model: Helium keeps
+    Llama's layout; GraniteMoE's experts (input_linear/output_linear) and StarCoder2's MLP
+    (c_fc/c_proj as nn.Linear) follow no row, so they are refused."""
+    config = tiny_config(model_type) if model_type != "granitemoe" else tiny_config(
+        model_type, num_local_experts=4, num_experts_per_tok=2)
+    if row is None:
+        with pytest.raises(UnsupportedArchitectureError, match=f"'{model_type}' is not in the adapter table"):
+            adapter_for_config(config)
+    else:
+        adapter, note = adapter_for_config(config)
+        assert adapter is ADAPTERS[row] and f"'{model_type}'" in note
+
+
+def test_docs_list_every_row():
+    """docs/architectures.md's table and README's Coordinates section name every model type."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    table = (repo / "docs" / "architectures.md").read_text(encoding="utf-8")
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| ")]
+    table_rows = "\n".join(first_cells)
+    for family in ADAPTERS:
+        assert re.search(rf"\b{family}\b", table_rows), f"{family} missing from docs/architectures.md's table"
+        assert re.search(rf"\b{family}\b", readme), f"{family} missing from README"

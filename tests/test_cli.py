@@ -77,11 +77,39 @@ def test_not_a_causal_lm(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    from transformers import BloomConfig
+    from transformers import GPTBigCodeConfig
 
-    path = _config_dir(tmp_path, BloomConfig())
-    line = assert_one_line_error(invoke("detect", path, "-q", "--out", tmp_path / "c.yaml"), "bloom", "not supported")
+    # GPT-BigCode keeps GPT-2's module names with nn.Linear ([out, in]) weights: no row's layout.
+    path = _config_dir(tmp_path, GPTBigCodeConfig())
+    line = assert_one_line_error(invoke("detect", path, "-q", "--out", tmp_path / "c.yaml"), "gpt_bigcode",
+                                 "follow no known layout")
     assert "llama" in line and "gpt2" in line  # names the supported families
+    assert not (tmp_path / "c.yaml").exists()
+
+
+def test_family_not_in_the_table_with_a_known_layout_is_detected_with_a_note(tmp_path):
+    """Helium (a transformers family the table lacks) keeps Llama's modules: the adapter is
+    inferred, and the CLI says so on stderr in one line."""
+    import torch
+    from conftest import PROMPT_WORDS, build_word_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from synthetic import tiny_config
+
+    tokenizer = build_word_tokenizer(PROMPT_WORDS)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("helium", vocab_size=len(tokenizer), head_dim=8,
+                                                         num_key_value_heads=2, intermediate_size=64))
+    model.save_pretrained(tmp_path / "helium")
+    tokenizer.save_pretrained(tmp_path / "helium")
+
+    result = invoke("detect", tmp_path / "helium", "--out", tmp_path / "c.yaml")
+
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: model type 'helium' is not in the adapter table; its modules follow the layout of "
+                     "llama (model.layers.N.mlp.down_proj), so that layout is used"]
+    assert (tmp_path / "c.yaml").is_file()
 
 
 @pytest.mark.parametrize("args,fragment", [

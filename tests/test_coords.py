@@ -6,7 +6,8 @@ from superweight.coords import SuperWeight, parse_coord, read_coords, write_coor
 from superweight.errors import CoordinatesError
 
 WEIGHTS = [SuperWeight(11, 507, 1229, value=5.87, output_spike=24021.9, token=0, iteration=0),
-           SuperWeight(3, 1, 2, expert=4, iteration=1)]
+           SuperWeight(3, 1, 2, expert=4, iteration=1),
+           SuperWeight(3, 1, 2, expert="shared", iteration=1)]  # a mixture-of-experts layer's shared expert
 
 
 @pytest.mark.parametrize("name", ["c.yaml", "c.yml", "c.json"])
@@ -34,6 +35,8 @@ def test_minimal_file_and_bare_list(tmp_path):
     ("super_weights: [{layer: 1, row: 2, col: 3, value: big}]", "'value' must be a finite number"),
     ("super_weights: [{layer: 1, row: 2, col: 3, output_spike: .inf}]", "'output_spike' must be a finite number"),
     ("super_weights: [[1, 2, 3]]", "expected a mapping"),
+    ("super_weights: [{layer: 1, row: 2, col: 3, expert: common}]",
+     "'expert' must be a non-negative integer or 'shared'"),
 ])
 def test_malformed_files(tmp_path, text, fragment):
     path = tmp_path / "c.yaml"
@@ -63,6 +66,7 @@ def test_bad_json_and_missing_file(tmp_path):
 def test_parse_coord():
     assert parse_coord("11,507,1229") == SuperWeight(11, 507, 1229)
     assert parse_coord(" 1, 2, 3, 4") == SuperWeight(1, 2, 3, expert=4)
-    for bad in ("1,2", "a,b,c", "1,2,-3", "1,2,3,4,5"):
+    assert parse_coord("1,2,3,shared") == SuperWeight(1, 2, 3, expert="shared")
+    for bad in ("1,2", "a,b,c", "1,2,-3", "1,2,3,4,5", "1,2,3,other", "1,2,shared"):
         with pytest.raises(CoordinatesError, match="LAYER,ROW,COL"):
             parse_coord(bad)

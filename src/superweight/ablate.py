@@ -26,8 +26,17 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter_for, decoder_layers, down_proj_matrix, down_proj_module, num_experts
-from .coords import SuperWeight
+from .arch import (
+    Adapter,
+    adapter_for,
+    decoder_layers,
+    down_proj_matrix,
+    down_proj_module,
+    down_proj_tensor,
+    layer_experts,
+    num_experts,
+)
+from .coords import SHARED_EXPERT, SuperWeight
 from .errors import CoordinatesError, UsageError
 from .files import atomic_directory, refuse_inside
 from .placement import release
@@ -53,7 +62,8 @@ def _is_index(value: Any) -> bool:
 def validate_coords(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
     """Raise `CoordinatesError` unless every coordinate names a weight of this model.
 
-    Checks layer, expert (present exactly when the model is a mixture of experts, and in range),
+    Checks layer, expert (present exactly when the layer has experts, and in range, or "shared" where
+    the layer has a shared expert),
     row and col against the down projection's shape. Nothing is touched.
     """
     weights = list(weights)
@@ -76,17 +86,23 @@ def validate_coords(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
                 f"{where}: layer {w.layer} is out of range; this model has {n_layers} decoder layers "
                 f"(valid 0..{n_layers - 1}); {_ANOTHER_MODEL}"
             )
-        if n_experts is None and w.expert is not None:
+        experts = layer_experts(model, w.layer, adapter)
+        if experts == [None] and w.expert is not None:
             raise CoordinatesError(
-                f"{where}: names expert {w.expert}, but this model has no experts; {_ANOTHER_MODEL}"
+                f"{where}: names expert {w.expert}, but "
+                + ("this model has no experts" if n_experts is None else f"layer {w.layer} is a dense layer")
+                + f"; {_ANOTHER_MODEL}"
             )
-        if n_experts is not None:
+        if experts != [None]:
             if w.expert is None:
+                shared = f" or LAYER,ROW,COL,{SHARED_EXPERT}" if SHARED_EXPERT in experts else ""
                 raise CoordinatesError(
                     f"{where}: names no expert, but this is a mixture-of-experts model with {n_experts} experts "
-                    f"(write LAYER,ROW,COL,EXPERT); {_ANOTHER_MODEL}"
+                    f"(write LAYER,ROW,COL,EXPERT{shared}); {_ANOTHER_MODEL}"
                 )
-            if not _is_index(w.expert) or not 0 <= w.expert < n_experts:
+            if w.expert == SHARED_EXPERT and SHARED_EXPERT not in experts:
+                raise CoordinatesError(f"{where}: names the shared expert, but this model has none; {_ANOTHER_MODEL}")
+            if w.expert != SHARED_EXPERT and (not _is_index(w.expert) or not 0 <= w.expert < n_experts):
                 raise CoordinatesError(
                     f"{where}: expert {w.expert} is out of range; this model has {n_experts} experts per layer "
                     f"(valid 0..{n_experts - 1}); {_ANOTHER_MODEL}"
@@ -287,8 +303,8 @@ def undo(model: nn.Module, record: AblationRecord) -> None:
             matrices(w)[w.row, w.col] = value
     # A disk-offloaded matrix was held in memory while edited; unchanged again, it can go back.
     adapter = adapter_for(model)
-    for layer in sorted({w.layer for w in record.weights}):
-        release(down_proj_module(model, layer, adapter), adapter.weight_name)
+    for layer, expert in dict.fromkeys((w.layer, w.expert) for w in record.weights):
+        release(*down_proj_tensor(model, layer, expert, adapter))
 
 
 @contextmanager
@@ -338,11 +354,15 @@ def random_control(model: nn.Module, weights: Sequence[SuperWeight], seed: int) 
     return drawn
 
 
-def _all_matrices(model: nn.Module, adapter: Adapter) -> Iterator[tuple[int, int | None, torch.Tensor]]:
-    n_experts = num_experts(model, adapter)
+def _all_matrices(model: nn.Module, adapter: Adapter) -> Iterator[tuple[int, int | str | None, torch.Tensor]]:
     for layer in range(len(decoder_layers(model, adapter))):
-        for expert in range(n_experts) if n_experts is not None else (None,):
+        for expert in layer_experts(model, layer, adapter):
             yield layer, expert, down_proj_matrix(model, layer, expert, adapter, writable=False)
+
+
+# How `outlier_control` stores an expert value in a tensor of indices.
+_EXPERT_CODE = {None: -1, SHARED_EXPERT: -2}
+_CODE_EXPERT = {code: expert for expert, code in _EXPERT_CODE.items()}
 
 
 def outlier_control(model: nn.Module, weights: Sequence[SuperWeight], top: int) -> list[SuperWeight]:
@@ -358,7 +378,7 @@ def outlier_control(model: nn.Module, weights: Sequence[SuperWeight], top: int) 
     validate_coords(model, weights)
     adapter = adapter_for(model)
     best_values = torch.empty(0, dtype=torch.float64)
-    best_where = torch.empty((0, 4), dtype=torch.long)  # layer, expert (-1: none), row, col
+    best_where = torch.empty((0, 4), dtype=torch.long)  # layer, expert (_EXPERT_CODE), row, col
     with torch.no_grad():
         for layer, expert, matrix in _all_matrices(model, adapter):
             in_features = matrix.shape[1]
@@ -372,7 +392,7 @@ def outlier_control(model: nn.Module, weights: Sequence[SuperWeight], top: int) 
                 keep &= ~((rows == row) & (cols == col))
             values, rows, cols = values[keep], rows[keep], cols[keep]
             where = torch.stack(
-                [torch.full_like(rows, layer), torch.full_like(rows, -1 if expert is None else expert), rows, cols], 1
+                [torch.full_like(rows, layer), torch.full_like(rows, _EXPERT_CODE.get(expert, expert)), rows, cols], 1
             )
             best_values = torch.cat([best_values, values])
             best_where = torch.cat([best_where, where])
@@ -383,7 +403,7 @@ def outlier_control(model: nn.Module, weights: Sequence[SuperWeight], top: int) 
     matrices = _Matrices(model)
     result = []
     for layer, expert, row, col in best_where[order].tolist():
-        w = SuperWeight(layer, row, col, None if expert < 0 else expert)
+        w = SuperWeight(layer, row, col, _CODE_EXPERT.get(expert, expert))
         result.append(SuperWeight(layer, row, col, w.expert, value=float(matrices(w)[row, col])))
     return result
 

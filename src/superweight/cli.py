@@ -58,6 +58,11 @@ class Session:
         if not self.quiet:
             stderr.print(message)
 
+    def note(self, message: str) -> None:
+        """A note from the library, on one line however long."""
+        if not self.quiet:
+            stderr.print(f"note: {message}", markup=False, soft_wrap=True)
+
     @contextmanager
     def status(self, message: str) -> Iterator[Callable[[str], None]]:
         """A spinner on stderr; yields a function that updates its text."""
@@ -93,9 +98,14 @@ class Session:
 def _quiet_libraries() -> None:
     """transformers' and huggingface_hub's own bars, warnings and retry lines would interleave with
     ours on stderr (the library reports its progress to us instead)."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore")
+    # The library logs its notes (an inferred adapter) for notebook users; commands print them.
+    library_logger = logging.getLogger("superweight")
+    if not library_logger.handlers:
+        library_logger.addHandler(logging.NullHandler())
     try:
         from huggingface_hub.utils import disable_progress_bars, logging as hub_logging
         from transformers.utils import logging as hf_logging
@@ -272,13 +282,12 @@ def detect(
         model_info = {"spec": source.spec, "location": source.location, "kind": source.kind,
                       "model_type": config.model_type, "dtype": loaded.dtype}
         known = check_known(detection.super_weights, source.known_key, source.location)
-        from .arch import adapter_for_type
-        adapter = adapter_for_type(config.model_type)
+        from .arch import adapter_for_config, resolve_adapter, tensor_templates
+        adapter, note = adapter_for_config(config) if stream else resolve_adapter(loaded.model)
+        if note:
+            session.note(note)
         write_coords(coords_path, detection.super_weights, model=source.spec,
-                     model_type=config.model_type,
-                     tensor=f"{adapter.layers}.{{layer}}.{adapter.down_proj}.{adapter.weight_name}",
-                     layout="[expert, row, col]" if adapter.experts else
-                     ("[col, row] (Conv1D)" if adapter.transposed else "[row, col]"),
+                     model_type=config.model_type, **tensor_templates(adapter),
                      prompt=text, tool=f"superweight {__version__}")
         if plot:
             plot_activations(detection, plot, title=f"{source.spec}: down-projection activations")
@@ -329,6 +338,8 @@ def _load_with_status(session: Session, source_spec: Optional[str], *, device_ma
         loaded = load_model(source_spec, progress=update, notice=session.say, **placement, **load_options)
     session.say(f"loaded {loaded.source.spec} ({loaded.dtype}) in {loaded.load_seconds:.1f} s"
                 + (" from the GGUF cache" if loaded.from_cache else ""))
+    for note in loaded.notes:
+        session.note(note)
     return loaded
 
 

@@ -8,8 +8,8 @@ A coordinates file looks like:
     super_weights:
       - {layer: 11, row: 507, col: 1229, value: 5.876, ...}
 
-Only `layer`, `row` and `col` (and `expert` for mixture-of-experts models) are required when
-reading; everything else is provenance.
+Only `layer`, `row` and `col` (and `expert` for mixture-of-experts layers: a routed expert's number,
+or `shared` for the layer's shared expert) are required when reading; everything else is provenance.
 """
 
 from __future__ import annotations
@@ -25,15 +25,18 @@ import yaml
 from .errors import CoordinateOptionError, CoordinatesError
 from .files import atomic_write_text
 
+SHARED_EXPERT = "shared"  # the expert value that names a mixture-of-experts layer's shared expert
+
 
 @dataclass(frozen=True)
 class SuperWeight:
-    """One super weight: `down_proj.weight[row, col]` of decoder layer `layer` (of `expert`)."""
+    """One super weight: `down_proj.weight[row, col]` of decoder layer `layer` (of `expert`: a routed
+    expert's number, or "shared" for the layer's shared expert)."""
 
     layer: int
     row: int
     col: int
-    expert: int | None = None
+    expert: int | str | None = None
     value: float | None = None  # the weight itself
     input_activation: float | None = None  # down_proj input at (token, col)
     output_spike: float | None = None  # what the layer writes at (token, row)
@@ -54,6 +57,8 @@ class SuperWeight:
 
     def label(self) -> str:
         where = f"[{self.layer}, {self.row}, {self.col}]"
+        if self.expert == SHARED_EXPERT:
+            return f"{where} shared expert"
         return where if self.expert is None else f"{where} expert {self.expert}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,9 +87,12 @@ def from_dict(entry: Any, where: str) -> SuperWeight:
             if not isinstance(value, str):
                 raise CoordinatesError(f"{where}: '{key}' must be text, got {value!r}")
             values[key] = value
+        elif key == "expert" and value == SHARED_EXPERT:
+            values[key] = value
         elif key in _INT_FIELDS:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise CoordinatesError(f"{where}: '{key}' must be a non-negative integer, got {value!r}")
+                also = f" or '{SHARED_EXPERT}'" if key == "expert" else ""
+                raise CoordinatesError(f"{where}: '{key}' must be a non-negative integer{also}, got {value!r}")
             values[key] = value
         else:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -94,14 +102,17 @@ def from_dict(entry: Any, where: str) -> SuperWeight:
 
 
 def parse_coord(text: str) -> SuperWeight:
-    """`LAYER,ROW,COL` or `LAYER,ROW,COL,EXPERT` as given on the command line."""
+    """`LAYER,ROW,COL`, `LAYER,ROW,COL,EXPERT` or `LAYER,ROW,COL,shared` as given on the command line."""
     parts = [p.strip() for p in text.split(",")]
-    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts):
+    shared = len(parts) == 4 and parts[3] == SHARED_EXPERT
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[:3 if shared else 4]):
         raise CoordinateOptionError(
-            f"bad coordinate '{text}': write LAYER,ROW,COL (or LAYER,ROW,COL,EXPERT) as non-negative integers"
+            f"bad coordinate '{text}': write LAYER,ROW,COL (or LAYER,ROW,COL,EXPERT, EXPERT a number or "
+            f"'{SHARED_EXPERT}') as non-negative integers"
         )
-    numbers = [int(p) for p in parts]
-    return SuperWeight(*numbers[:3], expert=numbers[3] if len(numbers) == 4 else None)
+    numbers = [int(p) for p in parts[:3]]
+    expert = SHARED_EXPERT if shared else (int(parts[3]) if len(parts) == 4 else None)
+    return SuperWeight(*numbers, expert=expert)
 
 
 def read_coords(path: str | Path) -> tuple[list[SuperWeight], dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter_for, decoder_layers, down_proj_matrix
+from .arch import SHARED_EXPERT, Adapter, adapter_for, decoder_layers, down_proj_matrix, down_proj_module, is_moe_layer
 from .placement import stored_tensor
 
 
@@ -135,48 +135,113 @@ class _DenseProbe:
 
 
 class _ExpertsProbe(_DenseProbe):
-    """Hooks of one fused mixture-of-experts block.
+    """Hooks of one mixture-of-experts block: its fused experts, its shared expert if it has one,
+    and its output (the sum the layer adds to the residual stream, or that its post norm reads).
 
-    The fused experts module never exposes an expert's down-projection input, so the hook
-    recomputes it for the experts routed at the spike token only (top-k small vectors).
+    The fused experts module never exposes an expert's down-projection input, so the probe
+    recomputes it for the experts routed at the spike token only (top-k small vectors); the shared
+    expert's input is seen by a hook on its down projection (an nn.Linear).
     """
 
-    def __init__(self, stats: LayerStats, experts: nn.Module):
+    def __init__(self, stats: LayerStats, experts: nn.Module, adapter: Adapter,
+                 shared_down_proj: nn.Module | None = None):
         super().__init__(stats, weight=None, output_is_residual_write=False)
         self.experts = experts
+        self.adapter = adapter
+        self.shared_down_proj = shared_down_proj
+        self.routed_args: tuple | None = None  # held only until the spike is located
+        self.routed_output: torch.Tensor | None = None
+        self.shared_input: torch.Tensor | None = None
+        self.shared_output: torch.Tensor | None = None
+        self.block_output: torch.Tensor | None = None
 
-    def on_down_proj(self, module, args, output):
-        hidden, top_k_index, top_k_weights = args[:3]
-        y = _first_sequence(output)
+    def on_experts(self, module, args, output):
+        self.routed_args, self.routed_output = args, output
+
+    def on_shared_down_proj(self, module, args, output):
+        self.shared_input, self.shared_output = _first_sequence(args[0]), _first_sequence(output)
+
+    def on_block_output(self, module, args, output):
+        y = _first_sequence(output[0] if isinstance(output, tuple) else output)
         s = self.stats
         s.output_max, s.output_token, s.output_channel = _abs_argmax(y)
-        s.spike_token, s.row = s.output_token, s.output_channel
-        s.spike = float(y[s.spike_token, s.row])
-        hidden_t = hidden[s.spike_token]
+        self.block_output = y
+        if self.adapter.post_norm is None:  # the block's output is the residual write
+            self._locate(y, s.output_token, s.output_channel)
+
+    def _expert_input(self, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert `expert`'s down-projection input for the vector(s) `hidden` it was given."""
+        module = self.experts
         # Offloaded experts are back on the meta device once their forward returns: read the store.
-        gate_up_proj = stored_tensor(module, "gate_up_proj", writable=False)
-        down_proj = stored_tensor(module, "down_proj", writable=False)
-        hidden_t = hidden_t.to(down_proj.device)
+        gate_up = stored_tensor(module, "gate_up_proj", writable=False)[expert]
+        hidden = hidden.to(gate_up.device, gate_up.dtype)
+        gate_up_out = hidden @ gate_up if self.adapter.transposed else nn.functional.linear(hidden, gate_up)
+        if getattr(module, "gate_up_proj_bias", None) is not None:
+            gate_up_out = gate_up_out + stored_tensor(module, "gate_up_proj_bias", writable=False)[expert]
+        if hasattr(module, "_apply_gate"):  # transformers' experts interface: the family's own gating
+            return module._apply_gate(gate_up_out)
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return module.act_fn(gate) * up
+
+    def _routed_candidates(self, token: int) -> list[tuple[int | str, torch.Tensor, torch.Tensor]]:
+        """(expert, its down-projection input at `token`, the scale its output gets) per expert
+        that ran at `token`."""
+        args = self.routed_args
+        if self.adapter.experts_call == "scaled_input":
+            # Every expert's input, stacked [expert, token, hidden]; an expert not routed there got zeros.
+            n_experts = self.experts.gate_up_proj.shape[0]
+            stacked = args[0].reshape(n_experts, -1, args[0].shape[-1])
+            return [(e, self._expert_input(stacked[e, token], e), torch.ones(()))
+                    for e in range(n_experts) if bool(stacked[e, token].any())]
+        hidden, top_k_index, top_k_weights = args[:3]
+        return [(expert, self._expert_input(hidden[token], expert), top_k_weights[token, slot])
+                for slot, expert in enumerate(top_k_index[token].tolist())]
+
+    def _locate(self, write: torch.Tensor, token: int, row: int) -> None:
+        s = self.stats
+        s.spike_token, s.row = token, row
+        s.spike = float(write[token, row])
+        down_proj = stored_tensor(self.experts, "down_proj", writable=False)
+        candidates = []  # (expert, input x at token, scale, weight row W[row, :])
+        for expert, x_e, scale in self._routed_candidates(token):
+            matrix = down_proj[expert].T if self.adapter.transposed else down_proj[expert]
+            candidates.append((expert, x_e, scale, matrix[row]))
+        if self.shared_input is not None:
+            x_s = self.shared_input[token]
+            shared_weight = stored_tensor(self.shared_down_proj, "weight", writable=False)
+            candidates.append((SHARED_EXPERT, x_s, self._shared_scale(token), shared_weight[row]))
+        contributions = [(scale.to(w.device).float() * x.to(w.device, w.dtype).float() * w.float())
+                         for _, x, scale, w in candidates]
+        # The largest push in the spike's own direction (as in the dense probe).
+        direction = torch.sign(torch.tensor(sum(float(c.sum()) for c in contributions)))
         best = None
-        for slot, expert in enumerate(top_k_index[s.spike_token].tolist()):
-            gate, up = nn.functional.linear(hidden_t, gate_up_proj[expert]).chunk(2, dim=-1)
-            x_e = module.act_fn(gate) * up
-            route = top_k_weights[s.spike_token, slot].to(down_proj.device)
-            # in the spike's own direction, as for dense layers
-            contribution = route * x_e * down_proj[expert][s.row] * (1.0 if s.spike >= 0 else -1.0)
-            col = int(contribution.argmax())
-            input_max = float(x_e.abs().max())
+        for (expert, x, _, w), c in zip(candidates, contributions):
+            scored = c * direction if direction else c.abs()
+            col = int(scored.argmax())
+            input_max = float(x.abs().max())
             if input_max > s.input_max:
-                s.input_max, s.input_token = input_max, s.spike_token
-                s.input_channel = int(x_e.abs().argmax())
-            if best is None or contribution[col] > best[0]:
-                best = (contribution[col], expert, col, float(x_e[col]))
-        best_contribution, s.expert, s.col, s.col_input = best
-        s.col_weight = float(down_proj[s.expert][s.row, s.col])
-        _set_raw_output_evidence(s, y[s.spike_token], float(best_contribution) * (1.0 if s.spike >= 0 else -1.0))
+                s.input_max, s.input_token, s.input_channel = input_max, token, int(x.abs().argmax())
+            if best is None or scored[col] > best[0]:
+                best = (scored[col], expert, col, float(x[col]), float(w[col]))
+        if best is not None:
+            _, s.expert, s.col, s.col_input, s.col_weight = best
+            if self.block_output is not None:
+                _set_raw_output_evidence(s, self.block_output[token], float(best[0]) * (float(direction) or 1.0))
         if self.residual_in is not None:
-            s.residual_before = float(self.residual_in[s.spike_token, s.row])
-        self.residual_in = None
+            s.residual_before = float(self.residual_in[token, row])
+        self.residual_in = self.routed_args = self.routed_output = None
+        self.shared_input = self.shared_output = self.block_output = None
+
+    def _shared_scale(self, token: int) -> torch.Tensor:
+        """What the block multiplies the shared expert's output by at `token` (Qwen's sigmoid gate;
+        1 elsewhere), read off the block's output: (block - routed) = scale x shared."""
+        routed = self.routed_output.reshape(-1, self.routed_output.shape[-1])
+        if self.adapter.experts_call == "scaled_input":  # one output per (expert, token): their sum
+            routed = routed.reshape(-1, self.shared_output.shape[0], routed.shape[-1]).sum(0)
+        shared = self.shared_output[token].float()
+        gated = self.block_output[token].float() - routed[token].float()
+        norm = float(shared @ shared)
+        return torch.tensor(float(gated @ shared) / norm if norm > 0 else 1.0)
 
 
 @contextmanager
@@ -205,17 +270,23 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None) -> Ite
 
     try:
         for i, layer in enumerate(layers):
-            down_proj = layer.get_submodule(adapter.down_proj)
-            if adapter.experts:
-                probe: _DenseProbe = _ExpertsProbe(stats[i], down_proj)
+            if is_moe_layer(model, i, adapter):
+                experts = layer.get_submodule(adapter.down_proj)
+                shared = layer.get_submodule(adapter.shared_expert) if adapter.shared_expert else None
+                probe: _DenseProbe = _ExpertsProbe(stats[i], experts, adapter, shared)
+                handles.append(experts.register_forward_hook(probe.on_experts))
+                if shared is not None:
+                    handles.append(shared.register_forward_hook(probe.on_shared_down_proj))
+                block = layer.get_submodule(adapter.down_proj.rpartition(".")[0])
+                handles.append(block.register_forward_hook(probe.on_block_output))
             else:
                 # only read: a disk-offloaded matrix must not stay in memory (placement.py)
                 probe = _DenseProbe(stats[i],
                                     lambda i=i: down_proj_matrix(model, i, adapter=adapter, writable=False).detach(),
                                     output_is_residual_write=adapter.post_norm is None)
+                handles.append(down_proj_module(model, i, adapter).register_forward_hook(probe.on_down_proj))
             handles.append(layer.register_forward_pre_hook(probe.on_layer_input, with_kwargs=True))
             handles.append(layer.register_forward_hook(on_layer_output(i)))
-            handles.append(down_proj.register_forward_hook(probe.on_down_proj))
             if adapter.post_norm:
                 writer = layer.get_submodule(adapter.post_norm)
                 handles.append(writer.register_forward_hook(probe.on_residual_write))

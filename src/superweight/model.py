@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .arch import adapter_for_type
+from .arch import adapter_for_config, resolve_adapter
 from .errors import ModelLoadError, OutputPathError, UsageError
 from .files import atomic_directory, refuse_inside
 
@@ -299,6 +299,8 @@ def _check_gguf(path: str) -> str:
 
 
 def _check_config(config) -> None:
+    """Refuse, before any weight loads, a config superweight cannot work with (a model type the
+    adapter table lacks is looked at on a weightless model: see arch.adapter_for_config)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
@@ -306,7 +308,7 @@ def _check_config(config) -> None:
             f"model type '{config.model_type}' is not a causal language model; superweight needs a decoder LM "
             "(AutoModelForCausalLM)"
         )
-    adapter_for_type(config.model_type)
+    adapter_for_config(config)
 
 
 def _hub_offline() -> bool:
@@ -517,7 +519,8 @@ def load_model(
     if not device_map:
         model.to(resolve_device(device))
     model.eval()
+    _, note = resolve_adapter(model)  # a model type the table lacks: which row's layout it follows
     return LoadedModel(
         model=model, tokenizer=tokenizer, source=source, dtype=str(model.dtype).removeprefix("torch."),
-        load_seconds=time.perf_counter() - started, from_cache=from_cache,
+        load_seconds=time.perf_counter() - started, from_cache=from_cache, notes=[note] if note else [],
     )

@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .arch import adapter_for, decoder_layers, down_proj_module
+from .arch import adapter_for, decoder_layers, down_proj_module, down_proj_tensor
 from .coords import SuperWeight
 from .errors import UsageError
 
@@ -270,9 +270,9 @@ def weight_targets(model: nn.Module, super_weights: Sequence[SuperWeight] = ()) 
     layers = decoder_layers(model, adapter)
     by_param: dict[int, dict[int | None, list[tuple[int, int]]]] = {}
     for w in super_weights:
-        module = down_proj_module(model, w.layer, adapter)
-        param = getattr(module, adapter.weight_name)
-        by_param.setdefault(id(param), {}).setdefault(w.expert, []).append((w.row, w.col))
+        param = getattr(*down_proj_tensor(model, w.layer, w.expert, adapter))
+        # A fused experts parameter holds one matrix per expert; a 2-D one (a shared expert's too) one.
+        by_param.setdefault(id(param), {}).setdefault(w.expert if param.dim() == 3 else None, []).append((w.row, w.col))
     targets = []
     seen: set[int] = set()
     for i, layer in enumerate(layers):

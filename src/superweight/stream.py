@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter_for_type, decoder_layers, down_proj_matrix
+from .arch import Adapter, adapter_for_config, decoder_layers, down_proj_matrix
 from .coords import SuperWeight
 from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, Detection, SpikeRule, forward_pass, iterate
 from .errors import ModelLoadError, UnsupportedArchitectureError
@@ -151,7 +151,8 @@ class LayerStream:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        self.adapter: Adapter = adapter_for_type(checkpoint.config.model_type)
+        self.adapter: Adapter = adapter_for_config(checkpoint.config,
+                                                   trust_remote_code=checkpoint.trust_remote_code)[0]
         if self.adapter.experts:
             raise UnsupportedArchitectureError(
                 f"--stream does not support mixture-of-experts models ({checkpoint.config.model_type}: the "

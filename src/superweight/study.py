@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from . import ablate
-from .arch import adapter_for, decoder_layers, down_proj_module
-from .coords import SuperWeight
+from .arch import adapter_for, decoder_layers, down_proj_tensor, layer_experts
+from .coords import SHARED_EXPERT, SuperWeight
 from .errors import UsageError
 from .experiments import Configuration, SummaryTable, run_configurations
 from .files import atomic_directory
@@ -86,8 +86,12 @@ def down_proj_elements(model: nn.Module) -> int:
     adapter = adapter_for(model)
     # The modules' own parameters (all experts of a fused block in one): their shapes hold on the
     # meta device too, so an offloaded model has nothing read from disk for a count.
-    return sum(getattr(down_proj_module(model, layer, adapter), adapter.weight_name).numel()
-               for layer in range(len(decoder_layers(model, adapter))))
+    tensors = {}  # by id: a layer's fused experts are one parameter
+    for layer in range(len(decoder_layers(model, adapter))):
+        for expert in (None, SHARED_EXPERT) if SHARED_EXPERT in layer_experts(model, layer, adapter) else (None,):
+            tensor = getattr(*down_proj_tensor(model, layer, expert, adapter))
+            tensors[id(tensor)] = tensor.numel()
+    return sum(tensors.values())
 
 
 def default_outlier_count(model: nn.Module) -> int:
