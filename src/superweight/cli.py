@@ -390,8 +390,14 @@ def ablate(
 @app.command(name="eval")
 def eval_(
     model: Optional[str] = MODEL_ARG,
-    task: list[str] = typer.Option(["wikitext"], "--task", "-t", help="Task; repeatable, or 'all': wikitext, "
-                                   "lambada_openai, piqa, arc_easy, arc_challenge, hellaswag, sciq, winogrande."),
+    task: Optional[list[str]] = typer.Option(None, "--task", "-t", help="Task; repeatable, or 'all': wikitext, "
+                                             "lambada_openai, piqa, arc_easy, arc_challenge, hellaswag, sciq, "
+                                             "winogrande (default: wikitext, unless --harness is given)."),
+    harness: Optional[list[str]] = typer.Option(None, "--harness", help="An lm-evaluation-harness task, group or "
+                                                "tag, run by lm-eval's own evaluator on this model; repeatable "
+                                                "(needs pip install 'superweight[harness]')."),
+    harness_include: Optional[list[Path]] = typer.Option(None, "--harness-include", help="A folder of your own "
+                                                         "lm-eval task YAMLs for --harness; repeatable."),
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
     mode: str = MODE,
@@ -432,6 +438,8 @@ def eval_(
       sw eval --coords smollm2-135m.superweights.yaml --compare --task all --limit 200
 
       sw eval llama-7b --coord 2,3968,7003 --restore-activation --task wikitext --json
+
+      sw eval --coords c.yaml --compare --harness mmlu --harness gsm8k --limit 100
     """
     session = Session(quiet, debug)
 
@@ -441,12 +449,17 @@ def eval_(
         from .errors import UsageError
         from .experiments import comparison_configurations, parse_factor, run_configurations, single_configuration, summary_table
         from .files import atomic_write_text
+        from .harness import HarnessTasks, check_harness_tasks
         from .model import resolve
 
         value = parse_factor(factor, mode)
         _check_limit(limit)
         batch = _batch_size(batch_size)
-        names = _tasks_with_data(task, data_dir)
+        names = _tasks_with_data(task or ["wikitext"], data_dir) if task or not harness else []
+        lm_eval_tasks = None
+        if harness or harness_include:
+            lm_eval_tasks = HarnessTasks(tuple(harness or ()), tuple(map(str, harness_include or ())))
+            check_harness_tasks(lm_eval_tasks, builtin=names)
         weights = requested(coords, coord)
         if (compare or restore_activation or control) and not weights:
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
@@ -469,7 +482,8 @@ def eval_(
         with _task_progress(session) as (on_start, on_progress):
             runs = run_configurations(
                 loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
-                limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress)
+                limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress,
+                harness=lm_eval_tasks)
         document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
         document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
                              "dtype": loaded.dtype}
@@ -480,7 +494,9 @@ def eval_(
             typer.echo(json.dumps(document, indent=2))
             return
         table = summary_table(runs)
-        _print_table(f"{source.spec}" + (f", first {limit} documents per task" if limit else ""),
+        _print_table(f"{source.spec}" + (f", first {limit} documents per task" if limit else "")
+                     + (f"; (lm-eval) columns computed by {lm_eval_tasks.describe()['computed_by']}"
+                        if lm_eval_tasks else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])
         if output:
             stdout.print(f"results written to {output}")
