@@ -99,16 +99,29 @@ def test_harness_gives_exactly_lm_evals_own_result(smollm2, task_dir):
 
 @pytest.mark.integration
 def test_harness_sees_the_ablation_and_the_restoration_hook(smollm2, task_dir, smollm2_coords):
-    """Every --compare row, lm-eval's number equals the built-in task's: the zeroed weights and the
-    restoration hook act inside lm-eval's forward passes (zeroing moves lambada's perplexity a lot)."""
+    """With --coords --restore-activation lm-eval's number equals the built-in task's, and differs
+    from both the original's and the zeroed model's: the zeroed weights and the restoration hook
+    act inside lm-eval's forward passes."""
+    from superweight.ablate import ablated
+    from superweight.coords import read_coords
+    from superweight.evaluate import evaluate
+
     result = invoke("eval", "-q", "--data-dir", DATA_DIR, "--task", "lambada_openai", "--harness", "sw_lambada_openai",
-                    "--harness-include", task_dir, "--coords", smollm2_coords, "--compare", "--limit", LIMIT, "--json")
+                    "--harness-include", task_dir, "--coords", smollm2_coords, "--restore-activation",
+                    "--limit", LIMIT, "--json")
     assert result.exit_code == 0, result.output
-    runs = json.loads(result.output)["configurations"]
-    for run in runs.values():
-        ours, theirs = run["results"]["lambada_openai"], run["results"]["sw_lambada_openai"]
-        assert theirs["acc"] == ours["acc"]
-        assert theirs["perplexity"] == pytest.approx(ours["perplexity"], rel=1e-5)
-    perplexity = {name: run["results"]["sw_lambada_openai"]["perplexity"] for name, run in runs.items()}
-    assert perplexity["super weights zeroed"] > 2 * perplexity["original"]
-    assert perplexity["zeroed + activation restored"] < perplexity["super weights zeroed"] / 2
+    run = json.loads(result.output)
+    assert run["ablation"]["restore_activation"]
+    ours, theirs = run["results"]["lambada_openai"], run["results"]["sw_lambada_openai"]
+    assert theirs["acc"] == ours["acc"]
+    assert theirs["perplexity"] == pytest.approx(ours["perplexity"], rel=1e-5)
+
+    def builtin_perplexity() -> float:
+        return evaluate(smollm2.model, smollm2.tokenizer, ["lambada_openai"], data_dir=str(DATA_DIR),
+                        limit=LIMIT)["results"]["lambada_openai"]["perplexity"]
+
+    original = builtin_perplexity()
+    with ablated(smollm2.model, read_coords(smollm2_coords)[0]):
+        zeroed = builtin_perplexity()
+    assert theirs["perplexity"] != pytest.approx(original, rel=1e-3)
+    assert theirs["perplexity"] != pytest.approx(zeroed, rel=1e-3)
