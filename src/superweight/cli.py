@@ -512,7 +512,8 @@ def quantize(
     bits: int = typer.Option(4, "--bits", help="Weight bits, 2..8 (default 4)."),
     block_size: Optional[list[str]] = typer.Option(None, "--block-size", help="Elements per 1-D block; repeatable "
                                                    "(default: a grid that suits the model's matrix sizes)."),
-    z: float = typer.Option(9.0, "--z", help="Clip weights with |z-score| above this before quantizing (paper: 9)."),
+    z: str = typer.Option("9", "--z", help="Clip weights with |z-score| above this before quantizing (paper: 9); "
+                                           "auto: per matrix, the threshold with the least rounding error."),
     activations: bool = typer.Option(False, "--activations", help="Also compare per-tensor activation RTN of the "
                                                                    "down-projection input, naive vs super-activation-aware."),
     activation_bits: int = typer.Option(8, "--activation-bits", help="Bits for --activations (default 8)."),
@@ -566,7 +567,7 @@ def quantize(
             rtn.check_block_sizes(sizes)
         rtn.check_bits(bits)
         rtn.check_bits(activation_bits, "activation")
-        rtn.check_z(z)
+        z_value = rtn.parse_z(z)
         _check_limit(limit)
         names = _tasks_with_data(task, data_dir)
         if out is not None and (not sizes or len(sizes) != 1):
@@ -584,7 +585,7 @@ def quantize(
         grid = sizes or rtn.default_block_sizes(loaded.model)
         options = dict(data_dir=data_dir, limit=limit, max_length=max_length)
         with session.status(f"quantizing to {bits} bits at {len(grid)} block size(s), evaluating each"):
-            rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z,
+            rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
                                                  tasks=names, baseline=True, **options)
             activation_rows = (rtn.activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
                                                                    bits=activation_bits, tasks=names, **options)
@@ -592,10 +593,13 @@ def quantize(
         if plot:
             rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
         if out is not None:
-            with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights, z=z):
-                _save_quantized(loaded, out, force, {"bits": bits, "block_size": grid[0], "z": z,
+            with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights,
+                                       z=z_value) as record:
+                _save_quantized(loaded, out, force, {"bits": bits, "block_size": grid[0], "z": z_value,
+                                                     **({"chosen_z": record.to_dict()["chosen_z"]}
+                                                        if z_value == rtn.AUTO_Z else {}),
                                                      "super_weights": [w.to_dict() for w in weights]})
-        document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z,
+        document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z_value,
                     "super_weights": [w.to_dict() for w in weights],
                     "weights": [{k: v for k, v in r.items() if k not in ("naive", "aware", "baseline")} for r in rows],
                     "activations": [{k: v for k, v in r.items() if k not in ("naive", "aware", "baseline")}
@@ -608,7 +612,7 @@ def quantize(
         def ppl(value) -> str:
             return "" if value is None else f"{value:.3f}"
         _print_table(f"{source.spec}: INT{bits} RTN, wikitext word perplexity (unquantized {ppl(baseline)})",
-                     ("block size", "naive", f"super-weight aware (z={z:g})"),
+                     ("block size", "naive", f"super-weight aware (z={z_value if z_value == rtn.AUTO_Z else f'{z_value:g}'})"),
                      [(str(r["block_size"]), ppl(r["naive_perplexity"]), ppl(r["aware_perplexity"])) for r in rows])
         if activation_rows:
             _print_table("down-projection input, per-tensor RTN", ("bits", "naive", "super activation held out"),
