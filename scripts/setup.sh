@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up superweight in ./.venv on a fresh machine: CPU torch, the project, the offline default model.
-# Usage: bash scripts/setup.sh            (add --test to also install the test tools)
+# Usage: bash scripts/setup.sh            (add --test to also install the test tools and lm-eval)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

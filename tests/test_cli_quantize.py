@@ -28,12 +28,26 @@ def test_quantize_sweep_json_and_saved_model(tiny_llama_dir, tmp_path):
     assert (tmp_path / "rtn.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_quantize_auto_z_reports_and_saves_the_thresholds_it_chose(tiny_llama_dir, tmp_path):
+    out = tmp_path / "w4"
+    result = invoke("quantize", tiny_llama_dir, "-q", "--json", "--coord", "1,3,5", "--block-size", "256", "--z", "auto",
+                    "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "64", "--out", out)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    (row,) = document["weights"]
+    assert document["z"] == row["z"] == "auto"
+    assert sum(row["chosen_z"].values()) == 4 * 7  # every decoder matrix of the tiny Llama got one
+    saved = json.loads((out / "superweight_quantization.json").read_text())
+    assert saved["z"] == "auto" and saved["chosen_z"] == row["chosen_z"]
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--bits", "9"], "bits"),
     (["--bits", "1"], "bits"),
     (["--block-size", "abc"], "--block-size"),
     (["--block-size", "-5"], "block size"),
     (["--z", "0"], "z"),
+    (["--z", "abc"], "--z must be a positive number or auto"),
     (["--task", "nosuchtask"], "nosuchtask"),
     (["--out", "somewhere"], "exactly one --block-size"),
 ])

@@ -12,13 +12,16 @@ from superweight.arch import decoder_layers, down_proj_matrix, down_proj_module
 from superweight.coords import SuperWeight
 from superweight.errors import UsageError
 from superweight.quantize import (
+    AUTO_Z_GRID,
     activation_quantization_compare,
+    auto_z,
     block_scales,
     default_block_sizes,
     fake_quantize_activation_aware,
     fake_quantize_blockwise,
     fake_quantize_per_tensor,
     fake_quantize_superweight_aware,
+    parse_z,
     plot_sweep,
     quantize_model_weights,
     quantized_activations,
@@ -187,6 +190,60 @@ def test_quantized_weights_restores_the_model_bit_identically(planted):
     assert matrix[ROW, COL].item() != original.item()
     restore_weights(record)
     assert all(torch.equal(before[k], v) for k, v in snapshot(planted).items())
+
+
+def _squared_error(quantized: torch.Tensor, original: torch.Tensor) -> float:
+    return float(((quantized.double() - original.double()) ** 2).sum())
+
+
+@pytest.mark.parametrize("block_size", [64, 1024, 16384])
+def test_auto_z_is_the_grid_threshold_with_the_least_error_and_never_worse_than_naive(block_size):
+    torch.manual_seed(0)
+    matrix = torch.randn(64, 256) * 0.02
+    matrix[5, 9] = 2.0  # a super weight (restored exactly after quantizing)
+    matrix[7, 100], matrix[40, 3] = 0.6, -0.5  # other outliers: clipping them may pay at large blocks
+    positions = [(5, 9)]
+    chosen = auto_z(matrix, 4, block_size, positions)
+    errors = {z: _squared_error(fake_quantize_superweight_aware(matrix, 4, block_size, z, positions), matrix)
+              for z in AUTO_Z_GRID}
+    assert errors[chosen] == min(errors.values())
+    auto = fake_quantize_superweight_aware(matrix, 4, block_size, "auto", positions)
+    assert torch.equal(auto, fake_quantize_superweight_aware(matrix, 4, block_size, chosen, positions))
+    assert _squared_error(auto, matrix) <= _squared_error(fake_quantize_blockwise(matrix, 4, block_size), matrix)
+    assert auto[5, 9] == 2.0
+
+
+def test_auto_z_clips_where_it_pays_and_not_where_it_hurts():
+    torch.manual_seed(0)
+    bulk = torch.randn(64, 256) * 0.02
+    one_outlier = bulk.clone()
+    one_outlier[7, 100] = 1.0  # stretches a whole-tensor block 50x: clipping it saves every other weight's error
+    assert auto_z(one_outlier, 4, one_outlier.numel()) is not None
+    # Tiny blocks: an outlier only stretches its own 64 weights, so clipping it costs more than it saves.
+    assert auto_z(one_outlier, 4, 64) is None
+
+
+def test_model_quantization_with_auto_z_records_each_matrix_threshold(planted):
+    before = snapshot(planted)
+    sw = SuperWeight(LAYER, ROW, COL)
+    with quantized_weights(planted, 4, 1024, [sw], z="auto") as record:
+        assert len(record.chosen_z) == len(record.names) == 4 * 7
+        assert set(record.chosen_z) <= set(AUTO_Z_GRID)
+        assert sum(record.to_dict()["chosen_z"].values()) == 4 * 7
+        assert down_proj_matrix(planted, LAYER)[ROW, COL] == before[f"model.layers.{LAYER}.mlp.down_proj.weight"][ROW, COL]
+        aware = snapshot(planted)
+    with quantized_weights(planted, 4, 1024):
+        naive = snapshot(planted)
+    for name in record.names:  # no matrix further from its original than naive RTN leaves it
+        assert _squared_error(aware[name], before[name]) <= _squared_error(naive[name], before[name])
+    assert all(torch.equal(before[k], v) for k, v in snapshot(planted).items())
+
+
+def test_parse_z():
+    assert parse_z("auto") == "auto" and parse_z("9") == 9.0
+    for text in ("abc", "0", "-1", "inf"):
+        with pytest.raises(UsageError, match="z"):
+            parse_z(text)
 
 
 def test_gpt2_conv1d_blocks_follow_the_out_in_layout():

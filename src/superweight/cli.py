@@ -479,9 +479,17 @@ def ablate(
 @app.command(name="eval")
 def eval_(
     model: Optional[str] = MODEL_ARG,
-    task: list[str] = typer.Option(["wikitext"], "--task", "-t", metavar="TASK",
-                                   help="Task; repeatable or comma-separated, or 'all': wikitext, "
-                                   "lambada_openai, piqa, arc_easy, arc_challenge, hellaswag, sciq, winogrande."),
+    task: Optional[list[str]] = typer.Option(None, "--task", "-t", metavar="TASK",
+                                             help="Task; repeatable or comma-separated, or 'all': wikitext, "
+                                             "lambada_openai, piqa, arc_easy, arc_challenge, hellaswag, sciq, "
+                                             "winogrande (default: wikitext, unless --harness is given)."),
+    harness: Optional[list[str]] = typer.Option(None, "--harness", metavar="TASK",
+                                                help="An lm-evaluation-harness task, group or tag, run by lm-eval's "
+                                                "own evaluator on this model; repeatable (needs pip install "
+                                                "'superweight[harness]')."),
+    harness_include: Optional[list[Path]] = typer.Option(None, "--harness-include", metavar="DIR",
+                                                         help="A folder of your own lm-eval task YAMLs for "
+                                                         "--harness; repeatable."),
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
     mode: Optional[str] = MODE,
@@ -522,6 +530,8 @@ def eval_(
       sw eval --coords smollm2-135m.superweights.yaml --compare --task all --limit 200
 
       sw eval llama-7b --coord 2,3968,7003 --restore-activation --task wikitext --json
+
+      sw eval --coords c.yaml --compare --harness mmlu --harness gsm8k --limit 100
     """
     session = Session(quiet, debug)
 
@@ -532,6 +542,7 @@ def eval_(
         from .experiments import (check_control, comparison_configurations, parse_factor, run_configurations,
                                   single_configuration, summary_table)
         from .files import atomic_write_text
+        from .harness import HarnessTasks, check_harness_tasks
         from .model import resolve
 
         if compare and (mode not in (None, "zero") or factor is not None):
@@ -542,7 +553,11 @@ def eval_(
         check_control(control, top)
         _check_limit(limit, max_length)
         batch = _batch_size(batch_size)
-        names = _tasks_with_data(task, data_dir)
+        names = _tasks_with_data(task or ["wikitext"], data_dir) if task or not harness else []
+        lm_eval_tasks = None
+        if harness or harness_include:
+            lm_eval_tasks = HarnessTasks(tuple(harness or ()), tuple(map(str, harness_include or ())))
+            check_harness_tasks(lm_eval_tasks, builtin=names)
         weights = requested(coords, coord)
         if (compare or restore_activation or control) and not weights:
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
@@ -567,7 +582,8 @@ def eval_(
         with _task_progress(session) as (on_start, on_progress):
             runs = run_configurations(
                 loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
-                limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress)
+                limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress,
+                harness=lm_eval_tasks)
         document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
         document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
                              "dtype": loaded.dtype, "superweight_ablation": prior}
@@ -578,7 +594,9 @@ def eval_(
             typer.echo(json.dumps(document, indent=2))
             return
         table = summary_table(runs)
-        _print_table(f"{source.spec}" + _first_documents(limit),
+        _print_table(f"{source.spec}" + _first_documents(limit)
+                     + (f"; (lm-eval) columns computed by {lm_eval_tasks.describe()['computed_by']}"
+                        if lm_eval_tasks else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])
         if output:
             stdout.print(f"results written to {output}")
@@ -739,7 +757,9 @@ def quantize(
     bits: int = typer.Option(4, "--bits", metavar="N", help="Weight bits, 2..8 (default 4)."),
     block_size: Optional[list[str]] = typer.Option(None, "--block-size", metavar="N", help="Elements per 1-D block; repeatable "
                                                    "(default: a grid that suits the model's matrix sizes)."),
-    z: float = typer.Option(9.0, "--z", metavar="Z", help="Clip weights with |z-score| above this before quantizing (paper: 9)."),
+    z: str = typer.Option("9", "--z", metavar="Z|auto", help="Clip weights with |z-score| above this before "
+                                                             "quantizing (paper: 9); auto: per matrix, the threshold "
+                                                             "with the least rounding error."),
     activations: bool = typer.Option(False, "--activations", help="Also compare per-tensor activation RTN of the "
                                                                    "down-projection input, naive vs super-activation-aware."),
     activation_bits: int = typer.Option(8, "--activation-bits", metavar="N", help="Bits for --activations (default 8)."),
@@ -795,7 +815,7 @@ def quantize(
             rtn.check_block_sizes(sizes)
         rtn.check_bits(bits)
         rtn.check_bits(activation_bits, "activation")
-        rtn.check_z(z)
+        z_value = rtn.parse_z(z)
         _check_limit(limit, max_length)
         names = _tasks_with_data(task, data_dir)
         if out is not None and (not sizes or len(sizes) != 1):
@@ -815,7 +835,7 @@ def quantize(
                 weights = _step(bar, "detecting super weights", lambda: run_detect(
                     loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights)
                 session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
-            rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z,
+            rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
                                                  tasks=names, baseline=True, progress=bar, **options)
             activation_rows = (rtn.activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
                                                                    bits=activation_bits, tasks=names, progress=bar,
@@ -824,13 +844,16 @@ def quantize(
         if plot:
             rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
         if out is not None:
-            with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights, z=z):
-                _save_quantized(loaded, out, force, {"bits": bits, "block_size": grid[0], "z": z,
+            with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights,
+                                       z=z_value) as record:
+                _save_quantized(loaded, out, force, {"bits": bits, "block_size": grid[0], "z": z_value,
+                                                     **({"chosen_z": record.to_dict()["chosen_z"]}
+                                                        if z_value == rtn.AUTO_Z else {}),
                                                      "super_weights": [w.to_dict() for w in weights]})
         def without_baseline(row: dict) -> dict:  # the unquantized results appear once, at the top
             return {k: v for k, v in row.items() if k != "baseline"}
 
-        document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z,
+        document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z_value,
                     "super_weights": [w.to_dict() for w in weights],
                     "unquantized": rows[0].get("baseline") if rows else None,
                     "weights": [without_baseline(r) for r in rows],
@@ -840,7 +863,8 @@ def quantize(
             typer.echo(json.dumps(document, indent=2))
             return
         table = summary_table(rtn.comparison_runs(rows, lambda r: f"block {r['block_size']}"))
-        _print_table(f"{source.spec}: INT{bits} RTN, naive vs super-weight aware (z={z:g})" + _first_documents(limit),
+        z_label = z_value if z_value == rtn.AUTO_Z else f"{z_value:g}"
+        _print_table(f"{source.spec}: INT{bits} RTN, naive vs super-weight aware (z={z_label})" + _first_documents(limit),
                      tuple(table.columns), [tuple(r) for r in table.rows])
         if activation_rows:
             table = summary_table(rtn.comparison_runs(activation_rows, lambda r: f"{r['bits']}-bit"))

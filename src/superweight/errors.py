@@ -42,3 +42,7 @@ class OutputPathError(SuperweightError):
 
 class DataError(SuperweightError):
     """Evaluation data is missing or malformed."""
+
+
+class MissingDependencyError(SuperweightError):
+    """A feature needs an optional extra that is not installed."""

@@ -16,6 +16,7 @@ from . import ablate
 from .coords import SuperWeight
 from .errors import UsageError
 from .evaluate import evaluate
+from .harness import HarnessTasks, evaluate_harness
 
 CONTROLS = ("random", "outliers")
 
@@ -132,17 +133,47 @@ def applied(model, configuration: Configuration) -> Iterator[None]:
 
 
 def run_configurations(model, tokenizer, configurations: list[Configuration], tasks: list[str], *,
-                       on_start: Callable[[Configuration], None] | None = None, **evaluate_options) -> dict[str, Any]:
-    """Evaluate each configuration; the model is restored bit-exactly after each one."""
+                       on_start: Callable[[Configuration], None] | None = None,
+                       harness: HarnessTasks | None = None, **evaluate_options) -> dict[str, Any]:
+    """Evaluate each configuration; the model is restored bit-exactly after each one.
+
+    `harness` tasks run through lm-eval's own evaluator on the same configured model, and their
+    results join the built-in tasks' (a run's "harness" entry names them and lm-eval's version).
+    """
     runs = {}
     for configuration in configurations:
         if on_start:
             on_start(configuration)
         with applied(model, configuration):
-            result = evaluate(model, tokenizer, tasks, **evaluate_options)
+            result = evaluate(model, tokenizer, tasks, **evaluate_options) if tasks else {"results": {}, "n_samples": {}}
+            if harness:
+                _add_harness_results(result, _run_harness(model, tokenizer, harness, evaluate_options))
         result["ablation"] = configuration.describe()
         runs[configuration.name] = result
     return runs
+
+
+HARNESS_OPTIONS = ("limit", "batch_size", "max_length", "seed")  # what lm-eval's run shares with the built-in one
+
+
+def _run_harness(model, tokenizer, harness: HarnessTasks, evaluate_options: dict[str, Any]) -> dict[str, Any]:
+    progress = evaluate_options.get("progress")
+    label = f"{', '.join(harness.names)} (lm-eval)"
+    if progress:  # lm-eval reports no progress of its own here: one step, started and done
+        progress(label, 0, 1)
+    out = evaluate_harness(model, tokenizer, harness, **{k: v for k, v in evaluate_options.items() if k in HARNESS_OPTIONS})
+    if progress:
+        progress(label, 1, 1)
+    return out
+
+
+def _add_harness_results(result: dict[str, Any], harness_result: dict[str, Any]) -> None:
+    for name in harness_result["results"]:
+        if name in result["results"]:
+            raise UsageError(f"{name} is both a built-in task and an lm-eval task here; run them in two commands")
+    result["results"].update(harness_result["results"])
+    result["n_samples"].update(harness_result["n_samples"])
+    result["harness"] = harness_result["harness"]
 
 
 @dataclass
@@ -158,20 +189,31 @@ HEADLINE_METRICS = {
 }
 
 
-def headline_columns(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """(task, metric) of each task's headline metrics in `results` (task -> metric -> value)."""
+def headline_columns(results: dict[str, dict[str, Any]], harness: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(task, metric) of each task's headline metrics in `results` (task -> metric -> value); for
+    lm-eval tasks (`harness`, a run's "harness" entry) every metric lm-eval reports."""
+    harness = harness or {}
+    harness_tasks = harness.get("tasks", [])
     columns: list[tuple[str, str]] = []
     for task, metrics in results.items():
-        wanted = HEADLINE_METRICS.get(task, ("acc", "acc_norm"))
-        columns += [(task, m) for m in wanted if m in metrics]
+        if task in harness_tasks:
+            columns += [(task, m) for m, v in metrics.items() if "_stderr" not in m and isinstance(v, (int, float))]
+        elif task not in harness.get("results", ()):  # a group's subtasks stay in the JSON
+            wanted = HEADLINE_METRICS.get(task, ("acc", "acc_norm"))
+            columns += [(task, m) for m in wanted if m in metrics]
     return columns
 
 
 def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
     """Rows = configurations, columns = task metrics (+ average accuracy when there are several)."""
-    columns = headline_columns(next(iter(runs.values()))["results"])
-    accuracy_columns = [(t, m) for t, m in columns if m == "acc"]
-    table = SummaryTable(["configuration", *(f"{t} {m}" for t, m in columns)])
+    first = next(iter(runs.values()))
+    harness = first.get("harness", {})
+    harness_tasks = harness.get("tasks", [])
+    columns = headline_columns(first["results"], harness)
+    # The average is the paper's: over the built-in tasks, whatever lm-eval tasks sit beside them.
+    accuracy_columns = [(t, m) for t, m in columns if m == "acc" and t not in harness_tasks]
+    table = SummaryTable(["configuration", *(f"{t} {m}" + (" (lm-eval)" if t in harness_tasks else "")
+                                             for t, m in columns)])
     if len(accuracy_columns) > 1:
         table.columns.append("avg acc")
     for name, result in runs.items():

@@ -15,6 +15,10 @@ Weights (paper Sec. 4.2)
     Super-weight aware: weights whose z-score over the whole tensor, (w - mean) / std, exceeds `z`
     in magnitude are clipped to mean +/- z * std *before* quantizing (so they no longer stretch
     their block's range), and the super weights are written back at their original values after.
+    With `z="auto"` the threshold is chosen per matrix, without data: of `AUTO_Z_GRID` (no
+    clipping included), the one whose quantized matrix, super weights restored, has the least
+    squared error against the original (ties go to the least clipping). With no clipping in the
+    grid, no matrix comes out further from its original than naive RTN leaves it.
     `quantized_weights(model, ...)` applies this to every weight matrix (>= 2-D parameter) of the
     decoder layers, which is what the authors' code quantizes (all decoder `*.weight` except norms;
     embeddings and the LM head untouched); it restores the model bit-identically on exit.
@@ -59,6 +63,8 @@ from .errors import UsageError
 DEFAULT_WEIGHT_BITS = 4
 DEFAULT_ACTIVATION_BITS = 8
 DEFAULT_Z = 9.0  # the authors' z-score clipping threshold for INT4 (README, clip_4_<block>_z_9)
+AUTO_Z = "auto"  # choose the threshold per matrix (see the module docstring)
+AUTO_Z_GRID = (3.0, 4.0, 5.0, 6.0, 8.0, 9.0, 12.0, 16.0, 24.0, 32.0, None)  # None: no clipping
 PAPER_BLOCK_SIZES = (16_384, 65_536, 262_144, 1_048_576)  # Llama-7B, down_proj 11008 x 4096
 SPIKE_FRACTION = 0.5  # |x[..., col]| >= this x the sequence's largest counts as the super activation
 MIN_BITS, MAX_BITS = 2, 8
@@ -81,12 +87,24 @@ def check_block_size(block_size: Any) -> int:
     return block_size
 
 
-def check_z(z: Any) -> float | None:
-    if z is None:
-        return None
+def check_z(z: Any) -> float | str | None:
+    """A positive finite number, "auto" (chosen per matrix), or None (no clipping)."""
+    if z is None or z == AUTO_Z:
+        return z
     if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z <= 0:
-        raise UsageError(f"the z-score clipping threshold must be a positive number, got {z!r}; the paper uses {DEFAULT_Z:g}")
+        raise UsageError(f"the z-score clipping threshold must be a positive number, got {z!r}; the paper uses {DEFAULT_Z:g}, or {AUTO_Z}")
     return float(z)
+
+
+def parse_z(text: str) -> float | str:
+    """`--z`: a number, or "auto"."""
+    if text == AUTO_Z:
+        return AUTO_Z
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--z must be a positive number or {AUTO_Z}, got '{text}'") from None
+    return check_z(value)
 
 
 def check_block_sizes(block_sizes: Iterable[Any]) -> list[int]:
@@ -161,8 +179,8 @@ def zscore_clip(tensor: torch.Tensor, z: float) -> tuple[torch.Tensor, int]:
     float32 result; mean and (unbiased) std are computed over every element, in float64.
     """
     z = check_z(z)
-    if z is None:
-        raise UsageError(f"zscore_clip needs a z-score threshold; the paper uses {DEFAULT_Z:g}")
+    if not isinstance(z, float):
+        raise UsageError(f"zscore_clip needs a numeric z-score threshold; the paper uses {DEFAULT_Z:g}")
     x = tensor.detach().float()
     wide = x.double()
     mean = wide.mean()
@@ -202,7 +220,8 @@ def fake_quantize_superweight_aware(
     """Clip |z-score| > `z` outliers to mean +/- z * std, quantize blockwise, restore the super weights.
 
     `super_weight_positions` are index tuples into `tensor` (e.g. (row, col) of an [out, in]
-    matrix); those elements come back bit-exactly as they were. `z=None` skips the clipping.
+    matrix); those elements come back bit-exactly as they were. `z=None` skips the clipping;
+    `z="auto"` picks it from `AUTO_Z_GRID` for this tensor (`auto_z`).
     Returns a new tensor of the same shape and dtype.
     """
     bits = check_bits(bits)
@@ -210,11 +229,33 @@ def fake_quantize_superweight_aware(
     return _quantize_aware(tensor, bits, block_size, check_z(z), _positions(tensor, super_weight_positions))[0]
 
 
+def auto_z(tensor: torch.Tensor, bits: int = DEFAULT_WEIGHT_BITS, block_size: int = 4096,
+           super_weight_positions: Iterable[Sequence[int]] | None = ()) -> float | None:
+    """The threshold of `AUTO_Z_GRID` (None: no clipping) whose super-weight-aware quantization of
+    `tensor` has the least squared error against it; a tie goes to the least clipping."""
+    bits = check_bits(bits)
+    block_size = check_block_size(block_size)
+    return _auto_z(tensor, bits, block_size, _positions(tensor, super_weight_positions))
+
+
+def _auto_z(tensor: torch.Tensor, bits: int, block_size: int, positions: list[tuple[int, ...]]) -> float | None:
+    reference = tensor.detach().double()
+    best, best_error = None, math.inf
+    for z in reversed(AUTO_Z_GRID):  # least clipping first, so it wins a tie
+        quantized, _ = _quantize_aware(tensor, bits, block_size, z, positions)
+        error = float(((quantized.double() - reference) ** 2).sum())
+        if error < best_error:
+            best, best_error = z, error
+    return best
+
+
 def _quantize_aware(
-    tensor: torch.Tensor, bits: int, block_size: int, z: float | None, positions: list[tuple[int, ...]]
+    tensor: torch.Tensor, bits: int, block_size: int, z: float | str | None, positions: list[tuple[int, ...]]
 ) -> tuple[torch.Tensor, int]:
     """(quantized copy, number of values clipped); arguments already checked."""
     source = tensor.detach()
+    if z == AUTO_Z:
+        z = _auto_z(source, bits, block_size, positions)
     clipped, n_clipped = zscore_clip(source, z) if z is not None else (source, 0)
     out = fake_quantize_blockwise(clipped, bits, block_size).to(tensor.dtype)
     for index in positions:
@@ -243,11 +284,12 @@ class WeightQuantizationRecord:
 
     bits: int
     block_size: int
-    z: float | None
+    z: float | str | None
     super_weights: list[SuperWeight]
     names: list[str]
     originals: list[tuple[nn.Parameter, torch.Tensor]] = field(repr=False, default_factory=list)
     clipped: int = 0  # weights clipped by the z-score rule (super weights included)
+    chosen_z: list[float | None] = field(default_factory=list)  # with z="auto": each matrix's threshold
     restored: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,7 +301,14 @@ class WeightQuantizationRecord:
                               for w in self.super_weights],
             "tensors": len(self.names),
             "clipped": self.clipped,
+            **({"chosen_z": _z_counts(self.chosen_z)} if self.z == AUTO_Z else {}),
         }
+
+
+def _z_counts(chosen: list[float | None]) -> dict[str, int]:
+    """How many matrices got each threshold, in grid order ("none": not clipped)."""
+    counts = {("none" if z is None else f"{z:g}"): chosen.count(z) for z in AUTO_Z_GRID}
+    return {label: n for label, n in counts.items() if n}
 
 
 def weight_targets(model: nn.Module, super_weights: Sequence[SuperWeight] = ()) -> list[_Target]:
@@ -313,7 +362,7 @@ def quantize_model_weights(
     """Fake-quantize every decoder weight matrix in place; returns the record to `restore_weights`.
 
     Naive RTN when `super_weights` is None/empty and `z` is None. With `z`, every matrix is first
-    clipped at |z-score| > z; with `super_weights`, those weights are restored to their exact
+    clipped at |z-score| > z (z="auto": a threshold per matrix, see `auto_z`); with `super_weights`, those weights are restored to their exact
     original values after quantization (the paper's super-weight-aware scheme uses both: pass
     `z=DEFAULT_Z`). Originals are kept on the CPU so the model can be restored bit-identically.
     `progress(done, total)` is called after each parameter.
@@ -334,7 +383,10 @@ def quantize_model_weights(
                 record.originals.append((target.param, target.param.detach().to("cpu", copy=True)))
                 for expert, matrix in _matrices(target):
                     positions = target.super_positions.get(expert, [])
-                    quantized, clipped = _quantize_aware(matrix, bits, block_size, z, positions)
+                    chosen = _auto_z(matrix, bits, block_size, positions) if z == AUTO_Z else z
+                    if z == AUTO_Z:
+                        record.chosen_z.append(chosen)
+                    quantized, clipped = _quantize_aware(matrix, bits, block_size, chosen, positions)
                     matrix.copy_(quantized)
                     record.clipped += clipped
                 if progress:
@@ -528,16 +580,17 @@ def weight_quantization_sweep(
     super_weights: Sequence[SuperWeight],
     block_sizes: Iterable[int],
     bits: int = DEFAULT_WEIGHT_BITS,
-    z: float = DEFAULT_Z,
+    z: float | str = DEFAULT_Z,
     tasks: Sequence[str] = ("wikitext",),
     *,
     baseline: bool = False,
     progress: StageProgress | None = None,
     **evaluate_options: Any,
 ) -> list[dict[str, Any]]:
-    """Per block size: the model quantized naively and super-weight-aware (clip at `z`, restore
-    the super weights), each evaluated on `tasks` with `evaluate(..., **evaluate_options)`.
-    `progress(stage, done, total)` follows each quantization and evaluation.
+    """Per block size: the model quantized naively and super-weight-aware (clip at `z`, or a
+    threshold per matrix with z="auto"; restore the super weights), each evaluated on `tasks` with
+    `evaluate(..., **evaluate_options)`. `progress(stage, done, total)` follows each quantization
+    and evaluation.
 
     Rows: {"bits", "block_size", "z", "naive_perplexity", "aware_perplexity" (wikitext word
     perplexity, None without wikitext), "naive", "aware" (the per-task results), and with
@@ -557,13 +610,15 @@ def weight_quantization_sweep(
     reference = _run_eval(model, tokenizer, tasks, evaluate_options, progress, "unquantized") if baseline else None
     rows = []
     for size in sizes:
-        naive_stage, aware_stage = f"INT{bits} naive, block {size}", f"INT{bits} aware (z={z:g}), block {size}"
+        z_label = z if z == AUTO_Z else f"{z:g}"
+        naive_stage, aware_stage = f"INT{bits} naive, block {size}", f"INT{bits} aware (z={z_label}), block {size}"
         with quantized_weights(model, bits, size, progress=_stage(progress, f"{naive_stage}: quantizing")):
             naive = _run_eval(model, tokenizer, tasks, evaluate_options, progress, naive_stage)
         aware_quantizing = _stage(progress, f"{aware_stage}: quantizing")
         with quantized_weights(model, bits, size, weights, z, aware_quantizing) as record:
             aware = _run_eval(model, tokenizer, tasks, evaluate_options, progress, aware_stage)
-        rows.append(_comparison_row(naive, aware, reference, bits=bits, block_size=size, z=z, clipped=record.clipped))
+        rows.append(_comparison_row(naive, aware, reference, bits=bits, block_size=size, z=z, clipped=record.clipped,
+                                    **({"chosen_z": _z_counts(record.chosen_z)} if z == AUTO_Z else {})))
     return rows
 
 
