@@ -767,7 +767,7 @@ def quantize(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", envvar="SUPERWEIGHT_DATA", help="Evaluation data."),
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task."),
     max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Perplexity vs block size (PNG)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size (PNG)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Save the super-weight-aware fake-quantized model "
                                                                  "(needs exactly one --block-size)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
@@ -850,6 +850,7 @@ def quantize(
                                                      **({"chosen_z": record.to_dict()["chosen_z"]}
                                                         if z_value == rtn.AUTO_Z else {}),
                                                      "super_weights": [w.to_dict() for w in weights]})
+
         def without_baseline(row: dict) -> dict:  # the unquantized results appear once, at the top
             return {k: v for k, v in row.items() if k != "baseline"}
 
