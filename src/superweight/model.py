@@ -358,15 +358,12 @@ def _hub_access(source: ModelSource, cache_dir: str | None, notice: Progress) ->
                                          revision=source.revision), str):
         notice(f"{constants.ENDPOINT} is not reachable: using the cached copy of {source.location}")
         return {"local_files_only": True}
+    alias = f" (alias '{source.alias}')" if source.alias else ""
     raise ModelLoadError(
-        f"cannot reach {constants.ENDPOINT} to download {_hub_name(source)}, and it is not in the local "
+        f"cannot reach {constants.ENDPOINT} to download {source.location}{alias}, and it is not in the local "
         "cache; connect to the network, or set HF_HUB_OFFLINE=1 to use cached models only, or give a local "
         "directory or .gguf file"
     )
-
-
-def _hub_name(source: ModelSource) -> str:
-    return f"{source.location} (alias '{source.alias}')" if source.alias else source.location
 
 
 def _from_pretrained_errors(source: ModelSource, error: Exception) -> ModelLoadError:
@@ -404,7 +401,7 @@ def _load_gguf_into_cache(source: ModelSource, dtype: str, cache_dir: str | None
     if (target / "config.json").is_file():
         return target, True
     architecture = _check_gguf(source.location)
-    # An absolute path: from_pretrained takes the file's folder, '' for a bare relative name, for a hub id.
+    # Absolute: a bare relative name's folder is '', which from_pretrained takes for a hub id.
     directory, name = os.path.split(os.path.abspath(source.location))
     notice(f"first load of {name}: dequantizing ({architecture}) and caching it, once; later loads read the cache")
     progress(f"dequantizing GGUF ({architecture})")
