@@ -53,16 +53,27 @@ class Session:
             yield lambda text: spinner.update(text)
 
     def run(self, work: Callable[[], None]) -> None:
+        from .distributed import launched, session
+
         _quiet_libraries()
+        # Under a launcher only rank 0 prints: it reports the other ranks' errors and progress too.
         try:
-            work()
+            main = launched().is_main
+        except SuperweightError:
+            main = True  # session() raises it again, and it is printed below
+        self.quiet = self.quiet or not main
+        try:
+            with session(), _muted(not main):
+                work()
         except SuperweightError as e:
             if self.debug:
                 raise
-            stderr.print(f"error: {e}", markup=False, soft_wrap=True)
+            if main:
+                stderr.print(f"error: {e}", markup=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:
-            stderr.print("error: interrupted; nothing was written")
+            if main:
+                stderr.print("error: interrupted; nothing was written")
             raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
         except typer.Exit:
             raise
@@ -70,9 +81,23 @@ class Session:
             if self.debug:
                 raise
             first_line = (str(e).splitlines() or [""])[0]
-            stderr.print(f"error: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
-                         markup=False, soft_wrap=True)
+            if main:
+                stderr.print(f"error: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
+                             markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
+
+
+@contextmanager
+def _muted(mute: bool) -> Iterator[None]:
+    """Results go to stdout on rank 0 only (the other ranks compute the same ones)."""
+    if not mute:
+        yield
+        return
+    import os
+    from contextlib import redirect_stdout
+
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        yield
 
 
 def _quiet_libraries() -> None:
@@ -180,7 +205,10 @@ def detect(
         from .model import load_model, parse_device_map, parse_max_memory, resolve
         from .report import check_known, detection_document, plot_activations, super_weight_table
         from .errors import UsageError
+        from .distributed import main_proceeds
 
+        if not main_proceeds():  # under a launcher one detection is enough: rank 0's
+            return
         text = DEFAULT_PROMPT if prompt is None else prompt
         n = DEFAULT_ITERATIONS if iterations is None else iterations
         if n < 1:
@@ -356,9 +384,12 @@ def ablate(
         from . import ablate as ablation
         from .coords import requested
         from .errors import UsageError
+        from .distributed import main_proceeds
         from .experiments import control_weights, parse_factor
         from .model import resolve
 
+        if not main_proceeds():  # under a launcher rank 0 alone writes the model
+            return
         value = parse_factor(factor, mode)
         weights = requested(coords, coord)
         if not weights:
@@ -439,6 +470,7 @@ def eval_(
         from . import ablate as ablation
         from .coords import requested
         from .errors import UsageError
+        from .distributed import main_proceeds
         from .experiments import comparison_configurations, parse_factor, run_configurations, single_configuration, summary_table
         from .files import atomic_write_text
         from .model import resolve
@@ -470,6 +502,8 @@ def eval_(
             runs = run_configurations(
                 loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
                 limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress)
+        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+            return
         document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
         document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
                              "dtype": loaded.dtype}
@@ -538,6 +572,7 @@ def quantize(
         from . import quantize as rtn
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
+        from .distributed import main_proceeds, on_main
         from .errors import UsageError
         from .model import resolve
 
@@ -563,7 +598,8 @@ def quantize(
                                    max_memory=max_memory, trust_remote_code=trust_remote_code,
                                    cache_dir=cache_dir)
         if not weights:
-            weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+            weights = on_main(lambda: run_detect(loaded.model, encode_prompt(loaded.tokenizer,
+                                                                             DEFAULT_PROMPT)).super_weights)
             session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
         grid = sizes or rtn.default_block_sizes(loaded.model)
         options = dict(data_dir=data_dir, limit=limit, max_length=max_length)
@@ -573,6 +609,8 @@ def quantize(
             activation_rows = (rtn.activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
                                                                    bits=activation_bits, tasks=names, **options)
                                if activations else [])
+        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+            return
         if plot:
             rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
         if out is not None:
@@ -655,6 +693,7 @@ def study(
         from . import study as analysis
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
+        from .distributed import main_proceeds, on_main
         from .errors import UsageError
         from .experiments import summary_table
         from .model import cache_root, model_fingerprint, resolve
@@ -679,7 +718,8 @@ def study(
             ablation.validate_coords(loaded.model, weights)
             ablation.check_recorded_values(loaded.model, weights)
         else:
-            weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+            weights = on_main(lambda: run_detect(loaded.model, encode_prompt(loaded.tokenizer,
+                                                                             DEFAULT_PROMPT)).super_weights)
             session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
         table_configurations = analysis.study_configurations(loaded.model, weights, top=top, seed=seed)
         sweep = analysis.scale_sweep_configurations(weights, factors)
@@ -694,6 +734,8 @@ def study(
                                              weights, words)
             profile = analysis.activation_profile(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT),
                                                   weights)
+        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+            return
         table = summary_table({c.name: runs[c.name] for c in table_configurations})
         cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
         meta = {"command": "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,

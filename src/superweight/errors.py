@@ -35,3 +35,7 @@ class OutputPathError(SuperweightError):
 
 class DataError(SuperweightError):
     """Evaluation data is missing or malformed."""
+
+
+class RankFailed(SuperweightError):
+    """Another rank of a distributed run failed, hung or died; the message names it."""
