@@ -73,16 +73,27 @@ class Session:
             yield lambda text: spinner.update(text)
 
     def run(self, work: Callable[[], None]) -> None:
+        from .distributed import launched, session
+
         _quiet_libraries()
+        # Under a launcher only rank 0 prints: it reports the other ranks' errors and progress too.
         try:
-            work()
+            main = launched().is_main
+        except SuperweightError:
+            main = True  # session() raises it again, and it is printed below
+        self.quiet = self.quiet or not main
+        try:
+            with session(), _muted(not main):
+                work()
         except SuperweightError as e:
             if self.debug:
                 raise
-            stderr.print(f"error: {e}", markup=False, soft_wrap=True)
+            if main:
+                stderr.print(f"error: {e}", markup=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:
-            stderr.print("error: interrupted; nothing was written")
+            if main:
+                stderr.print("error: interrupted; nothing was written")
             raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
         except typer.Exit:
             raise
@@ -90,9 +101,23 @@ class Session:
             if self.debug:
                 raise
             first_line = (str(e).splitlines() or [""])[0]
-            stderr.print(f"error: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
-                         markup=False, soft_wrap=True)
+            if main:
+                stderr.print(f"error: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
+                             markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
+
+
+@contextmanager
+def _muted(mute: bool) -> Iterator[None]:
+    """Results go to stdout on rank 0 only (the other ranks compute the same ones)."""
+    if not mute:
+        yield
+        return
+    import os
+    from contextlib import redirect_stdout
+
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        yield
 
 
 def _quiet_libraries() -> None:
@@ -230,7 +255,10 @@ def detect(
         from .model import load_model, parse_device_map, parse_max_memory, resolve
         from .report import check_known, detection_document, plot_activations, super_weight_table
         from .errors import UsageError
+        from .distributed import main_proceeds
 
+        if not main_proceeds():  # under a launcher one detection is enough: rank 0's
+            return
         text = DEFAULT_PROMPT if prompt is None else prompt
         n = DEFAULT_ITERATIONS if iterations is None else iterations
         if n < 1:
@@ -441,9 +469,12 @@ def ablate(
         from . import ablate as ablation
         from .coords import requested
         from .errors import UsageError
+        from .distributed import main_proceeds
         from .experiments import check_control, control_weights, parse_factor
         from .model import resolve
 
+        if not main_proceeds():  # under a launcher rank 0 alone writes the model
+            return
         how, value = parse_factor(factor, mode)
         if mode is None and factor is not None:
             session.say(f"--factor {factor} given: scaling the weights (--mode scale)")
@@ -539,6 +570,7 @@ def eval_(
         from . import ablate as ablation
         from .coords import requested
         from .errors import UsageError
+        from .distributed import main_proceeds
         from .experiments import (check_control, comparison_configurations, parse_factor, run_configurations,
                                   single_configuration, summary_table)
         from .files import atomic_write_text
@@ -584,6 +616,8 @@ def eval_(
                 loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
                 limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress,
                 harness=lm_eval_tasks)
+        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+            return
         document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
         document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
                              "dtype": loaded.dtype, "superweight_ablation": prior}
@@ -802,6 +836,7 @@ def quantize(
         from .ablate import check_coords_before_load
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
+        from .distributed import main_proceeds, on_main
         from .errors import UsageError
         from .experiments import summary_table
         from .model import resolve
@@ -832,8 +867,8 @@ def quantize(
         options = dict(data_dir=data_dir, limit=limit, max_length=max_length)
         with _progress_bars(session) as bar:
             if not weights:
-                weights = _step(bar, "detecting super weights", lambda: run_detect(
-                    loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights)
+                weights = _step(bar, "detecting super weights", lambda: on_main(lambda: run_detect(
+                    loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights))
                 session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
             rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
                                                  tasks=names, baseline=True, progress=bar, **options)
@@ -841,6 +876,8 @@ def quantize(
                                                                    bits=activation_bits, tasks=names, progress=bar,
                                                                    **options)
                                if activations else [])
+        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+            return
         if plot:
             rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
         if out is not None:
@@ -929,6 +966,7 @@ def study(
         from . import study as analysis
         from .coords import requested
         from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
+        from .distributed import main_proceeds, on_main
         from .errors import UsageError
         from .experiments import summary_table
         from .model import cache_root, model_fingerprint, resolve
@@ -959,13 +997,13 @@ def study(
         with _progress_bars(session) as bar:
             if not weights:
                 weights = _step(bar, "detecting super weights",
-                                lambda: run_detect(loaded.model, prompt_ids).super_weights)
+                                lambda: on_main(lambda: run_detect(loaded.model, prompt_ids).super_weights))
                 session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
             verification = None
             if weights:
                 from .verify import labelled, verify
                 verification = _step(bar, "measuring each weight's effect",
-                                     lambda: verify(loaded.model, loaded.tokenizer, weights))
+                                     lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
                 weights = labelled(weights, verification)
             table_configurations = analysis.study_configurations(loaded.model, weights, top=top, seed=seed)
             sweep = analysis.scale_sweep_configurations(weights, factors)
@@ -974,15 +1012,17 @@ def study(
                 cache, model_key, loaded.model, loaded.tokenizer, table_configurations + sweep, names,
                 on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limit,
                 batch_size=batch, max_length=max_length, seed=seed)
-            shift, shift_cached = analysis.cached_stop_word_shift(
+            shift, shift_cached = on_main(lambda: analysis.cached_stop_word_shift(
                 cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir, limit=limit,
-                max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total))
+                max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total)))
             if shift_cached:
                 bar("stop-word shift (from the cache)", 1, 1)
             profile = _step(bar, "activation profile",
                             lambda: analysis.activation_profile(loaded.model, prompt_ids, weights))
-            generations = _step(bar, "generations",
-                                lambda: generation.generate(loaded.model, loaded.tokenizer, table_configurations))
+            generations = _step(bar, "generations", lambda: on_main(
+                lambda: generation.generate(loaded.model, loaded.tokenizer, table_configurations)))
+            if not main_proceeds():  # every rank got here: rank 0 writes and prints
+                return
             table = summary_table({c.name: runs[c.name] for c in table_configurations})
             cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
             meta = {"command": "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,

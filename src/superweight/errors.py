@@ -46,3 +46,6 @@ class DataError(SuperweightError):
 
 class MissingDependencyError(SuperweightError):
     """A feature needs an optional extra that is not installed."""
+
+class RankFailed(SuperweightError):
+    """Another rank of a distributed run failed, hung or died; the message names it."""

@@ -16,6 +16,9 @@ Speed comes from doing less, not from approximating:
   * requests are sorted by length and batched, identical requests are scored once.
 Both shortcuts are checked against a plain forward pass on the model at hand before use and
 switched off when the model does not reproduce it (see `Scorer._check_shortcuts`).
+
+Under a launcher (`torchrun ...`) the batches are shared out between the ranks by their tokens
+and the scores gathered (see `superweight.distributed`): the same numbers, sooner.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from __future__ import annotations
 import math
 import platform
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import UsageError
 from .placement import execution_device
 from .tasks import TASKS, LoadedTask, Prompt, load_task, resolve_task_names
@@ -366,10 +371,16 @@ class Scorer:
             self._check_shortcuts(list(max(requests, key=lambda r: len(r.tokens)).tokens))
         # Longest first, as lm-eval: out-of-memory shows at once and padding stays small.
         rows = sorted(self._rows(requests, groups), key=lambda row: -packed_length(requests, row))
-        results: list[Scored | None] = [None] * len(requests)
-        position = 0
-        while position < len(rows):
-            batch = self._take_batch(requests, rows, position)
+        batches = self._plan(requests, rows)
+        # Under a launcher each rank scores whole batches of this one-process plan, balanced by the
+        # tokens they compute, so every request is computed exactly as it would be in one process.
+        mine = distributed.share([len(batch) * packed_length(requests, batch[0]) for batch in batches])
+        pending = deque(batches[i] for i in mine)
+        results: dict[int, Scored] = {}
+        progress = distributed.Progress()
+        reported = 0  # requests of all ranks already passed to on_batch
+        while pending:
+            batch = pending[0]
             try:
                 with torch.inference_mode():
                     scored = self._score_batch(requests, batch)
@@ -383,13 +394,29 @@ class Scorer:
                     raise UsageError(f"out of memory even on one document's requests alone ({tokens} tokens); lower "
                                      "--max-length, or spread the model with --device-map / --max-memory") from None
                 self.token_budget //= 2  # kept for the batches after this one
+                pending = deque(self._plan(requests, [row for waiting in pending for row in waiting]))
                 continue
-            for i, result in scored.items():
-                results[i] = result
-            position += len(batch)
+            results.update(scored)
+            pending.popleft()
+            done = progress.add(len(scored))
             if on_batch:
-                on_batch(len(scored))
-        return results  # type: ignore[return-value]
+                on_batch(done - reported)
+            reported = done
+            distributed.check_peers()
+        for part in distributed.exchange(results):
+            results.update(part)
+        if on_batch and reported < len(requests):
+            on_batch(len(requests) - reported)
+        return [results[i] for i in range(len(requests))]
+
+    def _plan(self, requests: list[Request], rows: list[Group]) -> list[list[Group]]:
+        """The rows cut into batches, in order."""
+        batches: list[list[Group]] = []
+        position = 0
+        while position < len(rows):
+            batches.append(self._take_batch(requests, rows, position))
+            position += len(batches[-1])
+        return batches
 
     def _take_batch(self, requests: list[Request], rows: list[Group], start: int) -> list[Group]:
         """Rows from `start` (longest first) up to the batch size, or in auto mode the token budget."""
@@ -607,7 +634,8 @@ def evaluate(
                     progress(name, done, total)
 
             scored = scorer.score(built.requests, built.groups, advance)
-            out["results"][name] = task_metrics(name, built, scored, seed)
+            # Rank 0 computes the metrics (every rank holds all scores); the others receive them.
+            out["results"][name] = distributed.on_main(lambda: task_metrics(name, built, scored, seed))
             out["n_samples"][name] = {"original": task_data.n_total, "effective": len(task_data.docs)}
             out["data_sha256"].update(task_data.sha256)
     finally:
@@ -616,6 +644,7 @@ def evaluate(
         "model": getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None),
         "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(scorer.device),
+        "ranks": distributed.current().world_size,
         "batch_size": batch_size,
         "max_length": length,
         "limit": limit,

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import yaml
 
+from . import distributed
 from .arch import adapter_for_config, resolve_adapter
 from .errors import ModelLoadError, OutputPathError, UsageError
 from .files import atomic_directory, refuse_inside
@@ -471,7 +472,9 @@ def load_model(
     from_cache = False
     location, hub_kwargs = source.location, {}
     if source.kind == "gguf":
-        cached, from_cache = _load_gguf_into_cache(source, dtype, cache_dir, progress, notice)
+        # Under a launcher rank 0 dequantizes and writes the cache first; the others then read it.
+        cached, from_cache = distributed.in_turns(
+            lambda: _load_gguf_into_cache(source, dtype, cache_dir, progress, notice))
         location = str(cached)
         torch_dtype = _torch_dtype("float32" if dtype == "auto" else dtype)
     else:
@@ -489,6 +492,8 @@ def load_model(
     offload_folder = None
     if isinstance(device_map, dict):
         _check_map_devices(device_map)
+    if isinstance(device_map, str):  # under a launcher, each rank spreads its copy over its own GPUs
+        max_memory = distributed.rank_max_memory(max_memory)
     if device_map:
         placement["device_map"] = device_map
         if max_memory:
@@ -514,7 +519,7 @@ def load_model(
         else:
             offload_folder.rmdir()  # nothing written (a safetensors checkpoint is read in place)
     if not device_map:
-        model.to(resolve_device(device))
+        model.to(resolve_device(distributed.rank_device(device)))
     model.eval()
     _, note = resolve_adapter(model)  # a model type the table lacks: which row's layout it follows
     return LoadedModel(

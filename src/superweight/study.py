@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import ablate
+from . import ablate, distributed
 from .arch import adapter_for, decoder_layers, down_proj_tensor, layer_experts
 from .coords import SHARED_EXPERT, SuperWeight
 from .errors import UsageError
@@ -186,13 +186,15 @@ def run_cached(cache: EvaluationCache, model_key: str, model, tokenizer, configu
     runs: dict[str, Any] = {}
     for configuration in configurations:
         keys = {task: cache.key(model_key, configuration, task, limit, max_length) for task in names}
-        slices = {task: cache.get(key) for task, key in keys.items()}
+        # Rank 0 holds the cache (the others may have no access to its disk) and tells them what it has.
+        slices = distributed.on_main(lambda: {task: cache.get(key) for task, key in keys.items()})
         missing = [task for task in names if slices[task] is None]
         if missing:
             fresh = run_configurations(model, tokenizer, [configuration], missing, **options)[configuration.name]
             for task in missing:
                 slices[task] = _task_slice(fresh, task)
-                cache.put(keys[task], slices[task])
+                if distributed.is_main():
+                    cache.put(keys[task], slices[task])
         runs[configuration.name] = {
             "results": {task: slices[task]["results"] for task in names},
             "n_samples": {task: slices[task]["n_samples"] for task in names},

@@ -1,0 +1,355 @@
+"""Data-parallel runs on torch.distributed, launched by `torchrun`, `accelerate launch` or Slurm.
+
+The launcher sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; `session` starts the process
+group from them (NCCL on CUDA, gloo on CPU) and stops it on every exit path. Without a launcher
+every function here is a no-op and the code runs as one process.
+
+One primitive moves data: `exchange`, an all-gather of one object per rank. Every collective is
+that same operation, so a rank that fails can join whichever one the others reach next, carrying
+its error instead of its data; every rank then raises `RankFailed`, rank 0 names the failing rank,
+and nobody waits for data that will never come. A failing rank also sets a flag in the process
+group's store, which `check_peers` (called after each scoring batch) reads, so the others stop
+within one batch rather than at the end of their share. A rank that hangs or dies is given up on
+after the process group's timeout (`SUPERWEIGHT_DIST_TIMEOUT`, seconds, default 1800).
+
+Work is split by `share`: each rank takes the items (scoring batches) that the greedy
+longest-first assignment gives it, balanced by cost (tokens), and the same batches are scored as
+in one process, so every number is the same.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+
+from .errors import RankFailed, SuperweightError, UsageError
+
+T = TypeVar("T")
+
+TIMEOUT_ENV = "SUPERWEIGHT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800  # torch's own default: long enough for one rank's share of a large task
+EXIT_WAIT_S = 30  # how long the other ranks wait for rank 0 to report a failure before they exit
+FAIL_ENV = "SUPERWEIGHT_TEST_FAIL_RANK"  # tests only: "R" raises on rank R while scoring, "R:hang" hangs
+_FAILED_KEY = "superweight/failed"
+_MAIN_EXITED_KEY = "superweight/main-exited"
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in the job (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_current = Ranks()
+_rounds = 0  # scoring rounds so far; names each round's progress counter in the store
+
+
+def launched() -> Ranks:
+    """The ranks the launcher's environment describes (one process when it sets none)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    values = {name: os.environ.get(name) for name in names}
+    if values["WORLD_SIZE"] is None:
+        return Ranks()
+    try:
+        world_size = int(values["WORLD_SIZE"])
+        rank = int(values["RANK"] or 0)
+        local_rank = int(values["LOCAL_RANK"] or 0)
+        # accelerate and torchrun set LOCAL_WORLD_SIZE; a launcher that does not runs one node's worth
+        local_world_size = int(values["LOCAL_WORLD_SIZE"] or world_size)
+    except ValueError:
+        raise UsageError("the launcher's RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE are not integers: "
+                         + ", ".join(f"{k}={v}" for k, v in values.items() if v is not None)) from None
+    if not (0 <= rank < world_size and 0 <= local_rank < local_world_size <= world_size):
+        raise UsageError(f"inconsistent launcher environment: RANK={rank} WORLD_SIZE={world_size} "
+                         f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world_size}")
+    return Ranks(rank, world_size, local_rank, local_world_size)
+
+
+def current() -> Ranks:
+    """The ranks of the running session (rank 0 of 1 outside one)."""
+    return _current
+
+
+def is_main() -> bool:
+    return _current.is_main
+
+
+def timeout_seconds() -> float:
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UsageError(f"{TIMEOUT_ENV} must be a positive number of seconds, got '{text}'")
+    return value
+
+
+# ----------------------------------------------------------------------------- the session
+
+
+@contextmanager
+def session() -> Iterator[Ranks]:
+    """Run the body as one rank of the launched job: the process group exists inside, and is gone
+    after, however the body ends. On error, every rank learns which rank failed and why."""
+    global _current, _rounds
+    ranks = launched()
+    if ranks.world_size == 1:
+        yield ranks
+        return
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(gpu_share(ranks)[0])  # NCCL's objects live on the rank's first GPU
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
+    _current, _rounds = ranks, 0
+    try:
+        yield ranks
+        exchange(None)  # every rank finished: nobody leaves while another still needs it
+    except KeyboardInterrupt:  # Ctrl-C or the launcher's SIGTERM: every rank is being stopped anyway
+        raise
+    except BaseException as error:
+        if not isinstance(error, RankFailed):
+            _report(error)
+        _exit_after_main(ranks)
+        raise
+    finally:
+        _current = Ranks()
+        dist.destroy_process_group()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, SuperweightError):
+        return str(error)
+    first_line = (str(error).splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line}"
+
+
+@dataclass(frozen=True)
+class _Failure:
+    rank: int
+    message: str
+    exit_code: int
+
+
+def _report(error: BaseException) -> None:
+    """Tell the other ranks this one failed: a flag they poll, and its error in the collective
+    they are in or reach next (which returns once they all have)."""
+    import torch.distributed as dist
+
+    failure = _Failure(_current.rank, _describe(error), getattr(error, "exit_code", 1))
+    try:
+        _store().set(_FAILED_KEY, str(_current.rank))
+        dist.all_gather_object([None] * _current.world_size, failure)
+    except Exception:  # a peer or the store is already gone: the timeout or the launcher ends the rest
+        pass
+
+
+def _exit_after_main(ranks: Ranks) -> None:
+    """A launcher stops every rank as soon as one exits non-zero: the others leave only after rank 0
+    (which prints the error) is on its way out, or after EXIT_WAIT_S."""
+    try:
+        store = _store()
+        if ranks.is_main:
+            atexit.register(_set_quietly, store, _MAIN_EXITED_KEY)
+        else:
+            store.wait([_MAIN_EXITED_KEY], timedelta(seconds=EXIT_WAIT_S))
+    except Exception:  # rank 0's process (and a store it hosted) is gone: it has exited
+        pass
+
+
+def _set_quietly(store, key: str) -> None:
+    try:
+        store.set(key, "1")
+    except Exception:
+        pass
+
+
+def _store():
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+# ----------------------------------------------------------------------------- collectives
+
+
+def exchange(payload: Any) -> list[Any]:
+    """Every rank's `payload`, in rank order, on every rank (one process: `[payload]`).
+
+    Raises `RankFailed` when a rank sent its failure instead, or when a rank did not answer
+    within the timeout or lost its connection.
+    """
+    if _current.world_size == 1:
+        return [payload]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * _current.world_size
+    try:
+        dist.all_gather_object(gathered, payload)
+    except Exception as e:  # DistBackendError and friends: a timeout, or a peer that died
+        first_line = (str(e).splitlines() or [""])[0]
+        raise RankFailed(f"rank {_current.rank} lost contact with the other ranks (a rank hung past "
+                         f"{TIMEOUT_ENV}={timeout_seconds():g} s, or was killed): {first_line}") from None
+    failures = [g for g in gathered if isinstance(g, _Failure)]
+    if failures:
+        first = failures[0]
+        error = RankFailed(f"rank {first.rank} of {_current.world_size} failed: {first.message}")
+        error.exit_code = first.exit_code
+        raise error
+    return gathered
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """`compute()` run once, on rank 0; its result on every rank."""
+    return exchange(compute() if _current.is_main else None)[0]
+
+
+def main_proceeds() -> bool:
+    """Every rank reports in; True on rank 0 only, which goes on to write and print. Called before
+    any output is written, so a failure anywhere leaves nothing written."""
+    exchange(None)
+    return _current.is_main
+
+
+def in_turns(work: Callable[[], T]) -> T:
+    """`work()` on every rank, first on rank 0, then on the first rank of each other node, then on
+    the rest: what the first writes to a cache (shared or one per node) the others only read."""
+    if _current.world_size == 1:
+        return work()
+    turn = 0 if _current.is_main else 1 if _current.local_rank == 0 else 2
+    result = None
+    for this_turn in range(3):
+        if this_turn == turn:
+            result = work()
+        exchange(None)
+    return result  # type: ignore[return-value]
+
+
+def check_peers() -> None:
+    """Join the failing rank's collective as soon as a rank has failed (`exchange` then raises)."""
+    if _current.world_size == 1:
+        return
+    _test_failure()
+    if _store().check([_FAILED_KEY]):
+        exchange(None)
+
+
+def _test_failure() -> None:
+    rank, _, how = os.environ.get(FAIL_ENV, "").partition(":")
+    if rank != str(_current.rank):
+        return
+    if how == "hang":
+        import time
+
+        while True:
+            time.sleep(1)
+    raise RuntimeError(f"injected failure ({FAIL_ENV}={rank})")
+
+
+# ----------------------------------------------------------------------------- splitting work
+
+
+def share(costs: list[int]) -> list[int]:
+    """Indices of the items this rank does, in their original order.
+
+    Greedy longest-first: the costliest item goes to the least-loaded rank (lowest rank on ties),
+    which keeps the ranks' totals within one item of each other. Every rank computes the same
+    assignment from the same costs, so none needs to be sent.
+    """
+    if _current.world_size == 1:
+        return list(range(len(costs)))
+    return assign(costs, _current.world_size)[_current.rank]
+
+
+def assign(costs: list[int], world_size: int) -> list[list[int]]:
+    loads = [0] * world_size
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[rank] += costs[index]
+        owned[rank].append(index)
+    return [sorted(items) for items in owned]
+
+
+class Progress:
+    """Items done by all ranks together in one scoring round, counted in the process group's store."""
+
+    def __init__(self) -> None:
+        global _rounds
+        _rounds += 1
+        self.key = f"superweight/progress/{_rounds}"
+        self.done = 0
+
+    def add(self, n: int) -> int:
+        """Count `n` more items done here; returns how many all ranks have done so far."""
+        if _current.world_size == 1:
+            self.done += n
+            return self.done
+        return int(_store().add(self.key, n))
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def gpu_share(ranks: Ranks | None = None, device_count: int | None = None) -> list[int]:
+    """The GPU indices of this node that belong to this rank: an equal, contiguous slice each
+    (8 GPUs, 2 ranks per node: rank 0 has 0-3, rank 1 has 4-7)."""
+    ranks = ranks or _current
+    count = torch.cuda.device_count() if device_count is None else device_count
+    per_rank = count // ranks.local_world_size
+    if per_rank < 1:
+        raise UsageError(f"{ranks.local_world_size} ranks on this node but {count} GPU(s): start at most one rank "
+                         "per GPU (torchrun --nproc-per-node), or use --device cpu")
+    start = ranks.local_rank * per_rank
+    return list(range(start, start + per_rank))
+
+
+def rank_device(device: str) -> str:
+    """`--device` for this rank: "auto"/"cuda" mean the rank's own GPU, cuda:LOCAL_RANK."""
+    if _current.world_size == 1 or device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device
+    return f"cuda:{gpu_share()[0]}"
+
+
+def rank_max_memory(max_memory: dict | None) -> dict | None:
+    """accelerate's `max_memory` limited to this rank's GPUs, so `--device-map auto` spreads each
+    rank's copy over its own share of the node. GPU keys the user gave count from the rank's first
+    GPU (0 = its first); without a budget each of its GPUs may be filled."""
+    if _current.world_size == 1 or not torch.cuda.is_available():
+        return max_memory
+    share_ = gpu_share()
+    budget: dict[int | str, Any] = {}
+    if max_memory is None:
+        from accelerate.utils import get_max_memory
+
+        available = get_max_memory()
+        budget = {gpu: available[gpu] for gpu in share_}
+        budget["cpu"] = available["cpu"] // _current.local_world_size  # the node's RAM is shared too
+        return budget
+    for device, amount in max_memory.items():
+        if isinstance(device, int):
+            if device >= len(share_):
+                raise UsageError(f"--max-memory names GPU {device}, but each rank has {len(share_)} GPU(s) "
+                                 f"(GPU keys count from the rank's first GPU)")
+            budget[share_[device]] = amount
+        else:
+            budget[device] = amount
+    return budget

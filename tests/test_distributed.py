@@ -1,0 +1,204 @@
+"""Data-parallel runs: the work split, and real multi-process runs on 127.0.0.1 (gloo on CPU) whose
+numbers must equal one process's, whose failures end every rank, and where rank 0 alone writes.
+
+Each multi-process run is bounded (a subprocess timeout) and small: this machine has 2 cores.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA_DIR, REPO
+from test_cli import invoke
+
+from superweight import distributed
+from superweight.errors import UsageError
+
+RUN_TIMEOUT_S = 300  # per multi-process run; the runs below take ~10-60 s on an idle machine
+TINY = ("--data-dir", DATA_DIR, "--max-length", "64", "-q")
+
+
+# ----------------------------------------------------------------------------- in one process
+
+
+def test_work_is_balanced_by_tokens_not_by_count():
+    # one long batch and nine short ones: a split by count (5 + 5) would leave rank 1 waiting
+    costs = [100, 10, 10, 10, 10, 10, 10, 10, 10, 10]
+    owned = distributed.assign(costs, 2)
+    assert owned == [[0], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    costs = [7, 5, 4, 4, 3, 3, 2]
+    assert [sum(costs[i] for i in items) for items in distributed.assign(costs, 3)] == [10, 10, 8]
+    owned = distributed.assign([5, 1, 4, 2, 3], 3)
+    assert sorted(i for items in owned for i in items) == [0, 1, 2, 3, 4]  # each once
+    assert distributed.share([3, 2, 1]) == [0, 1, 2]  # one process does everything
+
+
+def test_launcher_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.launched() == distributed.Ranks()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    ranks = distributed.launched()
+    assert (ranks.rank, ranks.world_size, ranks.local_rank, ranks.local_world_size, ranks.is_main) == (3, 4, 1, 2, False)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(UsageError, match="inconsistent"):
+        distributed.launched()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(UsageError, match="not integers"):
+        distributed.launched()
+
+
+def test_each_rank_gets_its_own_gpus():
+    two_per_node = [distributed.Ranks(rank, 4, rank % 2, 2) for rank in range(4)]
+    assert [distributed.gpu_share(r, device_count=8) for r in two_per_node] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+    assert distributed.gpu_share(distributed.Ranks(1, 2, 1, 2), device_count=3) == [1]
+    with pytest.raises(UsageError, match="2 ranks on this node but 1 GPU"):
+        distributed.gpu_share(distributed.Ranks(1, 2, 1, 2), device_count=1)
+
+
+# ----------------------------------------------------------------------------- many processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(cache: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(REPO / "src"), SUPERWEIGHT_CACHE=str(cache), HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def _torchrun(*args, env: dict, nproc: int, timeout: float = RUN_TIMEOUT_S, **launch):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if not launch:
+        launcher += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    for option, value in launch.items():
+        launcher += [f"--{option.replace('_', '-')}", str(value)]
+    return subprocess.Popen([*launcher, "-m", "superweight", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = RUN_TIMEOUT_S) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"a distributed run did not finish within {timeout} s: {err[-2000:]}")
+    return process.returncode, out, err
+
+
+def _ok(process: subprocess.Popen) -> dict:
+    code, out, err = _finish(process)
+    assert code == 0, err[-3000:]
+    return json.loads(out)
+
+
+@pytest.mark.integration
+def test_two_ranks_on_smollm2_compare_equals_one_process(gguf_cache, tmp_path):
+    """Table 1 (original, zeroed, zeroed + activation restored, random control) on 2 ranks."""
+    args = ("eval", "--coord", "11,507,1229", "--compare", "--task", "piqa", "--task", "lambada_openai",
+            "--limit", "3", "--max-length", "64", "--batch-size", "1", "--data-dir", DATA_DIR, "--json", "-q")
+    two = _torchrun(*args, env=_env(gguf_cache), nproc=2)
+    one = invoke(*args)
+    assert one.exit_code == 0, one.output
+    expected, got = json.loads(one.output)["configurations"], _ok(two)["configurations"]
+    assert list(got) == list(expected) and len(got) == 4
+    for name in expected:
+        assert got[name]["results"] == expected[name]["results"], name  # exactly, stderr and perplexity too
+        assert got[name]["config"]["ranks"] == 2
+
+
+def test_three_ranks_study_on_uneven_documents_equals_one_process(tiny_llama_dir, tmp_path):
+    """4 documents per task on 3 ranks; rank 0 alone writes the report and the evaluation cache."""
+    args = ["study", tiny_llama_dir, "--coord", "1,3,5", "--task", "wikitext", "--task", "piqa", "--limit", "4",
+            "--grid", "0,2", "--top", "5", "--batch-size", "2", *TINY, "--json"]
+    three = _torchrun(*args, "--out", tmp_path / "three", env=_env(tmp_path / "cache3"), nproc=3)
+    os.environ["SUPERWEIGHT_CACHE"], saved = str(tmp_path / "cache1"), os.environ.get("SUPERWEIGHT_CACHE")
+    try:
+        one = invoke(*args, "--out", tmp_path / "one")
+    finally:
+        os.environ.pop("SUPERWEIGHT_CACHE") if saved is None else os.environ.update(SUPERWEIGHT_CACHE=saved)
+    assert one.exit_code == 0, one.output
+    expected, got = json.loads(one.output), _ok(three)
+    assert got["table"] == expected["table"] and got["sweep"] == expected["sweep"]
+    assert got["meta"]["evaluations"] == expected["meta"]["evaluations"]
+    cached = sorted(p.name for p in (tmp_path / "cache3" / "evaluations").iterdir())
+    assert cached == sorted(p.name for p in (tmp_path / "cache1" / "evaluations").iterdir())
+    assert not [p for p in (tmp_path / "cache3" / "evaluations").iterdir() if p.name.startswith(".")]
+
+
+def test_two_nodes_by_c10d_rendezvous_equal_one_process(tiny_llama_dir, tmp_path):
+    """Two torchrun agents (--nnodes 2) meeting at 127.0.0.1: the quantize sweep's evaluations."""
+    args = ["quantize", tiny_llama_dir, "--coord", "1,3,5", "--block-size", "64", "--task", "piqa", "--limit", "5",
+            *TINY, "--json"]
+    rendezvous = dict(nnodes=2, rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+                      rdzv_id="superweight-test")
+    env = _env(tmp_path / "cache")
+    nodes = [_torchrun(*args, env=env, nproc=1, node_rank=n, **rendezvous) for n in (0, 1)]
+    one = invoke(*args)
+    assert one.exit_code == 0, one.output
+    codes = [_finish(node) for node in nodes]
+    assert [c[0] for c in codes] == [0, 0], [c[2][-2000:] for c in codes]
+    printed = [json.loads(out) for _, out, _ in codes if out.strip()]
+    assert len(printed) == 1  # rank 0's node alone prints
+    assert printed[0]["weights"] == json.loads(one.output)["weights"]
+
+
+def _launch_ranks(args, env: dict, world_size: int) -> list[subprocess.Popen]:
+    """The ranks started directly with the environment a launcher sets, to see each one's exit."""
+    port = str(_free_port())
+    return [subprocess.Popen([sys.executable, "-m", "superweight", *map(str, args)],
+                             env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+                                  "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                                  "LOCAL_WORLD_SIZE": str(world_size)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank in range(world_size)]
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_a_failing_rank_ends_every_rank_and_nothing_is_written(tiny_llama_dir, tmp_path):
+    output = tmp_path / "results.json"
+    args = ["eval", tiny_llama_dir, "--task", "piqa", "--task", "wikitext", "--limit", "6", *TINY,
+            "--output", output, "--batch-size", "1"]
+    started = time.monotonic()
+    ranks = _launch_ranks(args, _env(tmp_path / "cache", SUPERWEIGHT_TEST_FAIL_RANK="1"), 2)
+    (code0, out0, err0), (code1, out1, err1) = [_finish(rank, timeout=120) for rank in ranks]
+    assert code0 != 0 and code1 != 0
+    assert _error_lines(err0) == ["error: rank 1 of 2 failed: RuntimeError: injected failure "
+                                  "(SUPERWEIGHT_TEST_FAIL_RANK=1)"], err0
+    assert _error_lines(err1) == [] and not out0.strip() and not out1.strip()
+    assert not output.exists() and not list(tmp_path.glob(".results.json*"))
+    assert time.monotonic() - started < 120
+
+
+def test_a_hanging_rank_times_out(tiny_llama_dir, tmp_path):
+    output = tmp_path / "results.json"
+    args = ["eval", tiny_llama_dir, "--task", "piqa", "--limit", "4", *TINY, "--output", output]
+    env = _env(tmp_path / "cache", SUPERWEIGHT_TEST_FAIL_RANK="1:hang", SUPERWEIGHT_DIST_TIMEOUT="10")
+    main, hanging = _launch_ranks(args, env, 2)
+    try:
+        code, out, err = _finish(main, timeout=120)
+        assert code != 0
+        lines = _error_lines(err)
+        assert len(lines) == 1 and lines[0].startswith("error: rank 0 lost contact") and "10 s" in lines[0], err
+        assert not output.exists()
+    finally:
+        hanging.kill()  # what the launcher does once rank 0 has exited
+        hanging.communicate()
