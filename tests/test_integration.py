@@ -191,3 +191,17 @@ def test_bulk_tokenisation_equals_lm_eval_one_pair_at_a_time(smollm2):
         assert Encoder(tokenizer).encode_pairs(pairs) == [lm_eval_encode_pair(c, x) for c, x in pairs]
         checked += len(pairs)
     assert checked > 400
+
+
+def test_cli_detect_verify_writes_labels(smollm2, tmp_path):
+    from superweight.coords import read_coords
+
+    out = tmp_path / "coords.yaml"
+    result = CliRunner().invoke(app, ["detect", "--verify", "--json", "-q", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    verification = json.loads(result.output)["verification"]
+    labels = {(w["layer"], w["row"], w["col"]): w["effect"] for w in verification["weights"]}
+    assert labels[(11, 507, 1229)] == "super"
+    assert verification["restored"] < 1.1 * verification["perplexity"] < verification["all_zeroed"]
+    weights, _ = read_coords(out)
+    assert {(w.layer, w.row, w.col): w.effect for w in weights} == labels  # the file carries them
