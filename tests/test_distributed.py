@@ -39,6 +39,32 @@ def test_work_is_balanced_by_tokens_not_by_count():
     assert distributed.share([3, 2, 1]) == [0, 1, 2]  # one process does everything
 
 
+def test_each_rank_scores_only_its_share_of_the_batches(tiny_llama_dir, monkeypatch):
+    """Two ranks simulated in one process: disjoint shares that cover every request, each scored as
+    in one process."""
+    from superweight.evaluate import Encoder, Scorer, build_requests
+    from superweight.model import load_model
+    from superweight.tasks import load_task
+
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    built = build_requests(load_task("piqa", DATA_DIR, 5), Encoder(loaded.tokenizer), 64)
+    scorer = Scorer(loaded.model, batch_size=1)
+    alone = scorer.score(built.requests, built.groups)
+    shares = []
+
+    def exchange(mine):  # what the other rank would send: the rest
+        shares.append(set(mine))
+        return [mine, {i: s for i, s in enumerate(alone) if i not in mine}]
+
+    monkeypatch.setattr(distributed, "exchange", exchange)
+    monkeypatch.setattr(distributed, "check_peers", lambda: None)
+    monkeypatch.setattr(distributed.Progress, "add", lambda self, n: 0)
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "_current", distributed.Ranks(rank, 2, rank, 2))
+        assert scorer.score(built.requests, built.groups) == alone
+    assert all(shares) and not shares[0] & shares[1] and shares[0] | shares[1] == set(range(len(alone)))
+
+
 def test_launcher_environment(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -63,6 +89,21 @@ def test_each_rank_gets_its_own_gpus():
     assert distributed.gpu_share(distributed.Ranks(1, 2, 1, 2), device_count=3) == [1]
     with pytest.raises(UsageError, match="2 ranks on this node but 1 GPU"):
         distributed.gpu_share(distributed.Ranks(1, 2, 1, 2), device_count=1)
+
+
+def test_rank_placement_on_a_node_of_8_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(distributed, "_current", distributed.Ranks(3, 4, 1, 2))  # 2 nodes x 2 ranks
+    assert distributed.rank_device("auto") == distributed.rank_device("cuda") == "cuda:1"
+    assert distributed.rank_device("cuda:0") == "cuda:0" and distributed.rank_device("cpu") == "cpu"
+    # --device-map auto: GPUs 4-7 of the node, GPU keys of --max-memory counted from the rank's first
+    assert distributed.rank_max_memory({0: "20GiB", 1: "30GiB", "cpu": "64GiB"}) == {4: "20GiB", 5: "30GiB",
+                                                                                     "cpu": "64GiB"}
+    with pytest.raises(UsageError, match="each rank has 4 GPU"):
+        distributed.rank_max_memory({4: "20GiB"})
 
 
 # ----------------------------------------------------------------------------- many processes
@@ -111,7 +152,7 @@ def _ok(process: subprocess.Popen) -> dict:
 def test_two_ranks_on_smollm2_compare_equals_one_process(gguf_cache, tmp_path):
     """Table 1 (original, zeroed, zeroed + activation restored, random control) on 2 ranks."""
     args = ("eval", "--coord", "11,507,1229", "--compare", "--task", "piqa", "--task", "lambada_openai",
-            "--limit", "3", "--max-length", "64", "--batch-size", "1", "--data-dir", DATA_DIR, "--json", "-q")
+            "--limit", "2", "--max-length", "64", "--batch-size", "1", "--data-dir", DATA_DIR, "--json", "-q")
     two = _torchrun(*args, env=_env(gguf_cache), nproc=2)
     one = invoke(*args)
     assert one.exit_code == 0, one.output
@@ -124,8 +165,8 @@ def test_two_ranks_on_smollm2_compare_equals_one_process(gguf_cache, tmp_path):
 
 def test_three_ranks_study_on_uneven_documents_equals_one_process(tiny_llama_dir, tmp_path):
     """4 documents per task on 3 ranks; rank 0 alone writes the report and the evaluation cache."""
-    args = ["study", tiny_llama_dir, "--coord", "1,3,5", "--task", "wikitext", "--task", "piqa", "--limit", "4",
-            "--grid", "0,2", "--top", "5", "--batch-size", "2", *TINY, "--json"]
+    args = ["study", tiny_llama_dir, "--coord", "1,3,5", "--task", "piqa", "--task", "lambada_openai", "--limit", "4",
+            "--grid", "0,2", "--top", "5", "--batch-size", "1", *TINY, "--json"]
     three = _torchrun(*args, "--out", tmp_path / "three", env=_env(tmp_path / "cache3"), nproc=3)
     os.environ["SUPERWEIGHT_CACHE"], saved = str(tmp_path / "cache1"), os.environ.get("SUPERWEIGHT_CACHE")
     try:
@@ -143,7 +184,7 @@ def test_three_ranks_study_on_uneven_documents_equals_one_process(tiny_llama_dir
 
 def test_two_nodes_by_c10d_rendezvous_equal_one_process(tiny_llama_dir, tmp_path):
     """Two torchrun agents (--nnodes 2) meeting at 127.0.0.1: the quantize sweep's evaluations."""
-    args = ["quantize", tiny_llama_dir, "--coord", "1,3,5", "--block-size", "64", "--task", "piqa", "--limit", "5",
+    args = ["quantize", tiny_llama_dir, "--coord", "1,3,5", "--block-size", "64", "--task", "wikitext", "--limit", "2",
             *TINY, "--json"]
     rendezvous = dict(nnodes=2, rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}",
                       rdzv_id="superweight-test")
@@ -155,7 +196,8 @@ def test_two_nodes_by_c10d_rendezvous_equal_one_process(tiny_llama_dir, tmp_path
     assert [c[0] for c in codes] == [0, 0], [c[2][-2000:] for c in codes]
     printed = [json.loads(out) for _, out, _ in codes if out.strip()]
     assert len(printed) == 1  # rank 0's node alone prints
-    assert printed[0]["weights"] == json.loads(one.output)["weights"]
+    expected = json.loads(one.output)["weights"]
+    assert expected[0]["naive_perplexity"] > 1 and printed[0]["weights"] == expected  # wikitext's, exactly
 
 
 def _launch_ranks(args, env: dict, world_size: int) -> list[subprocess.Popen]:

@@ -117,7 +117,7 @@ def session() -> Iterator[Ranks]:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(gpu_share(ranks)[0])  # NCCL's objects live on the rank's first GPU
+        torch.cuda.set_device(_local_gpu(ranks))  # where NCCL keeps this rank's buffers
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
     _current, _rounds = ranks, 0
     try:
@@ -326,7 +326,15 @@ def rank_device(device: str) -> str:
     """`--device` for this rank: "auto"/"cuda" mean the rank's own GPU, cuda:LOCAL_RANK."""
     if _current.world_size == 1 or device not in ("auto", "cuda") or not torch.cuda.is_available():
         return device
-    return f"cuda:{gpu_share()[0]}"
+    return f"cuda:{_local_gpu(_current)}"
+
+
+def _local_gpu(ranks: Ranks) -> int:
+    count = torch.cuda.device_count()
+    if ranks.local_rank >= count:
+        raise UsageError(f"{ranks.local_world_size} ranks on this node but {count} GPU(s): start at most one rank "
+                         "per GPU (torchrun --nproc-per-node), or use --device cpu")
+    return ranks.local_rank
 
 
 def rank_max_memory(max_memory: dict | None) -> dict | None:
