@@ -134,7 +134,7 @@ def test_cli_generate_json_and_table(tiny_llama_dir):
     (("--prompt", ""), "--prompt is empty", 2),
     (("--prompt", "ok", "--prompt", "   "), "--prompt is empty", 2),
     (("--coord", "99,0,0"), "layer 99 is out of range", 1),
-    (("--coord", "1,3"), "bad coordinate", 1),
+    (("--coord", "1,3"), "bad coordinate", 2),  # bad option syntax: a usage error
 ])
 def test_cli_generate_bad_input_is_one_line(tiny_llama_dir, args, fragment, code):
     from test_cli import assert_one_line_error, invoke

@@ -89,7 +89,7 @@ def _skeleton(spec: str | None, *, revision: str | None, gguf_file: str | None, 
     source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     options: dict[str, Any] = {}
     if source.kind == "gguf":  # the dequantised cache that every command reads (written once)
-        location, _ = _load_gguf_into_cache(source, "auto", cache_dir, progress)
+        location, _ = _load_gguf_into_cache(source, "auto", cache_dir, progress, progress)
     else:
         location = Path(source.location) if source.kind == "local" else source.location
         options = dict(revision=source.revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
