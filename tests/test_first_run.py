@@ -201,3 +201,23 @@ def test_first_gguf_load_under_quiet_prints_nothing_on_stderr(tiny_gguf, tmp_pat
     env.pop("TQDM_DISABLE", None)
     result = run_sw("detect", tiny_gguf, "-q", "--out", tmp_path / "c.yaml", env=env, cwd=tmp_path)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("coord,fragment", [("2,3,4", "layer 2"), ("1,16,4", "row 16"), ("1,3,32", "col 32"),
+                                            ("1,3,4,0", "no experts")])
+def test_gguf_coordinates_out_of_range_fail_before_the_load(tiny_gguf, tmp_path, monkeypatch, coord, fragment):
+    """A GGUF's sizes come from its header: an out-of-range --coord fails before any dequantisation."""
+    import superweight.model as model_module
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(model_module, "load_model", no_load)
+    result = CliRunner().invoke(app, ["ablate", str(tiny_gguf), "-q", "--coord", coord, "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: coordinate") and fragment in result.output
+    assert not (tmp_path / "x").exists()
+    assert model_module.gguf_dense_shape(str(tiny_gguf)) == (2, 16, 32)

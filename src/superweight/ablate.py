@@ -125,10 +125,17 @@ def validate_coords(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
 
 def check_coords_before_load(source: Any, weights: Sequence[SuperWeight], *, trust_remote_code: bool = False) -> None:
     """Out-of-range coordinates fail before the weights are read: `validate_coords` on a
-    weightless (meta-device) model built from the config of a local directory or hub model. A
-    GGUF's config comes out of its dequantisation, so a GGUF is checked after the load; a config
-    that cannot be read is left to the load, which reports it in its own words."""
-    if not weights or source.kind == "gguf":
+    weightless (meta-device) model built from the config of a local directory or hub model; for a
+    dense GGUF, layer/row/col against the sizes in its header (its config only comes out of the
+    dequantisation). A config that cannot be read is left to the load, which reports it."""
+    if not weights:
+        return
+    if source.kind == "gguf":
+        from .model import gguf_dense_shape
+
+        shape = gguf_dense_shape(source.location)
+        if shape is not None:
+            _check_dense_ranges(weights, *shape)
         return
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -140,6 +147,20 @@ def check_coords_before_load(source: Any, weights: Sequence[SuperWeight], *, tru
     except Exception:  # noqa: BLE001 - any failure here is the load's to report
         return
     validate_coords(skeleton, weights)
+
+
+def _check_dense_ranges(weights: Sequence[SuperWeight], n_layers: int, hidden: int, intermediate: int) -> None:
+    """validate_coords' range checks for a dense model known only by its sizes."""
+    for w in weights:
+        where = f"coordinate {w.label()}"
+        for name, value, size, what in (("layer", w.layer, n_layers, "decoder layers"),
+                                        ("row", w.row, hidden, "output (hidden) channels"),
+                                        ("col", w.col, intermediate, "input (intermediate) channels")):
+            if value >= size:
+                raise CoordinatesError(f"{where}: {name} {value} is out of range; this model has {size} {what} "
+                                       f"(valid 0..{size - 1}); {_ANOTHER_MODEL}")
+        if w.expert is not None:
+            raise CoordinatesError(f"{where}: names expert {w.expert}, but this model has no experts; {_ANOTHER_MODEL}")
 
 
 def check_recorded_values(model: nn.Module, weights: Sequence[SuperWeight]) -> None:

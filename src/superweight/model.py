@@ -299,6 +299,28 @@ def _check_gguf(path: str) -> str:
         ) from None
 
 
+def gguf_dense_shape(path: str) -> tuple[int, int, int] | None:
+    """(decoder layers, hidden size, intermediate size) from a GGUF's header, read without
+    dequantising anything; None for a mixture-of-experts model or a header that lacks them."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+
+        def number(key: str) -> int | None:
+            field_ = fields.get(key)
+            return int(field_.parts[field_.data[0]][0]) if field_ else None
+
+        architecture = bytes(fields["general.architecture"].parts[fields["general.architecture"].data[0]]).decode()
+        if number(f"{architecture}.expert_count"):
+            return None
+        shape = tuple(number(f"{architecture}.{key}")
+                      for key in ("block_count", "embedding_length", "feed_forward_length"))
+        return None if None in shape else shape  # type: ignore[return-value]
+    except Exception:  # noqa: BLE001 - an unreadable header is the load's to report
+        return None
+
+
 def _check_config(config) -> None:
     """Refuse, before any weight loads, a config superweight cannot work with (a model type the
     adapter table lacks is looked at on a weightless model: see arch.adapter_for_config)."""
