@@ -315,3 +315,15 @@ def test_out_of_range_coordinates_fail_before_the_weights_load(tiny_llama_dir, t
     result = invoke(command, tiny_llama_dir, "-q", "--coord", "1,3,64", *extra)  # 64 input channels: 0..63
     assert_one_line_error(result, "col 64 is out of range")
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_device_fails_before_the_load(tiny_llama_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_load)
+    result = invoke("detect", tiny_llama_dir, "-q", "--device", "bogus")
+    assert_one_line_error(result, "unknown --device 'bogus'")
+    assert result.exit_code == 2

@@ -489,6 +489,7 @@ def load_model(
     progress = progress or (lambda message: None)
     notice = notice or (lambda message: None)
     torch_dtype = _torch_dtype(dtype)
+    target_device = None if device_map else resolve_device(distributed.rank_device(device))  # bad --device: now
     source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     started = time.perf_counter()
     from_cache = False
@@ -541,7 +542,7 @@ def load_model(
         else:
             offload_folder.rmdir()  # nothing written (a safetensors checkpoint is read in place)
     if not device_map:
-        model.to(resolve_device(distributed.rank_device(device)))
+        model.to(target_device)
     model.eval()
     _, note = resolve_adapter(model)  # a model type the table lacks: which row's layout it follows
     return LoadedModel(
