@@ -221,3 +221,14 @@ def test_gguf_coordinates_out_of_range_fail_before_the_load(tiny_gguf, tmp_path,
     assert result.output.startswith("error: coordinate") and fragment in result.output
     assert not (tmp_path / "x").exists()
     assert model_module.gguf_dense_shape(str(tiny_gguf)) == (2, 16, 32)
+
+
+def test_a_local_directory_loads_without_the_hub_check(tiny_llama_dir, monkeypatch):
+    """No network and no HF_HUB_OFFLINE: a local model directory never asks the hub (it was taken for
+    a hub id: HFValidationError)."""
+    import superweight.model as model_module
+
+    monkeypatch.setattr(model_module, "_hub_offline", lambda: False)
+    monkeypatch.setattr(model_module, "_hub_reachable", lambda *a, **k: False)
+    loaded = model_module.load_model(str(tiny_llama_dir), device="cpu")
+    assert loaded.model.config.model_type == "llama"

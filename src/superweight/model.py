@@ -372,8 +372,9 @@ def _hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
 def _hub_access(source: ModelSource, cache_dir: str | None, notice: Progress) -> dict[str, Any]:
     """Extra from_pretrained options for a hub model when the hub cannot be reached and
     HF_HUB_OFFLINE is not set: huggingface_hub would retry for ~30 s before using the cache or failing.
-    A cached copy is then read without asking the hub; without one, fail now."""
-    if _hub_offline() or _hub_reachable():
+    A cached copy is then read without asking the hub; without one, fail now. A local directory
+    needs no hub."""
+    if source.kind != "hub" or _hub_offline() or _hub_reachable():
         return {}
     from huggingface_hub import constants, try_to_load_from_cache
 
