@@ -4,6 +4,7 @@ layer streaming (`sw detect --stream`) against a full load: peak memory and time
 Prints ratios measured in this one run. Usage:
     .venv/bin/python scripts/bench_detect.py [--repeats 5]
     .venv/bin/python scripts/bench_detect.py --synthetic 1b   # streamed vs full only, on a random 1.17B Llama
+    .venv/bin/python scripts/bench_detect.py --forward-only   # detection and hook overhead only (cached model)
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--synthetic", choices=sorted(SYNTHETIC_SHAPES), help="only streamed vs full, on a random "
                         "Llama of this size (SmolLM2's tokenizer); needs ~6 GB of disk and ~12 GB of memory")
+    parser.add_argument("--forward-only", action="store_true", help="skip the load and streaming comparisons: "
+                        "detection and hook overhead on the model as cached")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -168,6 +171,15 @@ def main() -> None:
             compare_streamed(directory, args.repeats)
         return
 
+    if args.forward_only:
+        loaded = load_model("smollm2-135m", device="cpu")
+    else:
+        loaded = load_and_stream(args.repeats)
+    measure_forwards(loaded, args.repeats)
+
+
+def load_and_stream(repeats: int):
+    """First vs cached load, then streamed vs full detection; returns the cached load."""
     with tempfile.TemporaryDirectory() as cache:
         os.environ["SUPERWEIGHT_CACHE"] = cache
         first = load_model("smollm2-135m", device="cpu")
@@ -178,8 +190,12 @@ def main() -> None:
         print(f"load: first (GGUF dequantize + cache write) {first_seconds:.2f} s; "
               f"second (safetensors cache) {loaded.load_seconds:.2f} s; "
               f"speed-up {first_seconds / loaded.load_seconds:.1f}x (goal >= 5x)")
-        compare_streamed(loaded.model.name_or_path, args.repeats)
+        compare_streamed(loaded.model.name_or_path, repeats)
+    return loaded
 
+
+def measure_forwards(loaded, repeats: int) -> None:
+    """Detection time, hooked / plain forward ratios, and the hooks' memory."""
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt_ids = encode_prompt(tokenizer, DEFAULT_PROMPT)
     started = time.perf_counter()
@@ -191,7 +207,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for length in (9, 512, 2048):
         ids = prompt_ids if length == 9 else torch.randint(0, vocab, (1, length), generator=generator)
-        plain, hooked = time_forwards(model, ids, args.repeats)
+        plain, hooked = time_forwards(model, ids, repeats)
         print(f"forward, {length:5d} tokens: plain {plain * 1e3:8.1f} ms, hooked {hooked * 1e3:8.1f} ms, "
               f"ratio {hooked / plain:.3f} (goal <= 1.10)")
 
