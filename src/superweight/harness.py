@@ -126,6 +126,9 @@ def evaluate_harness(model, tokenizer, tasks: HarnessTasks, *, limit: int | None
     if batch_size == "auto" and device.type == "cpu":
         batch_size = CPU_BATCH_SIZE
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    # HFLM sends inputs to `model.device`, the first parameter's: "meta" when accelerate offloaded
+    # it. Inputs belong where the embeddings run.
+    lm._device = device
     was_training = model.training
     model.eval()
     try:
