@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .api import Reporter
 from .errors import SuperweightError
 
 app = typer.Typer(
@@ -47,8 +48,9 @@ stderr = Console(stderr=True, highlight=False)
 T = TypeVar("T")
 
 
-class Session:
-    """Per-command output settings: how chatty, and whether errors show tracebacks."""
+class Session(Reporter):
+    """Per-command output settings: how chatty, and whether errors show tracebacks. It is the
+    reporter the library's command functions report their progress to."""
 
     def __init__(self, quiet: bool, debug: bool):
         self.quiet = quiet or GLOBAL_OPTIONS["quiet"]
@@ -71,6 +73,9 @@ class Session:
             return
         with stderr.status(message) as spinner:
             yield lambda text: spinner.update(text)
+
+    def bars(self) -> Iterator[Callable[[str, int, int], None]]:
+        return _progress_bars(self)
 
     def run(self, work: Callable[[], None]) -> None:
         from .distributed import launched, session
@@ -250,82 +255,23 @@ def detect(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, SpikeRule, detect as run_detect, encode_prompt
-        from .coords import write_coords
-        from .model import load_model, parse_device_map, parse_max_memory, resolve
-        from .report import check_known, detection_document, plot_activations, super_weight_table
-        from .errors import UsageError
-        from .distributed import main_proceeds
+        from .api import detect_model
+        from .report import super_weight_table
 
-        if not main_proceeds():  # under a launcher one detection is enough: rank 0's
+        result = detect_model(model, prompt=prompt, iterations=iterations, min_spike=min_spike,
+                              min_concentration=min_concentration, min_share=min_share, out=out, plot=plot,
+                              stream=stream, verify=verify, verify_text=verify_text, revision=revision,
+                              gguf_file=gguf_file, dtype=dtype, device=device, device_map=device_map,
+                              max_memory=max_memory, trust_remote_code=trust_remote_code, cache_dir=cache_dir,
+                              reporter=session)
+        if result is None:  # another rank than 0: rank 0 prints
             return
-        text = DEFAULT_PROMPT if prompt is None else prompt
-        n = DEFAULT_ITERATIONS if iterations is None else iterations
-        if n < 1:
-            raise UsageError(f"--iterations must be at least 1, got {n}")
-        if not text.strip():
-            raise UsageError("--prompt is empty; give a non-empty prompt (default: the paper's sentence)")
-        if stream and (device_map or max_memory):
-            raise UsageError("--stream puts one layer at a time on --device; drop --device-map/--max-memory")
-        if verify_text is not None and not verify:
-            raise UsageError("--verify-text is the text --verify measures on; add --verify, or drop --verify-text")
-        if verify and stream:
-            raise UsageError("--verify needs the whole model loaded to measure perplexity; drop --stream "
-                             "(or verify later with `sw eval --coords`)")
-        if verify:
-            from .verify import read_verify_text
-            verify_source = read_verify_text(verify_text)  # a bad file fails before the model loads
-        given = {"min_spike": min_spike, "min_concentration": min_concentration, "min_share": min_share}
-        rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
-        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        coords_path = out or Path(f"{_slug(source.alias or source.spec)}.superweights.yaml")
-        _check_outputs(source, files=(coords_path, plot))
-        with session.status(f"loading {source.spec}") as update:
-            if stream:  # no weights loaded here: config and tokenizer only
-                from .stream import detect_streamed, open_checkpoint
-                loaded = open_checkpoint(model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                         cache_dir=cache_dir, trust_remote_code=trust_remote_code, progress=update,
-                                         notice=session.say)
-            else:
-                loaded = load_model(model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
-                                    device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
-                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir,
-                                    progress=update, notice=session.say)
-            update(f"detecting: {n} iteration(s) at most" + (", one layer at a time" if stream else ""))
-            input_ids = encode_prompt(loaded.tokenizer, text)
-            if stream:
-                detection = detect_streamed(loaded, input_ids, device=device, iterations=n, rule=rule, prompt=text)
-            else:
-                detection = run_detect(loaded.model, input_ids, iterations=n, rule=rule, prompt=text)
-            verification = None
-            if verify:
-                from .verify import labelled, verify as run_verify
-                verification = run_verify(loaded.model, loaded.tokenizer, detection.super_weights,
-                                          text=verify_source[0], text_source=verify_source[1], rule=rule,
-                                          iterations=n, progress=update)
-                detection.super_weights = labelled(detection.super_weights, verification)
-        session.say(f"{'opened' if stream else 'loaded'} {source.spec} ({loaded.dtype}) in "
-                    f"{loaded.load_seconds:.1f} s" + (" from the GGUF cache" if loaded.from_cache else ""))
-        config = loaded.config if stream else loaded.model.config
-        model_info = {"spec": source.spec, "location": source.location, "kind": source.kind,
-                      "model_type": config.model_type, "dtype": loaded.dtype}
-        known = check_known(detection.super_weights, source.known_key, source.location)
-        from .arch import adapter_for_config, resolve_adapter, tensor_templates
-        adapter, note = adapter_for_config(config) if stream else resolve_adapter(loaded.model)
-        if note:
-            session.note(note)
-        write_coords(coords_path, detection.super_weights, model=source.spec,
-                     model_type=config.model_type, **tensor_templates(adapter),
-                     prompt=text, tool=f"superweight {__version__}")
-        if plot:
-            plot_activations(detection, plot, title=f"{source.spec}: down-projection activations")
         if as_json:
-            document = detection_document(detection, model_info, known)
-            document["coordinates_file"] = str(coords_path)
-            document["verification"] = verification.to_dict() if verification else None
-            typer.echo(json.dumps(document, indent=2))
+            typer.echo(json.dumps(result.to_dict(), indent=2))
             return
-        title = f"Super weights of {source.spec} ({len(detection.super_weights)} found)"
+        detection, verification, known = result.detection, result.verification, result.known
+        spec, coords_path = result.model["spec"], result.coords_path
+        title = f"Super weights of {spec} ({len(detection.super_weights)} found)"
         _print_table(title, *super_weight_table(detection.super_weights,
                                                 verification.labels() if verification else None))
         if not detection.super_weights:
@@ -466,42 +412,19 @@ def ablate(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from . import ablate as ablation
-        from .coords import requested
-        from .errors import UsageError
-        from .distributed import main_proceeds
-        from .experiments import check_control, control_weights, parse_factor
-        from .model import resolve
+        from .api import ablate_model
 
-        if not main_proceeds():  # under a launcher rank 0 alone writes the model
+        result = ablate_model(model, out=out, coords=coords, coord=coord, mode=mode, factor=factor, control=control,
+                              top=top, seed=seed, force=force, revision=revision, gguf_file=gguf_file, dtype=dtype,
+                              device=device, device_map=device_map, max_memory=max_memory,
+                              trust_remote_code=trust_remote_code, cache_dir=cache_dir, reporter=session)
+        if result is None:  # another rank than 0: rank 0 prints
             return
-        how, value = parse_factor(factor, mode)
-        if mode is None and factor is not None:
-            session.say(f"--factor {factor} given: scaling the weights (--mode scale)")
-        check_control(control, top)
-        weights = requested(coords, coord)
-        if not weights:
-            raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
-        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        _check_outputs(source, directory=out, force=force)
-        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
-        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=device_map, max_memory=max_memory,
-                                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-        ablation.validate_coords(loaded.model, weights)
-        ablation.check_recorded_values(loaded.model, weights)
-        targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
-        record = ablation.apply(loaded.model, targets, mode=how, factor=value, control=control,
-                                seed=seed if control == "random" else None,
-                                top=top if control == "outliers" else None,
-                                reference=weights if control else None)
-        with session.status(f"writing {out}"):
-            ablation.save_ablated(loaded, record, out, force=force)
         if as_json:
-            typer.echo(json.dumps({"out": str(out), "ablation": record.to_dict()}, indent=2))
+            typer.echo(json.dumps(result.to_dict(), indent=2))
         else:
-            what = f"{len(targets)} {control + ' control ' if control else 'super '}weight(s)"
-            done = "zeroed" if how == "zero" else f"scaled x{value:g}"
+            what = f"{result.changed} {control + ' control ' if control else 'super '}weight(s)"
+            done = "zeroed" if result.mode == "zero" else f"scaled x{result.factor:g}"
             stdout.print(f"{what} {done}; model written to {out}")
 
     session.run(work)
@@ -567,70 +490,24 @@ def eval_(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from . import ablate as ablation
-        from .coords import requested
-        from .errors import UsageError
-        from .distributed import main_proceeds
-        from .experiments import (check_control, comparison_configurations, parse_factor, run_configurations,
-                                  single_configuration, summary_table)
-        from .files import atomic_write_text
-        from .harness import HarnessTasks, check_harness_tasks
-        from .model import resolve
+        from .api import evaluate_model
 
-        if compare and (mode not in (None, "zero") or factor is not None):
-            raise UsageError("--compare evaluates the paper's zeroing layout; drop --mode/--factor, or drop --compare")
-        how, value = parse_factor(factor, mode)
-        if mode is None and factor is not None:
-            session.say(f"--factor {factor} given: scaling the weights (--mode scale)")
-        check_control(control, top)
-        _check_limit(limit, max_length)
-        batch = _batch_size(batch_size)
-        names = _tasks_with_data(task or ["wikitext"], data_dir) if task or not harness else []
-        lm_eval_tasks = None
-        if harness or harness_include:
-            lm_eval_tasks = HarnessTasks(tuple(harness or ()), tuple(map(str, harness_include or ())))
-            check_harness_tasks(lm_eval_tasks, builtin=names)
-        weights = requested(coords, coord)
-        if (compare or restore_activation or control) and not weights:
-            raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
-        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        _check_outputs(source, files=(output,))
-        prior = ablation.recorded_ablation(source)
-        unchanged = ablation.describe_recorded_ablation(prior) if prior else "original"
-        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
-        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=device_map, max_memory=max_memory,
-                                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-        if weights:
-            ablation.validate_coords(loaded.model, weights)
-            ablation.check_recorded_values(loaded.model, weights)
-        if compare:
-            configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
-                                                       unchanged=unchanged)
-        else:
-            configurations = [single_configuration(loaded.model, weights, mode=how, factor=value,
-                                                   restore_activation=restore_activation, control=control,
-                                                   seed=seed, top=top, unchanged=unchanged)]
-        with _task_progress(session) as (on_start, on_progress):
-            runs = run_configurations(
-                loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
-                limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress,
-                harness=lm_eval_tasks)
-        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+        result = evaluate_model(
+            model, task=task, harness=harness, harness_include=harness_include, coords=coords, coord=coord,
+            mode=mode, factor=factor, control=control, top=top, restore_activation=restore_activation,
+            compare=compare, data_dir=data_dir, limit=limit, batch_size=batch_size, max_length=max_length,
+            seed=seed, output=output, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
+            device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir, reporter=session)
+        if result is None:  # another rank than 0: rank 0 prints
             return
-        document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
-        document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
-                             "dtype": loaded.dtype, "superweight_ablation": prior}
-        document["tool"] = f"superweight {__version__}"
-        if output:
-            atomic_write_text(output, json.dumps(document, indent=2) + "\n")
         if as_json:
-            typer.echo(json.dumps(document, indent=2))
+            typer.echo(json.dumps(result.to_dict(), indent=2))
             return
-        table = summary_table(runs)
-        _print_table(f"{source.spec}" + _first_documents(limit)
-                     + (f"; (lm-eval) columns computed by {lm_eval_tasks.describe()['computed_by']}"
-                        if lm_eval_tasks else ""),
+        table = result.table()
+        _print_table(f"{result.spec}" + _first_documents(limit)
+                     + (f"; (lm-eval) columns computed by {result.harness_computed_by}"
+                        if result.harness_computed_by else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])
         if output:
             stdout.print(f"results written to {output}")

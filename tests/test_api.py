@@ -1,0 +1,98 @@
+"""The library's command functions (`superweight.api`), called as a notebook would: plain
+arguments in, a result object out, progress through a reporter, bad input as a project exception."""
+
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from superweight import api
+from superweight.coords import SuperWeight, read_coords
+from superweight.errors import SuperweightError, UsageError
+
+from conftest import DATA_DIR, build_word_tokenizer
+from synthetic import VOCAB, plant_super_weight, tiny_model
+
+PLANTED = SuperWeight(1, 7, 13)
+WEIGHT = "model.layers.1.mlp.down_proj.weight"
+QUICK = dict(data_dir=str(DATA_DIR), limit=1, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    """A tiny Llama directory whose [1, 7, 13] is a genuine super weight."""
+    model = tiny_model("llama")
+    plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)
+    path = tmp_path_factory.mktemp("planted-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    build_word_tokenizer([f"w{i}" for i in range(VOCAB - 3)]).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "cache"))
+
+
+class Recorder(api.Reporter):
+    """Keeps what a command reports."""
+
+    def __init__(self):
+        self.messages, self.stages = [], {}
+
+    def say(self, message):
+        self.messages.append(message)
+
+    @contextmanager
+    def bars(self):
+        yield lambda stage, done, total: self.stages.__setitem__(stage, (done, total))
+
+
+def test_detect_model_finds_the_planted_weight_and_writes_its_coordinates(planted_dir, tmp_path):
+    recorder = Recorder()
+    result = api.detect_model(str(planted_dir), out=tmp_path / "c.yaml", reporter=recorder)
+    assert [w.key for w in result.super_weights] == [PLANTED.key]
+    written, meta = read_coords(tmp_path / "c.yaml")
+    assert [w.key for w in written] == [PLANTED.key]
+    assert meta["model_type"] == "llama"
+    document = result.to_dict()
+    assert document["coordinates_file"] == str(tmp_path / "c.yaml") and document["verification"] is None
+    assert any(m.startswith(f"loaded {planted_dir}") for m in recorder.messages)
+
+
+def test_detect_model_bad_input_raises_before_anything_is_written(planted_dir, tmp_path):
+    with pytest.raises(UsageError, match="--iterations must be at least 1"):
+        api.detect_model(str(planted_dir), iterations=0, out=tmp_path / "c.yaml")
+    with pytest.raises(SuperweightError, match="inside"):
+        api.detect_model(str(planted_dir), out=planted_dir / "c.yaml")
+    assert not (tmp_path / "c.yaml").exists() and not (planted_dir / "c.yaml").exists()
+
+
+def test_ablate_model_zeroes_the_weight_and_saves_the_model(planted_dir, tmp_path):
+    result = api.ablate_model(str(planted_dir), coord=["1,7,13"], out=tmp_path / "ablated")
+    assert (result.changed, result.mode, result.out) == (1, "zero", tmp_path / "ablated")
+    assert load_file(tmp_path / "ablated" / "model.safetensors")[WEIGHT][7, 13] == 0
+    assert load_file(planted_dir / "model.safetensors")[WEIGHT][7, 13] != 0
+    assert result.to_dict()["ablation"]["coordinates"] == [{"layer": 1, "row": 7, "col": 13}]
+    result = api.ablate_model(str(planted_dir), coord=["1,7,13"], factor=2, out=tmp_path / "x2")
+    assert (result.mode, result.factor) == ("scale", 2.0)
+
+
+def test_evaluate_model_with_an_ablation_compares_it_with_the_original(planted_dir, tmp_path):
+    recorder = Recorder()
+    result = api.evaluate_model(str(planted_dir), coord=["1,7,13"], task=["wikitext"], output=tmp_path / "r.json",
+                                reporter=recorder, **QUICK)
+    zeroed = result.runs["super weights zeroed"]["results"]["wikitext"]["word_perplexity"]
+    original = api.evaluate_model(str(planted_dir), task=["wikitext"], **QUICK)
+    assert list(original.runs) == ["original"]
+    assert zeroed != original.runs["original"]["results"]["wikitext"]["word_perplexity"]
+    assert json.loads((tmp_path / "r.json").read_text()) == result.to_dict()
+    assert recorder.stages["super weights zeroed: wikitext"][0] == recorder.stages["super weights zeroed: wikitext"][1]
+    assert result.table().columns[0] == "configuration"
+
+
+def test_evaluate_model_refuses_compare_without_coordinates(planted_dir):
+    with pytest.raises(UsageError, match="need --coords FILE"):
+        api.evaluate_model(str(planted_dir), compare=True, **QUICK)
