@@ -96,3 +96,61 @@ def test_evaluate_model_with_an_ablation_compares_it_with_the_original(planted_d
 def test_evaluate_model_refuses_compare_without_coordinates(planted_dir):
     with pytest.raises(UsageError, match="need --coords FILE"):
         api.evaluate_model(str(planted_dir), compare=True, **QUICK)
+
+
+def test_run_study_writes_the_report_and_reuses_the_cache(planted_dir, tmp_path):
+    options = dict(coord=["1,7,13"], task="wikitext", grid="0,1", top=5, out=tmp_path / "study", **QUICK)
+    result = api.run_study(str(planted_dir), command="sw study example", **options)
+    assert result.report == tmp_path / "study" / "REPORT.md" and result.report.is_file()
+    document = result.to_dict()
+    assert document["table"] == {"columns": result.table.columns, "rows": result.table.rows}
+    assert [row[0] for row in result.table.rows][:2] == ["original", "super weights zeroed"]
+    assert document["meta"]["command"] == "sw study example" and result.meta["evaluations"]["total"] == 5 + 2
+    with pytest.raises(UsageError, match="exists and is not empty"):
+        api.run_study(str(planted_dir), **options)
+    again = api.run_study(str(planted_dir), force=True, **options)
+    assert again.meta["evaluations"]["from_cache"] == again.meta["evaluations"]["total"]
+    assert again.table.rows == result.table.rows
+
+
+def test_quantize_model_compares_naive_and_aware_rtn(planted_dir, tmp_path):
+    result = api.quantize_model(str(planted_dir), coord=["1,7,13"], block_size=[64], task="wikitext",
+                                out=tmp_path / "w4", **QUICK)
+    assert [row["block_size"] for row in result.rows] == [64] and result.activation_rows == []
+    assert result.to_dict()["super_weights"][0] | {"layer": 1, "row": 7, "col": 13} == result.to_dict()["super_weights"][0]
+    assert {"unquantized", "naive, block 64", "aware, block 64"} == {row[0] for row in result.weight_table().rows}
+    settings = json.loads((tmp_path / "w4" / "superweight_quantization.json").read_text())
+    assert (settings["bits"], settings["block_size"]) == (4, 64)
+    with pytest.raises(UsageError, match="--block-size must be a positive integer, got 'x'"):
+        api.quantize_model(str(planted_dir), block_size=["x"], **QUICK)
+
+
+def test_generate_text_continues_each_prompt_under_each_configuration(planted_dir):
+    result = api.generate_text(str(planted_dir), coord=["1,7,13"], prompt="w10 w11 w12", max_new_tokens=2)
+    assert result.prompts == ["w10 w11 w12"]
+    assert [g.configuration for g in result.generations] == [c.name for c in result.configurations]
+    assert [c.name for c in result.configurations][:2] == ["original", "super weights zeroed"]
+    assert result.to_dict()["decoding"] == "greedy"
+
+
+def test_export_names_writes_the_matrix_names(tiny_llama_dir, tmp_path):
+    coords_file = tmp_path / "c.yaml"
+    coords_file.write_text("super_weights:\n  - {layer: 1, row: 3, col: 5}\n")
+    result = api.export_names(coords_file, to="bitsandbytes", model=str(tiny_llama_dir), out=tmp_path / "skip.json")
+    assert result.export.modules == ["model.layers.1.mlp.down_proj"]
+    assert (tmp_path / "skip.json").read_text() == result.content
+    assert result.to_dict()["out"] == str(tmp_path / "skip.json")
+
+
+@pytest.mark.parametrize("command", ["detect", "ablate"])
+def test_ranks_other_than_0_get_no_result_and_write_nothing(planted_dir, tmp_path, monkeypatch, command):
+    from superweight import distributed
+
+    # rank 1 of 2, with every collective answered as if rank 0 had reached it too
+    monkeypatch.setattr(distributed, "_current", distributed.Ranks(rank=1, world_size=2))
+    monkeypatch.setattr(distributed, "exchange", lambda payload: [payload, payload])
+    call = {"detect": lambda: api.detect_model(str(planted_dir), out=tmp_path / "c.yaml"),
+            "ablate": lambda: api.ablate_model(str(planted_dir), coord=["1,7,13"], out=tmp_path / "m")}[command]
+    assert call() is None
+    assert list(tmp_path.iterdir()) == []
+

@@ -16,7 +16,7 @@ import json
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
@@ -436,3 +436,346 @@ def evaluate_model(model: Optional[str] = None, *, task: Optional[list[str]] = N
         atomic_write_text(output, json.dumps(document, indent=2) + "\n")
     return EvaluationResult(runs=runs, document=document, output=output,
                             harness_computed_by=lm_eval_tasks.describe()["computed_by"] if lm_eval_tasks else None)
+
+
+# ----------------------------------------------------------------------------- sw study
+
+
+@dataclass
+class StudyResult:
+    """The paper's analysis of one model, as written to `out` (REPORT.md, report.json, plots)."""
+
+    out: Path
+    table: Any  # experiments.SummaryTable: Table 1's configurations by metric
+    super_weights: list
+    runs: dict  # configuration name -> results (Table 1 and the scale sweep)
+    meta: dict  # model, tasks, limit, seed, grid, evaluations (total, from_cache), seconds
+
+    @property
+    def report(self) -> Path:
+        from .study import REPORT_FILE
+
+        return self.out / REPORT_FILE
+
+    @property
+    def json_path(self) -> Path:
+        from .study import JSON_FILE
+
+        return self.out / JSON_FILE
+
+    def to_dict(self) -> dict:
+        """report.json, as written."""
+        return json.loads(self.json_path.read_text(encoding="utf-8"))
+
+
+def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None,
+              task: list[str] | str = ("all",), limit: Optional[int] = None, top: Optional[int] = None,
+              grid: Optional[str] = None, stop_words: Optional[Path] = None, out: Optional[Path] = None,
+              force: bool = False, data_dir: Optional[str] = None, batch_size: int | str = "auto",
+              max_length: Optional[int] = None, seed: int = 0, revision: Optional[str] = None,
+              gguf_file: Optional[str] = None, dtype: str = "auto", device: str = "auto",
+              device_map: Optional[str] = None, max_memory: Optional[str] = None, trust_remote_code: bool = False,
+              cache_dir: Optional[str] = None, command: Optional[str] = None,
+              reporter: Optional[Reporter] = None) -> Optional[StudyResult]:
+    """`sw study`: Table 1, the scale sweep, the stop-word shift, the activation profile and
+    generations, written to `out` (default ./<model>-study); cached evaluations are not run again.
+    `command` is recorded in the report as the command line that asked for it."""
+    from . import ablate as ablation
+    from . import generate as generation
+    from . import study as analysis
+    from .coords import requested
+    from .detect import DEFAULT_PROMPT, encode_prompt
+    from .distributed import main_proceeds, on_main
+    from .errors import UsageError
+    from .experiments import summary_table
+    from .model import cache_root, model_fingerprint, resolve
+
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    factors = analysis.parse_grid(grid)
+    _check_limit(limit, max_length)
+    batch = _batch_size(batch_size)
+    if top is not None and top <= 0:
+        raise UsageError(f"--top must be a positive number of weights, got {top}")
+    names = _tasks_with_data(list(task) if not isinstance(task, str) else task, data_dir,
+                             also=("wikitext",))  # the stop-word shift reads wikitext
+    words = analysis.load_stop_words(stop_words)
+    source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
+    out_dir = Path(out) if out else Path(f"{slug(source.alias or source.spec)}-study")
+    _check_outputs(source, directory=out_dir, force=force)
+    weights = requested(coords, coord)
+    ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
+    loaded = _load(reporter, model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
+                   device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
+                   cache_dir=cache_dir)
+    _checked_coords(loaded, weights)
+    model_key = model_fingerprint(loaded)
+    cache = analysis.EvaluationCache(cache_root(cache_dir) / "evaluations")
+    prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
+    with reporter.bars() as bar:
+        if not weights:
+            weights = _detected(reporter, bar, loaded)
+        verification = None
+        if weights:
+            from .verify import labelled, verify
+            verification = _step(bar, "measuring each weight's effect",
+                                 lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
+            weights = labelled(weights, verification)
+        table_configurations = analysis.study_configurations(loaded.model, weights, top=top, seed=seed)
+        sweep = analysis.scale_sweep_configurations(weights, factors)
+        on_start, on_progress = _configuration_progress(bar)
+        runs = analysis.run_cached(
+            cache, model_key, loaded.model, loaded.tokenizer, table_configurations + sweep, names,
+            on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limit,
+            batch_size=batch, max_length=max_length, seed=seed)
+        shift, shift_cached = on_main(lambda: analysis.cached_stop_word_shift(
+            cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir, limit=limit,
+            max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total)))
+        if shift_cached:
+            bar("stop-word shift (from the cache)", 1, 1)
+        profile = _step(bar, "activation profile",
+                        lambda: analysis.activation_profile(loaded.model, prompt_ids, weights))
+        generations = _step(bar, "generations", lambda: on_main(
+            lambda: generation.generate(loaded.model, loaded.tokenizer, table_configurations)))
+        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+            return None
+        table = summary_table({c.name: runs[c.name] for c in table_configurations})
+        cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
+        meta = {"command": command,
+                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
+                "tasks": names, "limit": limit, "seed": seed, "grid": factors,
+                "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
+                "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
+        _step(bar, f"writing {out_dir}", lambda: analysis.write_report(
+            out_dir, force=force, super_weights=weights, table=table, sweep_rows=analysis.sweep_rows(runs, sweep),
+            stop_words=shift, profile=profile, meta=meta, verification=verification, generations=generations))
+    return StudyResult(out=out_dir, table=table, super_weights=weights, runs=runs, meta=meta)
+
+
+# ----------------------------------------------------------------------------- sw quantize
+
+
+@dataclass
+class QuantizationResult:
+    """Naive vs super-weight-aware round-to-nearest, per block size (and per activation width)."""
+
+    document: dict  # the `sw quantize --json` document
+    rows: list  # one per block size: baseline, naive and aware results
+    activation_rows: list  # with activations=True: one per bit width
+    spec: str
+    bits: int
+    z: float | str  # the clipping threshold, or "auto"
+
+    def to_dict(self) -> dict:
+        return self.document
+
+    def weight_table(self):
+        from .experiments import summary_table
+        from .quantize import comparison_runs
+
+        return summary_table(comparison_runs(self.rows, lambda r: f"block {r['block_size']}"))
+
+    def activation_table(self):
+        from .experiments import summary_table
+        from .quantize import comparison_runs
+
+        return summary_table(comparison_runs(self.activation_rows, lambda r: f"{r['bits']}-bit"))
+
+
+def _save_quantized(loaded, out: Path, force: bool, settings: dict) -> None:
+    """The fake-quantized (dequantized values) model as safetensors, written atomically."""
+    from .files import atomic_directory
+
+    with atomic_directory(out, force=force) as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "superweight_quantization.json").write_text(json.dumps(
+            {"source": loaded.source.spec, "location": loaded.source.location, **settings,
+             "tool": f"superweight {__version__}"}, indent=2) + "\n")
+
+
+def quantize_model(model: Optional[str] = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None,
+                   bits: int = 4, block_size: Optional[list[int | str]] = None, z: float | str = "9",
+                   activations: bool = False, activation_bits: int = 8, task: list[str] | str = ("wikitext",),
+                   data_dir: Optional[str] = None, limit: Optional[int] = None, max_length: Optional[int] = None,
+                   plot: Optional[Path] = None, out: Optional[Path] = None, force: bool = False,
+                   revision: Optional[str] = None, gguf_file: Optional[str] = None, dtype: str = "auto",
+                   device: str = "auto", device_map: Optional[str] = None, max_memory: Optional[str] = None,
+                   trust_remote_code: bool = False, cache_dir: Optional[str] = None,
+                   reporter: Optional[Reporter] = None) -> Optional[QuantizationResult]:
+    """`sw quantize`: evaluate INT`bits` RTN with and without the super weights held out, per block
+    size; `plot` draws the sweep, `out` saves the aware model (one block size)."""
+    from . import quantize as rtn
+    from .ablate import check_coords_before_load
+    from .coords import requested
+    from .distributed import main_proceeds
+    from .errors import UsageError
+    from .model import resolve
+
+    reporter = reporter or Reporter()
+    plot = Path(plot) if plot else None
+    out = Path(out) if out is not None else None
+    sizes = None
+    if block_size:
+        texts = [str(size) for size in block_size]
+        bad = next((text for text in texts if not text.strip().lstrip("-").isdigit()), None)
+        if bad is not None:
+            raise UsageError(f"--block-size must be a positive integer, got '{bad}'")
+        sizes = [int(text) for text in texts]
+        rtn.check_block_sizes(sizes)
+    rtn.check_bits(bits)
+    rtn.check_bits(activation_bits, "activation")
+    z_value = rtn.parse_z(str(z))
+    _check_limit(limit, max_length)
+    names = _tasks_with_data(list(task) if not isinstance(task, str) else task, data_dir)
+    if out is not None and (not sizes or len(sizes) != 1):
+        raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
+    source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
+    _check_outputs(source, files=(plot,), directory=out, force=force)
+    weights = requested(coords, coord)
+    check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
+    loaded = _load(reporter, model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
+                   device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
+                   cache_dir=cache_dir)
+    _checked_coords(loaded, weights)
+    grid = sizes or rtn.default_block_sizes(loaded.model)
+    options = dict(data_dir=data_dir, limit=limit, max_length=max_length)
+    with reporter.bars() as bar:
+        if not weights:
+            weights = _detected(reporter, bar, loaded)
+        rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
+                                             tasks=names, baseline=True, progress=bar, **options)
+        activation_rows = (rtn.activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
+                                                               bits=activation_bits, tasks=names, progress=bar,
+                                                               **options)
+                           if activations else [])
+    if not main_proceeds():  # every rank got here: rank 0 writes and prints
+        return None
+    if plot:
+        rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
+    if out is not None:
+        with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights,
+                                   z=z_value) as record:
+            _save_quantized(loaded, out, force, {"bits": bits, "block_size": grid[0], "z": z_value,
+                                                 **({"chosen_z": record.to_dict()["chosen_z"]}
+                                                    if z_value == rtn.AUTO_Z else {}),
+                                                 "super_weights": [w.to_dict() for w in weights]})
+
+    def without_baseline(row: dict) -> dict:  # the unquantized results appear once, at the top
+        return {k: v for k, v in row.items() if k != "baseline"}
+
+    document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z_value,
+                "super_weights": [w.to_dict() for w in weights],
+                "unquantized": rows[0].get("baseline") if rows else None,
+                "weights": [without_baseline(r) for r in rows],
+                "activations": [without_baseline(r) for r in activation_rows],
+                "tool": f"superweight {__version__}"}
+    return QuantizationResult(document=document, rows=rows, activation_rows=activation_rows, spec=source.spec,
+                              bits=bits, z=z_value)
+
+
+# ----------------------------------------------------------------------------- sw generate
+
+
+@dataclass
+class GenerationResult:
+    """Greedy continuations of each prompt under each configuration."""
+
+    model: dict  # spec, location, dtype
+    prompts: list[str]
+    max_new_tokens: int
+    configurations: list  # experiments.Configuration: original, zeroed, restored, control
+    generations: list  # generate.Generation: configuration, prompt, text
+
+    def to_dict(self) -> dict:
+        """The `sw generate --json` document."""
+        return {"model": self.model, "max_new_tokens": self.max_new_tokens, "decoding": "greedy",
+                "configurations": [c.describe() for c in self.configurations],
+                "generations": [g.to_dict() for g in self.generations], "tool": f"superweight {__version__}"}
+
+
+def generate_text(model: Optional[str] = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None,
+                  prompt: Optional[list[str]] = None, max_new_tokens: int = 16, control: Optional[str] = None,
+                  top: Optional[int] = None, seed: int = 0, revision: Optional[str] = None,
+                  gguf_file: Optional[str] = None, dtype: str = "auto", device: str = "auto",
+                  device_map: Optional[str] = None, max_memory: Optional[str] = None,
+                  trust_remote_code: bool = False, cache_dir: Optional[str] = None,
+                  reporter: Optional[Reporter] = None) -> GenerationResult:
+    """`sw generate`: greedy continuations, original vs super weights zeroed vs zeroed with the
+    activation restored vs a control (the super weights detected when none are given)."""
+    from . import generate as generation
+    from .coords import requested
+    from .detect import DEFAULT_PROMPT, detect, encode_prompt
+    from .experiments import comparison_configurations
+    from .model import resolve
+
+    reporter = reporter or Reporter()
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    prompts = generation.check_prompts(prompt)
+    generation.check_max_new_tokens(max_new_tokens)
+    weights = requested(coords, coord)
+    source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
+    loaded = _load(reporter, model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
+                   device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
+                   cache_dir=cache_dir)
+    if weights:
+        _checked_coords(loaded, weights)
+    else:
+        weights = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+        reporter.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
+    configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
+    with reporter.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "
+                         f"{len(configurations)} configurations"):
+        generations = generation.generate(loaded.model, loaded.tokenizer, configurations, prompts,
+                                          max_new_tokens=max_new_tokens)
+    return GenerationResult(model={"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
+                            prompts=prompts, max_new_tokens=max_new_tokens, configurations=configurations,
+                            generations=generations)
+
+
+# ----------------------------------------------------------------------------- sw export
+
+
+@dataclass
+class ExportResult:
+    """What a quantizer needs to keep the super weights' matrices in high precision."""
+
+    export: Any  # export.Export: content, modules, gguf_tensors, usage, checked
+    out: Optional[Path]
+
+    @property
+    def content(self) -> str:
+        return self.export.content
+
+    def to_dict(self) -> dict:
+        """The `sw export --json` document."""
+        return {**self.export.to_dict(), "out": str(self.out) if self.out else None}
+
+
+def export_names(coords_file: Path, *, to: str, model: Optional[str] = None, gguf: Optional[Path] = None,
+                 ggml_type: str = "f16", out: Optional[Path] = None, revision: Optional[str] = None,
+                 gguf_file: Optional[str] = None, trust_remote_code: bool = False, cache_dir: Optional[str] = None,
+                 reporter: Optional[Reporter] = None) -> ExportResult:
+    """`sw export`: the super weights' matrices under this model's own names, in the format of
+    llama.cpp, bitsandbytes or llm-compressor, checked against the model; written to `out` if given."""
+    from . import export as handoff
+    from .coords import read_coords
+    from .files import atomic_write_text
+    from .model import resolve
+
+    reporter = reporter or Reporter()
+    out = Path(out) if out is not None else None
+    handoff.check_format(to)
+    weights, meta = read_coords(coords_file)
+    spec = model or (meta.get("model") if isinstance(meta.get("model"), str) else None)
+    source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
+    if out is not None:
+        _check_outputs(source, files=(out,))
+    with reporter.status(f"checking names against {source.spec}") as update:
+        result = handoff.export(weights, to, spec=spec, revision=revision, gguf_file=gguf_file,
+                                cache_dir=cache_dir, trust_remote_code=trust_remote_code, gguf=gguf,
+                                ggml_type=ggml_type, out_name=str(out or "FILE"), progress=update)
+    if out is not None:
+        atomic_write_text(out, result.content)
+    return ExportResult(export=result, out=out)
