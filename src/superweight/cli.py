@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .api import Reporter
 from .errors import SuperweightError
 
 app = typer.Typer(
@@ -44,11 +44,11 @@ class _Stdout:
 
 stdout = _Stdout()
 stderr = Console(stderr=True, highlight=False)
-T = TypeVar("T")
 
 
-class Session:
-    """Per-command output settings: how chatty, and whether errors show tracebacks."""
+class Session(Reporter):
+    """Per-command output settings: how chatty, and whether errors show tracebacks. It is the
+    reporter the library's command functions report their progress to."""
 
     def __init__(self, quiet: bool, debug: bool):
         self.quiet = quiet or GLOBAL_OPTIONS["quiet"]
@@ -71,6 +71,9 @@ class Session:
             return
         with stderr.status(message) as spinner:
             yield lambda text: spinner.update(text)
+
+    def bars(self) -> Iterator[Callable[[str, int, int], None]]:
+        return _progress_bars(self)
 
     def run(self, work: Callable[[], None]) -> None:
         from .distributed import launched, session
@@ -181,10 +184,6 @@ DEBUG = typer.Option(False, "--debug", help="Show tracebacks on error.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name if text.endswith(".gguf") else text).strip("-")
-
-
 def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]],
                  text_columns: tuple[str, ...] = ()) -> None:
     """Numbers right-aligned; `text_columns` (free text) left-aligned and folded, never cut."""
@@ -250,82 +249,23 @@ def detect(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, SpikeRule, detect as run_detect, encode_prompt
-        from .coords import write_coords
-        from .model import load_model, parse_device_map, parse_max_memory, resolve
-        from .report import check_known, detection_document, plot_activations, super_weight_table
-        from .errors import UsageError
-        from .distributed import main_proceeds
+        from .api import detect_model
+        from .report import super_weight_table
 
-        if not main_proceeds():  # under a launcher one detection is enough: rank 0's
+        result = detect_model(model, prompt=prompt, iterations=iterations, min_spike=min_spike,
+                              min_concentration=min_concentration, min_share=min_share, out=out, plot=plot,
+                              stream=stream, verify=verify, verify_text=verify_text, revision=revision,
+                              gguf_file=gguf_file, dtype=dtype, device=device, device_map=device_map,
+                              max_memory=max_memory, trust_remote_code=trust_remote_code, cache_dir=cache_dir,
+                              reporter=session)
+        if result is None:  # another rank than 0: rank 0 prints
             return
-        text = DEFAULT_PROMPT if prompt is None else prompt
-        n = DEFAULT_ITERATIONS if iterations is None else iterations
-        if n < 1:
-            raise UsageError(f"--iterations must be at least 1, got {n}")
-        if not text.strip():
-            raise UsageError("--prompt is empty; give a non-empty prompt (default: the paper's sentence)")
-        if stream and (device_map or max_memory):
-            raise UsageError("--stream puts one layer at a time on --device; drop --device-map/--max-memory")
-        if verify_text is not None and not verify:
-            raise UsageError("--verify-text is the text --verify measures on; add --verify, or drop --verify-text")
-        if verify and stream:
-            raise UsageError("--verify needs the whole model loaded to measure perplexity; drop --stream "
-                             "(or verify later with `sw eval --coords`)")
-        if verify:
-            from .verify import read_verify_text
-            verify_source = read_verify_text(verify_text)  # a bad file fails before the model loads
-        given = {"min_spike": min_spike, "min_concentration": min_concentration, "min_share": min_share}
-        rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
-        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        coords_path = out or Path(f"{_slug(source.alias or source.spec)}.superweights.yaml")
-        _check_outputs(source, files=(coords_path, plot))
-        with session.status(f"loading {source.spec}") as update:
-            if stream:  # no weights loaded here: config and tokenizer only
-                from .stream import detect_streamed, open_checkpoint
-                loaded = open_checkpoint(model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                         cache_dir=cache_dir, trust_remote_code=trust_remote_code, progress=update,
-                                         notice=session.say)
-            else:
-                loaded = load_model(model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
-                                    device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
-                                    trust_remote_code=trust_remote_code, cache_dir=cache_dir,
-                                    progress=update, notice=session.say)
-            update(f"detecting: {n} iteration(s) at most" + (", one layer at a time" if stream else ""))
-            input_ids = encode_prompt(loaded.tokenizer, text)
-            if stream:
-                detection = detect_streamed(loaded, input_ids, device=device, iterations=n, rule=rule, prompt=text)
-            else:
-                detection = run_detect(loaded.model, input_ids, iterations=n, rule=rule, prompt=text)
-            verification = None
-            if verify:
-                from .verify import labelled, verify as run_verify
-                verification = run_verify(loaded.model, loaded.tokenizer, detection.super_weights,
-                                          text=verify_source[0], text_source=verify_source[1], rule=rule,
-                                          iterations=n, progress=update)
-                detection.super_weights = labelled(detection.super_weights, verification)
-        session.say(f"{'opened' if stream else 'loaded'} {source.spec} ({loaded.dtype}) in "
-                    f"{loaded.load_seconds:.1f} s" + (" from the GGUF cache" if loaded.from_cache else ""))
-        config = loaded.config if stream else loaded.model.config
-        model_info = {"spec": source.spec, "location": source.location, "kind": source.kind,
-                      "model_type": config.model_type, "dtype": loaded.dtype}
-        known = check_known(detection.super_weights, source.known_key, source.location)
-        from .arch import adapter_for_config, resolve_adapter, tensor_templates
-        adapter, note = adapter_for_config(config) if stream else resolve_adapter(loaded.model)
-        if note:
-            session.note(note)
-        write_coords(coords_path, detection.super_weights, model=source.spec,
-                     model_type=config.model_type, **tensor_templates(adapter),
-                     prompt=text, tool=f"superweight {__version__}")
-        if plot:
-            plot_activations(detection, plot, title=f"{source.spec}: down-projection activations")
         if as_json:
-            document = detection_document(detection, model_info, known)
-            document["coordinates_file"] = str(coords_path)
-            document["verification"] = verification.to_dict() if verification else None
-            typer.echo(json.dumps(document, indent=2))
+            typer.echo(json.dumps(result.to_dict(), indent=2))
             return
-        title = f"Super weights of {source.spec} ({len(detection.super_weights)} found)"
+        detection, verification, known = result.detection, result.verification, result.known
+        spec, coords_path = result.model["spec"], result.coords_path
+        title = f"Super weights of {spec} ({len(detection.super_weights)} found)"
         _print_table(title, *super_weight_table(detection.super_weights,
                                                 verification.labels() if verification else None))
         if not detection.super_weights:
@@ -357,73 +297,11 @@ TOP = typer.Option(None, "--top", metavar="N", help="With --control outliers: ho
 SEED = typer.Option(0, "--seed", metavar="N", help="Seed for the random control and bootstrap errors.")
 
 
-def _load_with_status(session: Session, source_spec: Optional[str], *, device_map: Optional[str],
-                      max_memory: Optional[str], **load_options):
-    from .model import load_model, parse_device_map, parse_max_memory
-
-    placement = dict(device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory))
-    with session.status(f"loading {source_spec or 'default model'}") as update:
-        loaded = load_model(source_spec, progress=update, notice=session.say, **placement, **load_options)
-    session.say(f"loaded {loaded.source.spec} ({loaded.dtype}) in {loaded.load_seconds:.1f} s"
-                + (" from the GGUF cache" if loaded.from_cache else ""))
-    for note in loaded.notes:
-        session.note(note)
-    return loaded
-
-
-def _check_limit(limit: Optional[int], max_length: Optional[int] = None) -> None:
-    """--limit and --max-length, before the model loads (the evaluator checks them again)."""
-    from .errors import UsageError
-
-    if limit is not None and limit <= 0:
-        raise UsageError(f"--limit must be a positive number of documents, got {limit}")
-    if max_length is not None and max_length < 2:
-        raise UsageError(f"--max-length must be at least 2 tokens, got {max_length}")
-
-
 def _first_documents(limit: Optional[int]) -> str:
     """The table title's note on --limit."""
     if not limit:
         return ""
     return ", first document of each task" if limit == 1 else f", first {limit} documents per task"
-
-
-def _batch_size(text: str):
-    """--batch-size as the evaluator takes it: a positive int, or "auto"."""
-    from .errors import UsageError
-
-    if text == "auto":
-        return "auto"
-    if not (text.isdigit() and int(text) > 0):
-        raise UsageError(f"--batch-size must be a positive integer or auto, got '{text}'")
-    return int(text)
-
-
-def _tasks_with_data(task: list[str], data_dir: Optional[str], also: tuple[str, ...] = ()) -> list[str]:
-    """The task names; missing data (of these and of `also`) fails now, not after loading the model."""
-    from .tasks import load_task, resolve_task_names
-
-    names = resolve_task_names(task)
-    for name in dict.fromkeys([*names, *also]):
-        load_task(name, data_dir, limit=1)
-    return names
-
-
-def _check_outputs(source, files=(), directory: Optional[Path] = None, force: bool = False) -> None:
-    """Outputs are never inside the model's own files, are writable, and a non-empty output
-    directory is only replaced with --force."""
-    from .errors import UsageError
-    from .files import check_writable, refuse_current_directory, refuse_inside
-
-    if directory:  # checked again when written (atomic_directory); here before the slow work
-        refuse_current_directory(directory)
-    for path in filter(None, (*files, directory)):
-        refuse_inside(path, source.protected_dirs)
-        if path != directory and Path(path).is_dir():
-            raise UsageError(f"{path} is a directory; give a file name for this output")
-        if path == directory and path.is_dir() and any(path.iterdir()) and not force:
-            raise UsageError(f"{path} exists and is not empty; choose another --out or pass --force to replace it")
-        check_writable(path)
 
 
 @app.command()
@@ -466,42 +344,19 @@ def ablate(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from . import ablate as ablation
-        from .coords import requested
-        from .errors import UsageError
-        from .distributed import main_proceeds
-        from .experiments import check_control, control_weights, parse_factor
-        from .model import resolve
+        from .api import ablate_model
 
-        if not main_proceeds():  # under a launcher rank 0 alone writes the model
+        result = ablate_model(model, out=out, coords=coords, coord=coord, mode=mode, factor=factor, control=control,
+                              top=top, seed=seed, force=force, revision=revision, gguf_file=gguf_file, dtype=dtype,
+                              device=device, device_map=device_map, max_memory=max_memory,
+                              trust_remote_code=trust_remote_code, cache_dir=cache_dir, reporter=session)
+        if result is None:  # another rank than 0: rank 0 prints
             return
-        how, value = parse_factor(factor, mode)
-        if mode is None and factor is not None:
-            session.say(f"--factor {factor} given: scaling the weights (--mode scale)")
-        check_control(control, top)
-        weights = requested(coords, coord)
-        if not weights:
-            raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
-        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        _check_outputs(source, directory=out, force=force)
-        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
-        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=device_map, max_memory=max_memory,
-                                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-        ablation.validate_coords(loaded.model, weights)
-        ablation.check_recorded_values(loaded.model, weights)
-        targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
-        record = ablation.apply(loaded.model, targets, mode=how, factor=value, control=control,
-                                seed=seed if control == "random" else None,
-                                top=top if control == "outliers" else None,
-                                reference=weights if control else None)
-        with session.status(f"writing {out}"):
-            ablation.save_ablated(loaded, record, out, force=force)
         if as_json:
-            typer.echo(json.dumps({"out": str(out), "ablation": record.to_dict()}, indent=2))
+            typer.echo(json.dumps(result.to_dict(), indent=2))
         else:
-            what = f"{len(targets)} {control + ' control ' if control else 'super '}weight(s)"
-            done = "zeroed" if how == "zero" else f"scaled x{value:g}"
+            what = f"{result.changed} {control + ' control ' if control else 'super '}weight(s)"
+            done = "zeroed" if result.mode == "zero" else f"scaled x{result.factor:g}"
             stdout.print(f"{what} {done}; model written to {out}")
 
     session.run(work)
@@ -567,70 +422,24 @@ def eval_(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from . import ablate as ablation
-        from .coords import requested
-        from .errors import UsageError
-        from .distributed import main_proceeds
-        from .experiments import (check_control, comparison_configurations, parse_factor, run_configurations,
-                                  single_configuration, summary_table)
-        from .files import atomic_write_text
-        from .harness import HarnessTasks, check_harness_tasks
-        from .model import resolve
+        from .api import evaluate_model
 
-        if compare and (mode not in (None, "zero") or factor is not None):
-            raise UsageError("--compare evaluates the paper's zeroing layout; drop --mode/--factor, or drop --compare")
-        how, value = parse_factor(factor, mode)
-        if mode is None and factor is not None:
-            session.say(f"--factor {factor} given: scaling the weights (--mode scale)")
-        check_control(control, top)
-        _check_limit(limit, max_length)
-        batch = _batch_size(batch_size)
-        names = _tasks_with_data(task or ["wikitext"], data_dir) if task or not harness else []
-        lm_eval_tasks = None
-        if harness or harness_include:
-            lm_eval_tasks = HarnessTasks(tuple(harness or ()), tuple(map(str, harness_include or ())))
-            check_harness_tasks(lm_eval_tasks, builtin=names)
-        weights = requested(coords, coord)
-        if (compare or restore_activation or control) and not weights:
-            raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
-        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        _check_outputs(source, files=(output,))
-        prior = ablation.recorded_ablation(source)
-        unchanged = ablation.describe_recorded_ablation(prior) if prior else "original"
-        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
-        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=device_map, max_memory=max_memory,
-                                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-        if weights:
-            ablation.validate_coords(loaded.model, weights)
-            ablation.check_recorded_values(loaded.model, weights)
-        if compare:
-            configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
-                                                       unchanged=unchanged)
-        else:
-            configurations = [single_configuration(loaded.model, weights, mode=how, factor=value,
-                                                   restore_activation=restore_activation, control=control,
-                                                   seed=seed, top=top, unchanged=unchanged)]
-        with _task_progress(session) as (on_start, on_progress):
-            runs = run_configurations(
-                loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
-                limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress,
-                harness=lm_eval_tasks)
-        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+        result = evaluate_model(
+            model, task=task, harness=harness, harness_include=harness_include, coords=coords, coord=coord,
+            mode=mode, factor=factor, control=control, top=top, restore_activation=restore_activation,
+            compare=compare, data_dir=data_dir, limit=limit, batch_size=batch_size, max_length=max_length,
+            seed=seed, output=output, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
+            device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir, reporter=session)
+        if result is None:  # another rank than 0: rank 0 prints
             return
-        document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
-        document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
-                             "dtype": loaded.dtype, "superweight_ablation": prior}
-        document["tool"] = f"superweight {__version__}"
-        if output:
-            atomic_write_text(output, json.dumps(document, indent=2) + "\n")
         if as_json:
-            typer.echo(json.dumps(document, indent=2))
+            typer.echo(json.dumps(result.to_dict(), indent=2))
             return
-        table = summary_table(runs)
-        _print_table(f"{source.spec}" + _first_documents(limit)
-                     + (f"; (lm-eval) columns computed by {lm_eval_tasks.describe()['computed_by']}"
-                        if lm_eval_tasks else ""),
+        table = result.table()
+        _print_table(f"{result.spec}" + _first_documents(limit)
+                     + (f"; (lm-eval) columns computed by {result.harness_computed_by}"
+                        if result.harness_computed_by else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])
         if output:
             stdout.print(f"results written to {output}")
@@ -678,40 +487,18 @@ def generate(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from . import ablate as ablation
-        from . import generate as generation
-        from .coords import requested
-        from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
-        from .experiments import comparison_configurations
-        from .model import resolve
+        from .api import generate_text
 
-        prompts = generation.check_prompts(prompt)
-        generation.check_max_new_tokens(max_new_tokens)
-        weights = requested(coords, coord)
-        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=device_map, max_memory=max_memory,
-                                   trust_remote_code=trust_remote_code, cache_dir=cache_dir)
-        if weights:
-            ablation.validate_coords(loaded.model, weights)
-            ablation.check_recorded_values(loaded.model, weights)
-        else:
-            weights = run_detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
-            session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
-        configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
-        with session.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "
-                            f"{len(configurations)} configurations"):
-            generations = generation.generate(loaded.model, loaded.tokenizer, configurations, prompts,
-                                              max_new_tokens=max_new_tokens)
+        result = generate_text(model, coords=coords, coord=coord, prompt=prompt, max_new_tokens=max_new_tokens,
+                               control=control, top=top, seed=seed, revision=revision, gguf_file=gguf_file,
+                               dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+                               trust_remote_code=trust_remote_code, cache_dir=cache_dir, reporter=session)
         if as_json:
-            typer.echo(json.dumps({
-                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
-                "max_new_tokens": max_new_tokens, "decoding": "greedy",
-                "configurations": [c.describe() for c in configurations],
-                "generations": [g.to_dict() for g in generations], "tool": f"superweight {__version__}"}, indent=2))
+            typer.echo(json.dumps(result.to_dict(), indent=2))
             return
-        for text in prompts:
-            _print_table(f"{source.spec}: {text!r} + {max_new_tokens} greedy tokens", ("configuration", "continuation"),
+        source, generations = result.model, result.generations
+        for text in result.prompts:
+            _print_table(f"{source['spec']}: {text!r} + {max_new_tokens} greedy tokens", ("configuration", "continuation"),
                          [(g.configuration, g.text.replace("\n", "\\n")) for g in generations if g.prompt == text],
                          text_columns=("continuation",))
 
@@ -754,25 +541,14 @@ def export(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from . import export as handoff
-        from .coords import read_coords
-        from .files import atomic_write_text
-        from .model import resolve
+        from .api import export_names
 
-        handoff.check_format(to)
-        weights, meta = read_coords(coords_file)
-        spec = model or (meta.get("model") if isinstance(meta.get("model"), str) else None)
-        source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        if out is not None:
-            _check_outputs(source, files=(out,))
-        with session.status(f"checking names against {source.spec}") as update:
-            result = handoff.export(weights, to, spec=spec, revision=revision, gguf_file=gguf_file,
-                                    cache_dir=cache_dir, trust_remote_code=trust_remote_code, gguf=gguf,
-                                    ggml_type=ggml_type, out_name=str(out or "FILE"), progress=update)
-        if out is not None:
-            atomic_write_text(out, result.content)
+        exported = export_names(coords_file, to=to, model=model, gguf=gguf, ggml_type=ggml_type, out=out,
+                                revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                                cache_dir=cache_dir, reporter=session)
+        result = exported.export
         if as_json:
-            typer.echo(json.dumps({**result.to_dict(), "out": str(out) if out else None}, indent=2))
+            typer.echo(json.dumps(exported.to_dict(), indent=2))
         elif out is None:
             typer.echo(result.content, nl=False)
         session.say(f"{len(result.modules)} matrix(es) kept: {', '.join(result.gguf_tensors or result.modules)}; "
@@ -832,80 +608,26 @@ def quantize(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from . import quantize as rtn
-        from .ablate import check_coords_before_load
-        from .coords import requested
-        from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
-        from .distributed import main_proceeds, on_main
-        from .errors import UsageError
-        from .experiments import summary_table
-        from .model import resolve
+        from .api import quantize_model
+        from .quantize import AUTO_Z
 
-        sizes = None
-        if block_size:
-            bad = next((text for text in block_size if not text.strip().lstrip("-").isdigit()), None)
-            if bad is not None:
-                raise UsageError(f"--block-size must be a positive integer, got '{bad}'")
-            sizes = [int(text) for text in block_size]
-            rtn.check_block_sizes(sizes)
-        rtn.check_bits(bits)
-        rtn.check_bits(activation_bits, "activation")
-        z_value = rtn.parse_z(z)
-        _check_limit(limit, max_length)
-        names = _tasks_with_data(task, data_dir)
-        if out is not None and (not sizes or len(sizes) != 1):
-            raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
-        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        _check_outputs(source, files=(plot,), directory=out, force=force)
-        weights = requested(coords, coord)
-        check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
-        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=device_map,
-                                   max_memory=max_memory, trust_remote_code=trust_remote_code,
-                                   cache_dir=cache_dir)
-        grid = sizes or rtn.default_block_sizes(loaded.model)
-        options = dict(data_dir=data_dir, limit=limit, max_length=max_length)
-        with _progress_bars(session) as bar:
-            if not weights:
-                weights = _step(bar, "detecting super weights", lambda: on_main(lambda: run_detect(
-                    loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights))
-                session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
-            rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
-                                                 tasks=names, baseline=True, progress=bar, **options)
-            activation_rows = (rtn.activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
-                                                                   bits=activation_bits, tasks=names, progress=bar,
-                                                                   **options)
-                               if activations else [])
-        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+        result = quantize_model(
+            model, coords=coords, coord=coord, bits=bits, block_size=block_size, z=z, activations=activations,
+            activation_bits=activation_bits, task=task, data_dir=data_dir, limit=limit, max_length=max_length,
+            plot=plot, out=out, force=force, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
+            device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
+            cache_dir=cache_dir, reporter=session)
+        if result is None:  # another rank than 0: rank 0 prints
             return
-        if plot:
-            rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
-        if out is not None:
-            with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights,
-                                       z=z_value) as record:
-                _save_quantized(loaded, out, force, {"bits": bits, "block_size": grid[0], "z": z_value,
-                                                     **({"chosen_z": record.to_dict()["chosen_z"]}
-                                                        if z_value == rtn.AUTO_Z else {}),
-                                                     "super_weights": [w.to_dict() for w in weights]})
-
-        def without_baseline(row: dict) -> dict:  # the unquantized results appear once, at the top
-            return {k: v for k, v in row.items() if k != "baseline"}
-
-        document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z_value,
-                    "super_weights": [w.to_dict() for w in weights],
-                    "unquantized": rows[0].get("baseline") if rows else None,
-                    "weights": [without_baseline(r) for r in rows],
-                    "activations": [without_baseline(r) for r in activation_rows],
-                    "tool": f"superweight {__version__}"}
         if as_json:
-            typer.echo(json.dumps(document, indent=2))
+            typer.echo(json.dumps(result.to_dict(), indent=2))
             return
-        table = summary_table(rtn.comparison_runs(rows, lambda r: f"block {r['block_size']}"))
-        z_label = z_value if z_value == rtn.AUTO_Z else f"{z_value:g}"
-        _print_table(f"{source.spec}: INT{bits} RTN, naive vs super-weight aware (z={z_label})" + _first_documents(limit),
+        table = result.weight_table()
+        z_label = result.z if result.z == AUTO_Z else f"{result.z:g}"
+        _print_table(f"{result.spec}: INT{bits} RTN, naive vs super-weight aware (z={z_label})" + _first_documents(limit),
                      tuple(table.columns), [tuple(r) for r in table.rows])
-        if activation_rows:
-            table = summary_table(rtn.comparison_runs(activation_rows, lambda r: f"{r['bits']}-bit"))
+        if result.activation_rows:
+            table = result.activation_table()
             _print_table("down-projection input, per-tensor RTN (aware: super activation held out)",
                          tuple(table.columns), [tuple(r) for r in table.rows])
 
@@ -959,101 +681,29 @@ def study(
     session = Session(quiet, debug)
 
     def work() -> None:
-        import time
+        from .api import run_study
 
-        from . import ablate as ablation
-        from . import generate as generation
-        from . import study as analysis
-        from .coords import requested
-        from .detect import DEFAULT_PROMPT, detect as run_detect, encode_prompt
-        from .distributed import main_proceeds, on_main
-        from .errors import UsageError
-        from .experiments import summary_table
-        from .model import cache_root, model_fingerprint, resolve
-
-        started = time.perf_counter()
-        factors = analysis.parse_grid(grid)
-        _check_limit(limit, max_length)
-        batch = _batch_size(batch_size)
-        if top is not None and top <= 0:
-            raise UsageError(f"--top must be a positive number of weights, got {top}")
-        names = _tasks_with_data(task, data_dir, also=("wikitext",))  # the stop-word shift reads wikitext
-        words = analysis.load_stop_words(stop_words)
-        source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-        out_dir = out or Path(f"{_slug(source.alias or source.spec)}-study")
-        _check_outputs(source, directory=out_dir, force=force)
-        weights = requested(coords, coord)
-        ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
-        loaded = _load_with_status(session, model, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                                   device=device, device_map=device_map,
-                                   max_memory=max_memory, trust_remote_code=trust_remote_code,
-                                   cache_dir=cache_dir)
-        if weights:
-            ablation.validate_coords(loaded.model, weights)
-            ablation.check_recorded_values(loaded.model, weights)
-        model_key = model_fingerprint(loaded)
-        cache = analysis.EvaluationCache(cache_root(cache_dir) / "evaluations")
-        prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
-        with _progress_bars(session) as bar:
-            if not weights:
-                weights = _step(bar, "detecting super weights",
-                                lambda: on_main(lambda: run_detect(loaded.model, prompt_ids).super_weights))
-                session.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
-            verification = None
-            if weights:
-                from .verify import labelled, verify
-                verification = _step(bar, "measuring each weight's effect",
-                                     lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
-                weights = labelled(weights, verification)
-            table_configurations = analysis.study_configurations(loaded.model, weights, top=top, seed=seed)
-            sweep = analysis.scale_sweep_configurations(weights, factors)
-            on_start, on_progress = _configuration_progress(bar)
-            runs = analysis.run_cached(
-                cache, model_key, loaded.model, loaded.tokenizer, table_configurations + sweep, names,
-                on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limit,
-                batch_size=batch, max_length=max_length, seed=seed)
-            shift, shift_cached = on_main(lambda: analysis.cached_stop_word_shift(
-                cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir, limit=limit,
-                max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total)))
-            if shift_cached:
-                bar("stop-word shift (from the cache)", 1, 1)
-            profile = _step(bar, "activation profile",
-                            lambda: analysis.activation_profile(loaded.model, prompt_ids, weights))
-            generations = _step(bar, "generations", lambda: on_main(
-                lambda: generation.generate(loaded.model, loaded.tokenizer, table_configurations)))
-            if not main_proceeds():  # every rank got here: rank 0 writes and prints
-                return
-            table = summary_table({c.name: runs[c.name] for c in table_configurations})
-            cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
-            meta = {"command": "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None,
-                    "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
-                    "tasks": names, "limit": limit, "seed": seed, "grid": factors,
-                    "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
-                    "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
-            _step(bar, f"writing {out_dir}", lambda: analysis.write_report(
-                out_dir, force=force, super_weights=weights, table=table, sweep_rows=analysis.sweep_rows(runs, sweep),
-                stop_words=shift, profile=profile, meta=meta, verification=verification, generations=generations))
-        if as_json:
-            typer.echo((out_dir / analysis.JSON_FILE).read_text(encoding="utf-8").rstrip())
+        # The command line as typed, for the report (not when global options come first).
+        command = "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None
+        result = run_study(
+            model, coords=coords, coord=coord, task=task, limit=limit, top=top, grid=grid, stop_words=stop_words,
+            out=out, force=force, data_dir=data_dir, batch_size=batch_size, max_length=max_length, seed=seed,
+            revision=revision, gguf_file=gguf_file, dtype=dtype, device=device, device_map=device_map,
+            max_memory=max_memory, trust_remote_code=trust_remote_code, cache_dir=cache_dir, command=command,
+            reporter=session)
+        if result is None:  # another rank than 0: rank 0 prints
             return
-        _print_table(f"{source.spec}" + _first_documents(limit),
+        table, meta = result.table, result.meta
+        cached = meta["evaluations"]["from_cache"]
+        if as_json:
+            typer.echo(result.json_path.read_text(encoding="utf-8").rstrip())
+            return
+        _print_table(f"{meta['model']['spec']}" + _first_documents(limit),
                      tuple(table.columns), [tuple(r) for r in table.rows])
-        stdout.print(f"report written to {out_dir / analysis.REPORT_FILE} ({cached} of "
+        stdout.print(f"report written to {result.report} ({cached} of "
                      f"{meta['evaluations']['total']} task evaluations from the cache)", soft_wrap=True)
 
     session.run(work)
-
-
-def _save_quantized(loaded, out: Path, force: bool, settings: dict) -> None:
-    """The fake-quantized (dequantized values) model as safetensors, written atomically."""
-    from .files import atomic_directory
-
-    with atomic_directory(out, force=force) as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-        (tmp / "superweight_quantization.json").write_text(json.dumps(
-            {"source": loaded.source.spec, "location": loaded.source.location, **settings,
-             "tool": f"superweight {__version__}"}, indent=2) + "\n")
 
 
 @contextmanager
@@ -1074,34 +724,6 @@ def _progress_bars(session: Session) -> Iterator[Callable[[str, int, int], None]
             progress.update(bars[stage], completed=done, total=total)
 
         yield bar
-
-
-def _step(bar: Callable[[str, int, int], None], stage: str, work: Callable[[], T]) -> T:
-    """A stage of one step (no finer progress to report): its bar, then `work()`."""
-    bar(stage, 0, 1)
-    result = work()
-    bar(stage, 1, 1)
-    return result
-
-
-def _configuration_progress(bar: Callable[[str, int, int], None]):
-    """`on_start`/`progress` for `run_configurations`: a bar per (configuration, task)."""
-    current = {"configuration": ""}
-
-    def on_start(configuration) -> None:
-        current["configuration"] = configuration.name
-
-    def on_progress(task_name: str, done: int, total: int) -> None:
-        bar(f"{current['configuration']}: {task_name}", done, total)
-
-    return on_start, on_progress
-
-
-@contextmanager
-def _task_progress(session: Session):
-    """A rich progress bar per (configuration, task) on stderr."""
-    with _progress_bars(session) as bar:
-        yield _configuration_progress(bar)
 
 
 class Terminated(KeyboardInterrupt):

@@ -1,0 +1,189 @@
+"""The library's command functions (`superweight.api`), called as a notebook would: plain
+arguments in, a result object out, progress through a reporter, bad input as a project exception."""
+
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from superweight import api
+from superweight.coords import SuperWeight, read_coords
+from superweight.errors import SuperweightError, UsageError
+
+from conftest import DATA_DIR, build_word_tokenizer
+from synthetic import VOCAB, plant_super_weight, tiny_model
+
+PLANTED = SuperWeight(1, 7, 13)
+WEIGHT = "model.layers.1.mlp.down_proj.weight"
+QUICK = dict(data_dir=str(DATA_DIR), limit=1, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    """A tiny Llama directory whose [1, 7, 13] is a genuine super weight."""
+    model = tiny_model("llama")
+    plant_super_weight(model, 1, 7, 13, input_spike=100.0, weight=10.0)
+    path = tmp_path_factory.mktemp("planted-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    build_word_tokenizer([f"w{i}" for i in range(VOCAB - 3)]).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "cache"))
+
+
+class Recorder(api.Reporter):
+    """Keeps what a command reports."""
+
+    def __init__(self):
+        self.messages, self.stages = [], {}
+
+    def say(self, message):
+        self.messages.append(message)
+
+    @contextmanager
+    def bars(self):
+        yield lambda stage, done, total: self.stages.__setitem__(stage, (done, total))
+
+
+def test_detect_model_finds_the_planted_weight_and_writes_its_coordinates(planted_dir, tmp_path):
+    recorder = Recorder()
+    result = api.detect_model(str(planted_dir), out=tmp_path / "c.yaml", reporter=recorder)
+    assert [w.key for w in result.super_weights] == [PLANTED.key]
+    written, meta = read_coords(tmp_path / "c.yaml")
+    assert [w.key for w in written] == [PLANTED.key]
+    assert meta["model_type"] == "llama"
+    document = result.to_dict()
+    assert document["coordinates_file"] == str(tmp_path / "c.yaml") and document["verification"] is None
+    assert any(m.startswith(f"loaded {planted_dir}") for m in recorder.messages)
+
+
+def test_detect_model_bad_input_raises_before_anything_is_written(planted_dir, tmp_path):
+    with pytest.raises(UsageError, match="--iterations must be at least 1"):
+        api.detect_model(str(planted_dir), iterations=0, out=tmp_path / "c.yaml")
+    with pytest.raises(SuperweightError, match="inside"):
+        api.detect_model(str(planted_dir), out=planted_dir / "c.yaml")
+    assert not (tmp_path / "c.yaml").exists() and not (planted_dir / "c.yaml").exists()
+
+
+def test_ablate_model_zeroes_the_weight_and_saves_the_model(planted_dir, tmp_path):
+    result = api.ablate_model(str(planted_dir), coord=["1,7,13"], out=tmp_path / "ablated")
+    assert (result.changed, result.mode, result.out) == (1, "zero", tmp_path / "ablated")
+    assert load_file(tmp_path / "ablated" / "model.safetensors")[WEIGHT][7, 13] == 0
+    assert load_file(planted_dir / "model.safetensors")[WEIGHT][7, 13] != 0
+    assert result.to_dict()["ablation"]["coordinates"] == [{"layer": 1, "row": 7, "col": 13}]
+    result = api.ablate_model(str(planted_dir), coord=["1,7,13"], factor=2, out=tmp_path / "x2")
+    assert (result.mode, result.factor) == ("scale", 2.0)
+
+
+def test_evaluate_model_with_an_ablation_compares_it_with_the_original(planted_dir, tmp_path):
+    recorder = Recorder()
+    result = api.evaluate_model(str(planted_dir), coord=["1,7,13"], task=["wikitext"], output=tmp_path / "r.json",
+                                reporter=recorder, **QUICK)
+    zeroed = result.runs["super weights zeroed"]["results"]["wikitext"]["word_perplexity"]
+    original = api.evaluate_model(str(planted_dir), task=["wikitext"], **QUICK)
+    assert list(original.runs) == ["original"]
+    assert zeroed != original.runs["original"]["results"]["wikitext"]["word_perplexity"]
+    assert json.loads((tmp_path / "r.json").read_text()) == result.to_dict()
+    assert recorder.stages["super weights zeroed: wikitext"][0] == recorder.stages["super weights zeroed: wikitext"][1]
+    assert result.table().columns[0] == "configuration"
+
+
+def test_evaluate_model_refuses_compare_without_coordinates(planted_dir):
+    with pytest.raises(UsageError, match="need --coords FILE"):
+        api.evaluate_model(str(planted_dir), compare=True, **QUICK)
+
+
+def test_run_study_writes_the_report_and_reuses_the_cache(planted_dir, tmp_path):
+    options = dict(coord=["1,7,13"], task="wikitext", grid="0,1", top=5, out=tmp_path / "study", **QUICK)
+    result = api.run_study(str(planted_dir), command="sw study example", **options)
+    assert result.report == tmp_path / "study" / "REPORT.md" and result.report.is_file()
+    document = result.to_dict()
+    assert document["table"] == {"columns": result.table.columns, "rows": result.table.rows}
+    assert [row[0] for row in result.table.rows][:2] == ["original", "super weights zeroed"]
+    assert document["meta"]["command"] == "sw study example" and result.meta["evaluations"]["total"] == 5 + 2
+    with pytest.raises(UsageError, match="exists and is not empty"):
+        api.run_study(str(planted_dir), **options)
+    again = api.run_study(str(planted_dir), force=True, **options)
+    assert again.meta["evaluations"]["from_cache"] == again.meta["evaluations"]["total"]
+    assert again.table.rows == result.table.rows
+
+
+def test_quantize_model_compares_naive_and_aware_rtn(planted_dir, tmp_path):
+    result = api.quantize_model(str(planted_dir), coord=["1,7,13"], block_size=[64], task="wikitext",
+                                out=tmp_path / "w4", **QUICK)
+    assert [row["block_size"] for row in result.rows] == [64] and result.activation_rows == []
+    assert result.to_dict()["super_weights"][0] | {"layer": 1, "row": 7, "col": 13} == result.to_dict()["super_weights"][0]
+    assert {"unquantized", "naive, block 64", "aware, block 64"} == {row[0] for row in result.weight_table().rows}
+    settings = json.loads((tmp_path / "w4" / "superweight_quantization.json").read_text())
+    assert (settings["bits"], settings["block_size"]) == (4, 64)
+    with pytest.raises(UsageError, match="--block-size must be a positive integer, got 'x'"):
+        api.quantize_model(str(planted_dir), block_size=["x"], **QUICK)
+
+
+def test_generate_text_continues_each_prompt_under_each_configuration(planted_dir):
+    result = api.generate_text(str(planted_dir), coord=["1,7,13"], prompt="w10 w11 w12", max_new_tokens=2)
+    assert result.prompts == ["w10 w11 w12"]
+    assert [g.configuration for g in result.generations] == [c.name for c in result.configurations]
+    assert [c.name for c in result.configurations][:2] == ["original", "super weights zeroed"]
+    assert result.to_dict()["decoding"] == "greedy"
+
+
+def test_export_names_writes_the_matrix_names(tiny_llama_dir, tmp_path):
+    coords_file = tmp_path / "c.yaml"
+    coords_file.write_text("super_weights:\n  - {layer: 1, row: 3, col: 5}\n")
+    result = api.export_names(coords_file, to="bitsandbytes", model=str(tiny_llama_dir), out=tmp_path / "skip.json")
+    assert result.export.modules == ["model.layers.1.mlp.down_proj"]
+    assert (tmp_path / "skip.json").read_text() == result.content
+    assert result.to_dict()["out"] == str(tmp_path / "skip.json")
+
+
+@pytest.mark.parametrize("command", ["detect", "ablate"])
+def test_ranks_other_than_0_get_no_result_and_write_nothing(planted_dir, tmp_path, monkeypatch, command):
+    from superweight import distributed
+
+    # rank 1 of 2, with every collective answered as if rank 0 had reached it too
+    monkeypatch.setattr(distributed, "_current", distributed.Ranks(rank=1, world_size=2))
+    monkeypatch.setattr(distributed, "exchange", lambda payload: [payload, payload])
+    call = {"detect": lambda: api.detect_model(str(planted_dir), out=tmp_path / "c.yaml"),
+            "ablate": lambda: api.ablate_model(str(planted_dir), coord=["1,7,13"], out=tmp_path / "m")}[command]
+    assert call() is None
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_readme_library_section_runs_as_written(gguf_cache, tmp_path, monkeypatch, capsys):
+    """README's Library snippets, executed in order on SmolLM2; each output they show is printed."""
+    import re
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Library\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) >= 3
+    # SmolLM2's dequantized GGUF from the session cache; the study's evaluation cache in tmp_path
+    (gguf_cache / "gguf").mkdir(exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "gguf").symlink_to(gguf_cache / "gguf")
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SUPERWEIGHT_DATA", str(DATA_DIR))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    code = "\n".join(blocks)
+    # the output shown after a print, on its line or on the comment line below it
+    shown = re.findall(r"^print\(.*\)\s+# (\[.+|\S+/\S+)$", code, flags=re.M)
+    shown += re.findall(r"^print\(.*\)\n# (.+)$", code, flags=re.M)
+    assert len(shown) >= 2
+    for text in shown:
+        assert text in printed
+    assert (tmp_path / "smollm2-study" / "REPORT.md").is_file()
+    assert set(namespace["evaluation"].runs) >= {"original", "super weights zeroed"}
+    assert [w.key for w in namespace["result"].super_weights] == [w.key for w in namespace["found"].super_weights]
