@@ -157,11 +157,14 @@ def main() -> None:
                         "Llama of this size (SmolLM2's tokenizer); needs ~6 GB of disk and ~12 GB of memory")
     parser.add_argument("--forward-only", action="store_true", help="skip the load and streaming comparisons: "
                         "detection and hook overhead on the model as cached")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(detect_once(*args.child)))
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     if args.synthetic:
         with tempfile.TemporaryDirectory() as directory:

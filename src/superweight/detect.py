@@ -40,10 +40,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter_for, down_proj_matrix
+from .arch import Adapter, adapter_for, decoder_layers, down_proj_matrix
 from .coords import SuperWeight
 from .errors import UsageError
-from .hooks import LayerStats, capture_layer_stats
+from .hooks import CARRY_DEPTH, LayerStats, capture_layer_stats, carry_window
 from .placement import execution_device
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -58,7 +58,7 @@ class SpikeRule:
     min_concentration: float = 0.25
     min_share: float = 0.5
     carry_ratio: float = 0.5
-    carry_depth: float = 0.1
+    carry_depth: float = CARRY_DEPTH
 
     def __post_init__(self):
         checks = (("--min-spike", self.min_spike, 0, None), ("--min-concentration", self.min_concentration, 0, 1),
@@ -69,7 +69,7 @@ class SpikeRule:
                 raise UsageError(f"{name} must be {allowed}, got {value:g}")
 
     def carry_layers(self, num_layers: int) -> int:
-        return max(1, math.ceil(self.carry_depth * num_layers))
+        return carry_window(num_layers, self.carry_depth)
 
     def is_cancelling(self, s: LayerStats) -> bool:
         return s.spike * s.residual_before < 0 and abs(s.residual_after) < abs(s.residual_before)
@@ -139,11 +139,13 @@ def detect(
 ) -> Detection:
     """Find super weights of `model` from forward passes on `input_ids` ([1, seq])."""
     adapter: Adapter = adapter_for(model)
+    rule = rule or SpikeRule()
+    num_layers = len(decoder_layers(model, adapter))
     input_ids = input_ids.to(input_device(model))
     originals: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
 
     def one_pass() -> list[LayerStats]:
-        with capture_layer_stats(model, adapter) as stats:
+        with capture_layer_stats(model, adapter, rule.carry_layers(num_layers)) as stats:
             forward_pass(model, input_ids)
         return stats
 

@@ -8,6 +8,7 @@ they are), never whole activations, so memory stays flat in sequence length and 
 from __future__ import annotations
 
 from contextlib import contextmanager
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -16,6 +17,8 @@ from torch import nn
 
 from .arch import SHARED_EXPERT, Adapter, adapter_for, decoder_layers, down_proj_matrix, down_proj_module, is_moe_layer
 from .placement import stored_tensor
+
+CARRY_DEPTH = 0.1  # the stream must carry a super activation through the next 10 % of the layers
 
 
 @dataclass
@@ -244,29 +247,47 @@ class _ExpertsProbe(_DenseProbe):
         return torch.tensor(float(gated @ shared) / norm if norm > 0 else 1.0)
 
 
+def carry_window(num_layers: int, depth: float = CARRY_DEPTH) -> int:
+    """Through how many later layers the stream must carry a spike (detect.SpikeRule, rule 5)."""
+    return max(1, math.ceil(depth * num_layers))
+
+
 @contextmanager
-def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None) -> Iterator[list[LayerStats]]:
-    """Within the block, every forward pass fills one `LayerStats` per decoder layer."""
+def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
+                        carry_layers: int | None = None) -> Iterator[list[LayerStats]]:
+    """Within the block, every forward pass fills one `LayerStats` per decoder layer.
+
+    `carried` holds the residual stream at a layer's spike leaving each of the next `carry_layers`
+    layers (default `carry_window`): what the detection rule reads, and no more.
+    """
     adapter = adapter or adapter_for(model)
     layers = decoder_layers(model, adapter)
     stats = [LayerStats(layer=i) for i in range(len(layers))]
+    window = carry_layers or carry_window(len(layers))
     handles = []
 
-    def on_layer_output(i: int):
-        # The residual stream leaving layer i, read at the spike of layer i and of every earlier
-        # layer (one gather per layer): whether the stream carries each spike on.
-        def hook(module, args, output):
-            hidden = _first_sequence(output[0] if isinstance(output, tuple) else output)
-            watched = [s for s in stats[: i + 1] if s.spike_token >= 0]
-            if not watched:
-                return
-            values = hidden[[s.spike_token for s in watched], [s.row for s in watched]].float().tolist()
-            for s, value in zip(watched, values):
-                if s.layer == i:
-                    s.residual_after = value
-                else:
-                    s.carried.append(value)
+    def record_leaving(i: int, hidden: torch.Tensor) -> None:
+        # The residual stream leaving layer i (the next layer's input), read at the spikes of layer i
+        # and of the `window` layers before it in one gather: whether the stream carries each on.
+        watched = [s for s in stats[max(0, i - window): i + 1] if s.spike_token >= 0]
+        if not watched:
+            return
+        values = hidden[[s.spike_token for s in watched], [s.row for s in watched]].float().tolist()
+        for s, value in zip(watched, values):
+            if s.layer == i:
+                s.residual_after = value
+            else:
+                s.carried.append(value)
+
+    def on_layer_input(i: int, probe: "_DenseProbe"):
+        def hook(module, args, kwargs):
+            if i > 0:
+                record_leaving(i - 1, _first_sequence(_hidden_states_arg(args, kwargs)))
+            probe.on_layer_input(module, args, kwargs)
         return hook
+
+    def on_last_layer_output(module, args, output):
+        record_leaving(len(layers) - 1, _first_sequence(output[0] if isinstance(output, tuple) else output))
 
     try:
         for i, layer in enumerate(layers):
@@ -285,8 +306,9 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None) -> Ite
                                     lambda i=i: down_proj_matrix(model, i, adapter=adapter, writable=False).detach(),
                                     output_is_residual_write=adapter.post_norm is None)
                 handles.append(down_proj_module(model, i, adapter).register_forward_hook(probe.on_down_proj))
-            handles.append(layer.register_forward_pre_hook(probe.on_layer_input, with_kwargs=True))
-            handles.append(layer.register_forward_hook(on_layer_output(i)))
+            handles.append(layer.register_forward_pre_hook(on_layer_input(i, probe), with_kwargs=True))
+            if i == len(layers) - 1:
+                handles.append(layer.register_forward_hook(on_last_layer_output))
             if adapter.post_norm:
                 writer = layer.get_submodule(adapter.post_norm)
                 handles.append(writer.register_forward_hook(probe.on_residual_write))

@@ -252,7 +252,7 @@ class LayerStream:
     def zero(self, weight: SuperWeight) -> None:
         self.zeroed.setdefault(weight.layer, []).append(weight)
 
-    def one_pass(self, input_ids: torch.Tensor) -> list[LayerStats]:
+    def one_pass(self, input_ids: torch.Tensor, carry_layers: int | None = None) -> list[LayerStats]:
         last = len(self.layers) - 1
 
         def after(layer: int) -> None:
@@ -261,7 +261,7 @@ class LayerStream:
                 raise _LastLayerDone
 
         try:
-            with capture_layer_stats(self.model, self.adapter) as stats, \
+            with capture_layer_stats(self.model, self.adapter, carry_layers) as stats, \
                     around_layers(self.layers, self.materialise, after):
                 if self.vocabulary is not None:
                     if not torch.isin(input_ids.cpu(), self.vocabulary).all():
@@ -288,5 +288,7 @@ def detect_streamed(
 ) -> Detection:
     """`detect` on a checkpoint read one decoder layer at a time; the same coordinates as a full load."""
     stream = LayerStream(checkpoint, resolve_device(device), token_ids=input_ids)
-    return iterate(lambda: stream.one_pass(input_ids), stream.zero, iterations=iterations, rule=rule,
+    rule = rule or SpikeRule()
+    carry_layers = rule.carry_layers(len(stream.layers))
+    return iterate(lambda: stream.one_pass(input_ids, carry_layers), stream.zero, iterations=iterations, rule=rule,
                    prompt=prompt, num_tokens=int(input_ids.shape[-1]), on_iteration=on_iteration)
