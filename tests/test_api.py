@@ -142,17 +142,21 @@ def test_export_names_writes_the_matrix_names(tiny_llama_dir, tmp_path):
     assert result.to_dict()["out"] == str(tmp_path / "skip.json")
 
 
-@pytest.mark.parametrize("command", ["detect", "ablate"])
+@pytest.mark.parametrize("command", ["detect", "ablate", "export"])
 def test_ranks_other_than_0_get_no_result_and_write_nothing(planted_dir, tmp_path, monkeypatch, command):
     from superweight import distributed
 
+    coords = tmp_path / "c-in.yaml"
+    coords.write_text("super_weights:\n  - {layer: 1, row: 7, col: 13}\n")
     # rank 1 of 2, with every collective answered as if rank 0 had reached it too
     monkeypatch.setattr(distributed, "_current", distributed.Ranks(rank=1, world_size=2))
     monkeypatch.setattr(distributed, "exchange", lambda payload: [payload, payload])
     call = {"detect": lambda: api.detect_model(str(planted_dir), out=tmp_path / "c.yaml"),
-            "ablate": lambda: api.ablate_model(str(planted_dir), coord=["1,7,13"], out=tmp_path / "m")}[command]
+            "ablate": lambda: api.ablate_model(str(planted_dir), coord=["1,7,13"], out=tmp_path / "m"),
+            "export": lambda: api.export_names(coords, to="bitsandbytes", model=str(planted_dir),
+                                               out=tmp_path / "skip.json")}[command]
     assert call() is None
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(tmp_path.iterdir()) == [coords]
 
 
 @pytest.mark.integration

@@ -756,14 +756,18 @@ class ExportResult:
 def export_names(coords_file: Path, *, to: str, model: Optional[str] = None, gguf: Optional[Path] = None,
                  ggml_type: str = "f16", out: Optional[Path] = None, revision: Optional[str] = None,
                  gguf_file: Optional[str] = None, trust_remote_code: bool = False, cache_dir: Optional[str] = None,
-                 reporter: Optional[Reporter] = None) -> ExportResult:
+                 reporter: Optional[Reporter] = None) -> ExportResult | None:
     """`sw export`: the super weights' matrices under this model's own names, in the format of
-    llama.cpp, bitsandbytes or llm-compressor, checked against the model; written to `out` if given."""
+    llama.cpp, bitsandbytes or llm-compressor, checked against the model; written to `out` if given.
+    Under a launcher rank 0 alone exports (the others return None): one writer."""
     from . import export as handoff
     from .coords import read_coords
+    from .distributed import main_proceeds
     from .files import atomic_write_text
     from .model import resolve
 
+    if not main_proceeds():
+        return None
     reporter = reporter or Reporter()
     out = Path(out) if out is not None else None
     handoff.check_format(to)

@@ -546,6 +546,8 @@ def export(
         exported = export_names(coords_file, to=to, model=model, gguf=gguf, ggml_type=ggml_type, out=out,
                                 revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
                                 cache_dir=cache_dir, reporter=session)
+        if exported is None:  # another rank than 0 under a launcher
+            return
         result = exported.export
         if as_json:
             typer.echo(json.dumps(exported.to_dict(), indent=2))
