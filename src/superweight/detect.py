@@ -77,8 +77,9 @@ class SpikeRule:
     def is_carried(self, s: LayerStats, num_layers: int) -> bool:
         sign = 1.0 if s.spike > 0 else -1.0
         landed = s.residual_after * sign
-        later = s.carried[: self.carry_layers(num_layers)]
-        return (landed >= self.carry_ratio * abs(s.spike) and len(later) == self.carry_layers(num_layers)
+        needed = self.carry_layers(num_layers)
+        later = s.carried[:needed]
+        return (landed >= self.carry_ratio * abs(s.spike) and len(later) == needed
                 and all(value * sign >= self.carry_ratio * landed for value in later))
 
     def rejection(self, s: LayerStats, num_layers: int) -> str | None:
