@@ -115,3 +115,35 @@ def test_study_shows_every_stage_and_caches_the_stop_word_shift(tiny_llama_dir, 
     assert "stop-word shift (from the cache)" in second.stderr
     again = json.loads(second.stdout)
     assert again["stop_words"] == shift and again["meta"]["evaluations"]["from_cache"] == again["meta"]["evaluations"]["total"]
+
+
+def test_cpu_study_without_limit_reads_the_cpu_budget_and_says_so(tiny_llama_dir, tmp_path, monkeypatch):
+    from superweight import study
+
+    monkeypatch.setattr(study, "CPU_LIMIT", 3)  # the budget's shape, on a tiny scale
+    monkeypatch.setattr(study, "CPU_WIKITEXT_LIMIT", 1)
+    out = tmp_path / "study"
+    result = invoke("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--max-length", "32", "--device", "cpu",
+                    "--task", "wikitext", "--task", "piqa", "--grid", "0,1", "--top", "3", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["meta"]["documents"] == {"wikitext": 1, "piqa": 3} and document["meta"]["cpu_budget"] is True
+    assert "the first document of wikitext; the first 3 documents of piqa" in result.stderr
+    report = (out / "REPORT.md").read_text()
+    assert "Documents: the first document of wikitext; the first 3 documents of piqa (the CPU budget" in report
+    assert "--limit all reads every document" in report
+    # an explicit --limit is what every task reads, on a CPU too, and the report says that instead
+    again = invoke("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--max-length", "32", "--limit", "2",
+                   "--task", "wikitext", "--task", "piqa", "--grid", "0,1", "--top", "3", "--out", out, "--force",
+                   "--json")
+    assert again.exit_code == 0, again.output
+    meta = json.loads(again.stdout)["meta"]
+    assert meta["documents"] == {"wikitext": 2, "piqa": 2} and meta["cpu_budget"] is False
+    assert "Documents: the first 2 documents of each task." in (out / "REPORT.md").read_text()
+
+
+def test_study_limit_must_be_a_number_or_all(tiny_llama_dir, tmp_path):
+    out = tmp_path / "study"
+    assert_one_line_error(invoke("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--limit", "some",
+                                 "--out", out), "--limit", "all")
+    assert not out.exists()

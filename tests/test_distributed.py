@@ -244,3 +244,32 @@ def test_a_hanging_rank_times_out(tiny_llama_dir, tmp_path):
     finally:
         hanging.kill()  # what the launcher does once rank 0 has exited
         hanging.communicate()
+
+
+def test_generate_decodes_on_rank_0_alone(tiny_llama_dir, monkeypatch):
+    """On rank 1 of 2 the continuations come from rank 0 (here: a stand-in), not from decoding."""
+    from superweight import api, generate
+
+    from_main = []
+
+    def fake_exchange(payload):  # what all_gather_object returns on rank 1: rank 0's payload first
+        main = from_main.pop(0) if from_main else None
+        return [main, payload]
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("rank 1 decoded")
+
+    monkeypatch.setattr(distributed, "_current", distributed.Ranks(rank=1, world_size=2, local_rank=1,
+                                                                   local_world_size=2))
+    monkeypatch.setattr(distributed, "exchange", fake_exchange)
+    monkeypatch.setattr(generate, "generate", no_decoding)
+    assert api.generate_text(str(tiny_llama_dir), coord=["1,3,5"], max_new_tokens=2) is None
+
+
+def test_two_ranks_generate_print_once_what_one_process_prints(tiny_llama_dir, tmp_path):
+    args = ("generate", tiny_llama_dir, "--coord", "1,3,5", "--max-new-tokens", "3", "--json", "-q")
+    code, out, err = _finish(_torchrun(*args, env=_env(tmp_path / "cache"), nproc=2))
+    assert code == 0, err[-3000:]
+    one = invoke(*args)
+    assert one.exit_code == 0, one.output
+    assert json.loads(out) == json.loads(one.output)  # one JSON document: rank 0's alone

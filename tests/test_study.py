@@ -295,3 +295,36 @@ def test_stop_words_come_from_configs_and_can_be_replaced(tmp_path):
         with pytest.raises(UsageError) as error:
             study.load_stop_words(bad)
         assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_task_limits_cpu_budget_only_without_limit_on_a_cpu():
+    tasks = ["wikitext", "piqa", "sciq"]
+    assert study.task_limits(tasks, None, on_cpu=True) == {"wikitext": study.CPU_WIKITEXT_LIMIT,
+                                                           "piqa": study.CPU_LIMIT, "sciq": study.CPU_LIMIT}
+    assert study.task_limits(tasks, None, on_cpu=False) == {t: None for t in tasks}  # a GPU run reads everything
+    assert study.task_limits(tasks, "all", on_cpu=True) == {t: None for t in tasks}
+    assert study.task_limits(tasks, 7, on_cpu=True) == {t: 7 for t in tasks}
+    assert study.documents_note({t: None for t in tasks}) == ""
+    assert study.documents_note({"wikitext": 2, "piqa": 50, "sciq": 50}) == (
+        "the first 2 documents of wikitext; the first 50 documents of piqa, sciq")
+    assert study.parse_limit("all") == "all" and study.parse_limit("12") == 12 and study.parse_limit(None) is None
+    with pytest.raises(UsageError, match="--limit"):
+        study.parse_limit("twelve")
+
+
+def test_run_cached_evaluates_each_task_with_its_own_limit(planted, tmp_path, monkeypatch):
+    seen = []
+
+    def fake(model, tokenizer, tasks, **options):
+        seen.append((tuple(tasks), options.get("limit")))
+        return FakeEvaluate(SW)(model, tokenizer, tasks, **options)
+
+    monkeypatch.setattr(experiments, "evaluate", fake)
+    cache = study.EvaluationCache(tmp_path / "cache")
+    configurations = study.scale_sweep_configurations([SW], [1.0])
+    limits = {"wikitext": 2, "piqa": 50, "sciq": 50}
+    runs = study.run_cached(cache, "tiny", planted, None, configurations, list(limits), limit=limits)
+    assert sorted(seen) == [(("piqa", "sciq"), 50), (("wikitext",), 2)]
+    assert {t: n["effective"] for t, n in runs[configurations[0].name]["n_samples"].items()} == limits
+    study.run_cached(cache, "tiny", planted, None, configurations, ["piqa"], limit=50)  # the same key as above
+    assert len(seen) == 2

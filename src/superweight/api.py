@@ -469,7 +469,7 @@ class StudyResult:
 
 
 def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None,
-              task: list[str] | str = ("all",), limit: Optional[int] = None, top: Optional[int] = None,
+              task: list[str] | str = ("all",), limit: Optional[int | str] = None, top: Optional[int] = None,
               grid: Optional[str] = None, stop_words: Optional[Path] = None, out: Optional[Path] = None,
               force: bool = False, data_dir: Optional[str] = None, batch_size: int | str = "auto",
               max_length: Optional[int] = None, seed: int = 0, revision: Optional[str] = None,
@@ -479,6 +479,8 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
               reporter: Optional[Reporter] = None) -> Optional[StudyResult]:
     """`sw study`: Table 1, the scale sweep, the stop-word shift, the activation profile and
     generations, written to `out` (default ./<model>-study); cached evaluations are not run again.
+    `limit`: documents per task, or "all"; without it a CPU run reads `study.CPU_LIMIT` documents of
+    each zero-shot task and `study.CPU_WIKITEXT_LIMIT` of wikitext, an accelerator run all of them.
     `command` is recorded in the report as the command line that asked for it."""
     from . import ablate as ablation
     from . import generate as generation
@@ -489,11 +491,13 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
     from .errors import UsageError
     from .experiments import summary_table
     from .model import cache_root, model_fingerprint, resolve
+    from .placement import execution_device
 
     reporter = reporter or Reporter()
     started = time.perf_counter()
     factors = analysis.parse_grid(grid)
-    _check_limit(limit, max_length)
+    limit = analysis.parse_limit(limit)
+    _check_limit(None if limit == analysis.ALL_DOCUMENTS else limit, max_length)
     batch = _batch_size(batch_size)
     if top is not None and top <= 0:
         raise UsageError(f"--top must be a positive number of weights, got {top}")
@@ -512,6 +516,11 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
     model_key = model_fingerprint(loaded)
     cache = analysis.EvaluationCache(cache_root(cache_dir) / "evaluations")
     prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
+    cpu_budget = limit is None and execution_device(loaded.model).type == "cpu"
+    limits = analysis.task_limits(names, limit, cpu_budget)
+    documents = analysis.documents_note(limits)
+    if cpu_budget:
+        reporter.note(f"reading {documents} ({analysis.CPU_BUDGET_NOTE})")
     with reporter.bars() as bar:
         if not weights:
             weights = _detected(reporter, bar, loaded)
@@ -526,10 +535,11 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
         on_start, on_progress = _configuration_progress(bar)
         runs = analysis.run_cached(
             cache, model_key, loaded.model, loaded.tokenizer, table_configurations + sweep, names,
-            on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limit,
+            on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limits,
             batch_size=batch, max_length=max_length, seed=seed)
         shift, shift_cached = on_main(lambda: analysis.cached_stop_word_shift(
-            cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir, limit=limit,
+            cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir,
+            limit=analysis.task_limits(["wikitext"], limit, cpu_budget)["wikitext"],
             max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total)))
         if shift_cached:
             bar("stop-word shift (from the cache)", 1, 1)
@@ -543,7 +553,8 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
         cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
         meta = {"command": command,
                 "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
-                "tasks": names, "limit": limit, "seed": seed, "grid": factors,
+                "tasks": names, "limit": limit, "documents": limits, "documents_note": documents,
+                "cpu_budget": cpu_budget, "seed": seed, "grid": factors,
                 "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
                 "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
         _step(bar, f"writing {out_dir}", lambda: analysis.write_report(
@@ -700,12 +711,14 @@ def generate_text(model: Optional[str] = None, *, coords: Optional[Path] = None,
                   gguf_file: Optional[str] = None, dtype: str = "auto", device: str = "auto",
                   device_map: Optional[str] = None, max_memory: Optional[str] = None,
                   trust_remote_code: bool = False, cache_dir: Optional[str] = None,
-                  reporter: Optional[Reporter] = None) -> GenerationResult:
+                  reporter: Optional[Reporter] = None) -> Optional[GenerationResult]:
     """`sw generate`: greedy continuations, original vs super weights zeroed vs zeroed with the
-    activation restored vs a control (the super weights detected when none are given)."""
+    activation restored vs a control (the super weights detected when none are given). Under a
+    launcher rank 0 alone detects and decodes (the work is a few greedy tokens); the other ranks get None."""
     from . import generate as generation
     from .coords import requested
     from .detect import DEFAULT_PROMPT, detect, encode_prompt
+    from .distributed import main_proceeds, on_main
     from .experiments import comparison_configurations
     from .model import resolve
 
@@ -722,13 +735,15 @@ def generate_text(model: Optional[str] = None, *, coords: Optional[Path] = None,
     if weights:
         _checked_coords(loaded, weights)
     else:
-        weights = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+        weights = on_main(lambda: detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights)
         reporter.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
     configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
     with reporter.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "
                          f"{len(configurations)} configurations"):
-        generations = generation.generate(loaded.model, loaded.tokenizer, configurations, prompts,
-                                          max_new_tokens=max_new_tokens)
+        generations = on_main(lambda: generation.generate(loaded.model, loaded.tokenizer, configurations, prompts,
+                                                          max_new_tokens=max_new_tokens))
+    if not main_proceeds():  # every rank got here: rank 0 prints
+        return None
     return GenerationResult(model={"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
                             prompts=prompts, max_new_tokens=max_new_tokens, configurations=configurations,
                             generations=generations)

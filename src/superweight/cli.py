@@ -493,6 +493,8 @@ def generate(
                                control=control, top=top, seed=seed, revision=revision, gguf_file=gguf_file,
                                dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
                                trust_remote_code=trust_remote_code, cache_dir=cache_dir, reporter=session)
+        if result is None:  # another rank than 0: rank 0 prints
+            return
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))
             return
@@ -643,7 +645,8 @@ def study(
     coord: Optional[list[str]] = COORD,
     task: list[str] = typer.Option(["all"], "--task", "-t", metavar="TASK", help="Tasks; repeatable or comma-separated (default all: wikitext and "
                                                                  "the 7 zero-shot tasks)."),
-    limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task (quick runs)."),
+    limit: Optional[str] = typer.Option(None, "--limit", metavar="N|all", help="First N documents of each task, or all "
+                                         "(default: all on a GPU; on a CPU 40 per zero-shot task and 2 of wikitext)."),
     top: Optional[int] = typer.Option(None, "--top", metavar="N", help="How many other large down-projection weights to zero "
                                                           "(default: the paper's ~7000 of Llama-7B, scaled)."),
     grid: Optional[str] = typer.Option(None, "--grid", metavar="S,S,...", help="Scaling factors for the sweep, e.g. 0,0.5,1,2 "
@@ -700,7 +703,8 @@ def study(
         if as_json:
             typer.echo(result.json_path.read_text(encoding="utf-8").rstrip())
             return
-        _print_table(f"{meta['model']['spec']}" + _first_documents(limit),
+        documents = meta["documents_note"]
+        _print_table(f"{meta['model']['spec']}" + (f", {documents}" if documents else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])
         stdout.print(f"report written to {result.report} ({cached} of "
                      f"{meta['evaluations']['total']} task evaluations from the cache)", soft_wrap=True)

@@ -39,6 +39,13 @@ STOP_WORDS_FILE = "stop_words.txt"  # in configs/: one word per line, '#' starts
 STOP_WORD_DOCUMENTS = 4  # wikitext test documents the stop-word shift reads (fewer with --limit)
 STOP_WORD_TOKENS = 512  # their first tokens (fewer with --max-length)
 
+# A study on a CPU without --limit reads fewer documents, so that the default model's whole study
+# (10 configurations x 8 tasks) ends within 15 minutes on a 2-core CPU (docs/benchmarks.md,
+# "`sw study` budget"). On an accelerator, or with --limit, every task reads what it is told.
+ALL_DOCUMENTS = "all"  # --limit all: every document, on a CPU too
+CPU_LIMIT = 40  # documents of each zero-shot task
+CPU_WIKITEXT_LIMIT = 2  # wikitext documents: its 8192-token rolling windows dominate a CPU's time
+
 REPORT_FILE = "REPORT.md"
 JSON_FILE = "report.json"
 SWEEP_PLOT = "scale_sweep.png"
@@ -178,20 +185,63 @@ class EvaluationCache:
         atomic_write_text(self._path(key), json.dumps(value, indent=1, default=str) + "\n")
 
 
+def parse_limit(limit: int | str | None) -> int | str | None:
+    """`--limit`: a number of documents (checked later), "all", or None (the device decides)."""
+    if limit is None or limit == ALL_DOCUMENTS or isinstance(limit, int) and not isinstance(limit, bool):
+        return limit
+    text = str(limit).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    raise UsageError(f"--limit must be a number of documents or {ALL_DOCUMENTS}, got '{limit}'")
+
+
+def task_limits(tasks: Sequence[str], limit: int | str | None, on_cpu: bool) -> dict[str, int | None]:
+    """Documents each task reads (None: all): `limit` for every task ("all": every document);
+    without one, every document on an accelerator, and on a CPU `CPU_LIMIT` per zero-shot task and
+    `CPU_WIKITEXT_LIMIT` of wikitext."""
+    if limit == ALL_DOCUMENTS or (limit is None and not on_cpu):
+        return {task: None for task in tasks}
+    if limit is None:
+        return {task: CPU_WIKITEXT_LIMIT if task == "wikitext" else CPU_LIMIT for task in tasks}
+    return {task: limit for task in tasks}
+
+
+CPU_BUDGET_NOTE = (f"the CPU budget of a study without --limit; --limit {ALL_DOCUMENTS} reads every document, "
+                   "--limit N the first N of each task")
+
+
+def documents_note(limits: dict[str, int | None]) -> str:
+    """How many documents the tasks read, in words ("" when every task reads every document)."""
+    def first(n: int | None) -> str:
+        return "every document" if n is None else "the first document" if n == 1 else f"the first {n} documents"
+
+    counts = sorted(set(limits.values()), key=lambda n: (n is None, n))
+    if counts == [None]:
+        return ""
+    if len(counts) == 1:
+        return f"{first(counts[0])} of each task"
+    return "; ".join(f"{first(n)} of " + ", ".join(task for task, m in limits.items() if m == n) for n in counts)
+
+
 def run_cached(cache: EvaluationCache, model_key: str, model, tokenizer, configurations: list[Configuration],
                tasks: list[str] | str, **options) -> dict[str, Any]:
-    """Like `run_configurations`, but (configuration, task) pairs found in `cache` are not evaluated."""
+    """Like `run_configurations`, but (configuration, task) pairs found in `cache` are not evaluated.
+
+    `limit` may be a mapping task -> documents (`task_limits`) as well as one number for all."""
     names = resolve_task_names(tasks)
-    limit, max_length = options.get("limit"), options.get("max_length")
+    limit, max_length = options.pop("limit", None), options.get("max_length")
+    limits = dict(limit) if isinstance(limit, dict) else {task: limit for task in names}
     runs: dict[str, Any] = {}
     for configuration in configurations:
-        keys = {task: cache.key(model_key, configuration, task, limit, max_length) for task in names}
+        keys = {task: cache.key(model_key, configuration, task, limits[task], max_length) for task in names}
         # Rank 0 holds the cache (the others may have no access to its disk) and tells them what it has.
         slices = distributed.on_main(lambda: {task: cache.get(key) for task, key in keys.items()})
         missing = [task for task in names if slices[task] is None]
-        if missing:
-            fresh = run_configurations(model, tokenizer, [configuration], missing, **options)[configuration.name]
-            for task in missing:
+        for group in dict.fromkeys(limits[task] for task in missing):  # one evaluation per document count
+            tasks_of_group = [task for task in missing if limits[task] == group]
+            fresh = run_configurations(model, tokenizer, [configuration], tasks_of_group, limit=group,
+                                       **options)[configuration.name]
+            for task in tasks_of_group:
                 slices[task] = _task_slice(fresh, task)
                 if distributed.is_main():
                     cache.put(keys[task], slices[task])
@@ -511,6 +561,9 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
     lines = ["# Super-weight study", ""]
     if meta.get("command"):
         lines += ["Command:", "", "```", str(meta["command"]), "```", ""]
+    if meta.get("documents_note"):
+        lines += [f"Documents: {meta['documents_note']}"
+                  + (f" ({CPU_BUDGET_NOTE})." if meta.get("cpu_budget") else "."), ""]
     with atomic_directory(out_dir, force) as tmp:
         if super_weights:
             labels = verification.labels() if verification is not None else {}
