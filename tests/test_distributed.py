@@ -273,3 +273,20 @@ def test_two_ranks_generate_print_once_what_one_process_prints(tiny_llama_dir, t
     one = invoke(*args)
     assert one.exit_code == 0, one.output
     assert json.loads(out) == json.loads(one.output)  # one JSON document: rank 0's alone
+
+
+def test_accelerate_launch_two_processes_equal_one_process(tiny_llama_dir, tmp_path):
+    """`accelerate launch --multi_gpu` starts its workers through torch's elastic launcher; on a
+    machine without GPUs they are CPU ranks on gloo, which is how this is tested here."""
+    args = ("eval", tiny_llama_dir, "--task", "piqa", "--task", "wikitext", "--limit", "5", *TINY, "--json")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+    process = subprocess.Popen([*launcher, "-m", "superweight", *map(str, args)], env=_env(tmp_path / "cache"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got = _ok(process)
+    one = invoke(*args)
+    assert one.exit_code == 0, one.output
+    expected = json.loads(one.output)
+    assert got["config"]["ranks"] == 2 and expected["config"]["ranks"] == 1
+    assert got["results"] == expected["results"]  # exactly, stderr and perplexity too

@@ -573,7 +573,7 @@ def quantize(
                                                    "(default: a grid that suits the model's matrix sizes)."),
     z: str = typer.Option("9", "--z", metavar="Z|auto", help="Clip weights with |z-score| above this before "
                                                              "quantizing (paper: 9); auto: per matrix, the threshold "
-                                                             "with the least rounding error."),
+                                                             "with the least largest rounding error."),
     activations: bool = typer.Option(False, "--activations", help="Also compare per-tensor activation RTN of the "
                                                                    "down-projection input, naive vs super-activation-aware."),
     activation_bits: int = typer.Option(8, "--activation-bits", metavar="N", help="Bits for --activations (default 8)."),

@@ -17,8 +17,12 @@ Weights (paper Sec. 4.2)
     their block's range), and the super weights are written back at their original values after.
     With `z="auto"` the threshold is chosen per matrix, without data: of `AUTO_Z_GRID` (no
     clipping included), the one whose quantized matrix, super weights restored, has the least
-    squared error against the original (ties go to the least clipping). With no clipping in the
-    grid, no matrix comes out further from its original than naive RTN leaves it.
+    *largest* absolute error against the original (ties go to the least clipping). So no weight
+    of a matrix ends further from its value than the worst weight of naive RTN: a threshold that
+    cuts the large weights deep is never chosen. Least *squared* error was the first rule tried
+    and was far worse on SmolLM2: it trades the few large weights (this model's channel-507
+    outliers, which carry its massive activation) for the many small ones
+    (docs/results/smollm2-135m/quantize.md).
     `quantized_weights(model, ...)` applies this to every weight matrix (>= 2-D parameter) of the
     decoder layers, which is what the authors' code quantizes (all decoder `*.weight` except norms;
     embeddings and the LM head untouched); it restores the model bit-identically on exit.
@@ -232,18 +236,18 @@ def fake_quantize_superweight_aware(
 def auto_z(tensor: torch.Tensor, bits: int = DEFAULT_WEIGHT_BITS, block_size: int = 4096,
            super_weight_positions: Iterable[Sequence[int]] | None = ()) -> float | None:
     """The threshold of `AUTO_Z_GRID` (None: no clipping) whose super-weight-aware quantization of
-    `tensor` has the least squared error against it; a tie goes to the least clipping."""
+    `tensor` has the least largest absolute error against it; a tie goes to the least clipping."""
     bits = check_bits(bits)
     block_size = check_block_size(block_size)
     return _auto_z(tensor, bits, block_size, _positions(tensor, super_weight_positions))
 
 
 def _auto_z(tensor: torch.Tensor, bits: int, block_size: int, positions: list[tuple[int, ...]]) -> float | None:
-    reference = tensor.detach().double()
+    reference = tensor.detach().float()
     best, best_error = None, math.inf
     for z in reversed(AUTO_Z_GRID):  # least clipping first, so it wins a tie
         quantized, _ = _quantize_aware(tensor, bits, block_size, z, positions)
-        error = float(((quantized.double() - reference) ** 2).sum())
+        error = float((quantized.float() - reference).abs().max()) if reference.numel() else 0.0
         if error < best_error:
             best, best_error = z, error
     return best
