@@ -83,6 +83,29 @@ def test_launcher_environment(monkeypatch):
         distributed.launched()
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_session_starts_nccl_on_cuda_and_gloo_on_cpu(monkeypatch, cuda):
+    """The process group a launched rank starts (torch.distributed itself stood in for: this
+    machine has no GPU), the node-local GPU NCCL binds it to, and the group gone afterwards."""
+    import torch
+    import torch.distributed as dist
+
+    calls = []
+    for name, value in (("WORLD_SIZE", "8"), ("RANK", "5"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "4")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    monkeypatch.setattr(dist, "all_gather_object", lambda gathered, payload: None)
+    with distributed.session() as ranks:
+        assert distributed.current() == ranks and ranks.rank == 5
+    expected = [("set_device", 1), ("init", "nccl")] if cuda else [("init", "gloo")]
+    assert calls == expected + [("destroy",)]
+    assert distributed.current() == distributed.Ranks()  # one process again
+
+
 def test_each_rank_gets_its_own_gpus():
     two_per_node = [distributed.Ranks(rank, 4, rank % 2, 2) for rank in range(4)]
     assert [distributed.gpu_share(r, device_count=8) for r in two_per_node] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2

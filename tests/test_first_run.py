@@ -192,8 +192,10 @@ def test_first_gguf_load_says_so_and_no_library_bar_shows(tiny_gguf, tmp_path):
     assert "first load of tiny.gguf: dequantizing (llama) and caching it, once" in result.stderr
     assert "Converting" not in result.stderr and "it/s" not in result.stderr, result.stderr  # transformers' tqdm bar
 
-    again = run_sw("detect", tiny_gguf, "--out", tmp_path / "c.yaml", env=env, cwd=tmp_path)
-    assert again.returncode == 0 and "first load" not in again.stderr and "from the GGUF cache" in again.stderr
+    # a narrow terminal does not cut a message line in two (it names a path: grep must find it whole)
+    again = run_sw("detect", tiny_gguf, "--out", tmp_path / "c.yaml", env={**env, "COLUMNS": "40"}, cwd=tmp_path)
+    assert again.returncode == 0 and "first load" not in again.stderr
+    assert f"loaded {tiny_gguf} (float32) in" in again.stderr and "from the GGUF cache\n" in again.stderr
 
 
 def test_first_gguf_load_under_quiet_prints_nothing_on_stderr(tiny_gguf, tmp_path):

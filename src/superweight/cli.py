@@ -55,8 +55,9 @@ class Session(Reporter):
         self.debug = debug or GLOBAL_OPTIONS["debug"]
 
     def say(self, message: str) -> None:
+        """A message, on one line however long (a path or a list cut in two defeats grep)."""
         if not self.quiet:
-            stderr.print(message)
+            stderr.print(message, markup=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
         """A note from the library, on one line however long."""
