@@ -137,13 +137,15 @@ def check_coords_before_load(source: Any, weights: Sequence[SuperWeight], *, tru
         if shape is not None:
             _check_dense_ranges(weights, *shape)
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .model import _hub_access, weightless_model
 
     try:
         config = AutoConfig.from_pretrained(source.location, revision=source.revision, cache_dir=source.cache_dir,
-                                            trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+                                            trust_remote_code=trust_remote_code,
+                                            **_hub_access(source, source.cache_dir, lambda message: None))
+        skeleton = weightless_model(config, trust_remote_code)
     except Exception:  # noqa: BLE001 - any failure here is the load's to report
         return
     validate_coords(skeleton, weights)

@@ -81,9 +81,9 @@ class _Skeleton:
 
 def _skeleton(spec: str | None, *, revision: str | None, gguf_file: str | None, cache_dir: str | None,
               trust_remote_code: bool, progress: Callable[[str], None]) -> _Skeleton:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from .model import _check_config, _from_pretrained_errors, _load_gguf_into_cache, resolve
+    from .model import _check_config, _from_pretrained_errors, _hub_access, _load_gguf_into_cache, resolve, weightless_model
     from .stream import safetensors_files
 
     source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
@@ -92,15 +92,15 @@ def _skeleton(spec: str | None, *, revision: str | None, gguf_file: str | None, 
         location, _ = _load_gguf_into_cache(source, "auto", cache_dir, progress, progress)
     else:
         location = Path(source.location) if source.kind == "local" else source.location
-        options = dict(revision=source.revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+        options = dict(revision=source.revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
+                       **_hub_access(source, cache_dir, progress))  # no ~30 s of retries when the hub is out of reach
     progress(f"reading config of {source.spec}")
     try:
         config = AutoConfig.from_pretrained(location, **options)
     except (OSError, ValueError) as e:
         raise _from_pretrained_errors(source, e) from None
     _check_config(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = weightless_model(config, trust_remote_code)
     files: dict[str, Path] = {}
     if isinstance(location, Path):
         try:

@@ -299,6 +299,16 @@ def _check_gguf(path: str) -> str:
         ) from None
 
 
+def weightless_model(config: Any, trust_remote_code: bool = False) -> Any:
+    """The model `config` describes, on the meta device: every module and shape, and no weight
+    read or allocated (what checks of names and coordinates need before, or instead of, a load)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def gguf_dense_shape(path: str) -> tuple[int, int, int] | None:
     """(decoder layers, hidden size, intermediate size) from a GGUF's header, read without
     dequantising anything; None for a mixture-of-experts model or a header that lacks them."""
