@@ -281,3 +281,26 @@ def test_docs_list_every_row():
     for family in ADAPTERS:
         assert re.search(rf"\b{family}\b", table_rows), f"{family} missing from docs/architectures.md's table"
         assert re.search(rf"\b{family}\b", readme), f"{family} missing from README"
+
+
+def test_granite_write_is_what_the_residual_stream_gets():
+    """Granite multiplies the MLP output by residual_multiplier before the residual add: the write
+    detection judges and reports is that product (it was the raw output, 1 / 0.22 = 4.5x too large
+    on Granite 3)."""
+    from superweight.hooks import capture_layer_stats
+
+    layer, row, col = 1, 20, 50
+    model = tiny_model("granite", residual_multiplier=0.25)
+    plant_super_weight(model, layer, row, col)
+    detection = detect(model, PROMPT_IDS)
+    assert [w.key[:3] for w in detection.super_weights] == [(layer, row, col)]
+    found = detection.super_weights[0]
+    with capture_layer_stats(model) as stats, torch.no_grad():
+        model(PROMPT_IDS)
+    s = stats[layer]
+    assert found.output_spike == pytest.approx(0.25 * s.raw_output, rel=1e-6)
+    unscaled = tiny_model("granite", residual_multiplier=1.0)
+    plant_super_weight(unscaled, layer, row, col)
+    with capture_layer_stats(unscaled) as plain, torch.no_grad():
+        unscaled(PROMPT_IDS)
+    assert plain[layer].spike == pytest.approx(plain[layer].raw_output, rel=1e-6)

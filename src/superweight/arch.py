@@ -52,6 +52,9 @@ class Adapter:
     # to the outputs (transformers' experts interface); "scaled_input" = one argument, every expert's
     # input stacked [expert * token, hidden] with the routing score already multiplied in (Llama 4).
     experts_call: str = "top_k"
+    # The config attribute the MLP output is multiplied by before the residual add (Granite's
+    # residual_multiplier): the write the detector judges is the scaled one, what the stream gets.
+    residual_scale: str | None = None
 
     @property
     def weight_name(self) -> str:
@@ -88,8 +91,8 @@ ADAPTERS: dict[str, Adapter] = {
     "olmo": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "smollm3": _LLAMA_LIKE,
-    # Granite adds the MLP output times config.residual_multiplier; the detector reads it unscaled.
-    "granite": _LLAMA_LIKE,
+    # Granite adds the MLP output times config.residual_multiplier.
+    "granite": Adapter(layers="model.layers", down_proj="mlp.down_proj", residual_scale="residual_multiplier"),
     # Cohere 2: attention and MLP in parallel, both added to the residual stream.
     "cohere2": _LLAMA_LIKE,
     # These normalise the MLP output before adding it to the residual stream.

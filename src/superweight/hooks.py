@@ -89,9 +89,10 @@ class _DenseProbe:
     """Hooks of one dense layer: down_proj (input, raw output) and, if any, its post norm."""
 
     def __init__(self, stats: LayerStats, weight: Callable[[], torch.Tensor] | None,
-                 output_is_residual_write: bool = True):
+                 output_is_residual_write: bool = True, residual_scale: float = 1.0):
         self.stats = stats
         self.output_is_residual_write = output_is_residual_write
+        self.residual_scale = residual_scale  # what the residual add multiplies the raw output by
         # Looked up when the spike is located, not when the hook is registered: a streamed layer's
         # weights are only materialised while it runs (see stream.py).
         self.weight = weight  # -> [out, in] view
@@ -120,7 +121,7 @@ class _DenseProbe:
     def _locate(self, write: torch.Tensor, token: int, row: int) -> None:
         s = self.stats
         s.spike_token, s.row = token, row
-        s.spike = float(write[s.spike_token, s.row])
+        s.spike = float(write[s.spike_token, s.row]) * self.residual_scale
         x_t = self.down_input[s.spike_token]
         weight = self.weight()
         contribution = (x_t.to(weight.device, weight.dtype) * weight[s.row]).float()
@@ -264,6 +265,7 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
     layers = decoder_layers(model, adapter)
     stats = [LayerStats(layer=i) for i in range(len(layers))]
     window = carry_layers or carry_window(len(layers))
+    scale = float(getattr(model.config, adapter.residual_scale)) if adapter.residual_scale else 1.0
     handles = []
 
     def record_leaving(i: int, hidden: torch.Tensor) -> None:
@@ -304,7 +306,7 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
                 # only read: a disk-offloaded matrix must not stay in memory (placement.py)
                 probe = _DenseProbe(stats[i],
                                     lambda i=i: down_proj_matrix(model, i, adapter=adapter, writable=False).detach(),
-                                    output_is_residual_write=adapter.post_norm is None)
+                                    output_is_residual_write=adapter.post_norm is None, residual_scale=scale)
                 handles.append(down_proj_module(model, i, adapter).register_forward_hook(probe.on_down_proj))
             handles.append(layer.register_forward_pre_hook(on_layer_input(i, probe), with_kwargs=True))
             if i == len(layers) - 1:
