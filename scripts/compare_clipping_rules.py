@@ -7,8 +7,8 @@ windows, INT4) of naive round-to-nearest and of super-weight-aware RTN (super we
 [11, 507, 1229] and [11, 507, 1487] kept exact) with each matrix's threshold picked from
 `quantize.AUTO_Z_GRID` by one rule:
 
-  none  never clip (only the super weights are kept exact)
-  max   least largest absolute error: what `sw quantize --z auto` does
+  none  never clip (only the super weights are kept exact; the library with z=None)
+  max   least largest absolute error: `sw quantize --z auto` itself (the library with z="auto")
   mse   least squared error (the first rule tried)
   act   least squared error weighted by each input channel's mean square activation on the
         detection prompt (one forward pass; a data-dependent rule, measured for comparison only)
@@ -38,6 +38,7 @@ from superweight.evaluate import evaluate  # noqa: E402
 from superweight.model import load_model  # noqa: E402
 
 RULES = ("none", "max", "mse", "act")
+LIBRARY_Z = {"none": None, "max": "auto"}  # rules the library runs: no clipping, and --z auto
 SUPER_WEIGHTS = [SuperWeight(layer=11, row=507, col=1229), SuperWeight(layer=11, row=507, col=1487)]
 
 
@@ -93,31 +94,36 @@ def main() -> None:
         with quantize.quantized_weights(model, 4, block):
             row: dict[str, float | int] = {"block_size": block, "naive": round(perplexity(), 3)}
         for rule in rules:
+            if rule in LIBRARY_Z:  # the shipped code path itself
+                with quantize.quantized_weights(model, 4, block, SUPER_WEIGHTS, z=LIBRARY_Z[rule]) as record:
+                    row[rule], row[f"{rule}_clipped"] = round(perplexity(), 3), record.clipped
+                continue
             chosen = []
             for target in targets:
                 for expert, matrix in quantize._matrices(target):
                     positions = target.super_positions.get(expert, [])
                     best, best_error = None, math.inf
-                    for z in ([] if rule == "none" else reversed(quantize.AUTO_Z_GRID)):  # a tie: least clipping
+                    for z in reversed(quantize.AUTO_Z_GRID):  # a tie: least clipping
                         candidate, _ = quantize._quantize_aware(matrix, 4, block, z, positions)
                         error = rule_error(rule, candidate, matrix, activations.get(target.name))
                         if error < best_error:
                             best, best_error = z, error
                     chosen.append(best)
-            originals, clipped, i = [], 0, 0
-            with torch.no_grad():
-                for target in targets:
-                    originals.append((target.param, target.param.detach().clone()))
-                    for expert, matrix in quantize._matrices(target):
-                        quantized, n = quantize._quantize_aware(matrix, 4, block, chosen[i],
+            record = quantize.WeightQuantizationRecord(4, block, rule, SUPER_WEIGHTS, [t.name for t in targets])
+            try:
+                with torch.no_grad():
+                    matrices = ((target, expert, matrix) for target in targets
+                                for expert, matrix in quantize._matrices(target))
+                    for target in targets:
+                        record.originals.append((target.param, target.param.detach().to("cpu", copy=True)))
+                    for z, (target, expert, matrix) in zip(chosen, matrices):
+                        quantized, n = quantize._quantize_aware(matrix, 4, block, z,
                                                                 target.super_positions.get(expert, []))
                         matrix.copy_(quantized)
-                        clipped, i = clipped + n, i + 1
-                try:
-                    row[rule], row[f"{rule}_clipped"] = round(perplexity(), 3), clipped
-                finally:
-                    for param, original in originals:
-                        param.copy_(original)
+                        record.clipped += n
+                row[rule], row[f"{rule}_clipped"] = round(perplexity(), 3), record.clipped
+            finally:
+                quantize.restore_weights(record)
         row["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(row), flush=True)
 

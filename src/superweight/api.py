@@ -516,8 +516,9 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
     model_key = model_fingerprint(loaded)
     cache = analysis.EvaluationCache(cache_root(cache_dir) / "evaluations")
     prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
-    cpu_budget = limit is None and execution_device(loaded.model).type == "cpu"
-    limits = analysis.task_limits(names, limit, cpu_budget)
+    on_cpu = execution_device(loaded.model).type == "cpu"
+    cpu_budget = limit is None and on_cpu
+    limits = analysis.task_limits(names, limit, on_cpu)
     documents = analysis.documents_note(limits)
     if cpu_budget:
         reporter.note(f"reading {documents} ({analysis.CPU_BUDGET_NOTE})")
@@ -539,7 +540,7 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
             batch_size=batch, max_length=max_length, seed=seed)
         shift, shift_cached = on_main(lambda: analysis.cached_stop_word_shift(
             cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir,
-            limit=analysis.task_limits(["wikitext"], limit, cpu_budget)["wikitext"],
+            limit=analysis.task_limits(["wikitext"], limit, on_cpu)["wikitext"],  # read even when not a task
             max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total)))
         if shift_cached:
             bar("stop-word shift (from the cache)", 1, 1)
