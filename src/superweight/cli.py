@@ -679,7 +679,7 @@ def study(
     Evaluation results are cached: a rerun with the same inputs evaluates nothing again.
 
     On a CPU without --limit it reads 40 documents of each zero-shot task and 2 of wikitext (about
-    12 minutes for the default model on 2 cores); --limit all reads every document.
+    12-13 minutes for the default model on 2 cores); --limit all reads every document.
 
     Examples:
 
