@@ -1,4 +1,4 @@
-"""Compare `superweight.evaluate` with lm-evaluation-harness (HF backend) on the same model and data.
+"""Compare `superweight.measure.evaluate` with lm-evaluation-harness (HF backend) on the same model and data.
 
 Both run in this process on one in-memory model. lm-eval reads the local data through temporary
 task yamls that `include` its own task definitions and only swap the dataset for local JSON lines
@@ -33,8 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from superweight.evaluate import Encoder, Scored, Scorer, build_requests, evaluate, model_max_length, pack  # noqa: E402
-from superweight.tasks import load_task, resolve_task_names  # noqa: E402
+from superweight.measure.evaluate import Encoder, Scored, Scorer, build_requests, evaluate, model_max_length, pack  # noqa: E402
+from superweight.measure.tasks import load_task, resolve_task_names  # noqa: E402
 
 REPORTED = {  # metric shown per task
     "wikitext": ("word_perplexity", "byte_perplexity", "bits_per_byte"),

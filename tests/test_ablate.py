@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from superweight import __version__
-from superweight.ablate import (
+from superweight.edit.ablate import (
     RECORD_FILE,
     AblationRecord,
     ablated,
@@ -23,10 +23,10 @@ from superweight.ablate import (
     undo,
     validate_coords,
 )
-from superweight.arch import adapter_for, decoder_layers, down_proj_matrix, down_proj_module, num_experts
+from superweight.model.adapters import adapter_for, decoder_layers, down_proj_matrix, down_proj_module, num_experts
 from superweight.coords import SuperWeight
 from superweight.errors import CoordinatesError, OutputPathError, UsageError
-from superweight.model import load_model
+from superweight.model.load import load_model
 
 from synthetic import (HIDDEN, INTERMEDIATE, LAYERS, PROMPT_IDS, one_thread_per_module, plant_super_weight,  # noqa: F401
                        snapshot, tiny_model)
@@ -423,7 +423,7 @@ def test_restoration_through_the_whole_model_recovers_the_output():
 def test_restoration_of_a_detected_weight_recovers_post_norm_models(model_type):
     # The recorded spike is the residual write, after the post-feed-forward norm: it is not in the
     # raw down-projection units the hook compares, so it must not set the threshold there.
-    from superweight.detect import detect
+    from superweight.find.detect import detect
 
     model = tiny_model(model_type)
     plant_super_weight(model, 1, 7, 13, post_norm_gain=5000.0)
@@ -567,7 +567,7 @@ def test_restoration_recovers_a_post_norm_model_whose_raw_outputs_are_tiny():
     """Issue 12's Gemma-3 pattern: six layers build the super activation, each through one weight
     whose raw output is < 2 (the norm's gain makes it massive). The restoration threshold comes from
     the recorded raw output; a floor of 100 raw units would never fire and restore nothing."""
-    from superweight.detect import detect
+    from superweight.find.detect import detect
     from synthetic import layered_super_activation
 
     model = layered_super_activation("gemma3_text")

@@ -93,7 +93,7 @@ def test_study_refuses_non_empty_and_unwritable_out(tiny_llama_dir, tmp_path):
 
 
 def test_study_shows_every_stage_and_caches_the_stop_word_shift(tiny_llama_dir, tmp_path, monkeypatch):
-    from superweight import study
+    from superweight.report import study
 
     out = tmp_path / "study"
     args = ("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "16",
@@ -118,7 +118,7 @@ def test_study_shows_every_stage_and_caches_the_stop_word_shift(tiny_llama_dir, 
 
 
 def test_cpu_study_without_limit_reads_the_cpu_budget_and_says_so(tiny_llama_dir, tmp_path, monkeypatch):
-    from superweight import study
+    from superweight.report import study
 
     monkeypatch.setattr(study, "CPU_LIMIT", 3)  # the budget's shape, on a tiny scale
     monkeypatch.setattr(study, "CPU_WIKITEXT_LIMIT", 1)

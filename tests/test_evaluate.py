@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from superweight.errors import DataError, UsageError
-from superweight.evaluate import (
+from superweight.measure.evaluate import (
     Encoder,
     Group,
     Request,
@@ -24,7 +24,7 @@ from superweight.evaluate import (
     rolling_windows,
     task_metrics,
 )
-from superweight.tasks import Prompt, load_task
+from superweight.measure.tasks import Prompt, load_task
 
 from synthetic import single_threaded
 
@@ -116,7 +116,7 @@ def test_empty_context_is_conditioned_on_prefix_token():
 
 
 def test_empty_context_and_empty_continuation_is_a_usage_error():
-    from superweight.evaluate import make_request
+    from superweight.measure.evaluate import make_request
 
     encoder = Encoder(word_tokenizer())
     context, continuation = encoder.encode_pair("", "")
@@ -183,7 +183,7 @@ def _requests_and_groups():
         Prompt(pairs=(("a cat is", " red"), ("a cat is", " blue")), choices=("red", "blue"), gold=1),
     ]
     requests, groups = [], []
-    from superweight.evaluate import Group, make_request
+    from superweight.measure.evaluate import Group, make_request
 
     for prompt in prompts:
         group = Group([])
@@ -217,7 +217,7 @@ def test_shortcuts_are_enabled_for_llama_and_match_plain_path(tiny_model):
 
 
 def test_pack_puts_the_prefix_once_and_keeps_each_choice_own_positions():
-    from superweight.evaluate import Group, pack, packed_length
+    from superweight.measure.evaluate import Group, pack, packed_length
 
     requests = [Request((5, 6, 7, 8, 9), 2), Request((5, 6, 7, 3, 4, 2), 3), Request((1, 2, 3), 1)]
     batch = [Group([0, 1], shared=2), Group([2])]
@@ -237,7 +237,7 @@ def test_pack_puts_the_prefix_once_and_keeps_each_choice_own_positions():
 
 
 def test_scored_positions_inside_the_shared_prefix_are_computed_once_and_counted_for_each():
-    from superweight.evaluate import Group, pack, shared_prefix
+    from superweight.measure.evaluate import Group, pack, shared_prefix
 
     requests = [Request((5, 6, 7, 8, 9), 3), Request((5, 6, 7, 8, 4), 3)]
     assert shared_prefix(requests) == 4  # all inputs shared: only the last targets differ
@@ -269,7 +269,7 @@ def test_sliding_window_models_are_packed_only_within_the_window():
 def test_a_row_longer_than_the_window_never_shares_a_batch_with_a_packed_row():
     from transformers import MistralConfig, MistralForCausalLM
 
-    from superweight.evaluate import make_request
+    from superweight.measure.evaluate import make_request
 
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -290,7 +290,7 @@ def test_a_row_longer_than_the_window_never_shares_a_batch_with_a_packed_row():
 def test_a_short_first_request_does_not_switch_the_shortcuts_off():
     from synthetic import tiny_model as synthetic_model
 
-    from superweight.evaluate import make_request
+    from superweight.measure.evaluate import make_request
 
     model = synthetic_model("llama")  # a fresh model: nothing cached from other tests
     requests = [make_request([5], [6, 7], 63), make_request(list(range(5, 25)), [30], 63)]
@@ -300,7 +300,7 @@ def test_a_short_first_request_does_not_switch_the_shortcuts_off():
 
 
 def test_truncation_keeps_the_last_max_length_plus_one_tokens():
-    from superweight.evaluate import make_request
+    from superweight.measure.evaluate import make_request
 
     request = make_request(list(range(10)), [10, 11, 12], max_length=5)
     assert request.tokens == (6, 7, 8, 9, 10, 11, 12)[-6:]
@@ -435,7 +435,7 @@ def test_load_task_limit_reads_first_documents(tmp_path):
 
 
 def test_build_requests_deduplicates_identical_choices():
-    from superweight.tasks import TASKS, LoadedTask
+    from superweight.measure.tasks import TASKS, LoadedTask
 
     doc = {"goal": "the cat", "sol1": "sat", "sol2": "sat", "label": 0}
     built = build_requests(LoadedTask(TASKS["piqa"], [doc], 1, {}), Encoder(word_tokenizer()), 64)

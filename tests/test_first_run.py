@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from superweight.errors import ModelLoadError, UsageError
-from superweight.model import load_model, resolve
+from superweight.model.load import load_model, resolve
 from test_cli import assert_one_line_error, invoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def test_first_gguf_load_under_quiet_prints_nothing_on_stderr(tiny_gguf, tmp_pat
                                             ("1,3,4,0", "no experts")])
 def test_gguf_coordinates_out_of_range_fail_before_the_load(tiny_gguf, tmp_path, monkeypatch, coord, fragment):
     """A GGUF's sizes come from its header: an out-of-range --coord fails before any dequantisation."""
-    import superweight.model as model_module
+    import superweight.model.load as model_module
     from typer.testing import CliRunner
 
     from superweight.cli import app
@@ -228,7 +228,7 @@ def test_gguf_coordinates_out_of_range_fail_before_the_load(tiny_gguf, tmp_path,
 def test_a_local_directory_loads_without_the_hub_check(tiny_llama_dir, monkeypatch):
     """No network and no HF_HUB_OFFLINE: a local model directory never asks the hub (it was taken for
     a hub id: HFValidationError)."""
-    import superweight.model as model_module
+    import superweight.model.load as model_module
 
     monkeypatch.setattr(model_module, "_hub_offline", lambda: False)
     monkeypatch.setattr(model_module, "_hub_reachable", lambda *a, **k: False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from superweight.errors import ModelLoadError, UsageError
-from superweight.model import load_model, resolve
+from superweight.model.load import load_model, resolve
 
 
 def test_default_model_is_the_packaged_smollm2():
@@ -68,7 +68,7 @@ def test_bad_dtype_and_device(tiny_llama_dir):
 
 
 def test_device_map_and_max_memory_parsing(tmp_path):
-    from superweight.model import parse_device_map, parse_max_memory
+    from superweight.model.load import parse_device_map, parse_max_memory
 
     assert parse_device_map("balanced") == "balanced"
     assert parse_device_map('{"model.layers": 0, "lm_head": "cpu"}') == {"model.layers": 0, "lm_head": "cpu"}
@@ -92,7 +92,7 @@ def test_cli_malformed_max_memory_is_one_line(tiny_llama_dir, tmp_path):
 
 def test_explicit_device_map_detects_like_a_plain_load(tiny_llama_dir, tmp_path):
     """accelerate places the model (here all on CPU through a device map); detection is unchanged."""
-    from superweight.detect import detect
+    from superweight.find.detect import detect
 
     ids = torch.tensor([[1, 3, 4, 5, 6]])
     plain = load_model(str(tiny_llama_dir), device="cpu")

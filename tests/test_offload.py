@@ -14,15 +14,15 @@ import gc
 import pytest
 import torch
 
-from superweight import ablate
-from superweight.arch import decoder_layers, down_proj_matrix, down_proj_module
+from superweight.edit import ablate
+from superweight.model.adapters import decoder_layers, down_proj_matrix, down_proj_module
 from superweight.coords import SuperWeight
-from superweight.detect import detect
+from superweight.find.detect import detect
 from superweight.errors import OutputPathError
-from superweight.evaluate import Scorer, evaluate
-from superweight.experiments import Configuration, run_configurations
-from superweight.model import load_model
-from superweight.placement import execution_device
+from superweight.measure.evaluate import Scorer, evaluate
+from superweight.measure.configurations import Configuration, run_configurations
+from superweight.model.load import load_model
+from superweight.model.placement import execution_device
 
 from conftest import DATA_DIR, PROMPT_WORDS, build_word_tokenizer
 from synthetic import PROMPT_IDS, one_thread_per_module, plant_super_weight, tiny_model  # noqa: F401

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from superweight.arch import decoder_layers, down_proj_matrix, down_proj_module
+from superweight.model.adapters import decoder_layers, down_proj_matrix, down_proj_module
 from superweight.coords import SuperWeight
 from superweight.errors import UsageError
-from superweight.quantize import (
+from superweight.edit.quantize import (
     AUTO_Z_GRID,
     activation_quantization_compare,
     auto_z,

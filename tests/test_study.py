@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from superweight import experiments, study
-from superweight.arch import down_proj_matrix
+from superweight.measure import configurations as experiments
+from superweight.report import study
+from superweight.model.adapters import down_proj_matrix
 from superweight.coords import SuperWeight
 from superweight.errors import OutputPathError, UsageError
-from superweight.experiments import Configuration, summary_table
+from superweight.measure.configurations import Configuration, summary_table
 
 from conftest import build_word_tokenizer
 from synthetic import PROMPT_IDS, one_thread_per_module, plant_super_weight, snapshot, tiny_model  # noqa: F401

@@ -12,9 +12,9 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from . import ablate
-from .coords import SuperWeight
-from .errors import UsageError
+from ..edit import ablate
+from ..coords import SuperWeight
+from ..errors import UsageError
 from .evaluate import evaluate
 from .harness import HarnessTasks, evaluate_harness
 

@@ -33,9 +33,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import distributed
-from .errors import UsageError
-from .placement import execution_device
+from .. import distributed
+from ..errors import UsageError
+from ..model.placement import execution_device
 from .tasks import TASKS, LoadedTask, Prompt, load_task, resolve_task_names
 
 Progress = Callable[[str, int, int], None]

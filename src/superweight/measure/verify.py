@@ -33,12 +33,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .ablate import ablated, random_control, restored_activation
-from .arch import adapter_for
-from .coords import SuperWeight
-from .detect import DEFAULT_ITERATIONS, SpikeRule, detect, encode_prompt, input_device
-from .errors import UsageError
-from .model import configs_dir
+from ..edit.ablate import ablated, random_control, restored_activation
+from ..model.adapters import adapter_for
+from ..coords import SuperWeight
+from ..find.detect import DEFAULT_ITERATIONS, SpikeRule, detect, encode_prompt, input_device
+from ..errors import UsageError
+from ..model.load import configs_dir
 
 SUPER_FACTOR = 2.0
 VERIFY_TEXT_NAME = "verify_text.txt"

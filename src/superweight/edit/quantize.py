@@ -60,9 +60,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .arch import adapter_for, decoder_layers, down_proj_module, down_proj_tensor
-from .coords import SuperWeight
-from .errors import UsageError
+from ..model.adapters import adapter_for, decoder_layers, down_proj_module, down_proj_tensor
+from ..coords import SuperWeight
+from ..errors import UsageError
 
 DEFAULT_WEIGHT_BITS = 4
 DEFAULT_ACTIVATION_BITS = 8
@@ -571,7 +571,7 @@ def _stage(progress: StageProgress | None, stage: str) -> Callable[[int, int], N
 def _run_eval(model, tokenizer, tasks, evaluate_options, progress: StageProgress | None = None,
               stage: str = "") -> dict[str, Any]:
     """`evaluate`, its progress reported per task as the stage '<stage>: <task>'."""
-    from .evaluate import evaluate
+    from ..measure.evaluate import evaluate
 
     per_task = None if progress is None else (lambda task, done, total: progress(f"{stage}: {task}", done, total))
     out = evaluate(model, tokenizer, list(tasks), progress=per_task, **evaluate_options)
@@ -687,8 +687,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, title: str = ""
     """Each task's headline metric against block size (log2 x axis; perplexities on a log y axis),
     naive vs super-weight aware, one panel per metric, PNG (or any format matplotlib knows from
     the suffix), written atomically."""
-    from .experiments import headline_columns
-    from .report import pyplot, save_figure
+    from ..measure.configurations import headline_columns
+    from ..report.plots import pyplot, save_figure
 
     points = sorted((r for r in rows if r.get("block_size") is not None), key=lambda r: r["block_size"])
     if not points:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import DataError, UsageError
+from ..errors import DataError, UsageError
 
 Doc = dict[str, Any]
 

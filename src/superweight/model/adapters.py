@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .coords import SHARED_EXPERT
-from .errors import UnsupportedArchitectureError
+from ..coords import SHARED_EXPERT
+from ..errors import UnsupportedArchitectureError
 from .placement import stored_tensor
 
 Expert = int | str | None

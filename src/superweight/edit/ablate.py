@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .arch import (
+from ..model.adapters import (
     Adapter,
     adapter_for,
     decoder_layers,
@@ -36,10 +36,10 @@ from .arch import (
     layer_experts,
     num_experts,
 )
-from .coords import SHARED_EXPERT, SuperWeight
-from .errors import CoordinatesError, UsageError
-from .files import atomic_directory, refuse_inside
-from .placement import release
+from ..coords import SHARED_EXPERT, SuperWeight
+from ..errors import CoordinatesError, UsageError
+from ..files import atomic_directory, refuse_inside
+from ..model.placement import release
 
 MODES = ("zero", "scale")
 CONTROLS = ("random", "outliers")
@@ -131,7 +131,7 @@ def check_coords_before_load(source: Any, weights: Sequence[SuperWeight], *, tru
     if not weights:
         return
     if source.kind == "gguf":
-        from .model import gguf_dense_shape
+        from ..model.load import gguf_dense_shape
 
         shape = gguf_dense_shape(source.location)
         if shape is not None:
@@ -139,7 +139,7 @@ def check_coords_before_load(source: Any, weights: Sequence[SuperWeight], *, tru
         return
     from transformers import AutoConfig
 
-    from .model import _hub_access, weightless_model
+    from ..model.load import _hub_access, weightless_model
 
     try:
         config = AutoConfig.from_pretrained(source.location, revision=source.revision, cache_dir=source.cache_dir,
@@ -560,7 +560,7 @@ def save_ablated(loaded: Any, record: AblationRecord, out_dir: str | Path, force
     `out_dir` unless `force`. The model must be in the state `record` describes (ablated). A GGUF
     model's leftover quantizer is dropped for the save (its weights are plain floats).
     """
-    from . import __version__
+    from .. import __version__
 
     out_dir = Path(out_dir)
     refuse_inside(out_dir, loaded.source.protected_dirs)

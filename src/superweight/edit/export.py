@@ -29,9 +29,9 @@ import yaml
 from torch import nn
 
 from .ablate import check_recorded_values, validate_coords
-from .arch import adapter_for, down_proj_module, gguf_architecture, tensor_name
-from .coords import SuperWeight
-from .errors import CoordinatesError, ModelLoadError, UsageError
+from ..model.adapters import adapter_for, down_proj_module, gguf_architecture, tensor_name
+from ..coords import SuperWeight
+from ..errors import CoordinatesError, ModelLoadError, UsageError
 
 FORMATS = ("llama.cpp", "bitsandbytes", "llm-compressor")
 DEFAULT_GGML_TYPE = "f16"
@@ -83,8 +83,8 @@ def _skeleton(spec: str | None, *, revision: str | None, gguf_file: str | None, 
               trust_remote_code: bool, progress: Callable[[str], None]) -> _Skeleton:
     from transformers import AutoConfig
 
-    from .model import _check_config, _from_pretrained_errors, _hub_access, _load_gguf_into_cache, resolve, weightless_model
-    from .stream import safetensors_files
+    from ..model.load import _check_config, _from_pretrained_errors, _hub_access, _load_gguf_into_cache, resolve, weightless_model
+    from ..find.stream import safetensors_files
 
     source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     options: dict[str, Any] = {}

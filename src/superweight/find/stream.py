@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter_for_config, decoder_layers, down_proj_matrix
-from .coords import SuperWeight
+from ..model.adapters import Adapter, adapter_for_config, decoder_layers, down_proj_matrix
+from ..coords import SuperWeight
 from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, Detection, SpikeRule, forward_pass, iterate
-from .errors import ModelLoadError, UnsupportedArchitectureError
+from ..errors import ModelLoadError, UnsupportedArchitectureError
 from .hooks import LayerStats, around_layers, capture_layer_stats
-from .model import (ModelSource, Progress, _check_config, _from_pretrained_errors, _hub_access,
+from ..model.load import (ModelSource, Progress, _check_config, _from_pretrained_errors, _hub_access,
                     _load_gguf_into_cache, _torch_dtype, resolve, resolve_device)
 
 # What a hub snapshot needs for streaming: config, tokenizer files, the transformers-layout

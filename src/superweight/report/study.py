@@ -17,17 +17,18 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import ablate, distributed
-from .arch import adapter_for, decoder_layers, down_proj_tensor, layer_experts
-from .coords import SHARED_EXPERT, SuperWeight
-from .errors import UsageError
-from .experiments import Configuration, SummaryTable, run_configurations
-from .files import atomic_directory
-from .generate import Generation
-from .hooks import LayerStats, capture_layer_stats
-from .placement import execution_device
-from .report import pyplot, save_figure
-from .tasks import load_task, resolve_task_names, wikitext_detokenize
+from ..edit import ablate
+from .. import distributed
+from ..model.adapters import adapter_for, decoder_layers, down_proj_tensor, layer_experts
+from ..coords import SHARED_EXPERT, SuperWeight
+from ..errors import UsageError
+from ..measure.configurations import Configuration, SummaryTable, run_configurations
+from ..files import atomic_directory
+from ..measure.generate import Generation
+from ..find.hooks import LayerStats, capture_layer_stats
+from ..model.placement import execution_device
+from .plots import pyplot, save_figure
+from ..measure.tasks import load_task, resolve_task_names, wikitext_detokenize
 
 DEFAULT_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 
@@ -179,7 +180,7 @@ class EvaluationCache:
             return None  # missing or unreadable (e.g. truncated): evaluate again
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        from .files import atomic_write_text
+        from ..files import atomic_write_text
 
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self._path(key), json.dumps(value, indent=1, default=str) + "\n")
@@ -290,7 +291,7 @@ class StopWordShift:
 
 def load_stop_words(path: str | Path | None = None) -> list[str]:
     """The stop-word list: `path`, or configs/stop_words.txt."""
-    from .model import configs_dir
+    from ..model.load import configs_dir
 
     path = Path(path) if path else configs_dir() / STOP_WORDS_FILE
     try:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .errors import DataError, MissingDependencyError, UsageError
+from ..errors import DataError, MissingDependencyError, UsageError
 from .evaluate import BOOTSTRAP_RESAMPLES, _version
-from .placement import execution_device
+from ..model.placement import execution_device
 
 INSTALL_HINT = "pip install 'superweight[harness]'"
 CPU_BATCH_SIZE = 16  # lm-eval's "auto" probes batches of max_length tokens: minutes on a CPU

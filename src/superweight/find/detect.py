@@ -40,11 +40,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter_for, decoder_layers, down_proj_matrix
-from .coords import SuperWeight
-from .errors import UsageError
+from ..model.adapters import Adapter, adapter_for, decoder_layers, down_proj_matrix
+from ..coords import SuperWeight
+from ..errors import UsageError
 from .hooks import CARRY_DEPTH, LayerStats, capture_layer_stats, carry_window
-from .placement import execution_device
+from ..model.placement import execution_device
 
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
 DEFAULT_ITERATIONS = 5

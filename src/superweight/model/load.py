@@ -25,10 +25,10 @@ from typing import Any, Callable
 
 import yaml
 
-from . import distributed
-from .arch import adapter_for_config, resolve_adapter
-from .errors import ModelLoadError, OutputPathError, UsageError
-from .files import atomic_directory, refuse_inside
+from .. import distributed
+from .adapters import adapter_for_config, resolve_adapter
+from ..errors import ModelLoadError, OutputPathError, UsageError
+from ..files import atomic_directory, refuse_inside
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 Progress = Callable[[str], None]
@@ -37,8 +37,9 @@ HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub (or proxy) to take a con
 
 def configs_dir() -> Path:
     """configs/ shipped inside the wheel, else the one at the root of a source checkout."""
-    packaged = Path(__file__).parent / "configs"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else package.parents[1] / "configs"
 
 
 def load_yaml_config(name: str) -> dict[str, Any]:

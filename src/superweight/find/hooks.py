@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .arch import SHARED_EXPERT, Adapter, adapter_for, decoder_layers, down_proj_matrix, down_proj_module, is_moe_layer
-from .placement import stored_tensor
+from ..model.adapters import SHARED_EXPERT, Adapter, adapter_for, decoder_layers, down_proj_matrix, down_proj_module, is_moe_layer
+from ..model.placement import stored_tensor
 
 CARRY_DEPTH = 0.1  # the stream must carry a super activation through the next 10 % of the layers
 

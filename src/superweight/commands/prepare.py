@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-from . import __version__
+from .. import __version__
 
 T = TypeVar("T")
 Bar = Callable[[str, int, int], None]
@@ -58,7 +58,7 @@ def slug(text: str) -> str:
 
 def _load(reporter: Reporter, spec: Optional[str], *, device_map: Optional[str], max_memory: Optional[str],
           **load_options):
-    from .model import load_model, parse_device_map, parse_max_memory
+    from ..model.load import load_model, parse_device_map, parse_max_memory
 
     placement = dict(device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory))
     with reporter.status(f"loading {spec or 'default model'}") as update:
@@ -72,7 +72,7 @@ def _load(reporter: Reporter, spec: Optional[str], *, device_map: Optional[str],
 
 def _check_limit(limit: Optional[int], max_length: Optional[int] = None) -> None:
     """--limit and --max-length, before the model loads (the evaluator checks them again)."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit must be a positive number of documents, got {limit}")
@@ -82,7 +82,7 @@ def _check_limit(limit: Optional[int], max_length: Optional[int] = None) -> None
 
 def _batch_size(value: int | str):
     """--batch-size as the evaluator takes it: a positive int, or "auto"."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     text = str(value)
     if text == "auto":
@@ -94,7 +94,7 @@ def _batch_size(value: int | str):
 
 def _tasks_with_data(task: list[str] | str, data_dir: Optional[str], also: tuple[str, ...] = ()) -> list[str]:
     """The task names; missing data (of these and of `also`) fails now, not after loading the model."""
-    from .tasks import load_task, resolve_task_names
+    from ..measure.tasks import load_task, resolve_task_names
 
     names = resolve_task_names(task)
     for name in dict.fromkeys([*names, *also]):
@@ -105,8 +105,8 @@ def _tasks_with_data(task: list[str] | str, data_dir: Optional[str], also: tuple
 def _check_outputs(source, files=(), directory: Optional[Path] = None, force: bool = False) -> None:
     """Outputs are never inside the model's own files, are writable, and a non-empty output
     directory is only replaced with --force."""
-    from .errors import UsageError
-    from .files import check_writable, refuse_current_directory, refuse_inside
+    from ..errors import UsageError
+    from ..files import check_writable, refuse_current_directory, refuse_inside
 
     if directory:  # checked again when written (atomic_directory); here before the slow work
         refuse_current_directory(directory)
@@ -120,7 +120,7 @@ def _check_outputs(source, files=(), directory: Optional[Path] = None, force: bo
 
 
 def _checked_coords(loaded, weights) -> None:
-    from . import ablate as ablation
+    from ..edit import ablate as ablation
 
     if weights:
         ablation.validate_coords(loaded.model, weights)
@@ -150,8 +150,8 @@ def _configuration_progress(bar: Bar):
 
 def _detected(reporter: Reporter, bar: Bar, loaded) -> list:
     """The super weights of the loaded model on the paper's prompt, found once (rank 0) for every rank."""
-    from .detect import DEFAULT_PROMPT, detect, encode_prompt
-    from .distributed import on_main
+    from ..find.detect import DEFAULT_PROMPT, detect, encode_prompt
+    from ..distributed import on_main
 
     weights = _step(bar, "detecting super weights", lambda: on_main(lambda: detect(
         loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights))
@@ -179,7 +179,7 @@ class DetectionResult:
 
     def to_dict(self) -> dict:
         """The `sw detect --json` document."""
-        from .report import detection_document
+        from ..report.detection import detection_document
 
         document = detection_document(self.detection, self.model, self.known)
         document["coordinates_file"] = str(self.coords_path)
@@ -196,13 +196,14 @@ def detect_model(model: Optional[str] = None, *, prompt: Optional[str] = None, i
                  trust_remote_code: bool = False, cache_dir: Optional[str] = None,
                  reporter: Optional[Reporter] = None) -> Optional[DetectionResult]:
     """`sw detect`: find the super weights, write the coordinates file (and the plot)."""
-    from .arch import adapter_for_config, resolve_adapter, tensor_templates
-    from .coords import write_coords
-    from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, SpikeRule, detect, encode_prompt
-    from .distributed import main_proceeds
-    from .errors import UsageError
-    from .model import load_model, parse_device_map, parse_max_memory, resolve
-    from .report import check_known, plot_activations
+    from ..model.adapters import adapter_for_config, resolve_adapter, tensor_templates
+    from ..coords import write_coords
+    from ..find.detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, SpikeRule, detect, encode_prompt
+    from ..distributed import main_proceeds
+    from ..errors import UsageError
+    from ..model.load import load_model, parse_device_map, parse_max_memory, resolve
+    from ..report.detection import check_known
+    from ..report.plots import plot_activations
 
     reporter = reporter or Reporter()
     if not main_proceeds():  # under a launcher one detection is enough: rank 0's
@@ -221,7 +222,7 @@ def detect_model(model: Optional[str] = None, *, prompt: Optional[str] = None, i
         raise UsageError("--verify needs the whole model loaded to measure perplexity; drop --stream "
                          "(or verify later with `sw eval --coords`)")
     if verify:
-        from .verify import read_verify_text
+        from ..measure.verify import read_verify_text
         verify_source = read_verify_text(verify_text)  # a bad file fails before the model loads
     given = {"min_spike": min_spike, "min_concentration": min_concentration, "min_share": min_share}
     rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
@@ -231,7 +232,7 @@ def detect_model(model: Optional[str] = None, *, prompt: Optional[str] = None, i
     _check_outputs(source, files=(coords_path, plot))
     with reporter.status(f"loading {source.spec}") as update:
         if stream:  # no weights loaded here: config and tokenizer only
-            from .stream import detect_streamed, open_checkpoint
+            from ..find.stream import detect_streamed, open_checkpoint
             loaded = open_checkpoint(model, revision=revision, gguf_file=gguf_file, dtype=dtype,
                                      cache_dir=cache_dir, trust_remote_code=trust_remote_code, progress=update,
                                      notice=reporter.say)
@@ -248,7 +249,7 @@ def detect_model(model: Optional[str] = None, *, prompt: Optional[str] = None, i
             detection = detect(loaded.model, input_ids, iterations=n, rule=rule, prompt=text)
         verification = None
         if verify:
-            from .verify import labelled, verify as run_verify
+            from ..measure.verify import labelled, verify as run_verify
             verification = run_verify(loaded.model, loaded.tokenizer, detection.super_weights,
                                       text=verify_source[0], text_source=verify_source[1], rule=rule,
                                       iterations=n, progress=update)
@@ -298,12 +299,12 @@ def ablate_model(model: Optional[str] = None, *, out: Path, coords: Optional[Pat
                  trust_remote_code: bool = False, cache_dir: Optional[str] = None,
                  reporter: Optional[Reporter] = None) -> Optional[AblationResult]:
     """`sw ablate`: zero or rescale the super weights (or a control) and save the model to `out`."""
-    from . import ablate as ablation
-    from .coords import requested
-    from .distributed import main_proceeds
-    from .errors import UsageError
-    from .experiments import check_control, control_weights, parse_factor
-    from .model import resolve
+    from ..edit import ablate as ablation
+    from ..coords import requested
+    from ..distributed import main_proceeds
+    from ..errors import UsageError
+    from ..measure.configurations import check_control, control_weights, parse_factor
+    from ..model.load import resolve
 
     reporter = reporter or Reporter()
     if not main_proceeds():  # under a launcher rank 0 alone writes the model
@@ -355,7 +356,7 @@ class EvaluationResult:
 
     def table(self):
         """Configurations by metric (experiments.SummaryTable: columns, rows)."""
-        from .experiments import summary_table
+        from ..measure.configurations import summary_table
 
         return summary_table(self.runs)
 
@@ -373,15 +374,15 @@ def evaluate_model(model: Optional[str] = None, *, task: Optional[list[str]] = N
                    reporter: Optional[Reporter] = None) -> Optional[EvaluationResult]:
     """`sw eval`: perplexity and zero-shot accuracy, of the model as given or ablated in memory
     (`coords`/`coord`), or of the paper's Table 1 layout (`compare`); `output` gets the results."""
-    from . import ablate as ablation
-    from .coords import requested
-    from .distributed import main_proceeds
-    from .errors import UsageError
-    from .experiments import check_control, comparison_configurations, parse_factor, run_configurations, \
+    from ..edit import ablate as ablation
+    from ..coords import requested
+    from ..distributed import main_proceeds
+    from ..errors import UsageError
+    from ..measure.configurations import check_control, comparison_configurations, parse_factor, run_configurations, \
         single_configuration
-    from .files import atomic_write_text
-    from .harness import HarnessTasks, check_harness_tasks
-    from .model import resolve
+    from ..files import atomic_write_text
+    from ..measure.harness import HarnessTasks, check_harness_tasks
+    from ..model.load import resolve
 
     reporter = reporter or Reporter()
     factor = None if factor is None else str(factor)
@@ -453,13 +454,13 @@ class StudyResult:
 
     @property
     def report(self) -> Path:
-        from .study import REPORT_FILE
+        from ..report.study import REPORT_FILE
 
         return self.out / REPORT_FILE
 
     @property
     def json_path(self) -> Path:
-        from .study import JSON_FILE
+        from ..report.study import JSON_FILE
 
         return self.out / JSON_FILE
 
@@ -482,16 +483,16 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
     `limit`: documents per task, or "all"; without it a CPU run reads `study.CPU_LIMIT` documents of
     each zero-shot task and `study.CPU_WIKITEXT_LIMIT` of wikitext, an accelerator run all of them.
     `command` is recorded in the report as the command line that asked for it."""
-    from . import ablate as ablation
-    from . import generate as generation
-    from . import study as analysis
-    from .coords import requested
-    from .detect import DEFAULT_PROMPT, encode_prompt
-    from .distributed import main_proceeds, on_main
-    from .errors import UsageError
-    from .experiments import summary_table
-    from .model import cache_root, model_fingerprint, resolve
-    from .placement import execution_device
+    from ..edit import ablate as ablation
+    from ..measure import generate as generation
+    from ..report import study as analysis
+    from ..coords import requested
+    from ..find.detect import DEFAULT_PROMPT, encode_prompt
+    from ..distributed import main_proceeds, on_main
+    from ..errors import UsageError
+    from ..measure.configurations import summary_table
+    from ..model.load import cache_root, model_fingerprint, resolve
+    from ..model.placement import execution_device
 
     reporter = reporter or Reporter()
     started = time.perf_counter()
@@ -527,7 +528,7 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
             weights = _detected(reporter, bar, loaded)
         verification = None
         if weights:
-            from .verify import labelled, verify
+            from ..measure.verify import labelled, verify
             verification = _step(bar, "measuring each weight's effect",
                                  lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
             weights = labelled(weights, verification)
@@ -582,21 +583,21 @@ class QuantizationResult:
         return self.document
 
     def weight_table(self):
-        from .experiments import summary_table
-        from .quantize import comparison_runs
+        from ..measure.configurations import summary_table
+        from ..edit.quantize import comparison_runs
 
         return summary_table(comparison_runs(self.rows, lambda r: f"block {r['block_size']}"))
 
     def activation_table(self):
-        from .experiments import summary_table
-        from .quantize import comparison_runs
+        from ..measure.configurations import summary_table
+        from ..edit.quantize import comparison_runs
 
         return summary_table(comparison_runs(self.activation_rows, lambda r: f"{r['bits']}-bit"))
 
 
 def _save_quantized(loaded, out: Path, force: bool, settings: dict) -> None:
     """The fake-quantized (dequantized values) model as safetensors, written atomically."""
-    from .files import atomic_directory
+    from ..files import atomic_directory
 
     with atomic_directory(out, force=force) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
@@ -617,12 +618,12 @@ def quantize_model(model: Optional[str] = None, *, coords: Optional[Path] = None
                    reporter: Optional[Reporter] = None) -> Optional[QuantizationResult]:
     """`sw quantize`: evaluate INT`bits` RTN with and without the super weights held out, per block
     size; `plot` draws the sweep, `out` saves the aware model (one block size)."""
-    from . import quantize as rtn
-    from .ablate import check_coords_before_load
-    from .coords import requested
-    from .distributed import main_proceeds
-    from .errors import UsageError
-    from .model import resolve
+    from ..edit import quantize as rtn
+    from ..edit.ablate import check_coords_before_load
+    from ..coords import requested
+    from ..distributed import main_proceeds
+    from ..errors import UsageError
+    from ..model.load import resolve
 
     reporter = reporter or Reporter()
     plot = Path(plot) if plot else None
@@ -716,12 +717,12 @@ def generate_text(model: Optional[str] = None, *, coords: Optional[Path] = None,
     """`sw generate`: greedy continuations, original vs super weights zeroed vs zeroed with the
     activation restored vs a control (the super weights detected when none are given). Under a
     launcher rank 0 alone detects and decodes (the work is a few greedy tokens); the other ranks get None."""
-    from . import generate as generation
-    from .coords import requested
-    from .detect import DEFAULT_PROMPT, detect, encode_prompt
-    from .distributed import main_proceeds, on_main
-    from .experiments import comparison_configurations
-    from .model import resolve
+    from ..measure import generate as generation
+    from ..coords import requested
+    from ..find.detect import DEFAULT_PROMPT, detect, encode_prompt
+    from ..distributed import main_proceeds, on_main
+    from ..measure.configurations import comparison_configurations
+    from ..model.load import resolve
 
     reporter = reporter or Reporter()
     if isinstance(prompt, str):
@@ -776,11 +777,11 @@ def export_names(coords_file: Path, *, to: str, model: Optional[str] = None, ggu
     """`sw export`: the super weights' matrices under this model's own names, in the format of
     llama.cpp, bitsandbytes or llm-compressor, checked against the model; written to `out` if given.
     Under a launcher rank 0 alone exports (the others return None): one writer."""
-    from . import export as handoff
-    from .coords import read_coords
-    from .distributed import main_proceeds
-    from .files import atomic_write_text
-    from .model import resolve
+    from ..edit import export as handoff
+    from ..coords import read_coords
+    from ..distributed import main_proceeds
+    from ..files import atomic_write_text
+    from ..model.load import resolve
 
     if not main_proceeds():
         return None

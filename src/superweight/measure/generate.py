@@ -16,10 +16,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .detect import encode_prompt
-from .errors import UsageError
-from .experiments import Configuration, applied
-from .placement import execution_device
+from ..find.detect import encode_prompt
+from ..errors import UsageError
+from .configurations import Configuration, applied
+from ..model.placement import execution_device
 
 DEFAULT_PROMPT = "My favourite condiment is"  # Yu et al. 2024, Figure 1
 DEFAULT_MAX_NEW_TOKENS = 16
