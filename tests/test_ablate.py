@@ -10,19 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from superweight import __version__
-from superweight.edit.ablate import (
-    RECORD_FILE,
-    AblationRecord,
-    ablated,
-    apply,
-    outlier_control,
-    random_control,
-    restore_threshold,
-    restored_activation,
-    save_ablated,
-    undo,
-    validate_coords,
-)
+from superweight.edit.ablate import AblationRecord, ablated, apply, outlier_control, random_control, undo
+from superweight.edit.restore import restore_threshold, restored_activation
+from superweight.edit.save import RECORD_FILE, save_ablated
+from superweight.edit.validate import validate_coords
 from superweight.model.adapters import adapter_for, decoder_layers, down_proj_matrix, down_proj_module, num_experts
 from superweight.coords import SuperWeight
 from superweight.errors import CoordinatesError, OutputPathError, UsageError

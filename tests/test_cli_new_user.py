@@ -249,7 +249,7 @@ def test_eval_of_an_ablated_directory_says_what_it_is(tiny_llama_dir, tmp_path):
 
 
 def test_describe_recorded_ablation():
-    from superweight.edit.ablate import describe_recorded_ablation
+    from superweight.edit.save import describe_recorded_ablation
 
     record = {"source": {"spec": "m"}, "coordinates": [{}] * 7, "mode": "scale", "factor": 2.5,
               "control": {"kind": "outliers", "top": 7}}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from superweight.errors import ModelLoadError, UsageError
-from superweight.model.load import load_model, resolve
+from superweight.model.load import load_model
+from superweight.model.source import resolve
 
 
 def test_default_model_is_the_packaged_smollm2():
@@ -68,7 +69,7 @@ def test_bad_dtype_and_device(tiny_llama_dir):
 
 
 def test_device_map_and_max_memory_parsing(tmp_path):
-    from superweight.model.load import parse_device_map, parse_max_memory
+    from superweight.model.devices import parse_device_map, parse_max_memory
 
     assert parse_device_map("balanced") == "balanced"
     assert parse_device_map('{"model.layers": 0, "lm_head": "cpu"}') == {"model.layers": 0, "lm_head": "cpu"}

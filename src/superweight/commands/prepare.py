@@ -58,7 +58,8 @@ def slug(text: str) -> str:
 
 def _load(reporter: Reporter, spec: Optional[str], *, device_map: Optional[str], max_memory: Optional[str],
           **load_options):
-    from ..model.load import load_model, parse_device_map, parse_max_memory
+    from ..model.devices import parse_device_map, parse_max_memory
+    from ..model.load import load_model
 
     placement = dict(device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory))
     with reporter.status(f"loading {spec or 'default model'}") as update:
@@ -120,11 +121,10 @@ def _check_outputs(source, files=(), directory: Optional[Path] = None, force: bo
 
 
 def _checked_coords(loaded, weights) -> None:
-    from ..edit import ablate as ablation
+    from ..edit.validate import checked_coords
 
     if weights:
-        ablation.validate_coords(loaded.model, weights)
-        ablation.check_recorded_values(loaded.model, weights)
+        checked_coords(loaded.model, weights)
 
 
 def _step(bar: Bar, stage: str, work: Callable[[], T]) -> T:
@@ -201,7 +201,9 @@ def detect_model(model: Optional[str] = None, *, prompt: Optional[str] = None, i
     from ..find.detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, SpikeRule, detect, encode_prompt
     from ..distributed import main_proceeds
     from ..errors import UsageError
-    from ..model.load import load_model, parse_device_map, parse_max_memory, resolve
+    from ..model.devices import parse_device_map, parse_max_memory
+    from ..model.load import load_model
+    from ..model.source import resolve
     from ..report.detection import check_known
     from ..report.plots import plot_activations
 
@@ -300,11 +302,13 @@ def ablate_model(model: Optional[str] = None, *, out: Path, coords: Optional[Pat
                  reporter: Optional[Reporter] = None) -> Optional[AblationResult]:
     """`sw ablate`: zero or rescale the super weights (or a control) and save the model to `out`."""
     from ..edit import ablate as ablation
+    from ..edit.save import save_ablated
+    from ..edit.validate import check_coords_before_load
     from ..coords import requested
     from ..distributed import main_proceeds
     from ..errors import UsageError
     from ..measure.configurations import check_control, control_weights, parse_factor
-    from ..model.load import resolve
+    from ..model.source import resolve
 
     reporter = reporter or Reporter()
     if not main_proceeds():  # under a launcher rank 0 alone writes the model
@@ -320,7 +324,7 @@ def ablate_model(model: Optional[str] = None, *, out: Path, coords: Optional[Pat
         raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
     source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     _check_outputs(source, directory=out, force=force)
-    ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
+    check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
     loaded = _load(reporter, model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
                    device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
                    cache_dir=cache_dir)
@@ -331,7 +335,7 @@ def ablate_model(model: Optional[str] = None, *, out: Path, coords: Optional[Pat
                             top=top if control == "outliers" else None,
                             reference=weights if control else None)
     with reporter.status(f"writing {out}"):
-        ablation.save_ablated(loaded, record, out, force=force)
+        save_ablated(loaded, record, out, force=force)
     return AblationResult(out=out, record=record, changed=len(targets), control=control, mode=how, factor=value)
 
 
@@ -374,7 +378,8 @@ def evaluate_model(model: Optional[str] = None, *, task: Optional[list[str]] = N
                    reporter: Optional[Reporter] = None) -> Optional[EvaluationResult]:
     """`sw eval`: perplexity and zero-shot accuracy, of the model as given or ablated in memory
     (`coords`/`coord`), or of the paper's Table 1 layout (`compare`); `output` gets the results."""
-    from ..edit import ablate as ablation
+    from ..edit.save import describe_recorded_ablation, recorded_ablation
+    from ..edit.validate import check_coords_before_load
     from ..coords import requested
     from ..distributed import main_proceeds
     from ..errors import UsageError
@@ -382,7 +387,7 @@ def evaluate_model(model: Optional[str] = None, *, task: Optional[list[str]] = N
         single_configuration
     from ..files import atomic_write_text
     from ..measure.harness import HarnessTasks, check_harness_tasks
-    from ..model.load import resolve
+    from ..model.source import resolve
 
     reporter = reporter or Reporter()
     factor = None if factor is None else str(factor)
@@ -407,9 +412,9 @@ def evaluate_model(model: Optional[str] = None, *, task: Optional[list[str]] = N
         raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
     source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     _check_outputs(source, files=(output,))
-    prior = ablation.recorded_ablation(source)
-    unchanged = ablation.describe_recorded_ablation(prior) if prior else "original"
-    ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
+    prior = recorded_ablation(source)
+    unchanged = describe_recorded_ablation(prior) if prior else "original"
+    check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
     loaded = _load(reporter, model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
                    device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
                    cache_dir=cache_dir)
@@ -483,7 +488,7 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
     `limit`: documents per task, or "all"; without it a CPU run reads `study.CPU_LIMIT` documents of
     each zero-shot task and `study.CPU_WIKITEXT_LIMIT` of wikitext, an accelerator run all of them.
     `command` is recorded in the report as the command line that asked for it."""
-    from ..edit import ablate as ablation
+    from ..edit.validate import check_coords_before_load
     from ..measure import generate as generation
     from ..report import study as analysis
     from ..coords import requested
@@ -491,7 +496,8 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
     from ..distributed import main_proceeds, on_main
     from ..errors import UsageError
     from ..measure.configurations import summary_table
-    from ..model.load import cache_root, model_fingerprint, resolve
+    from ..model.load import model_fingerprint
+    from ..model.source import cache_root, resolve
     from ..model.placement import execution_device
 
     reporter = reporter or Reporter()
@@ -509,7 +515,7 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
     out_dir = Path(out) if out else Path(f"{slug(source.alias or source.spec)}-study")
     _check_outputs(source, directory=out_dir, force=force)
     weights = requested(coords, coord)
-    ablation.check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
+    check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
     loaded = _load(reporter, model, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
                    device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
                    cache_dir=cache_dir)
@@ -619,11 +625,11 @@ def quantize_model(model: Optional[str] = None, *, coords: Optional[Path] = None
     """`sw quantize`: evaluate INT`bits` RTN with and without the super weights held out, per block
     size; `plot` draws the sweep, `out` saves the aware model (one block size)."""
     from ..edit import quantize as rtn
-    from ..edit.ablate import check_coords_before_load
+    from ..edit.validate import check_coords_before_load
     from ..coords import requested
     from ..distributed import main_proceeds
     from ..errors import UsageError
-    from ..model.load import resolve
+    from ..model.source import resolve
 
     reporter = reporter or Reporter()
     plot = Path(plot) if plot else None
@@ -722,7 +728,7 @@ def generate_text(model: Optional[str] = None, *, coords: Optional[Path] = None,
     from ..find.detect import DEFAULT_PROMPT, detect, encode_prompt
     from ..distributed import main_proceeds, on_main
     from ..measure.configurations import comparison_configurations
-    from ..model.load import resolve
+    from ..model.source import resolve
 
     reporter = reporter or Reporter()
     if isinstance(prompt, str):
@@ -781,7 +787,7 @@ def export_names(coords_file: Path, *, to: str, model: Optional[str] = None, ggu
     from ..coords import read_coords
     from ..distributed import main_proceeds
     from ..files import atomic_write_text
-    from ..model.load import resolve
+    from ..model.source import resolve
 
     if not main_proceeds():
         return None

@@ -28,10 +28,15 @@ import torch
 import yaml
 from torch import nn
 
-from .ablate import check_recorded_values, validate_coords
+from .validate import check_recorded_values, validate_coords
 from ..model.adapters import adapter_for, down_proj_module, gguf_architecture, tensor_name
 from ..coords import SuperWeight
 from ..errors import CoordinatesError, ModelLoadError, UsageError
+from ..find.stream import safetensors_files
+from ..model.gguf import dequantized_gguf
+from ..model.hub import hub_options, read_config
+from ..model.load import weightless_model
+from ..model.source import ModelSource, resolve
 
 FORMATS = ("llama.cpp", "bitsandbytes", "llm-compressor")
 DEFAULT_GGML_TYPE = "f16"
@@ -75,31 +80,21 @@ def check_ggml_type(name: str) -> str:
 @dataclass
 class _Skeleton:
     model: nn.Module  # on the meta device, except the down projections read for the value check
-    source: Any
+    source: ModelSource
     files: dict[str, Path]  # checkpoint tensor -> safetensors file (empty for a hub model: nothing fetched)
 
 
 def _skeleton(spec: str | None, *, revision: str | None, gguf_file: str | None, cache_dir: str | None,
               trust_remote_code: bool, progress: Callable[[str], None]) -> _Skeleton:
-    from transformers import AutoConfig
-
-    from ..model.load import _check_config, _from_pretrained_errors, _hub_access, _load_gguf_into_cache, resolve, weightless_model
-    from ..find.stream import safetensors_files
-
     source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     options: dict[str, Any] = {}
     if source.kind == "gguf":  # the dequantised cache that every command reads (written once)
-        location, _ = _load_gguf_into_cache(source, "auto", cache_dir, progress, progress)
+        location, _ = dequantized_gguf(source, "auto", cache_dir, progress, progress)
     else:
         location = Path(source.location) if source.kind == "local" else source.location
-        options = dict(revision=source.revision, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
-                       **_hub_access(source, cache_dir, progress))  # no ~30 s of retries when the hub is out of reach
+        options = hub_options(source, trust_remote_code, progress)  # no ~30 s of retries when the hub is out of reach
     progress(f"reading config of {source.spec}")
-    try:
-        config = AutoConfig.from_pretrained(location, **options)
-    except (OSError, ValueError) as e:
-        raise _from_pretrained_errors(source, e) from None
-    _check_config(config)
+    config = read_config(source, location, options)
     model = weightless_model(config, trust_remote_code)
     files: dict[str, Path] = {}
     if isinstance(location, Path):

@@ -371,7 +371,7 @@ def quantize_model_weights(
     `z=DEFAULT_Z`). Originals are kept on the CPU so the model can be restored bit-identically.
     `progress(done, total)` is called after each parameter.
     """
-    from .ablate import validate_coords
+    from .validate import validate_coords
 
     bits = check_bits(bits)
     block_size = check_block_size(block_size)
@@ -507,7 +507,7 @@ def quantized_activations(
     quantization (see `super_activation_mask`, `fake_quantize_activation_aware`); other layers are
     quantized naively. Dense families only. Hooks are removed on exit, also when the block raises.
     """
-    from .ablate import validate_coords
+    from .validate import validate_coords
 
     bits = check_bits(bits, "activation")
     if isinstance(spike_fraction, bool) or not isinstance(spike_fraction, (int, float)) or not 0 < spike_fraction <= 1:
@@ -601,7 +601,7 @@ def weight_quantization_sweep(
     `baseline=True` "baseline_perplexity"/"baseline" (unquantized, evaluated once)}. The model
     is left exactly as it was.
     """
-    from .ablate import validate_coords
+    from .validate import validate_coords
 
     bits = check_bits(bits)
     sizes = check_block_sizes(block_sizes)

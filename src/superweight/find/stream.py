@@ -28,8 +28,10 @@ from ..coords import SuperWeight
 from .detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, Detection, SpikeRule, forward_pass, iterate
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from .hooks import LayerStats, around_layers, capture_layer_stats
-from ..model.load import (ModelSource, Progress, _check_config, _from_pretrained_errors, _hub_access,
-                    _load_gguf_into_cache, _torch_dtype, resolve, resolve_device)
+from ..model.devices import resolve_device, torch_dtype
+from ..model.gguf import dequantized_gguf
+from ..model.hub import Progress, hub_access, model_load_error, read_config
+from ..model.source import ModelSource, resolve
 
 # What a hub snapshot needs for streaming: config, tokenizer files, the transformers-layout
 # safetensors (not pickles, nor a duplicate consolidated.safetensors some repos also carry).
@@ -89,12 +91,12 @@ def _checkpoint_dtype(config, files: dict[str, Path]) -> str:
 def _snapshot(source: ModelSource, cache_dir: str | None, notice: Progress) -> Path:
     from huggingface_hub import snapshot_download
 
-    access = _hub_access(source, cache_dir, notice)
+    access = hub_access(source, notice)
     try:
         return Path(snapshot_download(source.location, revision=source.revision, cache_dir=cache_dir,
                                       allow_patterns=SNAPSHOT_PATTERNS, **access))
     except (OSError, ValueError) as e:
-        raise _from_pretrained_errors(source, e) from None
+        raise model_load_error(source, e) from None
 
 
 def open_checkpoint(
@@ -109,16 +111,16 @@ def open_checkpoint(
     notice: Progress | None = None,
 ) -> Checkpoint:
     """MODEL as a safetensors directory (a hub snapshot, a local dir, or the GGUF cache) + config + tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     progress = progress or (lambda message: None)
     notice = notice or (lambda message: None)
-    _torch_dtype(dtype)  # an unknown --dtype fails before anything is read
+    torch_dtype(dtype)  # an unknown --dtype fails before anything is read
     source = resolve(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     started = time.perf_counter()
     from_cache = False
     if source.kind == "gguf":  # stream from the dequantised cache, written once as in a full load
-        directory, from_cache = _load_gguf_into_cache(source, dtype, cache_dir, progress, notice)
+        directory, from_cache = dequantized_gguf(source, dtype, cache_dir, progress, notice)
         dtype = "float32" if dtype == "auto" else dtype
     elif source.kind == "hub":
         progress(f"fetching config, tokenizer and safetensors of {source.spec}")
@@ -126,13 +128,12 @@ def open_checkpoint(
     else:
         directory = Path(source.location)
     progress(f"reading config of {source.spec}")
+    config = read_config(source, directory, {"trust_remote_code": trust_remote_code})  # on disk now: no hub
     try:
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-        _check_config(config)
         files = safetensors_files(directory, source.spec)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _from_pretrained_errors(source, e) from None
+        raise model_load_error(source, e) from None
     return Checkpoint(
         source=source, directory=directory, config=config, tokenizer=tokenizer,
         dtype=_checkpoint_dtype(config, files) if dtype == "auto" else dtype, files=files,

@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..edit import ablate
+from ..edit import ablate, restore
 from ..coords import SuperWeight
 from ..errors import UsageError
 from .evaluate import evaluate
@@ -128,7 +128,7 @@ def applied(model, configuration: Configuration) -> Iterator[None]:
             record = stack.enter_context(
                 ablate.ablated(model, list(configuration.weights), configuration.mode, configuration.factor))
             if configuration.restore_activation:
-                stack.enter_context(ablate.restored_activation(model, record))
+                stack.enter_context(restore.restored_activation(model, record))
         yield
 
 

@@ -2,7 +2,7 @@
 
 The paper's Figure 1 in practice: the original model continues "My favourite condiment is"
 sensibly, the super weights zeroed make it babble, and writing the super activation back
-(`ablate.restored_activation`) brings the sentence back. Decoding is plain greedy (argmax), token by
+(`restore.restored_activation`) brings the sentence back. Decoding is plain greedy (argmax), token by
 token. With the KV cache (the default, as every serving stack runs) each new token is a forward pass
 of one position, so the restoration hook sees the prompt once and then one position at a time; it
 must act there too, and `use_cache=False` (the whole sequence every step) gives the same tokens.

@@ -7,7 +7,7 @@ the user's `--verify-text`) it computes the perplexity of the model
   - as given;
   - with each found weight alone zeroed;
   - with all of them zeroed, then with all zeroed and the super activation written back
-    (ablate.restored_activation: the paper's Table 1 restoration);
+    (restore.restored_activation: the paper's Table 1 restoration);
   - with a random control: as many random weights of the same matrices zeroed;
 
 and labels each weight by that (`label_rule`):
@@ -33,12 +33,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..edit.ablate import ablated, random_control, restored_activation
+from ..edit.ablate import ablated, random_control
+from ..edit.restore import restored_activation
 from ..model.adapters import adapter_for
 from ..coords import SuperWeight
 from ..find.detect import DEFAULT_ITERATIONS, SpikeRule, detect, encode_prompt, input_device
 from ..errors import UsageError
-from ..model.load import configs_dir
+from ..model.source import configs_dir
 
 SUPER_FACTOR = 2.0
 VERIFY_TEXT_NAME = "verify_text.txt"

@@ -367,6 +367,28 @@ def down_proj_matrix(
     return weight.T if transposed else weight
 
 
+
+class DownProjections:
+    """The [out, in] down-projection views that hold a set of weights, each looked up once and
+    keyed by (layer, expert): what reading or editing many weights of one model goes through.
+
+    Only `writable` views may be written (an offloaded matrix is otherwise a copy, see placement.py).
+    """
+
+    def __init__(self, model: nn.Module, writable: bool = False):
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.writable = writable
+        self._views: dict[tuple[int, Expert], torch.Tensor] = {}
+
+    def __call__(self, weight) -> torch.Tensor:  # a coords.SuperWeight (or anything with layer and expert)
+        key = (weight.layer, weight.expert)
+        if key not in self._views:
+            # detached: a view of the same storage, so writes reach the weight without autograd
+            self._views[key] = down_proj_matrix(self.model, weight.layer, weight.expert, self.adapter,
+                                                writable=self.writable).detach()
+        return self._views[key]
+
 def tensor_name(model: nn.Module, layer: int, adapter: Adapter | None = None, expert: Expert = None) -> str:
     """The checkpoint name of the tensor that holds layer's down projection (all experts, when fused)."""
     adapter = adapter or adapter_for(model)

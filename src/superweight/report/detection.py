@@ -12,7 +12,7 @@ from typing import Any
 
 from ..coords import SuperWeight
 from ..find.detect import Detection
-from ..model.load import load_yaml_config
+from ..model.source import load_yaml_config
 
 
 @dataclass(frozen=True)

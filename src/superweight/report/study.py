@@ -291,7 +291,7 @@ class StopWordShift:
 
 def load_stop_words(path: str | Path | None = None) -> list[str]:
     """The stop-word list: `path`, or configs/stop_words.txt."""
-    from ..model.load import configs_dir
+    from ..model.source import configs_dir
 
     path = Path(path) if path else configs_dir() / STOP_WORDS_FILE
     try:
