@@ -572,3 +572,49 @@ def test_restoration_recovers_a_post_norm_model_whose_raw_outputs_are_tiny():
     assert (broken - original).abs().max() > 1e-2
     torch.testing.assert_close(restored, original, rtol=1e-4, atol=1e-4)
     assert restore_threshold(weights, post_norm=True) == pytest.approx(0.1 * max(abs(w.raw_output) for w in weights))
+
+
+# --------------------------------------------------------------------------------------------
+# Coordinates are checked once per model
+
+
+def test_checked_coordinates_are_not_checked_again_on_their_model_only(monkeypatch):
+    import superweight.edit.validate as validate
+
+    model, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    checked = validate_coords(model, [SuperWeight(1, 2, 3), SuperWeight(0, 4, 5)])
+    assert isinstance(checked, validate.CheckedCoords) and list(checked) == [SuperWeight(1, 2, 3), SuperWeight(0, 4, 5)]
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(validate, "decoder_layers", no_check)
+    with ablated(model, checked) as record:  # no second check on the model they were checked for
+        assert record.new_values == [0.0, 0.0]
+    assert random_control(model, checked, seed=0) and outlier_control(model, checked, top=2)
+    with pytest.raises(AssertionError, match="checked again"):  # ... but on another model, they are
+        apply(other, checked)
+
+
+def test_checked_coords_refuses_a_recorded_value_the_model_does_not_hold():
+    from superweight.edit.validate import checked_coords
+
+    model = tiny_model("llama")
+    held = float(down_proj_matrix(model, 1).detach()[2, 3])
+    assert list(checked_coords(model, [SuperWeight(1, 2, 3, value=held)])) == [SuperWeight(1, 2, 3, value=held)]
+    with pytest.raises(CoordinatesError, match="records the weight as"):
+        checked_coords(model, [SuperWeight(1, 2, 3, value=held + 1.0)])
+    with pytest.raises(CoordinatesError, match="layer 9 is out of range"):
+        checked_coords(model, [SuperWeight(9, 2, 3)])
+
+
+def test_coordinates_checked_before_the_load_say_so(tiny_llama_dir, tmp_path):
+    from superweight.edit.validate import check_coords_before_load
+    from superweight.model.source import resolve
+
+    source = resolve(str(tiny_llama_dir))
+    assert check_coords_before_load(source, [SuperWeight(3, 31, 63)]) is True
+    with pytest.raises(CoordinatesError, match="col 64 is out of range"):
+        check_coords_before_load(source, [SuperWeight(3, 31, 64)])
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")  # left to the load to report
+    assert check_coords_before_load(resolve(str(tmp_path)), [SuperWeight(0, 0, 0)]) is False
