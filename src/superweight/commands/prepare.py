@@ -584,13 +584,13 @@ class QuantizationResult:
 
     def weight_table(self):
         from ..measure.configurations import summary_table
-        from ..edit.quantize import comparison_runs
+        from ..measure.quantized import comparison_runs
 
         return summary_table(comparison_runs(self.rows, lambda r: f"block {r['block_size']}"))
 
     def activation_table(self):
         from ..measure.configurations import summary_table
-        from ..edit.quantize import comparison_runs
+        from ..measure.quantized import comparison_runs
 
         return summary_table(comparison_runs(self.activation_rows, lambda r: f"{r['bits']}-bit"))
 
@@ -620,6 +620,8 @@ def quantize_model(model: Optional[str] = None, *, coords: Optional[Path] = None
     size; `plot` draws the sweep, `out` saves the aware model (one block size)."""
     from ..edit import quantize as rtn
     from ..edit.ablate import check_coords_before_load
+    from ..measure.quantized import activation_quantization_compare, weight_quantization_sweep
+    from ..report.plots import plot_sweep
     from ..coords import requested
     from ..distributed import main_proceeds
     from ..errors import UsageError
@@ -656,16 +658,16 @@ def quantize_model(model: Optional[str] = None, *, coords: Optional[Path] = None
     with reporter.bars() as bar:
         if not weights:
             weights = _detected(reporter, bar, loaded)
-        rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
-                                             tasks=names, baseline=True, progress=bar, **options)
-        activation_rows = (rtn.activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
-                                                               bits=activation_bits, tasks=names, progress=bar,
-                                                               **options)
+        rows = weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
+                                         tasks=names, baseline=True, progress=bar, **options)
+        activation_rows = (activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
+                                                           bits=activation_bits, tasks=names, progress=bar,
+                                                           **options)
                            if activations else [])
     if not main_proceeds():  # every rank got here: rank 0 writes and prints
         return None
     if plot:
-        rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
+        plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
     if out is not None:
         with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights,
                                    z=z_value) as record:
