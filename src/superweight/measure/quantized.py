@@ -69,7 +69,7 @@ def weight_quantization_sweep(
     z = check_z(z)
     if z is None:
         raise UsageError(f"the super-weight-aware scheme needs a z-score clipping threshold; the paper uses {DEFAULT_Z:g}")
-    weights = checked_super_weights(model, super_weights)  # checked before the baseline is evaluated
+    weights = checked_super_weights(model, super_weights)  # before the baseline runs
     reference = _run_eval(model, tokenizer, tasks, evaluate_options, progress, "unquantized") if baseline else None
     rows = []
     for size in sizes:
