@@ -148,7 +148,8 @@ def test_quantize_smoke_keeps_super_weights_and_restores_the_model(smollm2):
     """`sw quantize`'s library path on the real model, one wikitext document at a short context."""
     from conftest import DATA_DIR
     from superweight.coords import SuperWeight
-    from superweight.edit.quantize import quantized_weights, weight_quantization_sweep
+    from superweight.edit.quantize import quantized_weights
+    from superweight.measure.quantized import weight_quantization_sweep
 
     model = smollm2.model
     weights = [SuperWeight(11, 507, 1229), SuperWeight(11, 507, 1487)]

@@ -485,11 +485,14 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
               reporter: Optional[Reporter] = None) -> Optional[StudyResult]:
     """`sw study`: Table 1, the scale sweep, the stop-word shift, the activation profile and
     generations, written to `out` (default ./<model>-study); cached evaluations are not run again.
-    `limit`: documents per task, or "all"; without it a CPU run reads `study.CPU_LIMIT` documents of
-    each zero-shot task and `study.CPU_WIKITEXT_LIMIT` of wikitext, an accelerator run all of them.
+    `limit`: documents per task, or "all"; without it a CPU run reads `study_runs.CPU_LIMIT` documents of
+    each zero-shot task and `study_runs.CPU_WIKITEXT_LIMIT` of wikitext, an accelerator run all of them.
     `command` is recorded in the report as the command line that asked for it."""
     from ..edit.validate import check_coords_before_load
     from ..measure import generate as generation
+    from ..measure import study_runs
+    from ..measure.activation_profile import activation_profile
+    from ..measure.stop_words import cached_stop_word_shift, load_stop_words
     from ..report import study as analysis
     from ..coords import requested
     from ..find.detect import DEFAULT_PROMPT, encode_prompt
@@ -502,15 +505,15 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
 
     reporter = reporter or Reporter()
     started = time.perf_counter()
-    factors = analysis.parse_grid(grid)
-    limit = analysis.parse_limit(limit)
-    _check_limit(None if limit == analysis.ALL_DOCUMENTS else limit, max_length)
+    factors = study_runs.parse_grid(grid)
+    limit = study_runs.parse_limit(limit)
+    _check_limit(None if limit == study_runs.ALL_DOCUMENTS else limit, max_length)
     batch = _batch_size(batch_size)
     if top is not None and top <= 0:
         raise UsageError(f"--top must be a positive number of weights, got {top}")
     names = _tasks_with_data(list(task) if not isinstance(task, str) else task, data_dir,
                              also=("wikitext",))  # the stop-word shift reads wikitext
-    words = analysis.load_stop_words(stop_words)
+    words = load_stop_words(stop_words)
     source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
     out_dir = Path(out) if out else Path(f"{slug(source.alias or source.spec)}-study")
     _check_outputs(source, directory=out_dir, force=force)
@@ -521,14 +524,14 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
                    cache_dir=cache_dir)
     _checked_coords(loaded, weights)
     model_key = model_fingerprint(loaded)
-    cache = analysis.EvaluationCache(cache_root(cache_dir) / "evaluations")
+    cache = study_runs.EvaluationCache(cache_root(cache_dir) / "evaluations")
     prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
     on_cpu = execution_device(loaded.model).type == "cpu"
     cpu_budget = limit is None and on_cpu
-    limits = analysis.task_limits(names, limit, on_cpu)
-    documents = analysis.documents_note(limits)
+    limits = study_runs.task_limits(names, limit, on_cpu)
+    documents = study_runs.documents_note(limits)
     if cpu_budget:
-        reporter.note(f"reading {documents} ({analysis.CPU_BUDGET_NOTE})")
+        reporter.note(f"reading {documents} ({study_runs.CPU_BUDGET_NOTE})")
     with reporter.bars() as bar:
         if not weights:
             weights = _detected(reporter, bar, loaded)
@@ -538,21 +541,21 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
             verification = _step(bar, "measuring each weight's effect",
                                  lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
             weights = labelled(weights, verification)
-        table_configurations = analysis.study_configurations(loaded.model, weights, top=top, seed=seed)
-        sweep = analysis.scale_sweep_configurations(weights, factors)
+        table_configurations = study_runs.study_configurations(loaded.model, weights, top=top, seed=seed)
+        sweep = study_runs.scale_sweep_configurations(weights, factors)
         on_start, on_progress = _configuration_progress(bar)
-        runs = analysis.run_cached(
+        runs = study_runs.run_cached(
             cache, model_key, loaded.model, loaded.tokenizer, table_configurations + sweep, names,
             on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limits,
             batch_size=batch, max_length=max_length, seed=seed)
-        shift, shift_cached = on_main(lambda: analysis.cached_stop_word_shift(
+        shift, shift_cached = on_main(lambda: cached_stop_word_shift(
             cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir,
-            limit=analysis.task_limits(["wikitext"], limit, on_cpu)["wikitext"],  # read even when not a task
+            limit=study_runs.task_limits(["wikitext"], limit, on_cpu)["wikitext"],  # read even when not a task
             max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total)))
         if shift_cached:
             bar("stop-word shift (from the cache)", 1, 1)
         profile = _step(bar, "activation profile",
-                        lambda: analysis.activation_profile(loaded.model, prompt_ids, weights))
+                        lambda: activation_profile(loaded.model, prompt_ids, weights))
         generations = _step(bar, "generations", lambda: on_main(
             lambda: generation.generate(loaded.model, loaded.tokenizer, table_configurations)))
         if not main_proceeds():  # every rank got here: rank 0 writes and prints
@@ -566,7 +569,7 @@ def run_study(model: Optional[str] = None, *, coords: Optional[Path] = None, coo
                 "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
                 "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
         _step(bar, f"writing {out_dir}", lambda: analysis.write_report(
-            out_dir, force=force, super_weights=weights, table=table, sweep_rows=analysis.sweep_rows(runs, sweep),
+            out_dir, force=force, super_weights=weights, table=table, sweep_rows=study_runs.sweep_rows(runs, sweep),
             stop_words=shift, profile=profile, meta=meta, verification=verification, generations=generations))
     return StudyResult(out=out_dir, table=table, super_weights=weights, runs=runs, meta=meta)
 
@@ -590,13 +593,13 @@ class QuantizationResult:
 
     def weight_table(self):
         from ..measure.configurations import summary_table
-        from ..edit.quantize import comparison_runs
+        from ..measure.quantized import comparison_runs
 
         return summary_table(comparison_runs(self.rows, lambda r: f"block {r['block_size']}"))
 
     def activation_table(self):
         from ..measure.configurations import summary_table
-        from ..edit.quantize import comparison_runs
+        from ..measure.quantized import comparison_runs
 
         return summary_table(comparison_runs(self.activation_rows, lambda r: f"{r['bits']}-bit"))
 
@@ -626,6 +629,8 @@ def quantize_model(model: Optional[str] = None, *, coords: Optional[Path] = None
     size; `plot` draws the sweep, `out` saves the aware model (one block size)."""
     from ..edit import quantize as rtn
     from ..edit.validate import check_coords_before_load
+    from ..measure.quantized import activation_quantization_compare, weight_quantization_sweep
+    from ..report.plots import plot_sweep
     from ..coords import requested
     from ..distributed import main_proceeds
     from ..errors import UsageError
@@ -662,16 +667,16 @@ def quantize_model(model: Optional[str] = None, *, coords: Optional[Path] = None
     with reporter.bars() as bar:
         if not weights:
             weights = _detected(reporter, bar, loaded)
-        rows = rtn.weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
-                                             tasks=names, baseline=True, progress=bar, **options)
-        activation_rows = (rtn.activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
-                                                               bits=activation_bits, tasks=names, progress=bar,
-                                                               **options)
+        rows = weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
+                                         tasks=names, baseline=True, progress=bar, **options)
+        activation_rows = (activation_quantization_compare(loaded.model, loaded.tokenizer, weights,
+                                                           bits=activation_bits, tasks=names, progress=bar,
+                                                           **options)
                            if activations else [])
     if not main_proceeds():  # every rank got here: rank 0 writes and prints
         return None
     if plot:
-        rtn.plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
+        plot_sweep(rows, plot, title=f"{source.spec}: INT{bits} round-to-nearest")
     if out is not None:
         with rtn.quantized_weights(loaded.model, bits=bits, block_size=grid[0], super_weights=weights,
                                    z=z_value) as record:

@@ -1,4 +1,4 @@
-"""Round-to-nearest quantization, naive and super-outlier aware (Yu et al. 2024, Sec. 4).
+"""Round-to-nearest quantization of weights, naive and super-weight aware (Yu et al. 2024, Sec. 4.2).
 
 Everything here is *fake* (simulated) quantization: values are quantized and dequantized at once
 and stored back in the model's own dtype, so the effect on quality can be measured with the usual
@@ -27,26 +27,15 @@ Weights (paper Sec. 4.2)
     decoder layers, which is what the authors' code quantizes (all decoder `*.weight` except norms;
     embeddings and the LM head untouched); it restores the model bit-identically on exit.
 
-Activations (paper Sec. 4.1)
-    Per-tensor asymmetric min-max round-to-nearest of the down projections' *input* (one scale
-    for the whole [batch, tokens, channels] tensor, 8 bits by default as in the paper's W8A8).
-    Super-activation aware: in the super weights' layers, the super activation is held out: the
-    entries of the super weights' input channel `col` whose magnitude is at least
-    `SPIKE_FRACTION` (0.5) x the largest |x[..., col]| of their sequence are replaced by the median
-    of the whole tensor, the tensor is quantized, and those entries are put back at their exact
-    original values.
-
-Drivers: `weight_quantization_sweep` (naive vs super-weight-aware perplexity per block size),
-`activation_quantization_compare` (naive vs super-activation-aware per bit width), both through
-`superweight.evaluate.evaluate`; `default_block_sizes` scales the paper's block grid to a model;
-`plot_sweep` draws perplexity against block size.
-
 Paper settings (Yu et al. 2024, arXiv 2411.07191; authors' code github.com/mengxiayu/LLMSuperWeight,
 mirrored as cyita/LLMSuperWeight): INT4 weights, block sizes 16,384 / 65,536 / 262,144 / 1,048,576
 and whole tensor for 7B models, z-score clipping threshold 9 (README, "Block-wise Weight
 Quantization"); W8A8 for activations. The authors' z-score is computed on |w| (threshold
 mean|w| + z * std|w|, clamp to +/- threshold); here it is the signed z-score over the tensor
 (clamp to mean +/- z * std), which for zero-centred weights is nearly the same.
+
+Activations are quantized in `edit.quantize_activations` (with this module's RTN), and the
+naive vs aware comparisons are evaluated in `measure.quantized`.
 """
 
 from __future__ import annotations
@@ -54,23 +43,21 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from ..model.adapters import adapter_for, decoder_layers, down_proj_module, down_proj_tensor
+from ..model.adapters import adapter_for, decoder_layers, down_proj_tensor
 from ..coords import SuperWeight
 from ..errors import UsageError
+from .validate import validate_coords
 
 DEFAULT_WEIGHT_BITS = 4
-DEFAULT_ACTIVATION_BITS = 8
 DEFAULT_Z = 9.0  # the authors' z-score clipping threshold for INT4 (README, clip_4_<block>_z_9)
 AUTO_Z = "auto"  # choose the threshold per matrix (see the module docstring)
 AUTO_Z_GRID = (3.0, 4.0, 5.0, 6.0, 8.0, 9.0, 12.0, 16.0, 24.0, 32.0, None)  # None: no clipping
 PAPER_BLOCK_SIZES = (16_384, 65_536, 262_144, 1_048_576)  # Llama-7B, down_proj 11008 x 4096
-SPIKE_FRACTION = 0.5  # |x[..., col]| >= this x the sequence's largest counts as the super activation
 MIN_BITS, MAX_BITS = 2, 8
 SMALLEST_DEFAULT_BLOCK = 64
 
@@ -118,11 +105,23 @@ def check_block_sizes(block_sizes: Iterable[Any]) -> list[int]:
     return sizes
 
 
-def _check_bits_list(bits: int | Iterable[int], what: str) -> list[int]:
+def check_bits_list(bits: int | Iterable[int], what: str) -> list[int]:
+    """One bit width or several, each checked; at least one."""
     values = [bits] if isinstance(bits, int) else list(bits)
     if not values:
         raise UsageError(f"no {what} bit widths given; give at least one, e.g. 8")
     return [check_bits(b, what) for b in values]
+
+
+def checked_super_weights(model: nn.Module, super_weights: Iterable[SuperWeight] | None) -> list[SuperWeight]:
+    """The distinct super weights (a repeat counts once), each checked to name a weight of `model`."""
+    unique: dict[tuple, SuperWeight] = {}
+    for w in super_weights or ():
+        unique.setdefault(w.key, w)
+    weights = list(unique.values())
+    if weights:
+        validate_coords(model, weights)
+    return weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +132,7 @@ def _levels(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def _rtn(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+def round_to_nearest(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """Asymmetric RTN of float32 `x` with broadcastable per-group min `lo` / max `hi`."""
     levels = _levels(bits)
     scale = (hi - lo) / levels
@@ -170,10 +169,10 @@ def fake_quantize_blockwise(tensor: torch.Tensor, bits: int = DEFAULT_WEIGHT_BIT
     if full:
         blocks = flat[:full].view(-1, block_size)
         lo, hi = blocks.amin(1, keepdim=True), blocks.amax(1, keepdim=True)
-        parts.append(_rtn(blocks, lo, hi, bits).reshape(-1))
+        parts.append(round_to_nearest(blocks, lo, hi, bits).reshape(-1))
     if full < n:
         tail = flat[full:]
-        parts.append(_rtn(tail, tail.min(), tail.max(), bits))
+        parts.append(round_to_nearest(tail, tail.min(), tail.max(), bits))
     return torch.cat(parts).view(tensor.shape).to(tensor.dtype)
 
 
@@ -192,13 +191,6 @@ def zscore_clip(tensor: torch.Tensor, z: float) -> tuple[torch.Tensor, int]:
     lo, hi = float(mean - z * std), float(mean + z * std)
     clipped = int(((x < lo) | (x > hi)).sum())
     return x.clamp(lo, hi), clipped
-
-
-def _unique(weights: Iterable[SuperWeight]) -> list[SuperWeight]:
-    unique: dict[tuple, SuperWeight] = {}
-    for w in weights:
-        unique.setdefault(w.key, w)
-    return list(unique.values())
 
 
 def _positions(tensor: torch.Tensor, positions: Iterable[Sequence[int]] | None) -> list[tuple[int, ...]]:
@@ -305,14 +297,13 @@ class WeightQuantizationRecord:
                               for w in self.super_weights],
             "tensors": len(self.names),
             "clipped": self.clipped,
-            **({"chosen_z": _z_counts(self.chosen_z)} if self.z == AUTO_Z else {}),
+            **({"chosen_z": self.chosen_z_counts()} if self.z == AUTO_Z else {}),
         }
 
-
-def _z_counts(chosen: list[float | None]) -> dict[str, int]:
-    """How many matrices got each threshold, in grid order ("none": not clipped)."""
-    counts = {("none" if z is None else f"{z:g}"): chosen.count(z) for z in AUTO_Z_GRID}
-    return {label: n for label, n in counts.items() if n}
+    def chosen_z_counts(self) -> dict[str, int]:
+        """With z="auto": how many matrices got each threshold, in grid order ("none": not clipped)."""
+        counts = {("none" if z is None else f"{z:g}"): self.chosen_z.count(z) for z in AUTO_Z_GRID}
+        return {label: n for label, n in counts.items() if n}
 
 
 def weight_targets(model: nn.Module, super_weights: Sequence[SuperWeight] = ()) -> list[_Target]:
@@ -371,14 +362,10 @@ def quantize_model_weights(
     `z=DEFAULT_Z`). Originals are kept on the CPU so the model can be restored bit-identically.
     `progress(done, total)` is called after each parameter.
     """
-    from .validate import validate_coords
-
     bits = check_bits(bits)
     block_size = check_block_size(block_size)
     z = check_z(z)
-    weights = _unique(super_weights or [])
-    if weights:
-        validate_coords(model, weights)
+    weights = checked_super_weights(model, super_weights)
     targets = weight_targets(model, weights)
     record = WeightQuantizationRecord(bits, block_size, z, weights, [t.name for t in targets])
     try:
@@ -440,277 +427,3 @@ def default_block_sizes(model: nn.Module, factor: int = 4, smallest: int = SMALL
     while sizes[-1] * factor <= largest // 2:
         sizes.append(sizes[-1] * factor)
     return sizes
-
-
-# --------------------------------------------------------------------------------------------
-# Activations
-
-
-def fake_quantize_per_tensor(x: torch.Tensor, bits: int = DEFAULT_ACTIVATION_BITS) -> torch.Tensor:
-    """Asymmetric min-max RTN of the whole tensor with one scale; same shape and dtype."""
-    bits = check_bits(bits, "activation")
-    flat = x.detach().float()
-    if flat.numel() == 0:
-        return x.detach().clone()
-    return _rtn(flat, flat.min(), flat.max(), bits).to(x.dtype)
-
-
-def super_activation_mask(x: torch.Tensor, cols: Iterable[int], fraction: float = SPIKE_FRACTION) -> torch.Tensor:
-    """Boolean mask of the super activation in a down-projection input `x` [..., tokens, channels]:
-    the entries of channel `col` (each of `cols`) with |x| >= `fraction` x the largest |x[..., col]|
-    of their sequence (so the largest itself always counts)."""
-    if x.dim() < 2:
-        raise UsageError(f"expected a [..., tokens, channels] activation, got shape {tuple(x.shape)}")
-    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    for col in cols:
-        column = x[..., col].detach().abs()  # [..., tokens]
-        mask[..., col] |= column >= fraction * column.amax(dim=-1, keepdim=True)
-    return mask
-
-
-def fake_quantize_activation_aware(
-    x: torch.Tensor, bits: int = DEFAULT_ACTIVATION_BITS, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Replace the `mask`ed entries (the super activation) with the tensor's median, quantize per
-    tensor, then put the masked entries back at their exact original values.
-
-    The median is torch's (the lower of the two middle values for an even count), over all entries.
-    """
-    bits = check_bits(bits, "activation")
-    if mask is None or not bool(mask.any()):
-        return fake_quantize_per_tensor(x, bits)
-    source = x.detach()
-    held_out = torch.where(mask, source.float().median(), source.float())
-    out = fake_quantize_per_tensor(held_out, bits).to(x.dtype)
-    return torch.where(mask, source, out)
-
-
-@dataclass
-class ActivationQuantizationStats:
-    """Filled while `quantized_activations` is active: forward calls and held-out entries."""
-
-    calls: int = 0
-    held_out: int = 0
-
-
-@contextmanager
-def quantized_activations(
-    model: nn.Module,
-    bits: int = DEFAULT_ACTIVATION_BITS,
-    super_weights: Sequence[SuperWeight] | None = None,
-    *,
-    spike_fraction: float = SPIKE_FRACTION,
-) -> Iterator[ActivationQuantizationStats]:
-    """Within the block, every down projection's input is fake-quantized per tensor at `bits`.
-
-    With `super_weights`, the layers that hold them keep their super activation out of the
-    quantization (see `super_activation_mask`, `fake_quantize_activation_aware`); other layers are
-    quantized naively. Dense families only. Hooks are removed on exit, also when the block raises.
-    """
-    from .validate import validate_coords
-
-    bits = check_bits(bits, "activation")
-    if isinstance(spike_fraction, bool) or not isinstance(spike_fraction, (int, float)) or not 0 < spike_fraction <= 1:
-        raise UsageError(f"the spike fraction must be a number in (0, 1], got {spike_fraction!r}")
-    adapter = adapter_for(model)
-    if adapter.experts:
-        raise UsageError("activation quantization of fused mixture-of-experts down projections is not supported yet")
-    weights = _unique(super_weights or [])
-    if weights:
-        validate_coords(model, weights)
-    cols: dict[int, list[int]] = {}
-    for w in weights:
-        if w.col not in cols.setdefault(w.layer, []):
-            cols[w.layer].append(w.col)
-    stats = ActivationQuantizationStats()
-
-    def make_hook(layer_cols: list[int]) -> Callable:
-        def hook(module, args, kwargs):
-            if not args or not torch.is_tensor(args[0]):
-                return None
-            x = args[0]
-            stats.calls += 1
-            if layer_cols:
-                mask = super_activation_mask(x, layer_cols, spike_fraction)
-                stats.held_out += int(mask.sum())
-                quantized = fake_quantize_activation_aware(x, bits, mask)
-            else:
-                quantized = fake_quantize_per_tensor(x, bits)
-            return (quantized, *args[1:]), kwargs
-
-        return hook
-
-    handles = []
-    try:
-        for layer in range(len(decoder_layers(model, adapter))):
-            module = down_proj_module(model, layer, adapter)
-            handles.append(module.register_forward_pre_hook(make_hook(cols.get(layer, [])), with_kwargs=True))
-        yield stats
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-# --------------------------------------------------------------------------------------------
-# Drivers
-
-
-def _perplexity(out: dict[str, Any]) -> float | None:
-    wikitext = out.get("results", {}).get("wikitext")
-    return None if wikitext is None else wikitext.get("word_perplexity")
-
-
-StageProgress = Callable[[str, int, int], None]  # (stage, done, total), e.g. ("naive, block 64: wikitext", 3, 10)
-
-
-def _stage(progress: StageProgress | None, stage: str) -> Callable[[int, int], None] | None:
-    """`progress` bound to one stage."""
-    return None if progress is None else (lambda done, total: progress(stage, done, total))
-
-
-def _run_eval(model, tokenizer, tasks, evaluate_options, progress: StageProgress | None = None,
-              stage: str = "") -> dict[str, Any]:
-    """`evaluate`, its progress reported per task as the stage '<stage>: <task>'."""
-    from ..measure.evaluate import evaluate
-
-    per_task = None if progress is None else (lambda task, done, total: progress(f"{stage}: {task}", done, total))
-    out = evaluate(model, tokenizer, list(tasks), progress=per_task, **evaluate_options)
-    return out["results"]
-
-
-def weight_quantization_sweep(
-    model: nn.Module,
-    tokenizer,
-    super_weights: Sequence[SuperWeight],
-    block_sizes: Iterable[int],
-    bits: int = DEFAULT_WEIGHT_BITS,
-    z: float | str = DEFAULT_Z,
-    tasks: Sequence[str] = ("wikitext",),
-    *,
-    baseline: bool = False,
-    progress: StageProgress | None = None,
-    **evaluate_options: Any,
-) -> list[dict[str, Any]]:
-    """Per block size: the model quantized naively and super-weight-aware (clip at `z`, or a
-    threshold per matrix with z="auto"; restore the super weights), each evaluated on `tasks` with
-    `evaluate(..., **evaluate_options)`. `progress(stage, done, total)` follows each quantization
-    and evaluation.
-
-    Rows: {"bits", "block_size", "z", "naive_perplexity", "aware_perplexity" (wikitext word
-    perplexity, None without wikitext), "naive", "aware" (the per-task results), and with
-    `baseline=True` "baseline_perplexity"/"baseline" (unquantized, evaluated once)}. The model
-    is left exactly as it was.
-    """
-    from .validate import validate_coords
-
-    bits = check_bits(bits)
-    sizes = check_block_sizes(block_sizes)
-    z = check_z(z)
-    if z is None:
-        raise UsageError(f"the super-weight-aware scheme needs a z-score clipping threshold; the paper uses {DEFAULT_Z:g}")
-    weights = _unique(super_weights or [])
-    if weights:
-        validate_coords(model, weights)
-    reference = _run_eval(model, tokenizer, tasks, evaluate_options, progress, "unquantized") if baseline else None
-    rows = []
-    for size in sizes:
-        z_label = z if z == AUTO_Z else f"{z:g}"
-        naive_stage, aware_stage = f"INT{bits} naive, block {size}", f"INT{bits} aware (z={z_label}), block {size}"
-        with quantized_weights(model, bits, size, progress=_stage(progress, f"{naive_stage}: quantizing")):
-            naive = _run_eval(model, tokenizer, tasks, evaluate_options, progress, naive_stage)
-        aware_quantizing = _stage(progress, f"{aware_stage}: quantizing")
-        with quantized_weights(model, bits, size, weights, z, aware_quantizing) as record:
-            aware = _run_eval(model, tokenizer, tasks, evaluate_options, progress, aware_stage)
-        rows.append(_comparison_row(naive, aware, reference, bits=bits, block_size=size, z=z, clipped=record.clipped,
-                                    **({"chosen_z": _z_counts(record.chosen_z)} if z == AUTO_Z else {})))
-    return rows
-
-
-def _comparison_row(naive: dict, aware: dict, reference: dict | None, **settings: Any) -> dict[str, Any]:
-    """One row of a naive vs super-weight-aware comparison: the settings, both results and their
-    wikitext perplexities, and the unquantized baseline when it was evaluated."""
-    row = {**settings, "naive_perplexity": _perplexity({"results": naive}),
-           "aware_perplexity": _perplexity({"results": aware}), "naive": naive, "aware": aware}
-    if reference is not None:
-        row["baseline_perplexity"] = _perplexity({"results": reference})
-        row["baseline"] = reference
-    return row
-
-
-def activation_quantization_compare(
-    model: nn.Module,
-    tokenizer,
-    super_weights: Sequence[SuperWeight],
-    bits: int | Iterable[int] = DEFAULT_ACTIVATION_BITS,
-    tasks: Sequence[str] = ("wikitext",),
-    *,
-    baseline: bool = False,
-    spike_fraction: float = SPIKE_FRACTION,
-    progress: StageProgress | None = None,
-    **evaluate_options: Any,
-) -> list[dict[str, Any]]:
-    """Per bit width: down-projection inputs quantized per tensor naively and with the super
-    activation held out, each evaluated on `tasks`. Rows like `weight_quantization_sweep`'s, with
-    "held_out" (super-activation entries kept in full precision) instead of block size / z."""
-    widths = _check_bits_list(bits, "activation")
-    if not super_weights:
-        raise UsageError("super-activation-aware quantization needs the super weights; give at least one LAYER,ROW,COL")
-    reference = _run_eval(model, tokenizer, tasks, evaluate_options, progress, "unquantized") if baseline else None
-    rows = []
-    for width in widths:
-        with quantized_activations(model, width):
-            naive = _run_eval(model, tokenizer, tasks, evaluate_options, progress, f"A{width} naive")
-        with quantized_activations(model, width, super_weights, spike_fraction=spike_fraction) as stats:
-            aware = _run_eval(model, tokenizer, tasks, evaluate_options, progress,
-                              f"A{width} super activation held out")
-        rows.append(_comparison_row(naive, aware, reference, bits=width, held_out=stats.held_out))
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Plot
-
-
-def comparison_runs(rows: Sequence[dict[str, Any]], setting: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    """The rows of a comparison as named runs for `experiments.summary_table`: "unquantized" (when
-    evaluated), then "naive, <setting>" and "aware, <setting>" per row, every task's metrics."""
-    runs: dict[str, Any] = {}
-    if rows and rows[0].get("baseline") is not None:
-        runs["unquantized"] = {"results": rows[0]["baseline"]}
-    for row in rows:
-        runs[f"naive, {setting(row)}"] = {"results": row["naive"]}
-        runs[f"aware, {setting(row)}"] = {"results": row["aware"]}
-    return runs
-
-
-def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Each task's headline metric against block size (log2 x axis; perplexities on a log y axis),
-    naive vs super-weight aware, one panel per metric, PNG (or any format matplotlib knows from
-    the suffix), written atomically."""
-    from ..measure.configurations import headline_columns
-    from ..report.plots import pyplot, save_figure
-
-    points = sorted((r for r in rows if r.get("block_size") is not None), key=lambda r: r["block_size"])
-    if not points:
-        raise UsageError("nothing to plot: the sweep has no rows; run weight_quantization_sweep first")
-    plt = pyplot()
-    sizes = [r["block_size"] for r in points]
-    panels = headline_columns(points[0]["naive"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
-    for ax, (task, metric) in zip(axes[0], panels):
-        for key, label, color, marker in (("naive", "naive RTN", "#cc3311", "o"),
-                                          ("aware", "super-weight aware", "#3366aa", "s")):
-            ax.plot(sizes, [r[key][task].get(metric, math.nan) for r in points], marker=marker, ms=4, lw=1.4,
-                    color=color, label=label)
-        if points[0].get("baseline") is not None:
-            ax.axhline(points[0]["baseline"][task][metric], color="#555555", ls="--", lw=1, label="unquantized")
-        ax.set_xscale("log", base=2)
-        if "perplexity" in metric:
-            ax.set_yscale("log")
-        ax.set_xlabel("block size (weights)")
-        ax.set_title(f"{task} {metric}", fontsize=10)
-        ax.grid(True, which="both", ls=":", lw=0.5)
-        ax.legend(fontsize=8)
-    bits = points[0].get("bits")
-    fig.suptitle(title or f"INT{bits} round-to-nearest vs block size", fontsize=11)
-    return save_figure(fig, path)

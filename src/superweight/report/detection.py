@@ -7,7 +7,6 @@ they work on headless machines.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..coords import SuperWeight
