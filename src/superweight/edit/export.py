@@ -32,6 +32,7 @@ from .ablate import check_recorded_values, validate_coords
 from ..model.adapters import adapter_for, down_proj_module, gguf_architecture, tensor_name
 from ..coords import SuperWeight
 from ..errors import CoordinatesError, ModelLoadError, UsageError
+from ..versions import package_version
 
 FORMATS = ("llama.cpp", "bitsandbytes", "llm-compressor")
 DEFAULT_GGML_TYPE = "f16"
@@ -162,12 +163,7 @@ def gguf_tensor_names(model: nn.Module, weights: Sequence[SuperWeight], architec
 
 
 def _gguf_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gguf")
-    except PackageNotFoundError:
-        return "unknown"
+    return package_version("gguf") or "unknown"
 
 
 def _read_gguf(path: str | Path) -> tuple[str, dict[str, list[int]]]:
