@@ -42,7 +42,8 @@ def test_work_is_balanced_by_tokens_not_by_count():
 def test_each_rank_scores_only_its_share_of_the_batches(tiny_llama_dir, monkeypatch):
     """Two ranks simulated in one process: disjoint shares that cover every request, each scored as
     in one process."""
-    from superweight.measure.evaluate import Encoder, Scorer, build_requests
+    from superweight.measure.requests import Encoder, build_requests
+    from superweight.measure.scoring import Scorer
     from superweight.model.load import load_model
     from superweight.measure.tasks import load_task
 

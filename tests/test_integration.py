@@ -172,7 +172,7 @@ def test_quantize_smoke_keeps_super_weights_and_restores_the_model(smollm2):
 def test_bulk_tokenisation_equals_lm_eval_one_pair_at_a_time(smollm2):
     """The bulk `encode_pairs` gives, on real task data, exactly lm-eval's per-request `_encode_pair`."""
     from conftest import DATA_DIR
-    from superweight.measure.evaluate import Encoder
+    from superweight.measure.requests import Encoder
     from superweight.measure.tasks import TASKS, load_task
 
     tokenizer = smollm2.tokenizer

@@ -19,7 +19,8 @@ from superweight.model.adapters import decoder_layers, down_proj_matrix, down_pr
 from superweight.coords import SuperWeight
 from superweight.find.detect import detect
 from superweight.errors import OutputPathError
-from superweight.measure.evaluate import Scorer, evaluate
+from superweight.measure.evaluate import evaluate
+from superweight.measure.scoring import Scorer
 from superweight.measure.configurations import Configuration, run_configurations
 from superweight.model.load import load_model
 from superweight.model.placement import execution_device

@@ -37,6 +37,7 @@ from ..model.gguf import dequantized_gguf
 from ..model.hub import hub_options, read_config
 from ..model.load import weightless_model
 from ..model.source import ModelSource, resolve
+from ..versions import package_version
 
 FORMATS = ("llama.cpp", "bitsandbytes", "llm-compressor")
 DEFAULT_GGML_TYPE = "f16"
@@ -157,12 +158,7 @@ def gguf_tensor_names(model: nn.Module, weights: Sequence[SuperWeight], architec
 
 
 def _gguf_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gguf")
-    except PackageNotFoundError:
-        return "unknown"
+    return package_version("gguf") or "unknown"
 
 
 def _read_gguf(path: str | Path) -> tuple[str, dict[str, list[int]]]:

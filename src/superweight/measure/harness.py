@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import DataError, MissingDependencyError, UsageError
-from .evaluate import BOOTSTRAP_RESAMPLES, _version
 from ..model.placement import execution_device
+from ..versions import package_version
+from .metrics import BOOTSTRAP_RESAMPLES
 
 INSTALL_HINT = "pip install 'superweight[harness]'"
 CPU_BATCH_SIZE = 16  # lm-eval's "auto" probes batches of max_length tokens: minutes on a CPU
@@ -42,7 +43,7 @@ class HarnessTasks:
 
 
 def lm_eval_version() -> str | None:
-    return _version("lm_eval") or _version("lm-eval")
+    return package_version("lm_eval", "lm-eval")
 
 
 def _import_lm_eval():

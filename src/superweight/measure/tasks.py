@@ -1,15 +1,15 @@
 """The evaluation tasks, declared in one table, formatted exactly as lm-evaluation-harness does.
 
-Every task is a `Task` row: which files it reads, how a document becomes prompts, and how it is
-scored. Local readers return documents in the shape of the Hugging Face dataset lm-eval loads
+Every task is a `Task` row: which files it reads, how a document becomes prompts, how its requests
+are built, and which metrics it reports (defined once in `metrics`). Local readers return documents in the shape of the Hugging Face dataset lm-eval loads
 (e.g. ARC's nested `question.stem` is flattened), so the same prompt functions serve local files
 and the hub fallback. Prompt definitions follow lm-eval's task yamls (`lm_eval/tasks/<task>/`).
 
-Scoring kinds:
-  choice   one context, one continuation per choice (" " + choice); acc, acc_norm
-  partial  one context per choice, one shared continuation (WinoGrande partial scoring); acc
-  greedy   one context, one continuation; acc = greedy match, perplexity (LAMBADA)
-  rolling  whole document scored with rolling windows; word/byte perplexity, bits per byte
+Scoring kinds (what is scored; the row's metrics say what is computed from it):
+  choice   one context, one continuation per choice (" " + choice)
+  partial  one context per choice, one shared continuation (WinoGrande partial scoring)
+  greedy   one context, one continuation (LAMBADA)
+  rolling  whole document scored with rolling windows
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 from ..errors import DataError, UsageError
 from ..model.hub import hub_offline
+from .limits import check_limits
+from .metrics import ACC, ACC_NORM, BITS_PER_BYTE, BYTE_PERPLEXITY, GREEDY_ACC, PERPLEXITY, WORD_PERPLEXITY, Metric
 
 Doc = dict[str, Any]
 
@@ -63,7 +65,7 @@ class Task:
     files: tuple[str, ...]  # relative to <data_dir>/<name>/; the first one holds the documents
     read: Callable[[Path], list[Doc]]  # task directory -> documents (HF shape)
     prompt: Callable[[Doc], Prompt]
-    metrics: tuple[str, ...]
+    metrics: tuple[Metric, ...]  # what the results report, in this order
     hub: HubSource
 
 
@@ -194,7 +196,7 @@ def _wikitext_prompt(doc: Doc) -> Prompt:
 
 # ----------------------------------------------------------------------------- the table
 
-_CHOICE_METRICS = ("acc", "acc_norm")
+_CHOICE_METRICS = (ACC, ACC_NORM)
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -202,12 +204,12 @@ TASKS: dict[str, Task] = {
         Task(
             "wikitext", "rolling", ("wikitext-2-raw-v1_test_documents.jsonl",),
             _reader("wikitext-2-raw-v1_test_documents.jsonl"), _wikitext_prompt,
-            ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+            (WORD_PERPLEXITY, BYTE_PERPLEXITY, BITS_PER_BYTE),
             HubSource("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test"),
         ),
         Task(
             "lambada_openai", "greedy", ("lambada_test.jsonl",), _reader("lambada_test.jsonl"), _lambada_prompt,
-            ("acc", "perplexity"), HubSource("EleutherAI/lambada_openai", "default", "test"),
+            (GREEDY_ACC, PERPLEXITY), HubSource("EleutherAI/lambada_openai", "default", "test"),
         ),
         Task(
             "piqa", "choice", ("valid.jsonl", "valid-labels.lst"), _read_piqa,
@@ -232,7 +234,7 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             "winogrande", "partial", ("dev.jsonl",), _reader("dev.jsonl"), _winogrande_prompt,
-            ("acc",), HubSource("allenai/winogrande", "winogrande_xl", "validation"),
+            (ACC,), HubSource("allenai/winogrande", "winogrande_xl", "validation"),
         ),
     )
 }
@@ -283,8 +285,7 @@ def data_root(data_dir: str | os.PathLike | None) -> Path | None:
 def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> LoadedTask:
     """Read a task's documents from `<data_dir>/<task>/`, else (online) from the hub."""
     task = TASKS[resolve_task_names([name])[0]]
-    if limit is not None and limit <= 0:
-        raise UsageError(f"limit must be a positive number of documents, got {limit}")
+    check_limits(limit)
     root = data_root(data_dir)
     task_dir = root / task.name if root else None
     missing = [f for f in task.files if task_dir is None or not (task_dir / f).is_file()]
