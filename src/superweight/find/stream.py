@@ -15,6 +15,7 @@ found by one pass are zeroed in the streamed tensors of the next (the iteration 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ from .hooks import LayerStats, around_layers, capture_layer_stats
 from ..model.devices import resolve_device, torch_dtype
 from ..model.gguf import dequantized_gguf
 from ..model.hub import Progress, hub_access, model_load_error, read_config
+from ..model.integrity import (
+    check_complete, check_finite_down_projections, damaged_file_error, stored_shapes, weight_file_problem,
+)
 from ..model.source import ModelSource, resolve
 
 # What a hub snapshot needs for streaming: config, tokenizer files, the transformers-layout
@@ -55,25 +59,28 @@ class Checkpoint:
 
 
 def safetensors_files(directory: Path, spec: str) -> dict[str, Path]:
-    """Which file holds each tensor: from the shard index, or the one model.safetensors."""
-    from safetensors import safe_open
-
+    """Which file holds each tensor: from the shard index, or the one model.safetensors; each file's
+    header checked (a truncated or corrupt one is named)."""
     index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
-    single = directory / "model.safetensors"
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
-    pickles = any(directory.glob("pytorch_model*.bin*"))
-    found = "only PyTorch pickles (pytorch_model*.bin)" if pickles else "no model.safetensors(.index.json)"
-    target = spec.rstrip("/") + "-safetensors"
-    raise ModelLoadError(
-        f"--stream reads safetensors checkpoints, but {directory} has {found}; convert with: "
-        f"python -c \"from transformers import AutoModelForCausalLM as M; "
-        f"M.from_pretrained('{spec}').save_pretrained('{target}')\", or drop --stream"
-    )
+        files = {name: directory / file for name, file in weight_map.items()}
+    elif single.is_file():
+        files = {name: single for name in stored_shapes(single)}
+    else:
+        pickles = any(directory.glob("pytorch_model*.bin*"))
+        found = "only PyTorch pickles (pytorch_model*.bin)" if pickles else "no model.safetensors(.index.json)"
+        target = spec.rstrip("/") + "-safetensors"
+        raise ModelLoadError(
+            f"--stream reads safetensors checkpoints, but {directory} has {found}; convert with: "
+            f"python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{spec}').save_pretrained('{target}')\", or drop --stream"
+        )
+    for path in sorted(set(files.values())):
+        if problem := weight_file_problem(path):
+            raise damaged_file_error(path, problem)
+    return files
 
 
 def _checkpoint_dtype(config, files: dict[str, Path]) -> str:
@@ -160,6 +167,7 @@ class LayerStream:
                 "checkpoint stores experts unfused, the model fused); run sw detect without --stream"
             )
         self.files = checkpoint.files
+        self.directory = checkpoint.directory
         self.device = torch.device(device)
         # Buffers stay real (include_buffers=False): rotary tables and the like are computed from
         # the config at construction, exactly as in a full load, and are not in the checkpoint.
@@ -175,6 +183,7 @@ class LayerStream:
         self.layers = decoder_layers(self.model, self.adapter)
         self.stored_name = self._stored_names()
         self.zeroed: dict[int, list[SuperWeight]] = {}
+        self.checked: set[int] = set()  # layers whose down projection was found finite
         self.on_meta: dict[int, dict[str, torch.Tensor]] = {}  # layer -> its meta tensors while loaded
         outside_layers = {n: t for n, t in self.model.state_dict(keep_vars=True).items()
                           if n in self.stored_name and not n.startswith(f"{self.adapter.layers}.")}
@@ -201,7 +210,9 @@ class LayerStream:
         embedding.padding_idx = None  # a pad id past the kept rows fails F.embedding's check; it only masks gradients
 
     def _stored_names(self) -> dict[str, str]:
-        """Model tensor name -> checkpoint tensor name, for every weight the pass needs.
+        """Model tensor name -> checkpoint tensor name, for every weight the pass needs; a checkpoint
+        that lacks some, holds others of another shape, or holds more decoder layers than the config
+        says, is refused as a full load refuses it.
 
         The LM head is skipped (tied or not, the pass stops before it). Checkpoints saved from
         the base model lack its prefix (GPT-2's `h.0...` for `transformer.h.0...`).
@@ -209,17 +220,32 @@ class LayerStream:
         head = self.model.get_output_embeddings()
         head_prefix = next((f"{name}." for name, module in self.model.named_modules() if module is head), None)
         base_prefix = f"{self.model.base_model_prefix}."
-        names = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path in set(self.files.values()):
+            shapes.update(stored_shapes(path))
+        names, missing, mismatched, known = {}, set(), set(), set()
         for name, tensor in self.model.state_dict(keep_vars=True).items():
+            stored = name if name in self.files else name.removeprefix(base_prefix)
+            known.add(stored)
             if not tensor.is_meta or (head_prefix and name.startswith(head_prefix)):
                 continue
-            stored = name if name in self.files else name.removeprefix(base_prefix)
             if stored not in self.files:
-                raise ModelLoadError(
-                    f"the checkpoint has no tensor '{name}': its tensor names differ from the model's "
-                    "(an older or converted layout); run sw detect without --stream"
-                )
-            names[name] = stored
+                missing.add(name)
+            elif shapes.get(stored, tuple(tensor.shape)) != tuple(tensor.shape):
+                mismatched.add((name, shapes[stored], tuple(tensor.shape)))
+            else:
+                names[name] = stored
+        if missing and not any(n.startswith(f"{self.adapter.layers}.") for n in names):
+            raise ModelLoadError(
+                f"the checkpoint has no tensor '{sorted(missing)[0]}': its tensor names differ from the model's "
+                "(an older or converted layout); run sw detect without --stream"
+            )
+        layer_prefixes = (f"{self.adapter.layers}.", f"{self.adapter.layers}.".removeprefix(base_prefix))
+        ignored = re.compile("|".join([r"rotary_emb\.inv_freq", r"(^|\.)position_ids$",
+                                       *(self.model._keys_to_ignore_on_load_unexpected or [])]))
+        unexpected = {n for n in self.files if n.startswith(layer_prefixes) and n not in known and not ignored.search(n)}
+        check_complete({"missing_keys": missing, "mismatched_keys": mismatched, "unexpected_keys": unexpected},
+                       str(self.directory))
         return names
 
     def _load(self, module: nn.Module, prefix: str, meta: dict[str, torch.Tensor]) -> None:
@@ -242,6 +268,9 @@ class LayerStream:
         prefix = f"{self.adapter.layers}.{layer}."
         self.on_meta[layer] = {n: t for n, t in module.state_dict(keep_vars=True).items() if t.is_meta}
         self._load(module, prefix, self.on_meta[layer])
+        if layer not in self.checked:  # once per layer, before any zeroing
+            check_finite_down_projections(self.model, [layer])
+            self.checked.add(layer)
         with torch.no_grad():
             for weight in self.zeroed.get(layer, []):
                 down_proj_matrix(self.model, layer, weight.expert, self.adapter)[weight.row, weight.col] = 0

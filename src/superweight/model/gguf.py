@@ -3,7 +3,8 @@ dequantisation into the cache.
 
 transformers dequantizes a GGUF in ~20 s even for a 135M model. The first load therefore writes
 the dequantized model (safetensors + config + tokenizer) to `<cache>/gguf/<sha256 of the
-file>-<dtype>/`; later loads (and the other commands: streaming, export) read that directory instead.
+file>-<dtype>/`; later loads (and the other commands: streaming, export) read that directory instead. The entry
+records what it holds (integrity.write_manifest); a damaged one is rebuilt, with a notice.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 from .hub import Progress, check_supported_config
+from .integrity import check_complete, manifest_problem, write_manifest
 from .source import ModelSource, cache_root
 from ..errors import ModelLoadError
 from ..files import atomic_directory
@@ -77,15 +79,20 @@ def dequantized_gguf(source: ModelSource, dtype: str, cache_dir: str | None, pro
     progress("hashing GGUF file")
     digest = file_sha256(source.location)
     target = cache_root(cache_dir) / "gguf" / f"{digest[:32]}-{dtype_name}"
-    if (target / "config.json").is_file():
-        return target, True
-    architecture = _header_architecture(source.location)
     # Absolute: a bare relative name's folder is '', which from_pretrained takes for a hub id.
     directory, name = os.path.split(os.path.abspath(source.location))
-    notice(f"first load of {name}: dequantizing ({architecture}) and caching it, once; later loads read the cache")
+    if target.is_dir():
+        problem = manifest_problem(target)
+        if problem is None:
+            return target, True
+        notice(f"the cached copy of {name} in {target} is damaged ({problem}): rebuilding it")
+    architecture = _header_architecture(source.location)
+    if not target.is_dir():
+        notice(f"first load of {name}: dequantizing ({architecture}) and caching it, once; later loads read the cache")
     progress(f"dequantizing GGUF ({architecture})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=getattr(torch, dtype_name))
+        model, loading_info = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=getattr(torch, dtype_name), output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     except ValueError as e:
         raise ModelLoadError(
@@ -93,6 +100,7 @@ def dequantized_gguf(source: ModelSource, dtype: str, cache_dir: str | None, pro
             f"{str(e).splitlines()[0]}; convert the model to safetensors"
         ) from None
     check_supported_config(model.config)
+    check_complete(loading_info, source.location)  # a GGUF that lacks tensors is not cached
     # The loaded weights are plain dequantised floats, but the model still carries the gguf
     # quantizer, which makes save_pretrained refuse; drop it and its config entry.
     model.hf_quantizer = None
@@ -103,4 +111,5 @@ def dequantized_gguf(source: ModelSource, dtype: str, cache_dir: str | None, pro
     with atomic_directory(target, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)  # what the entry must hold, compared at every later use
     return target, False

@@ -20,6 +20,7 @@ from .adapters import resolve_adapter
 from .devices import check_map_devices, resolve_device, torch_dtype
 from .gguf import dequantized_gguf
 from .hub import Progress, hub_options, model_load_error, read_config
+from .integrity import check_complete, check_finite_down_projections, damaged_file_error, damaged_weight_file
 from .source import ModelSource, cache_root, resolve
 from ..errors import OutputPathError
 from ..files import refuse_inside
@@ -69,6 +70,22 @@ def _fresh_offload_folder(cache_dir: str | None, source: ModelSource) -> Path:
         ) from None
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
+
+
+def _unreadable_weights_error(source: ModelSource, location: str, where: str, error: Exception) -> Exception:
+    """What safetensors' refusal of a weight file means, naming the file: found by reading the
+    headers of the checkpoint's files (in the hub cache for a hub model)."""
+    directory: Path | None = Path(location) if Path(location).is_dir() else None
+    if source.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(source.location, "config.json", cache_dir=source.cache_dir,
+                                        revision=source.revision)
+        directory = Path(config).parent if isinstance(config, str) else None
+    found = damaged_weight_file(directory) if directory else None
+    if found:
+        return damaged_file_error(*found)
+    return damaged_file_error(f"of {where}", str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 def load_model(
@@ -126,12 +143,20 @@ def load_model(
         offload_folder = _fresh_offload_folder(cache_dir, source)
         placement["offload_folder"] = str(offload_folder)
     progress(f"loading weights of {source.spec}")
+    where = source.spec if source.kind == "hub" else location
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype_option, **hub_kwargs, **placement)
+        # Mismatched shapes are reported (then refused below with the rest), not raised as a RuntimeError.
+        model, loading_info = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype_option, output_loading_info=True, ignore_mismatched_sizes=True,
+            **hub_kwargs, **placement)
+        check_complete(loading_info, where)
+        check_finite_down_projections(model)
         tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
     except BaseException as e:
         if offload_folder is not None:
             shutil.rmtree(offload_folder, ignore_errors=True)  # a failed load leaves nothing behind
+        if type(e).__name__ == "SafetensorError":  # safetensors' own type, raised from its Rust core
+            raise _unreadable_weights_error(source, location, where, e) from None
         if isinstance(e, (OSError, ValueError)):
             raise model_load_error(source, e) from None
         raise
