@@ -101,6 +101,8 @@ def _skeleton(spec: str | None, *, revision: str | None, gguf_file: str | None, 
         try:
             files = safetensors_files(location, source.spec)
         except ModelLoadError:
+            if any(location.glob("*.safetensors")):
+                raise  # a damaged weight file is an error, never a reason to skip the stored values
             files = {}  # pickles only: the recorded values cannot be read without loading them
     return _Skeleton(model, source, files)
 
