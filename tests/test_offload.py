@@ -267,7 +267,7 @@ def test_cli_quantize_of_an_offloaded_model_is_refused(planted_dir, tmp_path, ca
                           "whole model in memory", "--max-memory")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_gpu_cpu_disk_split(planted_dir, plain):
     """Layers on the GPU, offloaded to CPU memory (accelerate's own in-memory copies, run on the
     GPU) and to disk: the planted layer on each in turn."""
