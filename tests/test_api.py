@@ -1,4 +1,4 @@
-"""The library's command functions (`superweight.commands.prepare`), called as a notebook would: plain
+"""The library's command functions (`superweight.detect_model`, ...), called as a notebook would: plain
 arguments in, a result object out, progress through a reporter, bad input as a project exception."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from superweight.commands import prepare as api
+import superweight as api
 from superweight.coords import SuperWeight, read_coords
 from superweight.errors import SuperweightError, UsageError
 
@@ -159,35 +159,10 @@ def test_ranks_other_than_0_get_no_result_and_write_nothing(planted_dir, tmp_pat
     assert sorted(tmp_path.iterdir()) == [coords]
 
 
-@pytest.mark.integration
-def test_readme_library_section_runs_as_written(gguf_cache, tmp_path, monkeypatch, capsys):
-    """README's Library snippets, executed in order on SmolLM2; each output they show is printed."""
-    import re
 
-    from conftest import REPO
-
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n## Library\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) >= 3
-    # SmolLM2's dequantized GGUF from the session cache; the study's evaluation cache in tmp_path
-    (gguf_cache / "gguf").mkdir(exist_ok=True)
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "gguf").symlink_to(gguf_cache / "gguf")
-    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("SUPERWEIGHT_DATA", str(DATA_DIR))
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
-    printed = capsys.readouterr().out
-    code = "\n".join(blocks)
-    # the output shown after a print, on its line or on the comment line below it
-    shown = re.findall(r"^print\(.*\)\s+# (\[.+|\S+/\S+)$", code, flags=re.M)
-    shown += re.findall(r"^print\(.*\)\n# (.+)$", code, flags=re.M)
-    assert len(shown) >= 2
-    for text in shown:
-        assert text in printed
-    assert (tmp_path / "smollm2-study" / "REPORT.md").is_file()
-    assert set(namespace["evaluation"].runs) >= {"original", "super weights zeroed"}
-    assert [w.key for w in namespace["result"].super_weights] == [w.key for w in namespace["found"].super_weights]
+def test_the_loading_options_travel_as_one_object(planted_dir, tmp_path):
+    result = api.detect_model(str(planted_dir), out=tmp_path / "c.yaml",
+                              options=api.LoadOptions(dtype="float16", device="cpu"))
+    assert result.model["dtype"] == "float16"
+    with pytest.raises(UsageError, match="--device-map"):
+        api.evaluate_model(str(planted_dir), options=api.LoadOptions(device_map="everywhere"), **QUICK)

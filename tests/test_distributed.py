@@ -272,7 +272,7 @@ def test_a_hanging_rank_times_out(tiny_llama_dir, tmp_path):
 
 def test_generate_decodes_on_rank_0_alone(tiny_llama_dir, monkeypatch):
     """On rank 1 of 2 the continuations come from rank 0 (here: a stand-in), not from decoding."""
-    from superweight.commands import prepare as api
+    import superweight as api
     from superweight.measure import generate
 
     from_main = []

@@ -1,3 +1,85 @@
-"""superweight: find, ablate and evaluate the super weights of large language models."""
+"""superweight: find, ablate and evaluate the super weights of large language models.
+
+Load a model once (`load` by name, or `wrap` a model and tokenizer you already hold), then give it
+to every command function (`detect_model`, `evaluate_model`, `run_study`, ...): it is never loaded
+again. The building blocks (`detect`, `verify`, `ablated`, `restored_activation`, `evaluate`) work
+on `loaded.model` directly. Names are imported on first use: `import superweight` reads no torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_HOMES = {
+    "LoadOptions": "superweight.model.options",
+    "load": "superweight.model.options",
+    "wrap": "superweight.model.wrapped",
+    "LoadedModel": "superweight.model.load",
+    "Reporter": "superweight.commands.reporter",
+    "detect_model": "superweight.commands.detect",
+    "DetectionResult": "superweight.commands.detect",
+    "ablate_model": "superweight.commands.ablate",
+    "AblationResult": "superweight.commands.ablate",
+    "evaluate_model": "superweight.commands.evaluate",
+    "EvaluationResult": "superweight.commands.evaluate",
+    "run_study": "superweight.commands.study",
+    "StudyResult": "superweight.commands.study",
+    "quantize_model": "superweight.commands.quantize",
+    "QuantizationResult": "superweight.commands.quantize",
+    "generate_text": "superweight.commands.generate",
+    "GenerationResult": "superweight.commands.generate",
+    "export_names": "superweight.commands.export",
+    "ExportResult": "superweight.commands.export",
+    "SuperWeight": "superweight.coords",
+    "read_coords": "superweight.coords",
+    "write_coords": "superweight.coords",
+    "detect": "superweight.find.detect",
+    "Detection": "superweight.find.detect",
+    "verify": "superweight.measure.verify",
+    "Verification": "superweight.measure.verify",
+    "ablated": "superweight.edit.ablate",
+    "AblationRecord": "superweight.edit.ablate",
+    "restored_activation": "superweight.edit.restore",
+    "evaluate": "superweight.measure.evaluate",
+    "SuperweightError": "superweight.errors",
+}
+
+__all__ = ["__version__", *_HOMES]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'superweight' has no attribute '{name}'")
+    value = getattr(import_module(home), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
+
+if TYPE_CHECKING:  # what editors and type checkers see
+    from .commands.ablate import AblationResult, ablate_model
+    from .commands.detect import DetectionResult, detect_model
+    from .commands.evaluate import EvaluationResult, evaluate_model
+    from .commands.export import ExportResult, export_names
+    from .commands.generate import GenerationResult, generate_text
+    from .commands.quantize import QuantizationResult, quantize_model
+    from .commands.reporter import Reporter
+    from .commands.study import StudyResult, run_study
+    from .coords import SuperWeight, read_coords, write_coords
+    from .edit.ablate import AblationRecord, ablated
+    from .edit.restore import restored_activation
+    from .errors import SuperweightError
+    from .find.detect import Detection, detect
+    from .measure.evaluate import evaluate
+    from .measure.verify import Verification, verify
+    from .model.load import LoadedModel
+    from .model.options import LoadOptions, load
+    from .model.wrapped import wrap

@@ -6,6 +6,8 @@ line and exit non-zero; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import signal
@@ -19,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .commands.prepare import Reporter
+from .commands.reporter import Reporter
 from .errors import SuperweightError
 
 app = typer.Typer(
@@ -184,6 +186,38 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress or messages on st
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks on error.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
 
+# The loading options, declared once: `loads_model` adds them to a command's signature (Typer
+# reads that) and hands the command one `LoadOptions` built from them.
+LOADING = {"revision": (Optional[str], REVISION), "gguf_file": (Optional[str], GGUF_FILE), "dtype": (str, DTYPE),
+           "device": (str, DEVICE), "device_map": (Optional[str], DEVICE_MAP),
+           "max_memory": (Optional[str], MAX_MEMORY), "trust_remote_code": (bool, TRUST),
+           "cache_dir": (Optional[str], CACHE_DIR)}
+
+
+def loads_model(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command that loads a model: the loading options `names` (default: all eight) appear before
+    --quiet, and the command gets them as `options`."""
+    names = names or tuple(LOADING)
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        parameters = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
+        at = next(i for i, p in enumerate(parameters) if p.name == "quiet")
+        added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=LOADING[name][1],
+                                   annotation=LOADING[name][0]) for name in names]
+
+        @functools.wraps(command)
+        def with_options(**values) -> None:
+            from .model.options import LoadOptions  # here, not at the top: `sw --help` imports no torch
+
+            command(options=LoadOptions(**{name: values.pop(name) for name in names}), **values)
+
+        with_options.__signature__ = inspect.Signature(parameters[:at] + added + parameters[at:])
+        with_options.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "options"},
+                                        **{name: LOADING[name][0] for name in names}}
+        return with_options
+
+    return decorate
+
 
 def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]],
                  text_columns: tuple[str, ...] = ()) -> None:
@@ -200,6 +234,7 @@ def _print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...
 
 
 @app.command()
+@loads_model()
 def detect(
     model: Optional[str] = MODEL_ARG,
     prompt: str = typer.Option(None, "--prompt", metavar="TEXT", help="Prompt for the forward pass (default: the paper's)."),
@@ -224,16 +259,9 @@ def detect(
                                                                            "measure perplexity on (default: a "
                                                                            "shipped paragraph)."),
     as_json: bool = JSON,
-    revision: Optional[str] = REVISION,
-    gguf_file: Optional[str] = GGUF_FILE,
-    dtype: str = DTYPE,
-    device: str = DEVICE,
-    device_map: Optional[str] = DEVICE_MAP,
-    max_memory: Optional[str] = MAX_MEMORY,
-    trust_remote_code: bool = TRUST,
-    cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
+    options=None,
 ) -> None:
     """Find the super weights of MODEL in one forward pass per iteration (data-free).
 
@@ -250,14 +278,12 @@ def detect(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.prepare import detect_model
+        from .commands.detect import detect_model
         from .report.detection import super_weight_table
 
         result = detect_model(model, prompt=prompt, iterations=iterations, min_spike=min_spike,
                               min_concentration=min_concentration, min_share=min_share, out=out, plot=plot,
-                              stream=stream, verify=verify, verify_text=verify_text, revision=revision,
-                              gguf_file=gguf_file, dtype=dtype, device=device, device_map=device_map,
-                              max_memory=max_memory, trust_remote_code=trust_remote_code, cache_dir=cache_dir,
+                              stream=stream, verify=verify, verify_text=verify_text, options=options,
                               reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
@@ -306,6 +332,7 @@ def _first_documents(limit: Optional[int]) -> str:
 
 
 @app.command()
+@loads_model()
 def ablate(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
@@ -318,16 +345,9 @@ def ablate(
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory for the ablated model (safetensors)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
     as_json: bool = JSON,
-    revision: Optional[str] = REVISION,
-    gguf_file: Optional[str] = GGUF_FILE,
-    dtype: str = DTYPE,
-    device: str = DEVICE,
-    device_map: Optional[str] = DEVICE_MAP,
-    max_memory: Optional[str] = MAX_MEMORY,
-    trust_remote_code: bool = TRUST,
-    cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
+    options=None,
 ) -> None:
     """Zero or rescale super weights (or a control) and save the model.
 
@@ -345,12 +365,10 @@ def ablate(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.prepare import ablate_model
+        from .commands.ablate import ablate_model
 
         result = ablate_model(model, out=out, coords=coords, coord=coord, mode=mode, factor=factor, control=control,
-                              top=top, seed=seed, force=force, revision=revision, gguf_file=gguf_file, dtype=dtype,
-                              device=device, device_map=device_map, max_memory=max_memory,
-                              trust_remote_code=trust_remote_code, cache_dir=cache_dir, reporter=session)
+                              top=top, seed=seed, force=force, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         if as_json:
@@ -364,6 +382,7 @@ def ablate(
 
 
 @app.command(name="eval")
+@loads_model()
 def eval_(
     model: Optional[str] = MODEL_ARG,
     task: Optional[list[str]] = typer.Option(None, "--task", "-t", metavar="TASK",
@@ -395,16 +414,9 @@ def eval_(
     seed: int = SEED,
     output: Optional[Path] = typer.Option(None, "--output", metavar="FILE.json", help="Write the results (lm-eval layout) to FILE.json."),
     as_json: bool = JSON,
-    revision: Optional[str] = REVISION,
-    gguf_file: Optional[str] = GGUF_FILE,
-    dtype: str = DTYPE,
-    device: str = DEVICE,
-    device_map: Optional[str] = DEVICE_MAP,
-    max_memory: Optional[str] = MAX_MEMORY,
-    trust_remote_code: bool = TRUST,
-    cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
+    options=None,
 ) -> None:
     """Perplexity and zero-shot accuracy, as lm-evaluation-harness computes them.
 
@@ -423,15 +435,13 @@ def eval_(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.prepare import evaluate_model
+        from .commands.evaluate import evaluate_model
 
         result = evaluate_model(
             model, task=task, harness=harness, harness_include=harness_include, coords=coords, coord=coord,
             mode=mode, factor=factor, control=control, top=top, restore_activation=restore_activation,
             compare=compare, data_dir=data_dir, limit=limit, batch_size=batch_size, max_length=max_length,
-            seed=seed, output=output, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
-            device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
-            cache_dir=cache_dir, reporter=session)
+            seed=seed, output=output, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         if as_json:
@@ -449,6 +459,7 @@ def eval_(
 
 
 @app.command()
+@loads_model()
 def generate(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
@@ -461,16 +472,9 @@ def generate(
     top: Optional[int] = TOP,
     seed: int = SEED,
     as_json: bool = JSON,
-    revision: Optional[str] = REVISION,
-    gguf_file: Optional[str] = GGUF_FILE,
-    dtype: str = DTYPE,
-    device: str = DEVICE,
-    device_map: Optional[str] = DEVICE_MAP,
-    max_memory: Optional[str] = MAX_MEMORY,
-    trust_remote_code: bool = TRUST,
-    cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
+    options=None,
 ) -> None:
     """Greedy continuations side by side: original, super weights zeroed, zeroed with the super
     activation restored, and a control.
@@ -488,12 +492,10 @@ def generate(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.prepare import generate_text
+        from .commands.generate import generate_text
 
         result = generate_text(model, coords=coords, coord=coord, prompt=prompt, max_new_tokens=max_new_tokens,
-                               control=control, top=top, seed=seed, revision=revision, gguf_file=gguf_file,
-                               dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                               trust_remote_code=trust_remote_code, cache_dir=cache_dir, reporter=session)
+                               control=control, top=top, seed=seed, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         if as_json:
@@ -509,6 +511,7 @@ def generate(
 
 
 @app.command()
+@loads_model("revision", "gguf_file", "trust_remote_code", "cache_dir")
 def export(
     coords_file: Path = typer.Argument(..., metavar="COORDS", help="Coordinates file from `sw detect` (YAML or JSON)."),
     to: str = typer.Option(..., "--to", help="llama.cpp (llama-quantize --tensor-type-file), bitsandbytes "
@@ -521,12 +524,9 @@ def export(
     ggml_type: str = typer.Option("f16", "--type", help="llama.cpp: the type those tensors keep (default f16)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to FILE (default: stdout)."),
     as_json: bool = JSON,
-    revision: Optional[str] = REVISION,
-    gguf_file: Optional[str] = GGUF_FILE,
-    trust_remote_code: bool = TRUST,
-    cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
+    options=None,
 ) -> None:
     """What a real quantizer needs to keep the super weights' matrices in high precision.
 
@@ -544,11 +544,10 @@ def export(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.prepare import export_names
+        from .commands.export import export_names
 
         exported = export_names(coords_file, to=to, model=model, gguf=gguf, ggml_type=ggml_type, out=out,
-                                revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
-                                cache_dir=cache_dir, reporter=session)
+                                options=options, reporter=session)
         if exported is None:  # another rank than 0 under a launcher
             return
         result = exported.export
@@ -565,6 +564,7 @@ def export(
 
 
 @app.command()
+@loads_model()
 def quantize(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
@@ -587,16 +587,9 @@ def quantize(
                                                                  "(needs exactly one --block-size)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
     as_json: bool = JSON,
-    revision: Optional[str] = REVISION,
-    gguf_file: Optional[str] = GGUF_FILE,
-    dtype: str = DTYPE,
-    device: str = DEVICE,
-    device_map: Optional[str] = DEVICE_MAP,
-    max_memory: Optional[str] = MAX_MEMORY,
-    trust_remote_code: bool = TRUST,
-    cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
+    options=None,
 ) -> None:
     """Round-to-nearest quantization with and without super-weight handling (paper Sec. 4).
 
@@ -613,15 +606,13 @@ def quantize(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.prepare import quantize_model
+        from .commands.quantize import quantize_model
         from .edit.quantize import AUTO_Z
 
         result = quantize_model(
             model, coords=coords, coord=coord, bits=bits, block_size=block_size, z=z, activations=activations,
             activation_bits=activation_bits, task=task, data_dir=data_dir, limit=limit, max_length=max_length,
-            plot=plot, out=out, force=force, revision=revision, gguf_file=gguf_file, dtype=dtype, device=device,
-            device_map=device_map, max_memory=max_memory, trust_remote_code=trust_remote_code,
-            cache_dir=cache_dir, reporter=session)
+            plot=plot, out=out, force=force, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         if as_json:
@@ -640,6 +631,7 @@ def quantize(
 
 
 @app.command()
+@loads_model()
 def study(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
@@ -661,16 +653,9 @@ def study(
     max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
     seed: int = SEED,
     as_json: bool = JSON,
-    revision: Optional[str] = REVISION,
-    gguf_file: Optional[str] = GGUF_FILE,
-    dtype: str = DTYPE,
-    device: str = DEVICE,
-    device_map: Optional[str] = DEVICE_MAP,
-    max_memory: Optional[str] = MAX_MEMORY,
-    trust_remote_code: bool = TRUST,
-    cache_dir: Optional[str] = CACHE_DIR,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
+    options=None,
 ) -> None:
     """The paper's analysis of MODEL in one command: REPORT.md, report.json and plots in --out.
 
@@ -692,16 +677,14 @@ def study(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.prepare import run_study
+        from .commands.study import run_study
 
         # The command line as typed, for the report (not when global options come first).
         command = "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None
         result = run_study(
             model, coords=coords, coord=coord, task=task, limit=limit, top=top, grid=grid, stop_words=stop_words,
             out=out, force=force, data_dir=data_dir, batch_size=batch_size, max_length=max_length, seed=seed,
-            revision=revision, gguf_file=gguf_file, dtype=dtype, device=device, device_map=device_map,
-            max_memory=max_memory, trust_remote_code=trust_remote_code, cache_dir=cache_dir, command=command,
-            reporter=session)
+            options=options, command=command, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         table, meta = result.table, result.meta

@@ -1,0 +1,64 @@
+"""`sw ablate`: zero or rescale the super weights (or a control) and save the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..coords import requested
+from ..distributed import main_proceeds
+from ..edit.ablate import AblationRecord, ablated
+from ..edit.save import save_ablated
+from ..errors import UsageError
+from ..measure.configurations import check_control, control_weights, parse_factor
+from ..model.options import LoadOptions
+from .prepare import Model, check_outputs, model_source, ready_model
+from .reporter import Reporter
+
+
+@dataclass
+class AblationResult:
+    """What `ablate_model` changed and where it wrote the model."""
+
+    out: Path
+    record: AblationRecord  # coordinates, original values, mode, control
+    changed: int  # how many weights
+    control: Optional[str]
+    mode: str  # zero | scale
+    factor: float
+
+    def to_dict(self) -> dict:
+        """The `sw ablate --json` document."""
+        return {"out": str(self.out), "ablation": self.record.to_dict()}
+
+
+def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = None,
+                 coord: Optional[list[str]] = None, mode: Optional[str] = None, factor: Optional[str] = None,
+                 control: Optional[str] = None, top: Optional[int] = None, seed: int = 0, force: bool = False,
+                 options: Optional[LoadOptions] = None,
+                 reporter: Optional[Reporter] = None) -> Optional[AblationResult]:
+    """`sw ablate`: zero or rescale the super weights (or a control) and save the model to `out`.
+    A model given in memory is left as it was: ablated for the save only."""
+    reporter = reporter or Reporter()
+    if not main_proceeds():  # under a launcher rank 0 alone writes the model
+        return None
+    out = Path(out)
+    factor = None if factor is None else str(factor)
+    how, value = parse_factor(factor, mode)
+    if mode is None and factor is not None:
+        reporter.say(f"--factor {factor} given: scaling the weights (--mode scale)")
+    check_control(control, top)
+    weights = requested(coords, coord)
+    if not weights:
+        raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
+    source = model_source(model, options)
+    check_outputs(source, directory=out, force=force)
+    loaded, weights = ready_model(reporter, model, options, source, weights)
+    targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
+    with ablated(loaded.model, targets, mode=how, factor=value, control=control,
+                 seed=seed if control == "random" else None, top=top if control == "outliers" else None,
+                 reference=weights if control else None) as record:
+        with reporter.status(f"writing {out}"):
+            save_ablated(loaded, record, out, force=force)
+    return AblationResult(out=out, record=record, changed=len(targets), control=control, mode=how, factor=value)

@@ -1,0 +1,125 @@
+"""`sw detect`: find the super weights, write the coordinates file (and the plot)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from .. import __version__
+from ..coords import SuperWeight, write_coords
+from ..distributed import main_proceeds
+from ..errors import UsageError
+from ..find.detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, Detection, SpikeRule, detect, encode_prompt
+from ..find.stream import Checkpoint, detect_streamed, open_checkpoint
+from ..measure.verify import Verification, labelled, read_verify_text, verify as measure_effects
+from ..model.adapters import adapter_for_config, resolve_adapter, tensor_templates
+from ..model.load import LoadedModel
+from ..model.options import LoadOptions
+from ..report.detection import KnownCheck, check_known, detection_document
+from ..report.plots import plot_activations
+from .prepare import Model, check_outputs, model_source, slug
+from .reporter import Reporter
+
+
+@dataclass
+class DetectionResult:
+    """What `detect_model` found and wrote."""
+
+    detection: Detection  # super_weights, per-layer stats, iterations
+    verification: Optional[Verification]  # with verify=True
+    known: Optional[KnownCheck]  # against the paper's published coordinates, for a model it lists
+    model: dict  # spec, location, kind, model_type, dtype
+    coords_path: Path
+    plot: Optional[Path]
+
+    @property
+    def super_weights(self) -> list[SuperWeight]:
+        return self.detection.super_weights
+
+    def to_dict(self) -> dict:
+        """The `sw detect --json` document."""
+        document = detection_document(self.detection, self.model, self.known)
+        document["coordinates_file"] = str(self.coords_path)
+        document["verification"] = self.verification.to_dict() if self.verification else None
+        return document
+
+
+def _check_options(text: str, iterations: int, stream: bool, options: LoadOptions, verify: bool,
+                   verify_text: Optional[Path], in_memory: bool) -> None:
+    if iterations < 1:
+        raise UsageError(f"--iterations must be at least 1, got {iterations}")
+    if not text.strip():
+        raise UsageError("--prompt is empty; give a non-empty prompt (default: the paper's sentence)")
+    if stream and in_memory:
+        raise UsageError("stream=True reads a checkpoint one layer at a time; this model is already in memory")
+    if stream and (options.device_map or options.max_memory):
+        raise UsageError("--stream puts one layer at a time on --device; drop --device-map/--max-memory")
+    if verify_text is not None and not verify:
+        raise UsageError("--verify-text is the text --verify measures on; add --verify, or drop --verify-text")
+    if verify and stream:
+        raise UsageError("--verify needs the whole model loaded to measure perplexity; drop --stream "
+                         "(or verify later with `sw eval --coords`)")
+
+
+def detect_model(model: Model = None, *, prompt: Optional[str] = None, iterations: Optional[int] = None,
+                 min_spike: Optional[float] = None, min_concentration: Optional[float] = None,
+                 min_share: Optional[float] = None, out: Optional[Path] = None, plot: Optional[Path] = None,
+                 stream: bool = False, verify: bool = False, verify_text: Optional[Path] = None,
+                 options: Optional[LoadOptions] = None,
+                 reporter: Optional[Reporter] = None) -> Optional[DetectionResult]:
+    """`sw detect`: find the super weights, write the coordinates file (and the plot)."""
+    reporter = reporter or Reporter()
+    if not main_proceeds():  # under a launcher one detection is enough: rank 0's
+        return None
+    in_memory = isinstance(model, LoadedModel)
+    text = DEFAULT_PROMPT if prompt is None else prompt
+    n = DEFAULT_ITERATIONS if iterations is None else iterations
+    _check_options(text, n, stream, options or LoadOptions(), verify, verify_text, in_memory)
+    verify_source = read_verify_text(verify_text) if verify else None  # a bad file fails before the model loads
+    given = {"min_spike": min_spike, "min_concentration": min_concentration, "min_share": min_share}
+    rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
+    source = model_source(model, options)
+    coords_path = Path(out) if out else Path(f"{slug(source.alias or source.spec)}.superweights.yaml")
+    plot = Path(plot) if plot else None
+    check_outputs(source, files=(coords_path, plot))
+    load = options or LoadOptions()
+    with reporter.status(f"loading {source.spec}") as update:
+        loaded: Union[LoadedModel, Checkpoint]
+        if in_memory:
+            loaded = model
+        elif stream:  # no weights loaded here: config and tokenizer only
+            loaded = open_checkpoint(model, revision=load.revision, gguf_file=load.gguf_file, dtype=load.dtype,
+                                     cache_dir=load.cache_dir, trust_remote_code=load.trust_remote_code,
+                                     progress=update, notice=reporter.say)
+        else:
+            loaded = load.load(model, progress=update, notice=reporter.say)
+        update(f"detecting: {n} iteration(s) at most" + (", one layer at a time" if stream else ""))
+        input_ids = encode_prompt(loaded.tokenizer, text)
+        if stream:
+            detection = detect_streamed(loaded, input_ids, device=load.device, iterations=n, rule=rule, prompt=text)
+        else:
+            detection = detect(loaded.model, input_ids, iterations=n, rule=rule, prompt=text)
+        verification = None
+        if verify_source:
+            verification = measure_effects(loaded.model, loaded.tokenizer, detection.super_weights,
+                                           text=verify_source[0], text_source=verify_source[1], rule=rule,
+                                           iterations=n, progress=update)
+            detection.super_weights = labelled(detection.super_weights, verification)
+    if not in_memory:
+        reporter.say(f"{'opened' if stream else 'loaded'} {source.spec} ({loaded.dtype}) in "
+                     f"{loaded.load_seconds:.1f} s" + (" from the GGUF cache" if loaded.from_cache else ""))
+    config = loaded.config if stream else loaded.model.config
+    model_info = {"spec": source.spec, "location": source.location, "kind": source.kind,
+                  "model_type": config.model_type, "dtype": loaded.dtype}
+    known = check_known(detection.super_weights, source.known_key, source.location)
+    adapter, note = adapter_for_config(config) if stream else resolve_adapter(loaded.model)
+    if note:
+        reporter.note(note)
+    write_coords(coords_path, detection.super_weights, model=source.spec,
+                 model_type=config.model_type, **tensor_templates(adapter),
+                 prompt=text, tool=f"superweight {__version__}")
+    if plot:
+        plot_activations(detection, plot, title=f"{source.spec}: down-projection activations")
+    return DetectionResult(detection=detection, verification=verification, known=known, model=model_info,
+                           coords_path=coords_path, plot=plot)

@@ -1,0 +1,107 @@
+"""`sw eval`: perplexity and zero-shot accuracy, of the model as given, ablated in memory, or in
+the paper's Table 1 layout."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import __version__
+from ..coords import requested
+from ..distributed import main_proceeds
+from ..edit.save import describe_recorded_ablation, recorded_ablation
+from ..errors import UsageError
+from ..files import atomic_write_text
+from ..measure.configurations import SummaryTable, check_control, comparison_configurations, parse_factor, \
+    run_configurations, single_configuration, summary_table
+from ..measure.harness import HarnessTasks, check_harness_tasks
+from ..model.options import LoadOptions
+from ..measure.limits import check_limits
+from .prepare import Model, batch_size_option, check_outputs, configuration_progress, model_source, \
+    ready_model, tasks_with_data
+from .reporter import Reporter
+
+
+@dataclass
+class EvaluationResult:
+    """The metrics of every evaluated configuration, and the document `--output` holds."""
+
+    runs: dict[str, dict[str, Any]]  # configuration name -> lm-eval layout results of its tasks
+    document: dict[str, Any]  # the `sw eval --json` / `--output` document
+    output: Optional[Path]
+    harness_computed_by: Optional[str] = None  # with harness tasks: who computed their columns
+
+    @property
+    def spec(self) -> str:
+        return self.document["model"]["spec"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.document
+
+    def table(self) -> SummaryTable:
+        """Configurations by metric."""
+        return summary_table(self.runs)
+
+
+def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None,
+                   harness: Optional[list[str]] = None, harness_include: Optional[list[Path]] = None,
+                   coords: Optional[Path] = None, coord: Optional[list[str]] = None, mode: Optional[str] = None,
+                   factor: Optional[str] = None, control: Optional[str] = None, top: Optional[int] = None,
+                   restore_activation: bool = False, compare: bool = False, data_dir: Optional[str] = None,
+                   limit: Optional[int] = None, batch_size: int | str = "auto", max_length: Optional[int] = None,
+                   seed: int = 0, output: Optional[Path] = None, options: Optional[LoadOptions] = None,
+                   reporter: Optional[Reporter] = None) -> Optional[EvaluationResult]:
+    """`sw eval`: perplexity and zero-shot accuracy, of the model as given or ablated in memory
+    (`coords`/`coord`), or of the paper's Table 1 layout (`compare`); `output` gets the results.
+    A model given in memory is evaluated as it is now, and left so: each ablation is undone."""
+    reporter = reporter or Reporter()
+    factor = None if factor is None else str(factor)
+    output = Path(output) if output else None
+    if isinstance(task, str):
+        task = [task]
+    if compare and (mode not in (None, "zero") or factor is not None):
+        raise UsageError("--compare evaluates the paper's zeroing layout; drop --mode/--factor, or drop --compare")
+    how, value = parse_factor(factor, mode)
+    if mode is None and factor is not None:
+        reporter.say(f"--factor {factor} given: scaling the weights (--mode scale)")
+    check_control(control, top)
+    check_limits(limit, max_length)
+    batch = batch_size_option(batch_size)
+    names = tasks_with_data(task or ["wikitext"], data_dir) if task or not harness else []
+    lm_eval_tasks = None
+    if harness or harness_include:
+        lm_eval_tasks = HarnessTasks(tuple(harness or ()), tuple(map(str, harness_include or ())))
+        check_harness_tasks(lm_eval_tasks, builtin=names)
+    weights = requested(coords, coord)
+    if (compare or restore_activation or control) and not weights:
+        raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
+    source = model_source(model, options)
+    check_outputs(source, files=(output,))
+    prior = recorded_ablation(source)
+    unchanged = describe_recorded_ablation(prior) if prior else "original"
+    loaded, weights = ready_model(reporter, model, options, source, weights)
+    if compare:
+        configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
+                                                   unchanged=unchanged)
+    else:
+        configurations = [single_configuration(loaded.model, weights, mode=how, factor=value,
+                                               restore_activation=restore_activation, control=control,
+                                               seed=seed, top=top, unchanged=unchanged)]
+    with reporter.bars() as bar:
+        on_start, on_progress = configuration_progress(bar)
+        runs = run_configurations(
+            loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
+            limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress,
+            harness=lm_eval_tasks)
+    if not main_proceeds():  # every rank got here: rank 0 writes and prints
+        return None
+    document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
+    document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
+                         "dtype": loaded.dtype, "superweight_ablation": prior}
+    document["tool"] = f"superweight {__version__}"
+    if output:
+        atomic_write_text(output, json.dumps(document, indent=2) + "\n")
+    return EvaluationResult(runs=runs, document=document, output=output,
+                            harness_computed_by=lm_eval_tasks.describe()["computed_by"] if lm_eval_tasks else None)

@@ -1,0 +1,70 @@
+"""`sw export`: the super weights' matrices under the model's own names, in a quantizer's format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..coords import read_coords
+from ..distributed import main_proceeds
+from ..edit import export as handoff
+from ..edit.export import Export
+from ..errors import UsageError
+from ..files import atomic_write_text
+from ..model.load import LoadedModel
+from ..model.options import LoadOptions
+from .prepare import Model, check_outputs, model_source
+from .reporter import Reporter
+
+
+@dataclass
+class ExportResult:
+    """What a quantizer needs to keep the super weights' matrices in high precision."""
+
+    export: Export  # content, modules, gguf_tensors, usage, checked
+    out: Optional[Path]
+
+    @property
+    def content(self) -> str:
+        return self.export.content
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `sw export --json` document."""
+        return {**self.export.to_dict(), "out": str(self.out) if self.out else None}
+
+
+def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optional[Path] = None,
+                 ggml_type: str = "f16", out: Optional[Path] = None, options: Optional[LoadOptions] = None,
+                 reporter: Optional[Reporter] = None) -> ExportResult | None:
+    """`sw export`: the super weights' matrices under this model's own names, in the format of
+    llama.cpp, bitsandbytes or llm-compressor, checked against the model's checkpoint (its config:
+    no weights are read); written to `out` if given. MODEL defaults to the one the coordinates file
+    names; a model in memory stands for the checkpoint it was loaded from. Under a launcher rank 0
+    alone exports (the others return None): one writer."""
+    if not main_proceeds():
+        return None
+    reporter = reporter or Reporter()
+    out = Path(out) if out is not None else None
+    handoff.check_format(to)
+    weights, meta = read_coords(coords_file)
+    if isinstance(model, LoadedModel):
+        if model.source.kind == "memory":
+            raise UsageError("export checks names against the checkpoint a quantizer reads, and this model was "
+                             "not read from one; save it (save_pretrained) and give its directory")
+        source = model_source(model, options)
+        spec = source.spec if source.kind == "hub" else source.location  # read again from where it came
+        load = LoadOptions(revision=source.revision, cache_dir=source.cache_dir)
+    else:
+        spec = model or (meta.get("model") if isinstance(meta.get("model"), str) else None)
+        load = options or LoadOptions()
+        source = load.resolve(spec)
+    if out is not None:
+        check_outputs(source, files=(out,))
+    with reporter.status(f"checking names against {source.spec}") as update:
+        result = handoff.export(weights, to, spec=spec, revision=load.revision, gguf_file=load.gguf_file,
+                                cache_dir=load.cache_dir, trust_remote_code=load.trust_remote_code, gguf=gguf,
+                                ggml_type=ggml_type, out_name=str(out or "FILE"), progress=update)
+    if out is not None:
+        atomic_write_text(out, result.content)
+    return ExportResult(export=result, out=out)

@@ -1,0 +1,63 @@
+"""`sw generate`: greedy continuations, original vs super weights zeroed vs restored vs a control."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import __version__
+from ..coords import requested
+from ..distributed import main_proceeds, on_main
+from ..measure import generate as generation
+from ..measure.configurations import Configuration, comparison_configurations
+from ..measure.generate import Generation
+from ..model.options import LoadOptions
+from .prepare import Model, detected, model_source, ready_model
+from .reporter import Reporter
+
+
+@dataclass
+class GenerationResult:
+    """Greedy continuations of each prompt under each configuration."""
+
+    model: dict[str, Any]  # spec, location, dtype
+    prompts: list[str]
+    max_new_tokens: int
+    configurations: list[Configuration]  # original, zeroed, restored, control
+    generations: list[Generation]  # configuration, prompt, text
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `sw generate --json` document."""
+        return {"model": self.model, "max_new_tokens": self.max_new_tokens, "decoding": "greedy",
+                "configurations": [c.describe() for c in self.configurations],
+                "generations": [g.to_dict() for g in self.generations], "tool": f"superweight {__version__}"}
+
+
+def generate_text(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None,
+                  prompt: Optional[list[str] | str] = None, max_new_tokens: int = 16, control: Optional[str] = None,
+                  top: Optional[int] = None, seed: int = 0, options: Optional[LoadOptions] = None,
+                  reporter: Optional[Reporter] = None) -> Optional[GenerationResult]:
+    """`sw generate`: greedy continuations, original vs super weights zeroed vs zeroed with the
+    activation restored vs a control (the super weights detected when none are given). Under a
+    launcher rank 0 alone detects and decodes (the work is a few greedy tokens); the other ranks get None."""
+    reporter = reporter or Reporter()
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    prompts = generation.check_prompts(prompt)
+    generation.check_max_new_tokens(max_new_tokens)
+    weights = requested(coords, coord)
+    source = model_source(model, options)
+    loaded, weights = ready_model(reporter, model, options, source, weights)
+    if not weights:
+        weights = detected(reporter, loaded)
+    configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
+    with reporter.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "
+                         f"{len(configurations)} configurations"):
+        generations = on_main(lambda: generation.generate(loaded.model, loaded.tokenizer, configurations, prompts,
+                                                          max_new_tokens=max_new_tokens))
+    if not main_proceeds():  # every rank got here: rank 0 prints
+        return None
+    return GenerationResult(model={"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
+                            prompts=prompts, max_new_tokens=max_new_tokens, configurations=configurations,
+                            generations=generations)

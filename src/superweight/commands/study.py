@@ -1,0 +1,147 @@
+"""`sw study`: the paper's analysis of one model (Table 1, the scale sweep, the stop-word shift,
+the activation profile, generations), written as a report; cached evaluations are not run again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import __version__
+from ..coords import SuperWeight, requested
+from ..distributed import main_proceeds, on_main
+from ..errors import UsageError
+from ..find.detect import DEFAULT_PROMPT, encode_prompt
+from ..measure import generate as generation
+from ..measure.configurations import SummaryTable, summary_table
+from ..measure.verify import labelled, verify
+from ..model.load import LoadedModel, model_fingerprint
+from ..model.source import cache_root
+from ..model.options import LoadOptions
+from ..model.placement import execution_device
+from ..measure import study_runs
+from ..measure.activation_profile import activation_profile
+from ..measure.stop_words import cached_stop_word_shift, load_stop_words
+from ..report import study as analysis
+from ..measure.limits import check_limits
+from .prepare import Model, batch_size_option, check_outputs, configuration_progress, detected, \
+    model_source, ready_model, slug, step, tasks_with_data
+from .reporter import Reporter
+
+
+@dataclass
+class StudyResult:
+    """The paper's analysis of one model, as written to `out` (REPORT.md, report.json, plots)."""
+
+    out: Path
+    table: SummaryTable  # Table 1's configurations by metric
+    super_weights: list[SuperWeight]
+    runs: dict[str, dict[str, Any]]  # configuration name -> results (Table 1 and the scale sweep)
+    meta: dict[str, Any]  # model, tasks, limit, seed, grid, evaluations (total, from_cache), seconds
+
+    @property
+    def report(self) -> Path:
+        return self.out / analysis.REPORT_FILE
+
+    @property
+    def json_path(self) -> Path:
+        return self.out / analysis.JSON_FILE
+
+    def to_dict(self) -> dict[str, Any]:
+        """report.json, as written."""
+        return json.loads(self.json_path.read_text(encoding="utf-8"))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """The values of every parameter in memory (offloaded ones by name and shape): a model given
+    in memory may have been changed since it was read, so its name alone cannot key the cache."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        digest.update(f"{name}{tuple(parameter.shape)}{parameter.dtype}".encode())
+        if parameter.device.type != "meta":
+            digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None,
+              task: list[str] | str = ("all",), limit: Optional[int | str] = None, top: Optional[int] = None,
+              grid: Optional[str] = None, stop_words: Optional[Path] = None, out: Optional[Path] = None,
+              force: bool = False, data_dir: Optional[str] = None, batch_size: int | str = "auto",
+              max_length: Optional[int] = None, seed: int = 0, options: Optional[LoadOptions] = None,
+              command: Optional[str] = None, reporter: Optional[Reporter] = None) -> Optional[StudyResult]:
+    """`sw study`: Table 1, the scale sweep, the stop-word shift, the activation profile and
+    generations, written to `out` (default ./<model>-study); cached evaluations are not run again.
+    `limit`: documents per task, or "all"; without it a CPU run reads `study.CPU_LIMIT` documents of
+    each zero-shot task and `study.CPU_WIKITEXT_LIMIT` of wikitext, an accelerator run all of them.
+    `command` is recorded in the report as the command line that asked for it."""
+    reporter = reporter or Reporter()
+    started = time.perf_counter()
+    factors = study_runs.parse_grid(grid)
+    limit = study_runs.parse_limit(limit)
+    check_limits(None if limit == study_runs.ALL_DOCUMENTS else limit, max_length)
+    batch = batch_size_option(batch_size)
+    if top is not None and top <= 0:
+        raise UsageError(f"--top must be a positive number of weights, got {top}")
+    names = tasks_with_data(list(task) if not isinstance(task, str) else task, data_dir,
+                            also=("wikitext",))  # the stop-word shift reads wikitext
+    words = load_stop_words(stop_words)
+    source = model_source(model, options)
+    out_dir = Path(out) if out else Path(f"{slug(source.alias or source.spec)}-study")
+    check_outputs(source, directory=out_dir, force=force)
+    weights = requested(coords, coord)
+    loaded, weights = ready_model(reporter, model, options, source, weights)
+    model_key = model_fingerprint(loaded)
+    if isinstance(model, LoadedModel):
+        model_key = json.dumps([model_key, weights_digest(loaded.model)])
+    cache = study_runs.EvaluationCache(cache_root((options or LoadOptions()).cache_dir) / "evaluations")
+    prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
+    on_cpu = execution_device(loaded.model).type == "cpu"
+    cpu_budget = limit is None and on_cpu
+    limits = study_runs.task_limits(names, limit, on_cpu)
+    documents = study_runs.documents_note(limits)
+    if cpu_budget:
+        reporter.note(f"reading {documents} ({study_runs.CPU_BUDGET_NOTE})")
+    with reporter.bars() as bar:
+        if not weights:
+            weights = detected(reporter, loaded, bar)
+        verification = None
+        if weights:
+            verification = step(bar, "measuring each weight's effect",
+                                lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
+            weights = labelled(weights, verification)
+        table_configurations = study_runs.study_configurations(loaded.model, weights, top=top, seed=seed)
+        sweep = study_runs.scale_sweep_configurations(weights, factors)
+        on_start, on_progress = configuration_progress(bar)
+        runs = study_runs.run_cached(
+            cache, model_key, loaded.model, loaded.tokenizer, table_configurations + sweep, names,
+            on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limits,
+            batch_size=batch, max_length=max_length, seed=seed)
+        shift, shift_cached = on_main(lambda: cached_stop_word_shift(
+            cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir,
+            limit=study_runs.task_limits(["wikitext"], limit, on_cpu)["wikitext"],  # read even when not a task
+            max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total)))
+        if shift_cached:
+            bar("stop-word shift (from the cache)", 1, 1)
+        profile = step(bar, "activation profile",
+                       lambda: activation_profile(loaded.model, prompt_ids, weights))
+        generations = step(bar, "generations", lambda: on_main(
+            lambda: generation.generate(loaded.model, loaded.tokenizer, table_configurations)))
+        if not main_proceeds():  # every rank got here: rank 0 writes and prints
+            return None
+        table = summary_table({c.name: runs[c.name] for c in table_configurations})
+        cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
+        meta = {"command": command,
+                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
+                "tasks": names, "limit": limit, "documents": limits, "documents_note": documents,
+                "cpu_budget": cpu_budget, "seed": seed, "grid": factors,
+                "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
+                "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
+        step(bar, f"writing {out_dir}", lambda: analysis.write_report(
+            out_dir, force=force, super_weights=weights, table=table, sweep_rows=study_runs.sweep_rows(runs, sweep),
+            stop_words=shift, profile=profile, meta=meta, verification=verification, generations=generations))
+    return StudyResult(out=out_dir, table=table, super_weights=weights, runs=runs, meta=meta)

@@ -1,0 +1,147 @@
+"""A model in memory, many steps, as a notebook does them: a user's own model (built here, never
+read from disk) or one loaded once, given to every command function, and never loaded again."""
+
+import pytest
+import torch
+import transformers
+from transformers import LlamaForCausalLM
+
+import superweight
+from superweight.errors import SuperweightError, UsageError
+from superweight.model import load as model_load
+from superweight.model import options as model_options
+
+from conftest import DATA_DIR, build_word_tokenizer
+from synthetic import VOCAB, plant_super_weight, snapshot, tiny_config
+
+PLANTED = (1, 7, 13)
+QUICK = dict(data_dir=str(DATA_DIR), limit=1, max_length=64)
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the library loaded a model, but it was given one in memory")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Every way the library reads a model from disk or the hub fails the test."""
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig,
+                 transformers.PreTrainedModel):
+        monkeypatch.setattr(auto, "from_pretrained", _refuse)
+    monkeypatch.setattr(model_load, "load_model", _refuse)
+    monkeypatch.setattr(model_options, "load_model", _refuse)
+    monkeypatch.setattr(model_options.LoadOptions, "load", _refuse)
+
+
+@pytest.fixture
+def own_model():
+    """A user's own LlamaForCausalLM, built in memory, whose [1, 7, 13] is a genuine super weight."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config("llama")).to(torch.float32)
+    plant_super_weight(model, *PLANTED, input_spike=100.0, weight=10.0)
+    return model, build_word_tokenizer([f"w{i}" for i in range(VOCAB - 3)])
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "cache"))
+
+
+def test_a_users_own_model_goes_through_detect_ablate_evaluate_without_any_load(own_model, no_loading, tmp_path):
+    loaded = superweight.wrap(*own_model, name="my-llama")
+    assert (loaded.source.spec, loaded.source.kind, loaded.dtype) == ("my-llama", "memory", "float32")
+    found = superweight.detect_model(loaded, out=tmp_path / "c.yaml")
+    assert [w.key[:3] for w in found.super_weights] == [PLANTED]
+    assert found.model["spec"] == "my-llama" and superweight.read_coords(tmp_path / "c.yaml")[0] == found.super_weights
+
+    before = snapshot(loaded.model)
+    down = loaded.model.model.layers[1].mlp.down_proj.weight
+    with superweight.ablated(loaded.model, found.super_weights) as record:
+        assert down[7, 13] == 0 and record.original_values[0] != 0
+        with superweight.restored_activation(loaded.model, record):
+            pass
+    assert all(torch.equal(before[k], v) for k, v in snapshot(loaded.model).items())  # undone exactly
+
+    evaluation = superweight.evaluate_model(loaded, coords=tmp_path / "c.yaml", compare=True, task=["wikitext"],
+                                            **QUICK)
+    perplexity = {name: run["results"]["wikitext"]["word_perplexity"] for name, run in evaluation.runs.items()}
+    assert perplexity["super weights zeroed"] != perplexity["original"]
+    assert evaluation.to_dict()["model"]["spec"] == "my-llama"
+    assert all(torch.equal(before[k], v) for k, v in snapshot(loaded.model).items())  # each configuration undone
+    again = superweight.evaluate_model(loaded, task=["wikitext"], **QUICK)
+    assert again.runs["original"]["results"]["wikitext"]["word_perplexity"] == perplexity["original"]
+
+    saved = superweight.ablate_model(loaded, coord=["1,7,13"], out=tmp_path / "zeroed")
+    assert saved.record.original_values[0] == float(before["model.layers.1.mlp.down_proj.weight"][7, 13])
+    assert all(torch.equal(before[k], v) for k, v in snapshot(loaded.model).items())  # ablated for the save only
+
+
+def test_more_steps_on_the_same_model_generate_quantize_study(own_model, no_loading, tmp_path):
+    loaded = superweight.wrap(*own_model, name="my-llama")
+    before = snapshot(loaded.model)
+    generated = superweight.generate_text(loaded, coord=["1,7,13"], prompt="w10 w11", max_new_tokens=2)
+    assert [c.name for c in generated.configurations][:2] == ["original", "super weights zeroed"]
+    quantized = superweight.quantize_model(loaded, coord=["1,7,13"], block_size=[64], task="wikitext", **QUICK)
+    assert [row["block_size"] for row in quantized.rows] == [64]
+    study = superweight.run_study(loaded, coord=["1,7,13"], task="wikitext", grid="0,1", top=5,
+                                  out=tmp_path / "study", **QUICK)
+    assert study.report.is_file() and study.meta["model"]["spec"] == "my-llama"
+    assert all(torch.equal(before[k], v) for k, v in snapshot(loaded.model).items())
+
+
+def test_the_study_cache_knows_a_model_changed_in_memory(own_model, tmp_path):
+    """Same name, other weights: the cached evaluations of the first must not stand for the second."""
+    loaded = superweight.wrap(*own_model, name="my-llama")
+    options = dict(coord=["1,7,13"], task="wikitext", grid="1", top=5, out=tmp_path / "study", force=True, **QUICK)
+    first = superweight.run_study(loaded, **options)
+    assert superweight.run_study(loaded, **options).meta["evaluations"]["from_cache"] == first.meta["evaluations"]["total"]
+    with torch.no_grad():
+        loaded.model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    changed = superweight.run_study(loaded, **options).meta["evaluations"]
+    assert changed["from_cache"] == first.meta["evaluations"]["from_cache"] < changed["total"]  # as on a first run
+
+
+def test_a_model_in_memory_takes_no_loading_options(own_model):
+    loaded = superweight.wrap(*own_model)
+    with pytest.raises(UsageError, match="already in memory"):
+        superweight.detect_model(loaded, options=superweight.LoadOptions(dtype="float16"))
+    with pytest.raises(UsageError, match="already in memory"):
+        superweight.detect_model(loaded, stream=True)
+
+
+def test_a_wrapped_model_read_from_a_directory_protects_it(tiny_llama_dir):
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    loaded = superweight.wrap(model, transformers.AutoTokenizer.from_pretrained(tiny_llama_dir))
+    assert (loaded.source.kind, loaded.source.location) == ("local", str(tiny_llama_dir))
+    with pytest.raises(SuperweightError, match="inside"):
+        superweight.detect_model(loaded, out=tiny_llama_dir / "c.yaml")
+    assert not (tiny_llama_dir / "c.yaml").exists()
+
+
+def test_load_options_reach_the_load(tiny_llama_dir):
+    loaded = superweight.load(str(tiny_llama_dir), superweight.LoadOptions(dtype="float16", device="cpu"))
+    assert (loaded.dtype, loaded.source.kind) == ("float16", "local")
+    with pytest.raises(UsageError, match="--max-memory"):
+        superweight.load(str(tiny_llama_dir), superweight.LoadOptions(max_memory="lots"))
+
+
+def test_everything_public_is_listed_and_importing_the_package_reads_no_torch():
+    import subprocess
+    import sys
+
+    for name in superweight.__all__:
+        assert getattr(superweight, name) is not None, name
+    code = "import sys, superweight; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+@pytest.mark.integration
+def test_smollm2_loaded_once_goes_through_detect_evaluate_generate(smollm2, no_loading, tmp_path):
+    found = superweight.detect_model(smollm2, out=tmp_path / "c.yaml")
+    assert [11, 507, 1229] in [list(w.key[:3]) for w in found.super_weights]
+    evaluation = superweight.evaluate_model(smollm2, coords=tmp_path / "c.yaml", task=["wikitext"], limit=1,
+                                            max_length=128, data_dir=str(DATA_DIR))
+    assert set(evaluation.runs) == {"super weights zeroed"}
+    generated = superweight.generate_text(smollm2, coords=tmp_path / "c.yaml", prompt="Paris is", max_new_tokens=2)
+    assert generated.model["spec"] == "smollm2-135m" and len(generated.generations) == len(generated.configurations)
