@@ -4,9 +4,12 @@ Detection is one forward pass per iteration over a handful of tokens, so its flo
 every weight once: weight bytes / memory bandwidth. The bandwidth is measured in this run (a
 device-to-device copy, bytes read + written / time), so the printed ratios need no outside number.
 
-Prints one JSON document (and writes it with --out). Usage, on a CUDA machine:
-    python scripts/bench_gpu.py --model SmolLM2-135M-Instruct.Q4_1.gguf --data ../shared/data \
-        [--tasks wikitext,piqa] [--synthetic-7b] [--out gpu.json]
+The hooked / plain forward ratio is measured at several lengths (`--lengths`), the two interleaved.
+Prints one JSON document (and writes it with --json-out). Usage, on a CUDA machine:
+    python scripts/bench_gpu.py --model smollm2-135m --data ../shared/data \
+        [--tasks wikitext,piqa] [--limit 200] [--synthetic-7b] [--json-out gpu.json]
+`--device cpu` runs the same steps on the CPU (no bandwidth, so no limit): scripts/gpu_check.sh
+--cpu-dry-run uses it to check the script, not to measure.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from superweight.measure.evaluate import evaluate
 from superweight.find.hooks import capture_layer_stats
 from superweight.model.load import load_model
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only to check the script itself
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # --device; cpu only to check the script itself
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -74,6 +77,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def forward_times(model, input_ids, repeats: int) -> dict:
+    """Median seconds of plain and hooked forwards, interleaved so a slow spell hits both alike."""
     def plain():
         with torch.inference_mode():
             model(input_ids=input_ids, use_cache=False)
@@ -82,7 +86,29 @@ def forward_times(model, input_ids, repeats: int) -> dict:
         with torch.inference_mode(), capture_layer_stats(model):
             model(input_ids=input_ids, use_cache=False)
 
-    return {"plain_forward_s": timed(plain, repeats), "hooked_forward_s": timed(hooked, repeats)}
+    for fn in (plain, hooked, plain, hooked):  # warm-ups
+        fn()
+    samples: dict[str, list[float]] = {"plain_forward_s": [], "hooked_forward_s": []}
+    for _ in range(repeats):
+        for name, fn in (("plain_forward_s", plain), ("hooked_forward_s", hooked)):
+            sync()
+            started = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - started)
+    result = {name: statistics.median(values) for name, values in samples.items()}
+    result["hooked_over_plain"] = result["hooked_forward_s"] / result["plain_forward_s"]
+    return result
+
+
+def hook_overhead(model, lengths: list[int], repeats: int) -> dict:
+    """Hooked / plain forward at each length (random tokens): the hooks' cost, goal <= 1.10."""
+    generator = torch.Generator().manual_seed(0)
+    out = {}
+    for length in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(model.device)
+        out[str(length)] = forward_times(model, ids, repeats)
+    return out
 
 
 def bench_detection(model, input_ids, bandwidth: float, repeats: int) -> dict:
@@ -93,23 +119,27 @@ def bench_detection(model, input_ids, bandwidth: float, repeats: int) -> dict:
     result["super_weights"] = [w.label() for w in detection.super_weights]
     result["weight_bytes"] = weight_bytes(model)
     result["limit_s"] = result["weight_bytes"] / bandwidth
+    if bandwidth != bandwidth:  # no bandwidth measured (--device cpu): no limit either
+        return result
     result["hooked_forward_over_limit"] = result["hooked_forward_s"] / result["limit_s"]
     result["detect_per_iteration_over_limit"] = result["detect_s"] / result["iterations"] / result["limit_s"]
     return result
 
 
-def bench_model(path: str, dtype: str, tasks: list[str], data_dir: str, bandwidth: float, repeats: int) -> dict:
+def bench_model(path: str, dtype: str, tasks: list[str], data_dir: str, bandwidth: float, repeats: int,
+                limit: int | None, lengths: list[int]) -> dict:
     started = time.perf_counter()
     loaded = load_model(path, dtype=dtype, device=DEVICE)
     out = {"dtype": dtype, "load_s": time.perf_counter() - started, "from_cache": loaded.from_cache}
     input_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT).to(DEVICE)
     out["tokens"] = int(input_ids.shape[-1])
     out.update(bench_detection(loaded.model, input_ids, bandwidth, repeats))
+    out["hook_overhead"] = hook_overhead(loaded.model, lengths, repeats)
     out["eval"] = {}
     for task in tasks:
         sync()
         started = time.perf_counter()
-        result = evaluate(loaded.model, loaded.tokenizer, [task], data_dir=data_dir)
+        result = evaluate(loaded.model, loaded.tokenizer, [task], data_dir=data_dir, limit=limit)
         sync()
         metrics = result["results"][task]
         out["eval"][task] = {"seconds": time.perf_counter() - started,
@@ -142,23 +172,33 @@ def bench_synthetic_7b(bandwidth: float, repeats: int) -> dict:
 
 
 def main() -> None:
+    global DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="SmolLM2 GGUF (or any model); omit to run only --synthetic-7b")
     parser.add_argument("--data")
+    parser.add_argument("--device", default=DEVICE, help="cuda (default where torch sees a GPU) or cpu")
     parser.add_argument("--tasks", default="wikitext")
+    parser.add_argument("--limit", type=int, help="first N documents of each task (default: all)")
+    parser.add_argument("--lengths", default="9,512,2048", help="token counts for the hooked / plain ratio")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--synthetic-7b", action="store_true")
-    parser.add_argument("--out")
+    parser.add_argument("--json-out", "--out", dest="out", metavar="FILE", help="also write the JSON here")
     args = parser.parse_args()
+    DEVICE = args.device
+    if args.synthetic_7b and DEVICE == "cpu":
+        parser.error("--synthetic-7b needs a GPU")
     tasks = [t for t in args.tasks.split(",") if t]
+    lengths = [int(n) for n in args.lengths.split(",") if n]
     bandwidth = copy_bandwidth() if DEVICE == "cuda" else float("nan")
     document = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__,
                 "copy_bandwidth_gb_s": bandwidth / 1e9, "models": []}
     print(json.dumps({"copy_bandwidth_gb_s": document["copy_bandwidth_gb_s"]}), flush=True)
     for dtype in args.dtypes.split(",") if args.model else ():
-        document["models"].append(bench_model(args.model, dtype, tasks, args.data, bandwidth, args.repeats))
-        print(json.dumps({k: v for k, v in document["models"][-1].items() if k != "eval"}), flush=True)
+        document["models"].append(bench_model(args.model, dtype, tasks, args.data, bandwidth, args.repeats, args.limit,
+                                                  lengths))
+        print(json.dumps({k: v for k, v in document["models"][-1].items() if k not in ("eval", "hook_overhead")}),
+              flush=True)
     if args.synthetic_7b:
         document["synthetic_7b"] = bench_synthetic_7b(bandwidth, args.repeats)
     text = json.dumps(document, indent=2)

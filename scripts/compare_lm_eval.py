@@ -132,7 +132,8 @@ def main() -> None:
                         "the table shows the medians")
     parser.add_argument("--bound", action="store_true", help="also time the model's body alone on our batches "
                         "and print the highest ratio an exact scorer can reach here")
-    parser.add_argument("--out", default=None, help="also write the raw numbers as JSON here")
+    parser.add_argument("--json-out", "--out", dest="out", default=None, metavar="FILE",
+                        help="also write the raw numbers as JSON here")
     args = parser.parse_args()
 
     torch.manual_seed(0)

@@ -12,7 +12,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO.parent / "shared" / "data"
+# The evaluation data beside the checkout; SUPERWEIGHT_TEST_DATA names another copy (a GPU machine
+# gets only the working tree: scripts/gpu_check.sh carries the data and points this at it).
+DATA_DIR = Path(os.environ.get("SUPERWEIGHT_TEST_DATA") or REPO.parent / "shared" / "data")
 
 
 def smollm2_gguf() -> Path | None:
