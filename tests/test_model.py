@@ -142,10 +142,16 @@ def test_a_library_load_prints_nothing_unless_asked(tiny_llama_dir, capfd):
     progress callback is given; with one, transformers' own settings are left alone."""
     from transformers.utils import logging
 
-    capfd.readouterr()
-    load_model(str(tiny_llama_dir), dtype="float32")
-    captured = capfd.readouterr()
-    assert captured.err == "" and captured.out == ""
-    assert logging.is_progress_bar_enabled()  # restored after the load
-    load_model(str(tiny_llama_dir), dtype="float32", progress=lambda message: None)
-    assert "Loading weights" in capfd.readouterr().err
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        load_model(str(tiny_llama_dir), dtype="float32")
+        captured = capfd.readouterr()
+        assert captured.err == "" and captured.out == ""
+        assert logging.is_progress_bar_enabled()  # restored after the load
+        load_model(str(tiny_llama_dir), dtype="float32", progress=lambda message: None)
+        assert "Loading weights" in capfd.readouterr().err
+    finally:
+        if not was_enabled:
+            logging.disable_progress_bar()
