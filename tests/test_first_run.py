@@ -237,3 +237,25 @@ def test_a_local_directory_loads_without_the_hub_check(tiny_llama_dir, monkeypat
     monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
     loaded = load_model(str(tiny_llama_dir), device="cpu")
     assert loaded.model.config.model_type == "llama"
+
+
+# ----------------------------------------------------------------------------- typos of an alias (issue 21, point 7)
+
+
+def test_a_typo_of_an_alias_is_named_as_one():
+    with pytest.raises(ModelLoadError) as error:
+        resolve("smollm2-135")
+    message = str(error.value)
+    assert "did you mean smollm2-135m?" in message
+    for what in ("alias", "local path", "hub id"):
+        assert what in message
+    assert resolve("gpt2").kind == "hub" and resolve("org/smollm2-135").kind == "hub"  # real hub ids stay hub ids
+
+
+def test_no_network_and_a_name_that_is_not_an_alias_says_all_it_is_not(tmp_path):
+    result = run_sw("detect", "org/tiny-model", "--out", tmp_path / "c.yaml", env=sw_env(tmp_path), cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    for fragment in ("'org/tiny-model' is not a model alias or a local path, and not a reachable hub id",
+                     "not in the local cache"):
+        assert fragment in lines[0], lines[0]

@@ -125,3 +125,29 @@ def test_harness_sees_the_ablation_and_the_restoration_hook(smollm2, task_dir, s
         zeroed = builtin_perplexity()
     assert theirs["perplexity"] != pytest.approx(original, rel=1e-3)
     assert theirs["perplexity"] != pytest.approx(zeroed, rel=1e-3)
+
+
+def test_the_readme_local_task_yaml_runs_as_written(tiny_llama_dir, tmp_path):
+    """README's one-file recipe (issue 21, point 13): lm-eval's lambada_openai on a local file,
+    copied from the README with only its two placeholder paths filled in."""
+    import re
+    from pathlib import Path
+
+    import lm_eval
+
+    readme = (REPO / "README.md").read_text()
+    recipe = re.search(r"<!-- local-task-yaml -->\n```yaml\n(.*?)```", readme, re.S).group(1)
+    tasks = Path(lm_eval.__file__).parent / "tasks"
+    recipe = recipe.replace("/path/to/lm_eval/tasks", str(tasks)).replace("/path/to/data", str(DATA_DIR))
+    assert str(tasks) in recipe and str(DATA_DIR) in recipe  # the README's placeholders are these two
+    folder = tmp_path / "my_tasks"
+    folder.mkdir()
+    (folder / "my_lambada.yaml").write_text(recipe)
+    command = re.search(r"HF_HUB_OFFLINE=1 sw eval (--harness my_lambada --harness-include my_tasks .*)", readme).group(1)
+    args = command.split()
+    args[args.index("my_tasks")] = str(folder)
+    args[args.index("--limit") + 1] = "2"
+    result = invoke("eval", tiny_llama_dir, "-q", "--max-length", "32", "--json", *args)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert "my_lambada" in json.dumps(document)

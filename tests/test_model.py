@@ -135,3 +135,23 @@ def test_every_config_is_read_by_one_reader_that_refuses_a_non_causal_model(tmp_
         read_config(resolve(str(tmp_path)), tmp_path, {})
     with pytest.raises(ModelLoadError, match="cannot load"):
         read_config(resolve(str(tmp_path)), tmp_path / "missing", {})
+
+
+def test_a_library_load_prints_nothing_unless_asked(tiny_llama_dir, capfd):
+    """transformers' "Loading weights: 100%|..." bar and its log lines stay off stderr when no
+    progress callback is given; with one, transformers' own settings are left alone."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        load_model(str(tiny_llama_dir), dtype="float32")
+        captured = capfd.readouterr()
+        assert captured.err == "" and captured.out == ""
+        assert logging.is_progress_bar_enabled()  # restored after the load
+        load_model(str(tiny_llama_dir), dtype="float32", progress=lambda message: None)
+        assert "Loading weights" in capfd.readouterr().err
+    finally:
+        if not was_enabled:
+            logging.disable_progress_bar()

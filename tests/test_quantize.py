@@ -417,3 +417,28 @@ def test_sweeps_report_progress_for_every_stage(planted, wikitext_dir):
     seen.clear()
     activation_quantization_compare(planted, tokenizer, [SW], bits=[4], progress=progress, **options)
     assert list(seen) == ["A4 naive: wikitext", "A4 super activation held out: wikitext"]
+
+
+def test_aware_worse_than_naive_is_flagged_and_worded():
+    """`sw quantize --z 9` made the aware row worse than naive without a word (issue 21, point 8)."""
+    from superweight.measure.quantized import _comparison_row, quantization_warnings
+
+    better = _comparison_row({"wikitext": {"word_perplexity": 119.8}}, {"wikitext": {"word_perplexity": 110.0}},
+                             None, bits=4, block_size=64, z=9.0)
+    worse = _comparison_row({"wikitext": {"word_perplexity": 119.8}, "piqa": {"acc": 0.6, "acc_norm": 0.6}},
+                            {"wikitext": {"word_perplexity": 158.9}, "piqa": {"acc": 0.5, "acc_norm": 0.7}},
+                            None, bits=4, block_size=1024, z=9.0)
+    assert better["aware_worse"] == [] and worse["aware_worse"] == ["wikitext word_perplexity", "piqa acc"]
+    assert quantization_warnings([better]) == []
+    [line] = quantization_warnings([better, worse])
+    assert line.startswith("INT4 block 1024: super-weight aware (z=9) is worse than naive on wikitext word_perplexity")
+    assert "158.9 vs 119.8" in line and "--z auto" in line and "\n" not in line
+
+
+def test_the_sweep_rows_carry_whether_aware_is_worse(planted, wikitext_dir):
+    from superweight.measure.quantized import aware_worse_than_naive
+
+    rows = weight_quantization_sweep(planted, build_word_tokenizer(WORDS), [SW], [64], bits=3, z=3.0,
+                                     data_dir=str(wikitext_dir), max_length=16)
+    assert rows[0]["aware_worse"] == aware_worse_than_naive(rows[0])
+    assert (rows[0]["aware_perplexity"] > rows[0]["naive_perplexity"]) == bool(rows[0]["aware_worse"])

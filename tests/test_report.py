@@ -33,3 +33,80 @@ def test_activation_plot_is_a_png(tmp_path):
     assert detection.candidate_layers[0] == [1]
     path = plot_activations(detection, tmp_path / "act.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- readable plots (issue 21, point 3)
+
+
+def _axes_of(monkeypatch, draw):
+    """The axes `draw(path)` produced, kept open for inspection."""
+    import matplotlib.figure
+
+    figures = []
+    original = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda self, *a, **k: (figures.append(self), original(self, *a, **k))[1])
+    draw()
+    return [ax for fig in figures for ax in fig.axes]
+
+
+def _visible_tick_labels(ax, which="y"):
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    low, high = sorted(ax.get_ylim() if which == "y" else ax.get_xlim())
+    ax.figure.canvas.draw()
+    return [t.get_text() for t, v in zip(axis.get_majorticklabels(), axis.get_majorticklocs())
+            if low <= v <= high and t.get_text()]
+
+
+def test_rtn_plot_has_readable_ticks_inside_one_decade_and_labelled_axes(tmp_path, monkeypatch):
+    from superweight.report.plots import plot_sweep
+
+    def row(size, naive, aware):
+        return {"bits": 4, "block_size": size, "z": 9.0, "naive": {"wikitext": {"word_perplexity": naive}},
+                "aware": {"wikitext": {"word_perplexity": aware}}}
+
+    rows = [row(64, 119.8, 121.0), row(1024, 121.0, 158.9)]
+    [ax] = _axes_of(monkeypatch, lambda: plot_sweep(rows, tmp_path / "rtn.png"))
+    labels = _visible_tick_labels(ax)
+    assert len(labels) >= 3 and all("^" not in t and "$" not in t for t in labels), labels  # 120, 130, ...
+    assert "perplexity" in ax.get_ylabel() and "block size (weights" in ax.get_xlabel()
+    assert _visible_tick_labels(ax, "x") == ["64", "1,024"]
+
+
+def test_every_study_plot_axis_says_what_it_measures(tmp_path, monkeypatch):
+    from superweight.find.hooks import LayerStats
+    from superweight.measure.stop_words import StopWordShift
+    from superweight.report.plots import plot_activation_profile, plot_scale_sweep, plot_stop_word_shift
+
+    stats = [LayerStats(layer=i, input_max=10.0 ** i, output_max=2.0 ** i) for i in range(4)]
+    shift = StopWordShift(0.3, 0.1, 1.0, 1.0, 10, 3, grows=[{"token": 1, "text": "a", "original": 0.1, "ablated": 0.2}],
+                          shrinks=[{"token": 2, "text": "b", "original": 0.2, "ablated": 0.1}])
+    sweep = [{"factor": 0.0, "perplexity": 1.3e8, "avg_acc": 0.29}, {"factor": 1.0, "perplexity": 30.7, "avg_acc": 0.48}]
+    axes = _axes_of(monkeypatch, lambda: (plot_activation_profile(stats, stats, tmp_path / "a.png"),
+                                          plot_scale_sweep(sweep, tmp_path / "s.png"),
+                                          plot_stop_word_shift(shift, tmp_path / "w.png")))
+    for ax in axes:
+        assert ax.get_ylabel() and (ax.get_xlabel() or ax.get_xticklabels()), ax.get_title()
+    perplexity = next(ax for ax in axes if "perplexity" in ax.get_ylabel())
+    assert "1e+8" in _visible_tick_labels(perplexity) and "100" in _visible_tick_labels(perplexity)
+
+
+def test_activation_plot_marks_each_weight_by_its_role(tmp_path, monkeypatch):
+    import dataclasses
+
+    from superweight.find.detect import Detection
+    from superweight.find.hooks import LayerStats
+
+    @dataclasses.dataclass(frozen=True)
+    class WithRole(SuperWeight):  # SuperWeight.role is being added beside this change
+        role: str | None = None
+
+    stats = [LayerStats(layer=i, input_max=1.0 + 100 * (i == 2), output_max=1.0 + 50 * (i == 2)) for i in range(4)]
+    weights = [WithRole(2, 1, 1, role="super"), WithRole(2, 1, 2, role="joint"), SuperWeight(3, 1, 3)]
+    axes = _axes_of(monkeypatch, lambda: plot_activations(Detection(weights, [stats]), tmp_path / "act.png"))
+    legend = axes[0].figure.legends[0]
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert [t.split(" ")[0] for t in texts] == ["super", "joint", "candidate"]
+    annotations = [c.get_text() for c in axes[0].texts]
+    assert "1,1 super\n1,2 joint" in annotations and "1,3 candidate" in annotations
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)

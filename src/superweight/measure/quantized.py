@@ -17,6 +17,7 @@ from ..edit.quantize import (AUTO_Z, DEFAULT_WEIGHT_BITS, DEFAULT_Z, check_bits,
                              check_z, checked_super_weights, quantized_weights)
 from ..edit.quantize_activations import DEFAULT_ACTIVATION_BITS, SPIKE_FRACTION, quantized_activations
 from ..errors import UsageError
+from .configurations import headline_columns
 from .evaluate import evaluate
 
 
@@ -85,11 +86,46 @@ def weight_quantization_sweep(
     return rows
 
 
+def aware_worse_than_naive(row: dict[str, Any]) -> list[str]:
+    """The headline metrics ("task metric") on which a comparison row's aware result is worse than
+    its naive one: a higher perplexity, a lower accuracy."""
+    worse = []
+    for task, metric in headline_columns(row["naive"]):
+        naive, aware = row["naive"][task].get(metric), row.get("aware", {}).get(task, {}).get(metric)
+        if not isinstance(naive, (int, float)) or not isinstance(aware, (int, float)):
+            continue
+        if aware > naive if "perplexity" in metric else aware < naive:
+            worse.append(f"{task} {metric}")
+    return worse
+
+
+def quantization_warnings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per weight-quantization row whose super-weight-aware result is worse than naive
+    RTN's (the paper's z = 9 does that on SmolLM2: its large non-super weights carry the massive
+    activation), saying what to try instead. Empty when aware is never worse."""
+    lines = []
+    for row in rows:
+        worse = aware_worse_than_naive(row)
+        if not worse or "block_size" not in row:
+            continue
+        first_task, first_metric = worse[0].split(" ", 1)
+        naive, aware = row["naive"][first_task][first_metric], row["aware"][first_task][first_metric]
+        z = row.get("z")
+        z_label = z if z == AUTO_Z or z is None else f"{z:g}"
+        fix = ("a higher --z, or --z auto" if z != AUTO_Z
+               else "a smaller --block-size; the gap can come from keeping the super weights exact alone")
+        lines.append(f"INT{row['bits']} block {row['block_size']}: super-weight aware (z={z_label}) is worse than "
+                     f"naive on {', '.join(worse)} ({first_task} {first_metric} {aware:.4g} vs {naive:.4g}); "
+                     f"try {fix}")
+    return lines
+
+
 def _comparison_row(naive: dict, aware: dict, reference: dict | None, **settings: Any) -> dict[str, Any]:
     """One row of a naive vs super-weight-aware comparison: the settings, both results and their
     wikitext perplexities, and the unquantized baseline when it was evaluated."""
     row = {**settings, "naive_perplexity": _perplexity({"results": naive}),
            "aware_perplexity": _perplexity({"results": aware}), "naive": naive, "aware": aware}
+    row["aware_worse"] = aware_worse_than_naive(row)  # in --json too: scripts need not compare themselves
     if reference is not None:
         row["baseline_perplexity"] = _perplexity({"results": reference})
         row["baseline"] = reference

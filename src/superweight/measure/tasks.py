@@ -14,6 +14,7 @@ Scoring kinds (what is scored; the row's metrics say what is computed from it):
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -240,17 +241,33 @@ TASKS: dict[str, Task] = {
 }
 
 
+# Benchmarks people ask for that lm-eval has and this table does not: `--harness NAME` runs them.
+HARNESS_ONLY = ("mmlu", "gsm8k", "truthfulqa", "openbookqa", "boolq", "race", "triviaqa", "lambada")
+
+
+def _unknown_task(name: str) -> UsageError:
+    """An unknown task name, with the nearest known one (or `--harness`) as the fix."""
+    known = f"known tasks: {', '.join(TASKS)} (or 'all')"
+    if name in HARNESS_ONLY or name.split("_")[0] in HARNESS_ONLY:
+        return UsageError(f"unknown task {name!r}; it is one of lm-eval's: run it with --harness {name} "
+                          f"(the [harness] extra); {known}")
+    close = difflib.get_close_matches(name, list(TASKS), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return UsageError(f"unknown task {name!r}; {hint}{known}")
+
+
 def resolve_task_names(names: list[str] | str) -> list[str]:
     """Expand `all`, drop duplicates (keeping order) and reject unknown names. Names are matched
-    case-insensitively, and each entry may hold several, comma-separated (`piqa,arc_easy`)."""
+    case-insensitively, with '-' read as '_' (`arc-easy` is `arc_easy`), and each entry may hold
+    several, comma-separated (`piqa,arc_easy`)."""
     if isinstance(names, str):
         names = [names]
     resolved: list[str] = []
-    for name in (n.strip().lower() for entry in names for n in entry.split(",") if n.strip()):
+    for name in (n.strip().lower().replace("-", "_") for entry in names for n in entry.split(",") if n.strip()):
         expanded = list(TASKS) if name == "all" else [name]
         for task in expanded:
             if task not in TASKS:
-                raise UsageError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or 'all')")
+                raise _unknown_task(name)
             if task not in resolved:
                 resolved.append(task)
     if not resolved:
@@ -282,45 +299,74 @@ def data_root(data_dir: str | os.PathLike | None) -> Path | None:
     return Path(chosen).expanduser() if chosen else None
 
 
+def check_data_root(root: Path, option: str = "--data-dir ") -> None:
+    """A `--data-dir` that does not exist is a mistake to name now, before any download is tried."""
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"{option}{root} {what}; give the folder that holds one folder per task "
+                        f"(e.g. DATA_DIR/piqa/valid.jsonl; README: Evaluation data)")
+
+
+def check_not_a_task_folder(root: Path, option: str = "--data-dir ") -> None:
+    """A `--data-dir` that is one task's own folder (it holds that task's files, e.g. `data/piqa`)
+    is recognised, and its parent suggested."""
+    for task in TASKS.values():
+        if all((root / f).is_file() for f in task.files):
+            raise DataError(f"{option}{root} holds {task.name}'s own files, not one folder per task; "
+                            f"give its parent folder: {option}{root.parent}")
+
+
 def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> LoadedTask:
     """Read a task's documents from `<data_dir>/<task>/`, else (online) from the hub."""
     task = TASKS[resolve_task_names([name])[0]]
     check_limits(limit)
     root = data_root(data_dir)
+    option = "--data-dir " if data_dir else "SUPERWEIGHT_DATA="
+    if root is not None:
+        check_data_root(root, option)
     task_dir = root / task.name if root else None
     missing = [f for f in task.files if task_dir is None or not (task_dir / f).is_file()]
+    if missing and root is not None:
+        check_not_a_task_folder(root, option)
     if not missing:
         docs = task.read(task_dir)
         sha = {f"{task.name}/{f}": sha256_file(task_dir / f) for f in task.files}
     elif hub_offline():
         where = f"{task_dir}/" if task_dir else f"DATA_DIR/{task.name}/ (pass --data-dir DATA_DIR or set SUPERWEIGHT_DATA; README: Evaluation data)"
+        found = f"{task_dir / missing[0]} does not exist; " if task_dir else ""
         raise DataError(
-            f"missing data for task {task.name}: put {', '.join(missing)} into {where}; "
+            f"missing data for task {task.name}: {found}put {', '.join(missing)} into {where}; "
             "HF_HUB_OFFLINE is set, so nothing is downloaded"
         )
     else:
-        docs, sha = _load_from_hub(task)
+        docs, sha = _load_from_hub(task, task_dir)
     if not docs:
         raise DataError(f"no documents found for task {task.name}; check its data files")
     return LoadedTask(task, docs[:limit] if limit else docs, len(docs), sha)
 
 
-def _load_from_hub(task: Task) -> tuple[list[Doc], dict[str, str]]:
-    """Fetch the dataset lm-eval uses from the hub's automatic parquet conversion."""
+def _load_from_hub(task: Task, task_dir: Path | None = None) -> tuple[list[Doc], dict[str, str]]:
+    """Fetch the dataset lm-eval uses from the hub's automatic parquet conversion; `task_dir` is
+    where the local files were looked for (named in the error when the download fails too)."""
+    if task_dir is not None:
+        missing = next(f for f in task.files if not (task_dir / f).is_file())
+        instead = f"{task_dir / missing} does not exist: put {', '.join(task.files)} into {task_dir}/"
+    else:
+        instead = f"put {', '.join(task.files)} into DATA_DIR/{task.name}/ (--data-dir)"
     try:
         import pyarrow.parquet as pq
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise DataError(f"cannot download {task.name}: {e.name} is not installed; install it or put {', '.join(task.files)} into DATA_DIR/{task.name}/ (--data-dir)") from None
+        raise DataError(f"cannot download {task.name}: {e.name} is not installed; install it, or {instead}") from None
     src = task.hub
     pattern = f"{src.config}/{src.split}/*.parquet"
     try:
         local = Path(snapshot_download(src.repo_id, repo_type="dataset", revision="refs/convert/parquet", allow_patterns=[pattern]))
     except Exception as e:  # network, auth or missing-repo errors all mean the same to the user
-        raise DataError(f"cannot download {task.name} from {src.repo_id}: {e.__class__.__name__}; put {', '.join(task.files)} into DATA_DIR/{task.name}/ (--data-dir) instead") from None
+        raise DataError(f"cannot download {task.name} from {src.repo_id} ({e.__class__.__name__}), and {instead}") from None
     files = sorted(local.glob(pattern))
     if not files:
-        raise DataError(f"{src.repo_id} has no {pattern}; put {', '.join(task.files)} into DATA_DIR/{task.name}/ (--data-dir) instead")
+        raise DataError(f"{src.repo_id} has no {pattern}; {instead}")
     docs = [row for f in files for row in pq.read_table(f).to_pylist()]
     sha = {f"hf://datasets/{src.repo_id}/{f.relative_to(local)}": sha256_file(f) for f in files}
     return docs, sha

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from .source import ModelSource, aliases
+from .source import ModelSource, aliases, close_alias
 from ..errors import ModelLoadError
 
 Progress = Callable[[str], None]
@@ -71,11 +71,18 @@ def hub_access(source: ModelSource, notice: Progress) -> dict[str, Any]:
                                          revision=source.revision), str):
         notice(f"{constants.ENDPOINT} is not reachable: using the cached copy of {source.location}")
         return {"local_files_only": True}
-    alias = f" (alias '{source.alias}')" if source.alias else ""
+    if not source.alias:  # what the user typed may not have been meant as a hub id at all
+        typo_of = close_alias(source.spec)
+        hint = f" (did you mean {typo_of}?)" if typo_of else ""
+        raise ModelLoadError(
+            f"'{source.spec}' is not a model alias{hint} or a local path, and not a reachable hub id: "
+            f"{constants.ENDPOINT} cannot be reached and it is not in the local cache; check the name, "
+            "connect to the network, or give a local directory or .gguf file"
+        )
     raise ModelLoadError(
-        f"cannot reach {constants.ENDPOINT} to download {source.location}{alias}, and it is not in the local "
-        "cache; connect to the network, or set HF_HUB_OFFLINE=1 to use cached models only, or give a local "
-        "directory or .gguf file"
+        f"cannot reach {constants.ENDPOINT} to download {source.location} (alias '{source.alias}'), and it is not "
+        "in the local cache; connect to the network, or set HF_HUB_OFFLINE=1 to use cached models only, or give "
+        "a local directory or .gguf file"
     )
 
 
@@ -101,7 +108,8 @@ def model_load_error(source: ModelSource, error: Exception) -> ModelLoadError:
                 f"alias '{source.alias}' maps to the hub model {source.location}, which is not in the local cache and "
                 f"could not be downloaded ({text}); check your access to it, or give a local directory or .gguf file"
             )
-        known = ", ".join(sorted(aliases()))
+        typo_of = close_alias(source.spec)
+        known = f"did you mean {typo_of}?" if typo_of else ", ".join(sorted(aliases()))
         return ModelLoadError(
             f"cannot load '{source.spec}'{hint}: not a known alias ({known}), a local directory, a .gguf file, "
             f"or a hub model in the cache; check the name or go online"

@@ -21,6 +21,7 @@ from .devices import check_map_devices, resolve_device, torch_dtype
 from .gguf import dequantized_gguf
 from .hub import Progress, hub_options, model_load_error, read_config
 from .integrity import check_complete, check_finite_down_projections, damaged_file_error, damaged_weight_file
+from .quiet import quiet_loading
 from .source import ModelSource, cache_root, resolve
 from ..errors import OutputPathError
 from ..files import refuse_inside
@@ -106,9 +107,12 @@ def load_model(
 
     `progress` gets short status texts as the load goes; `notice` the few messages worth keeping
     on screen (a first, slow GGUF load; a cached copy used because the hub cannot be reached).
+    Without `progress`, transformers' own progress bars and log lines are silenced: a library call
+    prints nothing unless asked.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet = progress is None
     progress = progress or (lambda message: None)
     notice = notice or (lambda message: None)
     dtype_option = torch_dtype(dtype)
@@ -119,14 +123,16 @@ def load_model(
     location, hub_kwargs = source.location, {}
     if source.kind == "gguf":
         # Under a launcher rank 0 dequantizes and writes the cache first; the others then read it.
-        cached, from_cache = distributed.in_turns(
-            lambda: dequantized_gguf(source, dtype, cache_dir, progress, notice))
+        with quiet_loading(quiet):
+            cached, from_cache = distributed.in_turns(
+                lambda: dequantized_gguf(source, dtype, cache_dir, progress, notice))
         location = str(cached)
         dtype_option = torch_dtype("float32" if dtype == "auto" else dtype)
     else:
         hub_kwargs = hub_options(source, trust_remote_code, notice)
         progress(f"reading config of {source.spec}")
-        read_config(source, location, hub_kwargs)
+        with quiet_loading(quiet):
+            read_config(source, location, hub_kwargs)
     placement: dict[str, Any] = {}
     if max_memory and not device_map:
         device_map = "auto"  # a memory budget only means something to accelerate's placement
@@ -145,13 +151,14 @@ def load_model(
     progress(f"loading weights of {source.spec}")
     where = source.spec if source.kind == "hub" else location
     try:
-        # Mismatched shapes are reported (then refused below with the rest), not raised as a RuntimeError.
-        model, loading_info = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype_option, output_loading_info=True, ignore_mismatched_sizes=True,
-            **hub_kwargs, **placement)
+        with quiet_loading(quiet):
+            # Mismatched shapes are reported (then refused below with the rest), not raised as a RuntimeError.
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
+                location, dtype=dtype_option, output_loading_info=True, ignore_mismatched_sizes=True,
+                **hub_kwargs, **placement)
+            tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
         check_complete(loading_info, where)
         check_finite_down_projections(model)
-        tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
     except BaseException as e:
         if offload_folder is not None:
             shutil.rmtree(offload_folder, ignore_errors=True)  # a failed load leaves nothing behind

@@ -3,6 +3,7 @@ directory, .gguf file) resolved into a `ModelSource`; the package's configs/ and
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from dataclasses import dataclass, replace
@@ -72,6 +73,12 @@ def aliases() -> dict[str, dict[str, Any]]:
     return load_yaml_config("models.yaml").get("aliases", {})
 
 
+def close_alias(spec: str) -> str | None:
+    """The alias `spec` is most likely a typo of (`smollm2-135` -> `smollm2-135m`), or None."""
+    close = difflib.get_close_matches(spec.lower(), list(aliases()), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def _packaged_gguf(alias: str, entry: dict[str, Any]) -> str:
     package = entry["gguf_package"]
     spec = importlib.util.find_spec(package)  # do not import it: the package may need extras
@@ -119,6 +126,10 @@ def _resolve(spec: str | None, revision: str | None, gguf_file: str | None) -> M
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and path.parent.exists() and spec.count("/") > 1
     if looks_like_path or path.suffix in (".safetensors", ".bin", ".pt"):
         raise ModelLoadError(f"model path not found: {spec}; give a model directory, a .gguf file, a hub id or an alias")
+    typo_of = close_alias(spec)
+    if typo_of and "/" not in spec:  # hub ids are OWNER/NAME; one this close to an alias is a typo of it
+        raise ModelLoadError(f"'{spec}' is not a model alias (did you mean {typo_of}?), a local path, or a hub id "
+                             f"(OWNER/NAME); check the name (aliases: {', '.join(aliases())})")
     return ModelSource(spec, "hub", spec, revision=revision)
 
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..coords import SuperWeight
 from ..errors import UsageError
 from ..files import atomic_write_bytes
 from ..find.detect import Detection
@@ -26,10 +27,12 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write `fig` atomically, in the format its suffix names (PNG by default), and close it."""
+def save_figure(fig, path: str | Path, layout: bool = True) -> Path:
+    """Write `fig` atomically, in the format its suffix names (PNG by default), and close it
+    (laid out tightly unless `layout` is False: the caller did it)."""
     plt = pyplot()
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
     plt.close(fig)
@@ -37,30 +40,90 @@ def save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_activations(detection: Detection, path: str | Path, title: str = "") -> Path:
-    """Per-layer max |down_proj input| and |output| (log scale), candidate layers marked.
+def tick_label(value: float) -> str:
+    """A tick a person reads: 0.5, 120, 20000, 1e+08 (never 10^2 alone, never 13912820)."""
+    return f"{value:g}" if 1e-3 <= abs(value) < 1e5 or value == 0 else f"{value:.0e}".replace("e+0", "e+").replace("e-0", "e-")
+
+
+def readable_log_axis(ax, which: str = "y") -> None:
+    """Labelled ticks over the whole range of a log axis (matplotlib labels only powers of ten, so
+    a range inside one decade, 100 to 160, gets no label at all): 1-2-5 steps over up to three
+    decades, every digit inside one, one tick per decade (or fewer) beyond."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = ax.get_ylim() if which == "y" else ax.get_xlim()
+    decades = math.log10(high / low) if low > 0 and high > low else 12.0
+    subs = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0) if decades < 1 else (1.0, 2.0, 5.0) if decades <= 3 else (1.0,)
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=10))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: tick_label(value)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+# How each measured role is drawn (SuperWeight.role, from `sw detect --verify`); a weight without a
+# measured role is a "candidate".
+ROLE_STYLE = {
+    "super": dict(marker="*", ms=15, color="#cc3311", label="super (zeroing it alone breaks the model)"),
+    "joint": dict(marker="D", ms=8, color="#ee7733", label="joint (matters only together with others)"),
+    "inert": dict(marker="X", ms=8, color="#777777", label="inert (zeroing it changes little)"),
+    "candidate": dict(marker="o", ms=9, color="#009988", label="candidate (role not measured: --verify)"),
+}
+
+
+def weight_role(weight: SuperWeight) -> str:
+    role = getattr(weight, "role", None)
+    return role if role in ROLE_STYLE else "candidate"
+
+
+def plot_activations(detection: Detection, path: str | Path, title: str = "",
+                     weights: Sequence[SuperWeight] | None = None) -> Path:
+    """Per-layer max |down_proj input| and |output| (log scale), each found weight (`weights`, by
+    default the detection's) marked at its layer by its measured role.
 
     Like the paper's Figure 3: the super weight's layer stands out by orders of magnitude.
     """
     plt = pyplot()
     stats = detection.iterations[0]
     layers = [s.layer for s in stats]
-    candidates = set(detection.candidate_layers[0]) if detection.candidate_layers else set()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
-    panels = (("max |down_proj input|", [s.input_max for s in stats]),
-              ("max |down_proj output|", [s.output_max for s in stats]))
-    for ax, (label, values) in zip(axes, panels):
-        ax.plot(layers, values, marker="o", ms=3, lw=1.2, color="#3366aa")
-        for layer in sorted(candidates):
-            ax.plot([layer], [values[layer]], marker="*", ms=14, color="#cc3311", zorder=3)
-            ax.annotate(f"layer {layer}", (layer, values[layer]), textcoords="offset points", xytext=(6, -4),
-                        fontsize=8, color="#cc3311")
+    weights = list(detection.super_weights if weights is None else weights)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    panels = (("max |down_proj input| over the prompt", "max |input activation| (hidden-state units)",
+               [s.input_max for s in stats]),
+              ("max |down_proj output| over the prompt", "max |output activation| (hidden-state units)",
+               [s.output_max for s in stats]))
+    shown: dict[str, object] = {}
+    for ax, (title_text, ylabel, values) in zip(axes, panels):
+        ax.plot(layers, [max(v, 1e-12) for v in values], marker="o", ms=3, lw=1.2, color="#3366aa",
+                label="all layers")
+        by_layer: dict[int, list[SuperWeight]] = {}
+        for weight in weights:
+            by_layer.setdefault(weight.layer, []).append(weight)
+        for layer, here in sorted(by_layer.items()):
+            if layer not in layers:
+                continue
+            value = max(values[layers.index(layer)], 1e-12)
+            for rank, weight in enumerate(here):
+                role = weight_role(weight)
+                style = dict(ROLE_STYLE[role])
+                style.pop("label")
+                shown[role] = ax.plot([layer], [value], ls="none", zorder=3 + rank,
+                                      mfc="none" if rank else style["color"], mew=1.5, **style)[0]
+            ax.annotate("\n".join(f"{w.row},{w.col} {weight_role(w)}" for w in here), (layer, value),
+                        textcoords="offset points", xytext=(8, -10), fontsize=7, color="#333333")
         ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_title(label, fontsize=10)
+        readable_log_axis(ax)
+        ax.set_xlabel("decoder layer (index)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title_text, fontsize=10)
         ax.grid(True, which="both", ls=":", lw=0.5)
-    fig.suptitle(title or "Down-projection activations (first iteration; * = super-weight layer)", fontsize=11)
-    return save_figure(fig, path)
+    fig.suptitle(title or "Down-projection activations (first detection iteration); found weights by measured role",
+                 fontsize=11)
+    roles = [role for role in ROLE_STYLE if role in shown]  # legend in the table's order, below the panels
+    if roles:
+        fig.legend([shown[role] for role in roles], [ROLE_STYLE[role]["label"] for role in roles],
+                   loc="lower center", ncol=len(roles), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return save_figure(fig, path, layout=not roles)
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -82,15 +145,31 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path, title: str = ""
         if points[0].get("baseline") is not None:
             ax.axhline(points[0]["baseline"][task][metric], color="#555555", ls="--", lw=1, label="unquantized")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [f"{size:,}" for size in sizes], rotation=45 if len(sizes) > 5 else 0, fontsize=8)
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         if "perplexity" in metric:
             ax.set_yscale("log")
-        ax.set_xlabel("block size (weights)")
+            readable_log_axis(ax)
+        ax.set_xlabel("block size (weights per quantization block, log scale)")
+        ax.set_ylabel(metric_axis_label(task, metric))
         ax.set_title(f"{task} {metric}", fontsize=10)
         ax.grid(True, which="both", ls=":", lw=0.5)
         ax.legend(fontsize=8)
     bits = points[0].get("bits")
     fig.suptitle(title or f"INT{bits} round-to-nearest vs block size", fontsize=11)
     return save_figure(fig, path)
+
+
+def metric_axis_label(task: str, metric: str) -> str:
+    """A y-axis label: the quantity, and its unit (or what its number is, for a unitless one)."""
+    if "perplexity" in metric:
+        unit = "word" if metric.startswith("word") else "byte" if metric.startswith("byte") else "token"
+        return f"perplexity per {unit} (log scale)"
+    if metric.startswith("acc"):
+        return f"{task} {metric} (fraction correct)"
+    if metric == "bits_per_byte":
+        return f"{task} bits per byte"
+    return f"{task} {metric}"
 
 
 def plot_activation_profile(before: list[LayerStats], after: list[LayerStats], path: str | Path) -> Path:
@@ -104,7 +183,9 @@ def plot_activation_profile(before: list[LayerStats], after: list[LayerStats], p
         ax.plot(layers, [max(getattr(s, attribute), 1e-12) for s in after], marker="x", ms=4, lw=1.2,
                 color="#cc3311", label="super weights zeroed")
         ax.set_yscale("log")
-        ax.set_xlabel("layer")
+        readable_log_axis(ax)
+        ax.set_xlabel("decoder layer (index)")
+        ax.set_ylabel(f"{label.replace('down_proj ', '')} (hidden-state units)")
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="both", ls=":", lw=0.5)
         ax.legend(fontsize=8)
@@ -124,8 +205,11 @@ def plot_scale_sweep(rows: list[dict[str, Any]], path: str | Path) -> Path:
         ax.plot(*zip(*points), marker="o", ms=4, lw=1.2, color="#3366aa")
         if log:
             ax.set_yscale("log")
+            readable_log_axis(ax)
         ax.axvline(1.0, color="#cc3311", ls="--", lw=1, label="s = 1 (original)")
-        ax.set_xlabel("super-weight scaling factor s")
+        ax.set_xlabel("super-weight scaling factor s (x original value)")
+        ax.set_ylabel(metric_axis_label("wikitext", "word_perplexity") if key == "perplexity"
+                      else "average accuracy (fraction correct)")
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="both", ls=":", lw=0.5)
         ax.legend(fontsize=8)
@@ -140,6 +224,7 @@ def plot_stop_word_shift(shift: StopWordShift, path: str | Path) -> Path:
     axes[0].bar(["original", "zeroed"], [shift.stop_mass_original, shift.stop_mass_ablated],
                 color=["#3366aa", "#cc3311"])
     axes[0].set_title("next-token mass on stop words", fontsize=10)
+    axes[0].set_ylabel("probability mass (0 to 1)")
     axes[0].grid(True, axis="y", ls=":", lw=0.5)
     entries = shift.grows + shift.shrinks[::-1]
     changes = [e["ablated"] - e["original"] for e in entries]
@@ -149,6 +234,8 @@ def plot_stop_word_shift(shift: StopWordShift, path: str | Path) -> Path:
     axes[1].invert_yaxis()
     axes[1].axvline(0, color="black", lw=0.8)
     axes[1].set_title("largest changes in mean next-token probability (zeroed - original)", fontsize=10)
+    axes[1].set_xlabel("change in mean next-token probability (zeroed - original)")
+    axes[1].set_ylabel("token")
     axes[1].grid(True, axis="x", ls=":", lw=0.5)
     fig.suptitle("Next-token probability when the super weights are zeroed (stop words and largest changes)", fontsize=11)
     return save_figure(fig, path)

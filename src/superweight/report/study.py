@@ -6,6 +6,7 @@ written atomically to one directory. What the study measures comes from `measure
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,17 +40,159 @@ def sweep_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]
             [[f"{r['factor']:g}", *(cell(key, r.get(key)) for key, _ in present)] for r in rows])
 
 
+def readable(value: Any) -> str:
+    """A number as a person reads it: four significant digits (30.71, 0.4836, 1.298e+08, never
+    129802099.419); a number written as text (a table cell) likewise; anything else as it is."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return readable(number) if "." in value or "e" in value.lower() else value
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
+        if isinstance(value, (float, str)) and not isinstance(value, bool):
+            value = readable(value)
         if value is None:
             return ""
-        if isinstance(value, float):
-            return f"{value:.4g}"
         return str(value).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _column(table: SummaryTable, *wanted: str) -> int | None:
+    """The index of the first of `wanted` among the table's columns (a substring match), or None."""
+    for name in wanted:
+        for i, column in enumerate(table.columns):
+            if name in column:
+                return i
+    return None
+
+
+def _row(table: SummaryTable, test) -> list[Any] | None:
+    return next((row for row in table.rows if test(str(row[0]))), None)
+
+
+def summary_lines(super_weights: Sequence[SuperWeight], table: SummaryTable | None,
+                  stop_words: StopWordShift | None) -> list[str]:
+    """The paragraph a reader can quote: the super weights, what zeroing and restoring them does,
+    against the controls, each number as the table gives it (with its error where it has one)."""
+    lines = ["## Summary", ""]
+    if super_weights:
+        found = "; ".join(f"layer {w.layer}, `down_proj.weight[{w.row}, {w.col}]`"
+                          + (f" (expert {w.expert})" if w.expert is not None else "")
+                          + (f", {w.role}" if getattr(w, "role", None) else "") for w in super_weights)
+        lines.append(f"{len(super_weights)} super weight{'s' if len(super_weights) != 1 else ''}: {found}.")
+    else:
+        lines.append("No super weight was found or given.")
+    if table is not None and table.rows:
+        metrics = [(i, name) for i, name in ((_column(table, "word_perplexity", "perplexity"), "perplexity"),
+                                             (_column(table, "avg acc", " acc"), "accuracy")) if i is not None]
+
+        def values(row: list[Any] | None) -> str:
+            return ", ".join(f"{table.columns[i]} {readable(row[i])}" for i, _ in metrics) if row else ""
+
+        original = _row(table, lambda name: name == "original")
+        zeroed = _row(table, lambda name: name == "super weights zeroed")
+        restored = _row(table, lambda name: "restored" in name)
+        controls = [row for row in table.rows if "control" in str(row[0]) or "outliers" in str(row[0])]
+        if original and zeroed and metrics:
+            lines.append(f"Zeroing them moves the scores from {values(original)} (original) to {values(zeroed)}.")
+        if restored and metrics:
+            lines.append(f"Writing the super activation back with the super weights still zeroed gives {values(restored)}.")
+        if controls and metrics:
+            lines.append("Controls: " + "; ".join(f"{row[0]}: {values(row)}" for row in controls) + ".")
+        if any("±" in str(cell) for row in table.rows for cell in row):
+            lines.append("± is the standard error of the mean over the documents read.")
+    if stop_words is not None:
+        lines.append(f"Mean next-token probability on stop words: {stop_words.stop_mass_original:.4g} original, "
+                     f"{stop_words.stop_mass_ablated:.4g} with the super weights zeroed.")
+    return [lines[0], "", " ".join(lines[2:]), ""]
+
+
+def _gguf_quantization(location: str) -> str | None:
+    """The quantization type a GGUF file's name states (`...Q4_1.gguf` -> Q4_1), or None."""
+    found = re.search(r"[.-](I?Q\d(?:_[0-9A-Z]+)*|F16|BF16|F32)\.gguf$", location, re.IGNORECASE)
+    return found.group(1).upper() if found else None
+
+
+def model_lines(meta: dict[str, Any]) -> list[str]:
+    """What model, data and tool made the report: enough for a reader to reproduce it."""
+    model = meta.get("model") or {}
+    location = str(model.get("location") or "")
+    lines = ["## Model, data and tool", ""]
+    if model:
+        lines.append(f"- Model: `{model.get('spec')}`" + (f" ({location})" if location and location != model.get("spec") else ""))
+    if location.lower().endswith(".gguf"):
+        name = Path(location).name
+        quantization = _gguf_quantization(location)
+        instruct = " the instruction-tuned (Instruct) model," if "instruct" in name.lower() else ""
+        lines.append(f"- Weights:{instruct} read from the GGUF file `{name}`"
+                     + (f", quantized as {quantization}" if quantization else "")
+                     + f", dequantized to {model.get('dtype', 'float32')} before anything is measured: every result "
+                     "is of the quantized model's values, not of the original checkpoint's"
+                     + (" (a 4-bit round-to-nearest experiment on it quantizes weights that are already 4-bit)"
+                        if quantization and quantization.startswith(("Q4", "IQ4")) else "") + ".")
+    elif model.get("dtype"):
+        lines.append(f"- Weights: {model['dtype']}.")
+    device = model.get("device") or meta.get("device")
+    if device:
+        lines.append(f"- Device: {device}.")
+    if meta.get("tasks"):
+        lines.append(f"- Tasks: {', '.join(meta['tasks'])}.")
+    if meta.get("documents_note"):
+        lines.append(f"- Documents read: {meta['documents_note']}"
+                     + (f" ({CPU_BUDGET_NOTE})" if meta.get("cpu_budget") else "") + ".")
+    if meta.get("seed") is not None:
+        lines.append(f"- Seed of the random control: {meta['seed']}.")
+    if meta.get("tool"):
+        lines.append(f"- Tool: {meta['tool']}.")
+    if meta.get("command"):
+        lines += ["", "Command:", "", "```", str(meta["command"]), "```"]
+    return lines + [""] if len(lines) > 2 else []
+
+
+def differences_lines(table: SummaryTable | None, stop_words: StopWordShift | None) -> list[str]:
+    """Where this run's results go against the paper's (Yu et al. 2024, Llama-7B), and why."""
+    notes = []
+    if stop_words is not None and stop_words.stop_mass_ablated < stop_words.stop_mass_original:
+        grown = ", ".join(repr(e["text"]) for e in stop_words.grows[:3])
+        notes.append(
+            f"- **Stop words.** The paper finds that zeroing the super weights raises the next-token probability "
+            f"of stop words (2-5x in Llama-7B). Here it falls, {stop_words.stop_mass_original:.4g} -> "
+            f"{stop_words.stop_mass_ablated:.4g}: the model is broken so badly that probability moves to tokens "
+            f"unrelated to the text" + (f" ({grown} gain most)" if grown else "") + ", not towards stop words. "
+            "The paper's stop-word increase is a finding about a model that still writes fluent text without them.")
+    if table is not None:
+        perplexity = _column(table, "word_perplexity", "perplexity")
+        original = _row(table, lambda name: name == "original")
+        outliers = _row(table, lambda name: "outliers" in name)
+
+        def number(cell: Any) -> float | None:
+            try:
+                return float(str(cell).split("±")[0])
+            except ValueError:
+                return None
+
+        if perplexity is not None and original and outliers:
+            before, after = number(original[perplexity]), number(outliers[perplexity])
+            if before and after and after > 2 * before:
+                notes.append(
+                    f"- **Other outliers.** The paper finds that zeroing the largest other weights barely matters in "
+                    f"Llama-7B. Here \"{outliers[0]}\" raises perplexity from {before:.4g} to {after:.4g}. In a "
+                    "small model many of the largest other weights sit in the super weight's own row, the hidden "
+                    "channel that carries the super activation (in SmolLM2-135M, row 507 of eight other layers), so "
+                    "this control weakens the same massive activation.")
+    return ["## Where this differs from the paper", "", *notes, ""] if notes else []
 
 
 def _stop_word_section(shift: StopWordShift) -> list[str]:
@@ -75,6 +218,11 @@ def _generations_section(generations: Sequence[Generation]) -> list[str]:
     return lines
 
 
+def _text_name(source: str) -> str:
+    """Where the verification text came from, in words (verify.py's "shipped text" is its own sample)."""
+    return "the sample paragraph that comes with superweight" if source == "shipped text" else f"`{source}`"
+
+
 def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Sequence[SuperWeight] = (),
                  table: SummaryTable | None = None,
                  sweep_rows: list[dict[str, Any]] | None = None, stop_words: StopWordShift | None = None,
@@ -84,17 +232,14 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
     `out_dir` is refused unless `force`)."""
     meta = dict(meta or {})
     document: dict[str, Any] = {"meta": meta}
-    lines = ["# Super-weight study", ""]
-    if meta.get("command"):
-        lines += ["Command:", "", "```", str(meta["command"]), "```", ""]
-    if meta.get("documents_note"):
-        lines += [f"Documents: {meta['documents_note']}"
-                  + (f" ({CPU_BUDGET_NOTE})." if meta.get("cpu_budget") else "."), ""]
+    lines = ["# Super-weight study", "", *summary_lines(super_weights, table, stop_words), *model_lines(meta),
+             *differences_lines(table, stop_words)]
     with atomic_directory(out_dir, force) as tmp:
         if super_weights:
             labels = verification.labels() if verification is not None else {}
-            lines += ["## Super weights", "", "`down_proj.weight[row, col]` of `layer` (see docs/architectures.md); "
-                      "effect: `sw detect --verify`'s label (README: How detection decides).", "",
+            lines += ["## Super weights", "", "`down_proj.weight[row, col]` of decoder layer `layer`; weight: its value; input act.: the "
+                      "down-projection input it multiplies; output spike: what the layer writes; effect: what "
+                      "zeroing it measured (superweight README, \"How detection decides\").", "",
                       markdown_table(("layer", "row", "col", "expert", "weight", "input act.", "output spike", "conc.",
                                       "share", "iter.", "effect"),
                                      [(w.layer, w.row, w.col, w.expert, w.value, w.input_activation,
@@ -103,7 +248,7 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
             document["super_weights"] = [w.to_dict() for w in super_weights]
         if verification is not None:
             lines += ["## Measured effect of each weight", "",
-                      f"Perplexity on {verification.text_source} ({verification.num_tokens} tokens). "
+                      f"Perplexity on {_text_name(verification.text_source)} ({verification.num_tokens} tokens). "
                       f"Labels: {verification.to_dict()['rule']}.", "",
                       markdown_table(("configuration", "perplexity", "x original"), verification.rows()), ""]
             lines += [f"- prompt {c.prompt!r}: " + ("same coordinates" if c.same else "other coordinates: " + ", ".join(
