@@ -62,7 +62,7 @@ def test_registry_document_and_rows():
     assert registry_document("olmo-1b")["models"] == [olmo]
     columns, rows = registry_rows("qwen3-30b-a3b")
     assert columns[2] == "source" and rows == [("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", "Super Experts Table 8",
-                                               "[1, 940, 711] expert 68 [2, 940, 59] expert 92 [3, 940, 423] expert 82", "")]
+                                               "[1, 940, 711] expert 68; [2, 940, 59] expert 92; [3, 940, 423] expert 82", "")]
     columns, rows = registry_rows()
     assert len(rows) == sum(len(m.entries) for m in registry().values())
 
@@ -85,3 +85,29 @@ def test_coordinates_for_the_same_model_by_another_name_pass(tiny_llama_dir):
     assert coordinates_mismatch({"model": "smollm2-135m", "model_type": "llama"},
                                 resolve(str(tiny_llama_dir)), "llama") is None
     assert coordinates_mismatch({}, resolve("llama-7b"), "llama") is None  # an old file without fields
+
+
+def test_sw_known_prints_the_registry_and_json():
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+
+    result = CliRunner().invoke(app, ["known"])
+    assert result.exit_code == 0, result.output
+    for text in ("qwen3-30b-a3b", "Super Experts Table 8", "paper Table 2", "authors' code", "measured here", "8811"):
+        assert text in result.output, text
+    result = CliRunner().invoke(app, ["known", "llama2-13b", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert [m["key"] for m in document["models"]] == ["llama2-13b"] and len(document["models"][0]["conflicts"]) == 1
+
+
+def test_sw_known_with_an_unknown_name_fails_in_one_line():
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+
+    result = CliRunner().invoke(app, ["known", "gpt-9"])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: 'gpt-9' is not in the registry"), result.output

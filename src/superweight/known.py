@@ -115,7 +115,7 @@ def registry_rows(name: str | None = None) -> tuple[tuple[str, ...], list[tuple[
     for model in models:
         for i, entry in enumerate(model.entries):
             rows.append((model.key if i == 0 else "", ", ".join(model.hub) if i == 0 else "", entry.source.name,
-                         " ".join(_label(c) for c in entry.super_weights),
+                         "; ".join(_label(c) for c in entry.super_weights),
                          "; ".join(model.conflicts) if i == 0 else ""))
     return columns, rows
 
