@@ -111,3 +111,14 @@ def test_sw_known_with_an_unknown_name_fails_in_one_line():
     assert result.exit_code != 0
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: 'gpt-9' is not in the registry"), result.output
+
+
+def test_a_coordinates_file_written_for_llama_7b_is_named_when_applied_to_llama2_7b(tmp_path):
+    from superweight.coords import SuperWeight, write_coords
+    from superweight.model.identity import coordinates_file_mismatch
+
+    path = write_coords(tmp_path / "c.yaml", [SuperWeight(2, 3968, 7003)], model="llama-7b", model_type="llama")
+    note = coordinates_file_mismatch(path, resolve("meta-llama/Llama-2-7b-hf"), "llama")
+    assert note and note.startswith(f"{path} was made for llama-7b (llama), not for meta-llama/Llama-2-7b-hf")
+    assert coordinates_file_mismatch(path, resolve("huggyllama/llama-7b"), "llama") is None
+    assert coordinates_file_mismatch(None, resolve("llama-7b"), "llama") is None

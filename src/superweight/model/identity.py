@@ -50,3 +50,13 @@ def coordinates_mismatch(meta: dict[str, Any], source: ModelSource, model_type: 
     if ours and theirs and ours != theirs:
         return f"{file} was made for {what}, not for {source.spec}: {advice}"
     return None
+
+
+def coordinates_file_mismatch(coords_file: str | Path | None, source: ModelSource,
+                              model_type: str | None) -> str | None:
+    """`coordinates_mismatch` for a `--coords FILE` (None when no file was given)."""
+    if coords_file is None:
+        return None
+    from ..coords import read_coords
+
+    return coordinates_mismatch(read_coords(coords_file)[1], source, model_type, coords_file)
