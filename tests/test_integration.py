@@ -113,8 +113,8 @@ def test_cli_detect_default_model(smollm2, tmp_path):
 
     _assert_smollm2_coordinates([SuperWeight(**{k: w[k] for k in ("layer", "row", "col", "iteration")})
                                  for w in document["super_weights"]])
-    assert document["known"]["verdict"].startswith("agrees")
-    assert document["known"]["provenance"] == "reference coordinates (measured by superweight)"
+    assert document["known"]["agrees_with"] == ["measured"]
+    assert [e["verdict"].startswith("agrees") for e in document["known"]["entries"]] == [True]
     weights, meta = read_coords(out)
     _assert_smollm2_coordinates(weights)
     assert all(w.share is not None and w.concentration is not None for w in weights)  # evidence in the file

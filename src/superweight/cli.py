@@ -739,3 +739,35 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command(name="known")
+def known_coordinates(
+    name: Optional[str] = typer.Argument(None, metavar="[MODEL]", help="One registered model (its alias or hub id); "
+                                                                        "default: all of them."),
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Print the registry of published super-weight coordinates: each model's hub ids, each
+    source's coordinates (paper Table 2, the authors' code, Super Experts Table 8, measured here)
+    and the known conflicts between sources.
+
+    Examples:
+
+      sw known
+
+      sw known olmo-1b --json
+    """
+    session = Session(quiet, debug)
+
+    def work() -> None:
+        from .known import registry_document, registry_rows
+
+        if as_json:
+            typer.echo(json.dumps(registry_document(name), indent=2))
+            return
+        _print_table("Published super-weight coordinates (layer, row, col of down_proj), by source", *registry_rows(name),
+                     text_columns=("model", "hub ids", "source", "super weights", "conflicts"))
+
+    session.run(work)

@@ -120,13 +120,29 @@ def input_device(model: nn.Module) -> torch.device:
     return execution_device(model.get_input_embeddings())
 
 
-def encode_prompt(tokenizer, prompt: str) -> torch.Tensor:
+def encode_prompt(tokenizer, prompt: str, *, chat_template: bool = False) -> torch.Tensor:
+    """`prompt` as input ids [1, seq]; with `chat_template`, wrapped first as one user turn in the
+    tokenizer's chat template (how an instruct model sees text), the assistant's turn opened."""
     if not prompt or not prompt.strip():
         raise UsageError("the prompt is empty; pass a non-empty --prompt (default: the paper's sentence)")
-    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if chat_template:
+        input_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").input_ids
+    else:
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     if input_ids.shape[-1] == 0:
         raise UsageError("the prompt encodes to no tokens; pass a longer --prompt")
     return input_ids
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """`prompt` as the text of one user turn in the tokenizer's chat template (the template adds
+    its own special tokens, so the text is encoded without adding more)."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "this model"
+        raise UsageError(f"the tokenizer of {name} has no chat template, so --chat-template cannot wrap "
+                         f"the prompt; drop --chat-template (a base model reads the raw prompt)")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def detect(

@@ -11,58 +11,84 @@ from typing import Any
 
 from ..coords import SuperWeight
 from ..find.detect import Detection
-from ..model.source import load_yaml_config
+from ..known import KnownEntry, coordinate_key, lookup
 
 
 @dataclass(frozen=True)
-class KnownCheck:
-    """How detected coordinates compare with the published ones for this model."""
+class SourceCheck:
+    """How detected coordinates compare with one source's coordinates for this model."""
 
-    key: str
-    published: list[tuple[int, int, int]]
+    source: str  # the source's key in the registry (paper-table-2, authors-code, ...)
+    source_name: str  # how a reader calls it ("paper Table 2")
+    cite: str
+    super_weights: list[tuple]  # (layer, row, col) or (layer, row, col, expert), as the source gives them
     verdict: str  # "agrees", "agrees, and found more", "partly agrees", "differs"
-    missing: list[tuple[int, int, int]]
-    extra: list[tuple[int, int, int]]
-    measured: bool = False  # the entry was measured by this tool, not published in the paper
+    missing: list[tuple]
+    extra: list[tuple]
 
     @property
-    def provenance(self) -> str:
-        return "reference coordinates (measured by superweight)" if self.measured else \
-            "published coordinates (paper, Table 2)"
+    def agrees(self) -> bool:
+        return not self.missing
 
     def summary(self) -> str:
-        text = f"{self.provenance} for {self.key}: detection {self.verdict}"
+        text = f"{self.source_name}: detection {self.verdict}"
         if self.missing:
             text += f"; not found: {', '.join(map(str, map(list, self.missing)))}"
         if self.extra:
             text += f"; also found: {', '.join(map(str, map(list, self.extra)))}"
         return text
 
-
-def known_entry_key(known_key: str | None, model_id: str | None) -> str | None:
-    table = load_yaml_config("known_coordinates.yaml")
-    if known_key in table:
-        return known_key
-    for key, entry in table.items():
-        if model_id and model_id in entry.get("hub", []):
-            return key
-    return None
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "source_name": self.source_name, "cite": self.cite,
+                "super_weights": [list(c) for c in self.super_weights], "verdict": self.verdict,
+                "agrees": self.agrees, "missing": [list(c) for c in self.missing],
+                "extra": [list(c) for c in self.extra]}
 
 
-def check_known(weights: list[SuperWeight], known_key: str | None, model_id: str | None = None) -> KnownCheck | None:
-    key = known_entry_key(known_key, model_id)
-    if key is None:
-        return None
-    entry = load_yaml_config("known_coordinates.yaml")[key]
-    published = [tuple(c) for c in entry["super_weights"]]
-    found = [(w.layer, w.row, w.col) for w in weights]
-    missing = [c for c in published if c not in found]
-    extra = [c for c in found if c not in published]
+@dataclass(frozen=True)
+class KnownCheck:
+    """How detected coordinates compare with every registered source for this model, entry by entry."""
+
+    key: str  # the model's key in configs/known_coordinates.yaml
+    entries: list[SourceCheck]
+    conflicts: list[str]
+
+    @property
+    def agrees_with(self) -> list[str]:
+        """The sources whose every coordinate was found."""
+        return [e.source for e in self.entries if e.agrees]
+
+    def summary(self) -> str:
+        """One line per source, then one per known conflict between sources."""
+        lines = [f"registered coordinates for {self.key}, {e.summary()}" for e in self.entries]
+        lines += [f"known conflict between sources for {self.key}: {c}" for c in self.conflicts]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "agrees_with": self.agrees_with,
+                "entries": [e.to_dict() for e in self.entries], "conflicts": list(self.conflicts)}
+
+
+def _compare(found: list[tuple], entry: KnownEntry) -> SourceCheck:
+    published = [coordinate_key(c) for c in entry.super_weights]
+    missing = [c for c, k in zip(entry.super_weights, published) if k not in found]
+    extra = [k if k[3] is not None else k[:3] for k in found if k not in published]
     if not missing:
         verdict = "agrees, and found more" if extra else "agrees"
     else:
         verdict = "differs" if len(missing) == len(published) else "partly agrees"
-    return KnownCheck(key, published, verdict, missing, extra, measured=entry.get("source") == "measured")
+    return SourceCheck(entry.source.key, entry.source.name, entry.source.cite, list(entry.super_weights),
+                       verdict, missing, extra)
+
+
+def check_known(weights: list[SuperWeight], known_key: str | None, model_id: str | None = None) -> KnownCheck | None:
+    """Compare detected weights with each registered source for this model (by the alias's
+    `known:` key, else by hub id); None when the model is not registered."""
+    model = lookup(known_key, model_id)
+    if model is None:
+        return None
+    found = [w.key for w in weights]
+    return KnownCheck(model.key, [_compare(found, entry) for entry in model.entries], list(model.conflicts))
 
 
 def super_weight_table(weights: list[SuperWeight], labels: dict[tuple, str] | None = None,
@@ -112,9 +138,5 @@ def detection_document(detection: Detection, model: dict[str, Any], known: Known
              "carried": s.carried, "rejected": reason}
             for s, reason in zip(first, first_reasons)
         ],
-        "known": None if known is None else {
-            "entry": known.key, "verdict": known.verdict, "published": [list(c) for c in known.published],
-            "provenance": known.provenance, "missing": [list(c) for c in known.missing],
-            "extra": [list(c) for c in known.extra],
-        },
+        "known": None if known is None else known.to_dict(),
     }
