@@ -5,7 +5,7 @@ import json
 import pytest
 
 from superweight.errors import UsageError
-from superweight.known import known_model, registry, registry_document, registry_rows
+from superweight.report.known import known_model, registry, registry_document, registry_rows
 from superweight.model.identity import coordinates_mismatch
 from superweight.model.source import aliases, resolve
 

@@ -762,7 +762,7 @@ def known_coordinates(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .known import registry_document, registry_rows
+        from .report.known import registry_document, registry_rows
 
         if as_json:
             typer.echo(json.dumps(registry_document(name), indent=2))

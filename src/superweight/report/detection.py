@@ -11,7 +11,7 @@ from typing import Any
 
 from ..coords import SuperWeight
 from ..find.detect import Detection
-from ..known import KnownEntry, coordinate_key, lookup
+from .known import KnownEntry, coordinate_key, lookup
 
 
 @dataclass(frozen=True)

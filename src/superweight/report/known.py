@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UsageError
-from .model.source import aliases, load_yaml_config
+from ..errors import UsageError
+from ..model.source import aliases, load_yaml_config
 
 REGISTRY_FILE = "known_coordinates.yaml"
 
