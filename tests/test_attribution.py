@@ -76,6 +76,20 @@ def test_a_weight_whose_presence_doubles_the_damage_is_not_a_member():
     assert [e.label for e in effects] == ["joint", "joint", "inert"]
 
 
+def test_positive_on_average_but_counteracting_when_zeroed_last_is_not_a_member():
+    """Like SmolLM2's [11, 507, 1487]: zeroed after the super weight it adds damage (a positive
+    Shapley share), but zeroed last, with every other candidate gone, it lowers perplexity."""
+    def v(subset):
+        if {0, 1} <= subset:
+            return math.log(500) - (math.log(2) if 2 in subset else 0.0)
+        return math.log(3) * (0 in subset) + math.log(50) * ({0, 2} <= subset) + math.log(1.5) * (subset == {2} or subset == {1, 2})
+
+    effects = attribute(_weights(3), _perplexities(3, v), exact=True)
+    assert effects[2].shapley > 0.1 * v(frozenset(range(3)))
+    assert effects[2].leave_one_out > effects[2].perplexity * 100  # keeping it, the others zeroed: worse
+    assert [e.label for e in effects] == ["super", "joint", "inert"]
+
+
 def test_leave_one_out_roles_without_enumeration():
     def v(subset):
         return math.log(50) * (0 in subset) + math.log(30) * ({1, 2} <= subset)
@@ -92,7 +106,7 @@ def test_leave_one_out_roles_without_enumeration():
 
 def test_attribution_choice_and_limits():
     assert check_attribution("auto", 5) is True
-    assert check_attribution("auto", 7) is False
+    assert check_attribution("auto", 6) is False
     assert check_attribution("leave-one-out", 3) is False
     assert check_attribution("shapley", MAX_EXACT) is True
     with pytest.raises(UsageError, match="leave-one-out"):

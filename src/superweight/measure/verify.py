@@ -17,11 +17,13 @@ plus the set zeroed with the super activation written back (the paper's Table 1 
 random control of as many weights of the same matrices. Each candidate gets a *role* (`role_rule`):
 
   super   zeroing it alone raises perplexity >= SUPER_FACTOR (2x): a super weight by itself;
-  joint   not super alone, but zeroing the whole set raises perplexity >= SUPER_FACTOR and this
-          weight carries at least MEMBER_SHARE (10 %) of that effect: its Shapley value (or, where
-          the set is too large to enumerate, its leave-one-out effect) is >= MEMBER_SHARE * v(S).
-          A super weight that works only together with others (post-norm models build one super
-          activation in several layers, each through one weight);
+  joint   not super alone, but zeroing the whole set raises perplexity >= SUPER_FACTOR, this
+          weight carries at least MEMBER_SHARE (10 %) of that effect (its Shapley value; where the
+          set is too large to enumerate, its leave-one-out effect), and zeroing it last, once every
+          other candidate is zeroed, still raises perplexity: a super weight that works only
+          together with others (post-norm models build one super activation in several layers,
+          each through one weight). A weight whose removal *lowers* the damage of the others (it
+          counteracts them) is not a member, whatever it does on average;
   inert   otherwise: it does nothing measurable alone or within the set.
 
 *Super weights* are the candidates labelled super or joint. A model whose own perplexity on the
@@ -56,7 +58,7 @@ from ..model.source import configs_dir
 SUPER_FACTOR = 2.0  # perplexity ratio that counts as breaking the model
 MEMBER_SHARE = 0.10  # part of the set's log-perplexity effect a joint super weight carries at least
 MAX_EXACT = 8  # largest set whose Shapley values are computed exactly (2^8 = 256 forward passes)
-DEFAULT_EXACT = 6  # `--attribution auto` enumerates sets up to this size (64 passes), else leave-one-out
+DEFAULT_EXACT = 5  # `--attribution auto` enumerates sets up to this size (32 passes, ~35 s for SmolLM2 on a CPU)
 ATTRIBUTIONS = ("auto", "shapley", "leave-one-out")
 BROKEN_PERPLEXITY = 1000.0  # working models read plain English prose far below this; SmolLM2-135M: ~26
 ROLES = ("super", "joint", "inert")
@@ -154,7 +156,8 @@ class Verification:
         return rows
 
     def attribution_rows(self) -> list[tuple[str, str, str, str, str]]:
-        """(weight, x alone, x others zeroed + this kept -> all, Shapley share, role) for a table."""
+        """(weight, x alone, x when zeroed last, Shapley share, role) for a table: `zeroed last` is the
+        perplexity ratio of zeroing it once every other candidate is zeroed (< 1: it counteracts them)."""
         if self.broken or not self.effects or self.all_zeroed is None:
             return []
         rows = []
@@ -167,9 +170,9 @@ class Verification:
 
 def role_rule() -> str:
     return (f"super: zeroing it alone raises perplexity >= {SUPER_FACTOR:g}x; joint: not super alone, but the "
-            f"whole set zeroed raises it >= {SUPER_FACTOR:g}x and this weight carries >= {MEMBER_SHARE:.0%} of "
-            "that log-perplexity effect (its Shapley value, or its leave-one-out effect where the set is not "
-            "enumerated); inert: otherwise")
+            f"whole set zeroed raises it >= {SUPER_FACTOR:g}x, this weight carries >= {MEMBER_SHARE:.0%} of that "
+            "log-perplexity effect (its Shapley value, or its leave-one-out effect where the set is not "
+            "enumerated) and zeroing it last still raises perplexity; inert: otherwise")
 
 
 def read_verify_text(path: str | Path | None = None) -> tuple[str, str]:
@@ -271,9 +274,10 @@ def _label(effects: list[WeightEffect], base: float, all_zeroed: float) -> None:
         if e.perplexity >= SUPER_FACTOR * base:
             e.label = "super"
             continue
-        carried = e.shapley if e.shapley is not None else math.log(all_zeroed / e.leave_one_out)
+        added_last = math.log(all_zeroed / e.leave_one_out)
+        carried = e.shapley if e.shapley is not None else added_last
         set_breaks = all_zeroed >= SUPER_FACTOR * base
-        e.label = "joint" if set_breaks and carried >= MEMBER_SHARE * set_effect else "inert"
+        e.label = "joint" if set_breaks and added_last > 0 and carried >= MEMBER_SHARE * set_effect else "inert"
 
 
 def verify(
