@@ -47,9 +47,11 @@ class SuperWeight:
     concentration: float | None = None  # raw_output**2 over the token's whole raw output energy
     share: float | None = None  # this weight's part of raw_output: value * input_activation / raw_output
     residual_after: float | None = None  # the residual stream value it lands on, leaving the layer
-    # What `sw detect --verify` measured (verify.py): its label and the perplexity with it alone zeroed.
-    effect: str | None = None
+    # What `sw detect --verify` measured (measure/verify.py): its role (super, joint or inert), the
+    # perplexity with it alone zeroed, and its Shapley share of the whole set's effect.
+    role: str | None = None
     perplexity_alone_zeroed: float | None = None
+    shapley_share: float | None = None
 
     @property
     def key(self) -> tuple[int, int, int, int | None]:
@@ -67,7 +69,15 @@ class SuperWeight:
 
 _REQUIRED = ("layer", "row", "col")
 _INT_FIELDS = {"layer", "row", "col", "expert", "token", "iteration"}
-_TEXT_FIELDS = {"effect"}
+_TEXT_FIELDS = {"role"}
+# Roles written by releases before the attribution rule; read as the closest role of today.
+_LEGACY_ROLES = {"redundant": "joint", "minor": "inert"}
+
+# What `--select` acts on (README: Vocabulary). Candidates are what detection finds; super weights
+# are the candidates whose measured removal breaks the model, alone (`super`) or as a set (`joint`).
+SELECTIONS = ("super", "set", "all")
+DEFAULT_SELECTION = "super"  # the paper's experiments zero the super weight, not every candidate
+_SELECTED_ROLES = {"super": ("super",), "set": ("super", "joint"), "all": None}
 
 
 def from_dict(entry: Any, where: str) -> SuperWeight:
@@ -79,6 +89,8 @@ def from_dict(entry: Any, where: str) -> SuperWeight:
     known = {f.name for f in fields(SuperWeight)}
     values = {}
     for key, value in entry.items():
+        if key == "effect" and "role" not in entry:  # the name releases before the attribution rule used
+            key, value = "role", _LEGACY_ROLES.get(value, value) if isinstance(value, str) else value
         if key not in known:
             continue
         if value is None:
@@ -167,3 +179,33 @@ def requested(coords_file: str | Path | None, coord_texts: list[str] | None) -> 
     for weight in weights:
         unique.setdefault(weight.key, weight)
     return list(unique.values())
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The weights a command acts on, and a sentence saying which and why (printed by the command)."""
+
+    weights: list[SuperWeight]
+    reason: str
+
+
+def select(weights: list[SuperWeight], selection: str, source: str) -> Selection:
+    """The candidates of `source` that `--select` names. Weights without a measured role (a file
+    written without `--verify`) cannot be told apart: then every candidate is taken, and the reason
+    says so. A selection that leaves nothing is an error, never an unablated run."""
+    if selection not in SELECTIONS:
+        raise CoordinateOptionError(f"--select {selection!r}: choose one of {', '.join(SELECTIONS)}")
+    roles = _SELECTED_ROLES[selection]
+    if roles is None:
+        return Selection(list(weights), f"all {len(weights)} candidates of {source} (--select all)")
+    if not any(w.role for w in weights):
+        return Selection(list(weights), f"all {len(weights)} candidates of {source}: it records no measured "
+                                        "roles, so super weights cannot be told from candidates (make it with "
+                                        "`sw detect --verify`)")
+    chosen = [w for w in weights if w.role in roles]
+    what = "super weights (role super)" if selection == "super" else "super weights of the set (role super or joint)"
+    if not chosen:
+        found = ", ".join(sorted({w.role or "unmeasured" for w in weights}))
+        raise CoordinatesError(f"--select {selection}: {source} holds no {what} (roles there: {found}); "
+                               "use --select set or --select all, or give --coord L,R,C")
+    return Selection(chosen, f"{len(chosen)} {what} of the {len(weights)} candidates in {source} (--select {selection})")

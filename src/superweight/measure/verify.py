@@ -1,25 +1,39 @@
-"""`sw detect --verify`: what each found weight measurably does, and whether other prompts agree.
+"""`sw detect --verify`: what each candidate measurably does, alone and within the set.
 
-Detection decides from one forward pass what a weight *writes*; verification measures what
-removing it *does*. On a short text (configs/verify_text.txt, prose written for this project, or
-the user's `--verify-text`) it computes the perplexity of the model
+Detection decides from one forward pass what a weight *writes*: it finds *candidates*. What makes a
+candidate a *super weight* is what removing it does. On a short text (configs/verify_text.txt,
+prose written for this project, or the user's `--verify-text`) verification measures the
+log-perplexity effect `v(T) = log ppl(T zeroed) - log ppl(original)` of zeroing sets T of the
+candidates S:
 
-  - as given;
-  - with each found weight alone zeroed;
-  - with all of them zeroed, then with all zeroed and the super activation written back
-    (restore.restored_activation: the paper's Table 1 restoration);
-  - with a random control: as many random weights of the same matrices zeroed;
+  - alone:          v({w}) for each candidate;
+  - leave-one-out:  v(S) - v(S without w), what w adds once every other candidate is already zeroed;
+  - Shapley value:  the average of v(T + w) - v(T) over every order of zeroing S (exact, by
+                    enumerating all 2^n subsets, for n <= MAX_EXACT); the values sum to v(S), so
+                    they split the set's whole effect among its members and show interactions
+                    (a weight that does nothing alone can carry much of the set's effect);
 
-and labels each weight by that (`label_rule`):
+plus the set zeroed with the super activation written back (the paper's Table 1 restoration) and a
+random control of as many weights of the same matrices. Each candidate gets a *role* (`role_rule`):
 
-  super      zeroing it alone raises perplexity at least SUPER_FACTOR (2x);
-  redundant  it is not super alone, but zeroing every found weight that is not super together
-             raises perplexity at least 2x: it matters with the others (post-norm models build
-             one super activation in several layers, each through one weight);
-  minor      otherwise.
+  super   zeroing it alone raises perplexity >= SUPER_FACTOR (2x): a super weight by itself;
+  joint   not super alone, but zeroing the whole set raises perplexity >= SUPER_FACTOR, this
+          weight carries at least MEMBER_SHARE (10 %) of that effect (its Shapley value; where the
+          set is too large to enumerate, its leave-one-out effect), and zeroing it last, once every
+          other candidate is zeroed, still raises perplexity: a super weight that works only
+          together with others (post-norm models build one super activation in several layers,
+          each through one weight). A weight whose removal *lowers* the damage of the others (it
+          counteracts them) is not a member, whatever it does on average;
+  inert   otherwise: it does nothing measurable alone or within the set.
 
-It also runs the detection on a few more prompts (VERIFY_PROMPTS) and says whether the same
-coordinates come out: the paper finds the super activation independent of the prompt.
+*Super weights* are the candidates labelled super or joint. A model whose own perplexity on the
+text is already beyond BROKEN_PERPLEXITY (no working language model reads plain prose that badly),
+or a folder written by `sw ablate`, is reported as broken and not labelled: there is nothing left
+to remove.
+
+Verification also runs the detection on a few more prompts (VERIFY_PROMPTS) and says which
+candidates appear or disappear there: the paper finds the super activation independent of the
+prompt.
 """
 
 from __future__ import annotations
@@ -41,8 +55,15 @@ from ..find.detect import DEFAULT_ITERATIONS, SpikeRule, detect, encode_prompt, 
 from ..errors import UsageError
 from ..model.source import configs_dir
 
-SUPER_FACTOR = 2.0
+SUPER_FACTOR = 2.0  # perplexity ratio that counts as breaking the model
+MEMBER_SHARE = 0.10  # part of the set's log-perplexity effect a joint super weight carries at least
+MAX_EXACT = 8  # largest set whose Shapley values are computed exactly (2^8 = 256 forward passes)
+DEFAULT_EXACT = 5  # `--attribution auto` enumerates sets up to this size (32 passes, ~35 s for SmolLM2 on a CPU)
+ATTRIBUTIONS = ("auto", "shapley", "leave-one-out")
+BROKEN_PERPLEXITY = 1000.0  # working models read plain English prose far below this; SmolLM2-135M: ~26
+ROLES = ("super", "joint", "inert")
 VERIFY_TEXT_NAME = "verify_text.txt"
+SHIPPED_TEXT = "the project's verification text (configs/verify_text.txt)"
 MAX_VERIFY_TOKENS = 1024  # enough for a stable ratio; keeps --verify to seconds on a CPU
 VERIFY_PROMPTS = (
     "The weather in the mountains changed quickly that afternoon.",
@@ -55,7 +76,9 @@ VERIFY_PROMPTS = (
 class WeightEffect:
     weight: SuperWeight
     perplexity: float  # with this weight alone zeroed
-    label: str = "minor"
+    label: str = "inert"  # its role (ROLES)
+    leave_one_out: float | None = None  # perplexity with every other candidate zeroed (this one kept)
+    shapley: float | None = None  # its Shapley value of log-perplexity over the set (None: not enumerated)
 
 
 @dataclass
@@ -63,6 +86,14 @@ class PromptCheck:
     prompt: str
     coordinates: list[tuple]
     same: bool  # the same coordinates as the detection being verified
+
+    def difference(self, found: Sequence[tuple]) -> str:
+        """Which candidates this prompt adds or loses, against the detection being verified."""
+        gained = [list(k[:3]) for k in self.coordinates if k not in set(found)]
+        lost = [list(k[:3]) for k in found if k not in set(self.coordinates)]
+        parts = ([f"also finds {', '.join(map(str, gained))}"] if gained else []) + \
+                ([f"does not find {', '.join(map(str, lost))}"] if lost else [])
+        return "; ".join(parts) or "the same candidates"
 
 
 @dataclass
@@ -75,22 +106,34 @@ class Verification:
     restored: float | None  # None where restoration is not supported (mixture-of-experts)
     control: float | None
     control_weights: list[SuperWeight] = field(default_factory=list)
-    redundant_group: float | None = None  # every non-super weight zeroed together
+    attribution: str = "leave-one-out"  # "shapley" where the set was enumerated
+    broken: str | None = None  # why the model is already broken (then nothing is labelled)
     prompts: list[PromptCheck] = field(default_factory=list)
     seconds: float = 0.0
 
     def labels(self) -> dict[tuple, str]:
-        return {e.weight.key: e.label for e in self.effects}
+        return {} if self.broken else {e.weight.key: e.label for e in self.effects}
+
+    @property
+    def set_effect(self) -> float | None:
+        """v(S): the log-perplexity effect of zeroing every candidate."""
+        return None if self.all_zeroed is None else math.log(self.all_zeroed / self.perplexity)
 
     def to_dict(self) -> dict[str, Any]:
+        def weight(e: WeightEffect) -> dict[str, Any]:
+            share = (e.shapley / self.set_effect if e.shapley is not None and self.set_effect else None)
+            return {**e.weight.to_dict(), "perplexity_alone_zeroed": e.perplexity,
+                    "perplexity_others_zeroed": e.leave_one_out, "shapley_log_perplexity": e.shapley,
+                    "shapley_share": share, "effect": None if self.broken else e.label}
+
         return {
-            "text": self.text_source, "num_tokens": self.num_tokens, "rule": label_rule(),
+            "text": self.text_source, "num_tokens": self.num_tokens, "rule": role_rule(),
+            "broken": self.broken, "attribution": self.attribution,
             "perplexity": self.perplexity, "all_zeroed": self.all_zeroed, "restored": self.restored,
+            "set_log_perplexity": self.set_effect,
             "random_control": self.control,
             "random_control_weights": [w.to_dict() for w in self.control_weights],
-            "non_super_zeroed_together": self.redundant_group,
-            "weights": [{**e.weight.to_dict(), "perplexity_alone_zeroed": e.perplexity, "effect": e.label}
-                        for e in self.effects],
+            "weights": [weight(e) for e in self.effects],
             "prompts": [{"prompt": p.prompt, "coordinates": [list(c) for c in p.coordinates], "same": p.same}
                         for p in self.prompts],
             "seconds": self.seconds,
@@ -104,17 +147,32 @@ class Verification:
             return what, f"{value:.4g}", f"{value / self.perplexity:.2f}"
 
         rows = [row("original", self.perplexity)]
-        rows += [row(f"{e.weight.label()} alone zeroed -> {e.label}", e.perplexity) for e in self.effects]
-        if self.redundant_group is not None:
-            rows.append(row("non-super weights zeroed together", self.redundant_group))
-        rows += [row("all zeroed", self.all_zeroed), row("all zeroed, super activation restored", self.restored),
+        if self.broken:
+            return rows
+        rows += [row(f"{e.weight.label()} alone zeroed", e.perplexity) for e in self.effects]
+        rows += [row("all candidates zeroed", self.all_zeroed),
+                 row("all zeroed, super activation restored", self.restored),
                  row(f"random control ({len(self.control_weights)} weights)", self.control)]
         return rows
 
+    def attribution_rows(self) -> list[tuple[str, str, str, str, str]]:
+        """(weight, x alone, x when zeroed last, Shapley share, role) for a table: `zeroed last` is the
+        perplexity ratio of zeroing it once every other candidate is zeroed (< 1: it counteracts them)."""
+        if self.broken or not self.effects or self.all_zeroed is None:
+            return []
+        rows = []
+        for e in self.effects:
+            kept = "" if e.leave_one_out is None else f"{self.all_zeroed / e.leave_one_out:.3g}"
+            share = "" if e.shapley is None or not self.set_effect else f"{e.shapley / self.set_effect:+.0%}"
+            rows.append((e.weight.label(), f"{e.perplexity / self.perplexity:.3g}", kept, share, e.label))
+        return rows
 
-def label_rule() -> str:
-    return (f"super: zeroing it alone raises perplexity >= {SUPER_FACTOR:g}x; redundant: not super, but zeroing "
-            f"all non-super found weights together raises it >= {SUPER_FACTOR:g}x; minor: otherwise")
+
+def role_rule() -> str:
+    return (f"super: zeroing it alone raises perplexity >= {SUPER_FACTOR:g}x; joint: not super alone, but the "
+            f"whole set zeroed raises it >= {SUPER_FACTOR:g}x, this weight carries >= {MEMBER_SHARE:.0%} of that "
+            "log-perplexity effect (its Shapley value, or its leave-one-out effect where the set is not "
+            "enumerated) and zeroing it last still raises perplexity; inert: otherwise")
 
 
 def read_verify_text(path: str | Path | None = None) -> tuple[str, str]:
@@ -128,7 +186,7 @@ def read_verify_text(path: str | Path | None = None) -> tuple[str, str]:
         raise UsageError(f"--verify-text {source} is not UTF-8 text; give a UTF-8 text file") from None
     if not text.strip():
         raise UsageError(f"--verify-text {source} is empty; give a file of a few hundred words")
-    return text, ("shipped text" if path is None else str(source))
+    return text, (SHIPPED_TEXT if path is None else str(source))
 
 
 def encode_text(tokenizer, text: str) -> torch.Tensor:
@@ -148,55 +206,129 @@ def text_perplexity(model: nn.Module, input_ids: torch.Tensor) -> float:
     return math.exp(float(nll))
 
 
+def _shapley(n: int, value: dict[frozenset, float]) -> list[float]:
+    """Exact Shapley values of the set function `value` (over every subset of range(n))."""
+    weights = [math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)]
+    result = []
+    for i in range(n):
+        total = 0.0
+        for subset, v in value.items():
+            if i not in subset:
+                total += weights[len(subset)] * (value[subset | {i}] - v)
+        result.append(total)
+    return result
+
+
+def _subsets_to_measure(n: int, exact: bool) -> list[frozenset]:
+    """The subsets whose effect verification needs: all of them, or singletons, leave-one-outs, all."""
+    if exact:
+        return [frozenset(i for i in range(n) if mask >> i & 1) for mask in range(1, 1 << n)]
+    full = frozenset(range(n))
+    return sorted({frozenset([i]) for i in range(n)} | {full - {i} for i in range(n)} | {full}, key=len)
+
+
+def check_attribution(attribution: str, n: int | None = None) -> bool:
+    """Whether to enumerate Shapley values for a set of n candidates; bad values are usage errors."""
+    if attribution not in ATTRIBUTIONS:
+        raise UsageError(f"--attribution {attribution!r}: choose one of {', '.join(ATTRIBUTIONS)}")
+    if n is None:
+        return attribution == "shapley"
+    if attribution == "shapley" and n > MAX_EXACT:
+        raise UsageError(f"--attribution shapley enumerates 2^n subsets; {n} candidates is more than {MAX_EXACT}: "
+                         "use --attribution leave-one-out")
+    return attribution == "shapley" or (attribution == "auto" and n <= DEFAULT_EXACT)
+
+
+def broken_reason(perplexity: float, recorded: str | None = None) -> str | None:
+    """Why a model cannot be verified, or None: an ablation record, or a perplexity no working model has."""
+    if recorded:
+        return f"the model is already ablated ({recorded}): its super weights are gone, nothing left to verify"
+    if not math.isfinite(perplexity) or perplexity > BROKEN_PERPLEXITY:
+        return (f"the model is already broken: perplexity {perplexity:.4g} on plain prose (a working model is far "
+                f"below {BROKEN_PERPLEXITY:g}); verify the original model instead")
+    return None
+
+
+def attribute(weights: Sequence[SuperWeight], perplexity: dict[frozenset, float], exact: bool) -> list[WeightEffect]:
+    """Each weight's effects and role from the perplexities of zeroed subsets (indices into
+    `weights`; the empty set is the original model): every subset when `exact`, else the
+    singletons, the leave-one-outs and the whole set."""
+    base = perplexity[frozenset()]
+    full = frozenset(range(len(weights)))
+    effects = [WeightEffect(w, perplexity[frozenset([i])],
+                            leave_one_out=perplexity[full - {i}] if len(weights) > 1 else base)
+               for i, w in enumerate(weights)]
+    if not weights:
+        return effects
+    if exact:
+        log_effect = {s: math.log(p / base) for s, p in perplexity.items()}
+        for e, value in zip(effects, _shapley(len(weights), log_effect)):
+            e.shapley = value
+    _label(effects, base, perplexity[full])
+    return effects
+
+
+def _label(effects: list[WeightEffect], base: float, all_zeroed: float) -> None:
+    set_effect = math.log(all_zeroed / base)
+    for e in effects:
+        if e.perplexity >= SUPER_FACTOR * base:
+            e.label = "super"
+            continue
+        added_last = math.log(all_zeroed / e.leave_one_out)
+        carried = e.shapley if e.shapley is not None else added_last
+        set_breaks = all_zeroed >= SUPER_FACTOR * base
+        e.label = "joint" if set_breaks and added_last > 0 and carried >= MEMBER_SHARE * set_effect else "inert"
+
+
 def verify(
     model: nn.Module,
     tokenizer,
     weights: Sequence[SuperWeight],
     *,
     text: str | None = None,
-    text_source: str = "shipped text",
+    text_source: str = SHIPPED_TEXT,
     prompts: Sequence[str] = VERIFY_PROMPTS,
     rule: SpikeRule | None = None,
     iterations: int = DEFAULT_ITERATIONS,
+    attribution: str = "auto",
+    recorded_ablation: str | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> Verification:
-    """Measure each weight's effect (module docstring). The model is left as it was given."""
+    """Measure each candidate's effect and role (module docstring). The model is left as given."""
     progress = progress or (lambda message: None)
     started = time.perf_counter()
+    weights = list(weights)
+    exact = check_attribution(attribution, len(weights))
     if text is None:
         text, text_source = read_verify_text()
     input_ids = encode_text(tokenizer, text)
-    weights = list(weights)
-
-    def zeroed(ws: Sequence[SuperWeight]) -> float:
-        with ablated(model, ws):
-            return text_perplexity(model, input_ids)
 
     progress("verifying: perplexity of the original")
     base = text_perplexity(model, input_ids)
-    effects = []
-    for i, w in enumerate(weights):
-        progress(f"verifying: {w.label()} alone zeroed ({i + 1}/{len(weights)})")
-        effects.append(WeightEffect(w, zeroed([w])))
-    result = Verification(text_source, int(input_ids.shape[-1]), base, effects, None, None, None)
+    result = Verification(text_source, int(input_ids.shape[-1]), base, [], None, None, None,
+                          attribution="shapley" if exact else "leave-one-out",
+                          broken=broken_reason(base, recorded_ablation))
+    if result.broken:
+        result.effects = [WeightEffect(w, float("nan")) for w in weights]
+        result.seconds = time.perf_counter() - started
+        return result
+    perplexity: dict[frozenset, float] = {frozenset(): base}
+    subsets = _subsets_to_measure(len(weights), exact) if weights else []
+    for done, subset in enumerate(subsets):
+        progress(f"verifying: candidate sets zeroed ({done + 1}/{len(subsets)})")
+        with ablated(model, [weights[i] for i in sorted(subset)]):
+            perplexity[subset] = text_perplexity(model, input_ids)
+    result.effects = attribute(weights, perplexity, exact)
     if weights:
-        progress("verifying: all zeroed, restored, random control")
-        with ablated(model, weights) as record:
-            result.all_zeroed = text_perplexity(model, input_ids)
-            if not adapter_for(model).experts:  # restoration is dense-only (ablate.py)
-                with restored_activation(model, record):
-                    result.restored = text_perplexity(model, input_ids)
+        result.all_zeroed = perplexity[frozenset(range(len(weights)))]
+        progress("verifying: all zeroed with the super activation restored; random control")
+        if not adapter_for(model).experts:  # restoration is dense-only (edit/restore.py)
+            with ablated(model, weights) as record, restored_activation(model, record):
+                result.restored = text_perplexity(model, input_ids)
         result.control_weights = random_control(model, weights, seed)
-        result.control = zeroed(result.control_weights)
-        for e in effects:
-            e.label = "super" if e.perplexity >= SUPER_FACTOR * base else "minor"
-        rest = [e for e in effects if e.label != "super"]
-        if len(rest) > 1:
-            result.redundant_group = zeroed([e.weight for e in rest])
-            if result.redundant_group >= SUPER_FACTOR * base:
-                for e in rest:
-                    e.label = "redundant"
+        with ablated(model, result.control_weights):
+            result.control = text_perplexity(model, input_ids)
     found = sorted(w.key for w in weights)
     for prompt in prompts:
         progress(f"verifying: detection on {prompt[:30]!r}")
@@ -208,7 +340,11 @@ def verify(
 
 
 def labelled(weights: Sequence[SuperWeight], verification: Verification) -> list[SuperWeight]:
-    """The weights with their measured effect recorded (for the coordinates file)."""
+    """The weights with their measured role recorded (for the coordinates file)."""
+    if verification.broken:
+        return list(weights)
     by_key = {e.weight.key: e for e in verification.effects}
-    return [replace(w, effect=by_key[w.key].label, perplexity_alone_zeroed=by_key[w.key].perplexity)
+    return [replace(w, role=by_key[w.key].label, perplexity_alone_zeroed=by_key[w.key].perplexity,
+                    shapley_share=(by_key[w.key].shapley / verification.set_effect
+                                   if by_key[w.key].shapley is not None and verification.set_effect else None))
             if w.key in by_key else w for w in weights]

@@ -244,7 +244,7 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
                                       "share", "iter.", "effect"),
                                      [(w.layer, w.row, w.col, w.expert, w.value, w.input_activation,
                                        w.output_spike, w.concentration, w.share, w.iteration,
-                                       labels.get(w.key, w.effect)) for w in super_weights]), ""]
+                                       labels.get(w.key, w.role)) for w in super_weights]), ""]
             document["super_weights"] = [w.to_dict() for w in super_weights]
         if verification is not None:
             lines += ["## Measured effect of each weight", "",
