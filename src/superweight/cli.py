@@ -252,9 +252,15 @@ def detect(
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Write the per-layer activation plot (PNG)."),
     stream: bool = typer.Option(False, "--stream", help="Read a safetensors checkpoint one decoder layer at a "
                                                         "time (memory: embeddings + one layer) instead of loading it."),
-    verify: bool = typer.Option(False, "--verify", help="Measure each found weight's effect on perplexity (alone, "
-                                                        "all, restored, random control) and re-detect on more "
-                                                        "prompts; label each super / redundant / minor."),
+    verify: bool = typer.Option(False, "--verify", help="Measure what removing each candidate does (alone, within "
+                                                        "the set, restored, random control), re-detect on more "
+                                                        "prompts, and give each its role: super / joint / inert."),
+    attribution: str = typer.Option("auto", "--attribution", metavar="auto|shapley|leave-one-out",
+                                    help="With --verify: how the set's effect is split among the candidates "
+                                         "(auto: exact Shapley values up to 5 candidates, else leave-one-out)."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Wrap the prompt (and --verify's prompts) as "
+                                                                      "one user turn in the tokenizer's chat template, "
+                                                                      "as an instruct model reads text."),
     verify_text: Optional[Path] = typer.Option(None, "--verify-text", metavar="FILE", help="With --verify: a UTF-8 text file to "
                                                                            "measure perplexity on (default: a "
                                                                            "shipped paragraph)."),
@@ -283,8 +289,8 @@ def detect(
 
         result = detect_model(model, prompt=prompt, iterations=iterations, min_spike=min_spike,
                               min_concentration=min_concentration, min_share=min_share, out=out, plot=plot,
-                              stream=stream, verify=verify, verify_text=verify_text, options=options,
-                              reporter=session)
+                              stream=stream, verify=verify, verify_text=verify_text, attribution=attribution,
+                              chat_template=chat_template, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         if as_json:
@@ -292,29 +298,44 @@ def detect(
             return
         detection, verification, known = result.detection, result.verification, result.known
         spec, coords_path = result.model["spec"], result.coords_path
-        title = f"Super weights of {spec} ({len(detection.super_weights)} found)"
-        _print_table(title, *super_weight_table(detection.super_weights,
-                                                verification.labels() if verification else None))
+        labels = verification.labels() if verification else {}
+        supers = [w for w in detection.super_weights if labels.get(w.key) in ("super", "joint")]
+        title = f"Candidates of {spec} ({len(detection.super_weights)} found" + (
+            f"; {len(supers)} measured to be super weights)" if labels else "; not verified: add --verify)")
+        _print_table(title, *super_weight_table(detection.super_weights, labels or None))
         if not detection.super_weights:
             stdout.print("no layer writes a super activation under the current rule "
                          "(README: How detection decides; see --min-spike, --min-concentration, --min-share)")
         if known:
-            stdout.print(known.summary())
+            stdout.print(known.summary(), markup=False)
         if verification:
-            _print_table(f"Measured effect: perplexity on {verification.text_source} ({verification.num_tokens} "
-                         f"tokens, {verification.seconds:.1f} s)", ("configuration", "perplexity", "x original"),
-                         verification.rows())
-            for check in verification.prompts:
-                stdout.print(f"prompt {check.prompt!r}: " + ("same coordinates" if check.same else
-                             "other coordinates: " + ", ".join(str(list(c[:3])) for c in check.coordinates)),
-                             markup=False)
+            _print_verification(verification, [w.key for w in detection.super_weights])
         stdout.print(f"coordinates written to {coords_path}" + (f"; plot written to {plot}" if plot else ""))
 
     session.run(work)
 
 
+def _print_verification(verification, found: list[tuple]) -> None:
+    if verification.broken:
+        stdout.print(f"not verified: {verification.broken}", markup=False)
+        return
+    _print_table(f"Measured effect: perplexity on {verification.text_source} ({verification.num_tokens} "
+                 f"tokens, {verification.seconds:.1f} s)", ("configuration", "perplexity", "x original"),
+                 verification.rows())
+    attribution = verification.attribution_rows()
+    if attribution:
+        _print_table(f"Attribution within the set ({verification.attribution}; README: Vocabulary)",
+                     ("weight", "x alone", "x zeroed last", "share of set", "role"), attribution)
+    for check in verification.prompts:
+        stdout.print(f"prompt {check.prompt!r}: {check.difference(found)}", markup=False)
+
+
 COORDS = typer.Option(None, "--coords", metavar="FILE", help="Coordinates file from `sw detect` (YAML or JSON).")
 COORD = typer.Option(None, "--coord", metavar="L,R,C", help="A coordinate LAYER,ROW,COL[,EXPERT]; repeatable.")
+SELECT = typer.Option("super", "--select", metavar="super|set|all",
+                      help="Which candidates of --coords (or of the detection) to act on, by their measured role: "
+                           "super (the paper's: breaks the model alone), set (super + joint), all. --coord weights "
+                           "are taken as given.")
 MODE = typer.Option(None, "--mode", metavar="zero|scale", help="zero (default) or scale.")
 FACTOR = typer.Option(None, "--factor", metavar="S", help="Multiply by S instead of zeroing (implies --mode scale; 0 zeroes, "
                                              "> 1 amplifies).")
@@ -337,6 +358,7 @@ def ablate(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
+    select: str = SELECT,
     mode: Optional[str] = MODE,
     factor: Optional[str] = FACTOR,
     control: Optional[str] = CONTROL,
@@ -367,7 +389,7 @@ def ablate(
     def work() -> None:
         from .commands.ablate import ablate_model
 
-        result = ablate_model(model, out=out, coords=coords, coord=coord, mode=mode, factor=factor, control=control,
+        result = ablate_model(model, out=out, coords=coords, coord=coord, select=select, mode=mode, factor=factor, control=control,
                               top=top, seed=seed, force=force, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
@@ -398,6 +420,7 @@ def eval_(
                                                          "--harness; repeatable."),
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
+    select: str = SELECT,
     mode: Optional[str] = MODE,
     factor: Optional[str] = FACTOR,
     control: Optional[str] = CONTROL,
@@ -438,7 +461,7 @@ def eval_(
         from .commands.evaluate import evaluate_model
 
         result = evaluate_model(
-            model, task=task, harness=harness, harness_include=harness_include, coords=coords, coord=coord,
+            model, task=task, harness=harness, harness_include=harness_include, coords=coords, coord=coord, select=select,
             mode=mode, factor=factor, control=control, top=top, restore_activation=restore_activation,
             compare=compare, data_dir=data_dir, limit=limit, batch_size=batch_size, max_length=max_length,
             seed=seed, output=output, options=options, reporter=session)
@@ -464,6 +487,7 @@ def generate(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
+    select: str = SELECT,
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompt to continue; repeatable "
                                                "(default: the paper's \"My favourite condiment is\")."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Tokens to generate per prompt (default 16)."),
@@ -494,7 +518,7 @@ def generate(
     def work() -> None:
         from .commands.generate import generate_text
 
-        result = generate_text(model, coords=coords, coord=coord, prompt=prompt, max_new_tokens=max_new_tokens,
+        result = generate_text(model, coords=coords, coord=coord, select=select, prompt=prompt, max_new_tokens=max_new_tokens,
                                control=control, top=top, seed=seed, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
@@ -514,6 +538,7 @@ def generate(
 @loads_model("revision", "gguf_file", "trust_remote_code", "cache_dir")
 def export(
     coords_file: Path = typer.Argument(..., metavar="COORDS", help="Coordinates file from `sw detect` (YAML or JSON)."),
+    select: str = SELECT,
     to: str = typer.Option(..., "--to", help="llama.cpp (llama-quantize --tensor-type-file), bitsandbytes "
                                              "(llm_int8_skip_modules / modules_to_not_convert) or llm-compressor "
                                              "(a recipe's ignore list)."),
@@ -546,7 +571,7 @@ def export(
     def work() -> None:
         from .commands.export import export_names
 
-        exported = export_names(coords_file, to=to, model=model, gguf=gguf, ggml_type=ggml_type, out=out,
+        exported = export_names(coords_file, to=to, model=model, gguf=gguf, ggml_type=ggml_type, out=out, select=select,
                                 options=options, reporter=session)
         if exported is None:  # another rank than 0 under a launcher
             return
@@ -569,6 +594,7 @@ def quantize(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
+    select: str = SELECT,
     bits: int = typer.Option(4, "--bits", metavar="N", help="Weight bits, 2..8 (default 4)."),
     block_size: Optional[list[str]] = typer.Option(None, "--block-size", metavar="N", help="Elements per 1-D block; repeatable "
                                                    "(default: a grid that suits the model's matrix sizes)."),
@@ -607,14 +633,17 @@ def quantize(
 
     def work() -> None:
         from .commands.quantize import quantize_model
+        from .measure.quantized import quantization_warnings
         from .edit.quantize import AUTO_Z
 
         result = quantize_model(
-            model, coords=coords, coord=coord, bits=bits, block_size=block_size, z=z, activations=activations,
+            model, coords=coords, coord=coord, select=select, bits=bits, block_size=block_size, z=z, activations=activations,
             activation_bits=activation_bits, task=task, data_dir=data_dir, limit=limit, max_length=max_length,
             plot=plot, out=out, force=force, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
+        for line in quantization_warnings(result.rows):
+            session.say(f"warning: {line}")
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))
             return
@@ -636,6 +665,7 @@ def study(
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
+    select: str = SELECT,
     task: list[str] = typer.Option(["all"], "--task", "-t", metavar="TASK", help="Tasks; repeatable or comma-separated (default all: wikitext and "
                                                                  "the 7 zero-shot tasks)."),
     limit: Optional[str] = typer.Option(None, "--limit", metavar="N|all", help="First N documents of each task, or all "
@@ -682,7 +712,7 @@ def study(
         # The command line as typed, for the report (not when global options come first).
         command = "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None
         result = run_study(
-            model, coords=coords, coord=coord, task=task, limit=limit, top=top, grid=grid, stop_words=stop_words,
+            model, coords=coords, coord=coord, select=select, task=task, limit=limit, top=top, grid=grid, stop_words=stop_words,
             out=out, force=force, data_dir=data_dir, batch_size=batch_size, max_length=max_length, seed=seed,
             options=options, command=command, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -113,6 +113,12 @@ def from_dict(entry: Any, where: str) -> SuperWeight:
     return SuperWeight(**values)
 
 
+def check_selection(selection: str) -> str:
+    if selection not in SELECTIONS:
+        raise CoordinateOptionError(f"--select {selection!r}: choose one of {', '.join(SELECTIONS)}")
+    return selection
+
+
 def parse_coord(text: str) -> SuperWeight:
     """`LAYER,ROW,COL`, `LAYER,ROW,COL,EXPERT` or `LAYER,ROW,COL,shared` as given on the command line."""
     parts = [p.strip() for p in text.split(",")]
@@ -166,18 +172,33 @@ def write_coords(path: str | Path, weights: list[SuperWeight], **meta: Any) -> P
     return path
 
 
-def requested(coords_file: str | Path | None, coord_texts: list[str] | None) -> list[SuperWeight]:
-    """Coordinates from `--coords FILE` and repeated `--coord L,R,C`, in that order, without repeats."""
-    weights = read_coords(coords_file)[0] if coords_file else []
-    if coords_file and not weights and not coord_texts:  # else the original model would pass as ablated
-        raise CoordinatesError(
-            f"{coords_file} holds no super weights (the detection that wrote it found none), so there is "
-            "nothing to ablate; detect again with lower thresholds (--min-spike, --min-concentration, --min-share), or give --coord L,R,C"
-        )
-    weights += [parse_coord(text) for text in coord_texts or []]
+def requested(coords_file: str | Path | None, coord_texts: list[str] | None, select: str = DEFAULT_SELECTION,
+              say: Callable[[str], None] | None = None) -> list[SuperWeight]:
+    """The weights a command acts on: the candidates of `--coords FILE` that `--select` names (by
+    their measured role), then each `--coord L,R,C` as given, without repeats. `say` gets one
+    line saying which weights and why."""
+    weights: list[SuperWeight] = []
+    reasons = []
+    if coords_file:
+        candidates = read_coords(coords_file)[0]
+        if not candidates and not coord_texts:  # else the original model would pass as ablated
+            raise CoordinatesError(
+                f"{coords_file} holds no super weights (the detection that wrote it found none), so there is "
+                "nothing to ablate; detect again with lower thresholds (--min-spike, --min-concentration, --min-share), or give --coord L,R,C"
+            )
+        if candidates:
+            selection = select_weights(candidates, select, str(coords_file))
+            weights += selection.weights
+            reasons.append(selection.reason)
+    if coord_texts:
+        given = [parse_coord(text) for text in coord_texts]
+        weights += given
+        reasons.append(f"{len(given)} weight{'s' if len(given) != 1 else ''} given by --coord")
     unique: dict[tuple, SuperWeight] = {}
     for weight in weights:
         unique.setdefault(weight.key, weight)
+    if say and reasons:
+        say("acting on " + "; and ".join(reasons) + ": " + ", ".join(w.label() for w in unique.values()))
     return list(unique.values())
 
 
@@ -189,13 +210,11 @@ class Selection:
     reason: str
 
 
-def select(weights: list[SuperWeight], selection: str, source: str) -> Selection:
+def select_weights(weights: list[SuperWeight], selection: str, source: str) -> Selection:
     """The candidates of `source` that `--select` names. Weights without a measured role (a file
     written without `--verify`) cannot be told apart: then every candidate is taken, and the reason
     says so. A selection that leaves nothing is an error, never an unablated run."""
-    if selection not in SELECTIONS:
-        raise CoordinateOptionError(f"--select {selection!r}: choose one of {', '.join(SELECTIONS)}")
-    roles = _SELECTED_ROLES[selection]
+    roles = _SELECTED_ROLES[check_selection(selection)]
     if roles is None:
         return Selection(list(weights), f"all {len(weights)} candidates of {source} (--select all)")
     if not any(w.role for w in weights):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..coords import requested
+from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
 from ..edit.ablate import AblationRecord, ablated
 from ..edit.save import save_ablated
@@ -34,13 +34,14 @@ class AblationResult:
 
 
 def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = None,
-                 coord: Optional[list[str]] = None, mode: Optional[str] = None, factor: Optional[str] = None,
+                 coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION, mode: Optional[str] = None, factor: Optional[str] = None,
                  control: Optional[str] = None, top: Optional[int] = None, seed: int = 0, force: bool = False,
                  options: Optional[LoadOptions] = None,
                  reporter: Optional[Reporter] = None) -> Optional[AblationResult]:
     """`sw ablate`: zero or rescale the super weights (or a control) and save the model to `out`.
     A model given in memory is left as it was: ablated for the save only."""
     reporter = reporter or Reporter()
+    check_selection(select)
     if not main_proceeds():  # under a launcher rank 0 alone writes the model
         return None
     out = Path(out)
@@ -49,12 +50,12 @@ def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = Non
     if mode is None and factor is not None:
         reporter.say(f"--factor {factor} given: scaling the weights (--mode scale)")
     check_control(control, top)
-    weights = requested(coords, coord)
+    weights = requested(coords, coord, select, say=reporter.note)
     if not weights:
         raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
     source = model_source(model, options)
     check_outputs(source, directory=out, force=force)
-    loaded, weights = ready_model(reporter, model, options, source, weights)
+    loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
     with ablated(loaded.model, targets, mode=how, factor=value, control=control,
                  seed=seed if control == "random" else None, top=top if control == "outliers" else None,

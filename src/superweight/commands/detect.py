@@ -12,7 +12,8 @@ from ..distributed import main_proceeds
 from ..errors import UsageError
 from ..find.detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, Detection, SpikeRule, detect, encode_prompt
 from ..find.stream import Checkpoint, detect_streamed, open_checkpoint
-from ..measure.verify import Verification, labelled, read_verify_text, verify as measure_effects
+from ..edit.save import describe_recorded_ablation, recorded_ablation
+from ..measure.verify import Verification, check_attribution, labelled, read_verify_text, verify as measure_effects
 from ..model.adapters import adapter_for_config, resolve_adapter, tensor_templates
 from ..model.load import LoadedModel
 from ..model.options import LoadOptions
@@ -66,6 +67,7 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
                  min_spike: Optional[float] = None, min_concentration: Optional[float] = None,
                  min_share: Optional[float] = None, out: Optional[Path] = None, plot: Optional[Path] = None,
                  stream: bool = False, verify: bool = False, verify_text: Optional[Path] = None,
+                 attribution: str = "auto", chat_template: bool = False,
                  options: Optional[LoadOptions] = None,
                  reporter: Optional[Reporter] = None) -> Optional[DetectionResult]:
     """`sw detect`: find the super weights, write the coordinates file (and the plot)."""
@@ -77,6 +79,7 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     n = DEFAULT_ITERATIONS if iterations is None else iterations
     _check_options(text, n, stream, options or LoadOptions(), verify, verify_text, in_memory)
     verify_source = read_verify_text(verify_text) if verify else None  # a bad file fails before the model loads
+    check_attribution(attribution)
     given = {"min_spike": min_spike, "min_concentration": min_concentration, "min_share": min_share}
     rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
     source = model_source(model, options)
@@ -95,16 +98,19 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
         else:
             loaded = load.load(model, progress=update, notice=reporter.say)
         update(f"detecting: {n} iteration(s) at most" + (", one layer at a time" if stream else ""))
-        input_ids = encode_prompt(loaded.tokenizer, text)
+        input_ids = encode_prompt(loaded.tokenizer, text, chat_template=chat_template)
         if stream:
             detection = detect_streamed(loaded, input_ids, device=load.device, iterations=n, rule=rule, prompt=text)
         else:
             detection = detect(loaded.model, input_ids, iterations=n, rule=rule, prompt=text)
         verification = None
         if verify_source:
+            prior = recorded_ablation(source)
             verification = measure_effects(loaded.model, loaded.tokenizer, detection.super_weights,
                                            text=verify_source[0], text_source=verify_source[1], rule=rule,
-                                           iterations=n, progress=update)
+                                           iterations=n, attribution=attribution, chat_template=chat_template,
+                                           recorded_ablation=describe_recorded_ablation(prior) if prior else None,
+                                           progress=update)
             detection.super_weights = labelled(detection.super_weights, verification)
     if not in_memory:
         reporter.say(f"{'opened' if stream else 'loaded'} {source.spec} ({loaded.dtype}) in "
@@ -118,7 +124,7 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
         reporter.note(note)
     write_coords(coords_path, detection.super_weights, model=source.spec,
                  model_type=config.model_type, **tensor_templates(adapter),
-                 prompt=text, tool=f"superweight {__version__}")
+                 prompt=text, chat_template=chat_template, tool=f"superweight {__version__}")
     if plot:
         plot_activations(detection, plot, title=f"{source.spec}: down-projection activations")
     return DetectionResult(detection=detection, verification=verification, known=known, model=model_info,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from ..coords import requested
+from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
 from ..edit.save import describe_recorded_ablation, recorded_ablation
 from ..errors import UsageError
@@ -47,7 +47,7 @@ class EvaluationResult:
 
 def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None,
                    harness: Optional[list[str]] = None, harness_include: Optional[list[Path]] = None,
-                   coords: Optional[Path] = None, coord: Optional[list[str]] = None, mode: Optional[str] = None,
+                   coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION, mode: Optional[str] = None,
                    factor: Optional[str] = None, control: Optional[str] = None, top: Optional[int] = None,
                    restore_activation: bool = False, compare: bool = False, data_dir: Optional[str] = None,
                    limit: Optional[int] = None, batch_size: int | str = "auto", max_length: Optional[int] = None,
@@ -57,6 +57,7 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None,
     (`coords`/`coord`), or of the paper's Table 1 layout (`compare`); `output` gets the results.
     A model given in memory is evaluated as it is now, and left so: each ablation is undone."""
     reporter = reporter or Reporter()
+    check_selection(select)
     factor = None if factor is None else str(factor)
     output = Path(output) if output else None
     if isinstance(task, str):
@@ -74,14 +75,14 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None,
     if harness or harness_include:
         lm_eval_tasks = HarnessTasks(tuple(harness or ()), tuple(map(str, harness_include or ())))
         check_harness_tasks(lm_eval_tasks, builtin=names)
-    weights = requested(coords, coord)
+    weights = requested(coords, coord, select, say=reporter.note)
     if (compare or restore_activation or control) and not weights:
         raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
     source = model_source(model, options)
     check_outputs(source, files=(output,))
     prior = recorded_ablation(source)
     unchanged = describe_recorded_ablation(prior) if prior else "original"
-    loaded, weights = ready_model(reporter, model, options, source, weights)
+    loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     if compare:
         configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
                                                    unchanged=unchanged)

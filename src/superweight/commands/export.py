@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..coords import read_coords
+from ..coords import DEFAULT_SELECTION, check_selection, read_coords, select_weights
 from ..distributed import main_proceeds
 from ..edit import export as handoff
 from ..edit.export import Export
@@ -35,8 +35,8 @@ class ExportResult:
 
 
 def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optional[Path] = None,
-                 ggml_type: str = "f16", out: Optional[Path] = None, options: Optional[LoadOptions] = None,
-                 reporter: Optional[Reporter] = None) -> ExportResult | None:
+                 ggml_type: str = "f16", out: Optional[Path] = None, select: str = DEFAULT_SELECTION,
+                 options: Optional[LoadOptions] = None, reporter: Optional[Reporter] = None) -> ExportResult | None:
     """`sw export`: the super weights' matrices under this model's own names, in the format of
     llama.cpp, bitsandbytes or llm-compressor, checked against the model's checkpoint (its config:
     no weights are read); written to `out` if given. MODEL defaults to the one the coordinates file
@@ -47,7 +47,13 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
     reporter = reporter or Reporter()
     out = Path(out) if out is not None else None
     handoff.check_format(to)
+    check_selection(select)
     weights, meta = read_coords(coords_file)
+    if weights:
+        selection = select_weights(weights, select, str(coords_file))
+        reporter.note("keeping the matrices of " + selection.reason + ": "
+                      + ", ".join(w.label() for w in selection.weights))
+        weights = selection.weights
     if isinstance(model, LoadedModel):
         if model.source.kind == "memory":
             raise UsageError("export checks names against the checkpoint a quantizer reads, and this model was "

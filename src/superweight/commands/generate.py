@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from ..coords import requested
+from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds, on_main
 from ..measure import generate as generation
 from ..measure.configurations import Configuration, comparison_configurations
@@ -34,7 +34,7 @@ class GenerationResult:
                 "generations": [g.to_dict() for g in self.generations], "tool": f"superweight {__version__}"}
 
 
-def generate_text(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None,
+def generate_text(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
                   prompt: Optional[list[str] | str] = None, max_new_tokens: int = 16, control: Optional[str] = None,
                   top: Optional[int] = None, seed: int = 0, options: Optional[LoadOptions] = None,
                   reporter: Optional[Reporter] = None) -> Optional[GenerationResult]:
@@ -42,15 +42,16 @@ def generate_text(model: Model = None, *, coords: Optional[Path] = None, coord: 
     activation restored vs a control (the super weights detected when none are given). Under a
     launcher rank 0 alone detects and decodes (the work is a few greedy tokens); the other ranks get None."""
     reporter = reporter or Reporter()
+    check_selection(select)
     if isinstance(prompt, str):
         prompt = [prompt]
     prompts = generation.check_prompts(prompt)
     generation.check_max_new_tokens(max_new_tokens)
-    weights = requested(coords, coord)
+    weights = requested(coords, coord, select, say=reporter.note)
     source = model_source(model, options)
-    loaded, weights = ready_model(reporter, model, options, source, weights)
+    loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     if not weights:
-        weights = detected(reporter, loaded)
+        weights = detected(reporter, loaded, select=select)
     configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
     with reporter.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "
                          f"{len(configurations)} configurations"):

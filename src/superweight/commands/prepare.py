@@ -19,14 +19,16 @@ import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar, Union
 
-from ..coords import SuperWeight
+from ..coords import DEFAULT_SELECTION, SuperWeight, select_weights
 from ..distributed import on_main
 from ..edit.validate import CheckedCoords, check_coords_before_load, checked_coords
 from ..errors import UsageError
 from ..files import check_writable, refuse_current_directory, refuse_inside
 from ..find.detect import DEFAULT_PROMPT, detect, encode_prompt
 from ..measure.configurations import Configuration
+from ..measure.verify import labelled, verify
 from ..measure.tasks import load_task, resolve_task_names
+from ..model.identity import coordinates_file_mismatch
 from ..model.load import LoadedModel
 from ..model.source import ModelSource
 from ..model.options import LoadOptions
@@ -96,7 +98,7 @@ def load(reporter: Reporter, model: Optional[str], options: Optional[LoadOptions
 
 
 def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions], source: ModelSource,
-                weights: Sequence[SuperWeight] = ()) -> tuple[LoadedModel, CheckedCoords]:
+                weights: Sequence[SuperWeight] = (), coords: Optional[Path] = None) -> tuple[LoadedModel, CheckedCoords]:
     """The model to work on, and `weights` checked once each way: against the config before a
     load (a wrong coordinates file fails in seconds, not after minutes of loading), then against
     the weights themselves (ranges, and the values the coordinates file recorded). The checked
@@ -109,6 +111,9 @@ def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions]
         ranges_checked = check_coords_before_load(
             source, weights, trust_remote_code=(options or LoadOptions()).trust_remote_code)
         loaded = load(reporter, model, options)
+    mismatch = coordinates_file_mismatch(coords, source, getattr(loaded.model.config, "model_type", None))
+    if mismatch:
+        reporter.note(mismatch)
     if not weights:  # nothing to check: the command detects, or evaluates the model as it is
         return loaded, CheckedCoords(loaded.model, ())
     return loaded, checked_coords(loaded.model, weights, ranges_checked=ranges_checked)
@@ -135,12 +140,25 @@ def configuration_progress(bar: Bar) -> tuple[Callable[[Configuration], None], C
     return on_start, on_progress
 
 
-def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None) -> list[SuperWeight]:
-    """The super weights of the loaded model on the paper's prompt, found once (rank 0) for every
-    rank; `bar` shows it as a stage."""
-    def find() -> list[SuperWeight]:
-        return on_main(lambda: detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights)
+def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
+             select: str = DEFAULT_SELECTION) -> list[SuperWeight]:
+    """The candidates of the loaded model on the paper's prompt, found once (rank 0) for every
+    rank, narrowed to what `select` names: unless it is "all", each candidate's role is measured
+    first (`sw detect --verify`'s verification); `bar` shows it as a stage."""
+    def measured() -> list[SuperWeight]:
+        candidates = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+        if select == "all" or not candidates:
+            return candidates
+        return labelled(candidates, verify(loaded.model, loaded.tokenizer, candidates, prompts=()))
 
-    weights = step(bar, "detecting super weights", find) if bar else find()
-    reporter.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
-    return weights
+    def find() -> list[SuperWeight]:
+        return on_main(measured)
+
+    stage = "detecting super weights" if select == "all" else "detecting and verifying super weights"
+    weights = step(bar, stage, find) if bar else find()
+    if not weights:
+        reporter.say("detected no candidates")
+        return weights
+    selection = select_weights(weights, select, "the detection")
+    reporter.note("acting on " + selection.reason + ": " + ", ".join(w.label() for w in selection.weights))
+    return selection.weights

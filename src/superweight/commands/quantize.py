@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import __version__
-from ..coords import requested
+from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
 from ..edit import quantize as rtn
 from ..measure.quantized import activation_quantization_compare, comparison_runs, weight_quantization_sweep
@@ -67,7 +67,7 @@ def _block_sizes(block_size: Optional[list[int | str]]) -> Optional[list[int]]:
     return sizes
 
 
-def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None,
+def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
                    bits: int = 4, block_size: Optional[list[int | str]] = None, z: float | str = "9",
                    activations: bool = False, activation_bits: int = 8, task: list[str] | str = ("wikitext",),
                    data_dir: Optional[str] = None, limit: Optional[int] = None, max_length: Optional[int] = None,
@@ -78,6 +78,7 @@ def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord:
     size; `plot` draws the sweep, `out` saves the aware model (one block size). A model given in
     memory is restored to its own weights after each quantization."""
     reporter = reporter or Reporter()
+    check_selection(select)
     plot = Path(plot) if plot else None
     out = Path(out) if out is not None else None
     sizes = _block_sizes(block_size)
@@ -90,13 +91,13 @@ def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord:
         raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
     source = model_source(model, options)
     check_outputs(source, files=(plot,), directory=out, force=force)
-    weights = requested(coords, coord)
-    loaded, weights = ready_model(reporter, model, options, source, weights)
+    weights = requested(coords, coord, select, say=reporter.note)
+    loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     grid = sizes or rtn.default_block_sizes(loaded.model)
     evaluation = dict(data_dir=data_dir, limit=limit, max_length=max_length)
     with reporter.bars() as bar:
         if not weights:
-            weights = detected(reporter, loaded, bar)
+            weights = detected(reporter, loaded, bar, select)
         rows = weight_quantization_sweep(loaded.model, loaded.tokenizer, weights, grid, bits=bits, z=z_value,
                                              tasks=names, baseline=True, progress=bar, **evaluation)
         activation_rows = (activation_quantization_compare(loaded.model, loaded.tokenizer, weights,

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from ..coords import SuperWeight, requested
+from ..coords import select_weights, DEFAULT_SELECTION, SuperWeight, check_selection, requested
 from ..distributed import main_proceeds, on_main
 from ..errors import UsageError
 from ..find.detect import DEFAULT_PROMPT, encode_prompt
@@ -68,7 +68,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None,
+def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
               task: list[str] | str = ("all",), limit: Optional[int | str] = None, top: Optional[int] = None,
               grid: Optional[str] = None, stop_words: Optional[Path] = None, out: Optional[Path] = None,
               force: bool = False, data_dir: Optional[str] = None, batch_size: int | str = "auto",
@@ -80,6 +80,7 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
     each zero-shot task and `study.CPU_WIKITEXT_LIMIT` of wikitext, an accelerator run all of them.
     `command` is recorded in the report as the command line that asked for it."""
     reporter = reporter or Reporter()
+    check_selection(select)
     started = time.perf_counter()
     factors = study_runs.parse_grid(grid)
     limit = study_runs.parse_limit(limit)
@@ -93,8 +94,8 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
     source = model_source(model, options)
     out_dir = Path(out) if out else Path(f"{slug(source.alias or source.spec)}-study")
     check_outputs(source, directory=out_dir, force=force)
-    weights = requested(coords, coord)
-    loaded, weights = ready_model(reporter, model, options, source, weights)
+    weights = requested(coords, coord, "all")
+    loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     model_key = model_fingerprint(loaded)
     if isinstance(model, LoadedModel):
         model_key = json.dumps([model_key, weights_digest(loaded.model)])
@@ -108,12 +109,17 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
         reporter.note(f"reading {documents} ({study_runs.CPU_BUDGET_NOTE})")
     with reporter.bars() as bar:
         if not weights:
-            weights = detected(reporter, loaded, bar)
+            weights = detected(reporter, loaded, bar, select="all")
         verification = None
         if weights:
             verification = step(bar, "measuring each weight's effect",
                                 lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
             weights = labelled(weights, verification)
+        if not coord:  # --coord names the weights itself; candidates are narrowed by their measured role
+            selection = select_weights(weights, select, str(coords) if coords else "the detection")
+            reporter.note("Table 1 and the sweep act on " + selection.reason + ": "
+                          + ", ".join(w.label() for w in selection.weights))
+            weights = selection.weights
         table_configurations = study_runs.study_configurations(loaded.model, weights, top=top, seed=seed)
         sweep = study_runs.scale_sweep_configurations(weights, factors)
         on_start, on_progress = configuration_progress(bar)
@@ -136,7 +142,8 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
         table = summary_table({c.name: runs[c.name] for c in table_configurations})
         cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
         meta = {"command": command,
-                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype},
+                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype,
+                          "device": str(execution_device(loaded.model))},
                 "tasks": names, "limit": limit, "documents": limits, "documents_note": documents,
                 "cpu_budget": cpu_budget, "seed": seed, "grid": factors,
                 "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},

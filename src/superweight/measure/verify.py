@@ -291,6 +291,7 @@ def verify(
     rule: SpikeRule | None = None,
     iterations: int = DEFAULT_ITERATIONS,
     attribution: str = "auto",
+    chat_template: bool = False,
     recorded_ablation: str | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -332,7 +333,7 @@ def verify(
     found = sorted(w.key for w in weights)
     for prompt in prompts:
         progress(f"verifying: detection on {prompt[:30]!r}")
-        other = detect(model, encode_prompt(tokenizer, prompt), iterations=iterations, rule=rule, prompt=prompt)
+        other = detect(model, encode_prompt(tokenizer, prompt, chat_template=chat_template), iterations=iterations, rule=rule, prompt=prompt)
         keys = sorted(w.key for w in other.super_weights)
         result.prompts.append(PromptCheck(prompt, keys, keys == found))
     result.seconds = time.perf_counter() - started
