@@ -68,8 +68,13 @@ def test_verify_labels_the_super_weight_and_restoration_recovers(smollm2):
     before = down_proj_matrix(smollm2.model, 11).clone()
     verification = verify(smollm2.model, smollm2.tokenizer, weights)
     labels = {k[:3]: v for k, v in verification.labels().items()}
-    assert labels[(11, 507, 1229)] == "super"
-    assert set(labels.values()) <= {"super", "redundant", "minor"}
+    # The measured answer (README: Vocabulary): one super weight, two joint ones of layer 2, and two
+    # inert candidates whose removal, last in the set, lowers the others' damage.
+    assert labels == {(11, 507, 1229): "super", (2, 507, 90): "joint", (2, 507, 430): "joint",
+                      (1, 507, 83): "inert", (11, 507, 1487): "inert"}
+    assert verification.attribution == "shapley"
+    effect = verification.set_effect
+    assert sum(e.shapley for e in verification.effects) == pytest.approx(effect, rel=1e-6)
     assert verification.all_zeroed > 100 * verification.perplexity
     assert verification.restored < 1.1 * verification.perplexity
     assert verification.control < 1.1 * verification.perplexity
@@ -201,8 +206,17 @@ def test_cli_detect_verify_writes_labels(smollm2, tmp_path):
     result = CliRunner().invoke(app, ["detect", "--verify", "--json", "-q", "--out", str(out)])
     assert result.exit_code == 0, result.output
     verification = json.loads(result.output)["verification"]
-    labels = {(w["layer"], w["row"], w["col"]): w["effect"] for w in verification["weights"]}
+    labels = {(w["layer"], w["row"], w["col"]): w["role"] for w in verification["weights"]}
     assert labels[(11, 507, 1229)] == "super"
     assert verification["restored"] < 1.1 * verification["perplexity"] < verification["all_zeroed"]
     weights, _ = read_coords(out)
-    assert {(w.layer, w.row, w.col): w.effect for w in weights} == labels  # the file carries them
+    assert {(w.layer, w.row, w.col): w.role for w in weights} == labels  # the file carries them
+    # Every command acts on the same answer: by default the measured super weight alone.
+    kept = {}
+    for select in ("super", "set", "all"):
+        result = CliRunner().invoke(app, ["export", str(out), "--to", "llama.cpp", "--select", select, "-q", "--json"])
+        assert result.exit_code == 0, result.output
+        kept[select] = sorted(json.loads(result.output)["keep"])
+    assert kept["super"] == ["blk.11.ffn_down.weight"]
+    assert kept["set"] == ["blk.11.ffn_down.weight", "blk.2.ffn_down.weight"]
+    assert kept["all"] == ["blk.1.ffn_down.weight", "blk.11.ffn_down.weight", "blk.2.ffn_down.weight"]

@@ -124,7 +124,7 @@ class Verification:
             share = (e.shapley / self.set_effect if e.shapley is not None and self.set_effect else None)
             return {**e.weight.to_dict(), "perplexity_alone_zeroed": e.perplexity,
                     "perplexity_others_zeroed": e.leave_one_out, "shapley_log_perplexity": e.shapley,
-                    "shapley_share": share, "effect": None if self.broken else e.label}
+                    "shapley_share": share, "role": None if self.broken else e.label}
 
         return {
             "text": self.text_source, "num_tokens": self.num_tokens, "rule": role_rule(),
