@@ -67,7 +67,7 @@ def test_quantize_shows_a_bar_for_every_stage(tiny_llama_dir, tmp_path):
     result = invoke("quantize", tiny_llama_dir, "--json", "--block-size", "256", "--data-dir", DATA_DIR,
                     "--limit", "1", "--max-length", "64")
     assert result.exit_code == 0, result.output
-    for stage in ("detecting super weights", "unquantized: wikitext", "INT4 naive, block 256: quantizing",
+    for stage in ("detecting and verifying super weights", "unquantized: wikitext", "INT4 naive, block 256: quantizing",
                   "INT4 naive, block 256: wikitext", "INT4 aware (z=9), block 256: quantizing",
                   "INT4 aware (z=9), block 256: wikitext"):
         assert stage in result.stderr, (stage, result.stderr)

@@ -130,7 +130,7 @@ def test_cpu_study_without_limit_reads_the_cpu_budget_and_says_so(tiny_llama_dir
     assert document["meta"]["documents"] == {"wikitext": 1, "piqa": 3} and document["meta"]["cpu_budget"] is True
     assert "the first document of wikitext; the first 3 documents of piqa" in result.stderr
     report = (out / "REPORT.md").read_text()
-    assert "Documents: the first document of wikitext; the first 3 documents of piqa (the CPU budget" in report
+    assert "Documents read: the first document of wikitext; the first 3 documents of piqa (the CPU budget" in report
     assert "--limit all reads every document" in report
     # an explicit --limit is what every task reads, on a CPU too, and the report says that instead
     again = invoke("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--max-length", "32", "--limit", "2",
@@ -139,7 +139,7 @@ def test_cpu_study_without_limit_reads_the_cpu_budget_and_says_so(tiny_llama_dir
     assert again.exit_code == 0, again.output
     meta = json.loads(again.stdout)["meta"]
     assert meta["documents"] == {"wikitext": 2, "piqa": 2} and meta["cpu_budget"] is False
-    assert "Documents: the first 2 documents of each task." in (out / "REPORT.md").read_text()
+    assert "Documents read: the first 2 documents of each task." in (out / "REPORT.md").read_text()
 
 
 def test_study_limit_must_be_a_number_or_all(tiny_llama_dir, tmp_path):

@@ -91,7 +91,10 @@ def summary_lines(super_weights: Sequence[SuperWeight], table: SummaryTable | No
         found = "; ".join(f"layer {w.layer}, `down_proj.weight[{w.row}, {w.col}]`"
                           + (f" (expert {w.expert})" if w.expert is not None else "")
                           + (f", {w.role}" if getattr(w, "role", None) else "") for w in super_weights)
-        lines.append(f"{len(super_weights)} super weight{'s' if len(super_weights) != 1 else ''}: {found}.")
+        measured = all(getattr(w, "role", None) in ("super", "joint") for w in super_weights)
+        what = "super weight" if measured else "weight"  # a weight whose role is not super/joint is not called one
+        lines.append(f"Acting on {len(super_weights)} {what}{'s' if len(super_weights) != 1 else ''} "
+                     f"(role measured on a short text by `sw detect --verify`'s rule): {found}.")
     else:
         lines.append("No super weight was found or given.")
     if table is not None and table.rows:
