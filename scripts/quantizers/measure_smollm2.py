@@ -48,7 +48,12 @@ LLMC_SCHEMES = [("W8A16 channel", 8, "channel", None), ("W4A16 group128", 4, "gr
 QUANTO_SCHEMES = [("qint8 per-axis", "qint8", True), ("qint4 group128", "qint4", False),
                   ("qint4 per-axis", "qint4", True), ("qint2 group128", "qint2", False)]
 BNB_SCHEMES = [("nf4 block64", "nf4"), ("int8 (LLM.int8)", "int8")]
-RTN_SETTINGS = [(8, 128), (4, 128), (3, 128)]
+# A control for "protected": as many other layers' down projections kept instead (same size
+# cost), far from the super weights' layers, so a gain that is not the super weight's shows.
+CONTROL_LAYERS = [5, 15, 25]
+CONTROL_RUNS = {"llama.cpp": ["Q3_K_S", "Q2_K", "Q4_0"], "llm-compressor": ["W4A16 channel"],
+                "quanto": ["qint4 group128", "qint4 per-axis"]}
+RTN_SETTINGS = [(4, 128), (3, 128), (8, 128)]
 
 
 def log(message: str) -> None:
@@ -100,6 +105,12 @@ class Setup:
                             "protected": ignore}
         self.hf_skips = {"naive": [m for m in skips if m not in self.protected_modules],
                          "protected": skips}
+        self.control_modules = [f"model.layers.{l}.mlp.down_proj" for l in CONTROL_LAYERS]
+        self.llmc_ignore["control"] = self.llmc_ignore["naive"] + self.control_modules
+        self.hf_skips["control"] = self.hf_skips["naive"] + self.control_modules
+        control_types = self.work / "control.tensor-types.txt"
+        control_types.write_text("".join(f"^blk\\.{l}\\.ffn_down\\.weight$=f16\n" for l in CONTROL_LAYERS))
+        self.exports["llama.cpp control"] = control_types
         self.text_file = self.work / f"wikitext-first{args.limit}.txt"
         docs = [json.loads(line)["page"] for line in WIKITEXT.read_text().splitlines()[: args.limit]]
         self.text_file.write_text("\n".join(docs))
@@ -185,6 +196,8 @@ def measure_llama(setup: Setup, qtype: str, mode: str) -> dict:
     cmd = [LLAMA_BIN / "llama-quantize"]
     if mode == "protected":
         cmd += ["--tensor-type-file", setup.exports["llama.cpp"]]
+    elif mode == "control":
+        cmd += ["--tensor-type-file", setup.exports["llama.cpp control"]]
     started = time.time()
     checked(cmd + [src, out, qtype])
     quantize_s = time.time() - started
@@ -374,8 +387,12 @@ def read_back(setup: Setup, runs: dict) -> dict:
                 continue
             changed = sorted(n for n, t in run_result["tensor_types"].items() if other["tensor_types"].get(n) != t)
             kept = {n: run_result["tensor_types"][n] for n in gguf_names}
-            ok = sorted(changed) == sorted(gguf_names) and set(kept.values()) == {"F16"}
-            checks[key] = {"ok": ok, "differs_from_naive": changed, "kept_types": kept,
+            # The named tensors are F16; any other tensor whose type moved is llama-quantize's own
+            # mix (Q4_K_M's every-third-ffn_down bump counts only the tensors it quantizes).
+            ok = set(gguf_names) <= set(changed) and set(kept.values()) == {"F16"}
+            others = {n: f"{other['tensor_types'][n]}->{run_result['tensor_types'][n]}"
+                      for n in changed if n not in gguf_names}
+            checks[key] = {"ok": ok, "others_changed": others, "kept_types": kept,
                            "naive_types": {n: other["tensor_types"][n] for n in gguf_names}}
         elif quantizer == "llm-compressor":
             expected = sorted(setup.llmc_ignore[mode])
@@ -394,12 +411,22 @@ def short_size(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+def control_cell(run_result: dict | None, naive_ppl: float | None) -> str:
+    if not run_result:
+        return ""
+    if "error" in run_result:
+        return "failed"
+    p = run_result["perplexity"]
+    value = p.get("ppl", p.get("word_perplexity"))
+    return f"{value:.4g} ({(value / naive_ppl - 1) * 100:+.1f} %)" if naive_ppl else f"{value:.4g}"
+
+
 def table(results: dict) -> str:
     runs, sw = results["runs"], results["super_weights"]
     main_sw = "11,507,1229"
     lines = [f"| quantizer | scheme | perplexity naive | perplexity protected | change | size naive | "
-             f"size protected | [{main_sw}] naive | [{main_sw}] protected | read-back |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"size protected | [{main_sw}] naive | [{main_sw}] protected | read-back | control: layers {CONTROL_LAYERS} kept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ppl(r):
         p = r.get("perplexity", {})
@@ -411,9 +438,9 @@ def table(results: dict) -> str:
 
     base_g, base_s = runs.get("baseline/f32 gguf", {}), runs.get("baseline/f32 sw eval", {})
     if base_g:
-        lines.append(f"| llama.cpp (F32 GGUF) | unquantized | {ppl(base_g)[1]} | | | {short_size(base_g.get('size_bytes'))} | | {sw[main_sw]:.4f} | | |")
+        lines.append(f"| llama.cpp (F32 GGUF) | unquantized | {ppl(base_g)[1]} | | | {short_size(base_g.get('size_bytes'))} | | {sw[main_sw]:.4f} | | | |")
     if base_s:
-        lines.append(f"| `sw eval` (float32) | unquantized | {ppl(base_s)[1]} | | | {short_size(base_s.get('size_bytes'))} | | {sw[main_sw]:.4f} | | |")
+        lines.append(f"| `sw eval` (float32) | unquantized | {ppl(base_s)[1]} | | | {short_size(base_s.get('size_bytes'))} | | {sw[main_sw]:.4f} | | | |")
     seen = []
     for key in runs:
         parts = key.split("/")
@@ -423,14 +450,18 @@ def table(results: dict) -> str:
         naive, prot = runs.get(f"{parts[0]}/{parts[1]}/naive", {}), runs.get(f"{parts[0]}/{parts[1]}/protected", {})
         if "error" in naive or "error" in prot:
             error = naive.get("error") or prot.get("error")
-            lines.append(f"| {parts[0]} | {parts[1]} | failed: {error} | | | | | | | |")
+            lines.append(f"| {parts[0]} | {parts[1]} | failed: {error} | | | | | | | | |")
             continue
         (pn, tn), (pp, tp) = ppl(naive), ppl(prot)
         change = f"{(pp / pn - 1) * 100:+.1f} %" if pn and pp else ""
-        check = results["read_back"].get(f"{parts[0]}/{parts[1]}/protected", {}).get("ok")
+        check_result = results["read_back"].get(f"{parts[0]}/{parts[1]}/protected", {})
+        check = check_result.get("ok")
+        moved = len(check_result.get("others_changed", {}))
         lines.append(f"| {parts[0]} | {parts[1]} | {tn} | {tp} | {change} | {short_size(naive.get('size_bytes'))} | "
                      f"{short_size(prot.get('size_bytes'))} | {naive['values'][main_sw]:.4f} | "
-                     f"{prot['values'][main_sw]:.4f} | {'ok' if check else ('—' if check is None else 'FAILED')} |")
+                     f"{prot['values'][main_sw]:.4f} | {'ok' if check else ('—' if check is None else 'FAILED')}"
+                     f"{f' (+{moved} other tensors changed type)' if moved else ''} | "
+                     f"{control_cell(runs.get(f'{parts[0]}/{parts[1]}/control'), pn)} |")
     for key, r in runs.items():
         if not key.startswith("rtn/") or "error" in r:
             continue
@@ -440,7 +471,7 @@ def table(results: dict) -> str:
         pn, pa = row.get("naive_perplexity"), row.get("aware_perplexity")
         change = f"{(pa / pn - 1) * 100:+.1f} %" if pn and pa else ""
         lines.append(f"| `sw quantize` RTN (paper) | {key.split('/')[1]}, --z auto | {pn:.4g} | {pa:.4g} (aware) | "
-                     f"{change} | n/a | n/a | {r['naive_values'][main_sw]:.4f} | {sw[main_sw]:.4f} (restored) | |")
+                     f"{change} | n/a | n/a | {r['naive_values'][main_sw]:.4f} | {sw[main_sw]:.4f} (restored) | | |")
     return "\n".join(lines)
 
 
@@ -451,6 +482,8 @@ def cached(setup: Setup, key: str, compute) -> dict:
     path.parent.mkdir(exist_ok=True)
     if path.exists() and key.split("/")[0] not in setup.args.redo:
         return json.loads(path.read_text())
+    if setup.args.no_compute:
+        return {"error": "not measured in this run"}
     log(f"measuring {key}")
     started = time.time()
     try:
@@ -474,6 +507,8 @@ def main() -> None:
     parser.add_argument("--only", default="baseline,llama.cpp,llm-compressor,quanto,bitsandbytes,rtn")
     parser.add_argument("--redo", default="", help="comma-separated quantizers to rerun")
     parser.add_argument("--sw-eval-gguf", action="store_true", help="also `sw eval` each quantized GGUF")
+    parser.add_argument("--no-compute", action="store_true", help="only assemble the cached results")
+    parser.add_argument("--table", help="also write the markdown table to this file")
     parser.add_argument("--json", default=str(ROOT / "docs/results/smollm2-135m/real_quantizers.json"))
     args = parser.parse_args()
     args.redo = args.redo.split(",")
@@ -507,12 +542,23 @@ def main() -> None:
             for scheme in BNB_SCHEMES:
                 key = f"bitsandbytes/{scheme[0]}/{mode}"
                 runs[key] = cached(setup, key, lambda: measure_bnb(setup, scheme, mode))
+    for qtype in CONTROL_RUNS["llama.cpp"] if "llama.cpp" in only else []:
+        key = f"llama.cpp/{qtype}/control"
+        runs[key] = cached(setup, key, lambda: measure_llama(setup, qtype, "control"))
+    for scheme in [s for s in LLMC_SCHEMES if s[0] in CONTROL_RUNS["llm-compressor"]] if "llm-compressor" in only else []:
+        key = f"llm-compressor/{scheme[0]}/control"
+        runs[key] = cached(setup, key, lambda: measure_llmc(setup, scheme, "control"))
+    for scheme in [s for s in QUANTO_SCHEMES if s[0] in CONTROL_RUNS["quanto"]] if "quanto" in only else []:
+        key = f"quanto/{scheme[0]}/control"
+        runs[key] = cached(setup, key, lambda: measure_quanto(setup, scheme, "control"))
     if "rtn" in only:
         for bits, block in RTN_SETTINGS:
             key = f"rtn/INT{bits} block{block}"
             runs[key] = cached(setup, key, lambda: measure_rtn(setup, bits, block))
     results["read_back"] = read_back(setup, runs)
     print(table(results))
+    if args.table:
+        Path(args.table).write_text(table(results) + "\n")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
     log(f"wrote {args.json}")
