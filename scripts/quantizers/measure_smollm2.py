@@ -415,7 +415,7 @@ def control_cell(run_result: dict | None, naive_ppl: float | None) -> str:
     if not run_result:
         return ""
     if "error" in run_result:
-        return "failed"
+        return "not run" if run_result["error"].startswith("not measured") else "failed"
     p = run_result["perplexity"]
     value = p.get("ppl", p.get("word_perplexity"))
     return f"{value:.4g} ({(value / naive_ppl - 1) * 100:+.1f} %)" if naive_ppl else f"{value:.4g}"
@@ -450,7 +450,8 @@ def table(results: dict) -> str:
         naive, prot = runs.get(f"{parts[0]}/{parts[1]}/naive", {}), runs.get(f"{parts[0]}/{parts[1]}/protected", {})
         if "error" in naive or "error" in prot:
             error = naive.get("error") or prot.get("error")
-            lines.append(f"| {parts[0]} | {parts[1]} | failed: {error} | | | | | | | | |")
+            error = "not run" if error.startswith("not measured") else f"failed: {error}"
+            lines.append(f"| {parts[0]} | {parts[1]} | {error} | | | | | | | | |")
             continue
         (pn, tn), (pp, tp) = ppl(naive), ppl(prot)
         change = f"{(pp / pn - 1) * 100:+.1f} %" if pn and pp else ""

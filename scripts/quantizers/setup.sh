@@ -33,6 +33,8 @@ build_llama() {
         "llama-cpp-python==$VERSION" -d "$CACHE"
     tar -xzf "$CACHE/llama_cpp_python-$VERSION.tar.gz" -C "$CACHE"
   fi
+  # GGML_NATIVE on a CPU with AMX builds AMX kernels that segfault on this project's VMs; run
+  # llama-perplexity with --no-repack (measure_smollm2.py does) to keep to the plain CPU kernels.
   cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF > "$CACHE/cmake-configure.log" 2>&1
