@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from superweight.detect import DEFAULT_PROMPT, detect, encode_prompt
-from superweight.hooks import capture_layer_stats
-from superweight.model import load_model
-from superweight.stream import detect_streamed, open_checkpoint
+from superweight.find.detect import DEFAULT_PROMPT, detect, encode_prompt
+from superweight.find.hooks import capture_layer_stats
+from superweight.model.load import load_model
+from superweight.find.stream import detect_streamed, open_checkpoint
 
 
 def peak_rss_reset() -> None:

@@ -28,8 +28,8 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: load, evaluate, report this rank's timings; rank 0 writes everything to --report."""
     started = time.perf_counter()
     from superweight import distributed
-    from superweight.evaluate import evaluate
-    from superweight.model import load_model
+    from superweight.measure.evaluate import evaluate
+    from superweight.model.load import load_model
 
     exchange = distributed.exchange
     in_collectives = [0.0]

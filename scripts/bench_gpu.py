@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from superweight.detect import DEFAULT_PROMPT, detect, encode_prompt
-from superweight.evaluate import evaluate
-from superweight.hooks import capture_layer_stats
-from superweight.model import load_model
+from superweight.find.detect import DEFAULT_PROMPT, detect, encode_prompt
+from superweight.measure.evaluate import evaluate
+from superweight.find.hooks import capture_layer_stats
+from superweight.model.load import load_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu only to check the script itself
 DTYPES = ("float32", "bfloat16", "float16")

@@ -31,11 +31,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from superweight import quantize  # noqa: E402
+from superweight.edit import quantize  # noqa: E402
 from superweight.coords import SuperWeight  # noqa: E402
-from superweight.detect import DEFAULT_PROMPT, encode_prompt  # noqa: E402
-from superweight.evaluate import evaluate  # noqa: E402
-from superweight.model import load_model  # noqa: E402
+from superweight.find.detect import DEFAULT_PROMPT, encode_prompt  # noqa: E402
+from superweight.measure.evaluate import evaluate  # noqa: E402
+from superweight.model.load import load_model  # noqa: E402
 
 RULES = ("none", "max", "mse", "act")
 LIBRARY_Z = {"none": None, "max": "auto"}  # rules the library runs: no clipping, and --z auto

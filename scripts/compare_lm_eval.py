@@ -1,4 +1,4 @@
-"""Compare `superweight.evaluate` with lm-evaluation-harness (HF backend) on the same model and data.
+"""Compare `superweight.measure.evaluate` with lm-evaluation-harness (HF backend) on the same model and data.
 
 Both run in this process on one in-memory model. lm-eval reads the local data through temporary
 task yamls that `include` its own task definitions and only swap the dataset for local JSON lines
@@ -33,14 +33,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from superweight.evaluate import Encoder, Scored, Scorer, build_requests, evaluate, model_max_length, pack  # noqa: E402
-from superweight.tasks import load_task, resolve_task_names  # noqa: E402
-
-REPORTED = {  # metric shown per task
-    "wikitext": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
-    "lambada_openai": ("acc", "perplexity"),
-    "winogrande": ("acc",),
-}
+from superweight.measure.evaluate import evaluate  # noqa: E402
+from superweight.measure.limits import model_max_length  # noqa: E402
+from superweight.measure.requests import Encoder, build_requests, pack  # noqa: E402
+from superweight.measure.scoring import Scored, Scorer  # noqa: E402
+from superweight.measure.tasks import TASKS, load_task, resolve_task_names  # noqa: E402
 
 
 def load_smollm2():
@@ -166,7 +163,7 @@ def main() -> None:
                          "lm_eval_seconds": their_times, "lm_eval_batch_size": batch}
             if args.bound:
                 raw[task]["body_seconds"] = body_times
-            for metric in REPORTED.get(task, ("acc", "acc_norm")):
+            for metric in (m.name for m in TASKS[task].metrics):
                 rows.append((task, metric, n_docs, ours[metric], theirs[metric], our_seconds, their_seconds))
             print(f"{task}: ours {' '.join(f'{t:.1f}' for t in our_times)} s, "
                   f"lm-eval {' '.join(f'{t:.1f}' for t in their_times)} s"

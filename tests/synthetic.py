@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import pytest
 
-from superweight.arch import (
+from superweight.model.adapters import (
     SHARED_EXPERT,
     adapter_for,
     decoder_layers,

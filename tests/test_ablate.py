@@ -10,23 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from superweight import __version__
-from superweight.ablate import (
-    RECORD_FILE,
-    AblationRecord,
-    ablated,
-    apply,
-    outlier_control,
-    random_control,
-    restore_threshold,
-    restored_activation,
-    save_ablated,
-    undo,
-    validate_coords,
-)
-from superweight.arch import adapter_for, decoder_layers, down_proj_matrix, down_proj_module, num_experts
+from superweight.edit.ablate import AblationRecord, ablated, apply, outlier_control, random_control, undo
+from superweight.edit.restore import restore_threshold, restored_activation
+from superweight.edit.save import RECORD_FILE, save_ablated
+from superweight.edit.validate import validate_coords
+from superweight.model.adapters import adapter_for, decoder_layers, down_proj_matrix, down_proj_module, num_experts
 from superweight.coords import SuperWeight
 from superweight.errors import CoordinatesError, OutputPathError, UsageError
-from superweight.model import load_model
+from superweight.model.load import load_model
 
 from synthetic import (HIDDEN, INTERMEDIATE, LAYERS, PROMPT_IDS, one_thread_per_module, plant_super_weight,  # noqa: F401
                        snapshot, tiny_model)
@@ -423,7 +414,7 @@ def test_restoration_through_the_whole_model_recovers_the_output():
 def test_restoration_of_a_detected_weight_recovers_post_norm_models(model_type):
     # The recorded spike is the residual write, after the post-feed-forward norm: it is not in the
     # raw down-projection units the hook compares, so it must not set the threshold there.
-    from superweight.detect import detect
+    from superweight.find.detect import detect
 
     model = tiny_model(model_type)
     plant_super_weight(model, 1, 7, 13, post_norm_gain=5000.0)
@@ -567,7 +558,7 @@ def test_restoration_recovers_a_post_norm_model_whose_raw_outputs_are_tiny():
     """Issue 12's Gemma-3 pattern: six layers build the super activation, each through one weight
     whose raw output is < 2 (the norm's gain makes it massive). The restoration threshold comes from
     the recorded raw output; a floor of 100 raw units would never fire and restore nothing."""
-    from superweight.detect import detect
+    from superweight.find.detect import detect
     from synthetic import layered_super_activation
 
     model = layered_super_activation("gemma3_text")
@@ -581,3 +572,49 @@ def test_restoration_recovers_a_post_norm_model_whose_raw_outputs_are_tiny():
     assert (broken - original).abs().max() > 1e-2
     torch.testing.assert_close(restored, original, rtol=1e-4, atol=1e-4)
     assert restore_threshold(weights, post_norm=True) == pytest.approx(0.1 * max(abs(w.raw_output) for w in weights))
+
+
+# --------------------------------------------------------------------------------------------
+# Coordinates are checked once per model
+
+
+def test_checked_coordinates_are_not_checked_again_on_their_model_only(monkeypatch):
+    import superweight.edit.validate as validate
+
+    model, other = tiny_model("llama"), tiny_model("llama", seed=1)
+    checked = validate_coords(model, [SuperWeight(1, 2, 3), SuperWeight(0, 4, 5)])
+    assert isinstance(checked, validate.CheckedCoords) and list(checked) == [SuperWeight(1, 2, 3), SuperWeight(0, 4, 5)]
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("checked again")
+
+    monkeypatch.setattr(validate, "decoder_layers", no_check)
+    with ablated(model, checked) as record:  # no second check on the model they were checked for
+        assert record.new_values == [0.0, 0.0]
+    assert random_control(model, checked, seed=0) and outlier_control(model, checked, top=2)
+    with pytest.raises(AssertionError, match="checked again"):  # ... but on another model, they are
+        apply(other, checked)
+
+
+def test_checked_coords_refuses_a_recorded_value_the_model_does_not_hold():
+    from superweight.edit.validate import checked_coords
+
+    model = tiny_model("llama")
+    held = float(down_proj_matrix(model, 1).detach()[2, 3])
+    assert list(checked_coords(model, [SuperWeight(1, 2, 3, value=held)])) == [SuperWeight(1, 2, 3, value=held)]
+    with pytest.raises(CoordinatesError, match="records the weight as"):
+        checked_coords(model, [SuperWeight(1, 2, 3, value=held + 1.0)])
+    with pytest.raises(CoordinatesError, match="layer 9 is out of range"):
+        checked_coords(model, [SuperWeight(9, 2, 3)])
+
+
+def test_coordinates_checked_before_the_load_say_so(tiny_llama_dir, tmp_path):
+    from superweight.edit.validate import check_coords_before_load
+    from superweight.model.source import resolve
+
+    source = resolve(str(tiny_llama_dir))
+    assert check_coords_before_load(source, [SuperWeight(3, 31, 63)]) is True
+    with pytest.raises(CoordinatesError, match="col 64 is out of range"):
+        check_coords_before_load(source, [SuperWeight(3, 31, 64)])
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")  # left to the load to report
+    assert check_coords_before_load(resolve(str(tmp_path)), [SuperWeight(0, 0, 0)]) is False

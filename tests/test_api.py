@@ -1,4 +1,4 @@
-"""The library's command functions (`superweight.api`), called as a notebook would: plain
+"""The library's command functions (`superweight.commands.prepare`), called as a notebook would: plain
 arguments in, a result object out, progress through a reporter, bad input as a project exception."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from superweight import api
+from superweight.commands import prepare as api
 from superweight.coords import SuperWeight, read_coords
 from superweight.errors import SuperweightError, UsageError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superweight.arch import (
+from superweight.model.adapters import (
     ADAPTERS,
     SHARED_EXPERT,
     adapter_for,
@@ -19,7 +19,7 @@ from superweight.arch import (
     resolve_adapter,
     supported_families,
 )
-from superweight.detect import SpikeRule, detect
+from superweight.find.detect import SpikeRule, detect
 from superweight.errors import UnsupportedArchitectureError
 
 from synthetic import (  # noqa: F401
@@ -287,7 +287,7 @@ def test_granite_write_is_what_the_residual_stream_gets():
     """Granite multiplies the MLP output by residual_multiplier before the residual add: the write
     detection judges and reports is that product (it was the raw output, 1 / 0.22 = 4.5x too large
     on Granite 3)."""
-    from superweight.hooks import capture_layer_stats
+    from superweight.find.hooks import capture_layer_stats
 
     layer, row, col = 1, 20, 50
     model = tiny_model("granite", residual_multiplier=0.25)

@@ -249,7 +249,7 @@ def test_eval_of_an_ablated_directory_says_what_it_is(tiny_llama_dir, tmp_path):
 
 
 def test_describe_recorded_ablation():
-    from superweight.ablate import describe_recorded_ablation
+    from superweight.edit.save import describe_recorded_ablation
 
     record = {"source": {"spec": "m"}, "coordinates": [{}] * 7, "mode": "scale", "factor": 2.5,
               "control": {"kind": "outliers", "top": 7}}
@@ -265,7 +265,7 @@ def png_width(path) -> int:
 
 
 def test_a_sweep_without_wikitext_has_no_empty_perplexity_panel_or_column(tmp_path):
-    from superweight.study import SWEEP_PLOT, write_report
+    from superweight.report.study import SWEEP_PLOT, write_report
 
     accuracy_only = [{"factor": 0.0, "perplexity": None, "avg_acc": 0.0},
                      {"factor": 1.0, "perplexity": None, "avg_acc": 1.0}]
@@ -303,12 +303,12 @@ def test_quantize_reports_the_accuracy_of_a_task_without_perplexity(tiny_llama_d
 
 @pytest.mark.parametrize("command", ["ablate", "eval", "study", "quantize"])
 def test_out_of_range_coordinates_fail_before_the_weights_load(tiny_llama_dir, tmp_path, monkeypatch, command):
-    import superweight.model
+    import superweight.model.load
 
     def no_load(*args, **kwargs):
         raise AssertionError("the weights were loaded")
 
-    monkeypatch.setattr(superweight.model, "load_model", no_load)
+    monkeypatch.setattr(superweight.model.load, "load_model", no_load)
     extra = ["--out", tmp_path / "out"] if command in ("ablate", "study") else ["--data-dir", DATA_DIR]
     if command == "study":
         extra += ["--data-dir", DATA_DIR]

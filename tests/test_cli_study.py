@@ -93,7 +93,7 @@ def test_study_refuses_non_empty_and_unwritable_out(tiny_llama_dir, tmp_path):
 
 
 def test_study_shows_every_stage_and_caches_the_stop_word_shift(tiny_llama_dir, tmp_path, monkeypatch):
-    from superweight import study
+    from superweight.measure import stop_words
 
     out = tmp_path / "study"
     args = ("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "16",
@@ -109,7 +109,7 @@ def test_study_shows_every_stage_and_caches_the_stop_word_shift(tiny_llama_dir, 
     def no_forward_pass(*args, **kwargs):
         raise AssertionError("the stop-word shift ran again on a cached rerun")
 
-    monkeypatch.setattr(study, "_mean_next_token_probs", no_forward_pass)
+    monkeypatch.setattr(stop_words, "_mean_next_token_probs", no_forward_pass)
     second = invoke(*args, "--force")
     assert second.exit_code == 0, second.output
     assert "stop-word shift (from the cache)" in second.stderr
@@ -118,10 +118,10 @@ def test_study_shows_every_stage_and_caches_the_stop_word_shift(tiny_llama_dir, 
 
 
 def test_cpu_study_without_limit_reads_the_cpu_budget_and_says_so(tiny_llama_dir, tmp_path, monkeypatch):
-    from superweight import study
+    from superweight.measure import study_runs
 
-    monkeypatch.setattr(study, "CPU_LIMIT", 3)  # the budget's shape, on a tiny scale
-    monkeypatch.setattr(study, "CPU_WIKITEXT_LIMIT", 1)
+    monkeypatch.setattr(study_runs, "CPU_LIMIT", 3)  # the budget's shape, on a tiny scale
+    monkeypatch.setattr(study_runs, "CPU_WIKITEXT_LIMIT", 1)
     out = tmp_path / "study"
     result = invoke("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--max-length", "32", "--device", "cpu",
                     "--task", "wikitext", "--task", "piqa", "--grid", "0,1", "--top", "3", "--out", out, "--json")

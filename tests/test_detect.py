@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superweight.arch import decoder_layers, down_proj_matrix
-from superweight.detect import SpikeRule, detect
+from superweight.model.adapters import decoder_layers, down_proj_matrix
+from superweight.find.detect import SpikeRule, detect
 from superweight.errors import UsageError
 
 from synthetic import (PROMPT_IDS, layered_super_activation, one_thread_per_module, plant_super_weight,  # noqa: F401

@@ -42,9 +42,10 @@ def test_work_is_balanced_by_tokens_not_by_count():
 def test_each_rank_scores_only_its_share_of_the_batches(tiny_llama_dir, monkeypatch):
     """Two ranks simulated in one process: disjoint shares that cover every request, each scored as
     in one process."""
-    from superweight.evaluate import Encoder, Scorer, build_requests
-    from superweight.model import load_model
-    from superweight.tasks import load_task
+    from superweight.measure.requests import Encoder, build_requests
+    from superweight.measure.scoring import Scorer
+    from superweight.model.load import load_model
+    from superweight.measure.tasks import load_task
 
     loaded = load_model(str(tiny_llama_dir), device="cpu")
     built = build_requests(load_task("piqa", DATA_DIR, 5), Encoder(loaded.tokenizer), 64)
@@ -271,7 +272,8 @@ def test_a_hanging_rank_times_out(tiny_llama_dir, tmp_path):
 
 def test_generate_decodes_on_rank_0_alone(tiny_llama_dir, monkeypatch):
     """On rank 1 of 2 the continuations come from rank 0 (here: a stand-in), not from decoding."""
-    from superweight import api, generate
+    from superweight.commands import prepare as api
+    from superweight.measure import generate
 
     from_main = []
 

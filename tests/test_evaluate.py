@@ -12,19 +12,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from superweight.errors import DataError, UsageError
-from superweight.evaluate import (
-    Encoder,
-    Group,
-    Request,
-    Scored,
-    Scorer,
-    TaskRequests,
-    build_requests,
-    evaluate,
-    rolling_windows,
-    task_metrics,
-)
-from superweight.tasks import Prompt, load_task
+from superweight.measure.evaluate import evaluate
+from superweight.measure.metrics import task_metrics
+from superweight.measure.requests import Encoder, Group, Request, build_requests, rolling_windows
+from superweight.measure.scoring import Scored, Scorer
+from superweight.measure.tasks import TASKS, Prompt, load_task
 
 from synthetic import single_threaded
 
@@ -116,7 +108,7 @@ def test_empty_context_is_conditioned_on_prefix_token():
 
 
 def test_empty_context_and_empty_continuation_is_a_usage_error():
-    from superweight.evaluate import make_request
+    from superweight.measure.requests import make_request
 
     encoder = Encoder(word_tokenizer())
     context, continuation = encoder.encode_pair("", "")
@@ -183,7 +175,7 @@ def _requests_and_groups():
         Prompt(pairs=(("a cat is", " red"), ("a cat is", " blue")), choices=("red", "blue"), gold=1),
     ]
     requests, groups = [], []
-    from superweight.evaluate import Group, make_request
+    from superweight.measure.requests import Group, make_request
 
     for prompt in prompts:
         group = Group([])
@@ -217,7 +209,7 @@ def test_shortcuts_are_enabled_for_llama_and_match_plain_path(tiny_model):
 
 
 def test_pack_puts_the_prefix_once_and_keeps_each_choice_own_positions():
-    from superweight.evaluate import Group, pack, packed_length
+    from superweight.measure.requests import Group, pack, packed_length
 
     requests = [Request((5, 6, 7, 8, 9), 2), Request((5, 6, 7, 3, 4, 2), 3), Request((1, 2, 3), 1)]
     batch = [Group([0, 1], shared=2), Group([2])]
@@ -237,7 +229,7 @@ def test_pack_puts_the_prefix_once_and_keeps_each_choice_own_positions():
 
 
 def test_scored_positions_inside_the_shared_prefix_are_computed_once_and_counted_for_each():
-    from superweight.evaluate import Group, pack, shared_prefix
+    from superweight.measure.requests import Group, pack, shared_prefix
 
     requests = [Request((5, 6, 7, 8, 9), 3), Request((5, 6, 7, 8, 4), 3)]
     assert shared_prefix(requests) == 4  # all inputs shared: only the last targets differ
@@ -259,7 +251,7 @@ def test_sliding_window_models_are_packed_only_within_the_window():
     _, requests, groups = _requests_and_groups()
     scorer = Scorer(model, "auto")
     scored = scorer.score(requests, groups)
-    assert scorer.share_prefix and scorer.packing_limit == 6
+    assert scorer.share_prefix and scorer.batching.packing_limit == 6
     assert max(r.n_inputs for r in requests) > 6  # some requests reach beyond the window
     for request, result in zip(requests, scored):  # the window is the model's own, not the packing mask's
         expected, _ = reference_logprob(model, request)
@@ -269,7 +261,7 @@ def test_sliding_window_models_are_packed_only_within_the_window():
 def test_a_row_longer_than_the_window_never_shares_a_batch_with_a_packed_row():
     from transformers import MistralConfig, MistralForCausalLM
 
-    from superweight.evaluate import make_request
+    from superweight.measure.requests import make_request
 
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -281,7 +273,7 @@ def test_a_row_longer_than_the_window_never_shares_a_batch_with_a_packed_row():
     requests = [long, *choices]
     scorer = Scorer(model, 100)  # room for all rows in one batch: only the mask split keeps them apart
     scored = scorer.score(requests, [Group([0]), Group([1, 2])])
-    assert scorer.share_prefix and scorer.packing_limit == 8
+    assert scorer.share_prefix and scorer.batching.packing_limit == 8
     for request, result in zip(requests, scored):  # the long row keeps the model's own window mask
         expected, _ = reference_logprob(model, request)
         assert result.logprob == pytest.approx(expected, abs=1e-4)
@@ -290,7 +282,7 @@ def test_a_row_longer_than_the_window_never_shares_a_batch_with_a_packed_row():
 def test_a_short_first_request_does_not_switch_the_shortcuts_off():
     from synthetic import tiny_model as synthetic_model
 
-    from superweight.evaluate import make_request
+    from superweight.measure.requests import make_request
 
     model = synthetic_model("llama")  # a fresh model: nothing cached from other tests
     requests = [make_request([5], [6, 7], 63), make_request(list(range(5, 25)), [30], 63)]
@@ -300,7 +292,7 @@ def test_a_short_first_request_does_not_switch_the_shortcuts_off():
 
 
 def test_truncation_keeps_the_last_max_length_plus_one_tokens():
-    from superweight.evaluate import make_request
+    from superweight.measure.requests import make_request
 
     request = make_request(list(range(10)), [10, 11, 12], max_length=5)
     assert request.tokens == (6, 7, 8, 9, 10, 11, 12)[-6:]
@@ -317,38 +309,61 @@ def test_acc_and_acc_norm_from_known_loglikelihoods():
         Prompt(pairs=(("c", " x"), ("c", " y")), choices=("abcdefghij", "ab"), gold=0),
         Prompt(pairs=(("c", " x"), ("c", " y")), choices=("abc", "abc"), gold=0),
     ]
-    built = TaskRequests(prompts, doc_requests=[[0, 1], [2, 3]])
-    scored = [Scored(-3.0, False), Scored(-2.0, False), Scored(-1.0, True), Scored(-5.0, False)]
-    results = task_metrics("piqa", built, scored, seed=0)
+    doc_scores = [[Scored(-3.0, False), Scored(-2.0, False)], [Scored(-1.0, True), Scored(-5.0, False)]]
+    results = task_metrics(TASKS["piqa"].metrics, prompts, doc_scores, seed=0)
     assert results["acc"] == 0.5
     assert results["acc_norm"] == 1.0
     assert results["acc_stderr"] == pytest.approx(0.5)  # sample std 0.7071 / sqrt(2)
     assert results["acc_norm_stderr"] == 0.0
+    # Each metric with its stderr beside it, as lm-eval lays out a task's results.
+    assert list(results) == ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr"]
 
 
 def test_winogrande_reports_acc_only():
     prompts = [Prompt(pairs=(("a", " z"), ("b", " z")), choices=("a", "b"), gold=1)]
-    results = task_metrics("winogrande", TaskRequests(prompts, doc_requests=[[0, 1]]), [Scored(-2, 0), Scored(-1, 0)], 0)
-    assert results["acc"] == 1.0 and "acc_norm" not in results
+    results = task_metrics(TASKS["winogrande"].metrics, prompts, [[Scored(-2, 0), Scored(-1, 0)]], 0)
+    assert results == {"acc": 1.0, "acc_stderr": "N/A"}  # one document: no stderr
 
 
 def test_lambada_metrics():
     prompts = [Prompt(pairs=(("a", " b"),)), Prompt(pairs=(("c", " d"),))]
-    built = TaskRequests(prompts, doc_requests=[[0], [1]])
-    results = task_metrics("lambada_openai", built, [Scored(-1.0, True), Scored(-3.0, False)], seed=0)
-    assert results["acc"] == 0.5
+    doc_scores = [[Scored(-1.0, True)], [Scored(-3.0, False)]]
+    results = task_metrics(TASKS["lambada_openai"].metrics, prompts, doc_scores, seed=0)
+    assert results["acc"] == 0.5  # greedy match, not the most likely of one choice (always right)
     assert results["perplexity"] == pytest.approx(math.exp(2.0))
     assert results["perplexity_stderr"] > 0
+    assert results["perplexity_stderr"] == task_metrics(TASKS["lambada_openai"].metrics, prompts, doc_scores,
+                                                        seed=0)["perplexity_stderr"]  # seeded bootstrap
 
 
 def test_wikitext_metrics_weight_by_words_and_bytes():
     prompts = [Prompt(text="x", words=3, bytes=10), Prompt(text="y", words=1, bytes=6)]
-    built = TaskRequests(prompts, doc_requests=[[0, 1], [2]])
-    results = task_metrics("wikitext", built, [Scored(-2.0, 0), Scored(-2.0, 0), Scored(-4.0, 0)], seed=0)
+    doc_scores = [[Scored(-2.0, 0), Scored(-2.0, 0)], [Scored(-4.0, 0)]]  # document 0 in two windows
+    results = task_metrics(TASKS["wikitext"].metrics, prompts, doc_scores, seed=0)
     assert results["word_perplexity"] == pytest.approx(math.exp(8 / 4))
     assert results["byte_perplexity"] == pytest.approx(math.exp(8 / 16))
     assert results["bits_per_byte"] == pytest.approx(0.5 / math.log(2))
-    assert results["word_perplexity_stderr"] == "N/A"
+    assert results["word_perplexity_stderr"] == "N/A"  # lm-eval reports none for weighted perplexities
+
+
+def test_every_task_reports_exactly_the_metrics_its_row_declares():
+    """The task table is the one place that says what a task reports: the names lm-eval reports."""
+    declared = {name: [m.name for m in task.metrics] for name, task in TASKS.items()}
+    assert declared == {
+        "wikitext": ["word_perplexity", "byte_perplexity", "bits_per_byte"],
+        "lambada_openai": ["acc", "perplexity"],
+        "piqa": ["acc", "acc_norm"], "arc_easy": ["acc", "acc_norm"], "arc_challenge": ["acc", "acc_norm"],
+        "hellaswag": ["acc", "acc_norm"], "sciq": ["acc", "acc_norm"], "winogrande": ["acc"],
+    }
+
+
+def test_a_new_metric_is_one_row():
+    from superweight.measure.metrics import Metric, mean, mean_stderr
+
+    gold_is_first = Metric("gold_is_first", lambda prompt, scores: float(prompt.gold == 0), mean, mean_stderr)
+    prompts = [Prompt(gold=0), Prompt(gold=1), Prompt(gold=0), Prompt(gold=0)]
+    results = task_metrics([gold_is_first], prompts, [[]] * 4)
+    assert results == {"gold_is_first": 0.75, "gold_is_first_stderr": pytest.approx(0.25)}
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -410,8 +425,10 @@ def test_limit_and_bad_options(tiny_model, tmp_path):
     tokenizer = word_tokenizer()
     out = evaluate(tiny_model, tokenizer, "piqa", data_dir=str(tmp_path), limit=2)
     assert out["n_samples"]["piqa"] == {"original": 3, "effective": 2}
-    with pytest.raises(UsageError, match="positive"):
+    with pytest.raises(UsageError, match="--limit must be a positive number of documents, got 0"):
         evaluate(tiny_model, tokenizer, ["piqa"], data_dir=str(tmp_path), limit=0)
+    with pytest.raises(UsageError, match="--max-length must be at least 2 tokens, got 1"):
+        evaluate(tiny_model, tokenizer, ["piqa"], data_dir=str(tmp_path), max_length=1)
     with pytest.raises(UsageError, match="batch size"):
         evaluate(tiny_model, tokenizer, ["piqa"], data_dir=str(tmp_path), batch_size=0)
     with pytest.raises(DataError, match="arc_easy"):
@@ -435,7 +452,7 @@ def test_load_task_limit_reads_first_documents(tmp_path):
 
 
 def test_build_requests_deduplicates_identical_choices():
-    from superweight.tasks import TASKS, LoadedTask
+    from superweight.measure.tasks import LoadedTask
 
     doc = {"goal": "the cat", "sol1": "sat", "sol2": "sat", "label": 0}
     built = build_requests(LoadedTask(TASKS["piqa"], [doc], 1, {}), Encoder(word_tokenizer()), 64)

@@ -9,7 +9,7 @@ from torch import nn
 
 from superweight.coords import SuperWeight, write_coords
 from superweight.errors import CoordinatesError, UsageError
-from superweight.export import FORMATS, check_format, check_ggml_type, export
+from superweight.edit.export import FORMATS, check_format, check_ggml_type, export
 
 from conftest import smollm2_gguf
 from test_cli import assert_one_line_error, invoke
@@ -157,8 +157,8 @@ def test_format_checks():
     ("qwen3_moe", "blk.2.ffn_down_exps.weight"),  # all experts of the layer in one GGUF tensor
 ])
 def test_gguf_names_per_family(model_type, expected):
-    from superweight.arch import gguf_architecture
-    from superweight.export import gguf_tensor_names, module_names
+    from superweight.model.adapters import gguf_architecture
+    from superweight.edit.export import gguf_tensor_names, module_names
     from synthetic import tiny_model
 
     model = tiny_model(model_type)
@@ -168,8 +168,8 @@ def test_gguf_names_per_family(model_type, expected):
 
 
 def test_a_family_llama_cpp_cannot_convert_is_a_usage_error():
-    from superweight.arch import gguf_architecture
-    from superweight.export import gguf_tensor_names
+    from superweight.model.adapters import gguf_architecture
+    from superweight.edit.export import gguf_tensor_names
     from synthetic import tiny_model
 
     with pytest.raises(UsageError, match="llama.cpp has no 'opt' architecture"):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from superweight.errors import ModelLoadError, UsageError
-from superweight.model import load_model, resolve
+from superweight.model.load import load_model
+from superweight.model.source import resolve
 from test_cli import assert_one_line_error, invoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,8 +210,10 @@ def test_first_gguf_load_under_quiet_prints_nothing_on_stderr(tiny_gguf, tmp_pat
                                             ("1,3,4,0", "no experts")])
 def test_gguf_coordinates_out_of_range_fail_before_the_load(tiny_gguf, tmp_path, monkeypatch, coord, fragment):
     """A GGUF's sizes come from its header: an out-of-range --coord fails before any dequantisation."""
-    import superweight.model as model_module
+    import superweight.model.load as model_module
     from typer.testing import CliRunner
+
+    from superweight.model.gguf import gguf_dense_shape
 
     from superweight.cli import app
 
@@ -222,15 +225,15 @@ def test_gguf_coordinates_out_of_range_fail_before_the_load(tiny_gguf, tmp_path,
     assert result.exit_code == 1, result.output
     assert result.output.startswith("error: coordinate") and fragment in result.output
     assert not (tmp_path / "x").exists()
-    assert model_module.gguf_dense_shape(str(tiny_gguf)) == (2, 16, 32)
+    assert gguf_dense_shape(str(tiny_gguf)) == (2, 16, 32)
 
 
 def test_a_local_directory_loads_without_the_hub_check(tiny_llama_dir, monkeypatch):
     """No network and no HF_HUB_OFFLINE: a local model directory never asks the hub (it was taken for
     a hub id: HFValidationError)."""
-    import superweight.model as model_module
+    import superweight.model.hub as hub
 
-    monkeypatch.setattr(model_module, "_hub_offline", lambda: False)
-    monkeypatch.setattr(model_module, "_hub_reachable", lambda *a, **k: False)
-    loaded = model_module.load_model(str(tiny_llama_dir), device="cpu")
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
     assert loaded.model.config.model_type == "llama"

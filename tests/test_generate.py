@@ -5,8 +5,8 @@ import torch
 
 from superweight.coords import SuperWeight
 from superweight.errors import UsageError
-from superweight.experiments import Configuration, comparison_configurations
-from superweight.generate import DEFAULT_PROMPT, check_max_new_tokens, check_prompts, generate, greedy_continuation
+from superweight.measure.configurations import Configuration, comparison_configurations
+from superweight.measure.generate import DEFAULT_PROMPT, check_max_new_tokens, check_prompts, generate, greedy_continuation
 
 from conftest import build_word_tokenizer
 from synthetic import VOCAB, plant_super_weight, snapshot, tiny_model

@@ -102,9 +102,9 @@ def test_harness_sees_the_ablation_and_the_restoration_hook(smollm2, task_dir, s
     """With --coords --restore-activation lm-eval's number equals the built-in task's, and differs
     from both the original's and the zeroed model's: the zeroed weights and the restoration hook
     act inside lm-eval's forward passes."""
-    from superweight.ablate import ablated
+    from superweight.edit.ablate import ablated
     from superweight.coords import read_coords
-    from superweight.evaluate import evaluate
+    from superweight.measure.evaluate import evaluate
 
     result = invoke("eval", "-q", "--data-dir", DATA_DIR, "--task", "lambada_openai", "--harness", "sw_lambada_openai",
                     "--harness-include", task_dir, "--coords", smollm2_coords, "--restore-activation",

@@ -6,10 +6,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from superweight.arch import down_proj_matrix
+from superweight.model.adapters import down_proj_matrix
 from superweight.cli import app
-from superweight.detect import DEFAULT_PROMPT, detect, encode_prompt
-from superweight.model import load_model
+from superweight.find.detect import DEFAULT_PROMPT, detect, encode_prompt
+from superweight.model.load import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def test_ablated_folder_reports_no_cancelling_layer(smollm2, tmp_path):
 
 
 def test_verify_labels_the_super_weight_and_restoration_recovers(smollm2):
-    from superweight.verify import verify
+    from superweight.measure.verify import verify
 
     weights = detect(smollm2.model, encode_prompt(smollm2.tokenizer, DEFAULT_PROMPT)).super_weights
     before = down_proj_matrix(smollm2.model, 11).clone()
@@ -125,9 +125,9 @@ def test_paper_claim_on_wikitext(smollm2):
     """Zeroing [11, 507, 1229] wrecks perplexity; restoring the super activation brings it back;
     zeroing a random weight of the same matrix does nothing (first WikiText-2 document, CI-sized)."""
     from conftest import DATA_DIR
-    from superweight.ablate import random_control
+    from superweight.edit.ablate import random_control
     from superweight.coords import SuperWeight
-    from superweight.experiments import Configuration, run_configurations
+    from superweight.measure.configurations import Configuration, run_configurations
 
     super_weight = (SuperWeight(11, 507, 1229, output_spike=2.4e4),)
     random = tuple(random_control(smollm2.model, list(super_weight), seed=0))
@@ -148,7 +148,8 @@ def test_quantize_smoke_keeps_super_weights_and_restores_the_model(smollm2):
     """`sw quantize`'s library path on the real model, one wikitext document at a short context."""
     from conftest import DATA_DIR
     from superweight.coords import SuperWeight
-    from superweight.quantize import quantized_weights, weight_quantization_sweep
+    from superweight.edit.quantize import quantized_weights
+    from superweight.measure.quantized import weight_quantization_sweep
 
     model = smollm2.model
     weights = [SuperWeight(11, 507, 1229), SuperWeight(11, 507, 1487)]
@@ -171,8 +172,8 @@ def test_quantize_smoke_keeps_super_weights_and_restores_the_model(smollm2):
 def test_bulk_tokenisation_equals_lm_eval_one_pair_at_a_time(smollm2):
     """The bulk `encode_pairs` gives, on real task data, exactly lm-eval's per-request `_encode_pair`."""
     from conftest import DATA_DIR
-    from superweight.evaluate import Encoder
-    from superweight.tasks import TASKS, load_task
+    from superweight.measure.requests import Encoder
+    from superweight.measure.tasks import TASKS, load_task
 
     tokenizer = smollm2.tokenizer
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from superweight.errors import ModelLoadError, UsageError
-from superweight.model import load_model, resolve
+from superweight.model.load import load_model
+from superweight.model.source import resolve
 
 
 def test_default_model_is_the_packaged_smollm2():
@@ -68,7 +69,7 @@ def test_bad_dtype_and_device(tiny_llama_dir):
 
 
 def test_device_map_and_max_memory_parsing(tmp_path):
-    from superweight.model import parse_device_map, parse_max_memory
+    from superweight.model.devices import parse_device_map, parse_max_memory
 
     assert parse_device_map("balanced") == "balanced"
     assert parse_device_map('{"model.layers": 0, "lm_head": "cpu"}') == {"model.layers": 0, "lm_head": "cpu"}
@@ -92,10 +93,45 @@ def test_cli_malformed_max_memory_is_one_line(tiny_llama_dir, tmp_path):
 
 def test_explicit_device_map_detects_like_a_plain_load(tiny_llama_dir, tmp_path):
     """accelerate places the model (here all on CPU through a device map); detection is unchanged."""
-    from superweight.detect import detect
+    from superweight.find.detect import detect
 
     ids = torch.tensor([[1, 3, 4, 5, 6]])
     plain = load_model(str(tiny_llama_dir), device="cpu")
     mapped = load_model(str(tiny_llama_dir), device_map={"": "cpu"})
     a, b = detect(plain.model, ids, iterations=1), detect(mapped.model, ids, iterations=1)
     assert [s.spike for s in a.iterations[0]] == pytest.approx([s.spike for s in b.iterations[0]])
+
+
+@pytest.mark.parametrize("variable,value,offline", [("HF_HUB_OFFLINE", "1", True), ("HF_HUB_OFFLINE", "on", True),
+                                                    ("TRANSFORMERS_OFFLINE", "yes", True),
+                                                    ("HF_HUB_OFFLINE", "0", False), (None, None, False)])
+def test_one_offline_check_for_models_and_task_data(monkeypatch, variable, value, offline):
+    """The environment as it is now counts (a notebook may set it after huggingface_hub was
+    imported), and so does huggingface_hub's own state; task data asks the same question."""
+    from huggingface_hub import constants
+
+    import superweight.measure.tasks as tasks
+    from superweight.model.hub import hub_offline
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    if variable:
+        monkeypatch.setenv(variable, value)
+    assert hub_offline() is offline
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # huggingface_hub was imported offline
+    assert hub_offline() is True
+    assert tasks.hub_offline is hub_offline
+
+
+def test_every_config_is_read_by_one_reader_that_refuses_a_non_causal_model(tmp_path):
+    from transformers import ViTConfig
+
+    from superweight.model.hub import read_config
+    from superweight.model.source import resolve
+
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not a causal language model"):
+        read_config(resolve(str(tmp_path)), tmp_path, {})
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        read_config(resolve(str(tmp_path)), tmp_path / "missing", {})

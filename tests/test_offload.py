@@ -14,15 +14,16 @@ import gc
 import pytest
 import torch
 
-from superweight import ablate
-from superweight.arch import decoder_layers, down_proj_matrix, down_proj_module
+from superweight.edit import ablate, restore, save
+from superweight.model.adapters import decoder_layers, down_proj_matrix, down_proj_module
 from superweight.coords import SuperWeight
-from superweight.detect import detect
+from superweight.find.detect import detect
 from superweight.errors import OutputPathError
-from superweight.evaluate import Scorer, evaluate
-from superweight.experiments import Configuration, run_configurations
-from superweight.model import load_model
-from superweight.placement import execution_device
+from superweight.measure.evaluate import evaluate
+from superweight.measure.scoring import Scorer
+from superweight.measure.configurations import Configuration, run_configurations
+from superweight.model.load import load_model
+from superweight.model.placement import execution_device
 
 from conftest import DATA_DIR, PROMPT_WORDS, build_word_tokenizer
 from synthetic import PROMPT_IDS, one_thread_per_module, plant_super_weight, tiny_model  # noqa: F401
@@ -147,7 +148,7 @@ def test_saving_an_ablated_split_model_writes_every_weight(split, plain, tmp_pat
     from safetensors.torch import load_file
 
     with ablate.ablated(split.model, [PLANTED]) as record:
-        ablate.save_ablated(split, record, tmp_path / "out")
+        save.save_ablated(split, record, tmp_path / "out")
     saved = load_file(tmp_path / "out" / "model.safetensors")
     expected = {name: tensor.clone() for name, tensor in plain.model.state_dict().items()}
     expected["model.layers.1.mlp.down_proj.weight"][PLANTED.row, PLANTED.col] = 0
@@ -160,10 +161,10 @@ def test_restored_activation_works_on_a_disk_offloaded_layer(split, plain):
     original = _logits(model)
     with ablate.ablated(model, [PLANTED]) as record:
         zeroed = _logits(model)
-        with ablate.restored_activation(model, record):
+        with restore.restored_activation(model, record):
             restored = _logits(model)
         with ablate.ablated(plain.model, [PLANTED]) as plain_record, \
-                ablate.restored_activation(plain.model, plain_record):
+                restore.restored_activation(plain.model, plain_record):
             assert torch.allclose(restored, _logits(plain.model), atol=1e-5)
     assert (zeroed - original).abs().max() > 0.1
     torch.testing.assert_close(restored, original, rtol=1e-4, atol=1e-4)
@@ -266,7 +267,7 @@ def test_cli_quantize_of_an_offloaded_model_is_refused(planted_dir, tmp_path, ca
                           "whole model in memory", "--max-memory")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_gpu_cpu_disk_split(planted_dir, plain):
     """Layers on the GPU, offloaded to CPU memory (accelerate's own in-memory copies, run on the
     GPU) and to disk: the planted layer on each in turn."""
@@ -282,7 +283,7 @@ def test_gpu_cpu_disk_split(planted_dir, plain):
         assert [w.key for w in detect(model, PROMPT_IDS).super_weights] == [PLANTED.key]
         with ablate.ablated(model, [PLANTED]) as record:
             zeroed = _logits(model, ids)
-            with ablate.restored_activation(model, record):
+            with restore.restored_activation(model, record):
                 restored = _logits(model, ids)
         assert (zeroed - before).abs().max() > 0.1
         torch.testing.assert_close(restored, before, rtol=1e-4, atol=1e-4)

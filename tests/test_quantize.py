@@ -8,30 +8,31 @@ import math
 import pytest
 import torch
 
-from superweight.arch import decoder_layers, down_proj_matrix, down_proj_module
+from superweight.model.adapters import decoder_layers, down_proj_matrix, down_proj_module
 from superweight.coords import SuperWeight
 from superweight.errors import UsageError
-from superweight.quantize import (
+from superweight.edit.quantize import (
     AUTO_Z_GRID,
-    activation_quantization_compare,
     auto_z,
     block_scales,
     default_block_sizes,
-    fake_quantize_activation_aware,
     fake_quantize_blockwise,
-    fake_quantize_per_tensor,
     fake_quantize_superweight_aware,
     parse_z,
-    plot_sweep,
     quantize_model_weights,
-    quantized_activations,
     quantized_weights,
     restore_weights,
-    super_activation_mask,
-    weight_quantization_sweep,
     weight_targets,
     zscore_clip,
 )
+from superweight.edit.quantize_activations import (
+    fake_quantize_activation_aware,
+    fake_quantize_per_tensor,
+    quantized_activations,
+    super_activation_mask,
+)
+from superweight.measure.quantized import activation_quantization_compare, weight_quantization_sweep
+from superweight.report.plots import plot_sweep
 
 from conftest import build_word_tokenizer
 from synthetic import PROBE_IDS, one_thread_per_module, plant_super_weight, snapshot, tiny_model  # noqa: F401

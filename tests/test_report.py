@@ -1,8 +1,9 @@
 """Comparison with published coordinates, tables and plots."""
 
 from superweight.coords import SuperWeight
-from superweight.detect import detect
-from superweight.report import check_known, plot_activations, super_weight_table
+from superweight.find.detect import detect
+from superweight.report.detection import check_known, super_weight_table
+from superweight.report.plots import plot_activations
 from synthetic import PROMPT_IDS, one_thread_per_module, plant_super_weight, tiny_model  # noqa: F401
 
 

@@ -10,11 +10,11 @@ import torch
 from typer.testing import CliRunner
 
 from superweight.cli import app
-from superweight.detect import DEFAULT_PROMPT, Detection, detect, encode_prompt
+from superweight.find.detect import DEFAULT_PROMPT, Detection, detect, encode_prompt
 from superweight.errors import ModelLoadError, UnsupportedArchitectureError
-from superweight.hooks import capture_layer_stats
-from superweight.model import load_model
-from superweight.stream import LayerStream, detect_streamed, open_checkpoint
+from superweight.find.hooks import capture_layer_stats
+from superweight.model.load import load_model
+from superweight.find.stream import LayerStream, detect_streamed, open_checkpoint
 
 from conftest import PROMPT_WORDS, build_word_tokenizer
 from synthetic import PROMPT_IDS, one_thread_per_module, plant_super_weight, tiny_config, tiny_model  # noqa: F401

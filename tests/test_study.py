@@ -8,11 +8,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from superweight import experiments, study
-from superweight.arch import down_proj_matrix
+from superweight.measure import configurations as experiments
+from superweight.measure import stop_words, study_runs
+from superweight.measure.activation_profile import activation_profile
+from superweight.report import study
+from superweight.model.adapters import down_proj_matrix
 from superweight.coords import SuperWeight
 from superweight.errors import OutputPathError, UsageError
-from superweight.experiments import Configuration, summary_table
+from superweight.measure.configurations import Configuration, summary_table
 
 from conftest import build_word_tokenizer
 from synthetic import PROMPT_IDS, one_thread_per_module, plant_super_weight, snapshot, tiny_model  # noqa: F401
@@ -31,37 +34,37 @@ def planted():
 
 
 def test_parse_grid():
-    assert study.parse_grid(None) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
-    assert study.parse_grid("2, 0,1,0") == [0.0, 1.0, 2.0]
+    assert study_runs.parse_grid(None) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert study_runs.parse_grid("2, 0,1,0") == [0.0, 1.0, 2.0]
     for bad in ("0,x,1", "", "1,,2", "nan", "1,inf"):
         with pytest.raises(UsageError) as error:
-            study.parse_grid(bad)
+            study_runs.parse_grid(bad)
         assert "\n" not in str(error.value)
 
 
 def test_scale_sweep_configurations():
-    configurations = study.scale_sweep_configurations([SW], [0.0, 1.0, 2.5])
+    configurations = study_runs.scale_sweep_configurations([SW], [0.0, 1.0, 2.5])
     assert [c.factor for c in configurations] == [0.0, 1.0, 2.5]
     assert all(c.mode == "scale" for c in configurations)
     assert configurations[0].weights == (SW,) and configurations[2].weights == (SW,)
     assert configurations[1].weights == ()  # s = 1 touches nothing
     assert len({c.name for c in configurations}) == 3
     with pytest.raises(UsageError):
-        study.scale_sweep_configurations([], [0.0])
+        study_runs.scale_sweep_configurations([], [0.0])
 
 
 def test_default_outlier_count_scales_with_down_projection_size(monkeypatch):
-    assert study.down_proj_elements(tiny_model("llama")) == 4 * 32 * 64
-    assert study.down_proj_elements(tiny_model("mixtral")) == 4 * 4 * 32 * 64
-    assert study.default_outlier_count(tiny_model("llama")) == 1  # tiny: at least one
-    monkeypatch.setattr(study, "down_proj_elements", lambda model: study.PAPER_DOWN_PROJ_ELEMENTS)
-    assert study.default_outlier_count(None) == 7000
-    monkeypatch.setattr(study, "down_proj_elements", lambda model: study.PAPER_DOWN_PROJ_ELEMENTS // 4)
-    assert study.default_outlier_count(None) == 1750
+    assert study_runs.down_proj_elements(tiny_model("llama")) == 4 * 32 * 64
+    assert study_runs.down_proj_elements(tiny_model("mixtral")) == 4 * 4 * 32 * 64
+    assert study_runs.default_outlier_count(tiny_model("llama")) == 1  # tiny: at least one
+    monkeypatch.setattr(study_runs, "down_proj_elements", lambda model: study_runs.PAPER_DOWN_PROJ_ELEMENTS)
+    assert study_runs.default_outlier_count(None) == 7000
+    monkeypatch.setattr(study_runs, "down_proj_elements", lambda model: study_runs.PAPER_DOWN_PROJ_ELEMENTS // 4)
+    assert study_runs.default_outlier_count(None) == 1750
 
 
 def test_study_configurations(planted):
-    configurations = study.study_configurations(planted, [SW], top=20, seed=3)
+    configurations = study_runs.study_configurations(planted, [SW], top=20, seed=3)
     assert [c.name for c in configurations] == [
         "original", "super weights zeroed", "other 20 outliers zeroed", "zeroed + activation restored",
         "random control zeroed"]
@@ -79,7 +82,7 @@ def test_study_configurations(planted):
         for row, col in (matrix.abs() > smallest).nonzero().tolist():
             assert (layer, row, col, None) in chosen or (layer, row, col, None) == SW.key
     assert len(random.weights) == 1 and random.weights[0].key != SW.key and random.control_seed == 3
-    assert len(study.study_configurations(planted, [SW])[2].weights) == study.default_outlier_count(planted)
+    assert len(study_runs.study_configurations(planted, [SW])[2].weights) == study_runs.default_outlier_count(planted)
 
 
 # ----------------------------------------------------------------------------- stop words
@@ -99,7 +102,7 @@ def word_model(seed: int = 0):
 
 def test_stop_word_ids_match_decoded_lowercased_text():
     _, tokenizer = word_model()
-    ids = study.stop_word_ids(tokenizer, ["the", "of", "and"], len(tokenizer))
+    ids = stop_words.stop_word_ids(tokenizer, ["the", "of", "and"], len(tokenizer))
     vocab = tokenizer.get_vocab()
     assert ids == sorted([vocab["The"], vocab["of"], vocab["and"]])
 
@@ -109,7 +112,7 @@ def test_stop_word_shift_on_hand_made_vocabulary():
     texts = ["The cat sat of the mat .", "The dog and cat ."]
     weight = SuperWeight(0, 3, 5)
     before = snapshot(model)
-    shift = study.stop_word_shift(model, tokenizer, texts, [weight], ["the", "of", "and"])
+    shift = stop_words.stop_word_shift(model, tokenizer, texts, [weight], ["the", "of", "and"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert shift.total_mass_original == pytest.approx(1.0, abs=1e-9)
     assert shift.total_mass_ablated == pytest.approx(1.0, abs=1e-9)
@@ -145,12 +148,12 @@ def word_wikitext(tmp_path):
 def test_stop_word_shift_is_bounded_by_limit_and_max_length_and_cached(word_wikitext, tmp_path, monkeypatch):
     model, tokenizer = word_model()
     weight, words = SuperWeight(0, 3, 5), ["the", "of", "and"]
-    cache = study.EvaluationCache(tmp_path / "cache")
+    cache = study_runs.EvaluationCache(tmp_path / "cache")
     arguments = dict(data_dir=str(word_wikitext))
-    full, from_cache = study.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, **arguments)
-    assert not from_cache and full.num_positions == study.STOP_WORD_DOCUMENTS * 30
+    full, from_cache = stop_words.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, **arguments)
+    assert not from_cache and full.num_positions == stop_words.STOP_WORD_DOCUMENTS * 30
     passes = []
-    bounded, _ = study.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, limit=2,
+    bounded, _ = stop_words.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, limit=2,
                                               max_length=8, progress=lambda done, total: passes.append((done, total)),
                                               **arguments)
     assert bounded.num_positions == 2 * 8  # two documents, their first 8 tokens
@@ -159,21 +162,21 @@ def test_stop_word_shift_is_bounded_by_limit_and_max_length_and_cached(word_wiki
     def no_forward_pass(*args, **kwargs):
         raise AssertionError("a cached stop-word shift ran the model")
 
-    monkeypatch.setattr(study, "_mean_next_token_probs", no_forward_pass)
-    again, from_cache = study.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, limit=2,
+    monkeypatch.setattr(stop_words, "_mean_next_token_probs", no_forward_pass)
+    again, from_cache = stop_words.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, limit=2,
                                                      max_length=8, **arguments)
     assert from_cache and again == bounded
-    assert study.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, **arguments) == (full, True)
+    assert stop_words.cached_stop_word_shift(cache, "m", model, tokenizer, [weight], words, **arguments) == (full, True)
     for changed in (dict(model_key="other"), dict(super_weights=[SuperWeight(0, 3, 6)]), dict(stop_words=["cat"]),
                     dict(limit=3)):
         options = dict(model_key="m", super_weights=[weight], stop_words=words, **arguments) | changed
         with pytest.raises(AssertionError, match="ran the model"):
-            study.cached_stop_word_shift(cache, options.pop("model_key"), model, tokenizer,
+            stop_words.cached_stop_word_shift(cache, options.pop("model_key"), model, tokenizer,
                                          options.pop("super_weights"), options.pop("stop_words"), **options)
 
 
 def test_activation_profile_shows_the_super_activation_vanish(planted):
-    profile = study.activation_profile(planted, PROMPT_IDS, [SW])
+    profile = activation_profile(planted, PROMPT_IDS, [SW])
     before, after = profile.before[SW.layer], profile.after[SW.layer]
     assert before.output_max > 100 * after.output_max
     assert len(profile.to_dict()["layers"]) == 4
@@ -200,13 +203,13 @@ class FakeEvaluate:
 def test_evaluation_cache_reuses_results(planted, tmp_path, monkeypatch):
     fake = FakeEvaluate(SW)
     monkeypatch.setattr(experiments, "evaluate", fake)
-    cache = study.EvaluationCache(tmp_path / "cache")
-    configurations = study.scale_sweep_configurations([SW], [0.0, 1.0, 2.0])
-    first = study.run_cached(cache, "tiny", planted, None, configurations, ["piqa", "arc_easy"], limit=5)
+    cache = study_runs.EvaluationCache(tmp_path / "cache")
+    configurations = study_runs.scale_sweep_configurations([SW], [0.0, 1.0, 2.0])
+    first = study_runs.run_cached(cache, "tiny", planted, None, configurations, ["piqa", "arc_easy"], limit=5)
     assert fake.calls == 3
     value = float(down_proj_matrix(planted, SW.layer)[SW.row, SW.col])
     assert [first[c.name]["results"]["piqa"]["acc"] for c in configurations] == pytest.approx([0.0, value, 2 * value])
-    second = study.run_cached(cache, "tiny", planted, None, configurations, ["piqa", "arc_easy"], limit=5)
+    second = study_runs.run_cached(cache, "tiny", planted, None, configurations, ["piqa", "arc_easy"], limit=5)
     assert fake.calls == 3  # nothing evaluated again
     for c in configurations:
         assert second[c.name]["results"] == first[c.name]["results"]
@@ -214,20 +217,20 @@ def test_evaluation_cache_reuses_results(planted, tmp_path, monkeypatch):
         assert second[c.name]["cached_tasks"] == ["piqa", "arc_easy"]
     assert summary_table(second).rows == summary_table(first).rows
     # only the missing task is evaluated; another limit or model is another key
-    study.run_cached(cache, "tiny", planted, None, configurations[:1], ["piqa", "sciq"], limit=5)
+    study_runs.run_cached(cache, "tiny", planted, None, configurations[:1], ["piqa", "sciq"], limit=5)
     assert fake.calls == 4
-    study.run_cached(cache, "tiny", planted, None, configurations[:1], ["piqa"], limit=6)
-    study.run_cached(cache, "other", planted, None, configurations[:1], ["piqa"], limit=5)
+    study_runs.run_cached(cache, "tiny", planted, None, configurations[:1], ["piqa"], limit=6)
+    study_runs.run_cached(cache, "other", planted, None, configurations[:1], ["piqa"], limit=5)
     assert fake.calls == 6
 
 
 def test_sweep_rows():
-    configurations = study.scale_sweep_configurations([SW], [0.0, 1.0])
+    configurations = study_runs.scale_sweep_configurations([SW], [0.0, 1.0])
     runs = {configurations[0].name: {"results": {"wikitext": {"word_perplexity": 900.0}, "piqa": {"acc": 0.5},
                                                  "sciq": {"acc": 0.7}}},
             configurations[1].name: {"results": {"wikitext": {"word_perplexity": 20.0}, "piqa": {"acc": 0.6},
                                                  "sciq": {"acc": 0.8}}}}
-    rows = study.sweep_rows(runs, configurations)
+    rows = study_runs.sweep_rows(runs, configurations)
     assert rows == [{"factor": 0.0, "perplexity": 900.0, "avg_acc": pytest.approx(0.6)},
                     {"factor": 1.0, "perplexity": 20.0, "avg_acc": pytest.approx(0.7)}]
 
@@ -239,23 +242,23 @@ def test_study_leaves_model_bit_identical_and_writes_report(planted, tmp_path, m
     before = snapshot(planted)
     fake = FakeEvaluate(SW)
     monkeypatch.setattr(experiments, "evaluate", fake)
-    cache = study.EvaluationCache(tmp_path / "cache")
-    configurations = study.study_configurations(planted, [SW], top=5, seed=0)
-    sweep = study.scale_sweep_configurations([SW], [0.0, 1.0, 3.0])
-    runs = study.run_cached(cache, "tiny", planted, None, configurations + sweep, ["piqa", "sciq"])
+    cache = study_runs.EvaluationCache(tmp_path / "cache")
+    configurations = study_runs.study_configurations(planted, [SW], top=5, seed=0)
+    sweep = study_runs.scale_sweep_configurations([SW], [0.0, 1.0, 3.0])
+    runs = study_runs.run_cached(cache, "tiny", planted, None, configurations + sweep, ["piqa", "sciq"])
     # the ablations really happened while evaluating
     assert runs["super weights zeroed"]["results"]["piqa"]["acc"] == 0.0
     assert runs["original"]["results"]["piqa"]["acc"] != 0.0
-    profile = study.activation_profile(planted, PROMPT_IDS, [SW])
+    profile = activation_profile(planted, PROMPT_IDS, [SW])
     tokenizer = build_word_tokenizer([str(i) for i in range(125)])
-    shift = study.stop_word_shift(planted, tokenizer, ["3 9 27 81"], [SW], ["3", "9"])
+    shift = stop_words.stop_word_shift(planted, tokenizer, ["3 9 27 81"], [SW], ["3", "9"])
     assert all(torch.equal(before[k], v) for k, v in planted.state_dict().items())
 
     out = tmp_path / "report"
     out.mkdir()
     (out / "old.txt").write_text("keep me")
     table = summary_table({c.name: runs[c.name] for c in configurations})
-    rows = study.sweep_rows(runs, sweep)
+    rows = study_runs.sweep_rows(runs, sweep)
     arguments = dict(table=table, sweep_rows=rows, stop_words=shift, profile=profile,
                      meta={"command": "sw study tiny --top 5"})
     with pytest.raises(OutputPathError):
@@ -276,40 +279,40 @@ def test_study_leaves_model_bit_identical_and_writes_report(planted, tmp_path, m
 
 
 def test_configuration_describe_is_a_stable_cache_key():
-    a = study.EvaluationCache.key("m", Configuration("x", (SW,)), "piqa", 5, None)
-    assert a == study.EvaluationCache.key("m", Configuration("x", (SW,)), "piqa", 5, None)
-    assert a != study.EvaluationCache.key("m", Configuration("x", (SW,)), "piqa", 5, 256)
-    assert a != study.EvaluationCache.key("m", Configuration("x", (SW,), "scale", 2.0), "piqa", 5, None)
+    a = study_runs.EvaluationCache.key("m", Configuration("x", (SW,)), "piqa", 5, None)
+    assert a == study_runs.EvaluationCache.key("m", Configuration("x", (SW,)), "piqa", 5, None)
+    assert a != study_runs.EvaluationCache.key("m", Configuration("x", (SW,)), "piqa", 5, 256)
+    assert a != study_runs.EvaluationCache.key("m", Configuration("x", (SW,), "scale", 2.0), "piqa", 5, None)
 
 
 def test_stop_words_come_from_configs_and_can_be_replaced(tmp_path):
-    words = study.load_stop_words()
+    words = stop_words.load_stop_words()
     assert {"the", "of", "and", "a"} <= set(words) and all(w == w.strip().lower() for w in words)
     assert not any(w.startswith("#") for w in words)
     custom = tmp_path / "words.txt"
     custom.write_text("# mine\nThe  \n\nof # inline comment\n")
-    assert study.load_stop_words(custom) == ["The", "of"]
+    assert stop_words.load_stop_words(custom) == ["The", "of"]
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
     for bad, fragment in ((empty, "empty"), (tmp_path / "missing.txt", "cannot read")):
         with pytest.raises(UsageError) as error:
-            study.load_stop_words(bad)
+            stop_words.load_stop_words(bad)
         assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_task_limits_cpu_budget_only_without_limit_on_a_cpu():
     tasks = ["wikitext", "piqa", "sciq"]
-    assert study.task_limits(tasks, None, on_cpu=True) == {"wikitext": study.CPU_WIKITEXT_LIMIT,
-                                                           "piqa": study.CPU_LIMIT, "sciq": study.CPU_LIMIT}
-    assert study.task_limits(tasks, None, on_cpu=False) == {t: None for t in tasks}  # a GPU run reads everything
-    assert study.task_limits(tasks, "all", on_cpu=True) == {t: None for t in tasks}
-    assert study.task_limits(tasks, 7, on_cpu=True) == {t: 7 for t in tasks}
-    assert study.documents_note({t: None for t in tasks}) == ""
-    assert study.documents_note({"wikitext": 2, "piqa": 50, "sciq": 50}) == (
+    assert study_runs.task_limits(tasks, None, on_cpu=True) == {"wikitext": study_runs.CPU_WIKITEXT_LIMIT,
+                                                           "piqa": study_runs.CPU_LIMIT, "sciq": study_runs.CPU_LIMIT}
+    assert study_runs.task_limits(tasks, None, on_cpu=False) == {t: None for t in tasks}  # a GPU run reads everything
+    assert study_runs.task_limits(tasks, "all", on_cpu=True) == {t: None for t in tasks}
+    assert study_runs.task_limits(tasks, 7, on_cpu=True) == {t: 7 for t in tasks}
+    assert study_runs.documents_note({t: None for t in tasks}) == ""
+    assert study_runs.documents_note({"wikitext": 2, "piqa": 50, "sciq": 50}) == (
         "the first 2 documents of wikitext; the first 50 documents of piqa, sciq")
-    assert study.parse_limit("all") == "all" and study.parse_limit("12") == 12 and study.parse_limit(None) is None
+    assert study_runs.parse_limit("all") == "all" and study_runs.parse_limit("12") == 12 and study_runs.parse_limit(None) is None
     with pytest.raises(UsageError, match="--limit"):
-        study.parse_limit("twelve")
+        study_runs.parse_limit("twelve")
 
 
 def test_run_cached_evaluates_each_task_with_its_own_limit(planted, tmp_path, monkeypatch):
@@ -320,11 +323,11 @@ def test_run_cached_evaluates_each_task_with_its_own_limit(planted, tmp_path, mo
         return FakeEvaluate(SW)(model, tokenizer, tasks, **options)
 
     monkeypatch.setattr(experiments, "evaluate", fake)
-    cache = study.EvaluationCache(tmp_path / "cache")
-    configurations = study.scale_sweep_configurations([SW], [1.0])
+    cache = study_runs.EvaluationCache(tmp_path / "cache")
+    configurations = study_runs.scale_sweep_configurations([SW], [1.0])
     limits = {"wikitext": 2, "piqa": 50, "sciq": 50}
-    runs = study.run_cached(cache, "tiny", planted, None, configurations, list(limits), limit=limits)
+    runs = study_runs.run_cached(cache, "tiny", planted, None, configurations, list(limits), limit=limits)
     assert sorted(seen) == [(("piqa", "sciq"), 50), (("wikitext",), 2)]
     assert {t: n["effective"] for t, n in runs[configurations[0].name]["n_samples"].items()} == limits
-    study.run_cached(cache, "tiny", planted, None, configurations, ["piqa"], limit=50)  # the same key as above
+    study_runs.run_cached(cache, "tiny", planted, None, configurations, ["piqa"], limit=50)  # the same key as above
     assert len(seen) == 2

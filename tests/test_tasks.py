@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from superweight.errors import DataError, UsageError
-from superweight.tasks import TASKS, hellaswag_clean, load_task, resolve_task_names, wikitext_detokenize
+from superweight.measure.tasks import TASKS, hellaswag_clean, load_task, resolve_task_names, wikitext_detokenize
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared evaluation data not present")

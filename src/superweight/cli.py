@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .api import Reporter
+from .commands.prepare import Reporter
 from .errors import SuperweightError
 
 app = typer.Typer(
@@ -250,8 +250,8 @@ def detect(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .api import detect_model
-        from .report import super_weight_table
+        from .commands.prepare import detect_model
+        from .report.detection import super_weight_table
 
         result = detect_model(model, prompt=prompt, iterations=iterations, min_spike=min_spike,
                               min_concentration=min_concentration, min_share=min_share, out=out, plot=plot,
@@ -345,7 +345,7 @@ def ablate(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .api import ablate_model
+        from .commands.prepare import ablate_model
 
         result = ablate_model(model, out=out, coords=coords, coord=coord, mode=mode, factor=factor, control=control,
                               top=top, seed=seed, force=force, revision=revision, gguf_file=gguf_file, dtype=dtype,
@@ -423,7 +423,7 @@ def eval_(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .api import evaluate_model
+        from .commands.prepare import evaluate_model
 
         result = evaluate_model(
             model, task=task, harness=harness, harness_include=harness_include, coords=coords, coord=coord,
@@ -488,7 +488,7 @@ def generate(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .api import generate_text
+        from .commands.prepare import generate_text
 
         result = generate_text(model, coords=coords, coord=coord, prompt=prompt, max_new_tokens=max_new_tokens,
                                control=control, top=top, seed=seed, revision=revision, gguf_file=gguf_file,
@@ -544,7 +544,7 @@ def export(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .api import export_names
+        from .commands.prepare import export_names
 
         exported = export_names(coords_file, to=to, model=model, gguf=gguf, ggml_type=ggml_type, out=out,
                                 revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
@@ -613,8 +613,8 @@ def quantize(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .api import quantize_model
-        from .quantize import AUTO_Z
+        from .commands.prepare import quantize_model
+        from .edit.quantize import AUTO_Z
 
         result = quantize_model(
             model, coords=coords, coord=coord, bits=bits, block_size=block_size, z=z, activations=activations,
@@ -692,7 +692,7 @@ def study(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .api import run_study
+        from .commands.prepare import run_study
 
         # The command line as typed, for the report (not when global options come first).
         command = "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None

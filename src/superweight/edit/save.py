@@ -1,0 +1,107 @@
+"""Saving an ablated model: its weights (safetensors), its tokenizer and a JSON record of what was
+done, atomically, never inside the model's own directory; and reading that record back, so an
+evaluation of the saved model does not pass it off as the original.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .ablate import AblationRecord
+from ..errors import UsageError
+from ..files import atomic_directory, refuse_inside
+from ..model.adapters import DownProjections
+from ..model.load import LoadedModel
+from ..model.source import ModelSource
+
+RECORD_FILE = "superweight_ablation.json"
+
+
+def save_ablated(loaded: LoadedModel, record: AblationRecord, out_dir: str | Path, force: bool = False) -> Path:
+    """Save the ablated model (safetensors), its tokenizer and `superweight_ablation.json` to
+    `out_dir`, atomically: an interrupted or failed save leaves nothing there.
+
+    Refuses `out_dir` inside the model's own directory (or the hub cache), and an existing non-empty
+    `out_dir` unless `force`. The model must be in the state `record` describes (ablated). A GGUF
+    model's leftover quantizer is dropped for the save (its weights are plain floats).
+    """
+    from .. import __version__
+
+    out_dir = Path(out_dir)
+    refuse_inside(out_dir, loaded.source.protected_dirs)
+    model = loaded.model
+    matrices = DownProjections(model)
+    for w, new in zip(record.weights, record.new):
+        current = matrices(w)[w.row, w.col]
+        if not torch.equal(current.detach().cpu(), new.detach().cpu()):
+            raise UsageError(
+                f"the model is not ablated as the record says (weight {w.label()} is {float(current)}, "
+                f"expected {float(new)}); apply the ablation before saving"
+            )
+    source = loaded.source
+    document = {
+        "superweight_version": __version__,
+        "source": {
+            "spec": source.spec, "kind": source.kind, "location": str(source.location),
+            "revision": source.revision,
+        },
+        **record.to_dict(),
+    }
+    config = model.config
+    quantizer = getattr(model, "hf_quantizer", None)
+    had_quant_config = hasattr(config, "quantization_config")
+    quant_config = getattr(config, "quantization_config", None)
+    was_quantized = getattr(model, "is_quantized", None)
+    if quantizer is not None or had_quant_config:
+        model.hf_quantizer = None
+        if had_quant_config:
+            del config.quantization_config
+        if was_quantized is not None:
+            model.is_quantized = False
+    try:
+        with atomic_directory(out_dir, force) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(tmp)
+            (tmp / RECORD_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    finally:
+        if quantizer is not None or had_quant_config:
+            model.hf_quantizer = quantizer
+            if had_quant_config:
+                config.quantization_config = quant_config
+            if was_quantized is not None:
+                model.is_quantized = was_quantized
+    return out_dir
+
+
+def recorded_ablation(source: ModelSource) -> dict[str, Any] | None:
+    """The `superweight_ablation.json` of a local model directory written by `save_ablated`, or
+    None: evaluating such a directory must not pass it off as the original model."""
+    if source.kind != "local":
+        return None
+    path = Path(source.location) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {"unreadable": str(path)}
+    return record if isinstance(record, dict) else {"unreadable": str(path)}
+
+
+def describe_recorded_ablation(record: dict[str, Any]) -> str:
+    """One line for tables: "ablated by superweight: 2 super weights zeroed (source smollm2-135m)"."""
+    if "unreadable" in record:
+        return f"ablated by superweight (its {RECORD_FILE} is unreadable)"
+    count = len(record.get("coordinates") or [])
+    control = (record.get("control") or {}).get("kind")
+    what = f"{count} {control + ' control' if control else 'super'} weight{'' if count == 1 else 's'}"
+    factor = record.get("factor")
+    how = "zeroed" if record.get("mode") == "zero" else f"scaled x{factor:g}" if isinstance(factor, (int, float)) \
+        else "scaled"
+    source = (record.get("source") or {}).get("spec")
+    return f"ablated by superweight: {what} {how}" + (f" (source {source})" if source else "")

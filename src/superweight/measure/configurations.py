@@ -1,0 +1,225 @@
+"""One loaded model, several ablation configurations, evaluated side by side.
+
+A `Configuration` says what to do to the model before evaluating (nothing; zero or scale some
+weights; optionally write the super activation back). `run_configurations` applies each one in
+place, evaluates, and undoes it exactly, so the model is loaded once, never reloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from ..edit import ablate, restore
+from ..coords import SuperWeight
+from ..errors import UsageError
+from .evaluate import evaluate
+from .harness import HarnessTasks, evaluate_harness
+
+CONTROLS = ("random", "outliers")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    weights: tuple[SuperWeight, ...] = ()
+    mode: str = "zero"
+    factor: float | None = None
+    restore_activation: bool = False
+    control: str | None = None  # how `weights` were chosen when they are a control
+    control_seed: int | None = None
+    control_top: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "mode": self.mode if self.weights else None, "factor": self.factor,
+            "restore_activation": self.restore_activation, "control": self.control,
+            "control_seed": self.control_seed, "control_top": self.control_top,
+            "num_weights": len(self.weights),
+            "weights": [w.to_dict() for w in self.weights] if len(self.weights) <= 64 else "omitted (> 64)",
+        }
+
+
+def parse_factor(text: str | None, mode: str | None) -> tuple[str, float]:
+    """(mode, factor) from --mode and --factor. --factor alone implies --mode scale (an option
+    that only means something with another must not be accepted and then ignored)."""
+    if mode is None:
+        mode = "zero" if text is None else "scale"
+    if mode not in ("zero", "scale"):
+        raise UsageError(f"unknown --mode '{mode}'; use zero or scale")
+    if mode == "zero":
+        if text is not None:
+            raise UsageError(f"--mode zero zeroes the weights, so --factor {text} would be ignored; "
+                             "drop --factor, or drop --mode zero to scale")
+        return mode, 0.0
+    if text is None:
+        raise UsageError("--mode scale needs --factor S (a number; 0 zeroes, > 1 amplifies)")
+    try:
+        factor = float(text)
+    except ValueError:
+        raise UsageError(f"--factor must be a number, got '{text}'") from None
+    if not math.isfinite(factor):
+        raise UsageError(f"--factor must be a finite number, got '{text}'")
+    return mode, factor
+
+
+def check_control(control: str | None, top: int | None) -> None:
+    """--control and --top, checked before the model loads."""
+    if control is not None and control not in CONTROLS:
+        raise UsageError(f"unknown --control '{control}'; use {' or '.join(CONTROLS)}")
+    if control == "outliers" and (top is None or top <= 0):
+        raise UsageError("--control outliers needs --top N (a positive number of weights)")
+    if top is not None and control != "outliers":
+        raise UsageError(f"--top {top} counts the weights of --control outliers, which is not given; "
+                         "add --control outliers or drop --top")
+
+
+def control_weights(model, super_weights: list[SuperWeight], control: str, *, seed: int, top: int | None) -> list[SuperWeight]:
+    """The paper's controls: random weights of the same matrices, or the other largest weights."""
+    if control == "random":
+        return ablate.random_control(model, super_weights, seed=seed)
+    if control == "outliers":
+        if top is None or top <= 0:
+            raise UsageError("--control outliers needs --top N (a positive number of weights)")
+        return ablate.outlier_control(model, super_weights, top=top)
+    raise UsageError(f"unknown --control '{control}'; use {' or '.join(CONTROLS)}")
+
+
+def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, factor: float | None,
+                         restore_activation: bool, control: str | None, seed: int, top: int | None,
+                         unchanged: str = "original") -> Configuration:
+    """What `sw eval --coords ...` (without --compare) evaluates; `unchanged` names the model as
+    loaded (a directory that `sw ablate` wrote is not the original)."""
+    if not super_weights:
+        return Configuration(unchanged)
+    if control and restore_activation:
+        raise UsageError("--restore-activation writes back the super weights' activation, which a --control "
+                         "ablation leaves alone; drop one of them (--compare evaluates both)")
+    if control:
+        chosen = control_weights(model, super_weights, control, seed=seed, top=top)
+        return Configuration(f"{control} control ({mode})", tuple(chosen), mode, factor, False, control, seed, top)
+    name = "super weights " + ("zeroed" if mode == "zero" else f"scaled x{factor:g}")
+    if restore_activation:
+        name += " + activation restored"
+    return Configuration(name, tuple(super_weights), mode, factor, restore_activation)
+
+
+def comparison_configurations(model, super_weights: list[SuperWeight], *, control: str | None, seed: int,
+                              top: int | None, unchanged: str = "original") -> list[Configuration]:
+    """The paper's Table 1: original (`unchanged`), SW zeroed, SW zeroed + SA restored, and a control."""
+    control = control or "random"
+    chosen = control_weights(model, super_weights, control, seed=seed, top=top)
+    weights = tuple(super_weights)
+    return [
+        Configuration(unchanged),
+        Configuration("super weights zeroed", weights),
+        Configuration("zeroed + activation restored", weights, restore_activation=True),
+        Configuration(f"{control} control zeroed", tuple(chosen), control=control, control_seed=seed, control_top=top),
+    ]
+
+
+@contextmanager
+def applied(model, configuration: Configuration) -> Iterator[None]:
+    """The model as `configuration` says within the block; restored bit-exactly on exit (hooks removed)."""
+    with ExitStack() as stack:
+        if configuration.weights:
+            record = stack.enter_context(
+                ablate.ablated(model, list(configuration.weights), configuration.mode, configuration.factor))
+            if configuration.restore_activation:
+                stack.enter_context(restore.restored_activation(model, record))
+        yield
+
+
+def run_configurations(model, tokenizer, configurations: list[Configuration], tasks: list[str], *,
+                       on_start: Callable[[Configuration], None] | None = None,
+                       harness: HarnessTasks | None = None, **evaluate_options) -> dict[str, Any]:
+    """Evaluate each configuration; the model is restored bit-exactly after each one.
+
+    `harness` tasks run through lm-eval's own evaluator on the same configured model, and their
+    results join the built-in tasks' (a run's "harness" entry names them and lm-eval's version).
+    """
+    runs = {}
+    for configuration in configurations:
+        if on_start:
+            on_start(configuration)
+        with applied(model, configuration):
+            result = evaluate(model, tokenizer, tasks, **evaluate_options) if tasks else {"results": {}, "n_samples": {}}
+            if harness:
+                _add_harness_results(result, _run_harness(model, tokenizer, harness, evaluate_options))
+        result["ablation"] = configuration.describe()
+        runs[configuration.name] = result
+    return runs
+
+
+HARNESS_OPTIONS = ("limit", "batch_size", "max_length", "seed")  # what lm-eval's run shares with the built-in one
+
+
+def _run_harness(model, tokenizer, harness: HarnessTasks, evaluate_options: dict[str, Any]) -> dict[str, Any]:
+    progress = evaluate_options.get("progress")
+    label = f"{', '.join(harness.names)} (lm-eval)"
+    if progress:  # lm-eval reports no progress of its own here: one step, started and done
+        progress(label, 0, 1)
+    out = evaluate_harness(model, tokenizer, harness, **{k: v for k, v in evaluate_options.items() if k in HARNESS_OPTIONS})
+    if progress:
+        progress(label, 1, 1)
+    return out
+
+
+def _add_harness_results(result: dict[str, Any], harness_result: dict[str, Any]) -> None:
+    for name in harness_result["results"]:
+        if name in result["results"]:
+            raise UsageError(f"{name} is both a built-in task and an lm-eval task here; run them in two commands")
+    result["results"].update(harness_result["results"])
+    result["n_samples"].update(harness_result["n_samples"])
+    result["harness"] = harness_result["harness"]
+
+
+@dataclass
+class SummaryTable:
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+
+# The headline metric of each task in tables (lm-eval reports all of them in the JSON).
+HEADLINE_METRICS = {
+    "wikitext": ("word_perplexity",),
+    "lambada_openai": ("acc", "perplexity"),
+}
+
+
+def headline_columns(results: dict[str, dict[str, Any]], harness: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(task, metric) of each task's headline metrics in `results` (task -> metric -> value); for
+    lm-eval tasks (`harness`, a run's "harness" entry) every metric lm-eval reports."""
+    harness = harness or {}
+    harness_tasks = harness.get("tasks", [])
+    columns: list[tuple[str, str]] = []
+    for task, metrics in results.items():
+        if task in harness_tasks:
+            columns += [(task, m) for m, v in metrics.items() if "_stderr" not in m and isinstance(v, (int, float))]
+        elif task not in harness.get("results", ()):  # a group's subtasks stay in the JSON
+            wanted = HEADLINE_METRICS.get(task, ("acc", "acc_norm"))
+            columns += [(task, m) for m in wanted if m in metrics]
+    return columns
+
+
+def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
+    """Rows = configurations, columns = task metrics (+ average accuracy when there are several)."""
+    first = next(iter(runs.values()))
+    harness = first.get("harness", {})
+    harness_tasks = harness.get("tasks", [])
+    columns = headline_columns(first["results"], harness)
+    # The average is the paper's: over the built-in tasks, whatever lm-eval tasks sit beside them.
+    accuracy_columns = [(t, m) for t, m in columns if m == "acc" and t not in harness_tasks]
+    table = SummaryTable(["configuration", *(f"{t} {m}" + (" (lm-eval)" if t in harness_tasks else "")
+                                             for t, m in columns)])
+    if len(accuracy_columns) > 1:
+        table.columns.append("avg acc")
+    for name, result in runs.items():
+        values = [result["results"][t][m] for t, m in columns]
+        row = [name] + [f"{v:.4f}" if m.startswith("acc") else f"{v:.3f}" for (t, m), v in zip(columns, values)]
+        if len(accuracy_columns) > 1:
+            row.append(f"{sum(result['results'][t][m] for t, m in accuracy_columns) / len(accuracy_columns):.4f}")
+        table.rows.append(row)
+    return table

