@@ -46,6 +46,17 @@ def _values(super_weights: list, weight_of) -> dict:
     return {f"{layer},{row},{col}": float(weight_of(layer)[row, col]) for layer, row, col in super_weights}
 
 
+def _down_proj_after(job: dict, model, dequantized: dict):
+    """A layer's down projection after quantization: dequantized, or the kept float one."""
+    modules = dict(model.named_modules())
+
+    def weight_of(layer):
+        name = job["down_proj"].format(layer)
+        return dequantized[f"{name}.weight"] if f"{name}.weight" in dequantized else modules[name].weight.detach()
+
+    return weight_of
+
+
 def _load(model_dir: Path, **kwargs):
     import torch
     from transformers import AutoModelForCausalLM
@@ -123,9 +134,7 @@ def llm_compressor(job: dict) -> dict:
     model.save_pretrained(saved, save_compressed=True)
     config = json.loads((saved / "config.json").read_text())["quantization_config"]
     _write_float_model(Path(job["model_dir"]), dequantized, Path(job["float_out"]))
-    modules = dict(model.named_modules())
-    values = _values(job["super_weights"], lambda layer: dequantized.get(
-        f"{job['down_proj'].format(layer)}.weight", modules[job["down_proj"].format(layer)].weight.detach()))
+    values = _values(job["super_weights"], _down_proj_after(job, model, dequantized))
     return {"size_bytes": _folder_size(saved), "values": values, "unquantized_linear": kept,
             "saved_ignore": config.get("ignore")}
 
@@ -153,9 +162,7 @@ def quanto(job: dict) -> dict:
             kept.append(name)
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values() if hasattr(t, "element_size"))
     _write_float_model(Path(job["model_dir"]), dequantized, Path(job["float_out"]))
-    modules = dict(model.named_modules())
-    values = _values(job["super_weights"], lambda layer: dequantized.get(
-        f"{job['down_proj'].format(layer)}.weight", modules[job["down_proj"].format(layer)].weight.detach()))
+    values = _values(job["super_weights"], _down_proj_after(job, model, dequantized))
     return {"size_bytes": size, "values": values, "unquantized_linear": kept}
 
 
@@ -185,9 +192,7 @@ def bitsandbytes(job: dict) -> dict:
             continue
         dequantized[f"{name}.weight"] = weight.float().detach().clone()
     _write_float_model(Path(job["model_dir"]), dequantized, Path(job["float_out"]))
-    modules = dict(model.named_modules())
-    values = _values(job["super_weights"], lambda layer: dequantized.get(
-        f"{job['down_proj'].format(layer)}.weight", modules[job["down_proj"].format(layer)].weight.detach()))
+    values = _values(job["super_weights"], _down_proj_after(job, model, dequantized))
     return {"size_bytes": model.get_memory_footprint(), "values": values, "unquantized_linear": kept}
 
 
