@@ -65,3 +65,8 @@ for step in "${steps[@]}"; do
     *) echo "unknown step '$step': use llama and/or venv" >&2; exit 2 ;;
   esac
 done
+
+# What `sw quantize --quantizer ...` and the tests marked `quantizers` read:
+echo "export SUPERWEIGHT_LLAMA_CPP=$CACHE/llama.cpp-build-$VERSION/bin"
+echo "export SUPERWEIGHT_LLAMA_CPP_CONVERT=$CACHE/llama_cpp_python-$VERSION/vendor/llama.cpp/convert_hf_to_gguf.py"
+echo "export SUPERWEIGHT_QUANTIZER_PYTHON=$ROOT/.venv-quant"
