@@ -85,6 +85,7 @@ def pytest_collection_modifyitems(config, items):
     and the summary says how many and why. On a GPU machine nothing is left out."""
     import torch
 
+    _deselect_quantizers(config, items)
     if torch.cuda.is_available():
         return
     keep = [item for item in items if item.get_closest_marker("cuda") is None]
@@ -95,7 +96,27 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+_DESELECTED_QUANTIZERS: list[str] = []
+
+
+def _deselect_quantizers(config, items) -> None:
+    """Tests marked `quantizers` run where the real quantizers are set up (the variables that
+    `sw quantize --quantizer` reads); elsewhere they are deselected and counted."""
+    if os.environ.get("SUPERWEIGHT_LLAMA_CPP") and os.environ.get("SUPERWEIGHT_QUANTIZER_PYTHON"):
+        return
+    dropped = [item for item in items if item.get_closest_marker("quantizers") is not None]
+    if dropped:
+        _DESELECTED_QUANTIZERS.extend(item.nodeid for item in dropped)
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item.get_closest_marker("quantizers") is None]
+
+
 def pytest_terminal_summary(terminalreporter):
+    if _DESELECTED_QUANTIZERS:
+        terminalreporter.write_line(
+            f"{len(_DESELECTED_QUANTIZERS)} quantizers test(s) not run: set SUPERWEIGHT_LLAMA_CPP, "
+            "SUPERWEIGHT_LLAMA_CPP_CONVERT and SUPERWEIGHT_QUANTIZER_PYTHON (bash scripts/quantizers/setup.sh "
+            "prints them)", yellow=True)
     if _DESELECTED_CUDA:
         terminalreporter.write_line(
             f"{len(_DESELECTED_CUDA)} cuda test(s) not run: torch sees no CUDA GPU here "

@@ -596,6 +596,14 @@ def quantize(
     coord: Optional[list[str]] = COORD,
     select: str = SELECT,
     bits: int = typer.Option(4, "--bits", metavar="N", help="Weight bits, 2..8 (default 4)."),
+    quantizer: str = typer.Option("rtn", "--quantizer", metavar="NAME", help="rtn (the paper's round-to-nearest, "
+                                  "default), llama.cpp, llm-compressor, quanto or bitsandbytes: run it naive and with "
+                                  "the super weights' matrices kept (sw export's names), and compare."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", metavar="S", help="The quantizer's scheme (Q4_K_M, "
+                                         "W4A16-g64, qint4-axis, nf4, ...; default: its 4-bit one)."),
+    quantizer_path: Optional[str] = typer.Option(None, "--quantizer-path", metavar="PATH", help="llama.cpp: the folder "
+                                                 "with llama-quantize (env SUPERWEIGHT_LLAMA_CPP); others: the Python "
+                                                 "or venv that has the package (env SUPERWEIGHT_QUANTIZER_PYTHON)."),
     block_size: Optional[list[str]] = typer.Option(None, "--block-size", metavar="N", help="Elements per 1-D block; repeatable "
                                                    "(default: a grid that suits the model's matrix sizes)."),
     z: str = typer.Option("9", "--z", metavar="Z|auto", help="Clip weights with |z-score| above this before "
@@ -630,6 +638,11 @@ def quantize(
       sw quantize --block-size 4096 --out smollm2-w4-bs4096
     """
     session = Session(quiet, debug)
+    if quantizer != "rtn":
+        session.run(lambda: _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, task, data_dir,
+                                           limit, max_length, revision, gguf_file, trust_remote_code, cache_dir,
+                                           as_json, session))
+        return
 
     def work() -> None:
         from .commands.quantize import quantize_model
@@ -657,6 +670,24 @@ def quantize(
                          tuple(table.columns), [tuple(r) for r in table.rows])
 
     session.run(work)
+
+
+def _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, task, data_dir, limit, max_length,
+                   revision, gguf_file, trust_remote_code, cache_dir, as_json, session) -> None:
+    """`sw quantize --quantizer NAME`: a real quantizer, naive vs protected."""
+    from .commands.quantize_real import quantize_with
+
+    result = quantize_with(model, quantizer=quantizer, scheme=scheme, quantizer_path=quantizer_path, coords=coords,
+                           coord=coord, task=task, data_dir=data_dir, limit=limit, max_length=max_length,
+                           revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                           cache_dir=cache_dir, reporter=session)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    columns, rows = result.table()
+    _print_table(f"{result.document['model']['spec']}: {quantizer} {result.document['scheme']}, naive vs super "
+                 f"weights' matrices kept ({result.document['scored_by']})" + _first_documents(limit),
+                 tuple(columns), [tuple(r) for r in rows])
 
 
 @app.command()

@@ -1,0 +1,102 @@
+"""`sw quantize --quantizer llama.cpp|llm-compressor|quanto|bitsandbytes`: a real quantizer run on
+the user's model naive and with `sw export`'s names kept in high precision, both measured.
+
+Why a `sw quantize` mode (not `sw export --measure` or a script): `sw quantize` already loads the
+model, detects or reads the super weights, compares naive against super-weight-aware quantization
+on the evaluation tasks and prints that table (`--json` too); `sw export` loads no weights. The
+default `--quantizer rtn` is the paper's round-to-nearest, unchanged.
+
+Everything is checked (quantizer installed, scheme known, coordinates, data) before the model is
+converted or quantized; the quantizer's files live in a temporary folder removed afterwards, so a
+refused run writes nothing.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .. import __version__
+
+
+@dataclass
+class RealQuantizationResult:
+    document: dict  # the `sw quantize --quantizer ... --json` document
+    task: str
+
+    def to_dict(self) -> dict:
+        return self.document
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        from ..measure.real_quantized import table
+
+        return table(self.document, self.task)
+
+
+def _float_folder(source, work: Path, load_options: dict, say) -> Path:
+    """A local safetensors folder as it is; anything else (hub id, GGUF) loaded and saved float32."""
+    location = Path(source.location)
+    if source.kind == "local" and location.is_dir() and any(location.glob("*.safetensors")):
+        return location
+    import torch
+
+    from ..model.load import load_model
+
+    loaded = load_model(source.spec, dtype="float32", device="cpu", **load_options)
+    folder = work / "float32"
+    loaded.model.to(torch.float32).save_pretrained(folder, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(folder)
+    say(f"saved {source.spec} as float32 safetensors for the quantizer")
+    return folder
+
+
+def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Optional[str] = None,
+                  quantizer_path: Optional[str] = None, coords: Optional[Path] = None,
+                  coord: Optional[list[str]] = None, task: list[str] | str = ("wikitext",),
+                  data_dir: Optional[str] = None, limit: Optional[int] = None, max_length: Optional[int] = None,
+                  revision: Optional[str] = None, gguf_file: Optional[str] = None, trust_remote_code: bool = False,
+                  cache_dir: Optional[str] = None, reporter=None) -> RealQuantizationResult:
+    from ..coords import requested
+    from ..edit import real_quantizers as rq
+    from ..edit.validate import check_coords_before_load
+    from ..errors import UsageError
+    from ..measure import real_quantized
+    from ..measure.tasks import load_task, resolve_task_names
+    from ..model.source import resolve
+    from .prepare import Reporter
+
+    reporter = reporter or Reporter()
+    settings = rq.parse_scheme(quantizer, scheme)
+    tools = rq.find_tools(quantizer, quantizer_path)
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--limit must be a positive number of documents, got {limit}")
+    names = resolve_task_names(list(task) if not isinstance(task, str) else task)
+    for name in names:
+        load_task(name, data_dir, limit=1)
+    load_options = dict(revision=revision, gguf_file=gguf_file, cache_dir=cache_dir,
+                        trust_remote_code=trust_remote_code)
+    source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
+    weights = requested(coords, coord)
+    check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
+    with tempfile.TemporaryDirectory(prefix="sw-quantize-") as tmp:
+        work = Path(tmp)
+        with reporter.status(f"preparing {source.spec}") as update:
+            if not weights:
+                from ..find.detect import DEFAULT_PROMPT, detect, encode_prompt
+                from ..model.load import load_model
+
+                loaded = load_model(source.spec, dtype="float32", device="cpu", **load_options)
+                weights = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
+                reporter.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
+                del loaded
+            if not weights:
+                raise UsageError(f"no super weights found in {source.spec}: nothing to keep; pass --coords")
+            folder = _float_folder(source, work, load_options, reporter.say)
+            document = real_quantized.compare(folder, weights, tools, settings, tasks=names, work=work,
+                                              data_dir=data_dir, limit=limit, max_length=max_length,
+                                              progress=update)
+    document = {"model": {"spec": source.spec, "location": source.location},
+                "super_weights": [w.to_dict() for w in weights], **document, "tasks": names, "limit": limit,
+                "max_length": max_length, "tool": f"superweight {__version__}"}
+    return RealQuantizationResult(document=document, task=names[0])
