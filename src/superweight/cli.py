@@ -639,9 +639,8 @@ def quantize(
     """
     session = Session(quiet, debug)
     if quantizer != "rtn":
-        session.run(lambda: _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, task, data_dir,
-                                           limit, max_length, revision, gguf_file, trust_remote_code, cache_dir,
-                                           as_json, session))
+        session.run(lambda: _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, select, task,
+                                           data_dir, limit, max_length, options, as_json, session))
         return
 
     def work() -> None:
@@ -672,15 +671,14 @@ def quantize(
     session.run(work)
 
 
-def _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, task, data_dir, limit, max_length,
-                   revision, gguf_file, trust_remote_code, cache_dir, as_json, session) -> None:
+def _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, select, task, data_dir, limit, max_length,
+                   options, as_json, session) -> None:
     """`sw quantize --quantizer NAME`: a real quantizer, naive vs protected."""
     from .commands.quantize_real import quantize_with
 
     result = quantize_with(model, quantizer=quantizer, scheme=scheme, quantizer_path=quantizer_path, coords=coords,
-                           coord=coord, task=task, data_dir=data_dir, limit=limit, max_length=max_length,
-                           revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
-                           cache_dir=cache_dir, reporter=session)
+                           coord=coord, select=select, task=task, data_dir=data_dir, limit=limit,
+                           max_length=max_length, options=options, reporter=session)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -53,10 +53,11 @@ def _float_folder(source, work: Path, load_options: dict, say) -> Path:
 
 def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Optional[str] = None,
                   quantizer_path: Optional[str] = None, coords: Optional[Path] = None,
-                  coord: Optional[list[str]] = None, task: list[str] | str = ("wikitext",),
+                  coord: Optional[list[str]] = None, select: str = "super", task: list[str] | str = ("wikitext",),
                   data_dir: Optional[str] = None, limit: Optional[int] = None, max_length: Optional[int] = None,
-                  revision: Optional[str] = None, gguf_file: Optional[str] = None, trust_remote_code: bool = False,
-                  cache_dir: Optional[str] = None, reporter=None) -> RealQuantizationResult:
+                  options=None, reporter=None) -> RealQuantizationResult:
+    """`sw quantize --quantizer Q`: the real quantizer Q run naive and with the super weights'
+    matrices kept in high precision, compared (edit/real_quantizers.py, measure/real_quantized.py)."""
     from ..coords import requested
     from ..edit import real_quantizers as rq
     from ..edit.validate import check_coords_before_load
@@ -64,20 +65,26 @@ def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Option
     from ..measure import real_quantized
     from ..measure.tasks import load_task, resolve_task_names
     from ..model.source import resolve
-    from .prepare import Reporter
+    from ..coords import check_selection
+    from ..measure.limits import check_limits
+    from ..model.options import LoadOptions
+    from .reporter import Reporter
 
     reporter = reporter or Reporter()
+    check_selection(select)
+    options = options or LoadOptions()
+    revision, gguf_file, cache_dir = options.revision, options.gguf_file, options.cache_dir
+    trust_remote_code = options.trust_remote_code
     settings = rq.parse_scheme(quantizer, scheme)
     tools = rq.find_tools(quantizer, quantizer_path)
-    if limit is not None and limit <= 0:
-        raise UsageError(f"--limit must be a positive number of documents, got {limit}")
+    check_limits(limit, max_length)
     names = resolve_task_names(list(task) if not isinstance(task, str) else task)
     for name in names:
         load_task(name, data_dir, limit=1)
     load_options = dict(revision=revision, gguf_file=gguf_file, cache_dir=cache_dir,
                         trust_remote_code=trust_remote_code)
     source = resolve(model, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir)
-    weights = requested(coords, coord)
+    weights = requested(coords, coord, select, say=reporter.note)
     check_coords_before_load(source, weights, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="sw-quantize-") as tmp:
         work = Path(tmp)
