@@ -20,9 +20,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__
-from .commands.reporter import Reporter
-from .errors import SuperweightError
+from .. import __version__
+from ..commands.reporter import Reporter
+from ..errors import SuperweightError
 
 app = typer.Typer(
     help="Find, ablate and evaluate the super weights of large language models (Yu et al. 2024).",
@@ -79,7 +79,7 @@ class Session(Reporter):
         return _progress_bars(self)
 
     def run(self, work: Callable[[], None]) -> None:
-        from .distributed import launched, session
+        from ..distributed import launched, session
 
         _quiet_libraries()
         # Under a launcher only rank 0 prints: it reports the other ranks' errors and progress too.
@@ -207,7 +207,7 @@ def loads_model(*names: str) -> Callable[[Callable[..., None]], Callable[..., No
 
         @functools.wraps(command)
         def with_options(**values) -> None:
-            from .model.options import LoadOptions  # here, not at the top: `sw --help` imports no torch
+            from ..model.options import LoadOptions  # here, not at the top: `sw --help` imports no torch
 
             command(options=LoadOptions(**{name: values.pop(name) for name in names}), **values)
 
@@ -284,8 +284,8 @@ def detect(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.detect import detect_model
-        from .report.detection import super_weight_table
+        from ..commands.detect import detect_model
+        from ..report.detection import super_weight_table
 
         result = detect_model(model, prompt=prompt, iterations=iterations, min_spike=min_spike,
                               min_concentration=min_concentration, min_share=min_share, out=out, plot=plot,
@@ -387,7 +387,7 @@ def ablate(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.ablate import ablate_model
+        from ..commands.ablate import ablate_model
 
         result = ablate_model(model, out=out, coords=coords, coord=coord, select=select, mode=mode, factor=factor, control=control,
                               top=top, seed=seed, force=force, options=options, reporter=session)
@@ -458,7 +458,7 @@ def eval_(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.evaluate import evaluate_model
+        from ..commands.evaluate import evaluate_model
 
         result = evaluate_model(
             model, task=task, harness=harness, harness_include=harness_include, coords=coords, coord=coord, select=select,
@@ -516,7 +516,7 @@ def generate(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.generate import generate_text
+        from ..commands.generate import generate_text
 
         result = generate_text(model, coords=coords, coord=coord, select=select, prompt=prompt, max_new_tokens=max_new_tokens,
                                control=control, top=top, seed=seed, options=options, reporter=session)
@@ -569,7 +569,7 @@ def export(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.export import export_names
+        from ..commands.export import export_names
 
         exported = export_names(coords_file, to=to, model=model, gguf=gguf, ggml_type=ggml_type, out=out, select=select,
                                 options=options, reporter=session)
@@ -632,9 +632,9 @@ def quantize(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.quantize import quantize_model
-        from .measure.quantized import quantization_warnings
-        from .edit.quantize import AUTO_Z
+        from ..commands.quantize import quantize_model
+        from ..measure.quantized import quantization_warnings
+        from ..edit.quantize import AUTO_Z
 
         result = quantize_model(
             model, coords=coords, coord=coord, select=select, bits=bits, block_size=block_size, z=z, activations=activations,
@@ -707,7 +707,7 @@ def study(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .commands.study import run_study
+        from ..commands.study import run_study
 
         # The command line as typed, for the report (not when global options come first).
         command = "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None
@@ -792,7 +792,7 @@ def known_coordinates(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from .report.known import registry_document, registry_rows
+        from ..report.known import registry_document, registry_rows
 
         if as_json:
             typer.echo(json.dumps(registry_document(name), indent=2))
