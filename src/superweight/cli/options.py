@@ -1,0 +1,96 @@
+"""The options that several commands share, declared once, and the table printer of their results."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, Optional
+
+import typer
+from rich.table import Table
+
+from .app import stdout
+
+
+# Options shared by every command that loads a model.
+MODEL_ARG = typer.Argument(None, metavar="MODEL", help="Alias (see configs/models.yaml), hub id, local directory or .gguf file. "
+                                      "Default: smollm2-135m (offline).")
+REVISION = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit).")
+GGUF_FILE = typer.Option(None, "--gguf-file", metavar="FILE", help="GGUF file name inside the MODEL directory.")
+DTYPE = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto|float32|float16|bfloat16 (auto: the checkpoint's; GGUF: float32).")
+DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto|cpu|cuda|cuda:N|mps.")
+DEVICE_MAP = typer.Option(None, "--device-map", metavar="MAP", help="accelerate device map: auto|balanced|balanced_low_0|"
+                                                       "sequential, or a JSON object/file (module -> device).")
+MAX_MEMORY = typer.Option(None, "--max-memory", metavar="BUDGET", help="Per-device budget for --device-map, e.g. 0=20GiB,cpu=64GiB.")
+TRUST = typer.Option(False, "--trust-remote-code", help="Run model code from the hub (off by default).")
+CACHE_DIR = typer.Option(None, "--cache-dir", metavar="DIR", help="Hugging Face cache directory.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr.")
+DEBUG = typer.Option(False, "--debug", help="Show tracebacks on error.")
+JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
+
+# The loading options, declared once: `loads_model` adds them to a command's signature (Typer
+# reads that) and hands the command one `LoadOptions` built from them.
+LOADING = {"revision": (Optional[str], REVISION), "gguf_file": (Optional[str], GGUF_FILE), "dtype": (str, DTYPE),
+           "device": (str, DEVICE), "device_map": (Optional[str], DEVICE_MAP),
+           "max_memory": (Optional[str], MAX_MEMORY), "trust_remote_code": (bool, TRUST),
+           "cache_dir": (Optional[str], CACHE_DIR)}
+
+
+def loads_model(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A command that loads a model: the loading options `names` (default: all eight) appear before
+    --quiet, and the command gets them as `options`."""
+    names = names or tuple(LOADING)
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        parameters = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
+        at = next(i for i, p in enumerate(parameters) if p.name == "quiet")
+        added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=LOADING[name][1],
+                                   annotation=LOADING[name][0]) for name in names]
+
+        @functools.wraps(command)
+        def with_options(**values) -> None:
+            from ..model.options import LoadOptions  # here, not at the top: `sw --help` imports no torch
+
+            command(options=LoadOptions(**{name: values.pop(name) for name in names}), **values)
+
+        with_options.__signature__ = inspect.Signature(parameters[:at] + added + parameters[at:])
+        with_options.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "options"},
+                                        **{name: LOADING[name][0] for name in names}}
+        return with_options
+
+    return decorate
+
+
+def print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]],
+                 text_columns: tuple[str, ...] = ()) -> None:
+    """Numbers right-aligned; `text_columns` (free text) left-aligned and folded, never cut."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        if column in text_columns:
+            table.add_column(column, justify="left", overflow="fold")
+        else:
+            table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    stdout.print(table)
+
+COORDS = typer.Option(None, "--coords", metavar="FILE", help="Coordinates file from `sw detect` (YAML or JSON).")
+COORD = typer.Option(None, "--coord", metavar="L,R,C", help="A coordinate LAYER,ROW,COL[,EXPERT]; repeatable.")
+SELECT = typer.Option("super", "--select", metavar="super|set|all",
+                      help="Which candidates of --coords (or of the detection) to act on, by their measured role: "
+                           "super (the paper's: breaks the model alone), set (super + joint), all. --coord weights "
+                           "are taken as given.")
+MODE = typer.Option(None, "--mode", metavar="zero|scale", help="zero (default) or scale.")
+FACTOR = typer.Option(None, "--factor", metavar="S", help="Multiply by S instead of zeroing (implies --mode scale; 0 zeroes, "
+                                             "> 1 amplifies).")
+CONTROL = typer.Option(None, "--control", metavar="random|outliers", help="Ablate a control instead: random (same count, same matrices) "
+                                                "or outliers (the --top N largest other weights).")
+TOP = typer.Option(None, "--top", metavar="N", help="With --control outliers: how many weights.")
+SEED = typer.Option(0, "--seed", metavar="N", help="Seed for the random control and bootstrap errors.")
+
+
+def first_documents(limit: Optional[int]) -> str:
+    """The table title's note on --limit."""
+    if not limit:
+        return ""
+    return ", first document of each task" if limit == 1 else f", first {limit} documents per task"
