@@ -248,6 +248,21 @@ def test_eval_of_an_ablated_directory_says_what_it_is(tiny_llama_dir, tmp_path):
     assert json.loads(invoke("eval", tiny_llama_dir, "--json", *options).output)["ablation"]["name"] == "original"
 
 
+def test_restore_activation_on_an_ablated_directory_works_from_its_record(tiny_llama_dir, tmp_path):
+    """The folder's weights are zero, but its superweight_ablation.json holds every original value:
+    zeroed-and-restored on the folder equals zeroed-and-restored on the original model."""
+    out = tmp_path / "no-sw"
+    coords = ["--coord", "1,3,5", "--coord", "2,4,6"]
+    assert invoke("ablate", tiny_llama_dir, "-q", *coords, "--out", out).exit_code == 0
+    options = ["-q", "--json", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR, "--restore-activation", *coords]
+    from_folder = invoke("eval", out, *options)
+    assert from_folder.exit_code == 0, from_folder.output
+    from_original = invoke("eval", tiny_llama_dir, *options)
+    assert from_original.exit_code == 0, from_original.output
+    ppl = [json.loads(r.output)["results"]["wikitext"]["word_perplexity"] for r in (from_folder, from_original)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+
+
 def test_describe_recorded_ablation():
     from superweight.edit.save import describe_recorded_ablation
 

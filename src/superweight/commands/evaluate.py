@@ -11,7 +11,7 @@ from typing import Any, Optional
 from .. import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
-from ..edit.save import describe_recorded_ablation, recorded_ablation
+from ..edit.save import RECORD_FILE, recorded_originals, undo_recorded_ablation, describe_recorded_ablation, recorded_ablation
 from ..errors import UsageError
 from ..files import atomic_write_text
 from ..measure.configurations import SummaryTable, check_control, comparison_configurations, parse_factor, \
@@ -19,6 +19,7 @@ from ..measure.configurations import SummaryTable, check_control, comparison_con
 from ..measure.harness import HarnessTasks, check_harness_tasks
 from ..model.options import LoadOptions
 from ..measure.limits import check_limits
+from ..edit.validate import checked_coords
 from .prepare import Model, batch_size_option, check_outputs, configuration_progress, model_source, \
     ready_model, tasks_with_data
 from .reporter import Reporter
@@ -82,7 +83,16 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None,
     check_outputs(source, files=(output,))
     prior = recorded_ablation(source)
     unchanged = describe_recorded_ablation(prior) if prior else "original"
-    loaded, weights = ready_model(reporter, model, options, source, weights, coords)
+    originals = recorded_originals(prior, weights) if restore_activation and not control else None
+    if originals is None:
+        loaded, weights = ready_model(reporter, model, options, source, weights, coords)
+    else:  # a folder written by `sw ablate`: its record holds the values the restoration needs
+        loaded, _ = ready_model(reporter, model, options, source, (), coords)
+        undo_recorded_ablation(loaded.model, weights, originals)
+        weights = checked_coords(loaded.model, weights)
+        unchanged = "original (the folder's recorded values put back in memory)"
+        reporter.note(f"{source.spec} is ablated; its {RECORD_FILE} holds the original values, put back in "
+                      "memory to zero them again and write the super activation back")
     if compare:
         configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
                                                    unchanged=unchanged)

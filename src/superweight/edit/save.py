@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from .ablate import AblationRecord
 from ..errors import UsageError
 from ..files import atomic_directory, refuse_inside
+from ..coords import SuperWeight
 from ..model.adapters import DownProjections
 from ..model.load import LoadedModel
 from ..model.source import ModelSource
@@ -105,3 +107,27 @@ def describe_recorded_ablation(record: dict[str, Any]) -> str:
         else "scaled"
     source = (record.get("source") or {}).get("spec")
     return f"ablated by superweight: {what} {how}" + (f" (source {source})" if source else "")
+
+
+def recorded_originals(record: dict[str, Any] | None, weights: Sequence[SuperWeight]) -> list[float] | None:
+    """The original values `record` (a folder's superweight_ablation.json) holds for every one of
+    `weights`, in their order; None unless it holds all of them (a control's record holds none)."""
+    if not record or (record.get("control") or {}).get("kind") or not weights:
+        return None
+    values = {}
+    for coordinate, value in zip(record.get("coordinates") or [], record.get("original_values") or []):
+        key = (coordinate.get("layer"), coordinate.get("row"), coordinate.get("col"), coordinate.get("expert"))
+        values[key] = value
+    found = [values.get(w.key) for w in weights]
+    return None if any(v is None for v in found) else [float(v) for v in found]
+
+
+def undo_recorded_ablation(model: nn.Module, weights: Sequence[SuperWeight], originals: Sequence[float]) -> None:
+    """Write the recorded original values of `weights` back into `model` (in memory only: the
+    folder on disk is never touched), so that a folder written by `sw ablate` can be measured as
+    ablated-and-restored from its own record."""
+    matrices = DownProjections(model)
+    with torch.no_grad():
+        for w, value in zip(weights, originals):
+            matrix = matrices(w)
+            matrix[w.row, w.col] = torch.tensor(value, dtype=matrix.dtype)
