@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+__version__ = "0.1.0"  # this tool's own version (superweight.__version__ hands it on)
+
 
 def package_version(*names: str) -> str | None:
     """The installed version of the first of `names` that is installed (a distribution can be

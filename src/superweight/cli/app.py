@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import typer
 from rich.console import Console
 
-from .. import __version__
+from ..versions import __version__
 from ..commands.reporter import Reporter
 from ..errors import SuperweightError
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from .. import __version__
+from ..versions import __version__
 from ..coords import SuperWeight, write_coords
 from ..distributed import main_proceeds
 from ..errors import UsageError

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import __version__
+from ..versions import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
 from ..edit.save import RECORD_FILE, recorded_originals, undo_recorded_ablation, describe_recorded_ablation, recorded_ablation

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import __version__
+from ..versions import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
 from ..edit import quantize as rtn

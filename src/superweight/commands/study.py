@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from .. import __version__
+from ..versions import __version__
 from ..coords import select_weights, DEFAULT_SELECTION, SuperWeight, check_selection, requested
 from ..distributed import main_proceeds, on_main
 from ..errors import UsageError

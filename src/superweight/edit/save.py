@@ -19,6 +19,7 @@ from ..coords import SuperWeight
 from ..model.adapters import DownProjections
 from ..model.load import LoadedModel
 from ..model.source import ModelSource
+from ..versions import __version__
 
 RECORD_FILE = "superweight_ablation.json"
 
@@ -31,8 +32,6 @@ def save_ablated(loaded: LoadedModel, record: AblationRecord, out_dir: str | Pat
     `out_dir` unless `force`. The model must be in the state `record` describes (ablated). A GGUF
     model's leftover quantizer is dropped for the save (its weights are plain floats).
     """
-    from .. import __version__
-
     out_dir = Path(out_dir)
     refuse_inside(out_dir, loaded.source.protected_dirs)
     model = loaded.model
