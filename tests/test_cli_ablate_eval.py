@@ -121,7 +121,7 @@ def test_terminated_ablate_leaves_nothing(tiny_llama_dir, coords_file, tmp_path,
         os.kill(os.getpid(), signal.SIGTERM)  # a job scheduler or `timeout` ends the run
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_terminate)
-    previous = signal.signal(signal.SIGTERM, cli._terminate)  # as `sw` installs it in main()
+    previous = signal.signal(signal.SIGTERM, cli.terminate_on_sigterm)  # as `sw` installs it in main()
     try:
         out = tmp_path / "ablated"
         result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", out, "-q")

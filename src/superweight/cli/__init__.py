@@ -6,7 +6,7 @@ several commands share and the table printer; the commands live by stage: `find`
 the order `sw --help` lists them. Only this package imports typer and rich.
 """
 
-from .app import _terminate, app, main  # noqa: F401  (_terminate: tests install it as `main` does)
+from .app import app, main, terminate_on_sigterm  # noqa: F401  (the SIGTERM handler `main` installs)
 from .edit import ablate, export, quantize
 from .find import detect, known_coordinates
 from .measure import eval_, generate, study

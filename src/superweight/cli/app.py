@@ -192,7 +192,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a job scheduler, `timeout`) unwinds like Ctrl-C, so atomic writes clean up."""
 
 
-def _terminate(signum, frame) -> None:
+def terminate_on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
@@ -200,5 +200,5 @@ def main() -> None:
     # Bars that libraries draw with plain tqdm (transformers' GGUF conversion) obey only this,
     # read when tqdm is first imported: before any library is.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate_on_sigterm)
     app(prog_name="sw")
