@@ -183,8 +183,8 @@ def compare_runs(got: dict[str, dict], reference: dict[str, dict], dtype: str, e
     for name in ("detect", "verify", "stream"):
         if name in got:
             assert coordinates(got[name]) == coordinates(reference["detect"]), name
-    labels = {(w["layer"], w["row"], w["col"]): w["role"] for w in got["verify"]["super_weights"]}
-    assert labels == {(w["layer"], w["row"], w["col"]): w["role"] for w in reference["verify"]["super_weights"]}
+    labels = {(w["layer"], w["row"], w["col"]): w.get("role") for w in got["verify"]["super_weights"]}
+    assert labels == {(w["layer"], w["row"], w["col"]): w.get("role") for w in reference["verify"]["super_weights"]}
     for key in ("perplexity", "all_zeroed", "restored"):
         value, expected = got["verify"]["verification"][key], reference["verify"]["verification"][key]
         assert close_in_log(value, expected, dtype), f"--verify {key}: {value} vs {expected}"
