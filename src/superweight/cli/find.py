@@ -28,6 +28,8 @@ def detect(
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Coordinates file (.yaml or .json). "
                                                                  "Default: ./<model>.superweights.yaml"),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Write the per-layer activation plot (PNG)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file or --plot (a coordinates "
+                                                      "file may hold an earlier --verify's roles)."),
     stream: bool = typer.Option(False, "--stream", help="Read a safetensors checkpoint one decoder layer at a "
                                                         "time (memory: embeddings + one layer) instead of loading it."),
     verify: bool = typer.Option(False, "--verify", help="Measure what removing each candidate does (alone, within "
@@ -68,7 +70,7 @@ def detect(
         result = detect_model(model, prompt=prompt, iterations=iterations, min_spike=min_spike,
                               min_concentration=min_concentration, min_share=min_share, out=out, plot=plot,
                               stream=stream, verify=verify, verify_text=verify_text, attribution=attribution,
-                              chat_template=chat_template, options=options, reporter=session)
+                              chat_template=chat_template, force=force, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         if as_json:

@@ -83,11 +83,12 @@ SELECT = typer.Option("super", "--select", metavar="super|set|all",
 MODE = typer.Option(None, "--mode", metavar="zero|scale", help="zero (default) or scale.")
 FACTOR = typer.Option(None, "--factor", metavar="S", help="Multiply by S instead of zeroing (implies --mode scale; 0 zeroes, "
                                              "> 1 amplifies).")
-CONTROL = typer.Option(None, "--control", metavar="random|outliers", help="Ablate a control instead: random (same count, same matrices) "
-                                                "or outliers (the --top N largest other weights).")
-TOP = typer.Option(None, "--top", metavar="N", help="With --control outliers: how many weights.")
+CONTROL = typer.Option(None, "--control", metavar="random|outliers", help="Ablate a control instead: random (same count, "
+                       "same matrices) or outliers (the --top N largest other weights).")
+TOP = typer.Option(None, "--top", metavar="N", help="With --control outliers: how many weights (default: the paper's "
+                   "~7000 of Llama-7B, scaled by this model's down-projection size, as sw study picks).")
 SEED = typer.Option(0, "--seed", metavar="N", help="Seed for the random control and bootstrap errors.")
-
+CONTROL_SEED = typer.Option(0, "--seed", metavar="N", help="Seed for --control random.")
 
 def first_documents(limit: Optional[int]) -> str:
     """The table title's note on --limit."""
