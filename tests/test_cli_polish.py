@@ -1,0 +1,99 @@
+"""Issue 21, points 5, 9, 10, 12: one rule for existing outputs, tables that keep their numbers in
+80 columns, help that reads alike for every command, progress that stays readable."""
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from superweight.cli import app
+from test_cli import assert_one_line_error, invoke
+
+COMMANDS = ["detect", "ablate", "eval", "generate", "export", "quantize", "study", "known"]
+
+
+def help_text(*args: str) -> str:
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+# ----------------------------------------------------------------------------- point 10: --help
+
+
+def test_top_level_help_cuts_no_summary():
+    text = help_text()
+    commands = text.split("Commands:")[1]
+    assert "..." not in commands, commands
+    for name in COMMANDS:
+        assert re.search(rf"^\s+{name}\s+\S", commands, re.M), name
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help_shows_metavars_each_default_once_and_whole_examples(command):
+    text = help_text(command)
+    raw_types = re.findall(r"<(?:str|int|float|bool|path|file|dir|list\[[^\]]*\])>", text)
+    assert not raw_types, (raw_types, text)
+    assert not re.search(r"\{[A-Z_]+\}", text), text  # Typer's {NAME} for a required argument
+    # Each option's help, joined over its wrapped lines, says its default once.
+    options = re.split(r"\n  (?=-)", text.split("Options:", 1)[1])
+    for option in options:
+        flat = " ".join(option.split())
+        assert not ("(default" in flat and "[default:" in flat), flat
+    # Every example is one whole command line.
+    if "Examples:" in text:
+        examples = text.split("Examples:", 1)[1].split("Arguments:")[0].split("Options:")[0]
+        for line in filter(str.strip, examples.splitlines()):
+            assert line.strip().startswith("sw "), (line, examples)
+
+
+@pytest.mark.xfail(strict=True, reason="needs, in cli/measure.py's generate, `seed: int = CONTROL_SEED` "
+                                       "(from .options): that file is being changed in parallel")
+def test_generate_seed_says_what_it_seeds():
+    # generate computes no bootstrap errors: its --seed seeds the random control only
+    seed = " ".join(help_text("generate").split("--seed", 1)[1].split("\n  -")[0].split())
+    assert "bootstrap" not in seed, seed
+
+
+@pytest.mark.parametrize("command", ["ablate", "eval"])
+def test_top_is_optional_with_the_study_default(command):
+    text = " ".join(help_text(command).split())
+    assert "--top N With --control outliers: how many weights (default:" in text, text
+
+
+def test_outlier_control_without_top_takes_the_study_count(tiny_llama_dir, tmp_path):
+    from superweight.edit.ablate import outlier_control  # noqa: F401  (the count it is given is recorded)
+    from superweight.measure.study_runs import default_outlier_count
+    from superweight.model.load import load_model
+
+    result = invoke("ablate", tiny_llama_dir, "--coord", "1,3,5", "--control", "outliers", "--out",
+                    tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "out" / "superweight_ablation.json").read_text())
+    expected = default_outlier_count(load_model(str(tiny_llama_dir)).model)
+    assert record["control"]["top"] == expected, record
+    assert_one_line_error(invoke("ablate", tiny_llama_dir, "--coord", "1,3,5", "--control", "outliers", "--top", "0",
+                                 "--out", tmp_path / "out2"), "--top must be a positive")
+
+
+# ----------------------------------------------------------------------------- point 5: existing outputs
+
+
+def test_detect_keeps_an_existing_coordinates_file_without_force(tiny_llama_dir, tmp_path):
+    out = tmp_path / "c.yaml"
+    out.write_text("# my verified roles\n")
+    assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", out), "exists", "--force")
+    assert out.read_text() == "# my verified roles\n"
+    result = invoke("detect", tiny_llama_dir, "-q", "--out", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert "super_weights" in out.read_text()
+
+
+def test_export_keeps_an_existing_file_without_force(tmp_path):
+    coords = tmp_path / "c.yaml"
+    coords.write_text("model: smollm2-135m\nsuper_weights:\n  - {layer: 3, row: 124, col: 405}\n")
+    out = tmp_path / "skip.json"
+    out.write_text("mine")
+    assert_one_line_error(invoke("export", coords, "--to", "bitsandbytes", "--out", out, "-q"), "exists", "--force")
+    assert out.read_text() == "mine"
