@@ -97,3 +97,39 @@ def test_export_keeps_an_existing_file_without_force(tmp_path):
     out.write_text("mine")
     assert_one_line_error(invoke("export", coords, "--to", "bitsandbytes", "--out", out, "-q"), "exists", "--force")
     assert out.read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- point 9: 80 columns
+
+
+README_ROWS = [("1", "507", "83", "-4.375", "-28.32", "186.9", "0.76", "0.66", "230.1", "0", "0", "inert"),
+               ("2", "507", "90", "5.094", "63.65", "496.9", "0.94", "0.65", "723.2", "0", "0", "joint"),
+               ("11", "507", "1229", "5.876", "2996", "2.402e+04", "0.99", "0.73", "2.406e+04", "0", "0", "super"),
+               ("2", "507", "430", "-5.312", "-63.21", "328.3", "0.61", "1.02", "426.4", "0", "1", "joint"),
+               ("11", "507", "1487", "6.066", "334.4", "2045", "0.86", "0.99", "1743", "0", "1", "inert")]
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_detect_table_keeps_every_number_and_header_whole_in_80_columns(labels):
+    import io
+
+    from rich.console import Console
+
+    from superweight.cli.options import fitted_tables
+
+    columns = ("layer", "row", "col", "weight", "input act.", "write", "conc.", "share", "lands on", "token",
+               "iter.", "effect")
+    rows = [r if labels else r[:-1] for r in README_ROWS]
+    columns = columns if labels else columns[:-1]
+    console = Console(width=80, file=io.StringIO(), record=True)
+    for table in fitted_tables("Candidates of smollm2-135m (5 found)", columns, rows, (), 3, 80):
+        console.print(table)
+    text = console.export_text()
+    assert "…" not in text, text
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    cells = [line.split() for line in text.splitlines()]
+    for row in rows:  # each row's numbers appear whole, after its layer, row, col
+        printed = [c for c in cells if c[:3] == list(row[:3])]
+        assert printed and sum((c[3:] for c in printed), []) == list(row[3:]), (row, text)
+    for header in columns:
+        assert header in text, (header, text)

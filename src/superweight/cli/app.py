@@ -41,6 +41,10 @@ class _Stdout:
         console = Console(highlight=False, soft_wrap=piped, width=1_000_000 if piped else None)
         console.print(*objects, **options)
 
+    def width(self) -> int | None:
+        """The terminal's width; None when piped (nothing is wrapped)."""
+        return None if not sys.stdout.isatty() else Console().width
+
 
 stdout = _Stdout()
 stderr = Console(stderr=True, highlight=False)

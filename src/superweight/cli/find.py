@@ -82,7 +82,7 @@ def detect(
         supers = [w for w in detection.super_weights if labels.get(w.key) in ("super", "joint")]
         title = f"Candidates of {spec} ({len(detection.super_weights)} found" + (
             f"; {len(supers)} measured to be super weights)" if labels else "; not verified: add --verify)")
-        print_table(title, *super_weight_table(detection.super_weights, labels or None))
+        print_table(title, *super_weight_table(detection.super_weights, labels or None), key_columns=3)
         if not detection.super_weights:
             stdout.print("no layer writes a super activation under the current rule "
                          "(README: How detection decides; see --min-spike, --min-concentration, --min-share)")
