@@ -133,3 +133,48 @@ def test_detect_table_keeps_every_number_and_header_whole_in_80_columns(labels):
         assert printed and sum((c[3:] for c in printed), []) == list(row[3:]), (row, text)
     for header in columns:
         assert header in text, (header, text)
+
+
+# ----------------------------------------------------------------------------- point 12: progress, share
+
+
+def test_long_progress_labels_keep_their_end():
+    from superweight.cli.app import keep_end
+
+    label = "evaluating configuration 3/4, super weights zeroed + activation restored: piqa"
+    assert keep_end(label, 30).endswith(": piqa") and len(keep_end(label, 30)) == 30
+    assert keep_end("short", 30) == "short"
+
+
+def test_status_piped_to_a_file_prints_each_stage_as_a_line(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import importlib
+
+    cli_app = importlib.import_module("superweight.cli.app")  # the package's `app` is the Typer app
+
+    log = io.StringIO()
+    monkeypatch.setattr(cli_app, "stderr", Console(file=log, width=80))  # a file: not a terminal
+    session = cli_app.Session(quiet=False, debug=False)
+    with session.status("loading smollm2-135m") as update:
+        update("verifying: alone zeroed [11, 507, 1229]")
+        update("verifying: alone zeroed [11, 507, 1229]")
+        update("verifying: " + "x" * 100 + " restored: piqa")
+    with session.bars() as bar:
+        for done in range(4):
+            bar("evaluating: piqa", done, 3)
+    lines = log.getvalue().splitlines()
+    assert lines[:2] == ["loading smollm2-135m", "verifying: alone zeroed [11, 507, 1229]"], lines
+    assert lines[2].endswith("restored: piqa")
+    assert lines[3:] == ["evaluating: piqa: 0/3", "evaluating: piqa: 3/3"], lines
+
+
+def test_detect_explains_a_share_above_one(monkeypatch):
+    from superweight.cli.find import SHARE_ABOVE_ONE
+
+    assert "share > 1" in SHARE_ABOVE_ONE and "work against it" in SHARE_ABOVE_ONE
+    readme = (__import__("pathlib").Path(__file__).parents[1] / "README.md").read_text()
+    how = readme.split("### How detection decides", 1)[1].split("###", 1)[0]
+    assert "It can exceed 1" in how and "working against it" in how

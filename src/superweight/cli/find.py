@@ -12,6 +12,10 @@ from .app import Session, stdout
 from .options import DEBUG, JSON, MODEL_ARG, QUIET, loads_model, print_table
 
 
+SHARE_ABOVE_ONE = ("share > 1: the weight writes more than the whole raw output of its row; the row's other "
+                   "weights work against it (README: How detection decides)")
+
+
 @loads_model()
 def detect(
     model: Optional[str] = MODEL_ARG,
@@ -24,7 +28,9 @@ def detect(
                                             help="Least part of the token's raw down_proj output energy in the "
                                                  "spike's channel, in (0, 1] (default 0.25)."),
     min_share: float = typer.Option(None, "--min-share", metavar="F", help="Least part of the raw output one weight "
-                                                                           "makes, in (0, 1] (default 0.5)."),
+                                                                           "makes, in (0, 1] (default 0.5): the "
+                                                                           "table's share (above 1 when the row's "
+                                                                           "other weights work against it)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Coordinates file (.yaml or .json). "
                                                                  "Default: ./<model>.superweights.yaml"),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Write the per-layer activation plot (PNG)."),
@@ -83,6 +89,8 @@ def detect(
         title = f"Candidates of {spec} ({len(detection.super_weights)} found" + (
             f"; {len(supers)} measured to be super weights)" if labels else "; not verified: add --verify)")
         print_table(title, *super_weight_table(detection.super_weights, labels or None), key_columns=3)
+        if any(w.share is not None and w.share > 1 for w in detection.super_weights):
+            stdout.print(SHARE_ABOVE_ONE, markup=False)
         if not detection.super_weights:
             stdout.print("no layer writes a super activation under the current rule "
                          "(README: How detection decides; see --min-spike, --min-concentration, --min-share)")
