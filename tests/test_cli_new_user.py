@@ -110,7 +110,7 @@ def test_factor_alone_implies_scale_and_says_so(tiny_llama_dir, coords_file, tmp
     (["--top", "5"], ("--top 5", "--control outliers")),
     (["--control", "random", "--top", "5"], ("--top 5", "--control outliers")),
     (["--control", "bogus"], ("unknown --control 'bogus'",)),
-    (["--control", "outliers"], ("needs --top",)),
+    (["--control", "outliers", "--top", "0"], ("--top must be a positive",)),
 ])
 @pytest.mark.parametrize("command", ["ablate", "eval"])
 def test_options_that_would_be_ignored_are_usage_errors_before_the_model_loads(tmp_path, coords_file, command,

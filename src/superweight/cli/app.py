@@ -41,6 +41,10 @@ class _Stdout:
         console = Console(highlight=False, soft_wrap=piped, width=1_000_000 if piped else None)
         console.print(*objects, **options)
 
+    def width(self) -> int | None:
+        """The terminal's width; None when piped (nothing is wrapped)."""
+        return None if not sys.stdout.isatty() else Console().width
+
 
 stdout = _Stdout()
 stderr = Console(stderr=True, highlight=False)
@@ -66,12 +70,26 @@ class Session(Reporter):
 
     @contextmanager
     def status(self, message: str) -> Iterator[Callable[[str], None]]:
-        """A spinner on stderr; yields a function that updates its text."""
+        """A spinner on stderr; yields a function that updates its text. A long text keeps its end
+        (the task a stage is at). When stderr is not a terminal (a log file), each new stage is a
+        plain line instead, as it comes."""
         if self.quiet:
             yield lambda text: None
             return
-        with stderr.status(message) as spinner:
-            yield lambda text: spinner.update(text)
+        if not stderr.is_terminal:
+            shown = [None]
+
+            def line(text: str) -> None:
+                if text != shown[0]:
+                    shown[0] = text
+                    stderr.print(text, markup=False, soft_wrap=True)
+
+            line(message)
+            yield line
+            return
+        room = max(20, stderr.width - 4)  # the spinner and its gap
+        with stderr.status(keep_end(message, room)) as spinner:
+            yield lambda text: spinner.update(keep_end(text, room))
 
     def bars(self) -> Iterator[Callable[[str, int, int], None]]:
         return _progress_bars(self)
@@ -177,15 +195,31 @@ def _progress_bars(session: Session) -> Iterator[Callable[[str, int, int], None]
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if not stderr.is_terminal:  # a log file: one line when a stage starts, one when it ends
+        started: set[str] = set()
+
+        def line(stage: str, done: int, total: int) -> None:
+            if stage not in started or done >= total:
+                stderr.print(f"{stage}: {done}/{total}", markup=False, soft_wrap=True)
+                started.add(stage)
+
+        yield line
+        return
     bars: dict[str, int] = {}
+    room = max(16, stderr.width - 60)  # the bar, the count and the time take the rest
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=stderr, transient=False) as progress:
         def bar(stage: str, done: int, total: int) -> None:
             if stage not in bars:
-                bars[stage] = progress.add_task(stage, total=total)
+                bars[stage] = progress.add_task(keep_end(stage, room), total=total)
             progress.update(bars[stage], completed=done, total=total)
 
         yield bar
+
+
+def keep_end(text: str, width: int) -> str:
+    """`text` cut to `width` at its start, not its end: "…ablated: piqa" keeps the task in view."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1:]
 
 
 class Terminated(KeyboardInterrupt):

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .app import Session, stdout
-from .options import (CONTROL, COORD, COORDS, DEBUG, FACTOR, JSON, MODE, MODEL_ARG, QUIET, SELECT, TOP,
+from .options import (CONTROL, CONTROL_SEED, COORD, COORDS, DEBUG, FACTOR, JSON, MODE, MODEL_ARG, QUIET, SELECT, TOP,
                       first_documents, loads_model, print_table)
 
 
@@ -23,7 +23,7 @@ def ablate(
     factor: Optional[str] = FACTOR,
     control: Optional[str] = CONTROL,
     top: Optional[int] = TOP,
-    seed: int = typer.Option(0, "--seed", metavar="N", help="Seed for --control random."),
+    seed: int = CONTROL_SEED,
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory for the ablated model (safetensors)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
     as_json: bool = JSON,
@@ -66,15 +66,16 @@ def ablate(
 def export(
     coords_file: Path = typer.Argument(..., metavar="COORDS", help="Coordinates file from `sw detect` (YAML or JSON)."),
     select: str = SELECT,
-    to: str = typer.Option(..., "--to", help="llama.cpp (llama-quantize --tensor-type-file), bitsandbytes "
+    to: str = typer.Option(..., "--to", metavar="FORMAT", help="llama.cpp (llama-quantize --tensor-type-file), bitsandbytes "
                                              "(llm_int8_skip_modules / modules_to_not_convert) or llm-compressor "
                                              "(a recipe's ignore list)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to check the names against (default: "
+    model: Optional[str] = typer.Option(None, "--model", "-m", metavar="MODEL", help="Model to check the names against (default: "
                                                                     "the file's `model:`, else smollm2-135m)."),
-    gguf: Optional[Path] = typer.Option(None, "--gguf", help="llama.cpp: the GGUF you will quantize, to check the "
+    gguf: Optional[Path] = typer.Option(None, "--gguf", metavar="FILE", help="llama.cpp: the GGUF you will quantize, to check the "
                                                              "tensor names in (default: MODEL itself when a GGUF)."),
-    ggml_type: str = typer.Option("f16", "--type", help="llama.cpp: the type those tensors keep (default f16)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to FILE (default: stdout)."),
+    ggml_type: str = typer.Option("f16", "--type", metavar="TYPE", help="llama.cpp: the type those tensors keep (default f16)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Write to FILE (default: stdout)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     as_json: bool = JSON,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -99,7 +100,7 @@ def export(
         from ..commands.export import export_names
 
         exported = export_names(coords_file, to=to, model=model, gguf=gguf, ggml_type=ggml_type, out=out, select=select,
-                                options=options, reporter=session)
+                                force=force, options=options, reporter=session)
         if exported is None:  # another rank than 0 under a launcher
             return
         result = exported.export
@@ -145,7 +146,7 @@ def quantize(
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size (PNG)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Save the super-weight-aware fake-quantized model "
                                                                  "(needs exactly one --block-size)."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory or an existing --plot."),
     as_json: bool = JSON,
     quiet: bool = QUIET,
     debug: bool = DEBUG,

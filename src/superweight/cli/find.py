@@ -12,6 +12,10 @@ from .app import Session, stdout
 from .options import DEBUG, JSON, MODEL_ARG, QUIET, loads_model, print_table
 
 
+SHARE_ABOVE_ONE = ("share > 1: the weight writes more than the whole raw output of its row; the row's other "
+                   "weights work against it (README: How detection decides)")
+
+
 @loads_model()
 def detect(
     model: Optional[str] = MODEL_ARG,
@@ -24,10 +28,14 @@ def detect(
                                             help="Least part of the token's raw down_proj output energy in the "
                                                  "spike's channel, in (0, 1] (default 0.25)."),
     min_share: float = typer.Option(None, "--min-share", metavar="F", help="Least part of the raw output one weight "
-                                                                           "makes, in (0, 1] (default 0.5)."),
+                                                                           "makes, in (0, 1] (default 0.5): the "
+                                                                           "table's share (above 1 when the row's "
+                                                                           "other weights work against it)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Coordinates file (.yaml or .json). "
                                                                  "Default: ./<model>.superweights.yaml"),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Write the per-layer activation plot (PNG)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file or --plot (a coordinates "
+                                                      "file may hold an earlier --verify's roles)."),
     stream: bool = typer.Option(False, "--stream", help="Read a safetensors checkpoint one decoder layer at a "
                                                         "time (memory: embeddings + one layer) instead of loading it."),
     verify: bool = typer.Option(False, "--verify", help="Measure what removing each candidate does (alone, within "
@@ -68,7 +76,7 @@ def detect(
         result = detect_model(model, prompt=prompt, iterations=iterations, min_spike=min_spike,
                               min_concentration=min_concentration, min_share=min_share, out=out, plot=plot,
                               stream=stream, verify=verify, verify_text=verify_text, attribution=attribution,
-                              chat_template=chat_template, options=options, reporter=session)
+                              chat_template=chat_template, force=force, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         if as_json:
@@ -80,7 +88,9 @@ def detect(
         supers = [w for w in detection.super_weights if labels.get(w.key) in ("super", "joint")]
         title = f"Candidates of {spec} ({len(detection.super_weights)} found" + (
             f"; {len(supers)} measured to be super weights)" if labels else "; not verified: add --verify)")
-        print_table(title, *super_weight_table(detection.super_weights, labels or None))
+        print_table(title, *super_weight_table(detection.super_weights, labels or None), key_columns=3)
+        if any(w.share is not None and w.share > 1 for w in detection.super_weights):
+            stdout.print(SHARE_ABOVE_ONE, markup=False)
         if not detection.super_weights:
             stdout.print("no layer writes a super activation under the current rule "
                          "(README: How detection decides; see --min-spike, --min-concentration, --min-share)")

@@ -7,6 +7,8 @@ import inspect
 from typing import Callable, Optional
 
 import typer
+from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from .app import stdout
@@ -62,17 +64,47 @@ def loads_model(*names: str) -> Callable[[Callable[..., None]], Callable[..., No
 
 
 def print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]],
-                 text_columns: tuple[str, ...] = ()) -> None:
-    """Numbers right-aligned; `text_columns` (free text) left-aligned and folded, never cut."""
-    table = Table(title=title, title_justify="left")
-    for column in columns:
-        if column in text_columns:
-            table.add_column(column, justify="left", overflow="fold")
-        else:
-            table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    stdout.print(table)
+                 text_columns: tuple[str, ...] = (), key_columns: int = 1) -> None:
+    """Numbers right-aligned and never cut; `text_columns` (free text) left-aligned and folded.
+    A table wider than the terminal is drawn compact, else its rows wrap: parts of the columns,
+    each part led by the first `key_columns` (what names the row)."""
+    for table in fitted_tables(title, columns, rows, text_columns, key_columns, stdout.width()):
+        stdout.print(table)
+
+
+def fitted_tables(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], text_columns: tuple[str, ...] = (),
+                  key_columns: int = 1, width: Optional[int] = None) -> list[Table]:
+    """The table as one or more rich Tables that fit `width` (None: any) with every number whole."""
+    def build(title: str, picked: list[int], compact: bool, probe: bool = False) -> Table:
+        options = dict(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False) if compact else {}
+        table = Table(title=title, title_justify="left", **options)
+        for i in picked:
+            if columns[i] in text_columns:
+                table.add_column(columns[i], justify="left", overflow="fold")
+            else:
+                table.add_column(columns[i], justify="right", no_wrap=True)
+        for row in rows:  # a probe counts free text at a folded width: only numbers must fit
+            table.add_row(*(row[i][:12] if probe and columns[i] in text_columns else row[i] for i in picked))
+        return table
+
+    def fits(picked: list[int], compact: bool) -> bool:
+        return width is None or _MEASURE.measure(build("", picked, compact, probe=True)).maximum <= width
+
+    everything = list(range(len(columns)))
+    for compact in (False, True):
+        if fits(everything, compact):
+            return [build(title, everything, compact)]
+    keys, rest, parts = everything[:key_columns], everything[key_columns:], []
+    while rest:
+        taken = [rest.pop(0)]
+        while rest and fits(keys + taken + rest[:1], True):
+            taken.append(rest.pop(0))
+        parts.append(keys + taken)
+    return [build(title if n == 0 else f"(continued, {n + 1}/{len(parts)})", picked, True)
+            for n, picked in enumerate(parts)]
+
+
+_MEASURE = Console(width=1_000_000)  # measures a table's natural width, prints nothing
 
 COORDS = typer.Option(None, "--coords", metavar="FILE", help="Coordinates file from `sw detect` (YAML or JSON).")
 COORD = typer.Option(None, "--coord", metavar="L,R,C", help="A coordinate LAYER,ROW,COL[,EXPERT]; repeatable.")
@@ -83,11 +115,12 @@ SELECT = typer.Option("super", "--select", metavar="super|set|all",
 MODE = typer.Option(None, "--mode", metavar="zero|scale", help="zero (default) or scale.")
 FACTOR = typer.Option(None, "--factor", metavar="S", help="Multiply by S instead of zeroing (implies --mode scale; 0 zeroes, "
                                              "> 1 amplifies).")
-CONTROL = typer.Option(None, "--control", metavar="random|outliers", help="Ablate a control instead: random (same count, same matrices) "
-                                                "or outliers (the --top N largest other weights).")
-TOP = typer.Option(None, "--top", metavar="N", help="With --control outliers: how many weights.")
+CONTROL = typer.Option(None, "--control", metavar="random|outliers", help="Ablate a control instead: random (same count, "
+                       "same matrices) or outliers (the --top N largest other weights).")
+TOP = typer.Option(None, "--top", metavar="N", help="With --control outliers: how many weights (default: the paper's "
+                   "~7000 of Llama-7B, scaled by this model's down-projection size, as sw study picks).")
 SEED = typer.Option(0, "--seed", metavar="N", help="Seed for the random control and bootstrap errors.")
-
+CONTROL_SEED = typer.Option(0, "--seed", metavar="N", help="Seed for --control random.")
 
 def first_documents(limit: Optional[int]) -> str:
     """The table title's note on --limit."""

@@ -11,7 +11,7 @@ from ..distributed import main_proceeds
 from ..edit.ablate import AblationRecord, ablated
 from ..edit.save import save_ablated
 from ..errors import UsageError
-from ..measure.configurations import check_control, control_weights, parse_factor
+from ..measure.configurations import check_control, control_weights, outlier_count, parse_factor
 from ..model.options import LoadOptions
 from .prepare import Model, check_outputs, model_source, ready_model
 from .reporter import Reporter
@@ -56,6 +56,7 @@ def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = Non
     source = model_source(model, options)
     check_outputs(source, directory=out, force=force)
     loaded, weights = ready_model(reporter, model, options, source, weights, coords)
+    top = outlier_count(loaded.model, control, top)
     targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights
     with ablated(loaded.model, targets, mode=how, factor=value, control=control,
                  seed=seed if control == "random" else None, top=top if control == "outliers" else None,

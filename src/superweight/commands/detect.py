@@ -67,10 +67,11 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
                  min_spike: Optional[float] = None, min_concentration: Optional[float] = None,
                  min_share: Optional[float] = None, out: Optional[Path] = None, plot: Optional[Path] = None,
                  stream: bool = False, verify: bool = False, verify_text: Optional[Path] = None,
-                 attribution: str = "auto", chat_template: bool = False,
+                 attribution: str = "auto", chat_template: bool = False, force: bool = False,
                  options: Optional[LoadOptions] = None,
                  reporter: Optional[Reporter] = None) -> Optional[DetectionResult]:
-    """`sw detect`: find the super weights, write the coordinates file (and the plot)."""
+    """`sw detect`: find the super weights, write the coordinates file (and the plot). An existing
+    coordinates file or plot (which may hold a --verify's roles) is only replaced with `force`."""
     reporter = reporter or Reporter()
     if not main_proceeds():  # under a launcher one detection is enough: rank 0's
         return None
@@ -85,7 +86,7 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     source = model_source(model, options)
     coords_path = Path(out) if out else Path(f"{slug(source.alias or source.spec)}.superweights.yaml")
     plot = Path(plot) if plot else None
-    check_outputs(source, files=(coords_path, plot))
+    check_outputs(source, files=(coords_path, plot), force=force)
     load = options or LoadOptions()
     with reporter.status(f"loading {source.spec}") as update:
         loaded: Union[LoadedModel, Checkpoint]

@@ -36,7 +36,8 @@ class ExportResult:
 
 def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optional[Path] = None,
                  ggml_type: str = "f16", out: Optional[Path] = None, select: str = DEFAULT_SELECTION,
-                 options: Optional[LoadOptions] = None, reporter: Optional[Reporter] = None) -> ExportResult | None:
+                 force: bool = False, options: Optional[LoadOptions] = None,
+                 reporter: Optional[Reporter] = None) -> ExportResult | None:
     """`sw export`: the super weights' matrices under this model's own names, in the format of
     llama.cpp, bitsandbytes or llm-compressor, checked against the model's checkpoint (its config:
     no weights are read); written to `out` if given. MODEL defaults to the one the coordinates file
@@ -66,7 +67,7 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
         load = options or LoadOptions()
         source = load.resolve(spec)
     if out is not None:
-        check_outputs(source, files=(out,))
+        check_outputs(source, files=(out,), force=force)
     with reporter.status(f"checking names against {source.spec}") as update:
         result = handoff.export(weights, to, spec=spec, revision=load.revision, gguf_file=load.gguf_file,
                                 cache_dir=load.cache_dir, trust_remote_code=load.trust_remote_code, gguf=gguf,

@@ -73,14 +73,16 @@ def model_source(model: Model, options: Optional[LoadOptions]) -> ModelSource:
 
 def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), directory: Optional[Path] = None,
                   force: bool = False) -> None:
-    """Outputs are never inside the model's own files, are writable, and a non-empty output
-    directory is only replaced with --force."""
+    """Outputs are never inside the model's own files and are writable. One rule for files and
+    folders: an existing output file, or a non-empty output directory, is only replaced with --force."""
     if directory:  # checked again when written (atomic_directory); here before the slow work
         refuse_current_directory(directory)
     for path in filter(None, (*files, directory)):
         refuse_inside(path, source.protected_dirs)
         if path != directory and Path(path).is_dir():
             raise UsageError(f"{path} is a directory; give a file name for this output")
+        if path != directory and Path(path).exists() and not force:
+            raise UsageError(f"{path} exists; choose another output file or pass --force to replace it")
         if path == directory and path.is_dir() and any(path.iterdir()) and not force:
             raise UsageError(f"{path} exists and is not empty; choose another --out or pass --force to replace it")
         check_writable(path)

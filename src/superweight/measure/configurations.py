@@ -69,21 +69,31 @@ def check_control(control: str | None, top: int | None) -> None:
     """--control and --top, checked before the model loads."""
     if control is not None and control not in CONTROLS:
         raise UsageError(f"unknown --control '{control}'; use {' or '.join(CONTROLS)}")
-    if control == "outliers" and (top is None or top <= 0):
-        raise UsageError("--control outliers needs --top N (a positive number of weights)")
+    if control == "outliers" and top is not None and top <= 0:
+        raise UsageError(f"--top must be a positive number of weights, got {top} (or drop it: the default scales "
+                         "the paper's ~7000 outliers of Llama-7B to this model)")
     if top is not None and control != "outliers":
         raise UsageError(f"--top {top} counts the weights of --control outliers, which is not given; "
                          "add --control outliers or drop --top")
 
 
+def outlier_count(model, control: str | None, top: int | None) -> int | None:
+    """--top as given, or for --control outliers without it the count `sw study` picks (the
+    paper's ~7000 outliers of Llama-7B, scaled by this model's down-projection size)."""
+    if control != "outliers" or top is not None:
+        return top
+    from .study_runs import default_outlier_count  # study_runs imports this module
+
+    return default_outlier_count(model)
+
+
 def control_weights(model, super_weights: list[SuperWeight], control: str, *, seed: int, top: int | None) -> list[SuperWeight]:
-    """The paper's controls: random weights of the same matrices, or the other largest weights."""
+    """The paper's controls: random weights of the same matrices, or the other largest weights
+    (`top` of them; None: `outlier_count`'s default)."""
     if control == "random":
         return ablate.random_control(model, super_weights, seed=seed)
     if control == "outliers":
-        if top is None or top <= 0:
-            raise UsageError("--control outliers needs --top N (a positive number of weights)")
-        return ablate.outlier_control(model, super_weights, top=top)
+        return ablate.outlier_control(model, super_weights, top=outlier_count(model, control, top))
     raise UsageError(f"unknown --control '{control}'; use {' or '.join(CONTROLS)}")
 
 
@@ -98,6 +108,7 @@ def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, 
         raise UsageError("--restore-activation writes back the super weights' activation, which a --control "
                          "ablation leaves alone; drop one of them (--compare evaluates both)")
     if control:
+        top = outlier_count(model, control, top)
         chosen = control_weights(model, super_weights, control, seed=seed, top=top)
         return Configuration(f"{control} control ({mode})", tuple(chosen), mode, factor, False, control, seed, top)
     name = "super weights " + ("zeroed" if mode == "zero" else f"scaled x{factor:g}")
@@ -110,6 +121,7 @@ def comparison_configurations(model, super_weights: list[SuperWeight], *, contro
                               top: int | None, unchanged: str = "original") -> list[Configuration]:
     """The paper's Table 1: original (`unchanged`), SW zeroed, SW zeroed + SA restored, and a control."""
     control = control or "random"
+    top = outlier_count(model, control, top)
     chosen = control_weights(model, super_weights, control, seed=seed, top=top)
     weights = tuple(super_weights)
     return [

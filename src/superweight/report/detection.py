@@ -97,7 +97,8 @@ def super_weight_table(weights: list[SuperWeight], labels: dict[tuple, str] | No
     effect column (verify.py's labels, by weight key) only when given.
 
     write = the residual write, conc. = its concentration in one channel, share = the part of the
-    raw output this one weight makes, lands on = the residual value leaving the layer."""
+    raw output this one weight makes (above 1 when it writes more than the whole raw output, the
+    row's other weights working against it), lands on = the residual value leaving the layer."""
     def num(x: float | None) -> str:
         return "" if x is None else f"{x:.4g}"
 
