@@ -48,8 +48,6 @@ def test_command_help_shows_metavars_each_default_once_and_whole_examples(comman
             assert line.strip().startswith("sw "), (line, examples)
 
 
-@pytest.mark.xfail(strict=True, reason="needs, in cli/measure.py's generate, `seed: int = CONTROL_SEED` "
-                                       "(from .options): that file is being changed in parallel")
 def test_generate_seed_says_what_it_seeds():
     # generate computes no bootstrap errors: its --seed seeds the random control only
     seed = " ".join(help_text("generate").split("--seed", 1)[1].split("\n  -")[0].split())

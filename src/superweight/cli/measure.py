@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from .app import Session, stdout
-from .options import (CONTROL, COORD, COORDS, DEBUG, FACTOR, JSON, MODE, MODEL_ARG, QUIET, SEED, SELECT, TOP, first_documents,
+from .options import (CONTROL_SEED, CONTROL, COORD, COORDS, DEBUG, FACTOR, JSON, MODE, MODEL_ARG, QUIET, SEED, SELECT, TOP, first_documents,
                       loads_model, print_table)
 
 
@@ -46,6 +46,7 @@ def eval_(
     max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
     seed: int = SEED,
     output: Optional[Path] = typer.Option(None, "--output", metavar="FILE.json", help="Write the results (lm-eval layout) to FILE.json."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --output file."),
     as_json: bool = JSON,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -74,7 +75,7 @@ def eval_(
             model, task=task, harness=harness, harness_include=harness_include, coords=coords, coord=coord, select=select,
             mode=mode, factor=factor, control=control, top=top, restore_activation=restore_activation,
             compare=compare, data_dir=data_dir, limit=limit, batch_size=batch_size, max_length=max_length,
-            seed=seed, output=output, options=options, reporter=session)
+            seed=seed, output=output, options=options, force=force, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         if as_json:
@@ -103,7 +104,7 @@ def generate(
     control: Optional[str] = typer.Option(None, "--control", help="The control row: random (default: same count, "
                                                                   "same matrices) or outliers (--top N)."),
     top: Optional[int] = TOP,
-    seed: int = SEED,
+    seed: int = CONTROL_SEED,
     as_json: bool = JSON,
     quiet: bool = QUIET,
     debug: bool = DEBUG,

@@ -46,7 +46,7 @@ class EvaluationResult:
         return summary_table(self.runs)
 
 
-def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None,
+def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, force: bool = False,
                    harness: Optional[list[str]] = None, harness_include: Optional[list[Path]] = None,
                    coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION, mode: Optional[str] = None,
                    factor: Optional[str] = None, control: Optional[str] = None, top: Optional[int] = None,
@@ -80,7 +80,7 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None,
     if (compare or restore_activation or control) and not weights:
         raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
     source = model_source(model, options)
-    check_outputs(source, files=(output,))
+    check_outputs(source, files=(output,), force=force)
     prior = recorded_ablation(source)
     unchanged = describe_recorded_ablation(prior) if prior else "original"
     originals = recorded_originals(prior, weights) if restore_activation and not control else None
