@@ -116,7 +116,7 @@ def test_detect_table_keeps_every_number_and_header_whole_in_80_columns(labels):
     from superweight.cli.options import fitted_tables
 
     columns = ("layer", "row", "col", "weight", "input act.", "write", "conc.", "share", "lands on", "token",
-               "iter.", "effect")
+               "iter.", "role")
     rows = [r if labels else r[:-1] for r in README_ROWS]
     columns = columns if labels else columns[:-1]
     console = Console(width=80, file=io.StringIO(), record=True)

@@ -108,7 +108,7 @@ def super_weight_table(weights: list[SuperWeight], labels: dict[tuple, str] | No
     with_expert = any(w.expert is not None for w in weights)
     with_labels = labels is not None
     columns = ("layer", "row", "col", *(("expert",) if with_expert else ()), "weight", "input act.",
-               "write", "conc.", "share", "lands on", "token", "iter.", *(("effect",) if with_labels else ()))
+               "write", "conc.", "share", "lands on", "token", "iter.", *(("role",) if with_labels else ()))
     rows = [
         (str(w.layer), str(w.row), str(w.col), *((str(w.expert),) if with_expert else ()), num(w.value),
          num(w.input_activation), num(w.output_spike), share(w.concentration), share(w.share),
