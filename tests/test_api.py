@@ -103,7 +103,8 @@ def test_run_study_writes_the_report_and_reuses_the_cache(planted_dir, tmp_path)
     result = api.run_study(str(planted_dir), command="sw study example", **options)
     assert result.report == tmp_path / "study" / "REPORT.md" and result.report.is_file()
     document = result.to_dict()
-    assert document["table"] == {"columns": result.table.columns, "rows": result.table.rows}
+    assert document["table"] == result.table.to_dict()
+    assert all(isinstance(v, float) for row in document["table"]["rows"] for v in row["values"])
     assert [row[0] for row in result.table.rows][:2] == ["original", "super weights zeroed"]
     assert document["meta"]["command"] == "sw study example" and result.meta["evaluations"]["total"] == 5 + 2
     with pytest.raises(UsageError, match="exists and is not empty"):
