@@ -71,5 +71,7 @@ def test_sw_eval_compare_prints_errors_and_the_limit_note(tiny_llama_dir, tmp_pa
     from superweight.measure.configurations import summary_table as table_of
 
     table = table_of({run["name"]: run for run in document["configurations"]})
+    assert "note: with --limit 4, piqa acc differs by less than its standard error between original and" \
+        in result.output
     for note in table.limit_notes("--limit 4"):
         assert f"note: {note}" in result.output
