@@ -101,7 +101,8 @@ def test_factor_alone_implies_scale_and_says_so(tiny_llama_dir, coords_file, tmp
     result = invoke("eval", tiny_llama_dir, "-q", "--json", "--coords", coords_file, "--factor", "2",
                     "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "32")
     assert result.exit_code == 0, result.output
-    ablation = json.loads(result.output)["ablation"]
+    [run] = json.loads(result.output)["configurations"]
+    ablation = run["ablation"]
     assert ablation["mode"] == "scale" and ablation["factor"] == 2.0 and ablation["name"] == "super weights scaled x2"
 
 
