@@ -88,7 +88,9 @@ def test_evaluate_model_with_an_ablation_compares_it_with_the_original(planted_d
     original = api.evaluate_model(str(planted_dir), task=["wikitext"], **QUICK)
     assert list(original.runs) == ["original"]
     assert zeroed != original.runs["original"]["results"]["wikitext"]["word_perplexity"]
-    assert json.loads((tmp_path / "r.json").read_text()) == result.to_dict()
+    written = json.loads((tmp_path / "r.json").read_text())  # lm-eval's layout: results at the top
+    assert written == result.document and written["results"] == result.runs["super weights zeroed"]["results"]
+    assert [run["name"] for run in result.to_dict()["configurations"]] == ["super weights zeroed"]
     assert recorder.stages["super weights zeroed: wikitext"][0] == recorder.stages["super weights zeroed: wikitext"][1]
     assert result.table().columns[0] == "configuration"
 
@@ -103,7 +105,8 @@ def test_run_study_writes_the_report_and_reuses_the_cache(planted_dir, tmp_path)
     result = api.run_study(str(planted_dir), command="sw study example", **options)
     assert result.report == tmp_path / "study" / "REPORT.md" and result.report.is_file()
     document = result.to_dict()
-    assert document["table"] == {"columns": result.table.columns, "rows": result.table.rows}
+    assert document["table"] == result.table.to_dict()
+    assert all(isinstance(v, float) for row in document["table"]["rows"] for v in row["values"])
     assert [row[0] for row in result.table.rows][:2] == ["original", "super weights zeroed"]
     assert document["meta"]["command"] == "sw study example" and result.meta["evaluations"]["total"] == 5 + 2
     with pytest.raises(UsageError, match="exists and is not empty"):

@@ -180,8 +180,10 @@ def test_eval_json_layout_and_compare(tiny_llama_dir, coords_file, tmp_path):
                     "--limit", "4", "--coords", coords_file, "--compare", "--json", "--output", output)
     assert result.exit_code == 0, result.output
     document = json.loads(result.output)
-    assert json.loads(output.read_text()) == document
-    runs = document["configurations"]
+    runs = {run["name"]: run for run in document["configurations"]}
+    written = json.loads(output.read_text())  # lm-eval's layout, a file per configuration's results
+    assert {name: run["results"] for name, run in written["configurations"].items()} == \
+        {name: run["results"] for name, run in runs.items()}
     assert list(runs) == ["original", "super weights zeroed", "zeroed + activation restored", "random control zeroed"]
     for run in runs.values():
         assert set(run["results"]) == {"piqa", "arc_easy"}

@@ -101,7 +101,8 @@ def test_factor_alone_implies_scale_and_says_so(tiny_llama_dir, coords_file, tmp
     result = invoke("eval", tiny_llama_dir, "-q", "--json", "--coords", coords_file, "--factor", "2",
                     "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "32")
     assert result.exit_code == 0, result.output
-    ablation = json.loads(result.output)["ablation"]
+    [run] = json.loads(result.output)["configurations"]
+    ablation = run["ablation"]
     assert ablation["mode"] == "scale" and ablation["factor"] == 2.0 and ablation["name"] == "super weights scaled x2"
 
 
@@ -207,7 +208,8 @@ def test_task_names_ignore_case_and_split_on_commas(tiny_llama_dir, task):
                     "--data-dir", DATA_DIR)
     assert result.exit_code == 0, result.output
     expected = ["piqa"] if task == "PIQA" else ["piqa", "arc_easy"]
-    assert list(json.loads(result.output)["results"]) == expected
+    [run] = json.loads(result.output)["configurations"]
+    assert list(run["results"]) == expected
 
 
 def test_one_document_is_singular(tiny_llama_dir):
@@ -242,10 +244,12 @@ def test_eval_of_an_ablated_directory_says_what_it_is(tiny_llama_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert label in result.output and "original" not in result.output
     document = json.loads(invoke("eval", out, "--json", *options).output)
-    assert document["ablation"]["name"] == label
+    assert [run["name"] for run in document["configurations"]] == [label]
+    assert document["configurations"][0]["ablation"]["name"] == label
     assert document["model"]["superweight_ablation"]["coordinates"] == [{"layer": 1, "row": 3, "col": 5},
                                                                          {"layer": 2, "row": 4, "col": 6}]
-    assert json.loads(invoke("eval", tiny_llama_dir, "--json", *options).output)["ablation"]["name"] == "original"
+    [run] = json.loads(invoke("eval", tiny_llama_dir, "--json", *options).output)["configurations"]
+    assert run["ablation"]["name"] == "original"
 
 
 def test_restore_activation_on_an_ablated_directory_works_from_its_record(tiny_llama_dir, tmp_path):

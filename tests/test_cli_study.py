@@ -26,15 +26,15 @@ def test_study_writes_report_and_reuses_cached_evaluations(tiny_llama_dir, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["REPORT.md", "activation_profile.png", "report.json",
                                                        "scale_sweep.png", "stop_words.png"]
     assert json.loads((out / "report.json").read_text()) == document
-    rows = {row[0]: row for row in document["table"]["rows"]}
+    rows = {row["configuration"]: row for row in document["table"]["rows"]}
     assert list(rows) == ["original", "super weights zeroed", "other 5 outliers zeroed",
                           "zeroed + activation restored", "random control zeroed"]
-    assert document["table"]["columns"][:2] == ["configuration", "wikitext word_perplexity"]
+    assert document["table"]["columns"][:1] == ["wikitext word_perplexity"]
     assert [r["factor"] for r in document["sweep"]] == [0.0, 1.0, 2.0]
     # s = 0 is the zeroed row and s = 1 the original: the same evaluations, not new ones
     by_factor = {r["factor"]: r["perplexity"] for r in document["sweep"]}
-    assert by_factor[1.0] == pytest.approx(float(rows["original"][1]), rel=1e-3)
-    assert by_factor[0.0] == pytest.approx(float(rows["super weights zeroed"][1]), rel=1e-3)
+    assert by_factor[1.0] == pytest.approx(rows["original"]["values"][0], rel=1e-3)
+    assert by_factor[0.0] == pytest.approx(rows["super weights zeroed"]["values"][0], rel=1e-3)
     evaluations = document["meta"]["evaluations"]
     assert evaluations == {"total": 2 * 8, "from_cache": 2 * 2}
     assert document["super_weights"][0] | {"layer": 1, "row": 3, "col": 5} == document["super_weights"][0]

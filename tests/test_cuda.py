@@ -37,7 +37,7 @@ def test_every_path_on_the_gpu_matches_the_cpu(dtype, placement, byte_llama_dir,
                           stream=not offloaded, quantize=not offloaded)
     compare_runs(runs, cpu_runs[dtype], "bfloat16", expect_dtype=dtype)  # a GPU rounds within bfloat16's bounds
     for name in ("eval_choice", "eval_wikitext"):
-        for result in runs[name]["configurations"].values():
+        for result in runs[name]["configurations"]:
             assert result["config"]["device"].startswith("cuda"), result["config"]["device"]
 
 

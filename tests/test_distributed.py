@@ -180,7 +180,8 @@ def test_two_ranks_on_smollm2_compare_equals_one_process(gguf_cache, tmp_path):
     two = _torchrun(*args, env=_env(gguf_cache), nproc=2)
     one = invoke(*args)
     assert one.exit_code == 0, one.output
-    expected, got = json.loads(one.output)["configurations"], _ok(two)["configurations"]
+    expected, got = ({run["name"]: run for run in document["configurations"]}
+                     for document in (json.loads(one.output), _ok(two)))
     assert list(got) == list(expected) and len(got) == 4
     for name in expected:
         assert got[name]["results"] == expected[name]["results"], name  # exactly, stderr and perplexity too
@@ -313,5 +314,6 @@ def test_accelerate_launch_two_processes_equal_one_process(tiny_llama_dir, tmp_p
     one = invoke(*args)
     assert one.exit_code == 0, one.output
     expected = json.loads(one.output)
+    [got], [expected] = got["configurations"], expected["configurations"]
     assert got["config"]["ranks"] == 2 and expected["config"]["ranks"] == 1
     assert got["results"] == expected["results"]  # exactly, stderr and perplexity too

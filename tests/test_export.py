@@ -174,3 +174,24 @@ def test_a_family_llama_cpp_cannot_convert_is_a_usage_error():
 
     with pytest.raises(UsageError, match="llama.cpp has no 'opt' architecture"):
         gguf_tensor_names(tiny_model("opt"), [SuperWeight(1, 3, 5)], gguf_architecture("opt"))
+
+
+def test_the_usage_line_names_a_model_from_pretrained_can_read(tiny_llama_dir, tiny_coords):
+    """Issue 21.4: not the alias `smollm2-135m`, which only sw knows."""
+    document = json.loads(invoke("export", tiny_coords, "--to", "bitsandbytes", "--json", "-q").output)
+    assert f"from_pretrained({str(tiny_llama_dir.resolve())!r}," in document["usage"]
+    if smollm2_gguf() is not None:  # the default model: a GGUF alias, consumed as its hub checkpoint
+        result = invoke("export", tiny_coords, "--model", "smollm2-135m", "--to", "bitsandbytes", "--json", "-q")
+        if result.exit_code == 0:  # the tiny coordinates may not fit SmolLM2: then only the first check
+            usage = json.loads(result.output)["usage"]
+            assert "from_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct'," in usage
+
+
+def test_consumer_model_of_each_kind_of_source(tmp_path):
+    from superweight.edit.export import consumer_model
+    from superweight.model.source import ModelSource
+
+    assert consumer_model(ModelSource("org/m", "hub", "org/m")) == "'org/m'"
+    gguf = tmp_path / "m.Q4_1.gguf"
+    assert consumer_model(ModelSource("alias", "gguf", str(gguf))) == f"{str(tmp_path)!r}, gguf_file='m.Q4_1.gguf'"
+    assert consumer_model(ModelSource("alias", "gguf", str(gguf)), "org/m") == "'org/m'"

@@ -109,6 +109,11 @@ def harness_tasks(tmp_path_factory) -> Path:
 MULTIPLE_CHOICE = "lambada_openai,piqa,arc_easy,arc_challenge,hellaswag,sciq,winogrande"
 
 
+def by_name(document: dict) -> dict:
+    """`sw eval --json`'s configurations (a list), by name."""
+    return {run["name"]: run for run in document["configurations"]}
+
+
 def run_every_path(model_dir: Path, dtype: str, placement: list[str], out: Path, harness_tasks: Path | None,
                    stream: bool = True, quantize: bool = True) -> dict[str, dict]:
     """Every command on the tiny model in `dtype`, placed by `placement` (e.g. --device cuda:0);
@@ -197,14 +202,15 @@ def compare_runs(got: dict[str, dict], reference: dict[str, dict], dtype: str, e
     assert ablation["original_values"] == pytest.approx(reference["ablate"]["ablation"]["original_values"], rel=1e-2)
     # Evaluation: every built-in task zeroed and restored, and lm-eval's own numbers.
     for name in ("eval_choice", "eval_wikitext"):
-        configurations = got[name]["configurations"]
-        assert list(configurations) == list(reference[name]["configurations"])
+        configurations = by_name(got[name])
+        expected_runs = by_name(reference[name])
+        assert list(configurations) == list(expected_runs)
         for row, result in configurations.items():
             assert result["config"]["model_dtype"] == (expect_dtype or dtype)
-            assert_metrics_close(result["results"], reference[name]["configurations"][row]["results"], dtype,
+            assert_metrics_close(result["results"], expected_runs[row]["results"], dtype,
                                  f"{name} {row}")
     if "harness" in got:  # lm-eval's number against float32's built-in one (equal in float32: test_harness)
-        expected = reference["eval_choice"]["configurations"]["zeroed + activation restored"]["results"]["lambada_openai"]
+        expected = by_name(reference["eval_choice"])["zeroed + activation restored"]["results"]["lambada_openai"]
         ours, theirs = got["harness"]["results"]["lambada_openai"], got["harness"]["results"]["sw_lambada_openai"]
         assert_metrics_close({"lambada_openai": ours}, {"lambada_openai": expected}, dtype, "harness, built-in")
         assert abs(theirs["acc"] - expected["acc"]) <= ACCURACY_ATOL

@@ -88,7 +88,7 @@ def test_harness_gives_exactly_lm_evals_own_result(smollm2, task_dir):
     result = invoke("eval", "-q", "--harness", "sw_piqa", "--harness", "sw_lambada_openai",
                     "--harness-include", task_dir, "--limit", LIMIT, "--json")
     assert result.exit_code == 0, result.output
-    document = json.loads(result.output)
+    [document] = json.loads(result.output)["configurations"]
     for task in ("sw_piqa", "sw_lambada_openai"):
         expected = {k.split(",")[0]: v for k, v in own["results"][task].items() if "," in k}
         assert _metrics(document["results"][task]) == _metrics(expected)
@@ -110,7 +110,7 @@ def test_harness_sees_the_ablation_and_the_restoration_hook(smollm2, task_dir, s
                     "--harness-include", task_dir, "--coords", smollm2_coords, "--restore-activation",
                     "--limit", LIMIT, "--json")
     assert result.exit_code == 0, result.output
-    run = json.loads(result.output)
+    [run] = json.loads(result.output)["configurations"]
     assert run["ablation"]["restore_activation"]
     ours, theirs = run["results"]["lambada_openai"], run["results"]["sw_lambada_openai"]
     assert theirs["acc"] == ours["acc"]

@@ -275,7 +275,7 @@ def test_study_leaves_model_bit_identical_and_writes_report(planted, tmp_path, m
     document = json.loads((out / "report.json").read_text())
     assert document["meta"]["command"] == "sw study tiny --top 5"
     assert [r["factor"] for r in document["sweep"]] == [0.0, 1.0, 3.0]
-    assert document["table"]["rows"][0][0] == "original"
+    assert document["table"]["rows"][0]["configuration"] == "original"
 
 
 def test_configuration_describe_is_a_stable_cache_key():
@@ -340,11 +340,10 @@ def test_report_opens_with_a_summary_says_what_model_and_explains_differences(tm
     from superweight.measure.configurations import SummaryTable
 
     columns = ["configuration", "wikitext word_perplexity", "piqa acc", "avg acc"]
-    table = SummaryTable(columns, [["original", "30.713", "0.6400", "0.4836"],
-                                   ["super weights zeroed", "129802099.419", "0.5050", "0.2929"],
-                                   ["other 129 outliers zeroed", "746.564", "0.5500", "0.3564"],
-                                   ["zeroed + activation restored", "30.705", "0.6400", "0.4836"],
-                                   ["random control zeroed", "30.713", "0.6400", "0.4836"]])
+    rows = [["original", 30.713, 0.64, 0.4836], ["super weights zeroed", 129802099.419, 0.505, 0.2929],
+            ["other 129 outliers zeroed", 746.564, 0.55, 0.3564], ["zeroed + activation restored", 30.705, 0.64, 0.4836],
+            ["random control zeroed", 30.713, 0.64, 0.4836]]
+    table = SummaryTable(columns, [r[0] for r in rows], [r[1:] for r in rows], [[None] * 3 for _ in rows])
     shift = stop_words.StopWordShift(0.2678, 0.0287, 1.0, 1.0, 2048, 559,
                                      grows=[{"token": 1, "text": "rapers", "original": 1e-6, "ablated": 0.05}],
                                      shrinks=[{"token": 2, "text": " the", "original": 0.04, "ablated": 0.001}])

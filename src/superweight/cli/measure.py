@@ -45,7 +45,7 @@ def eval_(
     batch_size: str = typer.Option("auto", "--batch-size", metavar="N|auto", help="Sequences per forward pass, or auto."),
     max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
     seed: int = SEED,
-    output: Optional[Path] = typer.Option(None, "--output", metavar="FILE.json", help="Write the results (lm-eval layout) to FILE.json."),
+    output: Optional[Path] = typer.Option(None, "--output", metavar="FILE.json", help="Write the results to FILE.json in lm-eval's own layout (--json prints superweight's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --output file."),
     as_json: bool = JSON,
     quiet: bool = QUIET,
@@ -86,8 +86,10 @@ def eval_(
                      + (f"; (lm-eval) columns computed by {result.harness_computed_by}"
                         if result.harness_computed_by else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])
+        for note in result.notes():
+            stdout.print(f"note: {note}", soft_wrap=True)
         if output:
-            stdout.print(f"results written to {output}")
+            stdout.print(f"results written to {output} (lm-eval's layout)")
 
     session.run(work)
 
@@ -209,6 +211,8 @@ def study(
         documents = meta["documents_note"]
         print_table(f"{meta['model']['spec']}" + (f", {documents}" if documents else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])
+        for note in result.notes():
+            stdout.print(f"note: {note}", soft_wrap=True)
         stdout.print(f"report written to {result.report} ({cached} of "
                      f"{meta['evaluations']['total']} task evaluations from the cache)", soft_wrap=True)
 

@@ -30,20 +30,37 @@ class EvaluationResult:
     """The metrics of every evaluated configuration, and the document `--output` holds."""
 
     runs: dict[str, dict[str, Any]]  # configuration name -> lm-eval layout results of its tasks
-    document: dict[str, Any]  # the `sw eval --json` / `--output` document
+    document: dict[str, Any]  # the `--output` file: lm-eval's layout (see `output_document`)
     output: Optional[Path]
     harness_computed_by: Optional[str] = None  # with harness tasks: who computed their columns
+    limit: Optional[int] = None
 
     @property
     def spec(self) -> str:
         return self.document["model"]["spec"]
 
     def to_dict(self) -> dict[str, Any]:
-        return self.document
+        """The `sw eval --json` document, one shape whatever the options (docs/json/eval.schema.json):
+        {"model", "tool", "configurations": [{"name", "ablation", "results", "n_samples", ...}]},
+        a single run being a list of one; each entry is `runs[name]` with its name first."""
+        return {"model": self.document["model"], "tool": self.document["tool"],
+                "configurations": [{"name": name, **run} for name, run in self.runs.items()]}
 
     def table(self) -> SummaryTable:
-        """Configurations by metric."""
+        """Configurations by metric, each value with its standard error."""
         return summary_table(self.runs)
+
+    def notes(self) -> list[str]:
+        """Where `--limit` leaves a difference between configurations smaller than its error."""
+        return self.table().limit_notes(None if self.limit is None else f"--limit {self.limit}")
+
+
+def output_document(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The `--output` file in lm-eval's own layout (`results`, `n_samples`, `config` at the top, as
+    lm-eval writes them) for one configuration; with several, {"configurations": {name: that}}."""
+    if len(runs) == 1:
+        return dict(next(iter(runs.values())))
+    return {"configurations": runs}
 
 
 def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, force: bool = False,
@@ -108,11 +125,12 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
             harness=lm_eval_tasks)
     if not main_proceeds():  # every rank got here: rank 0 writes and prints
         return None
-    document = runs[configurations[0].name] if len(runs) == 1 else {"configurations": runs}
+    document = output_document(runs)
     document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
                          "dtype": loaded.dtype, "superweight_ablation": prior}
     document["tool"] = f"superweight {__version__}"
     if output:
         atomic_write_text(output, json.dumps(document, indent=2) + "\n")
     return EvaluationResult(runs=runs, document=document, output=output,
-                            harness_computed_by=lm_eval_tasks.describe()["computed_by"] if lm_eval_tasks else None)
+                            harness_computed_by=lm_eval_tasks.describe()["computed_by"] if lm_eval_tasks else None,
+                            limit=limit)

@@ -71,7 +71,16 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
     with reporter.status(f"checking names against {source.spec}") as update:
         result = handoff.export(weights, to, spec=spec, revision=load.revision, gguf_file=load.gguf_file,
                                 cache_dir=load.cache_dir, trust_remote_code=load.trust_remote_code, gguf=gguf,
-                                ggml_type=ggml_type, out_name=str(out or "FILE"), progress=update)
+                                ggml_type=ggml_type, out_name=str(out or "FILE"), hub_id=_hub_id(source),
+                                progress=update)
     if out is not None:
         atomic_write_text(out, result.content)
     return ExportResult(export=result, out=out)
+
+
+def _hub_id(source) -> Optional[str]:
+    """The hub id of a registered model (a GGUF alias's full-precision checkpoint), or None."""
+    from ..report.known import lookup
+
+    known = lookup(source.known_key, source.location if source.kind == "hub" else None)
+    return known.hub[0] if known is not None and known.hub else None

@@ -52,6 +52,10 @@ class StudyResult:
     def json_path(self) -> Path:
         return self.out / analysis.JSON_FILE
 
+    def notes(self) -> list[str]:
+        """Where reading only some documents leaves a difference in Table 1 smaller than its error."""
+        return self.table.limit_notes(analysis.table_reading(self.meta))
+
     def to_dict(self) -> dict[str, Any]:
         """report.json, as written."""
         return json.loads(self.json_path.read_text(encoding="utf-8"))

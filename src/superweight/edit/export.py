@@ -205,13 +205,28 @@ def _llm_compressor(ignore: list[str]) -> str:
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
+def consumer_model(source, hub_id: str | None = None) -> str:
+    """What a quantizer's `from_pretrained` reads for this model: a hub id or a local folder. A GGUF
+    file is not one (transformers will not quantize a model read from GGUF): its model's hub id
+    (`hub_id`, the registry's) when known, else the folder and `gguf_file=` to dequantize it first."""
+    if source.kind in ("hub", "local"):
+        return repr(str(Path(source.location).resolve()) if source.kind == "local" else source.location)
+    if hub_id:
+        return repr(hub_id)
+    path = Path(source.location).resolve()
+    return f"{str(path.parent)!r}, gguf_file={path.name!r}"
+
+
 def _usage(fmt: str, out: str, model: str) -> str:
+    """The call that consumes the exported file; `model` is `consumer_model`'s arguments."""
     if fmt == "llama.cpp":
         return f"llama-quantize --tensor-type-file {out} MODEL-F16.gguf MODEL-Q4_K_M.gguf Q4_K_M"
     if fmt == "bitsandbytes":
-        return (f"AutoModelForCausalLM.from_pretrained('{model}', quantization_config=BitsAndBytesConfig("
+        return (f"AutoModelForCausalLM.from_pretrained({model}, quantization_config=BitsAndBytesConfig("
                 f"load_in_4bit=True, llm_int8_skip_modules=json.load(open('{out}'))['llm_int8_skip_modules']))")
-    return f"llmcompressor.oneshot(model='{model}', recipe='{out}', ...)"
+    if "gguf_file=" in model:
+        return f"llmcompressor.oneshot(model=AutoModelForCausalLM.from_pretrained({model}), recipe='{out}', ...)"
+    return f"llmcompressor.oneshot(model={model}, recipe='{out}', ...)"
 
 
 def export(
@@ -226,6 +241,7 @@ def export(
     gguf: str | Path | None = None,
     ggml_type: str = DEFAULT_GGML_TYPE,
     out_name: str = "FILE",
+    hub_id: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Export:
     """What `fmt`'s quantizer needs to keep the super weights' matrices of model `spec` in high precision.
@@ -281,6 +297,5 @@ def export(
         defaults = sorted(get_keys_to_not_convert(model)) if fmt == "bitsandbytes" else head_names
         keep = list(dict.fromkeys([*defaults, *modules]))
         content = _bitsandbytes(keep) if fmt == "bitsandbytes" else _llm_compressor(keep)
-    consumer_model = source.location if source.kind == "hub" else source.spec
     return Export(format=fmt, model=source.spec, modules=modules, gguf_tensors=gguf_tensors, keep=keep,
-                  content=content, usage=_usage(fmt, out_name, consumer_model), checked=checked)
+                  content=content, usage=_usage(fmt, out_name, consumer_model(source, hub_id)), checked=checked)

@@ -190,8 +190,68 @@ def _add_harness_results(result: dict[str, Any], harness_result: dict[str, Any])
 
 @dataclass
 class SummaryTable:
-    columns: list[str]
-    rows: list[list[str]] = field(default_factory=list)
+    """Configurations by metric, as numbers: `values[i][j]` is configuration `names[i]`'s value of
+    metric `columns[j + 1]` and `stderrs[i][j]` its standard error (None where none is computed,
+    as lm-eval's "N/A"). `rows` is the display form, `0.6000 ± 0.2449`, as lm-eval's table prints."""
+
+    columns: list[str]  # "configuration", then one per metric
+    names: list[str] = field(default_factory=list)
+    values: list[list[float | None]] = field(default_factory=list)
+    stderrs: list[list[float | None]] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> list[str]:
+        return self.columns[1:]
+
+    @property
+    def rows(self) -> list[list[str]]:
+        """Each configuration's name and its values with their errors, as text."""
+        return [[name, *(display(column, value, error) for column, value, error in zip(self.metrics, values, errors))]
+                for name, values, errors in zip(self.names, self.values, self.stderrs)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Numbers, not text: {"columns": metrics, "rows": [{"configuration", "values", "stderrs"}]}."""
+        return {"columns": self.metrics,
+                "rows": [{"configuration": name, "values": values, "stderrs": errors}
+                         for name, values, errors in zip(self.names, self.values, self.stderrs)]}
+
+    def within_error(self) -> list[tuple[str, list[str]]]:
+        """(metric, configurations) where a configuration differs from the first one (the model
+        as given) by less than the standard error of the difference: the two cannot be told apart."""
+        found = []
+        for j, metric in enumerate(self.metrics):
+            base, base_error = self.values[0][j], self.stderrs[0][j]
+            close = [name for name, values, errors in zip(self.names[1:], self.values[1:], self.stderrs[1:])
+                     if None not in (base, base_error, values[j], errors[j])
+                     and abs(values[j] - base) < math.hypot(base_error, errors[j])]
+            if close:
+                found.append((metric, close))
+        return found
+
+    def limit_notes(self, reading: str | None) -> list[str]:
+        """One line per metric whose difference is smaller than its error when only some documents
+        are read; `reading` says which ("--limit 5"), None or "" when every document is read."""
+        if not reading or not self.names:
+            return []
+        return [f"with {reading}, {metric} differs by less than its standard error between "
+                f"{self.names[0]} and {', '.join(names)}" for metric, names in self.within_error()]
+
+
+def display(column: str, value: float | None, error: float | None) -> str:
+    """A table cell: accuracies to 4 decimals, perplexities to 3, with ± the standard error."""
+    if value is None:
+        return ""
+    metric = column.removesuffix(" (lm-eval)").split(" ")[-1]
+    digits = 4 if metric.startswith("acc") else 3
+    text = f"{value:.{digits}f}"
+    return text if error is None else f"{text} ± {error:.{digits}f}"
+
+
+def _number(value: Any) -> float | None:
+    """A metric or its stderr as a number; lm-eval's "N/A" (and anything not a finite number) as None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 # The headline metric of each task in tables (lm-eval reports all of them in the JSON).
@@ -217,7 +277,8 @@ def headline_columns(results: dict[str, dict[str, Any]], harness: dict[str, Any]
 
 
 def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
-    """Rows = configurations, columns = task metrics (+ average accuracy when there are several)."""
+    """Rows = configurations, columns = task metrics (+ average accuracy when there are several),
+    each value with its standard error (the average's: that of a mean of independent tasks)."""
     first = next(iter(runs.values()))
     harness = first.get("harness", {})
     harness_tasks = harness.get("tasks", [])
@@ -229,9 +290,15 @@ def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
     if len(accuracy_columns) > 1:
         table.columns.append("avg acc")
     for name, result in runs.items():
-        values = [result["results"][t][m] for t, m in columns]
-        row = [name] + [f"{v:.4f}" if m.startswith("acc") else f"{v:.3f}" for (t, m), v in zip(columns, values)]
+        metrics = result["results"]
+        values = [_number(metrics[t][m]) for t, m in columns]
+        errors = [_number(metrics[t].get(f"{m}_stderr")) for t, m in columns]
         if len(accuracy_columns) > 1:
-            row.append(f"{sum(result['results'][t][m] for t, m in accuracy_columns) / len(accuracy_columns):.4f}")
-        table.rows.append(row)
+            accuracies = [_number(metrics[t][m]) for t, m in accuracy_columns]
+            spread = [_number(metrics[t].get(f"{m}_stderr")) for t, m in accuracy_columns]
+            values.append(sum(accuracies) / len(accuracies) if None not in accuracies else None)
+            errors.append(math.sqrt(sum(e * e for e in spread)) / len(spread) if None not in spread else None)
+        table.names.append(name)
+        table.values.append(values)
+        table.stderrs.append(errors)
     return table

@@ -46,6 +46,8 @@ def readable(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return "" if value is None else str(value)
     if isinstance(value, str):
+        if " ± " in value:  # a table cell with its standard error
+            return " ± ".join(readable(part) for part in value.split(" ± ", 1))
         try:
             number = float(value)
         except ValueError:
@@ -226,6 +228,13 @@ def _text_name(source: str) -> str:
     return "the sample paragraph that comes with superweight" if source == "shipped text" else f"`{source}`"
 
 
+def table_reading(meta: dict[str, Any]) -> str | None:
+    """Which documents Table 1 read, for its note ("--limit 40", or the CPU budget), None for all."""
+    if isinstance(meta.get("limit"), int):
+        return f"--limit {meta['limit']}"
+    return meta.get("documents_note") or None
+
+
 def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Sequence[SuperWeight] = (),
                  table: SummaryTable | None = None,
                  sweep_rows: list[dict[str, Any]] | None = None, stop_words: StopWordShift | None = None,
@@ -258,8 +267,13 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
                 str(list(k[:3])) for k in c.coordinates)) for c in verification.prompts] + [""]
             document["verification"] = verification.to_dict()
         if table is not None:
-            lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), ""]
-            document["table"] = {"columns": table.columns, "rows": table.rows}
+            lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), "",
+                      "± is the standard error over the documents read (none is computed for word perplexity, "
+                      "as in lm-eval).", ""]
+            notes = table.limit_notes(table_reading(meta))
+            if notes:
+                lines += ["Note: " + "; ".join(notes) + ".", ""]
+            document["table"] = table.to_dict()
         if generations:
             lines += _generations_section(generations)
             document["generations"] = [g.to_dict() for g in generations]
