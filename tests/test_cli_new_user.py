@@ -263,7 +263,8 @@ def test_restore_activation_on_an_ablated_directory_works_from_its_record(tiny_l
     assert from_folder.exit_code == 0, from_folder.output
     from_original = invoke("eval", tiny_llama_dir, *options)
     assert from_original.exit_code == 0, from_original.output
-    ppl = [json.loads(r.output)["results"]["wikitext"]["word_perplexity"] for r in (from_folder, from_original)]
+    ppl = [json.loads(r.output)["configurations"][0]["results"]["wikitext"]["word_perplexity"]
+           for r in (from_folder, from_original)]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
 
 

