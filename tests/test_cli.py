@@ -17,12 +17,15 @@ def invoke(*args):
 def assert_one_line_error(result, *fragments):
     assert result.exit_code != 0, result.output
     assert "Traceback" not in result.output
+    # Without -q, progress goes to stderr as plain stage lines when it is not a terminal (as here):
+    # what follows them is the one error line, and nothing else.
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ")
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == len(lines) - 1, result.output
+    assert all(not line.startswith("warning") and "Error" not in line for line in lines[:-1]), result.output
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]
 
 
 def test_version_and_help():

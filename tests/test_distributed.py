@@ -184,7 +184,13 @@ def test_two_ranks_on_smollm2_compare_equals_one_process(gguf_cache, tmp_path):
                      for document in (json.loads(one.output), _ok(two)))
     assert list(got) == list(expected) and len(got) == 4
     for name in expected:
-        assert got[name]["results"] == expected[name]["results"], name  # exactly, stderr and perplexity too
+        # Accuracies exactly; perplexities to 1e-5: torchrun runs each rank with OMP_NUM_THREADS=1, the
+        # single process with the machine's threads, and a matmul summed in another order moved
+        # lambada's perplexity by 3e-6 relative (279.5426 vs 279.5435) in CI at stop 18.
+        for task, metrics in expected[name]["results"].items():
+            for metric, value in metrics.items():
+                close = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+                assert got[name]["results"][task][metric] == close, (name, task, metric)
         assert got[name]["config"]["ranks"] == 2
 
 

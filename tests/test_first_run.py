@@ -161,8 +161,10 @@ def sw_env(tmp_path: Path, **extra: str) -> dict:
 def test_no_network_without_hf_hub_offline_fails_fast_in_one_line(tmp_path):
     result = run_sw("detect", "mistral-7b", "--out", tmp_path / "c.yaml", env=sw_env(tmp_path), cwd=tmp_path)
     assert result.returncode == 1, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr  # no "Retrying in 1s [Retry 1/5]" lines before it
+    # Piped, progress prints plain stage lines ("loading ..."); the error is one line, and no
+    # "Retrying in 1s [Retry 1/5]" line comes before it.
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("loading ")]
+    assert len(lines) == 1 and "Retry" not in result.stderr, result.stderr
     assert lines[0].startswith("error: cannot reach http://127.0.0.1:")
     for fragment in ("mistralai/Mistral-7B-v0.1 (alias 'mistral-7b')", "not in the local cache", "HF_HUB_OFFLINE=1",
                      "local directory"):
@@ -194,7 +196,8 @@ def test_first_gguf_load_says_so_and_no_library_bar_shows(tiny_gguf, tmp_path):
     assert "Converting" not in result.stderr and "it/s" not in result.stderr, result.stderr  # transformers' tqdm bar
 
     # a narrow terminal does not cut a message line in two (it names a path: grep must find it whole)
-    again = run_sw("detect", tiny_gguf, "--out", tmp_path / "c.yaml", env={**env, "COLUMNS": "40"}, cwd=tmp_path)
+    again = run_sw("detect", tiny_gguf, "--out", tmp_path / "c.yaml", "--force", env={**env, "COLUMNS": "40"},
+                   cwd=tmp_path)
     assert again.returncode == 0 and "first load" not in again.stderr
     assert f"loaded {tiny_gguf} (float32) in" in again.stderr and "from the GGUF cache\n" in again.stderr
 
@@ -254,7 +257,7 @@ def test_a_typo_of_an_alias_is_named_as_one():
 
 def test_no_network_and_a_name_that_is_not_an_alias_says_all_it_is_not(tmp_path):
     result = run_sw("detect", "org/tiny-model", "--out", tmp_path / "c.yaml", env=sw_env(tmp_path), cwd=tmp_path)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("loading ")]
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     for fragment in ("'org/tiny-model' is not a model alias or a local path, and not a reachable hub id",
                      "not in the local cache"):

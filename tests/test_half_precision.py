@@ -211,7 +211,8 @@ def compare_runs(got: dict[str, dict], reference: dict[str, dict], dtype: str, e
                                  f"{name} {row}")
     if "harness" in got:  # lm-eval's number against float32's built-in one (equal in float32: test_harness)
         expected = by_name(reference["eval_choice"])["zeroed + activation restored"]["results"]["lambada_openai"]
-        ours, theirs = got["harness"]["results"]["lambada_openai"], got["harness"]["results"]["sw_lambada_openai"]
+        harness = got["harness"]["configurations"][0]["results"]  # one run: a list of one
+        ours, theirs = harness["lambada_openai"], harness["sw_lambada_openai"]
         assert_metrics_close({"lambada_openai": ours}, {"lambada_openai": expected}, dtype, "harness, built-in")
         assert abs(theirs["acc"] - expected["acc"]) <= ACCURACY_ATOL
         # lm-eval rounds each log-likelihood: compare the mean negative log-likelihood, log(perplexity).
