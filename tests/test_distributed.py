@@ -181,15 +181,16 @@ def test_two_ranks_on_smollm2_compare_equals_one_process(gguf_cache, tmp_path):
     one = invoke(*args)
     assert one.exit_code == 0, one.output
     expected, got = ({run["name"]: run for run in document["configurations"]}
-                     for document in (json.loads(one.output), _ok(two)))
+                     for document in (json.loads(one.stdout), _ok(two)))  # stdout: a first GGUF load draws a bar on stderr
     assert list(got) == list(expected) and len(got) == 4
     for name in expected:
-        # Accuracies exactly; perplexities to 1e-5: torchrun runs each rank with OMP_NUM_THREADS=1, the
+        # Accuracies exactly; perplexities and their errors to 1e-4: torchrun runs each rank with OMP_NUM_THREADS=1, the
         # single process with the machine's threads, and a matmul summed in another order moved
-        # lambada's perplexity by 3e-6 relative (279.5426 vs 279.5435) in CI at stop 18.
+        # lambada's perplexity by 3e-6 relative (279.5426 vs 279.5435) and, zeroed, its bootstrap error by
+        # 2.4e-5 (7.2078e6 vs 7.2080e6) at stop 18.
         for task, metrics in expected[name]["results"].items():
             for metric, value in metrics.items():
-                close = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+                close = pytest.approx(value, rel=1e-4) if isinstance(value, float) else value
                 assert got[name]["results"][task][metric] == close, (name, task, metric)
         assert got[name]["config"]["ranks"] == 2
 
