@@ -250,21 +250,27 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
         if super_weights:
             labels = verification.labels() if verification is not None else {}
             lines += ["## Super weights", "", "`down_proj.weight[row, col]` of decoder layer `layer`; weight: its value; input act.: the "
-                      "down-projection input it multiplies; output spike: what the layer writes; effect: what "
-                      "zeroing it measured (superweight README, \"How detection decides\").", "",
+                      "down-projection input it multiplies; output spike: what the layer writes; role: what "
+                      "removing it measured, alone and within the set (superweight README, \"Vocabulary\").", "",
                       markdown_table(("layer", "row", "col", "expert", "weight", "input act.", "output spike", "conc.",
-                                      "share", "iter.", "effect"),
+                                      "share", "iter.", "role"),
                                      [(w.layer, w.row, w.col, w.expert, w.value, w.input_activation,
                                        w.output_spike, w.concentration, w.share, w.iteration,
                                        labels.get(w.key, w.role)) for w in super_weights]), ""]
             document["super_weights"] = [w.to_dict() for w in super_weights]
         if verification is not None:
-            lines += ["## Measured effect of each weight", "",
+            lines += ["## Measured effect of each candidate", "",
                       f"Perplexity on {_text_name(verification.text_source)} ({verification.num_tokens} tokens). "
-                      f"Labels: {verification.to_dict()['rule']}.", "",
+                      f"Roles: {verification.to_dict()['rule']}.", "",
                       markdown_table(("configuration", "perplexity", "x original"), verification.rows()), ""]
-            lines += [f"- prompt {c.prompt!r}: " + ("same coordinates" if c.same else "other coordinates: " + ", ".join(
-                str(list(k[:3])) for k in c.coordinates)) for c in verification.prompts] + [""]
+            if verification.attribution_rows():
+                lines += [f"Attribution within the set ({verification.attribution}): x when zeroed last = the "
+                          "perplexity ratio of zeroing it once every other candidate is zeroed; share of set = its "
+                          "Shapley value over the whole set's log-perplexity effect.", "",
+                          markdown_table(("weight", "x alone", "x zeroed last", "share of set", "role"),
+                                         verification.attribution_rows()), ""]
+            found = [e.weight.key for e in verification.effects]
+            lines += [f"- prompt {c.prompt!r}: {c.difference(found)}" for c in verification.prompts] + [""]
             document["verification"] = verification.to_dict()
         if table is not None:
             lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), "",
