@@ -121,3 +121,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"{len(_DESELECTED_CUDA)} cuda test(s) not run: torch sees no CUDA GPU here "
             "(they run on a GPU machine: bash scripts/gpu_check.sh)", yellow=True)
+
+
+def lm_eval_task_folder(tmp_path_factory, tasks: tuple[str, ...]) -> Path:
+    """A folder of lm-eval task YAMLs `sw_<task>` that read the local data (scripts/compare_lm_eval.py)."""
+    if importlib.util.find_spec("lm_eval") is None:
+        pytest.fail("lm-eval is not installed: run `bash scripts/setup.sh --test` (the test extra has it)")
+    spec = importlib.util.spec_from_file_location("compare_lm_eval", REPO / "scripts" / "compare_lm_eval.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    folder = tmp_path_factory.mktemp("lm_eval_tasks")
+    for task in tasks:
+        compare.write_lm_eval_task(task, str(DATA_DIR), folder)
+    return folder

@@ -22,7 +22,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import DATA_DIR, REPO
+from conftest import DATA_DIR, lm_eval_task_folder
 from superweight.cli import app
 
 HALF = ("bfloat16", "float16")
@@ -93,17 +93,7 @@ def byte_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def harness_tasks(tmp_path_factory) -> Path:
     """lm-eval task YAMLs `sw_lambada_openai` and `sw_piqa` that read the local data (tests/test_harness.py)."""
-    import importlib.util
-
-    if importlib.util.find_spec("lm_eval") is None:
-        pytest.fail("lm-eval is not installed: run `bash scripts/setup.sh --test` (the test extra has it)")
-    spec = importlib.util.spec_from_file_location("compare_lm_eval", REPO / "scripts" / "compare_lm_eval.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    folder = tmp_path_factory.mktemp("lm_eval_tasks")
-    for task in ("lambada_openai", "piqa"):
-        compare.write_lm_eval_task(task, str(DATA_DIR), folder)
-    return folder
+    return lm_eval_task_folder(tmp_path_factory, ("lambada_openai", "piqa"))
 
 
 MULTIPLE_CHOICE = "lambada_openai,piqa,arc_easy,arc_challenge,hellaswag,sciq,winogrande"

@@ -4,13 +4,12 @@ lm-eval reads the local data through task YAMLs written as scripts/compare_lm_ev
 (lm-eval's own task, its dataset swapped for a local JSON lines file), so nothing is downloaded.
 """
 
-import importlib.util
 import json
 import sys
 
 import pytest
 
-from conftest import DATA_DIR, REPO
+from conftest import DATA_DIR, REPO, lm_eval_task_folder
 from test_cli import assert_one_line_error, invoke
 
 SMOLLM2_SUPER_WEIGHTS = "super_weights:\n  - {layer: 11, row: 507, col: 1229}\n  - {layer: 11, row: 507, col: 1487}\n"
@@ -20,15 +19,7 @@ LIMIT = 8
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     """A folder of lm-eval task YAMLs `sw_<task>` that read /work/shared/data."""
-    if importlib.util.find_spec("lm_eval") is None:
-        pytest.fail("lm-eval is not installed: run `bash scripts/setup.sh --test` (the test extra has it)")
-    spec = importlib.util.spec_from_file_location("compare_lm_eval", REPO / "scripts" / "compare_lm_eval.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    folder = tmp_path_factory.mktemp("lm_eval_tasks")
-    for task in ("piqa", "lambada_openai"):
-        compare.write_lm_eval_task(task, str(DATA_DIR), folder)
-    return folder
+    return lm_eval_task_folder(tmp_path_factory, ("piqa", "lambada_openai"))
 
 
 @pytest.fixture
