@@ -21,7 +21,9 @@ weight = obj({"layer": int_, "row": int_, "col": int_, "expert": {"type": ["inte
 coordinate = obj({"layer": int_, "row": int_, "col": int_, "expert": {"type": ["integer", "string"]}}, required=["layer", "row", "col"])
 task_results = {"type": "object", "description": "task -> metric -> value, lm-eval's layout: `<metric>` and `<metric>_stderr`",
                 "additionalProperties": {"type": "object", "additionalProperties": {"anyOf": [num, str_, {"type": "null"}]}}}
-ablation_description = obj({"name": str_, "mode": nullable({"enum": ["zero", "scale"]}), "factor": nullable(num),
+kind = {"enum": ["unchanged", "ablated", "restored", "control"],
+        "description": "what the configuration does, whatever its name: a stable key for scripts"}
+ablation_description = obj({"name": str_, "kind": kind, "mode": nullable({"enum": ["zero", "scale"]}), "factor": nullable(num),
                             "restore_activation": bool_, "control": nullable(str_), "control_seed": nullable(int_),
                             "control_top": nullable(int_), "num_weights": int_,
                             "weights": {"anyOf": [arr(weight), str_]}},
@@ -96,7 +98,7 @@ write("study", "report.json as written: Table 1 as numbers with their standard e
                        ["model", "tasks", "limit", "seed", "evaluations", "tool"]),
            "super_weights": arr(weight), "verification": verification,
            "table": obj({"columns": arr(str_), "rows": arr(obj(
-               {"configuration": str_, "values": arr(nullable(num)),
+               {"configuration": str_, "kind": nullable(kind), "values": arr(nullable(num)),
                 "stderrs": {"type": "array", "items": nullable(num), "description": "null where no standard error is computed (word perplexity)"}}))},
                desc="Table 1: `values[j]` is the configuration's value of `columns[j]`, `stderrs[j]` its standard error"),
            "generations": arr(generation),

@@ -84,14 +84,15 @@ def test_evaluate_model_with_an_ablation_compares_it_with_the_original(planted_d
     recorder = Recorder()
     result = api.evaluate_model(str(planted_dir), coord=["1,7,13"], task=["wikitext"], output=tmp_path / "r.json",
                                 reporter=recorder, **QUICK)
-    zeroed = result.runs["super weights zeroed"]["results"]["wikitext"]["word_perplexity"]
+    zeroed = result.runs["weight [1, 7, 13] zeroed"]["results"]["wikitext"]["word_perplexity"]
     original = api.evaluate_model(str(planted_dir), task=["wikitext"], **QUICK)
     assert list(original.runs) == ["original"]
     assert zeroed != original.runs["original"]["results"]["wikitext"]["word_perplexity"]
     written = json.loads((tmp_path / "r.json").read_text())  # lm-eval's layout: results at the top
-    assert written == result.document and written["results"] == result.runs["super weights zeroed"]["results"]
-    assert [run["name"] for run in result.to_dict()["configurations"]] == ["super weights zeroed"]
-    assert recorder.stages["super weights zeroed: wikitext"][0] == recorder.stages["super weights zeroed: wikitext"][1]
+    assert written == result.document and written["results"] == result.runs["weight [1, 7, 13] zeroed"]["results"]
+    assert [run["name"] for run in result.to_dict()["configurations"]] == ["weight [1, 7, 13] zeroed"]
+    stage = "weight [1, 7, 13] zeroed: wikitext"
+    assert recorder.stages[stage][0] == recorder.stages[stage][1]
     assert result.table().columns[0] == "configuration"
 
 
@@ -107,7 +108,7 @@ def test_run_study_writes_the_report_and_reuses_the_cache(planted_dir, tmp_path)
     document = result.to_dict()
     assert document["table"] == result.table.to_dict()
     assert all(isinstance(v, float) for row in document["table"]["rows"] for v in row["values"])
-    assert [row[0] for row in result.table.rows][:2] == ["original", "super weights zeroed"]
+    assert [row[0] for row in result.table.rows][:2] == ["original", "candidate [1, 7, 13] zeroed"]
     assert document["meta"]["command"] == "sw study example" and result.meta["evaluations"]["total"] == 5 + 2
     with pytest.raises(UsageError, match="exists and is not empty"):
         api.run_study(str(planted_dir), **options)
@@ -132,7 +133,7 @@ def test_generate_text_continues_each_prompt_under_each_configuration(planted_di
     result = api.generate_text(str(planted_dir), coord=["1,7,13"], prompt="w10 w11 w12", max_new_tokens=2)
     assert result.prompts == ["w10 w11 w12"]
     assert [g.configuration for g in result.generations] == [c.name for c in result.configurations]
-    assert [c.name for c in result.configurations][:2] == ["original", "super weights zeroed"]
+    assert [c.name for c in result.configurations][:2] == ["original", "weight [1, 7, 13] zeroed"]
     assert result.to_dict()["decoding"] == "greedy"
 
 

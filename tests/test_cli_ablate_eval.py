@@ -184,9 +184,12 @@ def test_eval_json_layout_and_compare(tiny_llama_dir, coords_file, tmp_path):
     written = json.loads(output.read_text())  # lm-eval's layout, a file per configuration's results
     assert {name: run["results"] for name, run in written["configurations"].items()} == \
         {name: run["results"] for name, run in runs.items()}
-    assert list(runs) == ["original", "super weights zeroed", "zeroed + activation restored", "random control zeroed"]
+    assert [run["ablation"]["kind"] for run in runs.values()] == ["unchanged", "ablated", "restored", "control"]
+    # each row named by what it zeroed: the file's one weight (no measured role), one random weight
+    assert list(runs) == ["original", "weight [1, 3, 5] zeroed", "weight [1, 3, 5] zeroed + activation restored",
+                          "1 random weight zeroed"]
     for run in runs.values():
         assert set(run["results"]) == {"piqa", "arc_easy"}
         assert 0 <= run["results"]["piqa"]["acc"] <= 1 and "acc_norm_stderr" in run["results"]["piqa"]
         assert run["n_samples"]["piqa"]["effective"] == 4
-    assert runs["random control zeroed"]["ablation"]["control"] == "random"
+    assert runs["1 random weight zeroed"]["ablation"]["control"] == "random"

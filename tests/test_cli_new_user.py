@@ -103,7 +103,7 @@ def test_factor_alone_implies_scale_and_says_so(tiny_llama_dir, coords_file, tmp
     assert result.exit_code == 0, result.output
     [run] = json.loads(result.output)["configurations"]
     ablation = run["ablation"]
-    assert ablation["mode"] == "scale" and ablation["factor"] == 2.0 and ablation["name"] == "super weights scaled x2"
+    assert ablation["mode"] == "scale" and ablation["factor"] == 2.0 and ablation["name"] == "weight [1, 3, 5] scaled x2"
 
 
 @pytest.mark.parametrize("args,fragments", [

@@ -139,7 +139,7 @@ def test_detect_table_keeps_every_number_and_header_whole_in_80_columns(labels):
 def test_long_progress_labels_keep_their_end():
     from superweight.cli.app import keep_end
 
-    label = "evaluating configuration 3/4, super weights zeroed + activation restored: piqa"
+    label = "evaluating configuration 3/4, super weight [11, 507, 1229] zeroed + activation restored: piqa"
     assert keep_end(label, 30).endswith(": piqa") and len(keep_end(label, 30)) == 30
     assert keep_end("short", 30) == "short"
 

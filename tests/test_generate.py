@@ -94,11 +94,12 @@ def test_smollm2_generations_side_by_side(smollm2):
     before = snapshot(model)
     cached = generate(model, tokenizer, configurations, max_new_tokens=6)
     texts = {g.configuration: g.text for g in cached}
-    assert list(texts) == ["original", "super weights zeroed", "zeroed + activation restored",
-                           "random control zeroed"]
+    # rows named by what they zeroed: two weights given by coordinate (no measured role), and as many random ones
+    assert list(texts) == ["original", "2 weights zeroed", "2 weights zeroed + activation restored",
+                           "2 random weights zeroed"]
     assert texts["original"].startswith(" often a blend of spices")  # measured, docs/benchmarks.md
-    assert texts["super weights zeroed"] != texts["original"]
-    assert texts["zeroed + activation restored"] == texts["original"]
+    assert texts["2 weights zeroed"] != texts["original"]
+    assert texts["2 weights zeroed + activation restored"] == texts["original"]
     restored = configurations[2:3]
     uncached = generate(model, tokenizer, restored, max_new_tokens=6, use_cache=False)
     assert uncached[0].token_ids == cached[2].token_ids
@@ -119,14 +120,16 @@ def test_cli_generate_json_and_table(tiny_llama_dir):
     document = json.loads(result.output)
     assert document["max_new_tokens"] == 2 and document["decoding"] == "greedy"
     names = [c["name"] for c in document["configurations"]]
-    assert names == ["original", "super weights zeroed", "zeroed + activation restored", "random control zeroed"]
+    assert names == ["original", "weight [1, 3, 5] zeroed", "weight [1, 3, 5] zeroed + activation restored",
+                     "1 random weight zeroed"]
+    assert [c["kind"] for c in document["configurations"]] == ["unchanged", "ablated", "restored", "control"]
     assert [(g["prompt"], g["configuration"]) for g in document["generations"]] == [
         (p, n) for p in ("Apple Inc. is", "the of") for n in names]
     assert all(1 <= len(g["token_ids"]) <= 2 for g in document["generations"])
 
     table = invoke("generate", tiny_llama_dir, "--coord", "1,3,5", "--max-new-tokens", "1", "-q")
     assert table.exit_code == 0, table.output
-    assert "condiment is" in table.output and "zeroed + activation restored" in table.output
+    assert "condiment is" in table.output and "weight [1, 3, 5] zeroed + activation restored" in table.output
 
 
 @pytest.mark.parametrize("args, fragment, code", [

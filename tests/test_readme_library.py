@@ -50,6 +50,7 @@ def test_readme_library_section_runs_as_written(gguf_cache, tmp_path, monkeypatc
         assert text in printed
     assert len(loads) == 1
     assert (tmp_path / "smollm2-study" / "REPORT.md").is_file()
-    assert set(namespace["evaluation"].runs) >= {"original", "super weights zeroed"}
+    assert [run["ablation"]["kind"] for run in namespace["evaluation"].runs.values()] == [
+        "unchanged", "ablated", "restored", "control"]
     assert namespace["zeroed"] > 2 * namespace["perplexity"]() and namespace["restored"] < namespace["zeroed"]
     assert [w.key for w in namespace["result"].super_weights] == [w.key for w in namespace["found"].super_weights]

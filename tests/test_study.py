@@ -66,8 +66,9 @@ def test_default_outlier_count_scales_with_down_projection_size(monkeypatch):
 def test_study_configurations(planted):
     configurations = study_runs.study_configurations(planted, [SW], top=20, seed=3)
     assert [c.name for c in configurations] == [
-        "original", "super weights zeroed", "other 20 outliers zeroed", "zeroed + activation restored",
-        "random control zeroed"]
+        "original", f"weight {SW.label()} zeroed", "other 20 outliers zeroed",
+        f"weight {SW.label()} zeroed + activation restored", "1 random weight zeroed"]
+    assert [c.kind for c in configurations] == ["unchanged", "ablated", "control", "restored", "control"]
     original, zeroed, outliers, restored, random = configurations
     assert original.weights == ()
     assert zeroed.weights == (SW,) and zeroed.mode == "zero" and not zeroed.restore_activation
@@ -247,7 +248,7 @@ def test_study_leaves_model_bit_identical_and_writes_report(planted, tmp_path, m
     sweep = study_runs.scale_sweep_configurations([SW], [0.0, 1.0, 3.0])
     runs = study_runs.run_cached(cache, "tiny", planted, None, configurations + sweep, ["piqa", "sciq"])
     # the ablations really happened while evaluating
-    assert runs["super weights zeroed"]["results"]["piqa"]["acc"] == 0.0
+    assert runs[f"weight {SW.label()} zeroed"]["results"]["piqa"]["acc"] == 0.0
     assert runs["original"]["results"]["piqa"]["acc"] != 0.0
     profile = activation_profile(planted, PROMPT_IDS, [SW])
     tokenizer = build_word_tokenizer([str(i) for i in range(125)])
@@ -270,7 +271,7 @@ def test_study_leaves_model_bit_identical_and_writes_report(planted, tmp_path, m
     for png in ("scale_sweep.png", "activation_profile.png", "stop_words.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     text = (out / "REPORT.md").read_text()
-    assert "sw study tiny --top 5" in text and "| super weights zeroed |" in text
+    assert "sw study tiny --top 5" in text and f"| weight {SW.label()} zeroed |" in text
     assert "](scale_sweep.png)" in text and "](activation_profile.png)" in text and "Grows most" in text
     document = json.loads((out / "report.json").read_text())
     assert document["meta"]["command"] == "sw study tiny --top 5"
@@ -340,10 +341,12 @@ def test_report_opens_with_a_summary_says_what_model_and_explains_differences(tm
     from superweight.measure.configurations import SummaryTable
 
     columns = ["configuration", "wikitext word_perplexity", "piqa acc", "avg acc"]
-    rows = [["original", 30.713, 0.64, 0.4836], ["super weights zeroed", 129802099.419, 0.505, 0.2929],
-            ["other 129 outliers zeroed", 746.564, 0.55, 0.3564], ["zeroed + activation restored", 30.705, 0.64, 0.4836],
-            ["random control zeroed", 30.713, 0.64, 0.4836]]
-    table = SummaryTable(columns, [r[0] for r in rows], [r[1:] for r in rows], [[None] * 3 for _ in rows])
+    rows = [["original", 30.713, 0.64, 0.4836], ["super weight [11, 507, 1229] zeroed", 129802099.419, 0.505, 0.2929],
+            ["other 129 outliers zeroed", 746.564, 0.55, 0.3564],
+            ["super weight [11, 507, 1229] zeroed + activation restored", 30.705, 0.64, 0.4836],
+            ["1 random weight zeroed", 30.713, 0.64, 0.4836]]
+    kinds = ["unchanged", "ablated", "control", "restored", "control"]
+    table = SummaryTable(columns, [r[0] for r in rows], [r[1:] for r in rows], [[None] * 3 for _ in rows], kinds)
     shift = stop_words.StopWordShift(0.2678, 0.0287, 1.0, 1.0, 2048, 559,
                                      grows=[{"token": 1, "text": "rapers", "original": 1e-6, "ablated": 0.05}],
                                      shrinks=[{"token": 2, "text": " the", "original": 0.04, "ablated": 0.001}])
@@ -358,7 +361,7 @@ def test_report_opens_with_a_summary_says_what_model_and_explains_differences(tm
                            "text by `sw detect --verify`'s rule): layer 11, `down_proj.weight[507, 1229]`, super.")
     summary = text.split("\n\n")[2]
     for fragment in ("scores from wikitext word_perplexity 30.71, avg acc 0.4836 (original) to wikitext word_perplexity "
-                     "1.298e+08, avg acc 0.2929", "activation back", "30.7", "random control zeroed",
+                     "1.298e+08, avg acc 0.2929", "activation back", "30.7", "1 random weight zeroed",
                      "Controls: other 129 outliers zeroed: wikitext word_perplexity 746.6"):
         assert fragment in summary, summary
     for fragment in ("SmolLM2-135M-Instruct.Q4_1.gguf", "Instruct", "Q4_1", "float32", "cuda:0", "superweight 0.1.0",

@@ -10,22 +10,24 @@ from superweight.measure.configurations import summary_table
 from superweight.report.study import write_report
 
 
-def run(acc, acc_stderr, perplexity):
+def run(acc, acc_stderr, perplexity, kind="unchanged"):
     return {"results": {"wikitext": {"word_perplexity": perplexity, "word_perplexity_stderr": "N/A"},
-                        "piqa": {"acc": acc, "acc_stderr": acc_stderr, "acc_norm": acc, "acc_norm_stderr": "N/A"}}}
+                        "piqa": {"acc": acc, "acc_stderr": acc_stderr, "acc_norm": acc, "acc_norm_stderr": "N/A"}},
+            "ablation": {"kind": kind}}
 
 
-RUNS = {"original": run(0.6, 0.2449, 30.5), "super weights zeroed": run(0.8, 0.2, 1.3e7)}
+ZEROED = "super weight [11, 507, 1229] zeroed"
+RUNS = {"original": run(0.6, 0.2449, 30.5), ZEROED: run(0.8, 0.2, 1.3e7, "ablated")}
 
 
 def test_the_table_holds_numbers_with_their_errors_and_shows_them_as_lm_eval_does():
     table = summary_table(RUNS)
     assert table.columns == ["configuration", "wikitext word_perplexity", "piqa acc", "piqa acc_norm"]
-    assert table.names == ["original", "super weights zeroed"]
+    assert table.names == ["original", ZEROED] and table.kinds == ["unchanged", "ablated"]
     assert table.values[0] == [30.5, 0.6, 0.6] and table.stderrs[0] == [None, 0.2449, None]
     assert table.rows[0] == ["original", "30.500", "0.6000 ± 0.2449", "0.6000"]
     document = table.to_dict()
-    assert document["rows"][1] == {"configuration": "super weights zeroed", "values": [1.3e7, 0.8, 0.8],
+    assert document["rows"][1] == {"configuration": ZEROED, "kind": "ablated", "values": [1.3e7, 0.8, 0.8],
                                    "stderrs": [None, 0.2, None]}
     json.dumps(document)  # numbers and nulls only
 
@@ -34,7 +36,7 @@ def test_a_difference_within_its_error_is_noted_with_the_limit():
     table = summary_table(RUNS)
     assert table.limit_notes(None) == []
     assert table.limit_notes("--limit 5") == [
-        "with --limit 5, piqa acc differs by less than its standard error between original and super weights zeroed"]
+        f"with --limit 5, piqa acc differs by less than its standard error between original and {ZEROED}"]
     far = summary_table({"original": run(0.9, 0.01, 30.0), "zeroed": run(0.3, 0.01, 90.0)})
     assert far.limit_notes("--limit 5") == []
 

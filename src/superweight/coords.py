@@ -202,6 +202,21 @@ def requested(coords_file: str | Path | None, coord_texts: list[str] | None, sel
     return list(unique.values())
 
 
+def weights_named(weights: list[SuperWeight]) -> str:
+    """What a configuration acts on, in README's vocabulary, for a table row or a sentence: "super
+    weight [11, 507, 1229]", "3 super weights" (every one measured super or joint), "5 candidates"
+    (detection's, not all measured super), "2 weights" (given by coordinate, nothing measured)."""
+    if all(w.role in ("super", "joint") for w in weights):
+        noun = "super weight"
+    elif all(w.iteration is not None or w.role for w in weights):
+        noun = "candidate"
+    else:
+        noun = "weight"
+    if len(weights) == 1:
+        return f"{noun} {weights[0].label()}"
+    return f"{len(weights)} {noun}s"
+
+
 @dataclass(frozen=True)
 class Selection:
     """The weights a command acts on, and a sentence saying which and why (printed by the command)."""

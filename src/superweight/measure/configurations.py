@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..edit import ablate, restore
-from ..coords import SuperWeight
+from ..coords import SuperWeight, weights_named
 from ..errors import UsageError
 from .evaluate import evaluate
 from .harness import HarnessTasks, evaluate_harness
 
 CONTROLS = ("random", "outliers")
+# What a configuration does, whatever its row is called (a stable key for reports and scripts):
+# the model as given, weights zeroed or scaled, zeroed with the super activation written back, or a
+# control ablation of other weights.
+KINDS = ("unchanged", "ablated", "restored", "control")
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,17 @@ class Configuration:
     control_seed: int | None = None
     control_top: int | None = None
 
+    @property
+    def kind(self) -> str:
+        if not self.weights:
+            return "unchanged"
+        if self.control:
+            return "control"
+        return "restored" if self.restore_activation else "ablated"
+
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.name, "mode": self.mode if self.weights else None, "factor": self.factor,
+            "name": self.name, "kind": self.kind, "mode": self.mode if self.weights else None, "factor": self.factor,
             "restore_activation": self.restore_activation, "control": self.control,
             "control_seed": self.control_seed, "control_top": self.control_top,
             "num_weights": len(self.weights),
@@ -97,6 +109,23 @@ def control_weights(model, super_weights: list[SuperWeight], control: str, *, se
     raise UsageError(f"unknown --control '{control}'; use {' or '.join(CONTROLS)}")
 
 
+def ablated_name(weights: list[SuperWeight] | tuple[SuperWeight, ...], mode: str = "zero",
+                 factor: float | None = None, restore_activation: bool = False) -> str:
+    """A row named by what was done to what: "super weight [11, 507, 1229] zeroed", "3 super weights
+    scaled x0.5", "5 candidates zeroed + activation restored"."""
+    name = f"{weights_named(list(weights))} " + ("zeroed" if mode == "zero" else f"scaled x{factor:g}")
+    return name + " + activation restored" if restore_activation else name
+
+
+def control_name(chosen: list[SuperWeight] | tuple[SuperWeight, ...], control: str, mode: str = "zero",
+                 factor: float | None = None) -> str:
+    """A control row named by what it zeroed: "other 129 outliers zeroed", "3 random weights zeroed"."""
+    done = "zeroed" if mode == "zero" else f"scaled x{factor:g}"
+    if control == "outliers":
+        return f"other {len(chosen)} outliers {done}"
+    return f"{len(chosen)} random weight{'s' if len(chosen) != 1 else ''} {done}"
+
+
 def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, factor: float | None,
                          restore_activation: bool, control: str | None, seed: int, top: int | None,
                          unchanged: str = "original") -> Configuration:
@@ -110,25 +139,25 @@ def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, 
     if control:
         top = outlier_count(model, control, top)
         chosen = control_weights(model, super_weights, control, seed=seed, top=top)
-        return Configuration(f"{control} control ({mode})", tuple(chosen), mode, factor, False, control, seed, top)
-    name = "super weights " + ("zeroed" if mode == "zero" else f"scaled x{factor:g}")
-    if restore_activation:
-        name += " + activation restored"
-    return Configuration(name, tuple(super_weights), mode, factor, restore_activation)
+        return Configuration(control_name(chosen, control, mode, factor), tuple(chosen), mode, factor, False,
+                             control, seed, top)
+    return Configuration(ablated_name(super_weights, mode, factor, restore_activation), tuple(super_weights), mode,
+                         factor, restore_activation)
 
 
 def comparison_configurations(model, super_weights: list[SuperWeight], *, control: str | None, seed: int,
                               top: int | None, unchanged: str = "original") -> list[Configuration]:
-    """The paper's Table 1: original (`unchanged`), SW zeroed, SW zeroed + SA restored, and a control."""
+    """The paper's Table 1: original (`unchanged`), SW zeroed, SW zeroed + SA restored, and a control,
+    each row named by what it zeroed."""
     control = control or "random"
     top = outlier_count(model, control, top)
     chosen = control_weights(model, super_weights, control, seed=seed, top=top)
     weights = tuple(super_weights)
     return [
         Configuration(unchanged),
-        Configuration("super weights zeroed", weights),
-        Configuration("zeroed + activation restored", weights, restore_activation=True),
-        Configuration(f"{control} control zeroed", tuple(chosen), control=control, control_seed=seed, control_top=top),
+        Configuration(ablated_name(weights), weights),
+        Configuration(ablated_name(weights, restore_activation=True), weights, restore_activation=True),
+        Configuration(control_name(chosen, control), tuple(chosen), control=control, control_seed=seed, control_top=top),
     ]
 
 
@@ -198,6 +227,11 @@ class SummaryTable:
     names: list[str] = field(default_factory=list)
     values: list[list[float | None]] = field(default_factory=list)
     stderrs: list[list[float | None]] = field(default_factory=list)
+    kinds: list[str | None] = field(default_factory=list)  # each row's Configuration.kind (None: not known)
+
+    def row_of(self, kind: str) -> list[str] | None:
+        """The first row (display form) of a configuration of this kind, or None."""
+        return next((row for row, k in zip(self.rows, self.kinds) if k == kind), None)
 
     @property
     def metrics(self) -> list[str]:
@@ -210,10 +244,11 @@ class SummaryTable:
                 for name, values, errors in zip(self.names, self.values, self.stderrs)]
 
     def to_dict(self) -> dict[str, Any]:
-        """Numbers, not text: {"columns": metrics, "rows": [{"configuration", "values", "stderrs"}]}."""
+        """Numbers, not text: {"columns": metrics, "rows": [{"configuration", "kind", "values", "stderrs"}]}."""
+        kinds = self.kinds or [None] * len(self.names)
         return {"columns": self.metrics,
-                "rows": [{"configuration": name, "values": values, "stderrs": errors}
-                         for name, values, errors in zip(self.names, self.values, self.stderrs)]}
+                "rows": [{"configuration": name, "kind": kind, "values": values, "stderrs": errors}
+                         for name, kind, values, errors in zip(self.names, kinds, self.values, self.stderrs)]}
 
     def within_error(self) -> list[tuple[str, list[str]]]:
         """(metric, configurations) where a configuration differs from the first one (the model
@@ -299,6 +334,7 @@ def summary_table(runs: dict[str, dict[str, Any]]) -> SummaryTable:
             values.append(sum(accuracies) / len(accuracies) if None not in accuracies else None)
             errors.append(math.sqrt(sum(e * e for e in spread)) / len(spread) if None not in spread else None)
         table.names.append(name)
+        table.kinds.append(result.get("ablation", {}).get("kind"))
         table.values.append(values)
         table.stderrs.append(errors)
     return table

@@ -22,7 +22,7 @@ from ..edit import ablate
 from ..errors import UsageError
 from ..files import atomic_write_text
 from ..model.adapters import adapter_for, decoder_layers, down_proj_tensor, layer_experts
-from .configurations import Configuration, run_configurations
+from .configurations import Configuration, ablated_name, control_name, run_configurations
 from .tasks import resolve_task_names
 
 DEFAULT_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
@@ -94,9 +94,9 @@ def default_outlier_count(model: nn.Module) -> int:
 
 def study_configurations(model: nn.Module, super_weights: Sequence[SuperWeight], *, top: int | None = None,
                          seed: int = 0) -> list[Configuration]:
-    """The rows of the paper's Table 1: original, super weights zeroed, the other largest outliers
-    zeroed (super weights excluded), super weights zeroed with the super activation restored, and
-    as many random weights zeroed."""
+    """The rows of the paper's Table 1, each named by what it zeroed: original, the super weights
+    zeroed, the other largest outliers zeroed (super weights excluded), the super weights zeroed
+    with the super activation restored, and as many random weights zeroed."""
     if not super_weights:
         raise UsageError("a study needs at least one super weight (run `sw detect` or give --coords)")
     top = default_outlier_count(model) if top is None else top
@@ -105,10 +105,11 @@ def study_configurations(model: nn.Module, super_weights: Sequence[SuperWeight],
     random_weights = ablate.random_control(model, weights, seed=seed)
     return [
         Configuration("original"),
-        Configuration("super weights zeroed", weights),
-        Configuration(f"other {len(outliers)} outliers zeroed", tuple(outliers), control="outliers", control_top=top),
-        Configuration("zeroed + activation restored", weights, restore_activation=True),
-        Configuration("random control zeroed", tuple(random_weights), control="random", control_seed=seed),
+        Configuration(ablated_name(weights), weights),
+        Configuration(control_name(outliers, "outliers"), tuple(outliers), control="outliers", control_top=top),
+        Configuration(ablated_name(weights, restore_activation=True), weights, restore_activation=True),
+        Configuration(control_name(random_weights, "random"), tuple(random_weights), control="random",
+                      control_seed=seed),
     ]
 
 
@@ -171,7 +172,7 @@ def _effect(configuration: Configuration) -> dict[str, Any]:
     if not configuration.weights:
         return {"original": True}
     effect = configuration.describe()
-    del effect["name"]
+    del effect["name"], effect["kind"]
     if effect["mode"] == "scale" and effect["factor"] == 0:
         effect["mode"] = "zero"
     if effect["mode"] == "zero":

@@ -172,7 +172,9 @@ def metric_axis_label(task: str, metric: str) -> str:
     return f"{task} {metric}"
 
 
-def plot_activation_profile(before: list[LayerStats], after: list[LayerStats], path: str | Path) -> Path:
+def plot_activation_profile(before: list[LayerStats], after: list[LayerStats], path: str | Path,
+                            zeroed: str = "super weights") -> Path:
+    """`zeroed` names what was zeroed ("super weight [11, 507, 1229]", "3 super weights")."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
     layers = [s.layer for s in before]
@@ -181,7 +183,7 @@ def plot_activation_profile(before: list[LayerStats], after: list[LayerStats], p
         ax.plot(layers, [max(getattr(s, attribute), 1e-12) for s in before], marker="o", ms=3, lw=1.2,
                 color="#3366aa", label="original")
         ax.plot(layers, [max(getattr(s, attribute), 1e-12) for s in after], marker="x", ms=4, lw=1.2,
-                color="#cc3311", label="super weights zeroed")
+                color="#cc3311", label=f"{zeroed} zeroed")
         ax.set_yscale("log")
         readable_log_axis(ax)
         ax.set_xlabel("decoder layer (index)")
@@ -189,12 +191,12 @@ def plot_activation_profile(before: list[LayerStats], after: list[LayerStats], p
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="both", ls=":", lw=0.5)
         ax.legend(fontsize=8)
-    fig.suptitle("Down-projection activations before and after zeroing the super weights", fontsize=11)
+    fig.suptitle(f"Down-projection activations before and after zeroing the {zeroed}", fontsize=11)
     return save_figure(fig, path)
 
 
-def plot_scale_sweep(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Perplexity (log y) and average accuracy against the scaling factor s; s = 1 marked."""
+def plot_scale_sweep(rows: list[dict[str, Any]], path: str | Path, scaled: str = "super weights") -> Path:
+    """Perplexity (log y) and average accuracy against the scaling factor s of `scaled`; s = 1 marked."""
     plt = pyplot()
     panels = [(key, label, log) for key, label, log in SWEEP_METRICS if any(r.get(key) is not None for r in rows)]
     if not panels:
@@ -213,12 +215,13 @@ def plot_scale_sweep(rows: list[dict[str, Any]], path: str | Path) -> Path:
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="both", ls=":", lw=0.5)
         ax.legend(fontsize=8)
-    fig.suptitle("Scaling the super weights", fontsize=11)
+    fig.suptitle(f"Scaling the {scaled}", fontsize=11)
     return save_figure(fig, path)
 
 
-def plot_stop_word_shift(shift: StopWordShift, path: str | Path) -> Path:
-    """Stop-word probability mass before/after, and the tokens that gain and lose most."""
+def plot_stop_word_shift(shift: StopWordShift, path: str | Path, zeroed: str = "super weights") -> Path:
+    """Stop-word probability mass before/after, and the tokens that gain and lose most; `zeroed`
+    names what was zeroed ("super weight [11, 507, 1229]", "3 super weights")."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 2.4]})
     axes[0].bar(["original", "zeroed"], [shift.stop_mass_original, shift.stop_mass_ablated],
@@ -237,5 +240,5 @@ def plot_stop_word_shift(shift: StopWordShift, path: str | Path) -> Path:
     axes[1].set_xlabel("change in mean next-token probability (zeroed - original)")
     axes[1].set_ylabel("token")
     axes[1].grid(True, axis="x", ls=":", lw=0.5)
-    fig.suptitle("Next-token probability when the super weights are zeroed (stop words and largest changes)", fontsize=11)
+    fig.suptitle(f"Next-token probability with the {zeroed} zeroed (stop words and largest changes)", fontsize=11)
     return save_figure(fig, path)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..coords import SuperWeight
+from ..coords import SuperWeight, weights_named
 from ..files import atomic_directory
 from ..measure.activation_profile import ActivationProfile
 from ..measure.configurations import SummaryTable
@@ -80,10 +80,6 @@ def _column(table: SummaryTable, *wanted: str) -> int | None:
     return None
 
 
-def _row(table: SummaryTable, test) -> list[Any] | None:
-    return next((row for row in table.rows if test(str(row[0]))), None)
-
-
 def summary_lines(super_weights: Sequence[SuperWeight], table: SummaryTable | None,
                   stop_words: StopWordShift | None) -> list[str]:
     """The paragraph a reader can quote: the super weights, what zeroing and restoring them does,
@@ -106,10 +102,8 @@ def summary_lines(super_weights: Sequence[SuperWeight], table: SummaryTable | No
         def values(row: list[Any] | None) -> str:
             return ", ".join(f"{table.columns[i]} {readable(row[i])}" for i, _ in metrics) if row else ""
 
-        original = _row(table, lambda name: name == "original")
-        zeroed = _row(table, lambda name: name == "super weights zeroed")
-        restored = _row(table, lambda name: "restored" in name)
-        controls = [row for row in table.rows if "control" in str(row[0]) or "outliers" in str(row[0])]
+        original, zeroed, restored = (table.row_of(kind) for kind in ("unchanged", "ablated", "restored"))
+        controls = [row for row, kind in zip(table.rows, table.kinds) if kind == "control"]
         if original and zeroed and metrics:
             lines.append(f"Zeroing them moves the scores from {values(original)} (original) to {values(zeroed)}.")
         if restored and metrics:
@@ -120,7 +114,7 @@ def summary_lines(super_weights: Sequence[SuperWeight], table: SummaryTable | No
             lines.append("± is the standard error of the mean over the documents read.")
     if stop_words is not None:
         lines.append(f"Mean next-token probability on stop words: {stop_words.stop_mass_original:.4g} original, "
-                     f"{stop_words.stop_mass_ablated:.4g} with the super weights zeroed.")
+                     f"{stop_words.stop_mass_ablated:.4g} with the {_zeroed(super_weights)} zeroed.")
     return [lines[0], "", " ".join(lines[2:]), ""]
 
 
@@ -179,8 +173,9 @@ def differences_lines(table: SummaryTable | None, stop_words: StopWordShift | No
             "The paper's stop-word increase is a finding about a model that still writes fluent text without them.")
     if table is not None:
         perplexity = _column(table, "word_perplexity", "perplexity")
-        original = _row(table, lambda name: name == "original")
-        outliers = _row(table, lambda name: "outliers" in name)
+        original = table.row_of("unchanged")
+        outliers = next((row for row, kind in zip(table.rows, table.kinds) if kind == "control" and "outliers" in row[0]),
+                        None)
 
         def number(cell: Any) -> float | None:
             try:
@@ -200,9 +195,14 @@ def differences_lines(table: SummaryTable | None, stop_words: StopWordShift | No
     return ["## Where this differs from the paper", "", *notes, ""] if notes else []
 
 
-def _stop_word_section(shift: StopWordShift) -> list[str]:
+def _zeroed(super_weights: Sequence[SuperWeight]) -> str:
+    """What the study zeroed, for sentences and titles: "super weight [11, 507, 1229]", "3 super weights"."""
+    return weights_named(list(super_weights)) if super_weights else "super weights"
+
+
+def _stop_word_section(shift: StopWordShift, super_weights: Sequence[SuperWeight]) -> list[str]:
     lines = [
-        "## Stop-word shift (super weights zeroed)", "",
+        f"## Stop-word shift ({_zeroed(super_weights)} zeroed)", "",
         f"Mean next-token probability on {shift.num_stop_tokens} stop-word tokens over {shift.num_positions} "
         f"positions: original {shift.stop_mass_original:.4f}, zeroed {shift.stop_mass_ablated:.4f}.", "",
     ]
@@ -286,15 +286,15 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
         if sweep_rows:
             lines += ["## Scaling the super weights", "", markdown_table(*sweep_table(sweep_rows)), "",
                       f"![scale sweep]({SWEEP_PLOT})", ""]
-            plot_scale_sweep(sweep_rows, tmp / SWEEP_PLOT)
+            plot_scale_sweep(sweep_rows, tmp / SWEEP_PLOT, scaled=_zeroed(super_weights))
             document["sweep"] = sweep_rows
         if stop_words is not None:
-            lines += _stop_word_section(stop_words) + [f"![stop-word shift]({STOP_WORDS_PLOT})", ""]
-            plot_stop_word_shift(stop_words, tmp / STOP_WORDS_PLOT)
+            lines += _stop_word_section(stop_words, super_weights) + [f"![stop-word shift]({STOP_WORDS_PLOT})", ""]
+            plot_stop_word_shift(stop_words, tmp / STOP_WORDS_PLOT, zeroed=_zeroed(super_weights))
             document["stop_words"] = stop_words.to_dict()
         if profile is not None:
             lines += ["## Activation profile", "", f"![activation profile]({PROFILE_PLOT})", ""]
-            plot_activation_profile(profile.before, profile.after, tmp / PROFILE_PLOT)
+            plot_activation_profile(profile.before, profile.after, tmp / PROFILE_PLOT, zeroed=_zeroed(super_weights))
             document["activation_profile"] = profile.to_dict()
         (tmp / REPORT_FILE).write_text("\n".join(lines), encoding="utf-8")
         (tmp / JSON_FILE).write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
