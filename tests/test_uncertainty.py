@@ -36,7 +36,7 @@ def test_a_difference_within_its_error_is_noted_with_the_limit():
     table = summary_table(RUNS)
     assert table.limit_notes(None) == []
     assert table.limit_notes("--limit 5") == [
-        f"with --limit 5, piqa acc differs by less than its standard error between original and {ZEROED}"]
+        "with --limit 5, these differ from original by less than their standard error:", f"- piqa acc: {ZEROED}"]
     far = summary_table({"original": run(0.9, 0.01, 30.0), "zeroed": run(0.3, 0.01, 90.0)})
     assert far.limit_notes("--limit 5") == []
 
@@ -57,7 +57,8 @@ def test_report_json_holds_numbers_and_report_md_shows_the_errors(tmp_path):
     assert document["table"]["rows"][0]["stderrs"][1] == 0.2449
     report = (tmp_path / "study" / "REPORT.md").read_text()
     assert "| original | 30.5 | 0.6 ± 0.2449 | 0.6 |" in report
-    assert "with --limit 5, piqa acc differs by less than its standard error" in report
+    assert "Note: with --limit 5, these differ from original by less than their standard error:\n\n- piqa acc: " \
+        f"{ZEROED}\n" in report
     assert "1.3e+07" in report
 
 
@@ -73,7 +74,9 @@ def test_sw_eval_compare_prints_errors_and_the_limit_note(tiny_llama_dir, tmp_pa
     from superweight.measure.configurations import summary_table as table_of
 
     table = table_of({run["name"]: run for run in document["configurations"]})
-    assert "note: with --limit 4, piqa acc differs by less than its standard error between original and" \
-        in result.output
-    for note in table.limit_notes("--limit 4"):
-        assert f"note: {note}" in result.output
+    notes = table.limit_notes("--limit 4")
+    assert notes[0] == "with --limit 4, these differ from original by less than their standard error:"
+    assert notes[1].startswith("- piqa acc: ")
+    assert f"note: {notes[0]}" in result.output
+    for note in notes[1:]:
+        assert f"  {note}" in result.output

@@ -86,8 +86,7 @@ def eval_(
                      + (f"; (lm-eval) columns computed by {result.harness_computed_by}"
                         if result.harness_computed_by else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])
-        for note in result.notes():
-            stdout.print(f"note: {note}", soft_wrap=True)
+        print_notes(result.notes())
         if output:
             stdout.print(f"results written to {output} (lm-eval's layout)")
 
@@ -211,9 +210,14 @@ def study(
         documents = meta["documents_note"]
         print_table(f"{meta['model']['spec']}" + (f", {documents}" if documents else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])
-        for note in result.notes():
-            stdout.print(f"note: {note}", soft_wrap=True)
+        print_notes(result.notes())
         stdout.print(f"report written to {result.report} ({cached} of "
                      f"{meta['evaluations']['total']} task evaluations from the cache)", soft_wrap=True)
 
     session.run(work)
+
+
+def print_notes(notes: list[str]) -> None:
+    """A table's notes: the lead line after "note: ", its items indented below it."""
+    for i, note in enumerate(notes):
+        stdout.print(("note: " if i == 0 else "  ") + note, soft_wrap=True)

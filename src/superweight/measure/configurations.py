@@ -264,12 +264,16 @@ class SummaryTable:
         return found
 
     def limit_notes(self, reading: str | None) -> list[str]:
-        """One line per metric whose difference is smaller than its error when only some documents
-        are read; `reading` says which ("--limit 5"), None or "" when every document is read."""
+        """When only some documents are read (`reading` says which: "--limit 5"; None or "" when
+        every document is read): a lead line, then one "- metric: configurations" line per metric
+        whose difference from the first configuration is smaller than its standard error."""
         if not reading or not self.names:
             return []
-        return [f"with {reading}, {metric} differs by less than its standard error between "
-                f"{self.names[0]} and {', '.join(names)}" for metric, names in self.within_error()]
+        close = self.within_error()
+        if not close:
+            return []
+        return [f"with {reading}, these differ from {self.names[0]} by less than their standard error:",
+                *(f"- {metric}: {', '.join(names)}" for metric, names in close)]
 
 
 def display(column: str, value: float | None, error: float | None) -> str:

@@ -105,9 +105,11 @@ def summary_lines(super_weights: Sequence[SuperWeight], table: SummaryTable | No
         original, zeroed, restored = (table.row_of(kind) for kind in ("unchanged", "ablated", "restored"))
         controls = [row for row, kind in zip(table.rows, table.kinds) if kind == "control"]
         if original and zeroed and metrics:
-            lines.append(f"Zeroing them moves the scores from {values(original)} (original) to {values(zeroed)}.")
+            lines.append(f"Zeroing {'it' if len(super_weights) == 1 else 'them'} moves the scores from "
+                         f"{values(original)} (original) to {values(zeroed)}.")
         if restored and metrics:
-            lines.append(f"Writing the super activation back with the super weights still zeroed gives {values(restored)}.")
+            lines.append(f"Writing the super activation back with the {_zeroed(super_weights)} still zeroed gives "
+                         f"{values(restored)}.")
         if controls and metrics:
             lines.append("Controls: " + "; ".join(f"{row[0]}: {values(row)}" for row in controls) + ".")
         if any("±" in str(cell) for row in table.rows for cell in row):
@@ -277,14 +279,14 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
                       "± is the standard error over the documents read (none is computed for word perplexity, "
                       "as in lm-eval).", ""]
             notes = table.limit_notes(table_reading(meta))
-            if notes:
-                lines += ["Note: " + "; ".join(notes) + ".", ""]
+            if notes:  # a lead sentence, then one bullet per metric
+                lines += ["Note: " + notes[0], "", *notes[1:], ""]
             document["table"] = table.to_dict()
         if generations:
             lines += _generations_section(generations)
             document["generations"] = [g.to_dict() for g in generations]
         if sweep_rows:
-            lines += ["## Scaling the super weights", "", markdown_table(*sweep_table(sweep_rows)), "",
+            lines += [f"## Scaling the {_zeroed(super_weights)}", "", markdown_table(*sweep_table(sweep_rows)), "",
                       f"![scale sweep]({SWEEP_PLOT})", ""]
             plot_scale_sweep(sweep_rows, tmp / SWEEP_PLOT, scaled=_zeroed(super_weights))
             document["sweep"] = sweep_rows
