@@ -11,6 +11,9 @@ by the project's own .venv, on the dequantized model for the others), the size, 
 weight's value after quantization and dequantization, and reads back from the quantizer's output
 which modules stayed in high precision. Each variant's result is cached as JSON under --work
 (rerun skips what is done; --redo QUANTIZER reruns one). Writes --json and prints a markdown table.
+
+Quantizing, dequantizing and reading back are `sw quantize --quantizer`'s own steps
+(superweight/edit/quantizer_worker.py); this script adds the timings, the control and the table.
 """
 from __future__ import annotations
 
@@ -33,16 +36,21 @@ LLAMA_BIN = CACHE / f"llama.cpp-build-{LLAMA_VERSION}" / "bin"
 PROJECT_PYTHON = os.environ.get("SUPERWEIGHT_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 SW = [PROJECT_PYTHON, "-m", "superweight"]
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+sys.path.insert(0, str(ROOT / "src"))  # the worker's steps, from this checkout too
+from superweight.edit.quantizer_worker import (bitsandbytes_config, bitsandbytes_dequantized, down_proj_after,  # noqa: E402
+                                               folder_size, gguf_read_back, llm_compressor_dequantized,
+                                               llm_compressor_recipe, load_float32, quanto_dequantized,
+                                               quanto_quantize, super_weight_values, write_float_model)
+
 DATA_DIR = Path(os.environ.get("SUPERWEIGHT_DATA", "/work/shared/data"))
 WIKITEXT = DATA_DIR / "wikitext" / "wikitext-2-raw-v1_test_documents.jsonl"
 
 LLAMA_TYPES = ["Q8_0", "Q4_K_M", "Q3_K_S", "Q2_K", "Q4_0"]
-# llm-compressor: (name, bits, strategy, group size); symmetric int weights, activations 16-bit.
-# Groups of 128 (the W4A16 preset) are refused on SmolLM2: 576 columns are not a multiple of 128
-# (kept below to record the error); 64 divides both 576 and 1536.
-LLMC_SCHEMES = [("W8A16 channel", 8, "channel", None), ("W4A16 group128", 4, "group", 128),
-                ("W4A16 channel", 4, "channel", None), ("W4A16 group64", 4, "group", 64),
-                ("W3A16 group64", 3, "group", 64), ("W2A16 group64", 2, "group", 64)]
+# llm-compressor: (name, bits, group size: None for one scale per channel); symmetric int
+# weights, activations 16-bit. Groups of 128 (the W4A16 preset) are refused on SmolLM2: 576
+# columns are not a multiple of 128 (kept below to record the error); 64 divides both 576 and 1536.
+LLMC_SCHEMES = [("W8A16 channel", 8, None), ("W4A16 group128", 4, 128), ("W4A16 channel", 4, None),
+                ("W4A16 group64", 4, 64), ("W3A16 group64", 3, 64), ("W2A16 group64", 2, 64)]
 # quanto: (name, qtype, per-axis?) -- quanto's own default for qint4/qint2 is groups of 128
 # (96 where 128 does not divide the row); per-axis sets the module's group size to None.
 QUANTO_SCHEMES = [("qint8 per-axis", "qint8", True), ("qint4 group128", "qint4", False),
@@ -54,6 +62,7 @@ CONTROL_LAYERS = [5, 15, 25]
 CONTROL_RUNS = {"llama.cpp": ["Q3_K_S", "Q2_K", "Q4_0"], "llm-compressor": ["W4A16 channel"],
                 "quanto": ["qint4 group128", "qint4 per-axis"]}
 RTN_SETTINGS = [(4, 128), (3, 128), (8, 128)]
+DOWN_PROJ = "model.layers.{}.mlp.down_proj"  # SmolLM2 is a Llama
 
 
 def log(message: str) -> None:
@@ -70,10 +79,6 @@ def checked(cmd: list, **kwargs) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     return result.stdout
-
-
-def folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))
 
 
 # --- the float32 model, the coordinates and what `sw export` writes ---------------------------
@@ -137,43 +142,12 @@ class Setup:
         metrics = json.loads(out)["results"]["wikitext"]
         return {k: metrics[k] for k in ("word_perplexity", "byte_perplexity", "bits_per_byte")}
 
-    def write_float_model(self, tensors: dict, out: Path) -> Path:
-        """The float32 checkpoint with `tensors` (name -> dequantized weight) replaced."""
-        from safetensors.torch import load_file, save_file
-        out.mkdir(parents=True, exist_ok=True)
-        for name in os.listdir(self.model_dir):
-            if name != "model.safetensors":
-                shutil.copy(self.model_dir / name, out / name)
-        state = load_file(self.model_dir / "model.safetensors")
-        for name, tensor in tensors.items():
-            assert name in state and state[name].shape == tensor.shape, name
-            state[name] = tensor.to(state[name].dtype).contiguous()
-        save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-        return out
-
-    def values_from(self, weight_of) -> dict:
-        return {f"{l},{r},{c}": float(weight_of(f"model.layers.{l}.mlp.down_proj")[r, c])
-                for l, r, c in self.super_weights}
+    def values_after(self, model, dequantized: dict) -> dict:
+        """The super weights' values after quantization: dequantized, or kept in float."""
+        return super_weight_values(self.super_weights, down_proj_after(DOWN_PROJ, model, dequantized))
 
 
 # --- llama.cpp -------------------------------------------------------------------------------
-
-def gguf_tensor_types(path: Path) -> dict:
-    from gguf import GGUFReader
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
-
-
-def gguf_values(setup: Setup, path: Path) -> dict:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
-    values = {}
-    for layer, row, col in setup.super_weights:
-        t = tensors[f"blk.{layer}.ffn_down.weight"]
-        matrix = dequantize(t.data, t.tensor_type)  # numpy (rows, cols) = (hidden, intermediate)
-        values[f"{layer},{row},{col}"] = float(matrix[row, col])
-    return values
-
 
 def llama_perplexity(setup: Setup, gguf: Path) -> dict:
     # --no-repack: this build's AMX buffer type (GGML_NATIVE on a CPU with AMX) segfaults in
@@ -201,9 +175,9 @@ def measure_llama(setup: Setup, qtype: str, mode: str) -> dict:
     started = time.time()
     checked(cmd + [src, out, qtype])
     quantize_s = time.time() - started
-    types = gguf_tensor_types(out)
+    values, types = gguf_read_back(out, setup.super_weights)
     result = {"quantize_s": round(quantize_s, 1), "size_bytes": out.stat().st_size,
-              "values": gguf_values(setup, out), "tensor_types": types,
+              "values": values, "tensor_types": types,
               "perplexity": llama_perplexity(setup, out)}
     if setup.args.sw_eval_gguf:
         result["sw_eval"] = sw_eval_gguf(setup, out)
@@ -226,42 +200,22 @@ def sw_eval_gguf(setup: Setup, gguf: Path) -> dict:
 # --- llm-compressor --------------------------------------------------------------------------
 
 def measure_llmc(setup: Setup, scheme: tuple, mode: str) -> dict:
-    import torch
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForCausalLM
 
-    name, bits, strategy, group_size = scheme
+    name, bits, group_size = scheme
     out = setup.work / "llmc" / f"{name.replace(' ', '-')}-{mode}"
     shutil.rmtree(out, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy=strategy,
-                               group_size=group_size)
-    recipe = QuantizationModifier(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-        ignore=setup.llmc_ignore[mode])
+    model = load_float32(setup.model_dir)
+    recipe = llm_compressor_recipe(bits, group_size, setup.llmc_ignore[mode])
     started = time.time()
     oneshot(model=model, recipe=recipe)  # data-free: weight-only round-to-nearest with its observers
     quantize_s = time.time() - started
-    dequantized, kept = {}, []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        scheme_args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
-        if scheme_args is None:
-            kept.append(module_name)
-            continue
-        with torch.no_grad():
-            dequantized[f"{module_name}.weight"] = fake_quantize(
-                module.weight, module.weight_scale, getattr(module, "weight_zero_point", None),
-                scheme_args).detach().clone()
+    dequantized, kept = llm_compressor_dequantized(model)
     model.save_pretrained(out, save_compressed=True)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    float_dir = setup.write_float_model(dequantized, setup.work / "llmc-float" / out.name)
-    values = setup.values_from(lambda m: dequantized[f"{m}.weight"] if f"{m}.weight" in dequantized
-                               else dict(model.named_modules())[m].weight.detach())
+    float_dir = setup.work / "llmc-float" / out.name
+    write_float_model(setup.model_dir, dequantized, float_dir)
+    values = setup.values_after(model, dequantized)
     result = {"quantize_s": round(quantize_s, 1), "size_bytes": folder_size(out), "values": values,
               "saved_ignore": config.get("ignore"), "saved_format": config.get("format"),
               "unquantized_linear": kept, "perplexity": setup.sw_eval(float_dir)}
@@ -272,37 +226,22 @@ def measure_llmc(setup: Setup, scheme: tuple, mode: str) -> dict:
 # --- optimum-quanto --------------------------------------------------------------------------
 
 def measure_quanto(setup: Setup, scheme: tuple, mode: str) -> dict:
-    import torch
-    from optimum import quanto
-    from optimum.quanto.nn import QModuleMixin
-    from transformers import AutoModelForCausalLM
-
     name, qtype, per_axis = scheme
-    model = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32)
+    model = load_float32(setup.model_dir)
     started = time.time()
-    quanto.quantize(model, weights=getattr(quanto, qtype), exclude=setup.hf_skips[mode])
-    if per_axis:
-        for module in model.modules():
-            if isinstance(module, QModuleMixin):
-                module.weight_group_size = None
-    quanto.freeze(model)
+    quanto_quantize(model, qtype, per_axis, setup.hf_skips[mode])
     quantize_s = time.time() - started
-    dequantized, kept, memory = {}, [], 0
-    seen = set()
+    memory, seen = 0, set()  # tied weights (the embeddings and the head) counted once
     for key, tensor in model.state_dict().items():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             memory += tensor.numel() * tensor.element_size()
-    for module_name, module in model.named_modules():
-        if isinstance(module, QModuleMixin):
-            dequantized[f"{module_name}.weight"] = module.weight.dequantize().detach().float().clone()
-        elif isinstance(module, torch.nn.Linear):
-            kept.append(f"{module_name} ({module.weight.dtype})")
-    float_dir = setup.write_float_model(dequantized, setup.work / "quanto-float" / f"{qtype}-{per_axis}-{mode}")
-    values = setup.values_from(lambda m: dequantized[f"{m}.weight"] if f"{m}.weight" in dequantized
-                               else dict(model.named_modules())[m].weight.detach())
+    dequantized, kept = quanto_dequantized(model)
+    float_dir = setup.work / "quanto-float" / f"{qtype}-{per_axis}-{mode}"
+    write_float_model(setup.model_dir, dequantized, float_dir)
+    values = setup.values_after(model, dequantized)
     result = {"quantize_s": round(quantize_s, 1), "size_bytes": memory, "size_kind": "state dict bytes",
-              "values": values, "unquantized_linear": kept, "perplexity": setup.sw_eval(float_dir)}
+              "values": values, "unquantized_linear": with_dtypes(model, kept), "perplexity": setup.sw_eval(float_dir)}
     shutil.rmtree(float_dir)
     return result
 
@@ -310,39 +249,26 @@ def measure_quanto(setup: Setup, scheme: tuple, mode: str) -> dict:
 # --- bitsandbytes ----------------------------------------------------------------------------
 
 def measure_bnb(setup: Setup, scheme: tuple, mode: str) -> dict:
-    import bitsandbytes as bnb
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     name, kind = scheme
-    skip = setup.hf_skips[mode]
-    config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                 bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
-              if kind == "nf4" else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip))
+    config = bitsandbytes_config(kind, setup.hf_skips[mode])
     started = time.time()
-    model = AutoModelForCausalLM.from_pretrained(setup.model_dir, dtype=torch.float32,
-                                                 quantization_config=config, device_map="cpu")
+    model = load_float32(setup.model_dir, quantization_config=config, device_map="cpu")
     quantize_s = time.time() - started
-    dequantized, kept = {}, []
-    for module_name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            w = module.weight.data.float() * module.weight.SCB.float()[:, None] / 127
-        elif isinstance(module, torch.nn.Linear):
-            kept.append(f"{module_name} ({module.weight.dtype})")
-            continue
-        else:
-            continue
-        dequantized[f"{module_name}.weight"] = w.float().detach().clone()
-    float_dir = setup.write_float_model(dequantized, setup.work / "bnb-float" / f"{kind}-{mode}")
-    values = setup.values_from(lambda m: dequantized[f"{m}.weight"] if f"{m}.weight" in dequantized
-                               else dict(model.named_modules())[m].weight.detach())
+    dequantized, kept = bitsandbytes_dequantized(model)
+    float_dir = setup.work / "bnb-float" / f"{kind}-{mode}"
+    write_float_model(setup.model_dir, dequantized, float_dir)
+    values = setup.values_after(model, dequantized)
     result = {"quantize_s": round(quantize_s, 1), "size_bytes": model.get_memory_footprint(),
-              "size_kind": "get_memory_footprint", "values": values, "unquantized_linear": kept,
+              "size_kind": "get_memory_footprint", "values": values, "unquantized_linear": with_dtypes(model, kept),
               "perplexity": setup.sw_eval(float_dir)}
     shutil.rmtree(float_dir)
     return result
+
+
+def with_dtypes(model, names: list) -> list:
+    """Each module left in float, named with its dtype (`name (torch.float32)`): read_back checks it."""
+    modules = dict(model.named_modules())
+    return [f"{name} ({modules[name].weight.dtype})" for name in names]
 
 
 # --- the paper's RTN (`sw quantize`) ---------------------------------------------------------

@@ -1,8 +1,11 @@
-"""Exception types the CLI turns into one-line messages.
+"""Exception types the CLI turns into one-line messages, and the "did you mean" they suggest.
 
 Every error a user can cause raises a subclass of `SuperweightError` whose message says what is
 wrong and what to do about it. The CLI prints `error: <message>` and exits with `exit_code`.
 """
+
+import difflib
+from typing import Iterable
 
 
 class SuperweightError(Exception):
@@ -49,3 +52,10 @@ class MissingDependencyError(SuperweightError):
 
 class RankFailed(SuperweightError):
     """Another rank of a distributed run failed, hung or died; the message names it."""
+
+
+def closest_name(name: str, known: Iterable[str], cutoff: float) -> str | None:
+    """The known name `name` is most likely a typo of, for an error's "did you mean": the closest
+    one with a similarity of at least `cutoff` (0..1), else None."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=cutoff)
+    return close[0] if close else None

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 
 from .app import Session, stdout
-from .options import (CONTROL, CONTROL_SEED, COORD, COORDS, DEBUG, FACTOR, JSON, MODE, MODEL_ARG, QUIET, SELECT, TOP,
-                      first_documents, loads_model, print_table)
+from .options import (CONTROL, CONTROL_SEED, COORD, COORDS, DATA_DIR, DEBUG, FACTOR, FORCE_OUT_DIR, JSON, MAX_LENGTH, MODE,
+                      MODEL_ARG, QUIET, SELECT, TOP, first_documents, loads_model, print_table)
 
 
 @loads_model()
@@ -25,7 +25,7 @@ def ablate(
     top: Optional[int] = TOP,
     seed: int = CONTROL_SEED,
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory for the ablated model (safetensors)."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+    force: bool = FORCE_OUT_DIR,
     as_json: bool = JSON,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -140,9 +140,9 @@ def quantize(
                                                                    "down-projection input, naive vs super-activation-aware."),
     activation_bits: int = typer.Option(8, "--activation-bits", metavar="N", help="Bits for --activations (default 8)."),
     task: list[str] = typer.Option(["wikitext"], "--task", "-t", metavar="TASK", help="Tasks to evaluate, repeatable or comma-separated (default wikitext)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", envvar="SUPERWEIGHT_DATA", help="Evaluation data."),
+    data_dir: Optional[str] = DATA_DIR,
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
+    max_length: Optional[int] = MAX_LENGTH,
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size (PNG)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Save the super-weight-aware fake-quantized model "
                                                                  "(needs exactly one --block-size)."),

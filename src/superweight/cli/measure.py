@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from .app import Session, stdout
-from .options import (CONTROL_SEED, CONTROL, COORD, COORDS, DEBUG, FACTOR, JSON, MODE, MODEL_ARG, QUIET, SEED, SELECT, TOP, first_documents,
-                      loads_model, print_table)
+from .options import (BATCH_SIZE, CONTROL_SEED, CONTROL, COORD, COORDS, DATA_DIR, DEBUG, FACTOR, FORCE_OUT_DIR, JSON, MAX_LENGTH,
+                      MODE, MODEL_ARG, QUIET, SEED, SELECT, TOP, first_documents, loads_model, print_table)
 
 
 @loads_model()
@@ -42,8 +42,8 @@ def eval_(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", envvar="SUPERWEIGHT_DATA",
                                            help="Folder with one subfolder per task (env SUPERWEIGHT_DATA)."),
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task (smoke runs)."),
-    batch_size: str = typer.Option("auto", "--batch-size", metavar="N|auto", help="Sequences per forward pass, or auto."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
+    batch_size: str = BATCH_SIZE,
+    max_length: Optional[int] = MAX_LENGTH,
     seed: int = SEED,
     output: Optional[Path] = typer.Option(None, "--output", metavar="FILE.json", help="Write the results to FILE.json in lm-eval's own layout (--json prints superweight's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --output file."),
@@ -162,10 +162,10 @@ def study(
     stop_words: Optional[Path] = typer.Option(None, "--stop-words", metavar="FILE", help="Stop-word list, one per line "
                                                                          "(default configs/stop_words.txt)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Report directory (default ./<model>-study)."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", metavar="DIR", envvar="SUPERWEIGHT_DATA", help="Evaluation data."),
-    batch_size: str = typer.Option("auto", "--batch-size", metavar="N|auto", help="Sequences per forward pass, or auto."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's)."),
+    force: bool = FORCE_OUT_DIR,
+    data_dir: Optional[str] = DATA_DIR,
+    batch_size: str = BATCH_SIZE,
+    max_length: Optional[int] = MAX_LENGTH,
     seed: int = SEED,
     as_json: bool = JSON,
     quiet: bool = QUIET,

@@ -121,6 +121,13 @@ TOP = typer.Option(None, "--top", metavar="N", help="With --control outliers: ho
                    "~7000 of Llama-7B, scaled by this model's down-projection size, as sw study picks).")
 SEED = typer.Option(0, "--seed", metavar="N", help="Seed for the random control and bootstrap errors.")
 CONTROL_SEED = typer.Option(0, "--seed", metavar="N", help="Seed for --control random.")
+FORCE_OUT_DIR = typer.Option(False, "--force", help="Replace a non-empty --out directory.")
+
+# Options shared by the commands that evaluate a model.
+DATA_DIR = typer.Option(None, "--data-dir", metavar="DIR", envvar="SUPERWEIGHT_DATA", help="Evaluation data.")
+BATCH_SIZE = typer.Option("auto", "--batch-size", metavar="N|auto", help="Sequences per forward pass, or auto.")
+MAX_LENGTH = typer.Option(None, "--max-length", metavar="N", help="Context length (default: the model's).")
+
 
 def first_documents(limit: Optional[int]) -> str:
     """The table title's note on --limit."""

@@ -10,6 +10,9 @@ quantization and dequantization, and what the quantizer's own output says it kep
 
 Besides its own output (a GGUF file, a compressed checkpoint) every Python quantizer writes the
 dequantized model as a float32 folder, so that one evaluator scores them all.
+
+The steps each job is made of (quantize, dequantize, read back) are public functions, which
+scripts/quantizers/measure_smollm2.py calls too.
 """
 from __future__ import annotations
 
@@ -21,11 +24,11 @@ import sys
 from pathlib import Path
 
 
-def _folder_size(path: Path) -> int:
+def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*.safetensors"))
 
 
-def _write_float_model(model_dir: Path, tensors: dict, out: Path) -> None:
+def write_float_model(model_dir: Path, tensors: dict, out: Path) -> None:
     """The float checkpoint with `tensors` (name -> dequantized weight) replaced, float32."""
     from safetensors.torch import load_file, save_file
 
@@ -42,22 +45,24 @@ def _write_float_model(model_dir: Path, tensors: dict, out: Path) -> None:
         save_file(state, out / file.name, metadata={"format": "pt"})
 
 
-def _values(super_weights: list, weight_of) -> dict:
+def super_weight_values(super_weights: list, weight_of) -> dict:
+    """Each super weight's value ("layer,row,col" -> float) in the down projections `weight_of(layer)`."""
     return {f"{layer},{row},{col}": float(weight_of(layer)[row, col]) for layer, row, col in super_weights}
 
 
-def _down_proj_after(job: dict, model, dequantized: dict):
-    """A layer's down projection after quantization: dequantized, or the kept float one."""
+def down_proj_after(down_proj: str, model, dequantized: dict):
+    """A layer's down projection (`down_proj`: its module name, with {} for the layer) after
+    quantization: dequantized, or the kept float one."""
     modules = dict(model.named_modules())
 
     def weight_of(layer):
-        name = job["down_proj"].format(layer)
+        name = down_proj.format(layer)
         return dequantized[f"{name}.weight"] if f"{name}.weight" in dequantized else modules[name].weight.detach()
 
     return weight_of
 
 
-def _load(model_dir: Path, **kwargs):
+def load_float32(model_dir: Path, **kwargs):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,42 +87,68 @@ def convert(job: dict) -> dict:
 
 
 def llama_cpp(job: dict) -> dict:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
     cmd = [Path(job["bin_dir"]) / "llama-quantize"]
     if job.get("tensor_types"):
         types_file = Path(job["out"]).with_suffix(".tensor-types.txt")
         types_file.write_text(job["tensor_types"])
         cmd += ["--tensor-type-file", types_file]
     _run(cmd + [job["gguf"], job["out"], job["scheme"]])
-    tensors = {t.name: t for t in GGUFReader(job["out"]).tensors}
+    values, tensor_types = gguf_read_back(Path(job["out"]), job["super_weights"])
+    return {"size_bytes": Path(job["out"]).stat().st_size, "values": values, "tensor_types": tensor_types}
+
+
+def gguf_read_back(path: Path, super_weights: list) -> tuple[dict, dict]:
+    """A GGUF's super weights' values (dequantized) and each tensor's type (name -> F16, Q4_K, ...)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
 
     def weight_of(layer):
         tensor = tensors[f"blk.{layer}.ffn_down.weight"]
-        return dequantize(tensor.data, tensor.tensor_type)
+        return dequantize(tensor.data, tensor.tensor_type)  # numpy (rows, cols) = (hidden, intermediate)
 
-    return {"size_bytes": Path(job["out"]).stat().st_size, "values": _values(job["super_weights"], weight_of),
-            "tensor_types": {name: t.tensor_type.name for name, t in tensors.items()}}
+    return super_weight_values(super_weights, weight_of), {name: t.tensor_type.name for name, t in tensors.items()}
 
 
 # ----------------------------------------------------------------------------- llm-compressor
 
 
 def llm_compressor(job: dict) -> dict:
-    import torch
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from llmcompressor import oneshot
+
+    model = load_float32(Path(job["model_dir"]))
+    oneshot(model=model, recipe=llm_compressor_recipe(job["scheme_args"]["bits"], job["scheme_args"]["group"],
+                                                      job["keep"]))
+    dequantized, kept = llm_compressor_dequantized(model)
+    saved = Path(job["out"])
+    model.save_pretrained(saved, save_compressed=True)
+    config = json.loads((saved / "config.json").read_text())["quantization_config"]
+    write_float_model(Path(job["model_dir"]), dequantized, Path(job["float_out"]))
+    values = super_weight_values(job["super_weights"], down_proj_after(job["down_proj"], model, dequantized))
+    return {"size_bytes": folder_size(saved), "values": values, "unquantized_linear": kept,
+            "saved_ignore": config.get("ignore")}
+
+
+def llm_compressor_recipe(bits: int, group: int | None, ignore: list):
+    """Symmetric int weights, in groups of `group` columns (None: one scale per output channel),
+    activations left alone; the modules in `ignore` stay in float. `oneshot` runs it data-free:
+    weight-only, the observers' min-max scales."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    bits, group = job["scheme_args"]["bits"], job["scheme_args"]["group"]
-    model = _load(Path(job["model_dir"]))
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True,
                                strategy="group" if group else "channel", group_size=group)
-    recipe = QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                                  ignore=job["keep"])
-    oneshot(model=model, recipe=recipe)  # data-free: weight-only, the observers' min-max scales
+    return QuantizationModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                                ignore=ignore)
+
+
+def llm_compressor_dequantized(model) -> tuple[dict, list]:
+    """After `oneshot`: each quantized Linear's weight as it computes with it ("name.weight" ->
+    tensor), and the names of the Linear modules left in float."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
     dequantized, kept = {}, []
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
@@ -130,55 +161,81 @@ def llm_compressor(job: dict) -> dict:
             dequantized[f"{name}.weight"] = fake_quantize(module.weight, module.weight_scale,
                                                           getattr(module, "weight_zero_point", None),
                                                           args).detach().clone()
-    saved = Path(job["out"])
-    model.save_pretrained(saved, save_compressed=True)
-    config = json.loads((saved / "config.json").read_text())["quantization_config"]
-    _write_float_model(Path(job["model_dir"]), dequantized, Path(job["float_out"]))
-    values = _values(job["super_weights"], _down_proj_after(job, model, dequantized))
-    return {"size_bytes": _folder_size(saved), "values": values, "unquantized_linear": kept,
-            "saved_ignore": config.get("ignore")}
+    return dequantized, kept
 
 
 # ----------------------------------------------------------------------------- optimum-quanto
 
 
 def quanto(job: dict) -> dict:
-    import torch
+    model = load_float32(Path(job["model_dir"]))
+    quanto_quantize(model, job["scheme_args"]["qtype"], job["scheme_args"]["per_axis"], job["keep"])
+    dequantized, kept = quanto_dequantized(model)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values() if hasattr(t, "element_size"))
+    write_float_model(Path(job["model_dir"]), dequantized, Path(job["float_out"]))
+    values = super_weight_values(job["super_weights"], down_proj_after(job["down_proj"], model, dequantized))
+    return {"size_bytes": size, "values": values, "unquantized_linear": kept}
+
+
+def quanto_quantize(model, qtype: str, per_axis: bool, exclude: list) -> None:
+    """Quantize `model`'s weights to quanto's `qtype` (qint8, qint4, ...) and freeze them; the
+    modules in `exclude` stay in float."""
     from optimum import quanto as oq
     from optimum.quanto.nn import QModuleMixin
 
-    model = _load(Path(job["model_dir"]))
-    oq.quantize(model, weights=getattr(oq, job["scheme_args"]["qtype"]), exclude=job["keep"])
-    if job["scheme_args"]["per_axis"]:  # quanto's own per-row path (its default is groups of 128)
+    oq.quantize(model, weights=getattr(oq, qtype), exclude=exclude)
+    if per_axis:  # quanto's own per-row path (its default is groups of 128)
         for module in model.modules():
             if isinstance(module, QModuleMixin):
                 module.weight_group_size = None
     oq.freeze(model)
+
+
+def quanto_dequantized(model) -> tuple[dict, list]:
+    """Each quantized module's weight dequantized ("name.weight" -> float tensor), and the names
+    of the Linear modules left in float."""
+    import torch
+    from optimum.quanto.nn import QModuleMixin
+
     dequantized, kept = {}, []
     for name, module in model.named_modules():
         if isinstance(module, QModuleMixin):
             dequantized[f"{name}.weight"] = module.weight.dequantize().float().detach().clone()
         elif isinstance(module, torch.nn.Linear):
             kept.append(name)
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values() if hasattr(t, "element_size"))
-    _write_float_model(Path(job["model_dir"]), dequantized, Path(job["float_out"]))
-    values = _values(job["super_weights"], _down_proj_after(job, model, dequantized))
-    return {"size_bytes": size, "values": values, "unquantized_linear": kept}
+    return dequantized, kept
 
 
 # ----------------------------------------------------------------------------- bitsandbytes
 
 
 def bitsandbytes(job: dict) -> dict:
-    import bitsandbytes as bnb
+    config = bitsandbytes_config(job["scheme_args"]["kind"], job["keep"])
+    model = load_float32(Path(job["model_dir"]), quantization_config=config, device_map="cpu")
+    dequantized, kept = bitsandbytes_dequantized(model)
+    write_float_model(Path(job["model_dir"]), dequantized, Path(job["float_out"]))
+    values = super_weight_values(job["super_weights"], down_proj_after(job["down_proj"], model, dequantized))
+    return {"size_bytes": model.get_memory_footprint(), "values": values, "unquantized_linear": kept}
+
+
+def bitsandbytes_config(kind: str, skip: list):
+    """int8 (LLM.int8) or 4-bit of `kind` (nf4, fp4) computing in float32; the modules in `skip`
+    stay in float."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    kind = job["scheme_args"]["kind"]
-    config = (BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=job["keep"]) if kind == "int8" else
-              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32,
-                                 llm_int8_skip_modules=job["keep"]))
-    model = _load(Path(job["model_dir"]), quantization_config=config, device_map="cpu")
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32,
+                              llm_int8_skip_modules=skip)
+
+
+def bitsandbytes_dequantized(model) -> tuple[dict, list]:
+    """Each quantized Linear's weight dequantized ("name.weight" -> float tensor), and the names of
+    the Linear modules left in float."""
+    import bitsandbytes as bnb
+    import torch
+
     dequantized, kept = {}, []
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -191,9 +248,7 @@ def bitsandbytes(job: dict) -> dict:
         else:
             continue
         dequantized[f"{name}.weight"] = weight.float().detach().clone()
-    _write_float_model(Path(job["model_dir"]), dequantized, Path(job["float_out"]))
-    values = _values(job["super_weights"], _down_proj_after(job, model, dequantized))
-    return {"size_bytes": model.get_memory_footprint(), "values": values, "unquantized_linear": kept}
+    return dequantized, kept
 
 
 JOBS = {"convert": convert, "llama.cpp": llama_cpp, "llm-compressor": llm_compressor, "quanto": quanto,

@@ -14,7 +14,6 @@ Scoring kinds (what is scored; the row's metrics say what is computed from it):
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, closest_name
 from ..model.hub import hub_offline
 from .limits import check_limits
 from .metrics import ACC, ACC_NORM, BITS_PER_BYTE, BYTE_PERPLEXITY, GREEDY_ACC, PERPLEXITY, WORD_PERPLEXITY, Metric
@@ -251,8 +250,8 @@ def _unknown_task(name: str) -> UsageError:
     if name in HARNESS_ONLY or name.split("_")[0] in HARNESS_ONLY:
         return UsageError(f"unknown task {name!r}; it is one of lm-eval's: run it with --harness {name} "
                           f"(the [harness] extra); {known}")
-    close = difflib.get_close_matches(name, list(TASKS), n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}? " if close else ""
+    close = closest_name(name, TASKS, cutoff=0.6)
+    hint = f"did you mean {close}? " if close else ""
     return UsageError(f"unknown task {name!r}; {hint}{known}")
 
 

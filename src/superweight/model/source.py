@@ -3,7 +3,6 @@ directory, .gguf file) resolved into a `ModelSource`; the package's configs/ and
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
 from dataclasses import dataclass, replace
@@ -12,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ModelLoadError, UsageError
+from ..errors import ModelLoadError, UsageError, closest_name
 
 
 def configs_dir() -> Path:
@@ -75,8 +74,7 @@ def aliases() -> dict[str, dict[str, Any]]:
 
 def close_alias(spec: str) -> str | None:
     """The alias `spec` is most likely a typo of (`smollm2-135` -> `smollm2-135m`), or None."""
-    close = difflib.get_close_matches(spec.lower(), list(aliases()), n=1, cutoff=0.75)
-    return close[0] if close else None
+    return closest_name(spec.lower(), aliases(), cutoff=0.75)
 
 
 def _packaged_gguf(alias: str, entry: dict[str, Any]) -> str:
