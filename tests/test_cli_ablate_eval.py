@@ -40,9 +40,12 @@ def test_ablate_scale_and_controls(tiny_llama_dir, coords_file, tmp_path):
     assert result.exit_code == 0, result.output
     original = load_file(tiny_llama_dir / "model.safetensors")[WEIGHT]
     assert load_file(tmp_path / "x2" / "model.safetensors")[WEIGHT][3, 5] == original[3, 5] * 2.5
+    # named as `sw eval` names its rows: what was done to what
+    assert result.stdout.strip() == f"weight [1, 3, 5] scaled x2.5; model written to {tmp_path / 'x2'}"
     result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--control", "outliers", "--top", "7",
-                    "--out", tmp_path / "outliers", "-q", "--json")
+                    "--out", tmp_path / "outliers", "-q")
     assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"other 7 outliers zeroed; model written to {tmp_path / 'outliers'}"
     record = json.loads((tmp_path / "outliers" / "superweight_ablation.json").read_text())
     assert len(record["coordinates"]) == 7 and record["control"]["kind"] == "outliers"
     assert {"layer": 1, "row": 3, "col": 5} not in record["coordinates"]

@@ -237,7 +237,8 @@ def select_weights(weights: list[SuperWeight], selection: str, source: str) -> S
                                         "roles, so super weights cannot be told from candidates (make it with "
                                         "`sw detect --verify`)")
     chosen = [w for w in weights if w.role in roles]
-    what = "super weights (role super)" if selection == "super" else "super weights of the set (role super or joint)"
+    plural = "s" if len(chosen) != 1 else ""
+    what = f"super weight{plural} " + ("(role super)" if selection == "super" else "of the set (role super or joint)")
     if not chosen:
         found = ", ".join(sorted({w.role or "unmeasured" for w in weights}))
         raise CoordinatesError(f"--select {selection}: {source} holds no {what} (roles there: {found}); "

@@ -56,9 +56,7 @@ def ablate(
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))
         else:
-            what = f"{result.changed} {control + ' control ' if control else 'super '}weight(s)"
-            done = "zeroed" if result.mode == "zero" else f"scaled x{result.factor:g}"
-            stdout.print(f"{what} {done}; model written to {out}")
+            stdout.print(f"{result.description}; model written to {out}")
 
     session.run(work)
 
