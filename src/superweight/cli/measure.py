@@ -178,8 +178,8 @@ def study(
     restored, random control), the scale sweep, the stop-word shift and the activation profile.
     Evaluation results are cached: a rerun with the same inputs evaluates nothing again.
 
-    On a CPU without --limit it reads 40 documents of each zero-shot task and 2 of wikitext (about
-    12-13 minutes for the default model on 2 cores); --limit all reads every document.
+    On a CPU without --limit it reads 40 documents of each zero-shot task and 2 of wikitext (12
+    minutes measured for the default model on 2 cores); --limit all reads every document.
 
     Examples:
 
