@@ -43,7 +43,7 @@ def test_study_writes_report_and_reuses_cached_evaluations(tiny_llama_dir, tmp_p
     assert document["super_weights"][0] | {"layer": 1, "row": 3, "col": 5} == document["super_weights"][0]
     assert 0 < document["stop_words"]["stop_mass_original"] <= 1
     report = (out / "REPORT.md").read_text()
-    for heading in ("## Super weights", "## Table 1", "## Generations", "## Scaling the super weights",
+    for heading in ("## Super weights", "## Table 1", "## Generations", "## Scaling the candidate [1, 3, 5]",
                     "## Stop-word shift", "## Activation profile"):
         assert heading in report
     generations = document["generations"]

@@ -202,16 +202,21 @@ def requested(coords_file: str | Path | None, coord_texts: list[str] | None, sel
     return list(unique.values())
 
 
+def weights_noun(weights: list[SuperWeight]) -> str:
+    """What to call these weights (README: Vocabulary): "super weight" when every one was measured
+    super or joint, "candidate" when they come from detection, else plain "weight"."""
+    if all(w.role in ("super", "joint") for w in weights):
+        return "super weight"
+    if all(w.iteration is not None or w.role for w in weights):
+        return "candidate"
+    return "weight"
+
+
 def weights_named(weights: list[SuperWeight]) -> str:
     """What a configuration acts on, in README's vocabulary, for a table row or a sentence: "super
     weight [11, 507, 1229]", "3 super weights" (every one measured super or joint), "5 candidates"
     (detection's, not all measured super), "2 weights" (given by coordinate, nothing measured)."""
-    if all(w.role in ("super", "joint") for w in weights):
-        noun = "super weight"
-    elif all(w.iteration is not None or w.role for w in weights):
-        noun = "candidate"
-    else:
-        noun = "weight"
+    noun = weights_noun(weights)
     if len(weights) == 1:
         return f"{noun} {weights[0].label()}"
     return f"{len(weights)} {noun}s"

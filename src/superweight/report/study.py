@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..coords import SuperWeight, weights_named
+from ..coords import SuperWeight, weights_named, weights_noun
 from ..files import atomic_directory
 from ..measure.activation_profile import ActivationProfile
 from ..measure.configurations import SummaryTable
@@ -89,8 +89,7 @@ def summary_lines(super_weights: Sequence[SuperWeight], table: SummaryTable | No
         found = "; ".join(f"layer {w.layer}, `down_proj.weight[{w.row}, {w.col}]`"
                           + (f" (expert {w.expert})" if w.expert is not None else "")
                           + (f", {w.role}" if getattr(w, "role", None) else "") for w in super_weights)
-        measured = all(getattr(w, "role", None) in ("super", "joint") for w in super_weights)
-        what = "super weight" if measured else "weight"  # a weight whose role is not super/joint is not called one
+        what = weights_noun(list(super_weights))  # as the table's rows name them
         lines.append(f"Acting on {len(super_weights)} {what}{'s' if len(super_weights) != 1 else ''} "
                      f"(role measured on a short text by `sw detect --verify`'s rule): {found}.")
     else:
