@@ -117,6 +117,18 @@ def test_run_study_writes_the_report_and_reuses_the_cache(planted_dir, tmp_path)
     assert again.table.rows == result.table.rows
 
 
+def test_run_study_without_coordinates_says_once_which_weights_it_acts_on(planted_dir, tmp_path):
+    """The study verifies every candidate, then narrows them by --select: one note says which, and
+    none claims it acts on every candidate."""
+    notes = []
+    recorder = Recorder()
+    recorder.note = notes.append
+    api.run_study(str(planted_dir), task="wikitext", grid="0,1", top=5, select="all", out=tmp_path / "study",
+                  reporter=recorder, **QUICK)
+    acting = [n for n in notes if "act on" in n or "acting on" in n]
+    assert acting == ["Table 1 and the sweep act on the only candidate of the detection (--select all): [1, 7, 13]"]
+
+
 def test_quantize_model_compares_naive_and_aware_rtn(planted_dir, tmp_path):
     result = api.quantize_model(str(planted_dir), coord=["1,7,13"], block_size=[64], task="wikitext",
                                 out=tmp_path / "w4", **QUICK)

@@ -235,10 +235,11 @@ def select_weights(weights: list[SuperWeight], selection: str, source: str) -> S
     written without `--verify`) cannot be told apart: then every candidate is taken, and the reason
     says so. A selection that leaves nothing is an error, never an unablated run."""
     roles = _SELECTED_ROLES[check_selection(selection)]
+    every = "the only candidate" if len(weights) == 1 else f"all {len(weights)} candidates"
     if roles is None:
-        return Selection(list(weights), f"all {len(weights)} candidates of {source} (--select all)")
+        return Selection(list(weights), f"{every} of {source} (--select all)")
     if not any(w.role for w in weights):
-        return Selection(list(weights), f"all {len(weights)} candidates of {source}: it records no measured "
+        return Selection(list(weights), f"{every} of {source}: it records no measured "
                                         "roles, so super weights cannot be told from candidates (make it with "
                                         "`sw detect --verify`)")
     chosen = [w for w in weights if w.role in roles]

@@ -143,10 +143,11 @@ def configuration_progress(bar: Bar) -> tuple[Callable[[Configuration], None], C
 
 
 def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
-             select: str = DEFAULT_SELECTION) -> list[SuperWeight]:
+             select: str = DEFAULT_SELECTION, announce: bool = True) -> list[SuperWeight]:
     """The candidates of the loaded model on the paper's prompt, found once (rank 0) for every
     rank, narrowed to what `select` names: unless it is "all", each candidate's role is measured
-    first (`sw detect --verify`'s verification); `bar` shows it as a stage."""
+    first (`sw detect --verify`'s verification); `bar` shows it as a stage. `announce` says which
+    weights the command acts on (off for a caller that narrows them itself and says so)."""
     def measured() -> list[SuperWeight]:
         candidates = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
         if select == "all" or not candidates:
@@ -162,5 +163,6 @@ def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
         reporter.say("detected no candidates")
         return weights
     selection = select_weights(weights, select, "the detection")
-    reporter.note("acting on " + selection.reason + ": " + ", ".join(w.label() for w in selection.weights))
+    if announce:
+        reporter.note("acting on " + selection.reason + ": " + ", ".join(w.label() for w in selection.weights))
     return selection.weights

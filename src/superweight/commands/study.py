@@ -113,7 +113,7 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
         reporter.note(f"reading {documents} ({study_runs.CPU_BUDGET_NOTE})")
     with reporter.bars() as bar:
         if not weights:
-            weights = detected(reporter, loaded, bar, select="all")
+            weights = detected(reporter, loaded, bar, select="all", announce=False)  # verified and narrowed below
         verification = None
         if weights:
             verification = step(bar, "measuring each weight's effect",
