@@ -208,7 +208,7 @@ def test_evaluation_cache_reuses_results(planted, tmp_path, monkeypatch):
     configurations = study_runs.scale_sweep_configurations([SW], [0.0, 1.0, 2.0])
     first = study_runs.run_cached(cache, "tiny", planted, None, configurations, ["piqa", "arc_easy"], limit=5)
     assert fake.calls == 3
-    value = float(down_proj_matrix(planted, SW.layer)[SW.row, SW.col])
+    value = float(down_proj_matrix(planted, SW.layer).detach()[SW.row, SW.col])
     assert [first[c.name]["results"]["piqa"]["acc"] for c in configurations] == pytest.approx([0.0, value, 2 * value])
     second = study_runs.run_cached(cache, "tiny", planted, None, configurations, ["piqa", "arc_easy"], limit=5)
     assert fake.calls == 3  # nothing evaluated again
