@@ -2,6 +2,8 @@
 repository root after changing one; tests/test_json_schemas.py validates real outputs against them)."""
 import json
 from pathlib import Path
+
+from superweight.measure.configurations import KINDS  # one list of configuration kinds
 OUT = Path("docs/json")
 S = "https://json-schema.org/draft/2020-12/schema"
 num = {"type": "number"}; int_ = {"type": "integer"}; str_ = {"type": "string"}; bool_ = {"type": "boolean"}
@@ -21,7 +23,7 @@ weight = obj({"layer": int_, "row": int_, "col": int_, "expert": {"type": ["inte
 coordinate = obj({"layer": int_, "row": int_, "col": int_, "expert": {"type": ["integer", "string"]}}, required=["layer", "row", "col"])
 task_results = {"type": "object", "description": "task -> metric -> value, lm-eval's layout: `<metric>` and `<metric>_stderr`",
                 "additionalProperties": {"type": "object", "additionalProperties": {"anyOf": [num, str_, {"type": "null"}]}}}
-kind = {"enum": ["unchanged", "ablated", "restored", "control"],
+kind = {"enum": list(KINDS),
         "description": "what the configuration does, whatever its name: a stable key for scripts"}
 ablation_description = obj({"name": str_, "kind": kind, "mode": nullable({"enum": ["zero", "scale"]}), "factor": nullable(num),
                             "restore_activation": bool_, "control": nullable(str_), "control_seed": nullable(int_),

@@ -38,6 +38,7 @@ class Configuration:
 
     @property
     def kind(self) -> str:
+        """One of KINDS."""
         if not self.weights:
             return "unchanged"
         if self.control:
@@ -113,17 +114,20 @@ def ablated_name(weights: list[SuperWeight] | tuple[SuperWeight, ...], mode: str
                  factor: float | None = None, restore_activation: bool = False) -> str:
     """A row named by what was done to what: "super weight [11, 507, 1229] zeroed", "3 super weights
     scaled x0.5", "5 candidates zeroed + activation restored"."""
-    name = f"{weights_named(list(weights))} " + ("zeroed" if mode == "zero" else f"scaled x{factor:g}")
+    name = f"{weights_named(list(weights))} {_done(mode, factor)}"
     return name + " + activation restored" if restore_activation else name
 
 
 def control_name(chosen: list[SuperWeight] | tuple[SuperWeight, ...], control: str, mode: str = "zero",
                  factor: float | None = None) -> str:
     """A control row named by what it zeroed: "other 129 outliers zeroed", "3 random weights zeroed"."""
-    done = "zeroed" if mode == "zero" else f"scaled x{factor:g}"
     if control == "outliers":
-        return f"other {len(chosen)} outliers {done}"
-    return f"{len(chosen)} random weight{'s' if len(chosen) != 1 else ''} {done}"
+        return f"other {len(chosen)} outliers {_done(mode, factor)}"
+    return f"{len(chosen)} random weight{'s' if len(chosen) != 1 else ''} {_done(mode, factor)}"
+
+
+def _done(mode: str, factor: float | None) -> str:
+    return "zeroed" if mode == "zero" else f"scaled x{factor:g}"
 
 
 def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, factor: float | None,
@@ -229,9 +233,13 @@ class SummaryTable:
     stderrs: list[list[float | None]] = field(default_factory=list)
     kinds: list[str | None] = field(default_factory=list)  # each row's Configuration.kind (None: not known)
 
+    def rows_of(self, kind: str) -> list[list[str]]:
+        """The rows (display form) of the configurations of this kind."""
+        return [row for row, k in zip(self.rows, self.kinds) if k == kind]
+
     def row_of(self, kind: str) -> list[str] | None:
-        """The first row (display form) of a configuration of this kind, or None."""
-        return next((row for row, k in zip(self.rows, self.kinds) if k == kind), None)
+        """The first row of a configuration of this kind, or None."""
+        return next(iter(self.rows_of(kind)), None)
 
     @property
     def metrics(self) -> list[str]:

@@ -102,7 +102,7 @@ def summary_lines(super_weights: Sequence[SuperWeight], table: SummaryTable | No
             return ", ".join(f"{table.columns[i]} {readable(row[i])}" for i, _ in metrics) if row else ""
 
         original, zeroed, restored = (table.row_of(kind) for kind in ("unchanged", "ablated", "restored"))
-        controls = [row for row, kind in zip(table.rows, table.kinds) if kind == "control"]
+        controls = table.rows_of("control")
         if original and zeroed and metrics:
             lines.append(f"Zeroing {'it' if len(super_weights) == 1 else 'them'} moves the scores from "
                          f"{values(original)} (original) to {values(zeroed)}.")
@@ -175,8 +175,7 @@ def differences_lines(table: SummaryTable | None, stop_words: StopWordShift | No
     if table is not None:
         perplexity = _column(table, "word_perplexity", "perplexity")
         original = table.row_of("unchanged")
-        outliers = next((row for row, kind in zip(table.rows, table.kinds) if kind == "control" and "outliers" in row[0]),
-                        None)
+        outliers = next((row for row in table.rows_of("control") if "outliers" in row[0]), None)
 
         def number(cell: Any) -> float | None:
             try:
