@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..model.adapters import SHARED_EXPERT, Adapter, adapter_for, decoder_layers, down_proj_matrix, down_proj_module, is_moe_layer
+from ..model.adapters import SHARED_EXPERT, Adapter, adapter_for, decoder_layers, down_proj_module, down_proj_reader, is_moe_layer
 from ..model.placement import stored_tensor
 
 CARRY_DEPTH = 0.1  # the stream must carry a super activation through the next 10 % of the layers
@@ -53,14 +53,23 @@ class LayerStats:
     carried: list[float] = field(default_factory=list)  # ... and leaving each later layer
 
 
+FLAT_ARGMAX_MAX = 1 << 16  # elements: below, one flat pass is cheapest (a short prompt's layer)
+
+
 def _abs_argmax(x: torch.Tensor) -> tuple[float, int, int]:
     """Max |x| over a [tokens, channels] tensor and its (token, channel).
 
-    Two levels — per-token max and min along channels, then the winning token's row — because a
-    flat `argmax` runs single-threaded and `x.abs()` would allocate a copy as large as the
-    activation: the hooks must stay cheap and their memory flat in sequence length.
+    A small tensor (a short prompt) is reduced in one flat pass over a copy of |x|: the hooks run
+    on every layer of every pass, and there the number of operations is the cost. A large one in
+    two levels, per-token max and min along channels, then the winning token's row, because a flat
+    `argmax` runs single-threaded and `x.abs()` would allocate a copy as large as the activation:
+    the hooks' memory must stay flat in sequence length.
     """
     x = x.detach()
+    if x.numel() <= FLAT_ARGMAX_MAX:
+        value, index = x.reshape(-1).abs().max(0)
+        token, channel = divmod(int(index), x.shape[-1])
+        return float(value), token, channel
     magnitude = torch.maximum(x.amax(dim=-1), -x.amin(dim=-1))
     token = int(magnitude.argmax())
     channel = int(x[token].abs().argmax())
@@ -123,14 +132,15 @@ class _DenseProbe:
         s.spike_token, s.row = token, row
         s.spike = float(write[s.spike_token, s.row]) * self.residual_scale
         x_t = self.down_input[s.spike_token]
-        weight = self.weight()
-        contribution = (x_t.to(weight.device, weight.dtype) * weight[s.row]).float()
+        weight_row = self.weight()[s.row]
+        contribution = (x_t.to(weight_row.device, weight_row.dtype) * weight_row).float()
         # The largest push in the spike's own direction (the raw output's sign, which a post-norm
         # gain may flip): a large weight working against the spike is not what writes it.
-        direction = torch.sign(contribution.sum())
-        s.col = int((contribution * direction).argmax() if direction else contribution.abs().argmax())
+        total = float(contribution.sum())
+        s.col = int(contribution.argmax() if total > 0 else contribution.argmin() if total < 0
+                    else contribution.abs().argmax())
         s.col_input = float(x_t[s.col])
-        s.col_weight = float(weight[s.row, s.col])
+        s.col_weight = float(weight_row[s.col])
         _set_raw_output_evidence(s, self.down_output[s.spike_token], float(contribution[s.col]))
         if self.residual_in is not None:
             s.residual_before = float(self.residual_in[s.spike_token, s.row])
@@ -304,8 +314,7 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
                 handles.append(block.register_forward_hook(probe.on_block_output))
             else:
                 # only read: a disk-offloaded matrix must not stay in memory (placement.py)
-                probe = _DenseProbe(stats[i],
-                                    lambda i=i: down_proj_matrix(model, i, adapter=adapter, writable=False).detach(),
+                probe = _DenseProbe(stats[i], down_proj_reader(model, i, adapter=adapter, writable=False),
                                     output_is_residual_write=adapter.post_norm is None, residual_scale=scale)
                 handles.append(down_proj_module(model, i, adapter).register_forward_hook(probe.on_down_proj))
             handles.append(layer.register_forward_pre_hook(on_layer_input(i, probe), with_kwargs=True))

@@ -23,6 +23,7 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -358,13 +359,27 @@ def down_proj_matrix(
     layer (see placement.py: an edited disk-offloaded matrix then stays in memory). Readers that
     scan many layers pass `writable=False` so that offloaded matrices are only read.
     """
+    return down_proj_reader(model, layer, expert, adapter, writable=writable)()
+
+
+def down_proj_reader(
+    model: nn.Module, layer: int, expert: Expert = None, adapter: Adapter | None = None,
+    *, writable: bool = True,
+) -> Callable[[], torch.Tensor]:
+    """`down_proj_matrix` as a function of no arguments: where the matrix lives is looked up once,
+    the tensor itself on every call (a hook that runs on every pass reads a layer whose weights
+    layer streaming or offloading may have replaced since)."""
     adapter = adapter or adapter_for(model)
     path, name, transposed, fused = _location(model, layer, expert, adapter)
     module = decoder_layers(model, adapter)[layer].get_submodule(path)
-    weight = stored_tensor(module, name, writable=writable)
-    if fused:
-        weight = weight[expert]
-    return weight.T if transposed else weight
+
+    def read() -> torch.Tensor:
+        weight = stored_tensor(module, name, writable=writable)
+        if fused:
+            weight = weight[expert]
+        return weight.T if transposed else weight
+
+    return read
 
 
 
