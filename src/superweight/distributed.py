@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
+import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,6 +38,7 @@ T = TypeVar("T")
 TIMEOUT_ENV = "SUPERWEIGHT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800  # torch's own default: long enough for one rank's share of a large task
 EXIT_WAIT_S = 30  # how long the other ranks wait for rank 0 to report a failure before they exit
+RELEASE_WAIT_S = 5.0  # how long a rank waits at exit for gloo's threads to let go of its tensors
 FAIL_ENV = "SUPERWEIGHT_TEST_FAIL_RANK"  # tests only: "R" raises on rank R while scoring, "R:hang" hangs
 _FAILED_KEY = "superweight/failed"
 _MAIN_EXITED_KEY = "superweight/main-exited"
@@ -56,6 +60,7 @@ class Ranks:
 
 _current = Ranks()
 _rounds = 0  # scoring rounds so far; names each round's progress counter in the store
+_handed: list[weakref.ref] = []  # the tensors given to collectives that their threads may still hold
 
 
 def launched() -> Ranks:
@@ -132,6 +137,8 @@ def session() -> Iterator[Ranks]:
         raise
     finally:
         _current = Ranks()
+        if backend == "gloo":
+            _wait_for_release()
         dist.destroy_process_group()
 
 
@@ -152,12 +159,10 @@ class _Failure:
 def _report(error: BaseException) -> None:
     """Tell the other ranks this one failed: a flag they poll, and its error in the collective
     they are in or reach next (which returns once they all have)."""
-    import torch.distributed as dist
-
     failure = _Failure(_current.rank, _describe(error), getattr(error, "exit_code", 1))
     try:
         _store().set(_FAILED_KEY, str(_current.rank))
-        dist.all_gather_object([None] * _current.world_size, failure)
+        _all_gather_objects(failure)
     except Exception:  # a peer or the store is already gone: the timeout or the launcher ends the rest
         pass
 
@@ -199,11 +204,8 @@ def exchange(payload: Any) -> list[Any]:
     """
     if _current.world_size == 1:
         return [payload]
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * _current.world_size
     try:
-        dist.all_gather_object(gathered, payload)
+        gathered = _all_gather_objects(payload)
     except Exception as e:  # DistBackendError and friends: a timeout, or a peer that died
         first_line = (str(e).splitlines() or [""])[0]
         raise RankFailed(f"rank {_current.rank} lost contact with the other ranks (a rank hung past "
@@ -215,6 +217,40 @@ def exchange(payload: Any) -> list[Any]:
         error.exit_code = first.exit_code
         raise error
     return gathered
+
+
+def _all_gather_objects(payload: Any) -> list[Any]:
+    """torch's `all_gather_object`, with every tensor it hands to the process group remembered.
+
+    Gloo's worker threads release a collective's tensors after the caller has its result, and
+    releasing a tensor Python made takes the GIL: a thread still doing so when the interpreter shuts
+    down aborts the whole process ("terminate called without an active exception", about one
+    two-rank run in a hundred here). `_wait_for_release` waits for these tensors before exit.
+    """
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.frombuffer(bytearray(pickle.dumps(payload)), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.long, device=device)
+    sizes = [torch.empty_like(size) for _ in range(_current.world_size)]
+    dist.all_gather(sizes, size)
+    lengths = [int(s) for s in sizes]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data.to(device)
+    gathered = [torch.empty_like(padded) for _ in range(_current.world_size)]
+    dist.all_gather(gathered, padded)
+    _handed[:] = [r for r in _handed if r() is not None] + [weakref.ref(t) for t in (size, *sizes, padded, *gathered)]
+    # the same trust as torch's own object collectives: every peer is a rank of this one job
+    return [pickle.loads(t[:n].cpu().numpy().tobytes()) for t, n in zip(gathered, lengths)]
+
+
+def _wait_for_release(limit_s: float = RELEASE_WAIT_S) -> None:
+    """Until the process group's threads have let go of every tensor a collective was given (or
+    `limit_s` passed): sleeping hands them the GIL they need for it."""
+    deadline = time.monotonic() + limit_s
+    while any(r() is not None for r in _handed) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    _handed.clear()
 
 
 def on_main(compute: Callable[[], T]) -> T:
