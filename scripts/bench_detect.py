@@ -5,6 +5,7 @@ Prints ratios measured in this one run. Usage:
     .venv/bin/python scripts/bench_detect.py [--repeats 5]
     .venv/bin/python scripts/bench_detect.py --synthetic 1b   # streamed vs full only, on a random 1.17B Llama
     .venv/bin/python scripts/bench_detect.py --forward-only   # detection and hook overhead only (cached model)
+    .venv/bin/python scripts/bench_detect.py --forward-only --lengths 9 --repeats 41   # the short prompt only
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ def main() -> None:
                         "Llama of this size (SmolLM2's tokenizer); needs ~6 GB of disk and ~12 GB of memory")
     parser.add_argument("--forward-only", action="store_true", help="skip the load and streaming comparisons: "
                         "detection and hook overhead on the model as cached")
+    parser.add_argument("--lengths", default="9,512,2048", help="prompt lengths of the hooked / plain forward "
+                        "ratios, comma-separated (9: the default detection prompt)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,7 +181,7 @@ def main() -> None:
         loaded = load_model("smollm2-135m", device="cpu")
     else:
         loaded = load_and_stream(args.repeats)
-    measure_forwards(loaded, args.repeats)
+    measure_forwards(loaded, args.repeats, tuple(int(n) for n in args.lengths.split(",")))
 
 
 def load_and_stream(repeats: int):
@@ -197,7 +200,7 @@ def load_and_stream(repeats: int):
     return loaded
 
 
-def measure_forwards(loaded, repeats: int) -> None:
+def measure_forwards(loaded, repeats: int, lengths: tuple[int, ...] = (9, 512, 2048)) -> None:
     """Detection time, hooked / plain forward ratios, and the hooks' memory."""
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt_ids = encode_prompt(tokenizer, DEFAULT_PROMPT)
@@ -208,8 +211,8 @@ def measure_forwards(loaded, repeats: int) -> None:
 
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    for length in (9, 512, 2048):
-        ids = prompt_ids if length == 9 else torch.randint(0, vocab, (1, length), generator=generator)
+    for length in lengths:
+        ids = prompt_ids if length == prompt_ids.shape[-1] else torch.randint(0, vocab, (1, length), generator=generator)
         plain, hooked = time_forwards(model, ids, repeats)
         print(f"forward, {length:5d} tokens: plain {plain * 1e3:8.1f} ms, hooked {hooked * 1e3:8.1f} ms, "
               f"ratio {hooked / plain:.3f} (goal <= 1.10)")
