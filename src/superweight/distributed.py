@@ -125,10 +125,12 @@ def session() -> Iterator[Ranks]:
         torch.cuda.set_device(_local_gpu(ranks))  # where NCCL keeps this rank's buffers
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
     _current, _rounds = ranks, 0
+    interrupted = False
     try:
         yield ranks
         exchange(None)  # every rank finished: nobody leaves while another still needs it
     except KeyboardInterrupt:  # Ctrl-C or the launcher's SIGTERM: every rank is being stopped anyway
+        interrupted = True
         raise
     except BaseException as error:
         if not isinstance(error, RankFailed):
@@ -137,7 +139,7 @@ def session() -> Iterator[Ranks]:
         raise
     finally:
         _current = Ranks()
-        if backend == "gloo":
+        if backend == "gloo" and not interrupted:  # a stopped collective may hold its tensors until killed
             _wait_for_release()
         dist.destroy_process_group()
 
