@@ -10,7 +10,9 @@ its error instead of its data; every rank then raises `RankFailed`, rank 0 names
 and nobody waits for data that will never come. A failing rank also sets a flag in the process
 group's store, which `check_peers` (called after each scoring batch) reads, so the others stop
 within one batch rather than at the end of their share. A rank that hangs or dies is given up on
-after the process group's timeout (`SUPERWEIGHT_DIST_TIMEOUT`, seconds, default 1800).
+after the process group's timeout (`SUPERWEIGHT_DIST_TIMEOUT`, seconds, default 1800). Before the
+group is destroyed, a gloo rank waits until gloo's threads have let go of the tensors its
+collectives were given: one still releasing them as the interpreter exits aborts the process.
 
 Work is split by `share`: each rank takes the items (scoring batches) that the greedy
 longest-first assignment gives it, balanced by cost (tokens), and the same batches are scored as
