@@ -172,6 +172,27 @@ def test_planted_super_weight_is_found_exactly(model_type, where):
     _assert_bit_identical(model, before)
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_a_short_pass_reduced_after_its_last_layer_equals_one_reduced_layer_by_layer(model_type):
+    """A pass of at most DEFER_MAX_TOKENS tokens keeps its dense layers' activations and reduces
+    them all after the last layer; otherwise each layer is reduced as it runs. Every family must
+    get the same numbers both ways (one that changed a kept tensor in place would not)."""
+    import dataclasses
+
+    from superweight.find.hooks import DEFER_MAX_TOKENS, capture_layer_stats
+
+    assert PROMPT_IDS.shape[-1] <= DEFER_MAX_TOKENS
+    model = tiny_model(model_type)
+    plant_super_weight(model, 2, 30, 0, _routed_expert(model, 2, 3))
+    runs = {}
+    for defer in (True, False):
+        with capture_layer_stats(model, defer=defer) as stats, torch.no_grad():
+            model(PROMPT_IDS)
+        runs[defer] = [dataclasses.asdict(s) for s in stats]
+    assert runs[True] == runs[False]
+    assert runs[True][2]["row"] == 30 and runs[True][2]["col"] == 0 and runs[True][2]["carried"]
+
+
 @pytest.mark.parametrize("model_type", SHARED_FAMILIES)
 def test_planted_shared_expert_weight_is_found_exactly(model_type):
     """A super weight in a layer's shared expert is reported with expert "shared", not as the

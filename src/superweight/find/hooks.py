@@ -1,8 +1,11 @@
 """Scoped forward hooks on the down projections.
 
 Every hook is registered inside a context manager and removed in `finally`, even when the forward
-pass raises. Hooks reduce on the fly: per layer they keep a handful of scalars (maxima and where
-they are), never whole activations, so memory stays flat in sequence length and model size.
+pass raises. Per layer the result is a handful of scalars (maxima and where they are). A long pass
+is reduced layer by layer as it runs, so memory stays flat in sequence length; a short one (the
+detection prompt) keeps its small activations and reduces every layer at once after the last, in
+a few operations instead of some forty per layer (what the hooks cost on a short prompt, on a CPU
+and on a GPU alike).
 """
 
 from __future__ import annotations
@@ -53,36 +56,38 @@ class LayerStats:
     carried: list[float] = field(default_factory=list)  # ... and leaving each later layer
 
 
-FLAT_ARGMAX_MAX = 1 << 16  # elements: below, one flat pass is cheapest (a short prompt's layer)
+# A pass over at most this many tokens is reduced once, after its last layer. It then holds, per
+# dense layer, tokens x (intermediate + 2 x hidden) values: 1.2 MB for a 7B Llama in bfloat16.
+DEFER_MAX_TOKENS = 32
+
+
+def _abs_argmax_layers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Max |x| of each layer of a [layers, tokens, channels] tensor, and its token and channel.
+
+    Two levels, per-token max and min along channels, then the winning token's row: a flat
+    `argmax` runs single-threaded and `x.abs()` would allocate a copy as large as the activations.
+    """
+    x = x.detach()
+    magnitude = torch.maximum(x.amax(dim=-1), -x.amin(dim=-1))
+    token = magnitude.argmax(dim=-1)
+    layer = torch.arange(x.shape[0], device=x.device)
+    rows = x[layer, token]
+    channel = rows.abs().argmax(dim=-1)
+    return rows[layer, channel].abs(), token, channel
 
 
 def _abs_argmax(x: torch.Tensor) -> tuple[float, int, int]:
-    """Max |x| over a [tokens, channels] tensor and its (token, channel).
-
-    A small tensor (a short prompt) is reduced in one flat pass over a copy of |x|: the hooks run
-    on every layer of every pass, and there the number of operations is the cost. A large one in
-    two levels, per-token max and min along channels, then the winning token's row, because a flat
-    `argmax` runs single-threaded and `x.abs()` would allocate a copy as large as the activation:
-    the hooks' memory must stay flat in sequence length.
-    """
-    x = x.detach()
-    if x.numel() <= FLAT_ARGMAX_MAX:
-        value, index = x.reshape(-1).abs().max(0)
-        token, channel = divmod(int(index), x.shape[-1])
-        return float(value), token, channel
-    magnitude = torch.maximum(x.amax(dim=-1), -x.amin(dim=-1))
-    token = int(magnitude.argmax())
-    channel = int(x[token].abs().argmax())
-    return abs(float(x[token, channel])), token, channel
+    """Max |x| over a [tokens, channels] tensor and its (token, channel)."""
+    value, token, channel = _abs_argmax_layers(x[None])
+    return float(value), int(token), int(channel)
 
 
-def _set_raw_output_evidence(s: LayerStats, raw_output_t: torch.Tensor, contribution: float) -> None:
-    """How one-hot the raw down_proj output is at the spike token, and how much of it one weight makes."""
-    raw_output_t = raw_output_t.float()
-    s.raw_output = float(raw_output_t[s.row])
-    energy = float(raw_output_t.pow(2).sum())
-    s.concentration = s.raw_output**2 / energy if energy > 0 else 0.0
-    s.share = contribution / s.raw_output if s.raw_output else 0.0
+def _set_raw_output_evidence(s: LayerStats, raw_output: float, energy: float, contribution: float) -> None:
+    """How one-hot the raw down_proj output is at the spike token (`energy`: the sum of its squares
+    there), and how much of it one weight makes."""
+    s.raw_output = raw_output
+    s.concentration = raw_output**2 / energy if energy > 0 else 0.0
+    s.share = contribution / raw_output if raw_output else 0.0
 
 
 def _first_sequence(t: torch.Tensor) -> torch.Tensor:
@@ -95,7 +100,11 @@ def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class _DenseProbe:
-    """Hooks of one dense layer: down_proj (input, raw output) and, if any, its post norm."""
+    """Hooks of one dense layer: down_proj (input, raw output) and, if any, its post norm.
+
+    They only keep the tensors; `_locate_layers` reduces them, as soon as the residual write is
+    seen or, when the capture defers (a short prompt), for every layer at once after the last.
+    """
 
     def __init__(self, stats: LayerStats, weight: Callable[[], torch.Tensor] | None,
                  output_is_residual_write: bool = True, residual_scale: float = 1.0):
@@ -105,47 +114,91 @@ class _DenseProbe:
         # Looked up when the spike is located, not when the hook is registered: a streamed layer's
         # weights are only materialised while it runs (see stream.py).
         self.weight = weight  # -> [out, in] view
-        self.down_input: torch.Tensor | None = None  # held only until the residual write is seen
+        self.defer = False  # set for each pass by the capture
+        self.down_input: torch.Tensor | None = None  # held only until the spike is located
         self.down_output: torch.Tensor | None = None
+        self.write: torch.Tensor | None = None  # what the layer adds to the residual stream
         self.residual_in: torch.Tensor | None = None
 
-    def on_layer_input(self, module, args, kwargs):
-        self.residual_in = _first_sequence(_hidden_states_arg(args, kwargs))
-
     def on_down_proj(self, module, args, output):
-        x = _first_sequence(args[0])
-        y = _first_sequence(output)
-        s = self.stats
-        s.input_max, s.input_token, s.input_channel = _abs_argmax(x)
-        s.output_max, s.output_token, s.output_channel = _abs_argmax(y)
+        x, y = _first_sequence(args[0]), _first_sequence(output)
+        if self.defer:  # read after the pass, and the model may change them in place (Falcon adds to y)
+            x, y = x.clone(), y.clone()
         self.down_input, self.down_output = x, y
-        if self.output_is_residual_write:  # no norm in between: the spike is already located
-            self._locate(y, s.output_token, s.output_channel)
+        if self.output_is_residual_write:  # no norm in between
+            self.write = y
+            if not self.defer:
+                _locate_layers([self])
 
     def on_residual_write(self, module, args, output):
         write = _first_sequence(output)
-        _, token, row = _abs_argmax(write)
-        self._locate(write, token, row)
+        self.write = write.clone() if self.defer else write
+        if not self.defer:
+            _locate_layers([self])
 
-    def _locate(self, write: torch.Tensor, token: int, row: int) -> None:
-        s = self.stats
-        s.spike_token, s.row = token, row
-        s.spike = float(write[s.spike_token, s.row]) * self.residual_scale
-        x_t = self.down_input[s.spike_token]
-        weight_row = self.weight()[s.row]
-        contribution = (x_t.to(weight_row.device, weight_row.dtype) * weight_row).float()
-        # The largest push in the spike's own direction (the raw output's sign, which a post-norm
-        # gain may flip): a large weight working against the spike is not what writes it.
-        total = float(contribution.sum())
-        s.col = int(contribution.argmax() if total > 0 else contribution.argmin() if total < 0
-                    else contribution.abs().argmax())
-        s.col_input = float(x_t[s.col])
-        s.col_weight = float(weight_row[s.col])
-        _set_raw_output_evidence(s, self.down_output[s.spike_token], float(contribution[s.col]))
-        if self.residual_in is not None:
-            s.residual_before = float(self.residual_in[s.spike_token, s.row])
-        self.down_input = self.down_output = None
-        self.residual_in = None
+    def release(self) -> None:
+        self.down_input = self.down_output = self.write = self.residual_in = None
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _locate_layers(probes: list[_DenseProbe]) -> None:
+    """Fill the stats of dense layers whose down-projection tensors and residual writes are held:
+    the maxima, the spike, the weight that writes it and the evidence the rule reads.
+
+    Layers are reduced together where their tensors stack (same shapes, device and dtype): a
+    handful of operations and one copy to the host for all of them, instead of some forty small
+    ones per layer, which is what the hooks cost on a short prompt.
+    """
+    groups: dict[tuple, list[_DenseProbe]] = {}
+    for p in probes:
+        key = tuple((t.shape, t.device, t.dtype) for t in (p.down_input, p.down_output, p.write))
+        groups.setdefault(key + (p.residual_in is not None, p.output_is_residual_write), []).append(p)
+    for group in groups.values():
+        _locate_group(group)
+        for p in group:
+            p.release()
+
+
+def _locate_group(group: list[_DenseProbe]) -> None:
+    x = _stacked([p.down_input for p in group])  # [layers, tokens, intermediate]
+    y = _stacked([p.down_output for p in group])  # [layers, tokens, hidden]
+    layer = torch.arange(len(group), device=y.device)
+    input_max, input_token, input_channel = _abs_argmax_layers(x)
+    output_max, output_token, output_channel = _abs_argmax_layers(y)
+    if group[0].output_is_residual_write:
+        write, token, row = y, output_token, output_channel
+    else:
+        write = _stacked([p.write for p in group])
+        _, token, row = _abs_argmax_layers(write)
+    rows = row.tolist()
+    x_t = x[layer, token]
+    weight_rows = [p.weight()[r] for p, r in zip(group, rows)]
+    weight_row = _stacked([w.to(x.device) for w in weight_rows])
+    contribution = (x_t.to(weight_row.dtype) * weight_row).float()
+    # The largest push in the spike's own direction (the raw output's sign, which a post-norm gain
+    # may flip): a large weight working against the spike is not what writes it.
+    total = contribution.sum(dim=-1, keepdim=True)
+    col = torch.where(total == 0, contribution.abs(), contribution * total.sign()).argmax(dim=-1)
+    raw = y[layer, token].float()
+    residual_in = (_stacked([p.residual_in for p in group])[layer, token, row] if group[0].residual_in is not None
+                   else torch.zeros_like(col, dtype=torch.float32))
+    floats = torch.stack([v.float() for v in (
+        input_max, output_max, write[layer, token, row], x_t[layer, col], weight_row[layer, col],
+        contribution[layer, col], raw[layer, row], raw.pow(2).sum(dim=-1), residual_in)]).T.tolist()
+    ints = torch.stack([input_token, input_channel, output_token, output_channel, token, col]).T.tolist()
+    for p, r, (in_max, out_max, spike, col_input, col_weight, contributed, raw_output, energy, before), \
+            (in_token, in_channel, out_token, out_channel, t, c) in zip(group, rows, floats, ints):
+        s = p.stats
+        s.input_max, s.input_token, s.input_channel = in_max, in_token, in_channel
+        s.output_max, s.output_token, s.output_channel = out_max, out_token, out_channel
+        s.spike_token, s.row, s.col = t, r, c
+        s.spike = spike * p.residual_scale
+        s.col_input, s.col_weight = col_input, col_weight
+        _set_raw_output_evidence(s, raw_output, energy, contributed)
+        s.residual_before = before
 
 
 class _ExpertsProbe(_DenseProbe):
@@ -182,6 +235,11 @@ class _ExpertsProbe(_DenseProbe):
         self.block_output = y
         if self.adapter.post_norm is None:  # the block's output is the residual write
             self._locate(y, s.output_token, s.output_channel)
+
+    def on_residual_write(self, module, args, output):  # the post norm's output
+        write = _first_sequence(output)
+        _, token, row = _abs_argmax(write)
+        self._locate(write, token, row)
 
     def _expert_input(self, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert `expert`'s down-projection input for the vector(s) `hidden` it was given."""
@@ -240,7 +298,9 @@ class _ExpertsProbe(_DenseProbe):
         if best is not None:
             _, s.expert, s.col, s.col_input, s.col_weight = best
             if self.block_output is not None:
-                _set_raw_output_evidence(s, self.block_output[token], float(best[0]) * (float(direction) or 1.0))
+                raw = self.block_output[token].float()
+                _set_raw_output_evidence(s, float(raw[row]), float(raw.pow(2).sum()),
+                                         float(best[0]) * (float(direction) or 1.0))
         if self.residual_in is not None:
             s.residual_before = float(self.residual_in[token, row])
         self.residual_in = self.routed_args = self.routed_output = None
@@ -265,11 +325,15 @@ def carry_window(num_layers: int, depth: float = CARRY_DEPTH) -> int:
 
 @contextmanager
 def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
-                        carry_layers: int | None = None) -> Iterator[list[LayerStats]]:
+                        carry_layers: int | None = None, defer: bool = True) -> Iterator[list[LayerStats]]:
     """Within the block, every forward pass fills one `LayerStats` per decoder layer.
 
     `carried` holds the residual stream at a layer's spike leaving each of the next `carry_layers`
     layers (default `carry_window`): what the detection rule reads, and no more.
+
+    A pass over at most DEFER_MAX_TOKENS tokens keeps its dense layers' small activations and
+    reduces them all after the last layer (`defer`; layer streaming, whose weights are gone by then,
+    turns it off); a longer one reduces each layer as it runs, so that memory stays flat in length.
     """
     adapter = adapter or adapter_for(model)
     layers = decoder_layers(model, adapter)
@@ -291,15 +355,34 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
             else:
                 s.carried.append(value)
 
+    dense: list[_DenseProbe] = []
+    streams: list[torch.Tensor] = []  # a deferred pass: the stream entering each layer, then leaving the last
+
     def on_layer_input(i: int, probe: "_DenseProbe"):
         def hook(module, args, kwargs):
-            if i > 0:
-                record_leaving(i - 1, _first_sequence(_hidden_states_arg(args, kwargs)))
-            probe.on_layer_input(module, args, kwargs)
+            hidden = _first_sequence(_hidden_states_arg(args, kwargs))
+            if i == 0:
+                deferred = defer and hidden.shape[0] <= DEFER_MAX_TOKENS
+                for p in dense:
+                    p.defer = deferred
+                streams.clear()
+            if dense and dense[0].defer:
+                hidden = hidden.clone()  # read after the pass, and some families scale the stream in place
+                streams.append(hidden)
+            elif i > 0:
+                record_leaving(i - 1, hidden)
+            probe.residual_in = hidden
         return hook
 
     def on_last_layer_output(module, args, output):
-        record_leaving(len(layers) - 1, _first_sequence(output[0] if isinstance(output, tuple) else output))
+        hidden = _first_sequence(output[0] if isinstance(output, tuple) else output)
+        if not (dense and dense[0].defer):
+            record_leaving(len(layers) - 1, hidden)
+            return
+        _locate_layers(dense)
+        for i, leaving in enumerate([*streams[1:], hidden]):
+            record_leaving(i, leaving)
+        streams.clear()
 
     try:
         for i, layer in enumerate(layers):
@@ -316,6 +399,7 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
                 # only read: a disk-offloaded matrix must not stay in memory (placement.py)
                 probe = _DenseProbe(stats[i], down_proj_reader(model, i, adapter=adapter, writable=False),
                                     output_is_residual_write=adapter.post_norm is None, residual_scale=scale)
+                dense.append(probe)
                 handles.append(down_proj_module(model, i, adapter).register_forward_hook(probe.on_down_proj))
             handles.append(layer.register_forward_pre_hook(on_layer_input(i, probe), with_kwargs=True))
             if i == len(layers) - 1:

@@ -291,7 +291,7 @@ class LayerStream:
                 raise _LastLayerDone
 
         try:
-            with capture_layer_stats(self.model, self.adapter, carry_layers) as stats, \
+            with capture_layer_stats(self.model, self.adapter, carry_layers, defer=False) as stats, \
                     around_layers(self.layers, self.materialise, after):
                 if self.vocabulary is not None:
                     if not torch.isin(input_ids.cpu(), self.vocabulary).all():
