@@ -154,8 +154,9 @@ def _locate_layers(probes: list[_DenseProbe]) -> None:
     """
     groups: dict[tuple, list[_DenseProbe]] = {}
     for p in probes:
-        key = tuple((t.shape, t.device, t.dtype) for t in (p.down_input, p.down_output, p.write))
-        groups.setdefault(key + (p.residual_in is not None, p.output_is_residual_write), []).append(p)
+        key = tuple(None if t is None else (t.shape, t.device, t.dtype)
+                    for t in (p.down_input, p.down_output, p.write, p.residual_in))
+        groups.setdefault((*key, p.output_is_residual_write), []).append(p)
     for group in groups.values():
         _locate_group(group)
         for p in group:
