@@ -358,16 +358,18 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
 
     dense: list[_DenseProbe] = []
     streams: list[torch.Tensor] = []  # a deferred pass: the stream entering each layer, then leaving the last
+    deferring = False  # this pass's dense layers are reduced after its last layer
 
     def on_layer_input(i: int, probe: "_DenseProbe"):
         def hook(module, args, kwargs):
+            nonlocal deferring
             hidden = _first_sequence(_hidden_states_arg(args, kwargs))
             if i == 0:
-                deferred = defer and hidden.shape[0] <= DEFER_MAX_TOKENS
+                deferring = bool(dense) and defer and hidden.shape[0] <= DEFER_MAX_TOKENS
                 for p in dense:
-                    p.defer = deferred
+                    p.defer = deferring
                 streams.clear()
-            if dense and dense[0].defer:
+            if deferring:
                 hidden = hidden.clone()  # read after the pass, and some families scale the stream in place
                 streams.append(hidden)
             elif i > 0:
@@ -377,7 +379,7 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
 
     def on_last_layer_output(module, args, output):
         hidden = _first_sequence(output[0] if isinstance(output, tuple) else output)
-        if not (dense and dense[0].defer):
+        if not deferring:
             record_leaving(len(layers) - 1, hidden)
             return
         _locate_layers(dense)
