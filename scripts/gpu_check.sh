@@ -198,7 +198,7 @@ print(json.dumps({"collective": json.load(open(w + "/probe.json")), **json.load(
   return "$rc"
 }
 
-export DRY WORK SITE OUT PREP KEEP PYTHON DEVICE
+export DRY REPO WORK SITE OUT PREP KEEP PYTHON DEVICE
 export -f setup cuda_tier bench_gpu compare_lm_eval torchrun_eval
 # Budgets: on the GPU they sum to 570 s, so the summary is written inside a 600 s `run`.
 if [ "$DRY" = 1 ]; then B=(300 300 400 400 300); else B=(90 150 120 150 60); fi
