@@ -23,6 +23,7 @@ import time
 import torch
 
 from superweight.find.detect import DEFAULT_PROMPT, detect, encode_prompt
+from superweight.find import hooks
 from superweight.find.hooks import capture_layer_stats
 from superweight.model.load import load_model
 from superweight.find.stream import detect_streamed, open_checkpoint
@@ -162,9 +163,13 @@ def main() -> None:
                         "ratios, comma-separated (9: the default detection prompt)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--peak-rss", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(detect_once(*args.child)))
+        return
+    if args.peak_rss:
+        hook_memory()
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,10 +187,12 @@ def main() -> None:
     else:
         loaded = load_and_stream(args.repeats)
     measure_forwards(loaded, args.repeats, tuple(int(n) for n in args.lengths.split(",")))
+    hook_memory_in_child()
 
 
 def load_and_stream(repeats: int):
     """First vs cached load, then streamed vs full detection; returns the cached load."""
+    users_cache = os.environ.get("SUPERWEIGHT_CACHE")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["SUPERWEIGHT_CACHE"] = cache
         first = load_model("smollm2-135m", device="cpu")
@@ -197,6 +204,10 @@ def load_and_stream(repeats: int):
               f"second (safetensors cache) {loaded.load_seconds:.2f} s; "
               f"speed-up {first_seconds / loaded.load_seconds:.1f}x (goal >= 5x)")
         compare_streamed(loaded.model.name_or_path, repeats)
+    if users_cache is None:  # what comes later (hook_memory_in_child) loads from the user's cache
+        del os.environ["SUPERWEIGHT_CACHE"]
+    else:
+        os.environ["SUPERWEIGHT_CACHE"] = users_cache
     return loaded
 
 
@@ -217,12 +228,51 @@ def measure_forwards(loaded, repeats: int, lengths: tuple[int, ...] = (9, 512, 2
         print(f"forward, {length:5d} tokens: plain {plain * 1e3:8.1f} ms, hooked {hooked * 1e3:8.1f} ms, "
               f"ratio {hooked / plain:.3f} (goal <= 1.10)")
 
-    for length in (16, 2048):
-        ids = torch.randint(0, vocab, (1, length), generator=generator)
-        plain = peak_added_mib(model, ids, hooked=False)
-        hooked = peak_added_mib(model, ids, hooked=True)
-        print(f"peak RSS of one forward, {length:5d} tokens: plain {plain:7.1f} MiB, hooked {hooked:7.1f} MiB, "
-              f"added by hooks {hooked - plain:+6.1f} MiB (goal: no growth with length)")
+
+# glibc raises its mmap threshold as big blocks are freed and then serves them from a heap it keeps:
+# peak RSS then swings by tens of MiB from run to run. With a fixed low threshold every block over
+# 16 KiB is mapped on its own and unmapped when freed, so RSS follows what is live.
+MEASURED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "16384"}
+
+
+def hook_memory_in_child() -> None:
+    """What the hooks add to one forward's peak RSS, short and long, measured in a child process
+    with MEASURED_MALLOC (the timings above keep the default allocator)."""
+    subprocess.run([sys.executable, __file__, "--peak-rss"], env={**os.environ, **MEASURED_MALLOC}, check=True)
+
+
+def held_until_the_end(model, ids) -> int:
+    """Bytes of activations the hooks of a short pass keep until its last layer, counted: what RSS
+    cannot show at a few MiB (the allocator serves small blocks from memory it already holds)."""
+    held = []
+    reduce_layers = hooks._locate_layers
+
+    def counting(probes):
+        tensors = {t.data_ptr(): t for p in probes for t in (p.down_input, p.down_output, p.write, p.residual_in)
+                   if t is not None}
+        held.append(sum(t.nbytes for t in tensors.values()))
+        reduce_layers(probes)
+
+    hooks._locate_layers = counting
+    try:
+        forward(model, ids, hooked=True)
+    finally:
+        hooks._locate_layers = reduce_layers
+    return max(held)
+
+
+def hook_memory() -> None:
+    model = load_model("smollm2-135m", device="cpu").model
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, hooks.DEFER_MAX_TOKENS), generator=generator)
+    print(f"held by the hooks of one {hooks.DEFER_MAX_TOKENS}-token forward (the longest reduced at its end): "
+          f"{held_until_the_end(model, ids) / 2**20:.1f} MiB, counted")
+    ids = torch.randint(0, model.config.vocab_size, (1, 2048), generator=generator)
+    plain = peak_added_mib(model, ids, hooked=False)
+    hooked = peak_added_mib(model, ids, hooked=True)
+    print(f"peak RSS of one forward,  2048 tokens: plain {plain:7.1f} MiB, hooked {hooked:7.1f} MiB, "
+          f"added by hooks {hooked - plain:+6.1f} MiB (goal: no growth with length; "
+          f"{MEASURED_MALLOC['MALLOC_MMAP_THRESHOLD_']}-byte mmap threshold)")
 
 
 if __name__ == "__main__":

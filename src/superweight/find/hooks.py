@@ -343,18 +343,42 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
     scale = float(getattr(model.config, adapter.residual_scale)) if adapter.residual_scale else 1.0
     handles = []
 
-    def record_leaving(i: int, hidden: torch.Tensor) -> None:
-        # The residual stream leaving layer i (the next layer's input), read at the spikes of layer i
-        # and of the `window` layers before it in one gather: whether the stream carries each on.
-        watched = [s for s in stats[max(0, i - window): i + 1] if s.spike_token >= 0]
-        if not watched:
-            return
-        values = hidden[[s.spike_token for s in watched], [s.row for s in watched]].float().tolist()
+    def watched_leaving(i: int) -> list[LayerStats]:
+        # Layer i's spike and those of the `window` layers before it: whether the stream leaving
+        # layer i carries each on.
+        return [s for s in stats[max(0, i - window): i + 1] if s.spike_token >= 0]
+
+    def at_spikes(hidden: torch.Tensor, watched: list[LayerStats]) -> torch.Tensor:
+        return hidden[[s.spike_token for s in watched], [s.row for s in watched]].float()
+
+    def record(i: int, watched: list[LayerStats], values: list[float]) -> None:
         for s, value in zip(watched, values):
             if s.layer == i:
                 s.residual_after = value
             else:
                 s.carried.append(value)
+
+    def record_leaving(i: int, hidden: torch.Tensor) -> None:
+        """The residual stream leaving layer i (the next layer's input), read as the pass runs."""
+        watched = watched_leaving(i)
+        if watched:
+            record(i, watched, at_spikes(hidden, watched).tolist())
+
+    def record_leaving_every_layer(leaving: list[torch.Tensor]) -> None:
+        """The same reads for every layer of a deferred pass, with one copy to the host per device
+        (a copy per layer would wait on the device once per layer)."""
+        reads = [(i, watched, at_spikes(hidden, watched))
+                 for i, hidden in enumerate(leaving) if (watched := watched_leaving(i))]
+        on_device: dict[torch.device, list[int]] = {}
+        for n, (_, _, values) in enumerate(reads):
+            on_device.setdefault(values.device, []).append(n)
+        host: dict[int, list[float]] = {}
+        for ns in on_device.values():
+            values = iter(torch.cat([reads[n][2] for n in ns]).tolist())
+            for n in ns:
+                host[n] = [next(values) for _ in reads[n][1]]
+        for n, (i, watched, _) in enumerate(reads):  # in layer order: `carried` is appended to
+            record(i, watched, host[n])
 
     dense: list[_DenseProbe] = []
     streams: list[torch.Tensor] = []  # a deferred pass: the stream entering each layer, then leaving the last
@@ -383,8 +407,7 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
             record_leaving(len(layers) - 1, hidden)
             return
         _locate_layers(dense)
-        for i, leaving in enumerate([*streams[1:], hidden]):
-            record_leaving(i, leaving)
+        record_leaving_every_layer([*streams[1:], hidden])
         streams.clear()
 
     try:
