@@ -10,6 +10,8 @@
 #                                             30 s the machine stays warm: the check itself
 #   bash scripts/gpu_check.sh --cpu-dry-run   here: the same steps on the CPU, tiny sizes
 #   bash scripts/gpu_check.sh --list-steps
+#   GPU_CHECK_ONLY=bench_gpu,torchrun_eval bash scripts/gpu_check.sh    setup and these steps only
+#                                             (a rerun of what failed, while the machine is warm)
 #
 # Two calls because one call carries at most 64 MiB and the GGUF alone is 98 MB. Every step runs
 # under its own time budget (`timeout`); a failing step does not stop the others. Everything
@@ -87,6 +89,11 @@ case "${1:-}" in
   "") ;;
   *) die "unknown option '$1' (see the top of scripts/gpu_check.sh)" ;;
 esac
+ONLY=${GPU_CHECK_ONLY:-${STEPS[*]}}   # setup always runs: the others need what it installs
+ONLY=${ONLY//,/ }
+for name in $ONLY; do
+  [[ " ${STEPS[*]} " == *" $name "* ]] || die "GPU_CHECK_ONLY: no step '$name' (steps: ${STEPS[*]})"
+done
 OUT=${OUT:-$REPO/out/gpu_check}
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
@@ -203,13 +210,15 @@ export -f setup cuda_tier bench_gpu compare_lm_eval torchrun_eval
 # Budgets: on the GPU they sum to 570 s, so the summary is written inside a 600 s `run`.
 if [ "$DRY" = 1 ]; then B=(300 300 400 400 300); else B=(90 150 120 150 60); fi
 step setup "${B[0]}" setup
-if grep -q $'^setup\tok' "$WORK/steps.tsv"; then
-  step cuda_tier "${B[1]}" cuda_tier
-  step bench_gpu "${B[2]}" bench_gpu
-  step compare_lm_eval "${B[3]}" compare_lm_eval
-  step torchrun_eval "${B[4]}" torchrun_eval
-else
-  for name in "${STEPS[@]:1}"; do printf '%s\t%s\t0\t0\n' "$name" "skipped: setup failed" >> "$WORK/steps.tsv"; done
-fi
+for i in 1 2 3 4; do
+  name=${STEPS[$i]}
+  if [[ " $ONLY " != *" $name "* ]]; then
+    printf '%s\t%s\t0\t0\n' "$name" "not run: GPU_CHECK_ONLY" >> "$WORK/steps.tsv"
+  elif grep -q $'^setup\tok' "$WORK/steps.tsv"; then
+    step "$name" "${B[$i]}" "$name"
+  else
+    printf '%s\t%s\t0\t0\n' "$name" "skipped: setup failed" >> "$WORK/steps.tsv"
+  fi
+done
 "$PYTHON" scripts/gpu_check_report.py summary "$WORK" "$OUT" | tee -a "$LOG"
 exit "${PIPESTATUS[0]}"

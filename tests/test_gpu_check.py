@@ -1,14 +1,16 @@
 """scripts/gpu_check.sh, the device check, as far as a machine without a GPU can check it quickly:
-the script parses, lists its steps, and its summary fails the check when a step or a number is wrong.
-The whole dry run (`bash scripts/gpu_check.sh --cpu-dry-run`, several minutes) is run by hand."""
+the script parses, lists its steps, its setup step finds the data and the model on the CPU, and its
+summary fails the check when a step or a number is wrong. The whole dry run
+(`bash scripts/gpu_check.sh --cpu-dry-run`, several minutes) is run by hand."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 
-from conftest import REPO
+from conftest import DATA_DIR, REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
@@ -26,6 +28,27 @@ def test_the_script_parses_and_lists_its_steps():
     assert steps == ["setup", "cuda_tier", "bench_gpu", "compare_lm_eval", "torchrun_eval"]
     wrong = subprocess.run(["bash", SCRIPT, "--no-such-option"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unknown option" in wrong.stderr
+    wrong = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, env={**os.environ, "GPU_CHECK_ONLY": "bench"})
+    assert wrong.returncode == 2 and "GPU_CHECK_ONLY: no step 'bench'" in wrong.stderr
+
+
+def test_the_setup_step_finds_the_data_and_the_model_on_the_cpu(smollm2, gguf_cache, tmp_path):
+    """The dry run's first step alone (GPU_CHECK_ONLY=setup): the step functions run in child shells,
+    so what they read must be exported (the data's default place is found from REPO)."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_ONLY": "setup", "SUPERWEIGHT_CACHE": str(gguf_cache),
+           "GPU_CHECK_KEEP": str(tmp_path / "keep")}
+    env.pop("SUPERWEIGHT_DATA", None)
+    if DATA_DIR.resolve() != (REPO.parent / "shared" / "data").resolve():
+        env["SUPERWEIGHT_DATA"] = str(DATA_DIR)
+    done = subprocess.run(["bash", SCRIPT, "--cpu-dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert done.returncode == 0, log
+    document = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert document["ok"] and document["failed"] == []
+    assert document["not_run"] == ["cuda_tier", "bench_gpu", "compare_lm_eval", "torchrun_eval"]
+    assert [s["status"] for s in document["steps"]] == ["ok"] + ["not run: GPU_CHECK_ONLY"] * 4
+    assert "SmolLM2 cached:" in log and "\ndata: " in log
+    assert "the steps asked for passed (not run: cuda_tier, bench_gpu, compare_lm_eval, torchrun_eval)" in done.stdout
 
 
 def write_steps(work, rows):
