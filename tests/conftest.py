@@ -75,6 +75,48 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return path
 
 
+# The half-precision paths (test_half_precision.py) and the CUDA tier (test_cuda.py) share these.
+PLANTED = "1,7,13"  # layer, row, col of the byte-level tiny Llama's planted super weight
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with no merges: every text is real tokens, and decodes back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def byte_llama_dir(tmp_path_factory) -> Path:
+    """The tiny Llama of synthetic.py, 259 byte tokens, a super weight planted at PLANTED, saved as
+    float32 safetensors. The head is scaled up so greedy decoding has clear winners (a random tiny
+    head gives near-uniform logits, where any rounding changes the argmax)."""
+    import torch
+    from synthetic import plant_super_weight, tiny_model
+
+    tokenizer = byte_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=128)
+    plant_super_weight(model, *map(int, PLANTED.split(",")))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    path = tmp_path_factory.mktemp("byte-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def harness_tasks(tmp_path_factory) -> Path:
+    """lm-eval task YAMLs `sw_lambada_openai` and `sw_piqa` that read the local data (tests/test_harness.py)."""
+    return lm_eval_task_folder(tmp_path_factory, ("lambada_openai", "piqa"))
+
+
 # ----------------------------------------------------------------------------- the CUDA tier
 
 _DESELECTED_CUDA: list[str] = []
@@ -85,6 +127,8 @@ def pytest_collection_modifyitems(config, items):
     and the summary says how many and why. On a GPU machine nothing is left out."""
     import torch
 
+    if os.environ.get("SUPERWEIGHT_TEST_SELECT_ALL") == "1":  # for `pytest --setup-plan` (test_gpu_check.py)
+        return
     _deselect_quantizers(config, items)
     if torch.cuda.is_available():
         return

@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
+import sys
 
 from conftest import DATA_DIR, REPO
 
@@ -49,6 +51,21 @@ def test_the_setup_step_finds_the_data_and_the_model_on_the_cpu(smollm2, gguf_ca
     assert [s["status"] for s in document["steps"]] == ["ok"] + ["not run: GPU_CHECK_ONLY"] * 4
     assert "SmolLM2 cached:" in log and "\ndata: " in log
     assert "the steps asked for passed (not run: cuda_tier, bench_gpu, compare_lm_eval, torchrun_eval)" in done.stdout
+
+
+def test_the_tests_deselected_here_find_their_fixtures():
+    """The cuda and quantizers tiers never run on this machine, so a fixture they name that no
+    conftest or module of theirs provides would first fail on the GPU (the CUDA tier's tiny model
+    lived in test_half_precision.py, out of test_cuda.py's reach). pytest --setup-plan resolves every
+    fixture of those tests and runs nothing."""
+    planned = subprocess.run([sys.executable, "-m", "pytest", "-q", "--setup-plan", "-p", "no:cacheprovider",
+                              "-m", "cuda or quantizers", "tests/"], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, "SUPERWEIGHT_TEST_SELECT_ALL": "1"}, timeout=300)
+    assert planned.returncode == 0, planned.stdout[-3000:]
+    tests = re.findall(r"^\s+(tests/\S+) \(fixtures used: ([^)]*)\)", planned.stdout, re.M)
+    assert len(tests) >= 9, planned.stdout[-3000:]  # 6 cuda + 3 quantizers today
+    fixtures = dict(tests)
+    assert "byte_llama_dir" in fixtures["tests/test_cuda.py::test_every_path_on_the_gpu_matches_the_cpu[bfloat16-offload]"]
 
 
 def write_steps(work, rows):

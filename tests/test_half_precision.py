@@ -22,11 +22,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import DATA_DIR, lm_eval_task_folder
+from conftest import DATA_DIR, PLANTED
 from superweight.cli import app
 
 HALF = ("bfloat16", "float16")
-PLANTED = "1,7,13"  # layer, row, col of the tiny model's planted super weight
 LIMIT, MAX_LENGTH = "4", "128"
 
 # Every perplexity-like metric (word / byte perplexity, bits per byte, lambada's perplexity,
@@ -57,43 +56,6 @@ def invoke(*args) -> dict:
     assert result.exit_code == 0, result.output[-3000:]
     stdout = result.stdout if hasattr(result, "stdout") else result.output
     return json.loads(stdout)
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with no merges: every text is real tokens, and decodes back."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture(scope="session")
-def byte_llama_dir(tmp_path_factory) -> Path:
-    """The tiny Llama of synthetic.py, 259 byte tokens, a super weight planted at PLANTED, saved as
-    float32 safetensors. The head is scaled up so greedy decoding has clear winners (a random tiny
-    head gives near-uniform logits, where any rounding changes the argmax)."""
-    from synthetic import plant_super_weight, tiny_model
-
-    tokenizer = byte_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=128)
-    plant_super_weight(model, *map(int, PLANTED.split(",")))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    path = tmp_path_factory.mktemp("byte-llama")
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def harness_tasks(tmp_path_factory) -> Path:
-    """lm-eval task YAMLs `sw_lambada_openai` and `sw_piqa` that read the local data (tests/test_harness.py)."""
-    return lm_eval_task_folder(tmp_path_factory, ("lambada_openai", "piqa"))
 
 
 MULTIPLE_CHOICE = "lambada_openai,piqa,arc_easy,arc_challenge,hellaswag,sciq,winogrande"
