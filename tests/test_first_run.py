@@ -262,3 +262,35 @@ def test_no_network_and_a_name_that_is_not_an_alias_says_all_it_is_not(tmp_path)
     for fragment in ("'org/tiny-model' is not a model alias or a local path, and not a reachable hub id",
                      "not in the local cache"):
         assert fragment in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- another dtype of a cached GGUF
+
+
+def test_another_dtype_of_a_cached_gguf_is_its_float32_entry_rounded_the_same_as_a_dequantization(
+        tiny_gguf, tmp_path, monkeypatch):
+    """A GGUF dequantizes to float32 and is then rounded to the dtype asked for, so with the float32
+    entry cached, a bfloat16 load rounds that entry instead of dequantizing again (on SmolLM2: 5.7 s
+    instead of ~20, every file of the entry byte-identical; docs/benchmarks.md). Here: the entry so
+    made holds the same files, byte for byte, as one dequantized straight to bfloat16."""
+    from superweight.model.gguf import dequantized_gguf
+
+    def entry(cache: Path, dtype: str) -> tuple[Path, list[str]]:
+        monkeypatch.setenv("SUPERWEIGHT_CACHE", str(cache))
+        notices: list[str] = []
+        path, cached = dequantized_gguf(resolve(str(tiny_gguf)), dtype, None, lambda _: None, notices.append)
+        assert not cached
+        return path, notices
+
+    direct, notices = entry(tmp_path / "direct", "bfloat16")
+    assert notices == ["first load of tiny.gguf: dequantizing (llama) and caching it, once; later loads read the cache"]
+    entry(tmp_path / "rounded", "float32")
+    rounded, notices = entry(tmp_path / "rounded", "bfloat16")
+    assert notices == ["first load of tiny.gguf in bfloat16: rounding its cached float32 copy, once"]
+    assert rounded.name == direct.name and rounded.name.endswith("-bfloat16")
+    files = sorted(p.name for p in direct.iterdir())
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    assert sorted(p.name for p in rounded.iterdir()) == files
+    for name in files:
+        assert (rounded / name).read_bytes() == (direct / name).read_bytes(), name
+    assert load_model(str(tiny_gguf), dtype="bfloat16").from_cache  # the rounded entry is read as any other

@@ -5,6 +5,10 @@ transformers dequantizes a GGUF in ~20 s even for a 135M model. The first load t
 the dequantized model (safetensors + config + tokenizer) to `<cache>/gguf/<sha256 of the
 file>-<dtype>/`; later loads (and the other commands: streaming, export) read that directory instead. The entry
 records what it holds (integrity.write_manifest); a damaged one is rebuilt, with a notice.
+
+A GGUF dequantizes to float32 whatever the dtype asked for, and is then rounded to it: where the
+float32 entry is cached, another dtype's entry is that entry rounded, the same values bit for bit
+in seconds instead of a second dequantization.
 """
 
 from __future__ import annotations
@@ -86,6 +90,14 @@ def dequantized_gguf(source: ModelSource, dtype: str, cache_dir: str | None, pro
         if problem is None:
             return target, True
         notice(f"the cached copy of {name} in {target} is damaged ({problem}): rebuilding it")
+    float32_entry = target.with_name(f"{digest[:32]}-float32")
+    if dtype_name != "float32" and float32_entry.is_dir() and manifest_problem(float32_entry) is None:
+        if not target.is_dir():
+            notice(f"first load of {name} in {dtype_name}: rounding its cached float32 copy, once")
+        progress(f"rounding the cached float32 copy of {name} to {dtype_name}")
+        model = AutoModelForCausalLM.from_pretrained(float32_entry, dtype=getattr(torch, dtype_name))
+        _write_entry(target, model, AutoTokenizer.from_pretrained(float32_entry))
+        return target, False
     architecture = _header_architecture(source.location)
     if not target.is_dir():
         notice(f"first load of {name}: dequantizing ({architecture}) and caching it, once; later loads read the cache")
@@ -107,9 +119,13 @@ def dequantized_gguf(source: ModelSource, dtype: str, cache_dir: str | None, pro
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
+    _write_entry(target, model, tokenizer)
+    return target, False
+
+
+def _write_entry(target: Path, model, tokenizer) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(target, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp)  # what the entry must hold, compared at every later use
-    return target, False
