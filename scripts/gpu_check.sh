@@ -154,10 +154,15 @@ setup() {
 
 cuda_tier() {
   local log=$WORK/pytest.log
+  # The tests' data: the copy setup found (the GPU machine has no ../shared beside the working tree).
+  export SUPERWEIGHT_TEST_DATA; SUPERWEIGHT_TEST_DATA=$(cat "$WORK/data")
   if [ "$DRY" = 1 ]; then   # no GPU: every cuda test must be deselected, and the summary say so
     "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py tests/test_offload.py 2>&1 | tee "$log"
-    grep -q "cuda test(s) not run: torch sees no CUDA GPU" "$log" && grep -q "deselected" "$log"
-    return
+    grep -q "cuda test(s) not run: torch sees no CUDA GPU" "$log" && grep -q "deselected" "$log" || return 1
+    # ... and the tier itself, on the CPU where it names cuda:0 (not the offload: it needs a GPU's memory budget)
+    SUPERWEIGHT_TEST_SELECT_ALL=1 SUPERWEIGHT_TEST_CUDA_DEVICE=cpu "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider \
+      -k "not offload and not gpu_cpu_disk" tests/test_cuda.py tests/test_offload.py 2>&1 | tee -a "$log"
+    return "${PIPESTATUS[0]}"
   fi
   # A module that cannot be imported there fails its own collection, not the CUDA tests' run (no -x:
   # with it a collection error stops pytest before any test, seen with jsonschema blocked).

@@ -9,15 +9,21 @@ the CPU's, by less than bfloat16 does.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from test_half_precision import compare_runs, run_every_path
 
 pytestmark = pytest.mark.cuda
 
+# The GPU; `cpu` in the device check's dry run (scripts/gpu_check.sh --cpu-dry-run), which runs
+# this tier's logic, its fixtures and its data on the CPU before GPU minutes are spent on it.
+DEVICE = os.environ.get("SUPERWEIGHT_TEST_CUDA_DEVICE", "cuda:0")
+
 # The tiny model is ~0.2 MB in float32: 100 KB on the GPU puts some decoder layers in CPU memory.
 PLACEMENTS = {
-    "cuda0": ["--device", "cuda:0"],
+    "cuda0": ["--device", DEVICE],
     "offload": ["--device-map", "auto", "--max-memory", "0=100KB,cpu=1GiB"],
 }
 
@@ -42,7 +48,7 @@ def test_every_path_on_the_gpu_matches_the_cpu(dtype, placement, byte_llama_dir,
     compare_runs(runs, cpu_float32_runs, "bfloat16", expect_dtype=dtype)  # a GPU rounds within bfloat16's bounds
     for name in ("eval_choice", "eval_wikitext"):
         for result in runs[name]["configurations"]:
-            assert result["config"]["device"].startswith("cuda"), result["config"]["device"]
+            assert result["config"]["device"].startswith(DEVICE.partition(":")[0]), result["config"]["device"]
 
 
 def test_smollm2_detection_on_the_gpu(smollm2, tmp_path):
@@ -50,6 +56,6 @@ def test_smollm2_detection_on_the_gpu(smollm2, tmp_path):
 
     for dtype in ("float32", "bfloat16"):
         for extra in ([], ["--stream"]):
-            found = invoke("detect", smollm2.model.name_or_path, "--dtype", dtype, "--device", "cuda:0", *extra,
-                           "--out", tmp_path / f"{dtype}.yaml")
+            found = invoke("detect", smollm2.model.name_or_path, "--dtype", dtype, "--device", DEVICE, *extra,
+                           "--out", tmp_path / f"{dtype}{'-stream' if extra else ''}.yaml")
             assert coordinates(found) == SMOLLM2_FOUND, (dtype, extra)
