@@ -216,7 +216,8 @@ print(json.dumps({"collective": json.load(open(w + "/probe.json")), **json.load(
 export DRY REPO WORK SITE OUT PREP KEEP PYTHON DEVICE
 export -f setup cuda_tier bench_gpu compare_lm_eval torchrun_eval
 # Budgets: on the GPU they sum to 570 s, so the summary is written inside a 600 s `run`. Setup took
-# 24 s in the dry run (no wheels to install); the CUDA tier's 3 CPU-runnable tests took 142 s there.
+# 22-24 s in the dry run (no wheels to install); the CUDA tier's 3 CPU-runnable tests took 52 s there
+# (142 s beside the test suite).
 if [ "$DRY" = 1 ]; then B=(300 300 400 400 300); else B=(60 180 120 150 60); fi
 step setup "${B[0]}" setup
 for i in 1 2 3 4; do
