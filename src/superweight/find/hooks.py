@@ -343,42 +343,27 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
     scale = float(getattr(model.config, adapter.residual_scale)) if adapter.residual_scale else 1.0
     handles = []
 
-    def watched_leaving(i: int) -> list[LayerStats]:
-        # Layer i's spike and those of the `window` layers before it: whether the stream leaving
-        # layer i carries each on.
-        return [s for s in stats[max(0, i - window): i + 1] if s.spike_token >= 0]
-
-    def at_spikes(hidden: torch.Tensor, watched: list[LayerStats]) -> torch.Tensor:
-        return hidden[[s.spike_token for s in watched], [s.row for s in watched]].float()
-
-    def record(i: int, watched: list[LayerStats], values: list[float]) -> None:
-        for s, value in zip(watched, values):
-            if s.layer == i:
-                s.residual_after = value
-            else:
-                s.carried.append(value)
-
-    def record_leaving(i: int, hidden: torch.Tensor) -> None:
-        """The residual stream leaving layer i (the next layer's input), read as the pass runs."""
-        watched = watched_leaving(i)
-        if watched:
-            record(i, watched, at_spikes(hidden, watched).tolist())
-
-    def record_leaving_every_layer(leaving: list[torch.Tensor]) -> None:
-        """The same reads for every layer of a deferred pass, with one copy to the host per device
-        (a copy per layer would wait on the device once per layer)."""
-        reads = [(i, watched, at_spikes(hidden, watched))
-                 for i, hidden in enumerate(leaving) if (watched := watched_leaving(i))]
-        on_device: dict[torch.device, list[int]] = {}
-        for n, (_, _, values) in enumerate(reads):
-            on_device.setdefault(values.device, []).append(n)
-        host: dict[int, list[float]] = {}
-        for ns in on_device.values():
-            values = iter(torch.cat([reads[n][2] for n in ns]).tolist())
-            for n in ns:
-                host[n] = [next(values) for _ in reads[n][1]]
-        for n, (i, watched, _) in enumerate(reads):  # in layer order: `carried` is appended to
-            record(i, watched, host[n])
+    def record_leaving(first: int, leaving: list[torch.Tensor]) -> None:
+        """The residual stream leaving layers first, first + 1, ... (each the next layer's input),
+        read at the spike of each such layer and of the `window` layers before it: whether the
+        stream carries each on. One copy to the host per device, however many layers (a copy per
+        layer would wait on the device once per layer)."""
+        reads = []  # (layer, the stats watched there, the stream at their spikes)
+        for i, hidden in enumerate(leaving, first):
+            watched = [s for s in stats[max(0, i - window): i + 1] if s.spike_token >= 0]
+            if watched:
+                reads.append((i, watched, hidden[[s.spike_token for s in watched], [s.row for s in watched]]))
+        on_host = {}
+        for device in {values.device for *_, values in reads}:
+            here = [values for *_, values in reads if values.device == device]
+            on_host[device] = iter((here[0] if len(here) == 1 else torch.cat(here)).float().tolist())
+        for i, watched, values in reads:  # in layer order: `carried` is appended to
+            for s in watched:
+                value = next(on_host[values.device])
+                if s.layer == i:
+                    s.residual_after = value
+                else:
+                    s.carried.append(value)
 
     dense: list[_DenseProbe] = []
     streams: list[torch.Tensor] = []  # a deferred pass: the stream entering each layer, then leaving the last
@@ -397,17 +382,17 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
                 hidden = hidden.clone()  # read after the pass, and some families scale the stream in place
                 streams.append(hidden)
             elif i > 0:
-                record_leaving(i - 1, hidden)
+                record_leaving(i - 1, [hidden])
             probe.residual_in = hidden
         return hook
 
     def on_last_layer_output(module, args, output):
         hidden = _first_sequence(output[0] if isinstance(output, tuple) else output)
         if not deferring:
-            record_leaving(len(layers) - 1, hidden)
+            record_leaving(len(layers) - 1, [hidden])
             return
         _locate_layers(dense)
-        record_leaving_every_layer([*streams[1:], hidden])
+        record_leaving(0, [*streams[1:], hidden])
         streams.clear()
 
     try:
