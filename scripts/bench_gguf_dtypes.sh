@@ -11,9 +11,12 @@ F32=$(ls -d "$CACHE"/gguf/*-float32 | head -1)   # SmolLM2's, the only GGUF the 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
+# seconds of one `sw detect --dtype bfloat16` with the cache $WORK/$1
+run() { { /usr/bin/time -f %e env SUPERWEIGHT_CACHE="$WORK/$1" "$S" detect --dtype bfloat16 -q --out c.yaml --force >/dev/null; } 2>&1; }
 for i in 1 2 3; do
-  rm -rf a b && mkdir -p b/gguf && cp -al "$F32" b/gguf/ 2>/dev/null || cp -a "$F32" b/gguf/
-  run() { { /usr/bin/time -f %e env SUPERWEIGHT_CACHE="$WORK/$1" "$S" detect --dtype bfloat16 -q --out c.yaml --force >/dev/null; } 2>&1; }
+  rm -rf a b
+  mkdir -p b/gguf
+  cp -al "$F32" b/gguf/ 2>/dev/null || cp -a "$F32" b/gguf/   # hard links where the file system allows
   a=$(run a); b=$(run b); c=$(run b)
   same=$(cmp -s a/gguf/*-bfloat16/model.safetensors b/gguf/*-bfloat16/model.safetensors && echo identical || echo DIFFERENT)
   ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", b / a }')

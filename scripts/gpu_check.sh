@@ -220,7 +220,7 @@ export -f setup cuda_tier bench_gpu compare_lm_eval torchrun_eval
 # (142 s beside the test suite).
 if [ "$DRY" = 1 ]; then B=(300 300 400 400 300); else B=(60 180 120 150 60); fi
 step setup "${B[0]}" setup
-for i in 1 2 3 4; do
+for ((i = 1; i < ${#STEPS[@]}; i++)); do
   name=${STEPS[$i]}
   if [[ " $ONLY " != *" $name "* ]]; then
     printf '%s\t%s\t0\t0\n' "$name" "not run: GPU_CHECK_ONLY" >> "$WORK/steps.tsv"

@@ -32,7 +32,7 @@ PLACEMENTS = {
 def cpu_float32_runs(byte_llama_dir, harness_tasks, tmp_path_factory):
     # The reference of both dtypes: bfloat16 on the GPU is held to float32 on the CPU within
     # bfloat16's tolerances, as test_half_precision.py holds the CPU's bfloat16. A CPU bfloat16
-    # reference would add ~50 s (CPUs without bfloat16 units) to a tier that has 150 s of the device check.
+    # reference would add ~50 s (CPUs without bfloat16 units) to a tier that has 180 s of the device check.
     return run_every_path(byte_llama_dir, "float32", ["--device", "cpu"], tmp_path_factory.mktemp("cpu-float32"),
                           harness_tasks)
 

@@ -270,8 +270,8 @@ def test_no_network_and_a_name_that_is_not_an_alias_says_all_it_is_not(tmp_path)
 def test_another_dtype_of_a_cached_gguf_is_its_float32_entry_rounded_the_same_as_a_dequantization(
         tiny_gguf, tmp_path, monkeypatch):
     """A GGUF dequantizes to float32 and is then rounded to the dtype asked for, so with the float32
-    entry cached, a bfloat16 load rounds that entry instead of dequantizing again (on SmolLM2: 5.7 s
-    instead of ~20, every file of the entry byte-identical; docs/benchmarks.md). Here: the entry so
+    entry cached, a bfloat16 load rounds that entry instead of dequantizing again (on SmolLM2 a whole
+    `sw detect` took 5.0-5.2 s instead of 20.0-20.1 s, the weights byte-identical; docs/benchmarks.md). Here: the entry so
     made holds the same files, byte for byte, as one dequantized straight to bfloat16."""
     from superweight.model.gguf import dequantized_gguf
 
