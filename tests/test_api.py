@@ -108,7 +108,7 @@ def test_run_study_writes_the_report_and_reuses_the_cache(planted_dir, tmp_path)
     document = result.to_dict()
     assert document["table"] == result.table.to_dict()
     assert all(isinstance(v, float) for row in document["table"]["rows"] for v in row["values"])
-    assert [row[0] for row in result.table.rows][:2] == ["original", "candidate [1, 7, 13] zeroed"]
+    assert [row[0] for row in result.table.rows][:2] == ["original", "weight [1, 7, 13] zeroed"]  # as sw eval names it
     assert document["meta"]["command"] == "sw study example" and result.meta["evaluations"]["total"] == 5 + 2
     with pytest.raises(UsageError, match="exists and is not empty"):
         api.run_study(str(planted_dir), **options)
@@ -127,6 +127,24 @@ def test_run_study_without_coordinates_says_once_which_weights_it_acts_on(plante
                   reporter=recorder, **QUICK)
     acting = [n for n in notes if "act on" in n or "acting on" in n]
     assert acting == ["Table 1 and the sweep act on the only candidate of the detection (--select all): [1, 7, 13]"]
+
+
+@pytest.mark.parametrize("roles,acted_on", [
+    ("super, inert", ["[1, 7, 13]", "[2, 5, 9]"]),  # the file's super weight (by its role), and --coord's
+    (None, ["[1, 7, 13]", "[1, 3, 4]", "[2, 5, 9]"]),  # no roles recorded: every candidate, as every command takes them
+])
+def test_run_study_narrows_given_coordinates_as_every_command_does(planted_dir, tmp_path, roles, acted_on):
+    """--coords with --coord: the file's candidates narrowed by --select by the roles the file
+    records (not every candidate, not re-measured roles), --coord's as given; the same weights
+    `evaluate_model` acts on."""
+    path = tmp_path / "c.yaml"
+    marks = roles.split(", ") if roles else [None, None]
+    api.write_coords(path, [SuperWeight(1, 7, 13, role=marks[0]), SuperWeight(1, 3, 4, role=marks[1])])
+    result = api.run_study(str(planted_dir), coords=path, coord=["2,5,9"], task="wikitext", grid="0,1", top=5,
+                           out=tmp_path / "study", **QUICK)
+    assert [w.label() for w in result.super_weights] == acted_on
+    evaluated = api.evaluate_model(str(planted_dir), coords=path, coord=["2,5,9"], **QUICK)
+    assert list(evaluated.runs) == [f"{len(acted_on)} weights zeroed"] == [result.table.rows[1][0]]
 
 
 def test_quantize_model_compares_naive_and_aware_rtn(planted_dir, tmp_path):

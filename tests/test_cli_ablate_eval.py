@@ -59,6 +59,12 @@ def test_ablate_scale_and_controls(tiny_llama_dir, coords_file, tmp_path):
     ("super_weights: [{layer: 1, row: 32, col: 3}]", "row"),
     ("super_weights: [{layer: 1, row: 2, col: 64}]", "col"),
     ("super_weights: [{layer: 1, row: 2, col: 3, value: 1234.5}]", "made for another model"),  # in range, wrong weight
+    # a wrong entry that --select super leaves out still makes the file wrong
+    ("super_weights: [{layer: 1, row: 2, col: 3, role: super}, {layer: 1, row: 32, col: 3, role: inert}]", "row 32"),
+    ("super_weights: [{layer: 1, row: 2, col: 3, role: super}, {layer: 1, row: 4, col: 3, role: inert, value: 1234.5}]",
+     "made for another model"),
+    ("super_weights: [{layer: 1, row: 2, col: 3}, {layer: 1, row: 2, col: 3, value: 1.0}]",
+     "super_weights[1] repeats [1, 2, 3] (super_weights[0])"),
 ])
 @pytest.mark.parametrize("command", ["ablate", "eval"])
 def test_bad_coordinates(tiny_llama_dir, tmp_path, text, fragment, command):

@@ -268,6 +268,21 @@ def test_restore_activation_on_an_ablated_directory_works_from_its_record(tiny_l
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
 
 
+def test_restore_activation_refuses_a_folder_changed_after_its_record(tiny_llama_dir, tmp_path):
+    """A weight that no longer holds what the record says the ablation left means the record no
+    longer tells the folder's story: refused, never written over with the recorded original."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "no-sw"
+    assert invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--out", out).exit_code == 0
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = 7.0
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    options = ["-q", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR, "--restore-activation"]
+    assert_one_line_error(invoke("eval", out, *options, "--coord", "1,3,5"),
+                          "records the weight as 0 after the ablation, but this model holds 7", "ablate the original")
+
+
 def test_describe_recorded_ablation():
     from superweight.edit.save import describe_recorded_ablation
 

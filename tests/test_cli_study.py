@@ -27,23 +27,23 @@ def test_study_writes_report_and_reuses_cached_evaluations(tiny_llama_dir, tmp_p
                                                        "scale_sweep.png", "stop_words.png"]
     assert json.loads((out / "report.json").read_text()) == document
     rows = {row["configuration"]: row for row in document["table"]["rows"]}
-    # rows named by what they zeroed: the study measured the given weight's role (not super on this
-    # tiny model), so it is called a candidate
-    assert list(rows) == ["original", "candidate [1, 3, 5] zeroed", "other 5 outliers zeroed",
-                          "candidate [1, 3, 5] zeroed + activation restored", "1 random weight zeroed"]
+    # rows named by what they zeroed, as `sw eval --coord 1,3,5` names them: a weight given by
+    # coordinate is a "weight" (README: Vocabulary), whatever role the study measures for it
+    assert list(rows) == ["original", "weight [1, 3, 5] zeroed", "other 5 outliers zeroed",
+                          "weight [1, 3, 5] zeroed + activation restored", "1 random weight zeroed"]
     assert [row["kind"] for row in rows.values()] == ["unchanged", "ablated", "control", "restored", "control"]
     assert document["table"]["columns"][:1] == ["wikitext word_perplexity"]
     assert [r["factor"] for r in document["sweep"]] == [0.0, 1.0, 2.0]
     # s = 0 is the zeroed row and s = 1 the original: the same evaluations, not new ones
     by_factor = {r["factor"]: r["perplexity"] for r in document["sweep"]}
     assert by_factor[1.0] == pytest.approx(rows["original"]["values"][0], rel=1e-3)
-    assert by_factor[0.0] == pytest.approx(rows["candidate [1, 3, 5] zeroed"]["values"][0], rel=1e-3)
+    assert by_factor[0.0] == pytest.approx(rows["weight [1, 3, 5] zeroed"]["values"][0], rel=1e-3)
     evaluations = document["meta"]["evaluations"]
     assert evaluations == {"total": 2 * 8, "from_cache": 2 * 2}
     assert document["super_weights"][0] | {"layer": 1, "row": 3, "col": 5} == document["super_weights"][0]
     assert 0 < document["stop_words"]["stop_mass_original"] <= 1
     report = (out / "REPORT.md").read_text()
-    for heading in ("## Super weights", "## Table 1", "## Generations", "## Scaling the candidate [1, 3, 5]",
+    for heading in ("## Super weights", "## Table 1", "## Generations", "## Scaling the weight [1, 3, 5]",
                     "## Stop-word shift", "## Activation profile"):
         assert heading in report
     generations = document["generations"]
@@ -103,7 +103,7 @@ def test_study_shows_every_stage_and_caches_the_stop_word_shift(tiny_llama_dir, 
             "--task", "wikitext", "--grid", "0,1", "--top", "3", "--out", out, "--json")
     first = invoke(*args)
     assert first.exit_code == 0, first.output
-    for stage in ("original: wikitext", "candidate [1, 3, 5] zeroed: wikitext", "stop-word shift", "activation profile",
+    for stage in ("original: wikitext", "weight [1, 3, 5] zeroed: wikitext", "stop-word shift", "activation profile",
                   f"writing {out}"):
         assert stage in first.stderr, (stage, first.stderr)
     shift = json.loads(first.stdout)["stop_words"]

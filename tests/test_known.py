@@ -122,3 +122,23 @@ def test_a_coordinates_file_written_for_llama_7b_is_named_when_applied_to_llama2
     assert note and note.startswith(f"{path} was made for llama-7b (llama), not for meta-llama/Llama-2-7b-hf")
     assert coordinates_file_mismatch(path, resolve("huggyllama/llama-7b"), "llama") is None
     assert coordinates_file_mismatch(None, resolve("llama-7b"), "llama") is None
+
+
+def test_coordinates_made_for_another_model_are_a_warning_that_quiet_json_and_the_library_show(
+        tiny_llama_dir, tmp_path, caplog):
+    """The mismatch is a warning every command prints (sw export included), under --quiet and
+    beside --json too, and the library logs it: it changes what the result means."""
+    from superweight import generate_text
+    from superweight.coords import SuperWeight, write_coords
+    from test_cli import invoke
+
+    path = write_coords(tmp_path / "c.yaml", [SuperWeight(1, 3, 5)], model="my-mistral", model_type="mistral")
+    said = f"warning: {path} was made for my-mistral (mistral), not for {tiny_llama_dir} (llama)"
+    generated = invoke("generate", tiny_llama_dir, "--coords", path, "--max-new-tokens", "1", "-q", "--json")
+    assert generated.exit_code == 0 and json.loads(generated.stdout)
+    assert generated.stderr.startswith(said), generated.stderr
+    exported = invoke("export", path, "--model", tiny_llama_dir, "--to", "llm-compressor", "-q")
+    assert exported.exit_code == 0 and exported.stderr.startswith(said), exported.output
+    with caplog.at_level("WARNING", logger="superweight"):
+        generate_text(str(tiny_llama_dir), coords=path, max_new_tokens=1)
+    assert any(r.getMessage().startswith(said.removeprefix("warning: ")) for r in caplog.records), caplog.text

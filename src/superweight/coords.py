@@ -152,6 +152,12 @@ def read_coords(path: str | Path) -> tuple[list[SuperWeight], dict[str, Any]]:
     if not isinstance(data, dict) or not isinstance(data.get("super_weights"), list):
         raise CoordinatesError(f"{path}: expected a top-level 'super_weights:' list of {{layer, row, col}} entries")
     weights = [from_dict(e, f"{path}: super_weights[{i}]") for i, e in enumerate(data["super_weights"])]
+    first: dict[tuple, int] = {}
+    for i, weight in enumerate(weights):  # which entry's value, role and evidence would count is anyone's guess
+        if weight.key in first:
+            raise CoordinatesError(f"{path}: super_weights[{i}] repeats {weight.label()} (super_weights[{first[weight.key]}]); "
+                                   "keep one entry per weight")
+        first[weight.key] = i
     meta = {k: v for k, v in data.items() if k != "super_weights"}
     return weights, meta
 

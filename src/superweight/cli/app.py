@@ -57,6 +57,7 @@ class Session(Reporter):
     def __init__(self, quiet: bool, debug: bool):
         self.quiet = quiet or GLOBAL_OPTIONS["quiet"]
         self.debug = debug or GLOBAL_OPTIONS["debug"]
+        self.main = True  # the process that prints: rank 0 under a launcher (run)
 
     def say(self, message: str) -> None:
         """A message, on one line however long (a path or a list cut in two defeats grep)."""
@@ -67,6 +68,11 @@ class Session(Reporter):
         """A note from the library, on one line however long."""
         if not self.quiet:
             stderr.print(f"note: {message}", markup=False, soft_wrap=True)
+
+    def warn(self, message: str) -> None:
+        """A warning: printed under --quiet too (beside --json's stdout), by rank 0 alone."""
+        if self.main:
+            stderr.print(f"warning: {message}", markup=False, soft_wrap=True)
 
     @contextmanager
     def status(self, message: str) -> Iterator[Callable[[str], None]]:
@@ -103,6 +109,7 @@ class Session(Reporter):
             main = launched().is_main
         except SuperweightError:
             main = True  # session() raises it again, and it is printed below
+        self.main = main
         self.quiet = self.quiet or not main
         try:
             with session(), _muted(not main):
@@ -179,7 +186,7 @@ GLOBAL_OPTIONS = {"quiet": False, "debug": False}
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Show the version and exit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr (any command)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or notes on stderr (any command); warnings still print."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on error (any command)."),
 ) -> None:
     """Find, ablate and evaluate the super weights of large language models (Yu et al. 2024)."""

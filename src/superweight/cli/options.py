@@ -26,7 +26,7 @@ DEVICE_MAP = typer.Option(None, "--device-map", metavar="MAP", help="accelerate 
 MAX_MEMORY = typer.Option(None, "--max-memory", metavar="BUDGET", help="Per-device budget for --device-map, e.g. 0=20GiB,cpu=64GiB.")
 TRUST = typer.Option(False, "--trust-remote-code", help="Run model code from the hub (off by default).")
 CACHE_DIR = typer.Option(None, "--cache-dir", metavar="DIR", help="Hugging Face cache directory.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress or messages on stderr.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress or notes on stderr; warnings still print.")
 DEBUG = typer.Option(False, "--debug", help="Show tracebacks on error.")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (for scripts).")
 

@@ -19,7 +19,6 @@ from ..measure.configurations import SummaryTable, check_control, comparison_con
 from ..measure.harness import HarnessTasks, check_harness_tasks
 from ..model.options import LoadOptions
 from ..measure.limits import check_limits
-from ..edit.validate import checked_coords
 from .prepare import Model, batch_size_option, check_outputs, configuration_progress, model_source, \
     ready_model, tasks_with_data
 from .reporter import Reporter
@@ -104,9 +103,8 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
     if originals is None:
         loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     else:  # a folder written by `sw ablate`: its record holds the values the restoration needs
-        loaded, _ = ready_model(reporter, model, options, source, (), coords)
-        undo_recorded_ablation(loaded.model, weights, originals)
-        weights = checked_coords(loaded.model, weights)
+        loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=lambda ablated:
+                                      undo_recorded_ablation(ablated.model, weights, originals))
         unchanged = "original (the folder's recorded values put back in memory)"
         reporter.note(f"{source.spec} is ablated; its {RECORD_FILE} holds the original values, put back in "
                       "memory to zero them again and write the super activation back")

@@ -50,6 +50,7 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
     handoff.check_format(to)
     check_selection(select)
     weights, meta = read_coords(coords_file)
+    entries = weights
     if weights:
         selection = select_weights(weights, select, str(coords_file))
         reporter.note("keeping the matrices of " + selection.reason + ": "
@@ -72,7 +73,7 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
         result = handoff.export(weights, to, spec=spec, revision=load.revision, gguf_file=load.gguf_file,
                                 cache_dir=load.cache_dir, trust_remote_code=load.trust_remote_code, gguf=gguf,
                                 ggml_type=ggml_type, out_name=str(out or "FILE"), hub_id=_hub_id(source),
-                                progress=update)
+                                progress=update, coords_file=(entries, meta, str(coords_file)), warn=reporter.warn)
     if out is not None:
         atomic_write_text(out, result.content)
     return ExportResult(export=result, out=out)

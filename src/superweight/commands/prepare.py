@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar, Union
 
-from ..coords import DEFAULT_SELECTION, SuperWeight, select_weights
+from ..coords import DEFAULT_SELECTION, SuperWeight, read_coords, select_weights
 from ..distributed import on_main
-from ..edit.validate import CheckedCoords, check_coords_before_load, checked_coords
+from ..edit.validate import CheckedCoords, check_coords_before_load, checked_coords, unique_coords
 from ..errors import UsageError
 from ..files import check_writable, refuse_current_directory, refuse_inside
 from ..find.detect import DEFAULT_PROMPT, detect, encode_prompt
@@ -100,25 +100,34 @@ def load(reporter: Reporter, model: Optional[str], options: Optional[LoadOptions
 
 
 def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions], source: ModelSource,
-                weights: Sequence[SuperWeight] = (), coords: Optional[Path] = None) -> tuple[LoadedModel, CheckedCoords]:
+                weights: Sequence[SuperWeight] = (), coords: Optional[Path] = None,
+                put_back: Optional[Callable[[LoadedModel], None]] = None) -> tuple[LoadedModel, CheckedCoords]:
     """The model to work on, and `weights` checked once each way: against the config before a
     load (a wrong coordinates file fails in seconds, not after minutes of loading), then against
     the weights themselves (ranges, and the values the coordinates file recorded). The checked
     coordinates are what the command passes on: ablation, controls and restoration take them
-    without checking again. A model given in memory is used as it is: nothing is loaded."""
+    without checking again. A model given in memory is used as it is: nothing is loaded.
+    `put_back` changes the loaded model before its values are checked (a folder `sw ablate` wrote,
+    its recorded original values written back in memory)."""
+    # Every entry of the file is checked, not only those `--select` picks: a file with one entry out
+    # of range or made for another model is a wrong file, whichever entries a command acts on.
+    every = unique_coords([*weights, *(read_coords(coords)[0] if coords else ())])
     ranges_checked = False
     if isinstance(model, LoadedModel):
         loaded = model
     else:
         ranges_checked = check_coords_before_load(
-            source, weights, trust_remote_code=(options or LoadOptions()).trust_remote_code)
+            source, every, trust_remote_code=(options or LoadOptions()).trust_remote_code)
         loaded = load(reporter, model, options)
     mismatch = coordinates_file_mismatch(coords, source, getattr(loaded.model.config, "model_type", None))
     if mismatch:
-        reporter.note(mismatch)
+        reporter.warn(mismatch)
+    if put_back:
+        put_back(loaded)
     if not weights:  # nothing to check: the command detects, or evaluates the model as it is
         return loaded, CheckedCoords(loaded.model, ())
-    return loaded, checked_coords(loaded.model, weights, ranges_checked=ranges_checked)
+    checked_coords(loaded.model, every, ranges_checked=ranges_checked)
+    return loaded, CheckedCoords(loaded.model, weights)
 
 
 def step(bar: Bar, stage: str, work: Callable[[], T]) -> T:

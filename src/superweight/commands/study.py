@@ -15,6 +15,7 @@ import torch
 from ..versions import __version__
 from ..coords import select_weights, DEFAULT_SELECTION, SuperWeight, check_selection, requested
 from ..distributed import main_proceeds, on_main
+from ..edit.validate import CheckedCoords
 from ..errors import UsageError
 from ..find.detect import DEFAULT_PROMPT, encode_prompt
 from ..measure import generate as generation
@@ -98,8 +99,11 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
     source = model_source(model, options)
     out_dir = Path(out) if out else Path(f"{slug(source.alias or source.spec)}-study")
     check_outputs(source, directory=out_dir, force=force)
-    weights = requested(coords, coord, "all")
-    loaded, weights = ready_model(reporter, model, options, source, weights, coords)
+    # Given coordinates are narrowed as every command narrows them (README: Vocabulary), by the
+    # roles the file records; the verification below measures all of them for the report.
+    acting = requested(coords, coord, select, say=lambda line: reporter.note(
+        "Table 1 and the sweep act on " + line.removeprefix("acting on ")))
+    loaded, weights = ready_model(reporter, model, options, source, requested(coords, coord, "all"), coords)
     model_key = model_fingerprint(loaded)
     if isinstance(model, LoadedModel):
         model_key = json.dumps([model_key, weights_digest(loaded.model)])
@@ -119,8 +123,10 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
             verification = step(bar, "measuring each weight's effect",
                                 lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
             weights = labelled(weights, verification)
-        if not coord:  # --coord names the weights itself; candidates are narrowed by their measured role
-            selection = select_weights(weights, select, str(coords) if coords else "the detection")
+        if acting:  # as given, and named as every command names them; the report gives the measured roles
+            weights = CheckedCoords(loaded.model, acting)  # checked with the file's every entry
+        else:  # detected here: narrowed by the roles just measured, as `detected` narrows them
+            selection = select_weights(weights, select, "the detection")
             reporter.note("Table 1 and the sweep act on " + selection.reason + ": "
                           + ", ".join(w.label() for w in selection.weights))
             weights = selection.weights

@@ -27,13 +27,14 @@ from typing import Any, Callable, Sequence
 import yaml
 from torch import nn
 
-from .validate import check_recorded_values, validate_coords
+from .validate import check_recorded_values, unique_coords, validate_coords
 from ..model.adapters import adapter_for, down_proj_module, gguf_architecture, tensor_name
 from ..coords import SuperWeight
 from ..errors import CoordinatesError, ModelLoadError, UsageError
 from ..find.stream import safetensors_files
 from ..model.gguf import dequantized_gguf
 from ..model.hub import hub_options, read_config
+from ..model.identity import coordinates_mismatch
 from ..model.load import weightless_model
 from ..model.source import ModelSource, resolve
 from ..versions import package_version
@@ -243,13 +244,16 @@ def export(
     out_name: str = "FILE",
     hub_id: str | None = None,
     progress: Callable[[str], None] | None = None,
+    coords_file: tuple[Sequence[SuperWeight], dict[str, Any], str] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Export:
     """What `fmt`'s quantizer needs to keep the super weights' matrices of model `spec` in high precision.
 
     The coordinates are checked against the model (in range; a recorded weight value must match
     where the checkpoint is on this machine). For llama.cpp the GGUF names are checked against
     `gguf` (default: the model itself when it is a GGUF file) or, without a GGUF, come from gguf-py's
-    table alone.
+    table alone. `coords_file` is the file `weights` were picked from (its entries, its other
+    fields, its name): every entry is checked, and `warn` is told when it was made for another model.
     """
     from transformers.quantizers.base import get_keys_to_not_convert
 
@@ -263,10 +267,14 @@ def export(
     skeleton = _skeleton(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir,
                          trust_remote_code=trust_remote_code, progress=progress)
     model, source = skeleton.model, skeleton.source
-    validate_coords(model, weights)
+    every = unique_coords([*weights, *(coords_file[0] if coords_file else ())])
+    validate_coords(model, every)
     checked = [f"{source.spec}: modules and matrix shapes (from its config)"]
-    read = _read_down_projections(skeleton, [w.layer for w in weights if w.value is not None])
-    check_recorded_values(model, [w for w in weights if w.layer in read])
+    read = _read_down_projections(skeleton, [w.layer for w in every if w.value is not None])
+    check_recorded_values(model, [w for w in every if w.layer in read])
+    mismatch = coords_file and coordinates_mismatch(coords_file[1], source, model.config.model_type, coords_file[2])
+    if mismatch and warn:
+        warn(mismatch)
     if read:
         checked.append(f"{source.spec}: recorded weight values (checkpoint)")
     modules = module_names(model, weights)

@@ -6,6 +6,7 @@ evaluation of the saved model does not pass it off as the original.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 from .ablate import AblationRecord
-from ..errors import UsageError
+from .validate import RECORDED_VALUE_RTOL
+from ..errors import CoordinatesError, UsageError
 from ..files import atomic_directory, refuse_inside
 from ..coords import SuperWeight
 from ..model.adapters import DownProjections
@@ -108,25 +110,38 @@ def describe_recorded_ablation(record: dict[str, Any]) -> str:
     return f"ablated by superweight: {what} {how}" + (f" (source {source})" if source else "")
 
 
-def recorded_originals(record: dict[str, Any] | None, weights: Sequence[SuperWeight]) -> list[float] | None:
-    """The original values `record` (a folder's superweight_ablation.json) holds for every one of
-    `weights`, in their order; None unless it holds all of them (a control's record holds none)."""
+def recorded_originals(record: dict[str, Any] | None,
+                       weights: Sequence[SuperWeight]) -> list[tuple[float, float]] | None:
+    """The (original, ablated) values `record` (a folder's superweight_ablation.json) holds for
+    every one of `weights`, in their order; None unless it holds all of them (a control's record
+    holds none)."""
     if not record or (record.get("control") or {}).get("kind") or not weights:
         return None
     values = {}
-    for coordinate, value in zip(record.get("coordinates") or [], record.get("original_values") or []):
+    for coordinate, original, new in zip(record.get("coordinates") or [], record.get("original_values") or [],
+                                         record.get("new_values") or []):
         key = (coordinate.get("layer"), coordinate.get("row"), coordinate.get("col"), coordinate.get("expert"))
-        values[key] = value
+        values[key] = (float(original), float(new))
     found = [values.get(w.key) for w in weights]
-    return None if any(v is None for v in found) else [float(v) for v in found]
+    return None if any(v is None for v in found) else found
 
 
-def undo_recorded_ablation(model: nn.Module, weights: Sequence[SuperWeight], originals: Sequence[float]) -> None:
+def undo_recorded_ablation(model: nn.Module, weights: Sequence[SuperWeight],
+                           recorded: Sequence[tuple[float, float]]) -> None:
     """Write the recorded original values of `weights` back into `model` (in memory only: the
     folder on disk is never touched), so that a folder written by `sw ablate` can be measured as
-    ablated-and-restored from its own record."""
+    ablated-and-restored from its own record. A weight that no longer holds the value the record
+    says the ablation left is refused: the folder was changed since, and the record is not its story."""
     matrices = DownProjections(model)
+    for w, (_, ablated) in zip(weights, recorded):
+        current = float(matrices(w)[w.row, w.col])
+        if not math.isclose(current, ablated, rel_tol=RECORDED_VALUE_RTOL, abs_tol=1e-6):
+            raise CoordinatesError(
+                f"coordinate {w.label()}: {RECORD_FILE} records the weight as {ablated:.6g} after the ablation, "
+                f"but this model holds {current:.6g} there: the folder was changed after `sw ablate`; "
+                "ablate the original model again"
+            )
     with torch.no_grad():
-        for w, value in zip(weights, originals):
+        for w, (value, _) in zip(weights, recorded):
             matrix = matrices(w)
             matrix[w.row, w.col] = torch.tensor(value, dtype=matrix.dtype)
