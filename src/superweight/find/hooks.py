@@ -13,12 +13,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from ..model.adapters import SHARED_EXPERT, Adapter, adapter_for, decoder_layers, down_proj_module, down_proj_reader, is_moe_layer
+from ..model.integrity import non_finite_error
 from ..model.placement import stored_tensor
 
 CARRY_DEPTH = 0.1  # the stream must carry a super activation through the next 10 % of the layers
@@ -325,8 +326,10 @@ def carry_window(num_layers: int, depth: float = CARRY_DEPTH) -> int:
 
 
 @contextmanager
-def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
-                        carry_layers: int | None = None, defer: bool = True) -> Iterator[list[LayerStats]]:
+def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None, carry_layers: int | None = None,
+                        defer: bool = True,
+                        weights: Callable[[], Iterable[tuple[str, torch.Tensor]]] | None = None,
+                        ) -> Iterator[list[LayerStats]]:
     """Within the block, every forward pass fills one `LayerStats` per decoder layer.
 
     `carried` holds the residual stream at a layer's spike leaving each of the next `carry_layers`
@@ -335,8 +338,13 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
     A pass over at most DEFER_MAX_TOKENS tokens keeps its dense layers' small activations and
     reduces them all after the last layer (`defer`; layer streaming, whose weights are gone by then,
     turns it off); a longer one reduces each layer as it runs, so that memory stays flat in length.
+
+    A pass whose stream leaves the last layer holding NaN or inf raises `integrity.non_finite_error`,
+    which blames the first of `weights()` (name, tensor) holding one (default: the model's
+    parameters in memory; layer streaming reads the checkpoint's), else the dtype.
     """
     adapter = adapter or adapter_for(model)
+    weights = weights or model.named_parameters
     layers = decoder_layers(model, adapter)
     stats = [LayerStats(layer=i) for i in range(len(layers))]
     window = carry_layers or carry_window(len(layers))
@@ -388,6 +396,11 @@ def capture_layer_stats(model: nn.Module, adapter: Adapter | None = None,
 
     def on_last_layer_output(module, args, output):
         hidden = _first_sequence(output[0] if isinstance(output, tuple) else output)
+        # One reduction per pass: a NaN anywhere before (a corrupt attention weight, an overflow)
+        # reaches this stream; the reads below wait on the device here anyway.
+        if not bool(torch.isfinite(hidden).all()):
+            raise non_finite_error(weights(), hidden.dtype,
+                                   f"the residual stream leaving decoder layer {len(layers) - 1}")
         if not deferring:
             record_leaving(len(layers) - 1, [hidden])
             return

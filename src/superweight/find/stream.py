@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -263,6 +263,16 @@ class LayerStream:
                     tensors[name] = f.get_tensor(self.stored_name[prefix + name]).to(self.device, meta[name].dtype)
         module.load_state_dict(tensors, strict=False, assign=True)
 
+    def stored_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor the pass reads, by model name in model order, as the model holds it (cast to
+        its dtype), one at a time from the checkpoint: what a pass gone NaN blames (hooks.py)."""
+        from safetensors import safe_open
+
+        dtypes = {name: tensor.dtype for name, tensor in self.model.state_dict(keep_vars=True).items()}
+        for name, stored in self.stored_name.items():
+            with safe_open(self.files[stored], framework="pt") as f:
+                yield name, f.get_tensor(stored).to(dtypes[name])
+
     def materialise(self, layer: int) -> None:
         module = self.layers[layer]
         prefix = f"{self.adapter.layers}.{layer}."
@@ -291,7 +301,8 @@ class LayerStream:
                 raise _LastLayerDone
 
         try:
-            with capture_layer_stats(self.model, self.adapter, carry_layers, defer=False) as stats, \
+            with capture_layer_stats(self.model, self.adapter, carry_layers, defer=False,
+                                     weights=self.stored_tensors) as stats, \
                     around_layers(self.layers, self.materialise, after):
                 if self.vocabulary is not None:
                     if not torch.isin(input_ids.cpu(), self.vocabulary).all():

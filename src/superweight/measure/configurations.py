@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 from ..edit import ablate, restore
 from ..coords import SuperWeight, weights_named
 from ..errors import UsageError
+from ..model.integrity import corrupt_tensor, non_finite_error
 from .evaluate import evaluate
 from .harness import HarnessTasks, evaluate_harness
 
@@ -23,6 +24,7 @@ CONTROLS = ("random", "outliers")
 # the model as given, weights zeroed or scaled, zeroed with the super activation written back, or a
 # control ablation of other weights.
 KINDS = ("unchanged", "ablated", "restored", "control")
+NON_FINITE = ("nan", "inf", "-inf")  # a NaN or inf metric in results (metrics.plain)
 
 
 @dataclass(frozen=True)
@@ -193,9 +195,26 @@ def run_configurations(model, tokenizer, configurations: list[Configuration], ta
             result = evaluate(model, tokenizer, tasks, **evaluate_options) if tasks else {"results": {}, "n_samples": {}}
             if harness:
                 _add_harness_results(result, _run_harness(model, tokenizer, harness, evaluate_options))
+        if not all(map(math.isfinite, _metric_values(result["results"]))):
+            _check_non_finite(model, configuration)
         result["ablation"] = configuration.describe()
         runs[configuration.name] = result
     return runs
+
+
+def _metric_values(results: dict[str, dict[str, Any]]) -> list[float]:
+    return [v for metrics in results.values() for v in map(_number, metrics.values()) if v is not None]
+
+
+def _check_non_finite(model, configuration: Configuration) -> None:
+    """A configuration scored NaN or inf (the model is as given again): refuse a model holding a NaN
+    or inf weight, whatever the configuration, and the model as given overflowing; a weight scaled
+    up may overflow float16 legitimately, and its row shows nan or inf."""
+    tensors = model.named_parameters()
+    if configuration.kind == "unchanged":
+        raise non_finite_error(tensors, next(model.parameters()).dtype, f"a metric of '{configuration.name}'")
+    if corrupt := corrupt_tensor(tensors):
+        raise corrupt
 
 
 HARNESS_OPTIONS = ("limit", "batch_size", "max_length", "seed")  # what lm-eval's run shares with the built-in one
@@ -252,10 +271,12 @@ class SummaryTable:
                 for name, values, errors in zip(self.names, self.values, self.stderrs)]
 
     def to_dict(self) -> dict[str, Any]:
-        """Numbers, not text: {"columns": metrics, "rows": [{"configuration", "kind", "values", "stderrs"}]}."""
+        """Numbers, not text: {"columns": metrics, "rows": [{"configuration", "kind", "values", "stderrs"}]}
+        (null where there is none, or it is NaN or inf)."""
         kinds = self.kinds or [None] * len(self.names)
         return {"columns": self.metrics,
-                "rows": [{"configuration": name, "kind": kind, "values": values, "stderrs": errors}
+                "rows": [{"configuration": name, "kind": kind, "values": _finite(values),
+                          "stderrs": _finite(errors)}
                          for name, kind, values, errors in zip(self.names, kinds, self.values, self.stderrs)]}
 
     def within_error(self) -> list[tuple[str, list[str]]]:
@@ -295,10 +316,17 @@ def display(column: str, value: float | None, error: float | None) -> str:
 
 
 def _number(value: Any) -> float | None:
-    """A metric or its stderr as a number; lm-eval's "N/A" (and anything not a finite number) as None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A metric or its stderr as a number, NaN or inf included (results hold them as text, see
+    `metrics.plain`; the table shows "nan"); lm-eval's "N/A" (anything else) as None."""
+    if isinstance(value, str) and value in NON_FINITE:
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
+
+
+def _finite(values: list[float | None]) -> list[float | None]:
+    return [None if value is None or not math.isfinite(value) else value for value in values]
 
 
 # The headline metric of each task in tables (lm-eval reports all of them in the JSON).

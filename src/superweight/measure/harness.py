@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 from ..errors import DataError, MissingDependencyError, UsageError
 from ..model.placement import execution_device
 from ..versions import package_version
-from .metrics import BOOTSTRAP_RESAMPLES
+from .metrics import BOOTSTRAP_RESAMPLES, plain
 
 INSTALL_HINT = "pip install 'superweight[harness]'"
 CPU_BATCH_SIZE = 16  # lm-eval's "auto" probes batches of max_length tokens: minutes on a CPU
@@ -142,7 +142,7 @@ def evaluate_harness(model, tokenizer, tasks: HarnessTasks, *, limit: int | None
     finally:
         model.train(was_training)
     results = {
-        task: {_metric_name(key): _plain(value) for key, value in metrics.items() if "," in key}
+        task: {_metric_name(key): plain(value) for key, value in metrics.items() if "," in key}
         for task, metrics in out["results"].items()
     }
     return {
@@ -151,12 +151,3 @@ def evaluate_harness(model, tokenizer, tasks: HarnessTasks, *, limit: int | None
         "harness": {**tasks.describe(), "results": list(results), "batch_size": batch_size, "max_length": lm.max_length,
                     "num_fewshot": {task: n for task, n in out.get("n-shot", {}).items()}},
     }
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe: lm-eval reports a missing stderr as "N/A" and may hand back numpy scalars."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value

@@ -47,17 +47,25 @@ def _choice_logprobs(scores: Sequence[Scored]) -> np.ndarray:
     return np.array([s.logprob for s in scores])
 
 
+def _is_gold(choice_scores: np.ndarray, gold: int) -> float:
+    """1.0 when the highest-scoring choice is the gold one (ties go to the first, as np.argmax);
+    NaN when a score is NaN: an overflowing pass picks nothing (np.argmax would pick the NaN)."""
+    if np.isnan(choice_scores).any():
+        return math.nan
+    return float(np.argmax(choice_scores) == gold)
+
+
 def most_likely_is_gold(prompt: Prompt, scores: Sequence[Scored]) -> float:
-    return float(np.argmax(_choice_logprobs(scores)) == prompt.gold)  # ties go to the first, as np.argmax
+    return _is_gold(_choice_logprobs(scores), prompt.gold)
 
 
 def most_likely_per_character_is_gold(prompt: Prompt, scores: Sequence[Scored]) -> float:
     lengths = np.array([float(len(choice)) for choice in prompt.choices])
-    return float(np.argmax(_choice_logprobs(scores) / lengths) == prompt.gold)
+    return _is_gold(_choice_logprobs(scores) / lengths, prompt.gold)
 
 
 def greedy_match(prompt: Prompt, scores: Sequence[Scored]) -> float:
-    return float(scores[0].greedy)
+    return math.nan if math.isnan(scores[0].logprob) else float(scores[0].greedy)  # as `_is_gold`
 
 
 def loglikelihood(prompt: Prompt, scores: Sequence[Scored]) -> float:
@@ -139,6 +147,17 @@ def task_metrics(metrics: Sequence[Metric], prompts: Sequence[Prompt], doc_score
     results: dict[str, Any] = {}
     for metric in metrics:
         values = [metric.per_doc(prompt, scores) for prompt, scores in zip(prompts, doc_scores)]
-        results[metric.name] = metric.aggregate(values)
-        results[metric.name + "_stderr"] = metric.stderr(values, seed)
+        results[metric.name] = plain(metric.aggregate(values))
+        results[metric.name + "_stderr"] = plain(metric.stderr(values, seed))
     return results
+
+
+def plain(value: Any) -> Any:
+    """A metric as results hold it, JSON-safe: a Python number (numpy scalars unwrapped), NaN or
+    inf as the text "nan", "inf", "-inf" (JSON has none: Python would write a bare NaN that other
+    parsers reject), lm-eval's "N/A" as itself."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

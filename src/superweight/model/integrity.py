@@ -11,7 +11,10 @@ the file. Each of these becomes a one-line `ModelLoadError` here:
 - `check_complete`: transformers' loading report (missing, unexpected and mismatched-shape
   tensors). What transformers recreates itself (a tied LM head, non-persistent buffers such as
   rotary tables) never appears in that report, so it is no error.
-- `check_finite_down_projections`: a down projection holding NaN or inf, named.
+- `check_finite_down_projections`: a down projection holding NaN or inf, named, at load.
+- `non_finite_error`: why a forward pass came out NaN or inf (detection checks the stream leaving
+  the last decoder layer, evaluation the scores of the model as given): the first tensor holding
+  one, named, else an overflow of the dtype. Only then is every weight read.
 - `write_manifest` / `manifest_problem`: what a cache entry must hold, recorded when it is
   written and compared when it is used (sizes and tensor shapes; a flipped bit inside the data
   is not seen, except by the finite check where it lands in a down projection).
@@ -168,12 +171,31 @@ def check_complete(loading_info: dict[str, Any], where: str) -> None:
 # ----------------------------------------------------------------------------- values
 
 
+def non_finite_count(weight: Any) -> int:
+    """How many NaN or inf `weight` holds; 0 for storage not checked here (meta: offloaded or not
+    yet loaded; integer: quantized)."""
+    import torch
+
+    if weight.is_meta or str(weight.dtype).removeprefix("torch.") not in _FLOATS:
+        return 0
+    # A fused experts tensor one expert at a time: isfinite's mask is as large as its input.
+    for part in (weight if weight.dim() == 3 else [weight]):
+        if not bool(torch.isfinite(part).all()):
+            return int((~torch.isfinite(weight)).sum())
+    return 0
+
+
+def corrupt_tensor_error(name: str, bad: int) -> ModelLoadError:
+    return ModelLoadError(
+        f"{name} holds {bad} NaN or infinite values: the checkpoint is corrupt (or was saved "
+        "from a diverged run); download or copy the model again"
+    )
+
+
 def check_finite_down_projections(model: Any, layers: Iterable[int] | None = None) -> None:
     """Refuse a model whose down projections (of `layers`, default all) hold NaN or inf, naming the
     first such tensor. Offloaded ones are read once from where accelerate keeps them; quantized or
     not-yet-loaded (meta) storage is skipped."""
-    import torch
-
     from .adapters import adapter_for, decoder_layers, down_proj_tensor, is_moe_layer, tensor_name
     from .placement import stored_tensor
 
@@ -184,17 +206,31 @@ def check_finite_down_projections(model: Any, layers: Iterable[int] | None = Non
             checked.append((down_proj_tensor(model, layer, "shared", adapter),
                             tensor_name(model, layer, adapter, "shared")))
         for (module, attribute), name in checked:
-            weight = stored_tensor(module, attribute, writable=False)
-            if weight.is_meta or str(weight.dtype).removeprefix("torch.") not in _FLOATS:
-                continue
-            # A fused experts tensor one expert at a time: isfinite's mask is as large as its input.
-            for part in (weight if weight.dim() == 3 else [weight]):
-                if not bool(torch.isfinite(part).all()):
-                    bad = int((~torch.isfinite(weight)).sum())
-                    raise ModelLoadError(
-                        f"{name} holds {bad} NaN or infinite values: the checkpoint is corrupt (or was saved "
-                        "from a diverged run); download or copy the model again"
-                    )
+            if bad := non_finite_count(stored_tensor(module, attribute, writable=False)):
+                raise corrupt_tensor_error(name, bad)
+
+
+def corrupt_tensor(tensors: Iterable[tuple[str, Any]]) -> ModelLoadError | None:
+    """The error naming the first of `tensors` (name, tensor) that holds NaN or inf, or None.
+    `model.named_parameters()` gives those in memory: offloaded ones are on the meta device there."""
+    for name, tensor in tensors:
+        if bad := non_finite_count(tensor):
+            return corrupt_tensor_error(name, bad)
+    return None
+
+
+def non_finite_error(tensors: Iterable[tuple[str, Any]], dtype: Any, what: str) -> ModelLoadError:
+    """Why `what` (a forward pass's output) came out NaN or inf: the first of `tensors` holding
+    one (the checkpoint is corrupt), else the forward pass overflows in `dtype`.
+
+    Called only once a pass has gone wrong: reading every weight on each load would cost an
+    offloaded or streamed model a second read of all of it."""
+    dtype = str(dtype).removeprefix("torch.")
+    wider = {"float16": "--dtype bfloat16 or --dtype float32", "bfloat16": "--dtype float32"}.get(dtype)
+    advice = (f"its forward pass overflows in {dtype}; run with {wider}" if wider else
+              f"the forward pass overflows even in {dtype}; check config.json (norm epsilon, rope scaling) "
+              "against the model's")
+    return corrupt_tensor(tensors) or ModelLoadError(f"{what} is NaN or infinite though no weight holds one: {advice}")
 
 
 # ----------------------------------------------------------------------------- cache manifests
