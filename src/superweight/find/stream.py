@@ -33,7 +33,7 @@ from ..model.devices import resolve_device, torch_dtype
 from ..model.gguf import dequantized_gguf
 from ..model.hub import Progress, hub_access, model_load_error, read_config
 from ..model.integrity import (
-    check_complete, check_finite_down_projections, damaged_file_error, stored_shapes, weight_file_problem,
+    check_complete, check_finite_weights, damaged_file_error, stored_shapes, weight_file_problem,
 )
 from ..model.source import ModelSource, resolve
 
@@ -183,7 +183,7 @@ class LayerStream:
         self.layers = decoder_layers(self.model, self.adapter)
         self.stored_name = self._stored_names()
         self.zeroed: dict[int, list[SuperWeight]] = {}
-        self.checked: set[int] = set()  # layers whose down projection was found finite
+        self.checked: set[int] = set()  # layers whose weights were found finite
         self.on_meta: dict[int, dict[str, torch.Tensor]] = {}  # layer -> its meta tensors while loaded
         outside_layers = {n: t for n, t in self.model.state_dict(keep_vars=True).items()
                           if n in self.stored_name and not n.startswith(f"{self.adapter.layers}.")}
@@ -191,6 +191,7 @@ class LayerStream:
         if token_ids is not None:
             self._load_embedding_rows(outside_layers, token_ids)
         self._load(self.model, "", outside_layers)
+        check_finite_weights(self.model)  # the weights outside the layers, in memory from here on
 
     def _load_embedding_rows(self, outside_layers: dict[str, torch.Tensor], token_ids: torch.Tensor) -> None:
         """Read only the prompt's rows of the token embedding (a large part of a streamed peak:
@@ -279,7 +280,7 @@ class LayerStream:
         self.on_meta[layer] = {n: t for n, t in module.state_dict(keep_vars=True).items() if t.is_meta}
         self._load(module, prefix, self.on_meta[layer])
         if layer not in self.checked:  # once per layer, before any zeroing
-            check_finite_down_projections(self.model, [layer])
+            check_finite_weights(module, prefix)
             self.checked.add(layer)
         with torch.no_grad():
             for weight in self.zeroed.get(layer, []):
