@@ -99,6 +99,27 @@ def test_ablate_refuses_model_directory_and_non_empty_out(tiny_llama_dir, coords
     assert result.exit_code == 0 and (busy / "model.safetensors").is_file() and not (busy / "keep.txt").exists()
 
 
+def test_an_output_never_replaces_or_enters_the_tools_own_cache(tiny_llama_dir, coords_file, tmp_path, monkeypatch):
+    """--out --force on SUPERWEIGHT_CACHE (or a folder holding it) would delete the dequantised GGUF
+    and the cached evaluations; a .gguf MODEL is named a file, not a directory."""
+    cache = tmp_path / "parent" / "cache"
+    (cache / "evaluations").mkdir(parents=True)
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(cache))
+    for out, said in ((cache, "it is inside superweight's cache"), (cache / "x", "it is inside superweight's cache"),
+                      (cache.parent, "it contains superweight's cache")):
+        assert_one_line_error(invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", out, "--force", "-q"),
+                              said, "choose an output path elsewhere")
+    assert [p.name for p in cache.iterdir()] == ["evaluations"]
+    from superweight.files import refuse_inside
+    from superweight.model.source import resolve
+
+    gguf = tmp_path / "g" / "m.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(Exception, match=r"it contains the model file .*m\.gguf, which replacing it would delete"):
+        refuse_inside(gguf.parent, resolve(str(gguf)).output_protected_dirs)
+
+
 def test_interrupted_ablate_leaves_nothing(tiny_llama_dir, coords_file, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 

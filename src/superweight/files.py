@@ -26,21 +26,21 @@ def check_writable(path: str | Path) -> None:
         raise OutputPathError(f"cannot write to {parent}: permission denied; choose another output path")
 
 
-def refuse_inside(path: str | Path, protected: list[Path]) -> None:
-    """Refuse to write `path` when it is, is inside, or contains one of the protected directories
-    (an output directory replaced with --force is deleted first, with everything in it)."""
+def refuse_inside(path: str | Path, protected: dict[Path, str]) -> None:
+    """Refuse to write `path` when it is, is inside, or contains one of the `protected` directories
+    or files (each with what it is: "the model directory", ...); an output directory replaced with
+    --force is deleted first, with everything in it."""
     target = Path(path).expanduser().resolve()
-    for directory in protected:
-        directory = Path(directory).expanduser().resolve()
-        if target == directory or directory in target.parents:
+    for location, what in protected.items():
+        location = Path(location).expanduser().resolve()
+        if target == location or location in target.parents:
             raise OutputPathError(
-                f"refusing to write {path}: it is inside the model directory {directory} (or is the model); "
-                "choose an output path elsewhere"
+                f"refusing to write {path}: it is inside {what} {location} (or is it); choose an output path elsewhere"
             )
-        if target in directory.parents:
+        if target in location.parents:
             raise OutputPathError(
-                f"refusing to write {path}: it contains the model directory {directory}, which replacing it "
-                "would delete; choose an output path elsewhere"
+                f"refusing to write {path}: it contains {what} {location}, which replacing it would delete; "
+                "choose an output path elsewhere"
             )
 
 

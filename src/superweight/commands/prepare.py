@@ -78,7 +78,7 @@ def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), dir
     if directory:  # checked again when written (atomic_directory); here before the slow work
         refuse_current_directory(directory)
     for path in filter(None, (*files, directory)):
-        refuse_inside(path, source.protected_dirs)
+        refuse_inside(path, source.output_protected_dirs)
         if path != directory and Path(path).is_dir():
             raise UsageError(f"{path} is a directory; give a file name for this output")
         if path != directory and Path(path).exists() and not force:

@@ -35,7 +35,7 @@ def save_ablated(loaded: LoadedModel, record: AblationRecord, out_dir: str | Pat
     model's leftover quantizer is dropped for the save (its weights are plain floats).
     """
     out_dir = Path(out_dir)
-    refuse_inside(out_dir, loaded.source.protected_dirs)
+    refuse_inside(out_dir, loaded.source.output_protected_dirs)
     model = loaded.model
     matrices = DownProjections(model)
     for w, new in zip(record.weights, record.new):

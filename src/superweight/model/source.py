@@ -47,21 +47,30 @@ class ModelSource:
     cache_dir: str | None = None  # --cache-dir, for a hub model
 
     @property
-    def protected_dirs(self) -> list[Path]:
-        """Directories that must never be written: the model's own (and the GGUF file's)."""
+    def protected_dirs(self) -> dict[Path, str]:
+        """What must never be written, each with what it is (for the refusal): the model's own
+        directory (or GGUF file) and the Hugging Face cache."""
         from huggingface_hub import constants
 
-        protected = [Path(constants.HF_HUB_CACHE)]
+        protected = {Path(constants.HF_HUB_CACHE): "the Hugging Face cache"}
         if self.kind == "hub" and self.cache_dir:  # this model's folder in a --cache-dir hub cache
-            protected.append(Path(self.cache_dir).expanduser() / f"models--{self.location.replace('/', '--')}")
+            protected[Path(self.cache_dir).expanduser() / f"models--{self.location.replace('/', '--')}"] = \
+                "the model's folder in the hub cache"
         path = Path(self.location)
         if self.kind == "local" or self.alias:  # a model directory, or a package's own files
-            protected.append(path if path.is_dir() else path.parent)
+            protected[path if path.is_dir() else path.parent] = "the model directory"
         elif self.kind == "gguf":  # a lone .gguf file may sit in any folder: protect the file itself
-            protected.append(path)
+            protected[path] = "the model file"
             if Path(self.spec).expanduser().is_dir():  # ... unless MODEL named its folder: a model directory
-                protected.append(Path(self.spec).expanduser())
+                protected[Path(self.spec).expanduser()] = "the model directory"
         return protected
+
+    @property
+    def output_protected_dirs(self) -> dict[Path, str]:
+        """What a command's output must never be, be inside or replace: `protected_dirs`, and this
+        tool's cache (the dequantised GGUF a run reads, cached evaluations), which the tool itself
+        writes into."""
+        return {**self.protected_dirs, cache_root(self.cache_dir): "superweight's cache (SUPERWEIGHT_CACHE)"}
 
 
 def default_model() -> str:
