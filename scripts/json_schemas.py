@@ -60,20 +60,21 @@ write("detect", "The detected super weights, the rule that chose them, per-layer
           required=["model", "prompt", "num_tokens", "rule", "super_weights", "layers", "known", "coordinates_file"]))
 
 write("ablate", "The model directory written and the weights changed in it.",
-      obj({"out": str_, "ablation": obj({"coordinates": arr(coordinate), "mode": {"enum": ["zero", "scale"]}, "factor": num,
+      obj({"out": str_, "ablation": obj({"name": {"type": "string", "description": "what was done, as `sw ablate` printed it and `sw eval` names the folder's row"},
+                                          "coordinates": arr(coordinate), "mode": {"enum": ["zero", "scale"]}, "factor": num,
                                           "original_values": arr(num), "new_values": arr(num), "dtype": str_,
                                           "control": nullable({"type": "object"}), "notes": arr(str_)},
-                                         ["coordinates", "mode", "original_values", "new_values", "dtype"])}))
+                                         ["name", "coordinates", "mode", "original_values", "new_values", "dtype"])}))
 
 write("eval", "Every evaluated configuration, a list whatever the options (a single run is a list of one). "
       "`--output FILE.json` is not this document: it is lm-eval's own layout.",
       obj({"model": model_eval, "tool": str_,
            "configurations": {"type": "array", "minItems": 1, "items": obj(
-               {"name": str_, "ablation": ablation_description, "results": task_results,
+               {"name": str_, "kind": kind, "ablation": ablation_description, "results": task_results,
                 "n_samples": {"type": "object", "additionalProperties": obj({"original": int_, "effective": int_}, [])},
                 "config": {"type": "object"}, "data_sha256": {"type": "object"},
                 "harness": {"type": "object", "description": "with --harness: lm-eval's tasks and version"}},
-               ["name", "ablation", "results", "n_samples"])}}))
+               ["name", "kind", "ablation", "results", "n_samples"])}}))
 
 write("generate", "Greedy continuations of each prompt under each configuration.",
       obj({"model": obj({"spec": str_, "location": str_, "dtype": str_}, ["spec"]), "max_new_tokens": int_, "decoding": str_,

@@ -238,7 +238,8 @@ def test_eval_of_an_ablated_directory_says_what_it_is(tiny_llama_dir, tmp_path):
     out = tmp_path / "no-sw"
     result = invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--coord", "2,4,6", "--out", out)
     assert result.exit_code == 0, result.output
-    label = f"ablated by superweight: 2 super weights zeroed (source {tiny_llama_dir})"
+    assert "2 weights zeroed; model written to" in result.output  # given by --coord: nothing measured
+    label = f"ablated by superweight: 2 weights zeroed (source {tiny_llama_dir})"
     options = ["-q", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR]
     result = invoke("eval", out, *options)
     assert result.exit_code == 0, result.output
@@ -250,6 +251,26 @@ def test_eval_of_an_ablated_directory_says_what_it_is(tiny_llama_dir, tmp_path):
                                                                          {"layer": 2, "row": 4, "col": 6}]
     [run] = json.loads(invoke("eval", tiny_llama_dir, "--json", *options).output)["configurations"]
     assert run["ablation"]["name"] == "original"
+
+
+@pytest.mark.parametrize("extra, name", [((), "2 candidates zeroed"),
+                                         (("--control", "random"), "2 random weights zeroed"),
+                                         (("--mode", "scale", "--factor", "2"), "2 candidates scaled x2")])
+def test_eval_names_an_ablated_folder_as_ablate_did(tiny_llama_dir, tmp_path, extra, name):
+    """A detection's coordinates without roles are candidates, not super weights; a control is a
+    control: the row of `sw eval` on the folder says what `sw ablate` printed, from its record."""
+    coords = tmp_path / "c.yaml"  # as `sw detect` without --verify writes them: an iteration, no role
+    coords.write_text("super_weights:\n  - {layer: 1, row: 3, col: 5, iteration: 0}\n"
+                      "  - {layer: 2, row: 4, col: 6, iteration: 1}\n")
+    out = tmp_path / "no-sw"
+    result = invoke("ablate", tiny_llama_dir, "-q", "--coords", coords, *extra, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"{name}; model written to" in result.output
+    assert json.loads((out / "superweight_ablation.json").read_text())["name"] == name
+    result = invoke("eval", out, "-q", "--json", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR)
+    assert result.exit_code == 0, result.output
+    [run] = json.loads(result.output)["configurations"]
+    assert run["name"] == f"ablated by superweight: {name} (source {tiny_llama_dir})"
 
 
 def test_restore_activation_on_an_ablated_directory_works_from_its_record(tiny_llama_dir, tmp_path):
@@ -286,9 +307,19 @@ def test_restore_activation_refuses_a_folder_changed_after_its_record(tiny_llama
 def test_describe_recorded_ablation():
     from superweight.edit.save import describe_recorded_ablation
 
-    record = {"source": {"spec": "m"}, "coordinates": [{}] * 7, "mode": "scale", "factor": 2.5,
-              "control": {"kind": "outliers", "top": 7}}
-    assert describe_recorded_ablation(record) == "ablated by superweight: 7 outliers control weights scaled x2.5 (source m)"
+    record = {"source": {"spec": "m"}, "name": "5 candidates zeroed", "coordinates": [{}] * 5, "mode": "zero",
+              "factor": 0.0, "control": None}
+    assert describe_recorded_ablation(record) == "ablated by superweight: 5 candidates zeroed (source m)"
+    # Records written before they kept a name (nor roles) are named from coordinates and control.
+    coordinates = [{"layer": 1, "row": 3, "col": 5}, {"layer": 2, "row": 4, "col": 6}]
+    old = {"source": {"spec": "m"}, "coordinates": coordinates, "mode": "zero", "factor": 0.0, "control": None}
+    assert describe_recorded_ablation(old) == "ablated by superweight: 2 weights zeroed (source m)"
+    old = {"source": {"spec": "m"}, "coordinates": coordinates[:1], "mode": "zero", "factor": 0.0,
+           "control": {"kind": "random", "seed": 0}}
+    assert describe_recorded_ablation(old) == "ablated by superweight: 1 random weight zeroed (source m)"
+    old = {"source": {"spec": "m"}, "coordinates": [{}] * 7, "mode": "scale", "factor": 2.5,
+           "control": {"kind": "outliers", "top": 7}}
+    assert describe_recorded_ablation(old) == "ablated by superweight: other 7 outliers scaled x2.5 (source m)"
     assert "unreadable" in describe_recorded_ablation({"unreadable": "x"})
 
 

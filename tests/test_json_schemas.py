@@ -63,10 +63,15 @@ def test_eval_single_and_compare_have_one_shape(tiny_llama_dir, coords):
     assert [c["name"] for c in single["configurations"]] == ["original"]
     assert len(compare["configurations"]) == 4
     assert set(single) == set(compare)
+    # Scripts key on each configuration's `kind`, at the top of it, as in `sw generate --json`.
+    assert [c["kind"] for c in single["configurations"]] == ["unchanged"]
+    assert [c["kind"] for c in compare["configurations"]] == ["unchanged", "ablated", "restored", "control"]
+    assert all(c["kind"] == c["ablation"]["kind"] for c in compare["configurations"])
 
 
 def test_generate(tiny_llama_dir, coords):
-    validated("generate", tiny_llama_dir, "-q", "--coords", coords, "--max-new-tokens", "2")
+    document = validated("generate", tiny_llama_dir, "-q", "--coords", coords, "--max-new-tokens", "2")
+    assert [c["kind"] for c in document["configurations"]] == ["unchanged", "ablated", "restored", "control"]
 
 
 def test_export(tiny_llama_dir, tmp_path):
@@ -85,6 +90,7 @@ def test_study(tiny_llama_dir, tmp_path):
     document = validated("study", tiny_llama_dir, *QUICK, "--coord", "1,3,5", "--task", "wikitext", "--task", "piqa",
                          "--grid", "0,1", "--top", "3", "--out", tmp_path / "study")
     assert all(isinstance(v, float) for row in document["table"]["rows"] for v in row["values"])
+    assert {row["kind"] for row in document["table"]["rows"]} == {"unchanged", "ablated", "restored", "control"}
 
 
 def test_known():

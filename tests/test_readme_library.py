@@ -19,6 +19,13 @@ def test_the_library_section_shows_loading_once():
     assert not re.search(r"_model\(\"|run_study\(\"|generate_text\(\"", code)  # no command is given a name
 
 
+def test_the_library_section_reads_the_study_table_as_numbers():
+    """report.json's table holds numbers; a notebook reading README gets the same, not the text
+    of the printed table ("0.5000 ± 0.5000")."""
+    code = "\n".join(library_snippets())
+    assert "table.values" in code and "table.rows" not in code
+
+
 @pytest.mark.integration
 def test_readme_library_section_runs_as_written(gguf_cache, tmp_path, monkeypatch, capsys):
     """Each output the snippets show is printed; the model is loaded once."""
@@ -50,6 +57,8 @@ def test_readme_library_section_runs_as_written(gguf_cache, tmp_path, monkeypatc
         assert text in printed
     assert len(loads) == 1
     assert (tmp_path / "smollm2-study" / "REPORT.md").is_file()
+    table = namespace["table"]
+    assert all(isinstance(v, float) for row in table.values for v in row), table.values
     assert [run["ablation"]["kind"] for run in namespace["evaluation"].runs.values()] == [
         "unchanged", "ablated", "restored", "control"]
     assert namespace["zeroed"] > 2 * namespace["perplexity"]() and namespace["restored"] < namespace["zeroed"]

@@ -145,4 +145,12 @@ def test_activation_plot_marks_each_weight_by_its_role(tmp_path, monkeypatch):
     assert [t.split(" ")[0] for t in texts] == ["super", "joint", "candidate"]
     annotations = [c.get_text() for c in axes[0].texts]
     assert "1,1 super\n1,2 joint" in annotations and "1,3 candidate" in annotations
+    # README: the found layers starred; each legend entry looks like the marker drawn (none hollow).
+    def look(line):
+        return line.get_marker(), line.get_markerfacecolor(), line.get_color(), line.get_markersize()
+
+    drawn = {look(line) for ax in axes for line in ax.lines if line.get_linestyle() == "None"}
+    assert {look(handle) for handle in legend.legend_handles} == drawn
+    assert [look(handle)[0] for handle in legend.legend_handles] == ["*", "*", "*"]
+    assert all(face == color for _, face, color, _ in drawn)
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)

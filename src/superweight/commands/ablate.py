@@ -11,8 +11,7 @@ from ..distributed import main_proceeds
 from ..edit.ablate import AblationRecord, ablated
 from ..edit.save import save_ablated
 from ..errors import UsageError
-from ..measure.configurations import (ablated_name, check_control, control_name, control_weights, outlier_count,
-                                      parse_factor)
+from ..measure.configurations import check_control, control_weights, outlier_count, parse_factor
 from ..model.options import LoadOptions
 from .prepare import Model, check_outputs, model_source, ready_model
 from .reporter import Reporter
@@ -32,10 +31,8 @@ class AblationResult:
     @property
     def description(self) -> str:
         """What was done, as `sw eval` names its rows: "super weight [11, 507, 1229] zeroed",
-        "3 super weights scaled x2", "1 random weight zeroed"."""
-        if self.control:
-            return control_name(self.record.weights, self.control, self.mode, self.factor)
-        return ablated_name(self.record.weights, self.mode, self.factor)
+        "3 super weights scaled x2", "1 random weight zeroed" (the record keeps it for `sw eval`)."""
+        return self.record.name
 
     def to_dict(self) -> dict:
         """The `sw ablate --json` document."""

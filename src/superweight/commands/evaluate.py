@@ -40,10 +40,12 @@ class EvaluationResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The `sw eval --json` document, one shape whatever the options (docs/json/eval.schema.json):
-        {"model", "tool", "configurations": [{"name", "ablation", "results", "n_samples", ...}]},
-        a single run being a list of one; each entry is `runs[name]` with its name first."""
+        {"model", "tool", "configurations": [{"name", "kind", "ablation", "results", "n_samples", ...}]},
+        a single run being a list of one; each entry is `runs[name]` with its name and kind first
+        (`kind` where `sw generate --json` has it, at the top of each configuration)."""
         return {"model": self.document["model"], "tool": self.document["tool"],
-                "configurations": [{"name": name, **run} for name, run in self.runs.items()]}
+                "configurations": [{"name": name, "kind": run["ablation"]["kind"], **run}
+                                   for name, run in self.runs.items()]}
 
     def table(self) -> SummaryTable:
         """Configurations by metric, each value with its standard error."""

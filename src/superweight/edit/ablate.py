@@ -6,6 +6,8 @@
 * `random_control`: as many random weights of the same matrices; `outlier_control`: the `top`
   largest-|w| down-projection weights of the whole model, super weights excluded (the paper's
   "other ~7000 outliers"). Both are recorded in the `AblationRecord` (kind, seed, top).
+* `ablated_name` / `control_name`: what an ablation is called, the one name that `sw ablate`
+  prints, its record keeps and `sw eval` rows show.
 
 Restoring the super activation is restore.py; saving the ablated model, save.py; checking the
 coordinates, validate.py.
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .validate import unique_coords, validate_coords
-from ..coords import SHARED_EXPERT, SuperWeight
+from ..coords import SHARED_EXPERT, SuperWeight, weights_named
 from ..errors import UsageError
 from ..model.adapters import (
     Adapter,
@@ -60,6 +62,14 @@ class AblationRecord:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def name(self) -> str:
+        """What was done, as `sw ablate` prints it and `sw eval` names its rows: "super weight
+        [11, 507, 1229] zeroed", "5 candidates zeroed", "1 random weight zeroed"."""
+        if self.control:
+            return control_name(self.weights, self.control, self.mode, self.factor)
+        return ablated_name(self.weights, self.mode, self.factor)
+
+    @property
     def original_values(self) -> list[float]:
         return [float(t) for t in self.original]
 
@@ -74,6 +84,7 @@ class AblationRecord:
             if self.reference is not None:
                 control["super_weights"] = [w.to_dict() for w in self.reference]
         return {
+            "name": self.name,
             "coordinates": [{k: v for k, v in w.to_dict().items() if k in ("layer", "row", "col", "expert")}
                             for w in self.weights],
             "mode": self.mode,
@@ -84,6 +95,25 @@ class AblationRecord:
             "control": control,
             "notes": list(self.notes),
         }
+
+
+def ablated_name(weights: Sequence[SuperWeight], mode: str = "zero", factor: float | None = None,
+                 restore_activation: bool = False) -> str:
+    """A row named by what was done to what: "super weight [11, 507, 1229] zeroed", "3 super weights
+    scaled x0.5", "5 candidates zeroed + activation restored"."""
+    name = f"{weights_named(list(weights))} {_done(mode, factor)}"
+    return name + " + activation restored" if restore_activation else name
+
+
+def control_name(chosen: Sequence[SuperWeight], control: str, mode: str = "zero", factor: float | None = None) -> str:
+    """A control row named by what it zeroed: "other 129 outliers zeroed", "3 random weights zeroed"."""
+    if control == "outliers":
+        return f"other {len(chosen)} outliers {_done(mode, factor)}"
+    return f"{len(chosen)} random weight{'s' if len(chosen) != 1 else ''} {_done(mode, factor)}"
+
+
+def _done(mode: str, factor: float | None) -> str:
+    return "zeroed" if mode == "zero" else f"scaled x{factor:g}"
 
 
 def _check_mode(mode: str, factor: float | None) -> float:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .ablate import AblationRecord
+from .ablate import AblationRecord, ablated_name, control_name
 from .validate import RECORDED_VALUE_RTOL
 from ..errors import CoordinatesError, UsageError
 from ..files import atomic_directory, refuse_inside
@@ -97,17 +97,26 @@ def recorded_ablation(source: ModelSource) -> dict[str, Any] | None:
 
 
 def describe_recorded_ablation(record: dict[str, Any]) -> str:
-    """One line for tables: "ablated by superweight: 2 super weights zeroed (source smollm2-135m)"."""
+    """One line for tables: "ablated by superweight: 5 candidates zeroed (source smollm2-135m)", with
+    the name `sw ablate` printed and recorded. An older record keeps no name, nor the weights' roles:
+    it is named from its coordinates and control ("2 weights zeroed", "1 random weight zeroed")."""
     if "unreadable" in record:
         return f"ablated by superweight (its {RECORD_FILE} is unreadable)"
-    count = len(record.get("coordinates") or [])
-    control = (record.get("control") or {}).get("kind")
-    what = f"{count} {control + ' control' if control else 'super'} weight{'' if count == 1 else 's'}"
-    factor = record.get("factor")
-    how = "zeroed" if record.get("mode") == "zero" else f"scaled x{factor:g}" if isinstance(factor, (int, float)) \
-        else "scaled"
+    name = record.get("name")
+    if not isinstance(name, str) or not name:
+        name = _name_of_unnamed(record)
     source = (record.get("source") or {}).get("spec")
-    return f"ablated by superweight: {what} {how}" + (f" (source {source})" if source else "")
+    return f"ablated by superweight: {name}" + (f" (source {source})" if source else "")
+
+
+def _name_of_unnamed(record: dict[str, Any]) -> str:
+    coordinates = [c for c in record.get("coordinates") or [] if isinstance(c, dict)]
+    weights = [SuperWeight(c.get("layer"), c.get("row"), c.get("col"), c.get("expert")) for c in coordinates]
+    factor = record.get("factor")
+    scaled = record.get("mode") != "zero" and isinstance(factor, (int, float)) and not isinstance(factor, bool)
+    mode, factor = ("scale", factor) if scaled else ("zero", None)
+    control = (record.get("control") or {}).get("kind")
+    return control_name(weights, control, mode, factor) if control else ablated_name(weights, mode, factor)
 
 
 def recorded_originals(record: dict[str, Any] | None,

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..edit import ablate, restore
-from ..coords import SuperWeight, weights_named
+from ..edit.ablate import ablated_name, control_name
+from ..coords import SuperWeight
 from ..errors import UsageError
 from ..model.integrity import corrupt_tensor, non_finite_error
 from .evaluate import evaluate
@@ -110,26 +111,6 @@ def control_weights(model, super_weights: list[SuperWeight], control: str, *, se
     if control == "outliers":
         return ablate.outlier_control(model, super_weights, top=outlier_count(model, control, top))
     raise UsageError(f"unknown --control '{control}'; use {' or '.join(CONTROLS)}")
-
-
-def ablated_name(weights: list[SuperWeight] | tuple[SuperWeight, ...], mode: str = "zero",
-                 factor: float | None = None, restore_activation: bool = False) -> str:
-    """A row named by what was done to what: "super weight [11, 507, 1229] zeroed", "3 super weights
-    scaled x0.5", "5 candidates zeroed + activation restored"."""
-    name = f"{weights_named(list(weights))} {_done(mode, factor)}"
-    return name + " + activation restored" if restore_activation else name
-
-
-def control_name(chosen: list[SuperWeight] | tuple[SuperWeight, ...], control: str, mode: str = "zero",
-                 factor: float | None = None) -> str:
-    """A control row named by what it zeroed: "other 129 outliers zeroed", "3 random weights zeroed"."""
-    if control == "outliers":
-        return f"other {len(chosen)} outliers {_done(mode, factor)}"
-    return f"{len(chosen)} random weight{'s' if len(chosen) != 1 else ''} {_done(mode, factor)}"
-
-
-def _done(mode: str, factor: float | None) -> str:
-    return "zeroed" if mode == "zero" else f"scaled x{factor:g}"
 
 
 def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, factor: float | None,

@@ -19,10 +19,11 @@ from torch import nn
 from .. import distributed
 from ..coords import SHARED_EXPERT, SuperWeight
 from ..edit import ablate
+from ..edit.ablate import ablated_name, control_name
 from ..errors import UsageError
 from ..files import atomic_write_text
 from ..model.adapters import adapter_for, decoder_layers, down_proj_tensor, layer_experts
-from .configurations import Configuration, ablated_name, control_name, run_configurations
+from .configurations import Configuration, run_configurations
 from .tasks import resolve_task_names
 
 DEFAULT_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)

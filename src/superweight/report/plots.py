@@ -61,13 +61,21 @@ def readable_log_axis(ax, which: str = "y") -> None:
 
 
 # How each measured role is drawn (SuperWeight.role, from `sw detect --verify`); a weight without a
-# measured role is a "candidate".
+# measured role is a "candidate". README promises the found layers starred: candidates and super
+# weights (super or joint) are stars, told apart by colour; inert weights, not super, are crosses.
+# Markers are always filled, and the legend shows each exactly as drawn.
 ROLE_STYLE = {
-    "super": dict(marker="*", ms=15, color="#cc3311", label="super (zeroing it alone breaks the model)"),
-    "joint": dict(marker="D", ms=8, color="#ee7733", label="joint (matters only together with others)"),
+    "super": dict(marker="*", ms=16, color="#cc3311", label="super (zeroing it alone breaks the model)"),
+    "joint": dict(marker="*", ms=12, color="#ee7733", label="joint (matters only together with others)"),
     "inert": dict(marker="X", ms=8, color="#777777", label="inert (zeroing it changes little)"),
-    "candidate": dict(marker="o", ms=9, color="#009988", label="candidate (role not measured: --verify)"),
+    "candidate": dict(marker="*", ms=14, color="#009988", label="candidate (role not measured: --verify)"),
 }
+
+
+def _marker(role: str) -> dict[str, object]:
+    """The keyword arguments that draw `role`'s marker (and its legend entry), without its label."""
+    style = {key: value for key, value in ROLE_STYLE[role].items() if key != "label"}
+    return dict(style, mfc=style["color"], mec="#222222", mew=0.6, ls="none")
 
 
 def weight_role(weight: SuperWeight) -> str:
@@ -91,7 +99,7 @@ def plot_activations(detection: Detection, path: str | Path, title: str = "",
                [s.input_max for s in stats]),
               ("max |down_proj output| over the prompt", "max |output activation| (hidden-state units)",
                [s.output_max for s in stats]))
-    shown: dict[str, object] = {}
+    shown: set[str] = set()
     for ax, (title_text, ylabel, values) in zip(axes, panels):
         ax.plot(layers, [max(v, 1e-12) for v in values], marker="o", ms=3, lw=1.2, color="#3366aa",
                 label="all layers")
@@ -102,12 +110,11 @@ def plot_activations(detection: Detection, path: str | Path, title: str = "",
             if layer not in layers:
                 continue
             value = max(values[layers.index(layer)], 1e-12)
-            for rank, weight in enumerate(here):
-                role = weight_role(weight)
-                style = dict(ROLE_STYLE[role])
-                style.pop("label")
-                shown[role] = ax.plot([layer], [value], ls="none", zorder=3 + rank,
-                                      mfc="none" if rank else style["color"], mew=1.5, **style)[0]
+            # Weights of one layer share a point: the larger markers first, so every one stays visible.
+            roles = sorted({weight_role(w) for w in here}, key=lambda role: -ROLE_STYLE[role]["ms"])
+            for rank, role in enumerate(roles):
+                ax.plot([layer], [value], zorder=3 + rank, **_marker(role))
+                shown.add(role)
             ax.annotate("\n".join(f"{w.row},{w.col} {weight_role(w)}" for w in here), (layer, value),
                         textcoords="offset points", xytext=(8, -10), fontsize=7, color="#333333")
         ax.set_yscale("log")
@@ -120,7 +127,9 @@ def plot_activations(detection: Detection, path: str | Path, title: str = "",
                  fontsize=11)
     roles = [role for role in ROLE_STYLE if role in shown]  # legend in the table's order, below the panels
     if roles:
-        fig.legend([shown[role] for role in roles], [ROLE_STYLE[role]["label"] for role in roles],
+        from matplotlib.lines import Line2D
+
+        fig.legend([Line2D([], [], **_marker(role)) for role in roles], [ROLE_STYLE[role]["label"] for role in roles],
                    loc="lower center", ncol=len(roles), fontsize=8, frameon=False)
         fig.tight_layout(rect=(0, 0.07, 1, 1))
     return save_figure(fig, path, layout=not roles)
