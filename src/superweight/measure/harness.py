@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import sys
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
