@@ -127,14 +127,55 @@ def test_bad_detect_options(tiny_llama_dir, tmp_path, args, fragment):
 def test_unwritable_output_path(tiny_llama_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", blocker / "c.yaml"), "cannot")
+    result = invoke("detect", tiny_llama_dir, "-q", "--out", blocker / "c.yaml")
+    assert_one_line_error(result, "cannot")
+    assert result.exit_code == 2  # a bad option value: a usage error
 
 
 def test_output_inside_model_directory_is_refused(tiny_llama_dir):
     before = sorted(p.name for p in tiny_llama_dir.iterdir())
-    assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", tiny_llama_dir / "c.yaml"),
-                          "inside the model directory")
+    result = invoke("detect", tiny_llama_dir, "-q", "--out", tiny_llama_dir / "c.yaml")
+    assert_one_line_error(result, "inside the model directory")
+    assert result.exit_code == 2
+    result = invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--out", tiny_llama_dir)
+    assert_one_line_error(result, "inside the model directory")
+    assert result.exit_code == 2
     assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["detect", "ablate"])
+def test_plot_or_output_path_mistakes_are_usage_errors_before_the_work(tiny_llama_dir, tmp_path, monkeypatch, command):
+    """A --plot in a format matplotlib cannot write failed only after detection had written --out."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "c.yaml"
+    if command == "detect":
+        result = invoke("detect", tiny_llama_dir, "-q", "--out", out, "--plot", tmp_path / "act.txt")
+        assert_one_line_error(result, "--plot", ".txt", ".png")
+        assert result.exit_code == 2 and not out.exists() and not (tmp_path / "act.txt").exists()
+    result = invoke(command, tiny_llama_dir, "-q", *(("--coord", "1,3,5") if command == "ablate" else ()),
+                    "--out", "." if command == "ablate" else tmp_path / "nodir" / "c.yaml")
+    assert_one_line_error(result, "current directory" if command == "ablate" else "mkdir -p")
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("model,args,fragments", [
+    ("dir", ("--revision", "main"), ("--revision main", "local directory", "drop --revision")),
+    ("gguf", ("--revision", "main"), ("--revision main", ".gguf file", "drop --revision")),
+    ("smollm2-135m", ("--revision", "main"), ("--revision main", "alias of a .gguf file")),
+    ("gguf", ("--gguf-file", "model.gguf"), ("--gguf-file", "is a .gguf file itself", "drop --gguf-file")),
+    ("gguf", ("--gguf-file", "other.gguf"), ("--gguf-file", "to read other.gguf, give it as MODEL")),
+    ("smollm2-135m", ("--gguf-file", "x.gguf"), ("--gguf-file", "is an alias")),
+])
+def test_loading_options_that_would_be_ignored_are_usage_errors(tiny_llama_dir, tmp_path, model, args, fragments):
+    """--revision picks a version of a hub model and --gguf-file a file inside a MODEL folder: given
+    with a MODEL they mean nothing for, they were ignored (or read another file); now refused, before any load."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")  # never read: the options are refused when MODEL is resolved
+    spec = {"dir": tiny_llama_dir, "gguf": gguf}.get(model, model)
+    for command in (("detect",), ("ablate", "--coord", "1,3,5")):
+        result = invoke(*command, spec, "-q", *args, "--out", tmp_path / "out")
+        assert_one_line_error(result, *fragments)
+        assert result.exit_code == 2 and not (tmp_path / "out").exists()
 
 
 def test_detect_on_local_directory_writes_coordinates(tiny_llama_dir, tmp_path):

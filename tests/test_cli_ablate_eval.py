@@ -188,8 +188,9 @@ def test_ablate_refuses_the_current_directory_as_out(tiny_llama_dir, coords_file
     here.mkdir()
     monkeypatch.chdir(here)
     for out in (".", ".."):
-        assert_one_line_error(invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", out, "--force", "-q"),
-                              "current directory")
+        result = invoke("ablate", tiny_llama_dir, "--coords", coords_file, "--out", out, "--force", "-q")
+        assert_one_line_error(result, "current directory")
+        assert result.exit_code == 2  # a bad --out: a usage error
     assert list(here.iterdir()) == [] and coords_file.is_file()
 
 

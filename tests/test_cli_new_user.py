@@ -77,10 +77,13 @@ def test_an_existing_directory_as_output_file_is_refused_before_the_work(tiny_ll
 
 def test_a_missing_output_folder_is_refused_not_created(tiny_llama_dir, tmp_path):
     target = tmp_path / "no" / "such" / "x.yaml"
-    assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", target), "does not exist", "mkdir -p")
+    result = invoke("detect", tiny_llama_dir, "-q", "--out", target)
+    assert_one_line_error(result, "does not exist", "mkdir -p")
+    assert result.exit_code == 2  # a bad --out: a usage error, as an existing one without --force is
     assert not (tmp_path / "no").exists()
-    assert_one_line_error(invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--out",
-                                 tmp_path / "no" / "model"), "does not exist")
+    result = invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--out", tmp_path / "no" / "model")
+    assert_one_line_error(result, "does not exist")
+    assert result.exit_code == 2
     assert not (tmp_path / "no").exists()
 
 

@@ -56,6 +56,33 @@ def test_bad_quantize_options(tiny_llama_dir, tmp_path, args, fragment):
                           fragment)
 
 
+@pytest.mark.parametrize("args,fragments", [
+    (["--scheme", "Q4_K_M"], ("--scheme only applies to a real quantizer", "--quantizer rtn")),
+    (["--quantizer-path", "/opt/llama.cpp"], ("--quantizer-path only applies to a real quantizer",)),
+    (["--activation-bits", "4"], ("--activation-bits 4", "add --activations")),
+    (["--quantizer", "quanto", "--bits", "8"], ("--bits only applies to --quantizer rtn", "--scheme")),
+    (["--quantizer", "llama.cpp", "--block-size", "64"], ("--block-size only applies to --quantizer rtn",)),
+    (["--quantizer", "bitsandbytes", "--activations"], ("--activations only applies to --quantizer rtn",)),
+    (["--quantizer", "quanto", "--plot", "q.png"], ("--plot only applies to --quantizer rtn",)),
+    (["--plot", "rtn.txt"], ("--plot rtn.txt", "cannot write .txt")),
+])
+def test_quantize_options_that_would_be_ignored_or_fail_late_are_usage_errors(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                               args, fragments):
+    """Accepted and ignored before (--scheme with rtn, --activation-bits without --activations, rtn's
+    options with a real quantizer), or refused only after the whole evaluation (a --plot format
+    matplotlib cannot write): each is one line and exit 2 before the model loads."""
+    import superweight.model.options as options_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(options_module, "load_model", no_load)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("quantize", tiny_llama_dir, "-q", "--coord", "1,3,5", "--data-dir", DATA_DIR, "--limit", "1", *args)
+    assert_one_line_error(result, *fragments)
+    assert result.exit_code == 2 and list(tmp_path.iterdir()) == []
+
+
 def test_quantize_unwritable_out(tiny_llama_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

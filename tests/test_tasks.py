@@ -189,21 +189,39 @@ def test_data_dir_that_does_not_exist_is_its_own_error(tmp_path):
         load_task("piqa", tmp_path / "nowhere")
 
 
-def test_empty_data_dir_names_the_expected_file_online_too(tmp_path, monkeypatch):
+def missing_data_message(monkeypatch, data_dir, offline: bool) -> str:
+    """The error of `load_task("piqa", data_dir)` with no piqa files there and no hub to fetch them from."""
     from superweight.measure import tasks
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(tasks, "hub_offline", lambda: False)
+    monkeypatch.delenv("SUPERWEIGHT_DATA", raising=False)
+    monkeypatch.setattr(tasks, "hub_offline", lambda: offline)
 
     def no_network(*args, **kwargs):
         raise ConnectionError("offline")
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", no_network)
     with pytest.raises(DataError) as error:
-        load_task("piqa", tmp_path)
-    message = str(error.value)
+        load_task("piqa", data_dir)
+    return str(error.value)
+
+
+def test_empty_data_dir_names_the_expected_file_online_too(tmp_path, monkeypatch):
+    message = missing_data_message(monkeypatch, tmp_path, offline=False)
     assert f"{tmp_path / 'piqa' / 'valid.jsonl'} does not exist" in message
     assert f"into {tmp_path / 'piqa'}/" in message and "DATA_DIR" not in message
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_missing_data_without_data_dir_is_one_sentence_with_both_fixes(monkeypatch, offline):
+    """No data folder and no download: what failed, then the two fixes (the network, or the files in
+    DIR/<task>/ with --data-dir DIR or SUPERWEIGHT_DATA); it read "..., and put ... (--data-dir)"."""
+    message = missing_data_message(monkeypatch, None, offline)
+    assert message.startswith("missing data for task piqa: HF_HUB_OFFLINE is set" if offline
+                              else "cannot download task piqa (hub dataset baber/piqa: ConnectionError)"), message
+    fix = ("unset HF_HUB_OFFLINE to fetch it from the hub" if offline else "connect to the network and rerun")
+    assert f"; {fix}, or put valid.jsonl, valid-labels.lst into DIR/piqa/ and pass --data-dir DIR (or set " \
+           "SUPERWEIGHT_DATA=DIR" in message
+    assert "), and put" not in message and "DATA_DIR" not in message
 
 
 def test_empty_data_dir_offline_names_the_expected_file(tmp_path, monkeypatch):

@@ -40,7 +40,10 @@ class CoordinateOptionError(CoordinatesError):
 
 
 class OutputPathError(SuperweightError):
-    """An output path cannot or must not be written."""
+    """An output path cannot or must not be written (a missing folder, the current directory, the
+    model's own): a usage error, like an output that exists without --force."""
+
+    exit_code = 2
 
 
 class DataError(SuperweightError):

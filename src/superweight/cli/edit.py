@@ -8,9 +8,10 @@ from typing import Optional
 
 import typer
 
+from ..commands.quantize_real import check_quantizer_options
 from .app import Session, stdout
 from .options import (CONTROL, CONTROL_SEED, COORD, COORDS, DATA_DIR, DEBUG, FACTOR, FORCE_OUT_DIR, JSON, MAX_LENGTH, MODE,
-                      MODEL_ARG, QUIET, SELECT, TOP, first_documents, loads_model, print_table)
+                      MODEL_ARG, QUIET, SELECT, TOP, first_documents, loads_model, print_table, typed_options)
 
 
 @loads_model()
@@ -116,6 +117,7 @@ def export(
 
 @loads_model()
 def quantize(
+    ctx: typer.Context,
     model: Optional[str] = MODEL_ARG,
     coords: Optional[Path] = COORDS,
     coord: Optional[list[str]] = COORD,
@@ -136,7 +138,8 @@ def quantize(
                                                              "with the least largest rounding error."),
     activations: bool = typer.Option(False, "--activations", help="Also compare per-tensor activation RTN of the "
                                                                    "down-projection input, naive vs super-activation-aware."),
-    activation_bits: int = typer.Option(8, "--activation-bits", metavar="N", help="Bits for --activations (default 8)."),
+    activation_bits: Optional[int] = typer.Option(None, "--activation-bits", metavar="N", help="Bits for --activations "
+                                                  "(default 8)."),
     task: list[str] = typer.Option(["wikitext"], "--task", "-t", metavar="TASK", help="Tasks to evaluate, repeatable or comma-separated (default wikitext)."),
     data_dir: Optional[str] = DATA_DIR,
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task."),
@@ -163,12 +166,14 @@ def quantize(
       sw quantize --block-size 4096 --out smollm2-w4-bs4096
     """
     session = Session(quiet, debug)
+    given = typed_options(ctx)
     if quantizer != "rtn":
         session.run(lambda: _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, select, task,
-                                           data_dir, limit, max_length, options, as_json, session))
+                                           data_dir, limit, max_length, options, as_json, session, given))
         return
 
     def work() -> None:
+        check_quantizer_options(quantizer, given)
         from ..commands.quantize import quantize_model
         from ..measure.quantized import quantization_warnings
         from ..edit.quantize import AUTO_Z
@@ -197,9 +202,11 @@ def quantize(
 
 
 def _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, select, task, data_dir, limit, max_length,
-                   options, as_json, session) -> None:
+                   options, as_json, session, given) -> None:
     """`sw quantize --quantizer NAME`: a real quantizer, naive vs protected."""
     from ..commands.quantize_real import quantize_with
+
+    check_quantizer_options(quantizer, given)
 
     result = quantize_with(model, quantizer=quantizer, scheme=scheme, quantizer_path=quantizer_path, coords=coords,
                            coord=coord, select=select, task=task, data_dir=data_dir, limit=limit,

@@ -63,6 +63,12 @@ def loads_model(*names: str) -> Callable[[Callable[..., None]], Callable[..., No
     return decorate
 
 
+def typed_options(ctx: typer.Context) -> list[str]:
+    """The options the user typed (their long flags), as opposed to those left at their defaults."""
+    return [parameter.opts[0] for parameter in ctx.command.params
+            if parameter.name in ctx.params and ctx.get_parameter_source(parameter.name).name != "DEFAULT"]
+
+
 def print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]],
                  text_columns: tuple[str, ...] = (), key_columns: int = 1) -> None:
     """Numbers right-aligned and never cut; `text_columns` (free text) left-aligned and folded.

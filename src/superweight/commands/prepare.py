@@ -32,6 +32,7 @@ from ..model.identity import coordinates_file_mismatch
 from ..model.load import LoadedModel
 from ..model.source import ModelSource
 from ..model.options import LoadOptions
+from ..report.plots import check_plot_format
 from .reporter import Bar, Reporter
 
 T = TypeVar("T")
@@ -72,9 +73,13 @@ def model_source(model: Model, options: Optional[LoadOptions]) -> ModelSource:
 
 
 def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), directory: Optional[Path] = None,
-                  force: bool = False) -> None:
+                  force: bool = False, plot: Optional[Path] = None) -> None:
     """Outputs are never inside the model's own files and are writable. One rule for files and
-    folders: an existing output file, or a non-empty output directory, is only replaced with --force."""
+    folders: an existing output file, or a non-empty output directory, is only replaced with --force.
+    A `plot` is a file whose format matplotlib must be able to write."""
+    if plot:
+        check_plot_format(plot)
+        files = (*files, plot)
     if directory:  # checked again when written (atomic_directory); here before the slow work
         refuse_current_directory(directory)
     for path in filter(None, (*files, directory)):

@@ -23,6 +23,8 @@ from ..measure.limits import check_limits
 from .prepare import Model, check_outputs, detected, model_source, ready_model, tasks_with_data
 from .reporter import Reporter
 
+DEFAULT_ACTIVATION_BITS = 8  # --activations without --activation-bits (None marks "not given": refused alone)
+
 
 @dataclass
 class QuantizationResult:
@@ -69,7 +71,7 @@ def _block_sizes(block_size: Optional[list[int | str]]) -> Optional[list[int]]:
 
 def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
                    bits: int = 4, block_size: Optional[list[int | str]] = None, z: float | str = "9",
-                   activations: bool = False, activation_bits: int = 8, task: list[str] | str = ("wikitext",),
+                   activations: bool = False, activation_bits: Optional[int] = None, task: list[str] | str = ("wikitext",),
                    data_dir: Optional[str] = None, limit: Optional[int] = None, max_length: Optional[int] = None,
                    plot: Optional[Path] = None, out: Optional[Path] = None, force: bool = False,
                    options: Optional[LoadOptions] = None,
@@ -83,14 +85,18 @@ def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord:
     out = Path(out) if out is not None else None
     sizes = _block_sizes(block_size)
     rtn.check_bits(bits)
-    rtn.check_bits(activation_bits, "activation")
+    if activation_bits is not None and not activations:
+        raise UsageError(f"--activation-bits {activation_bits} sets the width of --activations' comparison, which "
+                         "is not asked for; add --activations, or drop --activation-bits")
+    activation_bits = rtn.check_bits(DEFAULT_ACTIVATION_BITS if activation_bits is None else activation_bits,
+                                     "activation")
     z_value = rtn.parse_z(str(z))
     check_limits(limit, max_length)
     names = tasks_with_data(list(task) if not isinstance(task, str) else task, data_dir)
     if out is not None and (not sizes or len(sizes) != 1):
         raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
     source = model_source(model, options)
-    check_outputs(source, files=(plot,), directory=out, force=force)
+    check_outputs(source, plot=plot, directory=out, force=force)
     weights = requested(coords, coord, select, say=reporter.note)
     loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     grid = sizes or rtn.default_block_sizes(loaded.model)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..versions import __version__
 
@@ -49,6 +49,30 @@ def _float_folder(source, work: Path, load_options: dict, say) -> Path:
     loaded.tokenizer.save_pretrained(folder)
     say(f"saved {source.spec} as float32 safetensors for the quantizer")
     return folder
+
+
+# `sw quantize`'s options that belong to one kind of quantizer: given with the other they would do nothing.
+RTN_ONLY = ("--bits", "--block-size", "--z", "--activations", "--activation-bits", "--plot", "--out", "--force")
+REAL_ONLY = ("--scheme", "--quantizer-path")
+
+
+def check_quantizer_options(quantizer: str, given: Sequence[str]) -> None:
+    """Refuse an option of `given` (the flags the user typed) that `quantizer` would ignore."""
+    from ..edit.real_quantizers import QUANTIZERS
+    from ..errors import UsageError
+
+    if quantizer not in QUANTIZERS:
+        return  # quantize_with names the quantizers
+    if quantizer == "rtn":
+        wrong = next((flag for flag in given if flag in REAL_ONLY), None)
+        if wrong:
+            raise UsageError(f"{wrong} only applies to a real quantizer (--quantizer llama.cpp, llm-compressor, quanto "
+                             f"or bitsandbytes), not to the default --quantizer rtn; add --quantizer NAME, or drop {wrong}")
+        return
+    wrong = next((flag for flag in given if flag in RTN_ONLY), None)
+    if wrong:
+        raise UsageError(f"{wrong} only applies to --quantizer rtn (round-to-nearest), not to --quantizer {quantizer} "
+                         f"(its settings are --scheme); drop {wrong}")
 
 
 def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Optional[str] = None,

@@ -331,12 +331,9 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
         docs = task.read(task_dir)
         sha = {f"{task.name}/{f}": sha256_file(task_dir / f) for f in task.files}
     elif hub_offline():
-        where = f"{task_dir}/" if task_dir else f"DATA_DIR/{task.name}/ (pass --data-dir DATA_DIR or set SUPERWEIGHT_DATA; README: Evaluation data)"
-        found = f"{task_dir / missing[0]} does not exist; " if task_dir else ""
-        raise DataError(
-            f"missing data for task {task.name}: {found}put {', '.join(missing)} into {where}; "
-            "HF_HUB_OFFLINE is set, so nothing is downloaded"
-        )
+        absent = f"{task_dir / missing[0]} does not exist and " if task_dir else ""
+        raise DataError(f"missing data for task {task.name}: {absent}HF_HUB_OFFLINE is set, so it is not downloaded; "
+                        f"unset HF_HUB_OFFLINE to fetch it from the hub, or {_how_to_supply(task, task_dir)}")
     else:
         docs, sha = _load_from_hub(task, task_dir)
     if not docs:
@@ -344,14 +341,21 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
     return LoadedTask(task, docs[:limit] if limit else docs, len(docs), sha)
 
 
+def _how_to_supply(task: Task, task_dir: Path | None) -> str:
+    """The local way to give a task's data, for an error: its files, and the folder they go in (the
+    one already looked in, else DIR and the two ways to name it)."""
+    files = ", ".join(task.files)
+    if task_dir is not None:
+        return f"put {files} into {task_dir}/"
+    return f"put {files} into DIR/{task.name}/ and pass --data-dir DIR (or set SUPERWEIGHT_DATA=DIR; README: Evaluation data)"
+
+
 def _load_from_hub(task: Task, task_dir: Path | None = None) -> tuple[list[Doc], dict[str, str]]:
     """Fetch the dataset lm-eval uses from the hub's automatic parquet conversion; `task_dir` is
     where the local files were looked for (named in the error when the download fails too)."""
-    if task_dir is not None:
-        missing = next(f for f in task.files if not (task_dir / f).is_file())
-        instead = f"{task_dir / missing} does not exist: put {', '.join(task.files)} into {task_dir}/"
-    else:
-        instead = f"put {', '.join(task.files)} into DATA_DIR/{task.name}/ (--data-dir)"
+    absent = (f"{task_dir / next(f for f in task.files if not (task_dir / f).is_file())} does not exist"
+              if task_dir is not None else "no local copy was given")
+    instead = _how_to_supply(task, task_dir)
     try:
         import pyarrow.parquet as pq
         from huggingface_hub import snapshot_download
@@ -362,7 +366,8 @@ def _load_from_hub(task: Task, task_dir: Path | None = None) -> tuple[list[Doc],
     try:
         local = Path(snapshot_download(src.repo_id, repo_type="dataset", revision="refs/convert/parquet", allow_patterns=[pattern]))
     except Exception as e:  # network, auth or missing-repo errors all mean the same to the user
-        raise DataError(f"cannot download {task.name} from {src.repo_id} ({e.__class__.__name__}), and {instead}") from None
+        raise DataError(f"cannot download task {task.name} (hub dataset {src.repo_id}: {e.__class__.__name__}) and "
+                        f"{absent}; connect to the network and rerun, or {instead}") from None
     files = sorted(local.glob(pattern))
     if not files:
         raise DataError(f"{src.repo_id} has no {pattern}; {instead}")

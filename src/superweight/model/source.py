@@ -103,12 +103,33 @@ def _packaged_gguf(alias: str, entry: dict[str, Any]) -> str:
 def resolve(spec: str | None, revision: str | None = None, gguf_file: str | None = None,
             cache_dir: str | None = None) -> ModelSource:
     """Turn MODEL (alias, .gguf path, directory, hub id) into a `ModelSource`; `cache_dir` is where
-    a hub model is cached when not in the default hub cache (kept only to protect it)."""
-    return replace(_resolve(spec, revision, gguf_file), cache_dir=cache_dir)
-
-
-def _resolve(spec: str | None, revision: str | None, gguf_file: str | None) -> ModelSource:
+    a hub model is cached when not in the default hub cache (kept only to protect it). A loading
+    option that means nothing for this MODEL is refused here, where every command resolves it."""
     spec = spec or default_model()
+    if gguf_file:
+        _check_gguf_file(spec, gguf_file)
+    source = _resolve(spec, revision, gguf_file)
+    if revision and source.kind != "hub":
+        what = ("the alias of " if source.alias else "") + ("a local directory" if source.kind == "local" else "a .gguf file")
+        raise UsageError(f"--revision {revision} picks a version of a hub model, but MODEL {spec} is {what}, "
+                         "which has one version; drop --revision")
+    return replace(source, cache_dir=cache_dir)
+
+
+def _check_gguf_file(spec: str, gguf_file: str) -> None:
+    """--gguf-file names a file inside a MODEL folder; with an alias or a .gguf MODEL it would be
+    ignored, or read instead of the MODEL given (an absolute --gguf-file)."""
+    if spec in aliases():
+        raise UsageError(f"--gguf-file picks a .gguf file inside a MODEL folder, but {spec} is an alias; drop "
+                         "--gguf-file, or give the folder as MODEL")
+    path = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf") and not path.is_dir():
+        other = "" if Path(gguf_file).name == path.name else f" (to read {gguf_file}, give it as MODEL instead)"
+        raise UsageError(f"--gguf-file picks a .gguf file inside a MODEL folder, but MODEL {spec} is a .gguf file "
+                         f"itself; drop --gguf-file{other}")
+
+
+def _resolve(spec: str, revision: str | None, gguf_file: str | None) -> ModelSource:
     table = aliases()
     if spec in table:
         entry = table[spec]

@@ -27,6 +27,21 @@ def pyplot():
     return plt
 
 
+def plot_format(path: str | Path) -> str:
+    """The format a plot is written in: the one its suffix names, PNG without one."""
+    return Path(path).suffix.lstrip(".").lower() or "png"
+
+
+def check_plot_format(path: str | Path) -> None:
+    """A --plot whose format matplotlib cannot write fails here, before the work, not after it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if plot_format(path) not in supported:
+        raise UsageError(f"--plot {path}: matplotlib cannot write .{plot_format(path)} files; give a name ending "
+                         f"in .png (or {', '.join('.' + name for name in sorted(supported) if name != 'png')})")
+
+
 def save_figure(fig, path: str | Path, layout: bool = True) -> Path:
     """Write `fig` atomically, in the format its suffix names (PNG by default), and close it
     (laid out tightly unless `layout` is False: the caller did it)."""
@@ -34,7 +49,7 @@ def save_figure(fig, path: str | Path, layout: bool = True) -> Path:
     if layout:
         fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
+    fig.savefig(buffer, format=plot_format(path), dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
