@@ -17,6 +17,7 @@ from ..measure.configurations import SummaryTable
 from ..measure.generate import Generation
 from ..measure.stop_words import StopWordShift
 from ..measure.study_runs import CPU_BUDGET_NOTE, SWEEP_METRICS
+from ..measure.verify import labelled
 from .plots import plot_activation_profile, plot_scale_sweep, plot_stop_word_shift
 
 REPORT_FILE = "REPORT.md"
@@ -81,14 +82,15 @@ def _column(table: SummaryTable, *wanted: str) -> int | None:
 
 
 def summary_lines(super_weights: Sequence[SuperWeight], table: SummaryTable | None,
-                  stop_words: StopWordShift | None) -> list[str]:
+                  stop_words: StopWordShift | None, measured: Sequence[SuperWeight] = ()) -> list[str]:
     """The paragraph a reader can quote: the super weights, what zeroing and restoring them does,
-    against the controls, each number as the table gives it (with its error where it has one)."""
+    against the controls, each number as the table gives it (with its error where it has one).
+    `measured`: the same weights with the roles the study measured (default: as given)."""
     lines = ["## Summary", ""]
     if super_weights:
         found = "; ".join(f"layer {w.layer}, `down_proj.weight[{w.row}, {w.col}]`"
                           + (f" (expert {w.expert})" if w.expert is not None else "")
-                          + (f", {w.role}" if getattr(w, "role", None) else "") for w in super_weights)
+                          + (f", {w.role}" if getattr(w, "role", None) else "") for w in measured or super_weights)
         what = weights_noun(list(super_weights))  # as the table's rows name them
         lines.append(f"Acting on {len(super_weights)} {what}{'s' if len(super_weights) != 1 else ''} "
                      f"(role measured on a short text by `sw detect --verify`'s rule): {found}.")
@@ -244,11 +246,12 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
     `out_dir` is refused unless `force`)."""
     meta = dict(meta or {})
     document: dict[str, Any] = {"meta": meta}
-    lines = ["# Super-weight study", "", *summary_lines(super_weights, table, stop_words), *model_lines(meta),
+    # Named as given (as the table's rows, and sw eval, name them); described with the roles measured here.
+    measured = labelled(super_weights, verification) if verification is not None else list(super_weights)
+    lines = ["# Super-weight study", "", *summary_lines(super_weights, table, stop_words, measured), *model_lines(meta),
              *differences_lines(table, stop_words)]
     with atomic_directory(out_dir, force) as tmp:
         if super_weights:
-            labels = verification.labels() if verification is not None else {}
             lines += ["## Super weights", "", "`down_proj.weight[row, col]` of decoder layer `layer`; weight: its value; input act.: the "
                       "down-projection input it multiplies; output spike: what the layer writes; role: what "
                       "removing it measured, alone and within the set (superweight README, \"Vocabulary\").", "",
@@ -256,8 +259,8 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
                                       "share", "iter.", "role"),
                                      [(w.layer, w.row, w.col, w.expert, w.value, w.input_activation,
                                        w.output_spike, w.concentration, w.share, w.iteration,
-                                       labels.get(w.key, w.role)) for w in super_weights]), ""]
-            document["super_weights"] = [w.to_dict() for w in super_weights]
+                                       w.role) for w in measured]), ""]
+            document["super_weights"] = [w.to_dict() for w in measured]
         if verification is not None:
             lines += ["## Measured effect of each candidate", "",
                       f"Perplexity on {_text_name(verification.text_source)} ({verification.num_tokens} tokens). "
