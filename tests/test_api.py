@@ -200,3 +200,21 @@ def test_the_loading_options_travel_as_one_object(planted_dir, tmp_path):
     assert result.model["dtype"] == "float16"
     with pytest.raises(UsageError, match="--device-map"):
         api.evaluate_model(str(planted_dir), options=api.LoadOptions(device_map="everywhere"), **QUICK)
+
+
+def test_a_real_quantizer_without_coordinates_keeps_what_select_names(planted_dir, monkeypatch):
+    """It detected and kept every candidate, ignoring --select; now it narrows them as every command
+    does (the quantizer itself is not run here: its tools are not installed on every machine)."""
+    import superweight.commands.prepare as prepare
+    from superweight.commands.quantize_real import quantize_with
+    from superweight.edit import real_quantizers
+    from superweight.measure import real_quantized
+
+    asked, kept = [], []
+    narrow = prepare.detected
+    monkeypatch.setattr(prepare, "detected",
+                        lambda reporter, loaded, select: asked.append(select) or narrow(reporter, loaded, select="all"))
+    monkeypatch.setattr(real_quantizers, "find_tools", lambda quantizer, path: None)
+    monkeypatch.setattr(real_quantized, "compare", lambda folder, weights, *args, **kwargs: kept.extend(weights) or {})
+    quantize_with(str(planted_dir), quantizer="quanto", select="set", task="wikitext", data_dir=str(DATA_DIR), limit=1)
+    assert asked == ["set"] and [w.label() for w in kept] == ["[1, 7, 13]"]

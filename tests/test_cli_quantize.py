@@ -65,6 +65,8 @@ def test_bad_quantize_options(tiny_llama_dir, tmp_path, args, fragment):
     (["--quantizer", "bitsandbytes", "--activations"], ("--activations only applies to --quantizer rtn",)),
     (["--quantizer", "quanto", "--plot", "q.png"], ("--plot only applies to --quantizer rtn",)),
     (["--plot", "rtn.txt"], ("--plot rtn.txt", "cannot write .txt")),
+    (["--quantizer", "llama.cpp", "--dtype", "bfloat16"], ("--dtype does not apply to a real quantizer",)),
+    (["--quantizer", "quanto", "--device-map", "auto"], ("--device-map does not apply to a real quantizer",)),
 ])
 def test_quantize_options_that_would_be_ignored_or_fail_late_are_usage_errors(tiny_llama_dir, tmp_path, monkeypatch,
                                                                                args, fragments):

@@ -97,6 +97,11 @@ def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Option
     reporter = reporter or Reporter()
     check_selection(select)
     options = options or LoadOptions()
+    placement = {"--dtype": options.dtype != "auto", "--device": options.device != "auto",
+                 "--device-map": options.device_map is not None, "--max-memory": options.max_memory is not None}
+    if any(placement.values()):
+        raise UsageError(f"{next(flag for flag, given in placement.items() if given)} does not apply to a real "
+                         "quantizer: it quantizes the float32 checkpoint itself and is measured on the CPU; drop it")
     revision, gguf_file, cache_dir = options.revision, options.gguf_file, options.cache_dir
     trust_remote_code = options.trust_remote_code
     settings = rq.parse_scheme(quantizer, scheme)
@@ -113,14 +118,12 @@ def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Option
     with tempfile.TemporaryDirectory(prefix="sw-quantize-") as tmp:
         work = Path(tmp)
         with reporter.status(f"preparing {source.spec}") as update:
-            if not weights:
-                from ..find.detect import DEFAULT_PROMPT, detect, encode_prompt
+            if not weights:  # detected and narrowed by --select as every command does
                 from ..model.load import load_model
+                from .prepare import detected
 
-                loaded = load_model(source.spec, dtype="float32", device="cpu", **load_options)
-                weights = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
-                reporter.say(f"detected super weights: {', '.join(w.label() for w in weights) or 'none'}")
-                del loaded
+                weights = detected(reporter, load_model(source.spec, dtype="float32", device="cpu", **load_options),
+                                   select=select)
             if not weights:
                 raise UsageError(f"no super weights found in {source.spec}: nothing to keep; pass --coords")
             folder = _float_folder(source, work, load_options, reporter.say)
