@@ -37,7 +37,7 @@ verification = obj({"text": str_, "num_tokens": int_, "rule": str_, "perplexity"
                    desc="what `--verify` measured: perplexity with the weights zeroed, each weight's role")
 model_eval = obj({"spec": str_, "location": str_, "kind": str_, "dtype": str_, "superweight_ablation": nullable({"type": "object"})},
                  required=["spec", "location", "kind", "dtype"])
-generation = obj({"configuration": str_, "prompt": str_, "token_ids": arr(int_), "text": str_})
+generation = obj({"configuration": str_, "kind": kind, "prompt": str_, "token_ids": arr(int_), "text": str_})
 
 def write(command, description, schema):
     document = {"$schema": S, "$id": f"https://github.com/superweight/superweight/docs/json/{command}.schema.json",

@@ -56,7 +56,7 @@ def test_detect_model_finds_the_planted_weight_and_writes_its_coordinates(plante
     assert [w.key for w in result.super_weights] == [PLANTED.key]
     written, meta = read_coords(tmp_path / "c.yaml")
     assert [w.key for w in written] == [PLANTED.key]
-    assert meta["model_type"] == "llama"
+    assert meta["model_type"] == "llama" and meta["model"] == str(planted_dir.resolve())  # found from anywhere
     document = result.to_dict()
     assert document["coordinates_file"] == str(tmp_path / "c.yaml") and document["verification"] is None
     assert any(m.startswith(f"loaded {planted_dir}") for m in recorder.messages)

@@ -72,6 +72,8 @@ def test_eval_single_and_compare_have_one_shape(tiny_llama_dir, coords):
 def test_generate(tiny_llama_dir, coords):
     document = validated("generate", tiny_llama_dir, "-q", "--coords", coords, "--max-new-tokens", "2")
     assert [c["kind"] for c in document["configurations"]] == ["unchanged", "ablated", "restored", "control"]
+    kinds = {c["name"]: c["kind"] for c in document["configurations"]}
+    assert [g["kind"] for g in document["generations"]] == [kinds[g["configuration"]] for g in document["generations"]]
 
 
 def test_export(tiny_llama_dir, tmp_path):
@@ -91,6 +93,8 @@ def test_study(tiny_llama_dir, tmp_path):
                          "--grid", "0,1", "--top", "3", "--out", tmp_path / "study")
     assert all(isinstance(v, float) for row in document["table"]["rows"] for v in row["values"])
     assert {row["kind"] for row in document["table"]["rows"]} == {"unchanged", "ablated", "restored", "control"}
+    kinds = {row["configuration"]: row["kind"] for row in document["table"]["rows"]}
+    assert [g["kind"] for g in document["generations"]] == [kinds[g["configuration"]] for g in document["generations"]]
 
 
 def test_known():

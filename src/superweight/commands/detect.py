@@ -123,7 +123,10 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     adapter, note = adapter_for_config(config) if stream else resolve_adapter(loaded.model)
     if note:
         reporter.note(note)
-    write_coords(coords_path, detection.super_weights, model=source.spec,
+    # A local model by its absolute path: `sw export FILE` (whose MODEL defaults to this) then finds
+    # it from any directory; an alias or hub id as typed (identity.py compares those).
+    made_for = source.spec if source.kind == "hub" or source.alias else str(Path(source.spec).expanduser().resolve())
+    write_coords(coords_path, detection.super_weights, model=made_for,
                  model_type=config.model_type, **tensor_templates(adapter),
                  prompt=text, chat_template=chat_template, tool=f"superweight {__version__}")
     if plot:

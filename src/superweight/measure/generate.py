@@ -28,6 +28,7 @@ DEFAULT_MAX_NEW_TOKENS = 16
 @dataclass
 class Generation:
     configuration: str
+    kind: str  # the configuration's kind (configurations.KINDS), where every command's --json keeps one
     prompt: str
     token_ids: list[int]  # the continuation only, without the prompt
     text: str
@@ -102,11 +103,10 @@ def generate(model, tokenizer, configurations: Sequence[Configuration], prompts:
     """
     prompts = check_prompts(prompts)
     check_max_new_tokens(max_new_tokens)
-    by_configuration: dict[str, list[list[int]]] = {}
+    continuations: list[list[list[int]]] = []  # per configuration, per prompt
     for configuration in configurations:
         with applied(model, configuration):
-            by_configuration[configuration.name] = [
-                greedy_continuation(model, tokenizer, prompt, max_new_tokens, use_cache=use_cache)
-                for prompt in prompts]
-    return [Generation(name, prompt, ids[i], tokenizer.decode(ids[i], skip_special_tokens=True))
-            for i, prompt in enumerate(prompts) for name, ids in by_configuration.items()]
+            continuations.append([greedy_continuation(model, tokenizer, prompt, max_new_tokens, use_cache=use_cache)
+                                  for prompt in prompts])
+    return [Generation(c.name, c.kind, prompt, ids[i], tokenizer.decode(ids[i], skip_special_tokens=True))
+            for i, prompt in enumerate(prompts) for c, ids in zip(configurations, continuations)]
