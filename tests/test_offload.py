@@ -93,6 +93,22 @@ def test_the_planted_layer_is_offloaded_to_disk(split):
     assert execution_device(model.get_output_embeddings()) == torch.device("cpu")  # on disk, runs on CPU
 
 
+def test_a_nan_in_a_disk_offloaded_down_projection_is_refused_at_load(planted_dir, tmp_path):
+    """Read where accelerate keeps it: the in-memory check sees a meta tensor there."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from superweight.errors import ModelLoadError
+
+    broken = tmp_path / "nan"
+    shutil.copytree(planted_dir, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][2, 2] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"^model\.layers\.1\.mlp\.down_proj\.weight holds 1 NaN"):
+        load_model(str(broken), device_map=SPLIT_MAP)
+
+
 def test_split_model_computes_what_the_plain_one_does(split, plain):
     assert torch.equal(_logits(split.model), _logits(plain.model))
 

@@ -12,7 +12,7 @@ the file. Each of these becomes a one-line `ModelLoadError` here:
   tensors). What transformers recreates itself (a tied LM head, non-persistent buffers such as
   rotary tables) never appears in that report, so it is no error.
 - `check_finite_weights`: a weight in memory holding NaN or inf, named, at load (one float32 sum
-  per tensor); `check_finite_down_projections` also reads the offloaded down projections.
+  per tensor); `check_finite_offloaded_down_projections` reads the offloaded down projections.
 - `non_finite_error`: why a forward pass came out NaN or inf (detection checks the stream leaving
   the last decoder layer, evaluation the scores of the model as given): the first tensor holding
   one, named, else an overflow of the dtype. Only then is every weight read.
@@ -194,20 +194,23 @@ def corrupt_tensor_error(name: str, bad: int) -> ModelLoadError:
     )
 
 
-def check_finite_down_projections(model: Any, layers: Iterable[int] | None = None) -> None:
-    """Refuse a model whose down projections (of `layers`, default all) hold NaN or inf, naming the
-    first such tensor. Offloaded ones are read once from where accelerate keeps them; quantized or
-    not-yet-loaded (meta) storage is skipped."""
+def check_finite_offloaded_down_projections(model: Any) -> None:
+    """Refuse a model whose down projections that accelerate offloaded hold NaN or inf, naming the
+    first: each is read once from where accelerate keeps them (those in memory are
+    `check_finite_weights`'s; the other offloaded weights are left to the pass, which shows a NaN
+    that reaches the output, rather than read the whole offloaded model once more)."""
     from .adapters import adapter_for, decoder_layers, down_proj_tensor, is_moe_layer, tensor_name
     from .placement import stored_tensor
 
     adapter = adapter_for(model)
-    for layer in range(len(decoder_layers(model, adapter))) if layers is None else layers:
+    for layer in range(len(decoder_layers(model, adapter))):
         checked = [(down_proj_tensor(model, layer, adapter=adapter), tensor_name(model, layer, adapter))]
         if adapter.shared_expert and is_moe_layer(model, layer, adapter):
             checked.append((down_proj_tensor(model, layer, "shared", adapter),
                             tensor_name(model, layer, adapter, "shared")))
         for (module, attribute), name in checked:
+            if not getattr(module, attribute).is_meta:
+                continue  # in memory: check_finite_weights summed it
             if bad := non_finite_count(stored_tensor(module, attribute, writable=False)):
                 raise corrupt_tensor_error(name, bad)
 

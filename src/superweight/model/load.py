@@ -20,8 +20,8 @@ from .adapters import resolve_adapter
 from .devices import check_map_devices, resolve_device, torch_dtype
 from .gguf import dequantized_gguf
 from .hub import Progress, hub_options, model_load_error, read_config
-from .integrity import check_complete, check_finite_down_projections, check_finite_weights, damaged_file_error, \
-    damaged_weight_file
+from .integrity import check_complete, check_finite_offloaded_down_projections, check_finite_weights, \
+    damaged_file_error, damaged_weight_file
 from .quiet import quiet_loading
 from .source import ModelSource, cache_root, resolve
 from ..errors import OutputPathError
@@ -160,7 +160,7 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
         check_complete(loading_info, where)
         check_finite_weights(model)  # those in memory
-        check_finite_down_projections(model)  # and those accelerate offloaded, read where it keeps them
+        check_finite_offloaded_down_projections(model)  # and those accelerate offloaded, read where it keeps them
     except BaseException as e:
         if offload_folder is not None:
             shutil.rmtree(offload_folder, ignore_errors=True)  # a failed load leaves nothing behind
