@@ -6,7 +6,6 @@ evaluation of the saved model does not pass it off as the original.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from .ablate import AblationRecord, ablated_name, control_name
-from .validate import RECORDED_VALUE_RTOL
+from .validate import holds_recorded
 from ..errors import CoordinatesError, UsageError
 from ..files import atomic_directory, refuse_inside
 from ..coords import SuperWeight
@@ -144,7 +143,7 @@ def undo_recorded_ablation(model: nn.Module, weights: Sequence[SuperWeight],
     matrices = DownProjections(model)
     for w, (_, ablated) in zip(weights, recorded):
         current = float(matrices(w)[w.row, w.col])
-        if not math.isclose(current, ablated, rel_tol=RECORDED_VALUE_RTOL, abs_tol=1e-6):
+        if not holds_recorded(current, ablated):
             raise CoordinatesError(
                 f"coordinate {w.label()}: {RECORD_FILE} records the weight as {ablated:.6g} after the ablation, "
                 f"but this model holds {current:.6g} there: the folder was changed after `sw ablate`; "

@@ -164,19 +164,24 @@ def _check_dense_ranges(weights: Sequence[SuperWeight], n_layers: int, hidden: i
             raise CoordinatesError(f"{where}: names expert {w.expert}, but this model has no experts; {ANOTHER_MODEL}")
 
 
+def holds_recorded(current: float, recorded: float) -> bool:
+    """Whether a weight holds the value a file recorded for it, within what rounding to the model's
+    dtype moves it (a file written in float32, a model loaded in half precision)."""
+    return math.isclose(current, recorded, rel_tol=RECORDED_VALUE_RTOL, abs_tol=1e-6)
+
+
 def check_recorded_values(model: nn.Module, weights: Sequence[SuperWeight]) -> None:
     """Raise `CoordinatesError` when a weight's value recorded by `sw detect` is not the value this
     model holds there: the file was made for another model (or this one is already ablated).
 
-    In-range coordinates of another model would otherwise be applied without a word. The
-    tolerance covers a file written in float32 and a model loaded in half precision.
+    In-range coordinates of another model would otherwise be applied without a word.
     """
     matrices = DownProjections(model)
     for w in weights:
         if w.value is None:
             continue
         current = float(matrices(w)[w.row, w.col])
-        if not math.isclose(current, w.value, rel_tol=RECORDED_VALUE_RTOL, abs_tol=1e-6):
+        if not holds_recorded(current, w.value):
             raise CoordinatesError(
                 f"coordinate {w.label()}: the file records the weight as {w.value:.6g}, but this model holds "
                 f"{current:.6g} there; {ANOTHER_MODEL} (or is this model already ablated?) Run `sw detect` on it"
