@@ -142,3 +142,28 @@ def test_coordinates_made_for_another_model_are_a_warning_that_quiet_json_and_th
     with caplog.at_level("WARNING", logger="superweight"):
         generate_text(str(tiny_llama_dir), coords=path, max_new_tokens=1)
     assert any(r.getMessage().startswith(said.removeprefix("warning: ")) for r in caplog.records), caplog.text
+
+
+def test_a_coordinates_file_made_for_another_hub_model_is_told_before_the_load(tmp_path, monkeypatch):
+    """The load of a large model takes minutes: a file made for another hub id is told before it
+    starts, so that the user can stop it; it is told once."""
+    import superweight.commands.prepare as prepare
+    from superweight.commands.reporter import Reporter
+    from superweight.coords import SuperWeight, write_coords
+
+    path = write_coords(tmp_path / "c.yaml", [SuperWeight(2, 3968, 7003)], model="llama-7b", model_type="llama")
+    told = []
+
+    class Recording(Reporter):
+        def warn(self, message):
+            told.append(message)
+
+    def load_refused(*args):
+        raise RuntimeError("the load started")
+
+    monkeypatch.setattr(prepare, "check_coords_before_load", lambda *args, **kwargs: False)
+    monkeypatch.setattr(prepare, "load", load_refused)
+    with pytest.raises(RuntimeError, match="the load started"):
+        prepare.ready_model(Recording(), "meta-llama/Llama-2-7b-hf", None, resolve("meta-llama/Llama-2-7b-hf"),
+                            [SuperWeight(2, 3968, 7003)], path)
+    assert len(told) == 1 and told[0].startswith(f"{path} was made for llama-7b (llama), not for meta-llama/Llama-2-7b-hf")

@@ -118,14 +118,19 @@ def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions]
     # of range or made for another model is a wrong file, whichever entries a command acts on.
     every = unique_coords([*weights, *(read_coords(coords)[0] if coords else ())])
     ranges_checked = False
+    # A file made for another hub id is told before the load (minutes for a large model, time to
+    # stop it); one made for another model_type can only be told once the config is loaded.
+    told = None if isinstance(model, LoadedModel) else coordinates_file_mismatch(coords, source, None)
+    if told:
+        reporter.warn(told)
     if isinstance(model, LoadedModel):
         loaded = model
     else:
         ranges_checked = check_coords_before_load(
             source, every, trust_remote_code=(options or LoadOptions()).trust_remote_code)
         loaded = load(reporter, model, options)
-    mismatch = coordinates_file_mismatch(coords, source, getattr(loaded.model.config, "model_type", None))
-    if mismatch:
+    mismatch = told or coordinates_file_mismatch(coords, source, getattr(loaded.model.config, "model_type", None))
+    if mismatch and not told:
         reporter.warn(mismatch)
     if put_back:
         put_back(loaded)
