@@ -294,3 +294,55 @@ def test_another_dtype_of_a_cached_gguf_is_its_float32_entry_rounded_the_same_as
     for name in files:
         assert (rounded / name).read_bytes() == (direct / name).read_bytes(), name
     assert load_model(str(tiny_gguf), dtype="bfloat16").from_cache  # the rounded entry is read as any other
+
+
+def hub_cache_holding(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """A Hugging Face hub cache in which `repo_id` at `main` holds `files` (name -> a file to link),
+    as huggingface_hub lays it out: what a download once online leaves for later offline runs."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, target in files.items():
+        (snapshot / name).symlink_to(target)
+    return cache
+
+
+def test_a_hub_repository_s_gguf_file_is_read_from_the_hub_cache_and_its_coordinates_export_from_anywhere(
+        tiny_gguf, tmp_path, empty_cache, monkeypatch):
+    import json
+
+    from superweight.coords import SuperWeight, read_coords, write_coords
+
+    """`sw detect OWNER/NAME --gguf-file F` reads F of that hub repository, as from_pretrained(id,
+    gguf_file=F) does (downloaded once, from the cache offline); the coordinates file names the file
+    read, so `sw export` finds it from any directory; the export's usage names the repository."""
+    hub = hub_cache_holding(tmp_path / "hub", "someone/tiny-GGUF", {"tiny.Q8_0.gguf": tiny_gguf})
+    source = resolve("someone/tiny-GGUF", revision="main", gguf_file="tiny.Q8_0.gguf", cache_dir=str(hub))
+    assert source.kind == "gguf" and source.hub_id == "someone/tiny-GGUF" and Path(source.location).is_file()
+    assert Path(source.location) in source.protected_dirs
+    result = invoke("detect", "someone/tiny-GGUF", "--gguf-file", "tiny.Q8_0.gguf", "--cache-dir", hub, "-q",
+                    "--out", tmp_path / "c.yaml")
+    assert result.exit_code == 0, result.output
+    made_for = read_coords(tmp_path / "c.yaml")[1]["model"]
+    assert made_for == source.location  # the file read, a link into the hub cache's blobs
+    write_coords(tmp_path / "one.yaml", [SuperWeight(0, 1, 2)], model=made_for)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    exported = invoke("export", tmp_path / "one.yaml", "--to", "bitsandbytes", "--select", "all", "--json")
+    assert exported.exit_code == 0, exported.output
+    assert f"from_pretrained({os.path.dirname(made_for)!r}, gguf_file='tiny.Q8_0.gguf'" in json.loads(exported.stdout)["usage"]
+    assert_one_line_error(invoke("detect", "someone/tiny-GGUF", "--gguf-file", "other.gguf", "--cache-dir", hub),
+                          "other.gguf of the hub model someone/tiny-GGUF is not in the local hub cache", "offline")
+
+
+def test_consumer_model_of_a_hub_repository_s_gguf_file_names_the_repository(tmp_path):
+    from superweight.edit.export import consumer_model
+    from superweight.model.source import ModelSource
+
+    source = ModelSource("someone/m-GGUF", "gguf", str(tmp_path / "blob-link.gguf"), revision="v2",
+                         hub_id="someone/m-GGUF")
+    assert consumer_model(source) == "'someone/m-GGUF', gguf_file='blob-link.gguf', revision='v2'"

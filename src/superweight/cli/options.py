@@ -18,7 +18,7 @@ from .app import stdout
 MODEL_ARG = typer.Argument(None, metavar="MODEL", help="Alias (see configs/models.yaml), hub id, local directory or .gguf file. "
                                       "Default: smollm2-135m (offline).")
 REVISION = typer.Option(None, "--revision", metavar="REV", help="Hub revision (branch, tag or commit).")
-GGUF_FILE = typer.Option(None, "--gguf-file", metavar="FILE", help="GGUF file name inside the MODEL directory.")
+GGUF_FILE = typer.Option(None, "--gguf-file", metavar="FILE", help="GGUF file name inside the MODEL directory or hub repository.")
 DTYPE = typer.Option("auto", "--dtype", metavar="DTYPE", help="auto|float32|float16|bfloat16 (auto: the checkpoint's; GGUF: float32).")
 DEVICE = typer.Option("auto", "--device", metavar="DEVICE", help="auto|cpu|cuda|cuda:N|mps.")
 DEVICE_MAP = typer.Option(None, "--device-map", metavar="MAP", help="accelerate device map: auto|balanced|balanced_low_0|"

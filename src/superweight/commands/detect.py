@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -123,9 +125,10 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     adapter, note = adapter_for_config(config) if stream else resolve_adapter(loaded.model)
     if note:
         reporter.note(note)
-    # A local model by its absolute path: `sw export FILE` (whose MODEL defaults to this) then finds
-    # it from any directory; an alias or hub id as typed (identity.py compares those).
-    made_for = source.spec if source.kind == "hub" or source.alias else str(Path(source.spec).expanduser().resolve())
+    # A local model (or the .gguf file read, downloaded ones included) by its absolute path: `sw
+    # export FILE` (whose MODEL defaults to this) then finds it from any directory; an alias or hub
+    # id as typed (identity.py compares those). abspath, not resolve: the hub cache's files are links.
+    made_for = source.spec if source.kind == "hub" or source.alias else os.path.abspath(source.location)
     write_coords(coords_path, detection.super_weights, model=made_for,
                  model_type=config.model_type, **tensor_templates(adapter),
                  prompt=text, chat_template=chat_template, tool=f"superweight {__version__}")

@@ -19,6 +19,7 @@ loaded) and, for llama.cpp, against the GGUF's own tensor list, and renders what
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,13 +210,18 @@ def _llm_compressor(ignore: list[str]) -> str:
 def consumer_model(source, hub_id: str | None = None) -> str:
     """What a quantizer's `from_pretrained` reads for this model: a hub id or a local folder. A GGUF
     file is not one (transformers will not quantize a model read from GGUF): its model's hub id
-    (`hub_id`, the registry's) when known, else the folder and `gguf_file=` to dequantize it first."""
+    (`hub_id`, the registry's) when known, else the repository or folder it came from and
+    `gguf_file=` to dequantize it first."""
     if source.kind in ("hub", "local"):
         return repr(str(Path(source.location).resolve()) if source.kind == "local" else source.location)
     if hub_id:
         return repr(hub_id)
-    path = Path(source.location).resolve()
-    return f"{str(path.parent)!r}, gguf_file={path.name!r}"
+    name = Path(source.location).name
+    if source.hub_id:  # downloaded from the hub: the repository, as from_pretrained fetches it
+        revision = f", revision={source.revision!r}" if source.revision else ""
+        return f"{source.hub_id!r}, gguf_file={name!r}{revision}"
+    # abspath, not resolve: a .gguf file may be a link (the hub cache's are), and its name is what counts
+    return f"{os.path.dirname(os.path.abspath(source.location))!r}, gguf_file={name!r}"
 
 
 def _usage(fmt: str, out: str, model: str) -> str:

@@ -117,6 +117,32 @@ def model_load_error(source: ModelSource, error: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load {source.location}: {text}")
 
 
+def hub_gguf(repo_id: str, filename: str, revision: str | None, cache_dir: str | None) -> str:
+    """The local path of `filename` of the hub repository `repo_id` (`--gguf-file` of a hub id, as
+    `from_pretrained(repo_id, gguf_file=...)` takes it): downloaded once into the hub cache, read
+    from there offline."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, \
+        RevisionNotFoundError
+
+    where = f"{filename} of the hub model {repo_id}" + (f" at revision {revision}" if revision else "")
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+    except LocalEntryNotFoundError:  # offline, or the hub unreachable, and no cached copy
+        hint = " (offline: HF_HUB_OFFLINE is set)" if hub_offline() else f" ({constants.ENDPOINT} cannot be reached)"
+        raise ModelLoadError(f"{where} is not in the local hub cache{hint}; download it online once, or give a "
+                             "local .gguf file") from None
+    except EntryNotFoundError:
+        raise ModelLoadError(f"{repo_id} has no file {filename}; check --gguf-file against the repository's "
+                             "file list") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise ModelLoadError(f"cannot download {where}: {type(error).__name__}; check MODEL, --revision and "
+                             "your access to the repository") from None
+    except OSError as error:
+        raise ModelLoadError(f"cannot download {where}: {str(error).splitlines()[0] if str(error) else error!r}; "
+                             "check the network and the disk") from None
+
+
 def check_supported_config(config: Any) -> None:
     """Refuse, before any weight loads, a config superweight cannot work with (a model type the
     adapter table lacks is looked at on a weightless model: see adapters.adapter_for_config)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .source import ModelSource, aliases, load_yaml_config
+from .source import ModelSource, aliases, load_yaml_config, looks_like_hub_id
 
 
 def hub_identity(name: str | None) -> str | None:
@@ -25,8 +25,7 @@ def hub_identity(name: str | None) -> str | None:
             return entry["hub"].lower()
         hub = load_yaml_config("known_coordinates.yaml").get("models", {}).get(entry.get("known"), {}).get("hub")
         return hub[0].lower() if hub else None
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-    return name.lower() if looks_like_hub_id else None
+    return name.lower() if looks_like_hub_id(name) and not Path(name).exists() else None
 
 
 def source_identity(source: ModelSource) -> str | None:

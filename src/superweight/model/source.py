@@ -45,6 +45,7 @@ class ModelSource:
     alias: str | None = None
     known_key: str | None = None  # entry in configs/known_coordinates.yaml, if any
     cache_dir: str | None = None  # --cache-dir, for a hub model
+    hub_id: str | None = None  # the hub repository a downloaded .gguf file came from
 
     @property
     def protected_dirs(self) -> dict[Path, str]:
@@ -108,8 +109,8 @@ def resolve(spec: str | None, revision: str | None = None, gguf_file: str | None
     spec = spec or default_model()
     if gguf_file:
         _check_gguf_file(spec, gguf_file)
-    source = _resolve(spec, revision, gguf_file)
-    if revision and source.kind != "hub":
+    source = _resolve(spec, revision, gguf_file, cache_dir)
+    if revision and source.kind != "hub" and not source.hub_id:
         what = ("the alias of " if source.alias else "") + ("a local directory" if source.kind == "local" else "a .gguf file")
         raise UsageError(f"--revision {revision} picks a version of a hub model, but MODEL {spec} is {what}, "
                          "which has one version; drop --revision")
@@ -129,7 +130,7 @@ def _check_gguf_file(spec: str, gguf_file: str) -> None:
                          f"itself; drop --gguf-file{other}")
 
 
-def _resolve(spec: str, revision: str | None, gguf_file: str | None) -> ModelSource:
+def _resolve(spec: str, revision: str | None, gguf_file: str | None, cache_dir: str | None) -> ModelSource:
     table = aliases()
     if spec in table:
         entry = table[spec]
@@ -141,6 +142,11 @@ def _resolve(spec: str, revision: str | None, gguf_file: str | None) -> ModelSou
         )
     path = Path(spec).expanduser()
     if gguf_file:
+        if not path.exists() and looks_like_hub_id(spec):  # from_pretrained(repo_id, gguf_file=...)
+            from .hub import hub_gguf
+
+            return ModelSource(spec, "gguf", hub_gguf(spec, gguf_file, revision, cache_dir), revision=revision,
+                               hub_id=spec)
         path = path / gguf_file
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}; check MODEL and --gguf-file")
@@ -159,6 +165,11 @@ def _resolve(spec: str, revision: str | None, gguf_file: str | None) -> ModelSou
         raise ModelLoadError(f"'{spec}' is not a model alias (did you mean {typo_of}?), a local path, or a hub id "
                              f"(OWNER/NAME); check the name (aliases: {', '.join(aliases())})")
     return ModelSource(spec, "hub", spec, revision=revision)
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """OWNER/NAME, as the hub spells a repository, and not a path."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and all(spec.split("/"))
 
 
 def _directory_source(spec: str, path: Path) -> ModelSource:
