@@ -104,3 +104,20 @@ def test_quantize_shows_a_bar_for_every_stage(tiny_llama_dir, tmp_path):
     quiet = invoke("quantize", tiny_llama_dir, "-q", "--json", "--coord", "1,3,5", "--block-size", "256",
                    "--activations", "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "64")
     assert quiet.exit_code == 0 and quiet.stderr == "", quiet.output
+
+
+def test_activations_on_a_mixture_of_experts_model_are_refused_before_the_weight_sweep(monkeypatch):
+    """--activations cannot run on fused experts: said at once, not after the whole weight sweep."""
+    import superweight.commands.quantize as command
+    from superweight import quantize_model, wrap
+    from superweight.errors import UsageError
+    from conftest import PROMPT_WORDS, build_word_tokenizer
+    from synthetic import tiny_model
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the weight sweep ran")
+
+    monkeypatch.setattr(command, "weight_quantization_sweep", no_sweep)
+    loaded = wrap(tiny_model("mixtral"), build_word_tokenizer(PROMPT_WORDS))
+    with pytest.raises(UsageError, match="drop --activations"):
+        quantize_model(loaded, coord=["1,3,5,0"], activations=True, block_size=[64], data_dir=DATA_DIR, limit=1)

@@ -148,23 +148,66 @@ def test_format_checks():
         export([], "bitsandbytes", spec="smollm2-135m")
 
 
-@pytest.mark.parametrize("model_type, expected", [
-    ("llama", "blk.2.ffn_down.weight"),
-    ("mistral", "blk.2.ffn_down.weight"),  # converted as llama.cpp's "llama"
-    ("gpt2", "blk.2.ffn_down.weight"),
-    ("gpt_neox", "blk.2.ffn_down.weight"),
-    ("gemma3_text", "blk.2.ffn_down.weight"),
-    ("qwen3_moe", "blk.2.ffn_down_exps.weight"),  # all experts of the layer in one GGUF tensor
+@pytest.mark.parametrize("model_type, layer, expert, expected, module", [
+    ("llama", 2, None, "blk.2.ffn_down.weight", "model.layers.2.mlp.down_proj"),
+    ("mistral", 2, None, "blk.2.ffn_down.weight", "model.layers.2.mlp.down_proj"),  # converted as llama.cpp's "llama"
+    ("gpt2", 2, None, "blk.2.ffn_down.weight", "transformer.h.2.mlp.c_proj"),
+    ("gpt_neox", 2, None, "blk.2.ffn_down.weight", "gpt_neox.layers.2.mlp.dense_4h_to_h"),
+    ("gemma3_text", 2, None, "blk.2.ffn_down.weight", "model.layers.2.mlp.down_proj"),
+    ("olmo3", 2, None, "blk.2.ffn_down.weight", "model.layers.2.mlp.down_proj"),  # converted as "olmo2"
+    # all routed experts of the layer in one GGUF tensor
+    ("qwen3_moe", 2, 0, "blk.2.ffn_down_exps.weight", "model.layers.2.mlp.experts"),
+    ("gpt_oss", 2, 1, "blk.2.ffn_down_exps.weight", "model.layers.2.mlp.experts"),
+    # a shared expert and a mixture-of-experts model's dense layer have their own tensors and modules
+    ("qwen2_moe", 2, "shared", "blk.2.ffn_down_shexp.weight", "model.layers.2.mlp.shared_expert.down_proj"),
+    ("deepseek_v3", 0, None, "blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj"),  # converted as "deepseek2"
+    ("deepseek_v3", 2, "shared", "blk.2.ffn_down_shexp.weight", "model.layers.2.mlp.shared_experts.down_proj"),
+    ("deepseek_v3", 2, 3, "blk.2.ffn_down_exps.weight", "model.layers.2.mlp.experts"),
+    ("glm4_moe", 0, None, "blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj"),
+    ("llama4_text", 0, None, "blk.0.ffn_down.weight", "model.layers.0.feed_forward.down_proj"),
+    ("llama4_text", 1, "shared", "blk.1.ffn_down_shexp.weight", "model.layers.1.feed_forward.shared_expert.down_proj"),
 ])
-def test_gguf_names_per_family(model_type, expected):
-    from superweight.model.adapters import gguf_architecture
+def test_gguf_and_module_names_per_family(model_type, layer, expert, expected, module):
+    from superweight.model.adapters import down_proj_tensor, gguf_architecture
     from superweight.edit.export import gguf_tensor_names, module_names
     from synthetic import tiny_model
 
     model = tiny_model(model_type)
-    weight = SuperWeight(2, 3, 5, expert=0 if model_type == "qwen3_moe" else None)
+    weight = SuperWeight(layer, 3, 5, expert=expert)
     assert gguf_tensor_names(model, [weight], gguf_architecture(model_type)) == [expected]
-    assert set(module_names(model, [weight])) <= set(dict(model.named_modules()))
+    assert module_names(model, [weight]) == [module]
+    # the module named is the one that holds the weight's matrix
+    assert dict(model.named_modules())[module] is down_proj_tensor(model, layer, expert)[0]
+
+
+def test_routed_and_shared_experts_of_one_layer_are_two_tensors():
+    from superweight.model.adapters import gguf_architecture
+    from superweight.edit.export import gguf_tensor_names, module_names
+    from synthetic import tiny_model
+
+    model = tiny_model("qwen2_moe")
+    weights = [SuperWeight(2, 3, 5, expert=0), SuperWeight(2, 4, 6, expert=1), SuperWeight(2, 3, 5, expert="shared")]
+    assert module_names(model, weights) == ["model.layers.2.mlp.experts", "model.layers.2.mlp.shared_expert.down_proj"]
+    assert gguf_tensor_names(model, weights, gguf_architecture("qwen2_moe")) == [
+        "blk.2.ffn_down_exps.weight", "blk.2.ffn_down_shexp.weight"]
+
+
+def test_export_of_a_saved_moe_model_checks_dense_and_shared_expert_values(tmp_path):
+    """A dense layer's and a shared expert's recorded values are read from their own tensors."""
+    from synthetic import tiny_model
+
+    model = tiny_model("deepseek_v3")
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    dense = float(model.model.layers[0].mlp.down_proj.weight.detach()[3, 5])
+    shared = float(model.model.layers[1].mlp.shared_experts.down_proj.weight.detach()[4, 6])
+    weights = [SuperWeight(0, 3, 5, value=dense), SuperWeight(1, 4, 6, expert="shared", value=shared)]
+    for fmt in ("bitsandbytes", "llm-compressor"):
+        result = export(weights, fmt, spec=str(tmp_path / "m"))
+        assert result.modules == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.down_proj"]
+        assert set(result.modules) <= set(result.keep)
+        assert any("recorded weight values" in c for c in result.checked)
+    with pytest.raises(CoordinatesError, match="records the weight as"):
+        export([SuperWeight(1, 4, 6, expert="shared", value=shared + 1.0)], "bitsandbytes", spec=str(tmp_path / "m"))
 
 
 def test_a_family_llama_cpp_cannot_convert_is_a_usage_error():

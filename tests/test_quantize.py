@@ -274,6 +274,25 @@ def test_gpt2_conv1d_blocks_follow_the_out_in_layout():
     assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
 
 
+@pytest.mark.parametrize("model_type, layer", [("gpt_oss", 1), ("llama4_text", 1)])
+def test_transposed_fused_experts_keep_the_super_weight_and_follow_the_out_in_layout(model_type, layer):
+    """gpt-oss and Llama 4 store experts [expert, in, out]: the super weight (row 3, col 40 of
+    expert 1) lives at down_proj[1, 40, 3]; col 40 is past the hidden size (32)."""
+    model = tiny_model(model_type, seed=0)
+    name = f"model.layers.{layer}.{'mlp' if model_type == 'gpt_oss' else 'feed_forward'}.experts.down_proj"
+    before = snapshot(model)
+    sw = SuperWeight(layer, 3, 40, expert=1)
+    with quantized_weights(model, 4, 64, [sw], z=2.0):
+        view = down_proj_matrix(model, layer, 1)
+        assert view[3, 40].item() == before[name][1, 40, 3].item()
+        expected = fake_quantize_superweight_aware(before[name][1].T, 4, 64, 2.0, [(3, 40)])
+        assert torch.equal(view, expected)
+        # another expert holds no super weight: its weight at the same place is quantized
+        other = fake_quantize_superweight_aware(before[name][0].T, 4, 64, 2.0)
+        assert torch.equal(down_proj_matrix(model, layer, 0), other)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
+
+
 def test_default_block_sizes():
     model = tiny_model("llama")  # largest matrix 32 x 64 = 2048 weights
     assert default_block_sizes(model) == [64, 256, 1024]

@@ -12,6 +12,7 @@ from ..versions import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
 from ..edit import quantize as rtn
+from ..edit.quantize_activations import check_activations_supported
 from ..measure.quantized import activation_quantization_compare, comparison_runs, weight_quantization_sweep
 from ..report.plots import plot_sweep
 from ..errors import UsageError
@@ -99,6 +100,8 @@ def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord:
     check_outputs(source, plot=plot, directory=out, force=force)
     weights = requested(coords, coord, select, say=reporter.note)
     loaded, weights = ready_model(reporter, model, options, source, weights, coords)
+    if activations:  # before the detection and the weight sweep, not after them
+        check_activations_supported(loaded.model)
     grid = sizes or rtn.default_block_sizes(loaded.model)
     evaluation = dict(data_dir=data_dir, limit=limit, max_length=max_length)
     with reporter.bars() as bar:

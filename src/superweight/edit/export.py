@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 
 from .validate import check_recorded_values, unique_coords, validate_coords
-from ..model.adapters import adapter_for, down_proj_module, gguf_architecture, tensor_name
+from ..model.adapters import adapter_for, down_proj_path, down_proj_tensor, gguf_architecture, tensor_name
 from ..coords import SuperWeight
 from ..errors import CoordinatesError, ModelLoadError, UsageError
 from ..find.stream import safetensors_files
@@ -109,34 +109,46 @@ def _skeleton(spec: str | None, *, revision: str | None, gguf_file: str | None, 
     return _Skeleton(model, source, files)
 
 
-def _read_down_projections(skeleton: _Skeleton, layers: Sequence[int]) -> list[int]:
-    """Put the stored down projections of `layers` into the meta model (where the checkpoint is on
-    this machine); returns the layers read."""
+def _read_down_projections(skeleton: _Skeleton, weights: Sequence[SuperWeight]) -> list[SuperWeight]:
+    """Put the stored matrices that hold `weights` into the meta model (where the checkpoint is on
+    this machine); returns the weights whose matrix was read."""
     from safetensors import safe_open
 
     model = skeleton.model
-    adapter = adapter_for(model)
     read = []
-    for layer in sorted(set(layers)):
-        name = tensor_name(model, layer, adapter)
+    for layer, expert in _matrices(weights):
+        name = tensor_name(model, layer, expert=expert)
         if name not in skeleton.files:
             continue
         with safe_open(skeleton.files[name], framework="pt") as f:
             tensor = f.get_tensor(name)
-        module = down_proj_module(model, layer, adapter)
-        setattr(module, adapter.weight_name, nn.Parameter(tensor, requires_grad=False))
-        read.append(layer)
+        module, attribute = down_proj_tensor(model, layer, expert)
+        setattr(module, attribute, nn.Parameter(tensor, requires_grad=False))
+        read += [w for w in weights if (w.layer, _tensor_expert(w.expert)) == (layer, _tensor_expert(expert))]
     return read
 
 
 # ----------------------------------------------------------------------------- names
 
 
+def _matrices(weights: Sequence[SuperWeight]) -> list[tuple[int, Any]]:
+    """(layer, expert) of each tensor that holds `weights`, in layer order: routed experts share one
+    (fused) tensor, while a shared expert or a mixture-of-experts model's dense layer has its own."""
+    by_tensor = {(w.layer, _tensor_expert(w.expert)): w.expert for w in weights}
+    return sorted(((layer, expert) for (layer, _), expert in by_tensor.items()), key=lambda m: (m[0], str(m[1])))
+
+
+def _tensor_expert(expert: Any) -> Any:
+    """What tells a layer's tensors apart: "shared" has its own, routed experts (numbers) share one."""
+    return expert if isinstance(expert, str) else None
+
+
 def module_names(model: nn.Module, weights: Sequence[SuperWeight]) -> list[str]:
-    """The down projections that hold `weights`, once each, in layer order."""
+    """The modules that hold `weights` (a layer's down projection; its fused experts, or its shared
+    expert's down projection), once each, in layer order."""
     adapter = adapter_for(model)
-    layers = sorted({w.layer for w in weights})
-    return [f"{adapter.layers}.{layer}.{adapter.down_proj}" for layer in layers]
+    return [f"{adapter.layers}.{layer}.{down_proj_path(model, layer, expert, adapter)}"
+            for layer, expert in _matrices(weights)]
 
 
 def gguf_tensor_names(model: nn.Module, weights: Sequence[SuperWeight], architecture: str) -> list[str]:
@@ -150,8 +162,8 @@ def gguf_tensor_names(model: nn.Module, weights: Sequence[SuperWeight], architec
     n_layers = model.config.num_hidden_layers
     name_map = get_tensor_name_map(arch, n_layers)
     names = []
-    for layer in sorted({w.layer for w in weights}):
-        hf_name = tensor_name(model, layer)
+    for layer, expert in _matrices(weights):
+        hf_name = tensor_name(model, layer, expert=expert)
         mapped = name_map.get_name(hf_name, try_suffixes=(".weight",))
         if mapped is None:
             raise UsageError(f"gguf-py has no GGUF name for {hf_name} ({architecture}); use --to bitsandbytes "
@@ -180,11 +192,10 @@ def _read_gguf(path: str | Path) -> tuple[str, dict[str, list[int]]]:
 
 def _check_gguf_tensors(model: nn.Module, weights: Sequence[SuperWeight], names: list[str],
                         tensors: dict[str, list[int]], path: str | Path) -> None:
-    adapter = adapter_for(model)
-    for layer, name in zip(sorted({w.layer for w in weights}), names):
+    for (layer, expert), name in zip(_matrices(weights), names):
         if name not in tensors:
             raise CoordinatesError(f"{path} has no tensor {name}; was the GGUF made from another model?")
-        expected = list(getattr(down_proj_module(model, layer, adapter), adapter.weight_name).shape)
+        expected = list(getattr(*down_proj_tensor(model, layer, expert)).shape)
         if sorted(tensors[name]) != sorted(expected):
             raise CoordinatesError(f"{path}: tensor {name} has shape {tensors[name]} (ggml order), but this model's "
                                    f"matrix is {expected}; was the GGUF made from another model?")
@@ -276,8 +287,8 @@ def export(
     every = unique_coords([*weights, *(coords_file[0] if coords_file else ())])
     validate_coords(model, every)
     checked = [f"{source.spec}: modules and matrix shapes (from its config)"]
-    read = _read_down_projections(skeleton, [w.layer for w in every if w.value is not None])
-    check_recorded_values(model, [w for w in every if w.layer in read])
+    read = _read_down_projections(skeleton, [w for w in every if w.value is not None])
+    check_recorded_values(model, read)
     mismatch = coords_file and coordinates_mismatch(coords_file[1], source, model.config.model_type, coords_file[2])
     if mismatch and warn:
         warn(mismatch)

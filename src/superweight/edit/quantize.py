@@ -265,8 +265,9 @@ def _quantize_aware(
 
 @dataclass
 class _Target:
-    """One quantized parameter: its name, the parameter, whether it is stored [in, out] (GPT-2
-    Conv1D), and the super weights it holds as {expert or None: [(row, col), ...]}."""
+    """One quantized parameter: its name, the parameter, whether its matrices are stored [in, out]
+    (GPT-2 Conv1D; gpt-oss and Llama 4 fused experts), and the super weights it holds as
+    {expert or None: [(row, col), ...]}."""
 
     name: str
     param: nn.Parameter
@@ -321,8 +322,10 @@ def weight_targets(model: nn.Module, super_weights: Sequence[SuperWeight] = ()) 
     seen: set[int] = set()
     for i, layer in enumerate(layers):
         for module_name, module in layer.named_modules():
-            transposed = type(module).__name__ == "Conv1D"
             for param_name, param in module.named_parameters(recurse=False):
+                transposed = type(module).__name__ == "Conv1D" or (
+                    adapter.experts and adapter.transposed and param.dim() == 3
+                    and (module_name, param_name) == (adapter.down_proj, adapter.weight_name))
                 if param.dim() < 2 or id(param) in seen:
                     continue
                 if param.is_meta:  # accelerate offloaded it: rewriting every matrix needs them in memory
@@ -343,7 +346,7 @@ def _matrices(target: _Target) -> Iterator[tuple[int | None, torch.Tensor]]:
     else:
         flat = data.reshape(-1, *data.shape[-2:])
         for e in range(flat.shape[0]):
-            yield e, flat[e]
+            yield e, flat[e].T if target.transposed else flat[e]
 
 
 def quantize_model_weights(

@@ -77,6 +77,16 @@ class ActivationQuantizationStats:
     held_out: int = 0
 
 
+def check_activations_supported(model: nn.Module):
+    """The model's adapter row, or `UsageError` where its down projections' input cannot be quantized
+    here (fused mixture-of-experts down projections)."""
+    adapter = adapter_for(model)
+    if adapter.experts:
+        raise UsageError("activation quantization of fused mixture-of-experts down projections is not supported yet; "
+                         "drop --activations for this model")
+    return adapter
+
+
 @contextmanager
 def quantized_activations(
     model: nn.Module,
@@ -94,9 +104,7 @@ def quantized_activations(
     bits = check_bits(bits, "activation")
     if isinstance(spike_fraction, bool) or not isinstance(spike_fraction, (int, float)) or not 0 < spike_fraction <= 1:
         raise UsageError(f"the spike fraction must be a number in (0, 1], got {spike_fraction!r}")
-    adapter = adapter_for(model)
-    if adapter.experts:
-        raise UsageError("activation quantization of fused mixture-of-experts down projections is not supported yet")
+    adapter = check_activations_supported(model)
     weights = checked_super_weights(model, super_weights)
     cols: dict[int, list[int]] = {}
     for w in weights:

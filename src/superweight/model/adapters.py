@@ -432,13 +432,25 @@ def tensor_templates(adapter: Adapter) -> dict[str, str]:
 
 
 # llama.cpp's architecture name (GGUF `general.architecture`, gguf-py's MODEL_ARCH_NAMES) where it is
-# not the transformers `model_type`: convert_hf_to_gguf.py writes Mistral and Mixtral as "llama".
+# not the transformers `model_type`: convert_hf_to_gguf.py writes Mistral and Mixtral as "llama",
+# DeepSeek-V3 as "deepseek2" (its DeepseekV2Model class) and OLMo 3 as "olmo2" (its Olmo2Model class).
 _GGUF_ARCHITECTURES = {
     "mistral": "llama",
     "mixtral": "llama",
     "gpt_neox": "gptneox",
     "gemma3_text": "gemma3",
+    "gemma4_text": "gemma4",
     "qwen3_moe": "qwen3moe",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_5": "qwen35",
+    "qwen3_5_text": "qwen35",
+    "qwen3_5_moe": "qwen35moe",
+    "qwen3_5_moe_text": "qwen35moe",
+    "olmo3": "olmo2",
+    "gpt_oss": "gpt-oss",
+    "deepseek_v3": "deepseek2",
+    "glm4_moe": "glm4moe",
+    "llama4_text": "llama4",
 }
 
 
