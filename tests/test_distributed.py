@@ -212,6 +212,29 @@ def test_two_ranks_on_smollm2_compare_equals_one_process(gguf_cache, tmp_path):
         assert got[name]["config"]["ranks"] == 2
 
 
+@pytest.mark.integration
+def test_detect_and_ablate_of_a_gguf_on_two_ranks_run_on_rank_0_alone(gguf_cache, tmp_path):
+    """Rank 0 alone detects and saves; its GGUF load must not take turns with ranks that are not
+    loading (their last collective answered its first, and rank 0 then lost contact with them)."""
+    coords, saved = tmp_path / "c.yaml", tmp_path / "ablated"
+    detect = ("detect", "--out", coords, "--json", "-q")
+    code, out, err = _finish(_torchrun(*detect, env=_env(gguf_cache), nproc=2))
+    assert code == 0, err[-3000:]
+    found = json.loads(out)  # one document: rank 0's alone
+    one = invoke("detect", "--out", tmp_path / "one.yaml", "--json", "-q")
+    assert one.exit_code == 0, one.output
+
+    def coordinates(document):  # the activations differ in their last digits: 1 thread vs the machine's
+        return [[w["layer"], w["row"], w["col"]] for w in document["super_weights"]]
+
+    assert [11, 507, 1229] in coordinates(found) and coordinates(found) == coordinates(json.loads(one.output))
+    assert coords.is_file()
+    code, out, err = _finish(_torchrun("ablate", "--coords", coords, "--out", saved, "--json", "-q",
+                                       env=_env(gguf_cache), nproc=2))
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["out"] == str(saved) and (saved / "superweight_ablation.json").is_file()
+
+
 def test_three_ranks_study_on_uneven_documents_equals_one_process(tiny_llama_dir, tmp_path):
     """4 documents per task on 3 ranks; rank 0 alone writes the report and the evaluation cache."""
     args = ["study", tiny_llama_dir, "--coord", "1,3,5", "--task", "piqa", "--task", "lambada_openai", "--limit", "4",

@@ -22,6 +22,7 @@ in one process, so every number is the same.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import pickle
 import time
@@ -267,6 +268,33 @@ def main_proceeds() -> bool:
     any output is written, so a failure anywhere leaves nothing written."""
     exchange(None)
     return _current.is_main
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """The body runs as one process on this rank by itself: work that rank 0 does while the other
+    ranks wait at the session's end (a detection, a save) must not enter a collective that they
+    never join (a GGUF load's turns, a scoring split), which would pair with their last one."""
+    global _current
+    ranks, _current = _current, Ranks()
+    try:
+        yield
+    finally:
+        _current = ranks
+
+
+def main_alone(command: Callable[..., T]) -> Callable[..., T | None]:
+    """`command` run by rank 0 alone, as one process, once every rank has reported in; the other
+    ranks return None (a command with one writer and nothing to share out: detect, ablate, export)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> T | None:
+        if not main_proceeds():
+            return None
+        with alone():
+            return command(*args, **kwargs)
+
+    return run
 
 
 def in_turns(work: Callable[[], T]) -> T:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..coords import DEFAULT_SELECTION, check_selection, requested
-from ..distributed import main_proceeds
+from ..distributed import main_alone
 from ..edit.ablate import AblationRecord, ablated
 from ..edit.save import save_ablated
 from ..errors import UsageError
@@ -39,6 +39,7 @@ class AblationResult:
         return {"out": str(self.out), "ablation": self.record.to_dict()}
 
 
+@main_alone  # under a launcher rank 0 alone runs it, as one process
 def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = None,
                  coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION, mode: Optional[str] = None, factor: Optional[str] = None,
                  control: Optional[str] = None, top: Optional[int] = None, seed: int = 0, force: bool = False,
@@ -48,8 +49,6 @@ def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = Non
     A model given in memory is left as it was: ablated for the save only."""
     reporter = reporter or Reporter()
     check_selection(select)
-    if not main_proceeds():  # under a launcher rank 0 alone writes the model
-        return None
     out = Path(out)
     factor = None if factor is None else str(factor)
     how, value = parse_factor(factor, mode)
