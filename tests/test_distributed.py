@@ -84,6 +84,25 @@ def test_launcher_environment(monkeypatch):
         distributed.launched()
 
 
+@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"])
+def test_copies_started_without_torchrun_are_refused_before_writing(tiny_llama_dir, tmp_path, monkeypatch, variable):
+    """`srun -n 2 sw eval ...` (or mpirun) starts two whole jobs that each write --output: one line instead."""
+    from test_cli import assert_one_line_error
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "2")
+    output = tmp_path / "results.json"
+    result = invoke("eval", tiny_llama_dir, "--task", "wikitext", "--limit", "1", *TINY, "--output", output)
+    assert_one_line_error(result, f"{variable}=2", "without torchrun", "srun --ntasks-per-node 1 torchrun")
+    assert result.exit_code == 2 and not output.exists()
+    monkeypatch.setenv(variable, "1")  # one task of an allocation (srun -n 1, or a batch script) runs as one process
+    assert distributed.launched() == distributed.Ranks()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one torchrun per node under srun: torchrun's ranks count
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.launched() == distributed.Ranks(1, 2, 0, 2)
+
+
 @pytest.mark.parametrize("cuda", [True, False])
 def test_session_starts_nccl_on_cuda_and_gloo_on_cpu(monkeypatch, cuda):
     """The process group a launched rank starts (torch.distributed itself stood in for: this
