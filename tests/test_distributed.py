@@ -367,6 +367,19 @@ def test_two_ranks_generate_print_once_what_one_process_prints(tiny_llama_dir, t
     assert json.loads(out) == json.loads(one.output)  # one JSON document: rank 0's alone
 
 
+def test_two_ranks_with_harness_tasks_equal_one_process(tiny_llama_dir, harness_tasks, tmp_path):
+    """lm-eval's evaluator returns its results on LOCAL_RANK 0 alone under torchrun (None on rank 1,
+    which then failed): rank 0 runs it and the other ranks receive its results."""
+    args = ("eval", tiny_llama_dir, "--harness", "sw_piqa", "--harness-include", harness_tasks, "--task", "wikitext",
+            "--limit", "3", "--batch-size", "2", *TINY, "--json")
+    got = _ok(_torchrun(*args, env=_env(tmp_path / "cache"), nproc=2))
+    one = invoke(*args)
+    assert one.exit_code == 0, one.output
+    [got], [expected] = got["configurations"], json.loads(one.output)["configurations"]
+    assert set(got["results"]) == {"sw_piqa", "wikitext"} and got["config"]["ranks"] == 2
+    assert got["results"] == expected["results"] and got["harness"] == expected["harness"]
+
+
 def test_accelerate_launch_two_processes_equal_one_process(tiny_llama_dir, tmp_path):
     """`accelerate launch --multi_gpu` starts its workers through torch's elastic launcher; on a
     machine without GPUs they are CPU ranks on gloo, which is how this is tested here."""
