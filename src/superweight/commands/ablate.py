@@ -59,7 +59,7 @@ def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = Non
     if not weights:
         raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
     source = model_source(model, options)
-    check_outputs(source, directory=out, force=force)
+    check_outputs(source, directory=out, force=force, inputs={coords: "the coordinates file"})
     loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     top = outlier_count(loaded.model, control, top)
     targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights

@@ -85,7 +85,8 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     source = model_source(model, options)
     coords_path = Path(out) if out else Path(f"{slug(source.alias or source.spec)}.superweights.yaml")
     plot = Path(plot) if plot else None
-    check_outputs(source, files=(coords_path,), plot=plot, force=force)
+    check_outputs(source, files=(coords_path,), plot=plot, force=force,
+                  inputs={verify_text: "the --verify-text file"})
     load = options or LoadOptions()
     with reporter.status(f"loading {source.spec}") as update:
         loaded: Union[LoadedModel, Checkpoint]

@@ -67,7 +67,8 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
         load = options or LoadOptions()
         source = load.resolve(spec)
     if out is not None:
-        check_outputs(source, files=(out,), force=force)
+        check_outputs(source, files=(out,), force=force,
+                      inputs={Path(coords_file): "the coordinates file", gguf: "the GGUF file"})
     with reporter.status(f"checking names against {source.spec}") as update:
         result = handoff.export(weights, to, spec=spec, revision=load.revision, gguf_file=load.gguf_file,
                                 cache_dir=load.cache_dir, trust_remote_code=load.trust_remote_code, gguf=gguf,
