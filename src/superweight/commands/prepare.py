@@ -87,9 +87,9 @@ def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), dir
     protected = {**source.output_protected_dirs,
                  **{Path(path): what for path, what in (inputs or {}).items() if path is not None}}
     for path in filter(None, (*files, directory)):
-        refuse_inside(path, protected)
-        if path != directory and Path(path).is_dir():
+        if path != directory and Path(path).is_dir():  # first: a file output replaces no folder
             raise UsageError(f"{path} is a directory; give a file name for this output")
+        refuse_inside(path, protected)
         if path != directory and Path(path).exists() and not force:
             raise UsageError(f"{path} exists; choose another output file or pass --force to replace it")
         if path == directory and path.is_dir() and any(path.iterdir()) and not force:
