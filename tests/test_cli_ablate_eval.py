@@ -120,6 +120,26 @@ def test_an_output_never_replaces_or_enters_the_tools_own_cache(tiny_llama_dir, 
         refuse_inside(gguf.parent, resolve(str(gguf)).output_protected_dirs)
 
 
+def test_an_output_never_replaces_an_input_of_the_command(tiny_llama_dir, coords_file, tmp_path):
+    """--force replaces an earlier output, never the coordinates file (or --verify-text file) the
+    command reads, nor a folder holding it: the error without --force even suggests --force."""
+    text = tmp_path / "text.txt"
+    text.write_text("Paris is the capital of France. " * 8)
+    written = {coords_file: coords_file.read_text(), text: text.read_text()}
+    data = ("--task", "wikitext", "--limit", "1", "--max-length", "64", "--data-dir", DATA_DIR)
+    for args, said in (
+            (("eval", tiny_llama_dir, "--coords", coords_file, *data, "--output", coords_file), "it is the coordinates file"),
+            (("export", coords_file, "--to", "bitsandbytes", "--model", tiny_llama_dir, "--out", coords_file),
+             "it is the coordinates file"),
+            (("ablate", tiny_llama_dir, "--coords", coords_file, "--out", tmp_path), "it contains the coordinates file"),
+            (("study", tiny_llama_dir, "--coords", coords_file, *data, "--out", tmp_path), "it contains the coordinates file"),
+            (("quantize", tiny_llama_dir, "--coords", coords_file, *data, "--plot", tmp_path / "q.png", "--block-size", "64",
+              "--out", tmp_path), "it contains the coordinates file"),
+            (("detect", tiny_llama_dir, "--verify", "--verify-text", text, "--out", text), "it is the --verify-text file")):
+        assert_one_line_error(invoke(*args, "--force", "-q"), said, "choose an output path elsewhere")
+        assert {path: path.read_text() for path in written} == written, args[0]
+
+
 def test_interrupted_ablate_leaves_nothing(tiny_llama_dir, coords_file, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 

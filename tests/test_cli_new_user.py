@@ -73,6 +73,10 @@ def test_an_existing_directory_as_output_file_is_refused_before_the_work(tiny_ll
                                  "is a directory")
     assert "IsADirectoryError" not in line
     assert list((tmp_path / "existing").iterdir()) == [] and not list(tmp_path.glob(".*"))
+    # a folder holding the model: the same mistake, not "replacing it would delete the model directory"
+    line = assert_one_line_error(invoke("detect", tiny_llama_dir, "-q", "--out", tiny_llama_dir.parent),
+                                 "is a directory", "give a file name")
+    assert "delete" not in line
 
 
 def test_a_missing_output_folder_is_refused_not_created(tiny_llama_dir, tmp_path):

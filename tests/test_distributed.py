@@ -84,6 +84,25 @@ def test_launcher_environment(monkeypatch):
         distributed.launched()
 
 
+@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"])
+def test_copies_started_without_torchrun_are_refused_before_writing(tiny_llama_dir, tmp_path, monkeypatch, variable):
+    """`srun -n 2 sw eval ...` (or mpirun) starts two whole jobs that each write --output: one line instead."""
+    from test_cli import assert_one_line_error
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "2")
+    output = tmp_path / "results.json"
+    result = invoke("eval", tiny_llama_dir, "--task", "wikitext", "--limit", "1", *TINY, "--output", output)
+    assert_one_line_error(result, f"{variable}=2", "without torchrun", "srun --ntasks-per-node 1 torchrun")
+    assert result.exit_code == 2 and not output.exists()
+    monkeypatch.setenv(variable, "1")  # one task of an allocation (srun -n 1, or a batch script) runs as one process
+    assert distributed.launched() == distributed.Ranks()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one torchrun per node under srun: torchrun's ranks count
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.launched() == distributed.Ranks(1, 2, 0, 2)
+
+
 @pytest.mark.parametrize("cuda", [True, False])
 def test_session_starts_nccl_on_cuda_and_gloo_on_cpu(monkeypatch, cuda):
     """The process group a launched rank starts (torch.distributed itself stood in for: this
@@ -212,6 +231,29 @@ def test_two_ranks_on_smollm2_compare_equals_one_process(gguf_cache, tmp_path):
         assert got[name]["config"]["ranks"] == 2
 
 
+@pytest.mark.integration
+def test_detect_and_ablate_of_a_gguf_on_two_ranks_run_on_rank_0_alone(gguf_cache, tmp_path):
+    """Rank 0 alone detects and saves; its GGUF load must not take turns with ranks that are not
+    loading (their last collective answered its first, and rank 0 then lost contact with them)."""
+    coords, saved = tmp_path / "c.yaml", tmp_path / "ablated"
+    detect = ("detect", "--out", coords, "--json", "-q")
+    code, out, err = _finish(_torchrun(*detect, env=_env(gguf_cache), nproc=2))
+    assert code == 0, err[-3000:]
+    found = json.loads(out)  # one document: rank 0's alone
+    one = invoke("detect", "--out", tmp_path / "one.yaml", "--json", "-q")
+    assert one.exit_code == 0, one.output
+
+    def coordinates(document):  # the activations differ in their last digits: 1 thread vs the machine's
+        return [[w["layer"], w["row"], w["col"]] for w in document["super_weights"]]
+
+    assert [11, 507, 1229] in coordinates(found) and coordinates(found) == coordinates(json.loads(one.output))
+    assert coords.is_file()
+    code, out, err = _finish(_torchrun("ablate", "--coords", coords, "--out", saved, "--json", "-q",
+                                       env=_env(gguf_cache), nproc=2))
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["out"] == str(saved) and (saved / "superweight_ablation.json").is_file()
+
+
 def test_three_ranks_study_on_uneven_documents_equals_one_process(tiny_llama_dir, tmp_path):
     """4 documents per task on 3 ranks; rank 0 alone writes the report and the evaluation cache."""
     args = ["study", tiny_llama_dir, "--coord", "1,3,5", "--task", "piqa", "--task", "lambada_openai", "--limit", "4",
@@ -323,6 +365,19 @@ def test_two_ranks_generate_print_once_what_one_process_prints(tiny_llama_dir, t
     one = invoke(*args)
     assert one.exit_code == 0, one.output
     assert json.loads(out) == json.loads(one.output)  # one JSON document: rank 0's alone
+
+
+def test_two_ranks_with_harness_tasks_equal_one_process(tiny_llama_dir, harness_tasks, tmp_path):
+    """lm-eval's evaluator returns its results on LOCAL_RANK 0 alone under torchrun (None on rank 1,
+    which then failed): rank 0 runs it and the other ranks receive its results."""
+    args = ("eval", tiny_llama_dir, "--harness", "sw_piqa", "--harness-include", harness_tasks, "--task", "wikitext",
+            "--limit", "3", "--batch-size", "2", *TINY, "--json")
+    got = _ok(_torchrun(*args, env=_env(tmp_path / "cache"), nproc=2))
+    one = invoke(*args)
+    assert one.exit_code == 0, one.output
+    [got], [expected] = got["configurations"], json.loads(one.output)["configurations"]
+    assert set(got["results"]) == {"sw_piqa", "wikitext"} and got["config"]["ranks"] == 2
+    assert got["results"] == expected["results"] and got["harness"] == expected["harness"]
 
 
 def test_accelerate_launch_two_processes_equal_one_process(tiny_llama_dir, tmp_path):

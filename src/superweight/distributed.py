@@ -22,6 +22,7 @@ in one process, so every number is the same.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import pickle
 import time
@@ -42,6 +43,9 @@ DEFAULT_TIMEOUT_S = 1800  # torch's own default: long enough for one rank's shar
 EXIT_WAIT_S = 30  # how long the other ranks wait for rank 0 to report a failure before they exit
 RELEASE_WAIT_S = 5.0  # how long a rank waits at exit for gloo's threads to let go of its tensors
 FAIL_ENV = "SUPERWEIGHT_TEST_FAIL_RANK"  # tests only: "R" raises on rank R while scoring, "R:hang" hangs
+# A process manager that starts N copies itself, without torch's launcher, and where each copy reads
+# N: every copy would run the whole job as one process and write the same outputs.
+UNLAUNCHED_COPIES = {"SLURM_STEP_NUM_TASKS": "srun", "OMPI_COMM_WORLD_SIZE": "mpirun"}
 _FAILED_KEY = "superweight/failed"
 _MAIN_EXITED_KEY = "superweight/main-exited"
 
@@ -70,6 +74,7 @@ def launched() -> Ranks:
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
     values = {name: os.environ.get(name) for name in names}
     if values["WORLD_SIZE"] is None:
+        _refuse_unlaunched_copies()
         return Ranks()
     try:
         world_size = int(values["WORLD_SIZE"])
@@ -84,6 +89,16 @@ def launched() -> Ranks:
         raise UsageError(f"inconsistent launcher environment: RANK={rank} WORLD_SIZE={world_size} "
                          f"LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world_size}")
     return Ranks(rank, world_size, local_rank, local_world_size)
+
+
+def _refuse_unlaunched_copies() -> None:
+    for variable, manager in UNLAUNCHED_COPIES.items():
+        copies = os.environ.get(variable, "")
+        if copies.isdigit() and int(copies) > 1:
+            raise UsageError(f"{manager} started {copies} copies of this command ({variable}={copies}) without "
+                             "torchrun: each would run the whole job and write the same outputs; start one torchrun "
+                             "per node (`srun --ntasks-per-node 1 torchrun --nproc-per-node N -m superweight ...`; "
+                             "README: Many GPUs and many machines) or a single task")
 
 
 def current() -> Ranks:
@@ -267,6 +282,33 @@ def main_proceeds() -> bool:
     any output is written, so a failure anywhere leaves nothing written."""
     exchange(None)
     return _current.is_main
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """The body runs as one process on this rank by itself: work that rank 0 does while the other
+    ranks wait at the session's end (a detection, a save) must not enter a collective that they
+    never join (a GGUF load's turns, a scoring split), which would pair with their last one."""
+    global _current
+    ranks, _current = _current, Ranks()
+    try:
+        yield
+    finally:
+        _current = ranks
+
+
+def main_alone(command: Callable[..., T]) -> Callable[..., T | None]:
+    """`command` run by rank 0 alone, as one process, once every rank has reported in; the other
+    ranks return None (a command with one writer and nothing to share out: detect, ablate, export)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> T | None:
+        if not main_proceeds():
+            return None
+        with alone():
+            return command(*args, **kwargs)
+
+    return run
 
 
 def in_turns(work: Callable[[], T]) -> T:

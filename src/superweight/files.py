@@ -33,6 +33,9 @@ def refuse_inside(path: str | Path, protected: dict[Path, str]) -> None:
     target = Path(path).expanduser().resolve()
     for location, what in protected.items():
         location = Path(location).expanduser().resolve()
+        if target == location and location.is_file():
+            raise OutputPathError(f"refusing to write {path}: it is {what} {location}, which writing it would "
+                                  "replace; choose an output path elsewhere")
         if target == location or location in target.parents:
             raise OutputPathError(
                 f"refusing to write {path}: it is inside {what} {location} (or is it); choose an output path elsewhere"

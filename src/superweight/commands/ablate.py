@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..coords import DEFAULT_SELECTION, check_selection, requested
-from ..distributed import main_proceeds
+from ..distributed import main_alone
 from ..edit.ablate import AblationRecord, ablated
 from ..edit.save import save_ablated
 from ..errors import UsageError
@@ -39,6 +39,7 @@ class AblationResult:
         return {"out": str(self.out), "ablation": self.record.to_dict()}
 
 
+@main_alone  # under a launcher rank 0 alone runs it, as one process
 def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = None,
                  coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION, mode: Optional[str] = None, factor: Optional[str] = None,
                  control: Optional[str] = None, top: Optional[int] = None, seed: int = 0, force: bool = False,
@@ -48,8 +49,6 @@ def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = Non
     A model given in memory is left as it was: ablated for the save only."""
     reporter = reporter or Reporter()
     check_selection(select)
-    if not main_proceeds():  # under a launcher rank 0 alone writes the model
-        return None
     out = Path(out)
     factor = None if factor is None else str(factor)
     how, value = parse_factor(factor, mode)
@@ -60,7 +59,7 @@ def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = Non
     if not weights:
         raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
     source = model_source(model, options)
-    check_outputs(source, directory=out, force=force)
+    check_outputs(source, directory=out, force=force, inputs={coords: "the coordinates file"})
     loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     top = outlier_count(loaded.model, control, top)
     targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights

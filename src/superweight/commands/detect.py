@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 from ..versions import __version__
 from ..coords import SuperWeight, write_coords
-from ..distributed import main_proceeds
+from ..distributed import main_alone
 from ..errors import UsageError
 from ..find.detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, Detection, SpikeRule, detect, encode_prompt
 from ..find.stream import Checkpoint, detect_streamed, open_checkpoint
@@ -65,6 +65,7 @@ def _check_options(text: str, iterations: int, stream: bool, options: LoadOption
                          "(or verify later with `sw eval --coords`)")
 
 
+@main_alone  # under a launcher rank 0 alone runs it, as one process
 def detect_model(model: Model = None, *, prompt: Optional[str] = None, iterations: Optional[int] = None,
                  min_spike: Optional[float] = None, min_concentration: Optional[float] = None,
                  min_share: Optional[float] = None, out: Optional[Path] = None, plot: Optional[Path] = None,
@@ -75,8 +76,6 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     """`sw detect`: find the super weights, write the coordinates file (and the plot). An existing
     coordinates file or plot (which may hold a --verify's roles) is only replaced with `force`."""
     reporter = reporter or Reporter()
-    if not main_proceeds():  # under a launcher one detection is enough: rank 0's
-        return None
     in_memory = isinstance(model, LoadedModel)
     text = DEFAULT_PROMPT if prompt is None else prompt
     n = DEFAULT_ITERATIONS if iterations is None else iterations
@@ -88,7 +87,8 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     source = model_source(model, options)
     coords_path = Path(out) if out else Path(f"{slug(source.alias or source.spec)}.superweights.yaml")
     plot = Path(plot) if plot else None
-    check_outputs(source, files=(coords_path,), plot=plot, force=force)
+    check_outputs(source, files=(coords_path,), plot=plot, force=force,
+                  inputs={verify_text: "the --verify-text file"})
     load = options or LoadOptions()
     with reporter.status(f"loading {source.spec}") as update:
         loaded: Union[LoadedModel, Checkpoint]

@@ -98,7 +98,7 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
     if (compare or restore_activation or control) and not weights:
         raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
     source = model_source(model, options)
-    check_outputs(source, files=(output,), force=force)
+    check_outputs(source, files=(output,), force=force, inputs={coords: "the coordinates file"})
     prior = recorded_ablation(source)
     unchanged = describe_recorded_ablation(prior) if prior else "original"
     originals = recorded_originals(prior, weights) if restore_activation and not control else None

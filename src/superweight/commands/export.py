@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..coords import DEFAULT_SELECTION, check_selection, read_coords, select_weights
-from ..distributed import main_proceeds
+from ..distributed import main_alone
 from ..edit import export as handoff
 from ..edit.export import Export
 from ..errors import UsageError
@@ -34,6 +34,7 @@ class ExportResult:
         return {**self.export.to_dict(), "out": str(self.out) if self.out else None}
 
 
+@main_alone  # under a launcher rank 0 alone runs it, as one process
 def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optional[Path] = None,
                  ggml_type: str = "f16", out: Optional[Path] = None, select: str = DEFAULT_SELECTION,
                  force: bool = False, options: Optional[LoadOptions] = None,
@@ -43,8 +44,6 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
     no weights are read); written to `out` if given. MODEL defaults to the one the coordinates file
     names; a model in memory stands for the checkpoint it was loaded from. Under a launcher rank 0
     alone exports (the others return None): one writer."""
-    if not main_proceeds():
-        return None
     reporter = reporter or Reporter()
     out = Path(out) if out is not None else None
     handoff.check_format(to)
@@ -68,7 +67,8 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
         load = options or LoadOptions()
         source = load.resolve(spec)
     if out is not None:
-        check_outputs(source, files=(out,), force=force)
+        check_outputs(source, files=(out,), force=force,
+                      inputs={Path(coords_file): "the coordinates file", gguf: "the GGUF file"})
     with reporter.status(f"checking names against {source.spec}") as update:
         result = handoff.export(weights, to, spec=spec, revision=load.revision, gguf_file=load.gguf_file,
                                 cache_dir=load.cache_dir, trust_remote_code=load.trust_remote_code, gguf=gguf,

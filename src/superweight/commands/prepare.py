@@ -73,19 +73,23 @@ def model_source(model: Model, options: Optional[LoadOptions]) -> ModelSource:
 
 
 def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), directory: Optional[Path] = None,
-                  force: bool = False, plot: Optional[Path] = None) -> None:
-    """Outputs are never inside the model's own files and are writable. One rule for files and
-    folders: an existing output file, or a non-empty output directory, is only replaced with --force.
-    A `plot` is a file whose format matplotlib must be able to write."""
+                  force: bool = False, plot: Optional[Path] = None,
+                  inputs: Optional[dict[Optional[Path], str]] = None) -> None:
+    """Outputs are never inside the model's own files, never the command's `inputs` (each path with
+    what it is: "the coordinates file"), nor a folder holding one, and are writable. One rule for
+    files and folders: an existing output file, or a non-empty output directory, is only replaced
+    with --force. A `plot` is a file whose format matplotlib must be able to write."""
     if plot:
         check_plot_format(plot)
         files = (*files, plot)
     if directory:  # checked again when written (atomic_directory); here before the slow work
         refuse_current_directory(directory)
+    protected = {**source.output_protected_dirs,
+                 **{Path(path): what for path, what in (inputs or {}).items() if path is not None}}
     for path in filter(None, (*files, directory)):
-        refuse_inside(path, source.output_protected_dirs)
-        if path != directory and Path(path).is_dir():
+        if path != directory and Path(path).is_dir():  # first: a file output replaces no folder
             raise UsageError(f"{path} is a directory; give a file name for this output")
+        refuse_inside(path, protected)
         if path != directory and Path(path).exists() and not force:
             raise UsageError(f"{path} exists; choose another output file or pass --force to replace it")
         if path == directory and path.is_dir() and any(path.iterdir()) and not force:

@@ -97,7 +97,7 @@ def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord:
     if out is not None and (not sizes or len(sizes) != 1):
         raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
     source = model_source(model, options)
-    check_outputs(source, plot=plot, directory=out, force=force)
+    check_outputs(source, plot=plot, directory=out, force=force, inputs={coords: "the coordinates file"})
     weights = requested(coords, coord, select, say=reporter.note)
     loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     if activations:  # before the detection and the weight sweep, not after them

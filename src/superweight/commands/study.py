@@ -98,7 +98,7 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
     words = load_stop_words(stop_words)
     source = model_source(model, options)
     out_dir = Path(out) if out else Path(f"{slug(source.alias or source.spec)}-study")
-    check_outputs(source, directory=out_dir, force=force)
+    check_outputs(source, directory=out_dir, force=force, inputs={coords: "the coordinates file"})
     # Given coordinates are narrowed as every command narrows them (README: Vocabulary), by the
     # roles the file records; the verification below measures all of them for the report.
     acting = requested(coords, coord, select, say=lambda line: reporter.note(

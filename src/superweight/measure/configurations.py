@@ -12,6 +12,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from .. import distributed
 from ..edit import ablate, restore
 from ..edit.ablate import ablated_name, control_name
 from ..coords import SuperWeight
@@ -206,7 +207,10 @@ def _run_harness(model, tokenizer, harness: HarnessTasks, evaluate_options: dict
     label = f"{', '.join(harness.names)} (lm-eval)"
     if progress:  # lm-eval reports no progress of its own here: one step, started and done
         progress(label, 0, 1)
-    out = evaluate_harness(model, tokenizer, harness, **{k: v for k, v in evaluate_options.items() if k in HARNESS_OPTIONS})
+    options = {k: v for k, v in evaluate_options.items() if k in HARNESS_OPTIONS}
+    # lm-eval does not share out a model given to it in memory, and under torchrun it returns its
+    # results on LOCAL_RANK 0 alone (None elsewhere): rank 0 runs it, and every rank gets its results.
+    out = distributed.on_main(lambda: evaluate_harness(model, tokenizer, harness, **options))
     if progress:
         progress(label, 1, 1)
     return out
