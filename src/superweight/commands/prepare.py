@@ -188,7 +188,12 @@ def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
         candidates = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
         if select == "all" or not candidates:
             return candidates
-        return labelled(candidates, verify(loaded.model, loaded.tokenizer, candidates, prompts=()))
+        prior = recorded_ablation(loaded.source)
+        verification = verify(loaded.model, loaded.tokenizer, candidates, prompts=(),
+                              recorded_ablation=describe_recorded_ablation(prior) if prior else None)
+        if verification.broken:  # no roles: the candidates of a model whose super weights are gone
+            reporter.note(f"{loaded.source.spec}: {verification.broken}")
+        return labelled(candidates, verification)
 
     def find() -> list[SuperWeight]:
         return on_main(measured)
