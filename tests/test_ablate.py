@@ -618,3 +618,16 @@ def test_coordinates_checked_before_the_load_say_so(tiny_llama_dir, tmp_path):
         check_coords_before_load(source, [SuperWeight(3, 31, 64)])
     (tmp_path / "config.json").write_text("{not json", encoding="utf-8")  # left to the load to report
     assert check_coords_before_load(resolve(str(tmp_path)), [SuperWeight(0, 0, 0)]) is False
+
+
+def test_readme_states_the_post_norm_restoration_threshold_the_code_uses():
+    """README's "Restoring the super activation" gives the threshold a reader sets expectations by:
+    on a post-norm family it is 0.1 x the recorded raw output, which can be far below 100."""
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("**Restoring the super activation.**", 1)[1].split("\n## ", 1)[0]
+    weights = [SuperWeight(1, 7, 13, output_spike=5000.0, raw_output=1.5)]
+    assert restore_threshold(weights, post_norm=True) == pytest.approx(0.15)
+    assert "100 alone" not in section
+    assert "0.1 x the largest raw down-projection output recorded (`raw_output`" in section

@@ -296,6 +296,59 @@ def test_restore_activation_on_an_ablated_directory_works_from_its_record(tiny_l
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
 
 
+@pytest.mark.parametrize("command, extra", [
+    ("eval", ("--compare", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR)),
+    ("generate", ("--prompt", "Apple Inc. is", "--max-new-tokens", "3"))])
+def test_compare_on_an_ablated_directory_is_the_original_zeroed_and_restored(tiny_llama_dir, tmp_path, command,
+                                                                              extra):
+    """`--compare` (and `sw generate`, which always compares) on a folder `sw ablate` wrote: its record's
+    original values are put back, so the rows are what they say, as on the original model; not the
+    folder three times under the names "original", "zeroed" and "restored"."""
+    out = tmp_path / "no-sw"
+    coords = ["--coord", "1,3,5", "--coord", "2,4,6"]
+    assert invoke("ablate", tiny_llama_dir, "-q", *coords, "--out", out).exit_code == 0
+    documents = []
+    for model in (out, tiny_llama_dir):
+        result = invoke(command, model, "-q", "--json", *coords, *extra)
+        assert result.exit_code == 0, result.output
+        documents.append(json.loads(result.output))
+    from_folder, from_original = documents
+    assert from_folder["configurations"][0]["name"] == "original (the folder's recorded values put back in memory)"
+    assert [c["name"] for c in from_folder["configurations"][1:]] == [c["name"] for c in from_original["configurations"][1:]]
+    if command == "eval":
+        ppl = [[c["results"]["wikitext"]["word_perplexity"] for c in d["configurations"]] for d in documents]
+        assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+    else:
+        assert [g["text"] for g in from_folder["generations"]] == [g["text"] for g in from_original["generations"]]
+
+
+def test_a_wrapped_ablated_folder_is_left_ablated_after_its_record_was_used(tiny_llama_dir, tmp_path):
+    """The recorded original values are put back for the command only: a model in memory, read
+    from a folder `sw ablate` wrote, holds its ablated values again afterwards, even on an error."""
+    import torch
+    import transformers
+
+    import superweight
+
+    out = tmp_path / "no-sw"
+    assert invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--out", out).exit_code == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    loaded = superweight.wrap(model, transformers.AutoTokenizer.from_pretrained(out))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quick = dict(coord=["1,3,5"], task=["wikitext"], limit=1, max_length=32, data_dir=str(DATA_DIR))
+    superweight.evaluate_model(loaded, restore_activation=True, **quick)
+    superweight.evaluate_model(loaded, compare=True, **quick)
+    superweight.generate_text(loaded, coord=["1,3,5"], prompt="Apple", max_new_tokens=1)
+
+    class Interrupted(superweight.Reporter):  # the evaluation stops after the values were put back
+        def bars(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        superweight.evaluate_model(loaded, compare=True, reporter=Interrupted(), **quick)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_restore_activation_refuses_a_folder_changed_after_its_record(tiny_llama_dir, tmp_path):
     """A weight that no longer holds what the record says the ablation left means the record no
     longer tells the folder's story: refused, never written over with the recorded original."""

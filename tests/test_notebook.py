@@ -145,3 +145,18 @@ def test_smollm2_loaded_once_goes_through_detect_evaluate_generate(smollm2, no_l
     assert set(evaluation.runs) == {"5 candidates zeroed"}  # not verified: every candidate, named as such
     generated = superweight.generate_text(smollm2, coords=tmp_path / "c.yaml", prompt="Paris is", max_new_tokens=2)
     assert generated.model["spec"] == "smollm2-135m" and len(generated.generations) == len(generated.configurations)
+
+
+def test_verify_reads_no_more_of_its_text_than_a_users_model_has_positions(tmp_path):
+    """A model with learned positions (GPT-2's family) has none beyond its context: --verify's text
+    is cut to it, not fed past it (an IndexError from the position embedding)."""
+    from synthetic import tiny_model
+
+    model = tiny_model("gpt2")  # 64 positions; the shipped verification text is a few hundred tokens
+    plant_super_weight(model, *PLANTED, input_spike=100.0, weight=10.0)
+    loaded = superweight.wrap(model, build_word_tokenizer([f"w{i}" for i in range(VOCAB - 3)]))
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(f"w{i % 100}" for i in range(300)))
+    found = superweight.detect_model(loaded, out=tmp_path / "c.yaml", verify=True, verify_text=text)
+    assert found.verification.num_tokens == model.config.n_positions
+    assert [w.key[:3] for w in found.super_weights] == [PLANTED]

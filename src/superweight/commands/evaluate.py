@@ -4,6 +4,7 @@ the paper's Table 1 layout."""
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +12,7 @@ from typing import Any, Optional
 from ..versions import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
-from ..edit.save import RECORD_FILE, recorded_originals, undo_recorded_ablation, describe_recorded_ablation, recorded_ablation
+from ..edit.save import recorded_ablation
 from ..errors import UsageError
 from ..files import atomic_write_text
 from ..measure.configurations import SummaryTable, check_control, comparison_configurations, parse_factor, \
@@ -19,7 +20,7 @@ from ..measure.configurations import SummaryTable, check_control, comparison_con
 from ..measure.harness import HarnessTasks, check_harness_tasks
 from ..model.options import LoadOptions
 from ..measure.limits import check_limits
-from .prepare import Model, batch_size_option, check_outputs, configuration_progress, model_source, \
+from .prepare import Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, model_source, \
     ready_model, tasks_with_data
 from .reporter import Reporter
 
@@ -99,35 +100,28 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
         raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
     source = model_source(model, options)
     check_outputs(source, files=(output,), force=force, inputs={coords: "the coordinates file"})
-    prior = recorded_ablation(source)
-    unchanged = describe_recorded_ablation(prior) if prior else "original"
-    originals = recorded_originals(prior, weights) if restore_activation and not control else None
-    if originals is None:
-        loaded, weights = ready_model(reporter, model, options, source, weights, coords)
-    else:  # a folder written by `sw ablate`: its record holds the values the restoration needs
-        loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=lambda ablated:
-                                      undo_recorded_ablation(ablated.model, weights, originals))
-        unchanged = "original (the folder's recorded values put back in memory)"
-        reporter.note(f"{source.spec} is ablated; its {RECORD_FILE} holds the original values, put back in "
-                      "memory to zero them again and write the super activation back")
-    if compare:
-        configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
-                                                   unchanged=unchanged)
-    else:
-        configurations = [single_configuration(loaded.model, weights, mode=how, factor=value,
-                                               restore_activation=restore_activation, control=control,
-                                               seed=seed, top=top, unchanged=unchanged)]
-    with reporter.bars() as bar:
-        on_start, on_progress = configuration_progress(bar)
-        runs = run_configurations(
-            loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
-            limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress,
-            harness=lm_eval_tasks)
+    with ExitStack() as recorded:  # a folder's recorded values, put back for the evaluation only
+        unchanged, put_back = ablated_folder(reporter, source, weights, compare or (restore_activation and not control),
+                                             recorded)
+        loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=put_back)
+        if compare:
+            configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
+                                                       unchanged=unchanged)
+        else:
+            configurations = [single_configuration(loaded.model, weights, mode=how, factor=value,
+                                                   restore_activation=restore_activation, control=control,
+                                                   seed=seed, top=top, unchanged=unchanged)]
+        with reporter.bars() as bar:
+            on_start, on_progress = configuration_progress(bar)
+            runs = run_configurations(
+                loaded.model, loaded.tokenizer, configurations, names, on_start=on_start, data_dir=data_dir,
+                limit=limit, batch_size=batch, max_length=max_length, seed=seed, progress=on_progress,
+                harness=lm_eval_tasks)
     if not main_proceeds():  # every rank got here: rank 0 writes and prints
         return None
     document = output_document(runs)
     document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
-                         "dtype": loaded.dtype, "superweight_ablation": prior}
+                         "dtype": loaded.dtype, "superweight_ablation": recorded_ablation(source)}
     document["tool"] = f"superweight {__version__}"
     if output:
         atomic_write_text(output, json.dumps(document, indent=2) + "\n")

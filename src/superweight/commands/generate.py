@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -13,7 +14,7 @@ from ..measure import generate as generation
 from ..measure.configurations import Configuration, comparison_configurations
 from ..measure.generate import Generation
 from ..model.options import LoadOptions
-from .prepare import Model, detected, model_source, ready_model
+from .prepare import Model, ablated_folder, detected, model_source, ready_model
 from .reporter import Reporter
 
 
@@ -49,14 +50,17 @@ def generate_text(model: Model = None, *, coords: Optional[Path] = None, coord: 
     generation.check_max_new_tokens(max_new_tokens)
     weights = requested(coords, coord, select, say=reporter.note)
     source = model_source(model, options)
-    loaded, weights = ready_model(reporter, model, options, source, weights, coords)
-    if not weights:
-        weights = detected(reporter, loaded, select=select)
-    configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top)
-    with reporter.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "
-                         f"{len(configurations)} configurations"):
-        generations = on_main(lambda: generation.generate(loaded.model, loaded.tokenizer, configurations, prompts,
-                                                          max_new_tokens=max_new_tokens))
+    with ExitStack() as recorded:  # a folder's recorded values, put back for the decoding only
+        unchanged, put_back = ablated_folder(reporter, source, weights, True, recorded)
+        loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=put_back)
+        if not weights:
+            weights = detected(reporter, loaded, select=select)
+        configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
+                                                   unchanged=unchanged)
+        with reporter.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "
+                             f"{len(configurations)} configurations"):
+            generations = on_main(lambda: generation.generate(loaded.model, loaded.tokenizer, configurations,
+                                                              prompts, max_new_tokens=max_new_tokens))
     if not main_proceeds():  # every rank got here: rank 0 prints
         return None
     return GenerationResult(model={"spec": source.spec, "location": source.location, "dtype": loaded.dtype},

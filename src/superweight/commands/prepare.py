@@ -16,11 +16,14 @@ written, and rank 0 alone writes and gets the result; the other ranks get None.
 from __future__ import annotations
 
 import re
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar, Union
 
 from ..coords import DEFAULT_SELECTION, SuperWeight, read_coords, select_weights
 from ..distributed import on_main
+from ..edit.save import (RECORD_FILE, describe_recorded_ablation, recorded_ablation, recorded_originals,
+                         recorded_values_put_back)
 from ..edit.validate import CheckedCoords, check_coords_before_load, checked_coords, unique_coords
 from ..errors import UsageError
 from ..files import check_writable, refuse_current_directory, refuse_inside
@@ -108,6 +111,25 @@ def load(reporter: Reporter, model: Optional[str], options: Optional[LoadOptions
     return loaded
 
 
+def ablated_folder(reporter: Reporter, source: ModelSource, weights: Sequence[SuperWeight], restores: bool,
+                   stack: ExitStack) -> tuple[str, Optional[Callable[[LoadedModel], None]]]:
+    """What the model as given is called ("original", or for a folder written by `sw ablate` what
+    its record says was done), and the `put_back` for `ready_model` where a configuration restores
+    the super activation of `weights` and the record holds their original values: those are
+    written back in memory while `stack` is open and the ablated ones after it, so the rows are the
+    original, zeroed and restored model, not the ablated folder under three names."""
+    prior = recorded_ablation(source)
+    if not prior:
+        return "original", None
+    originals = recorded_originals(prior, weights) if restores else None
+    if originals is None:
+        return describe_recorded_ablation(prior), None
+    reporter.note(f"{source.spec} is ablated; its {RECORD_FILE} holds the original values, put back in "
+                  "memory to zero them again and write the super activation back")
+    return ("original (the folder's recorded values put back in memory)",
+            lambda loaded: stack.enter_context(recorded_values_put_back(loaded.model, weights, originals)))
+
+
 def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions], source: ModelSource,
                 weights: Sequence[SuperWeight] = (), coords: Optional[Path] = None,
                 put_back: Optional[Callable[[LoadedModel], None]] = None) -> tuple[LoadedModel, CheckedCoords]:
@@ -175,7 +197,12 @@ def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
         candidates = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
         if select == "all" or not candidates:
             return candidates
-        return labelled(candidates, verify(loaded.model, loaded.tokenizer, candidates, prompts=()))
+        prior = recorded_ablation(loaded.source)
+        verification = verify(loaded.model, loaded.tokenizer, candidates, prompts=(),
+                              recorded_ablation=describe_recorded_ablation(prior) if prior else None)
+        if verification.broken:  # no roles: the candidates of a model whose super weights are gone
+            reporter.note(f"{loaded.source.spec}: {verification.broken}")
+        return labelled(candidates, verification)
 
     def find() -> list[SuperWeight]:
         return on_main(measured)

@@ -6,8 +6,9 @@ evaluation of the saved model does not pass it off as the original.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -17,8 +18,9 @@ from .validate import holds_recorded
 from ..errors import CoordinatesError, UsageError
 from ..files import atomic_directory, refuse_inside
 from ..coords import SuperWeight
-from ..model.adapters import DownProjections
+from ..model.adapters import DownProjections, down_proj_tensor
 from ..model.load import LoadedModel
+from ..model.placement import release
 from ..model.source import ModelSource
 from ..versions import __version__
 
@@ -134,22 +136,33 @@ def recorded_originals(record: dict[str, Any] | None,
     return None if any(v is None for v in found) else found
 
 
-def undo_recorded_ablation(model: nn.Module, weights: Sequence[SuperWeight],
-                           recorded: Sequence[tuple[float, float]]) -> None:
-    """Write the recorded original values of `weights` back into `model` (in memory only: the
-    folder on disk is never touched), so that a folder written by `sw ablate` can be measured as
-    ablated-and-restored from its own record. A weight that no longer holds the value the record
-    says the ablation left is refused: the folder was changed since, and the record is not its story."""
-    matrices = DownProjections(model)
-    for w, (_, ablated) in zip(weights, recorded):
-        current = float(matrices(w)[w.row, w.col])
-        if not holds_recorded(current, ablated):
+@contextmanager
+def recorded_values_put_back(model: nn.Module, weights: Sequence[SuperWeight],
+                             recorded: Sequence[tuple[float, float]]) -> Iterator[None]:
+    """Within the block, `model` holds the recorded original values of `weights` (in memory only:
+    the folder on disk is never touched), so that a folder written by `sw ablate` can be measured as
+    original, zeroed and restored from its own record; on exit (also on an error) the ablated values
+    are back, bit-exactly: a model given in memory is left as it was given. A weight that no longer
+    holds the value the record says the ablation left is refused: the folder was changed since, and
+    the record is not its story."""
+    matrices = DownProjections(model, writable=True)
+    ablated = [matrices(w)[w.row, w.col].clone() for w in weights]
+    for w, value, (_, recorded_ablated) in zip(weights, ablated, recorded):
+        if not holds_recorded(float(value), recorded_ablated):
             raise CoordinatesError(
-                f"coordinate {w.label()}: {RECORD_FILE} records the weight as {ablated:.6g} after the ablation, "
-                f"but this model holds {current:.6g} there: the folder was changed after `sw ablate`; "
-                "ablate the original model again"
+                f"coordinate {w.label()}: {RECORD_FILE} records the weight as {recorded_ablated:.6g} after the "
+                f"ablation, but this model holds {float(value):.6g} there: the folder was changed after "
+                "`sw ablate`; ablate the original model again"
             )
-    with torch.no_grad():
-        for w, (value, _) in zip(weights, recorded):
-            matrix = matrices(w)
-            matrix[w.row, w.col] = torch.tensor(value, dtype=matrix.dtype)
+    try:
+        with torch.no_grad():
+            for w, (original, _) in zip(weights, recorded):
+                matrix = matrices(w)
+                matrix[w.row, w.col] = torch.tensor(original, dtype=matrix.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for w, value in zip(weights, ablated):
+                matrices(w)[w.row, w.col] = value
+        for layer, expert in dict.fromkeys((w.layer, w.expert) for w in weights):  # as ablate.undo
+            release(*down_proj_tensor(model, layer, expert, matrices.adapter))

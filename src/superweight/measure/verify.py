@@ -54,6 +54,7 @@ from ..coords import SuperWeight
 from ..find.detect import DEFAULT_ITERATIONS, SpikeRule, detect, encode_prompt, input_device
 from ..errors import UsageError
 from ..model.source import configs_dir
+from .limits import model_max_length
 
 SUPER_FACTOR = 2.0  # perplexity ratio that counts as breaking the model
 MEMBER_SHARE = 0.10  # part of the set's log-perplexity effect a joint super weight carries at least
@@ -189,8 +190,11 @@ def read_verify_text(path: str | Path | None = None) -> tuple[str, str]:
     return text, (SHIPPED_TEXT if path is None else str(source))
 
 
-def encode_text(tokenizer, text: str) -> torch.Tensor:
-    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :MAX_VERIFY_TOKENS]
+def encode_text(model: nn.Module, tokenizer, text: str) -> torch.Tensor:
+    """The text's first tokens: at most MAX_VERIFY_TOKENS, and no more than the model's context
+    (a model with learned positions, GPT-2's 1024 or fewer, has no position beyond it)."""
+    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :min(MAX_VERIFY_TOKENS,
+                                                                       model_max_length(model, tokenizer))]
     if input_ids.shape[-1] < 2:
         raise UsageError("--verify-text encodes to fewer than 2 tokens; give a longer text")
     return input_ids
@@ -303,7 +307,7 @@ def verify(
     exact = check_attribution(attribution, len(weights))
     if text is None:
         text, text_source = read_verify_text()
-    input_ids = encode_text(tokenizer, text)
+    input_ids = encode_text(model, tokenizer, text)
 
     progress("verifying: perplexity of the original")
     base = text_perplexity(model, input_ids)
