@@ -322,6 +322,57 @@ def test_compare_on_an_ablated_directory_is_the_original_zeroed_and_restored(tin
         assert [g["text"] for g in from_folder["generations"]] == [g["text"] for g in from_original["generations"]]
 
 
+def test_study_on_an_ablated_directory_is_the_original_zeroed_and_restored(tiny_llama_dir, tmp_path, monkeypatch):
+    """`sw study` on a folder `sw ablate` wrote: every value its record holds is put back (also of
+    a weight the study does not act on), so Table 1 and the sweep are those of the original model,
+    the first row named so; and the folder's own cached results, keyed by the same files, are not
+    taken for the original's."""
+    from superweight.coords import SuperWeight
+    from superweight.edit.ablate import ablated_name
+    from superweight.measure.configurations import Configuration
+    from superweight.measure.study_runs import EvaluationCache
+    from superweight.model.load import model_fingerprint
+    from superweight.model.options import LoadOptions
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(cache))
+    out = tmp_path / "no-sw"
+    assert invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--coord", "2,4,6", "--out", out).exit_code == 0
+    quick = ["--data-dir", DATA_DIR, "--task", "wikitext", "--limit", "1", "--max-length", "32", "--grid", "0,1",
+             "--top", "5", "--coord", "1,3,5", "-q", "--json"]
+    # what a study of the folder as it is left in the cache: its 'original' is the ablated folder
+    as_it_is = model_fingerprint(LoadOptions().load(str(out)))
+    stale = {"results": {"word_perplexity": 12345.0}, "n_samples": 1, "data_sha256": {}, "config": None}
+    EvaluationCache(cache / "evaluations").put(EvaluationCache.key(as_it_is, Configuration("original"), "wikitext",
+                                                                   1, 32), stale)
+    documents = []
+    for model in (out, tiny_llama_dir):
+        result = invoke("study", model, *quick, "--out", tmp_path / f"study-{model.name}")
+        assert result.exit_code == 0, result.output
+        documents.append(json.loads(result.output))
+    from_folder, from_original = documents
+    names = [row["configuration"] for row in from_folder["table"]["rows"]]
+    assert names[0] == "original (the folder's recorded values put back in memory)"
+    assert names[1:] == [row["configuration"] for row in from_original["table"]["rows"]][1:]
+    assert names[1] == ablated_name([SuperWeight(1, 3, 5)])
+    assert from_folder["meta"]["evaluations"]["from_cache"] == 2  # the sweep's x0 and x1; not the stale entry
+    values = [[row["values"][0] for row in d["table"]["rows"]] for d in documents]
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+    assert [r["perplexity"] for r in from_folder["sweep"]] == pytest.approx(
+        [r["perplexity"] for r in from_original["sweep"]], rel=1e-6)
+    assert from_folder["stop_words"]["stop_mass_original"] == pytest.approx(
+        from_original["stop_words"]["stop_mass_original"], rel=1e-6)
+
+
+def test_study_refuses_an_ablated_directory_whose_record_holds_no_original_to_put_back(tiny_llama_dir, tmp_path):
+    """A control's record puts back no values: a study of that folder would call it the original."""
+    out = tmp_path / "random"
+    assert invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--control", "random", "--out", out).exit_code == 0
+    assert_one_line_error(invoke("study", out, "-q", "--data-dir", DATA_DIR, "--task", "wikitext", "--limit", "1",
+                                 "--coord", "1,3,5", "--out", tmp_path / "study"),
+                          "holds no original values of super weights to put back", "study the original model")
+
+
 def test_a_wrapped_ablated_folder_is_left_ablated_after_its_record_was_used(tiny_llama_dir, tmp_path):
     """The recorded original values are put back for the command only: a model in memory, read
     from a folder `sw ablate` wrote, holds its ablated values again afterwards, even on an error."""
@@ -339,6 +390,8 @@ def test_a_wrapped_ablated_folder_is_left_ablated_after_its_record_was_used(tiny
     superweight.evaluate_model(loaded, restore_activation=True, **quick)
     superweight.evaluate_model(loaded, compare=True, **quick)
     superweight.generate_text(loaded, coord=["1,3,5"], prompt="Apple", max_new_tokens=1)
+    superweight.run_study(loaded, coord=["1,3,5"], task=["wikitext"], limit=1, max_length=32, grid="1", top=1,
+                          data_dir=str(DATA_DIR), out=tmp_path / "study")
 
     class Interrupted(superweight.Reporter):  # the evaluation stops after the values were put back
         def bars(self):

@@ -367,6 +367,39 @@ def test_two_ranks_generate_print_once_what_one_process_prints(tiny_llama_dir, t
     assert json.loads(out) == json.loads(one.output)  # one JSON document: rank 0's alone
 
 
+STUB_QUANTIZER = """import json, os, shutil, sys
+job = json.load(open(sys.argv[2]))  # argv: quantizer_worker.py, job.json
+with open(os.environ["SW_STUB_QUANTIZER_LOG"], "a") as log:
+    log.write(json.dumps({"rank": os.environ.get("RANK"), "job": job["job"]}) + "\\n")
+shutil.copytree(job["model_dir"], job["float_out"])  # 'dequantized': the float model as it is
+json.dump({"size_bytes": 1, "values": {}, "unquantized_linear": sorted(job["keep"])}, open(job["result"], "w"))
+"""
+
+
+def test_two_ranks_run_a_real_quantizer_once_on_rank_0_alone(tiny_llama_dir, tmp_path, monkeypatch):
+    """`sw quantize --quantizer` under torchrun: the quantizer (a stand-in Python that logs who ran
+    it) runs once per mode, on rank 0, and one document is printed, as one process prints it."""
+    stub, python = tmp_path / "stub.py", tmp_path / "python"
+    stub.write_text(STUB_QUANTIZER)
+    python.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exit 0; fi\nexec "{sys.executable}" "{stub}" "$@"\n')
+    python.chmod(0o755)  # the import probe finds the 'package'; a job runs the stand-in
+    args = ("quantize", tiny_llama_dir, "--quantizer", "quanto", "--quantizer-path", python, "--coord", "1,3,5",
+            "--task", "wikitext", "--limit", "1", *TINY, "--json")
+    two_log, one_log = tmp_path / "two.log", tmp_path / "one.log"
+    code, out, err = _finish(_torchrun(*args, env=_env(tmp_path / "cache", SW_STUB_QUANTIZER_LOG=str(two_log)),
+                                       nproc=2), timeout=180)
+    assert code == 0, err[-3000:]
+    assert [json.loads(line) for line in two_log.read_text().splitlines()] == [{"rank": "0", "job": "quanto"}] * 2
+    monkeypatch.setenv("SW_STUB_QUANTIZER_LOG", str(one_log))
+    one = invoke(*args)
+    assert one.exit_code == 0, one.output
+    expected, got = json.loads(one.output), json.loads(out)  # one JSON document: rank 0's alone
+    assert list(got["runs"]) == list(expected["runs"]) == ["unquantized", "naive", "protected"]
+    for mode, run in expected["runs"].items():
+        assert got["runs"][mode]["results"]["wikitext"]["word_perplexity"] == pytest.approx(
+            run["results"]["wikitext"]["word_perplexity"], rel=1e-4)
+
+
 def test_two_ranks_with_harness_tasks_equal_one_process(tiny_llama_dir, harness_tasks, tmp_path):
     """lm-eval's evaluator returns its results on LOCAL_RANK 0 alone under torchrun (None on rank 1,
     which then failed): rank 0 runs it and the other ranks receive its results."""

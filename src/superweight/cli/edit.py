@@ -8,7 +8,6 @@ from typing import Optional
 
 import typer
 
-from ..commands.quantize_real import check_quantizer_options
 from .app import Session, stdout
 from .options import (CONTROL, CONTROL_SEED, COORD, COORDS, DATA_DIR, DEBUG, FACTOR, FORCE_OUT_DIR, JSON, MAX_LENGTH, MODE,
                       MODEL_ARG, QUIET, SELECT, TOP, first_documents, loads_model, print_table, typed_options)
@@ -173,6 +172,8 @@ def quantize(
         return
 
     def work() -> None:
+        from ..commands.quantize_real import check_quantizer_options
+
         check_quantizer_options(quantizer, given)
         from ..commands.quantize import quantize_model
         from ..measure.quantized import quantization_warnings
@@ -204,13 +205,15 @@ def quantize(
 def _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, select, task, data_dir, limit, max_length,
                    options, as_json, session, given) -> None:
     """`sw quantize --quantizer NAME`: a real quantizer, naive vs protected."""
-    from ..commands.quantize_real import quantize_with
+    from ..commands.quantize_real import check_quantizer_options, quantize_with
 
     check_quantizer_options(quantizer, given)
 
     result = quantize_with(model, quantizer=quantizer, scheme=scheme, quantizer_path=quantizer_path, coords=coords,
                            coord=coord, select=select, task=task, data_dir=data_dir, limit=limit,
                            max_length=max_length, options=options, reporter=session)
+    if result is None:  # another rank than 0: rank 0 prints
+        return
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, TypeVar, Union
 from ..coords import DEFAULT_SELECTION, SuperWeight, read_coords, select_weights
 from ..distributed import on_main
 from ..edit.save import (RECORD_FILE, describe_recorded_ablation, recorded_ablation, recorded_originals,
-                         recorded_values_put_back)
+                         recorded_values_put_back, recorded_weights)
 from ..edit.validate import CheckedCoords, check_coords_before_load, checked_coords, unique_coords
 from ..errors import UsageError
 from ..files import check_writable, refuse_current_directory, refuse_inside
@@ -40,6 +40,7 @@ from .reporter import Bar, Reporter
 
 T = TypeVar("T")
 Model = Union[str, LoadedModel, None]  # a name (alias, hub id, directory, .gguf; None: the default) or a model in memory
+RECORDED_VALUES_PUT_BACK = "original (the folder's recorded values put back in memory)"  # its first row's name
 
 
 def slug(text: str) -> str:
@@ -117,17 +118,20 @@ def ablated_folder(reporter: Reporter, source: ModelSource, weights: Sequence[Su
     its record says was done), and the `put_back` for `ready_model` where a configuration restores
     the super activation of `weights` and the record holds their original values: those are
     written back in memory while `stack` is open and the ablated ones after it, so the rows are the
-    original, zeroed and restored model, not the ablated folder under three names."""
+    original, zeroed and restored model, not the ablated folder under three names. Every weight the
+    record holds is put back, not only `weights`: the first row is the original model, also where
+    `weights` are some of those the folder had zeroed."""
     prior = recorded_ablation(source)
     if not prior:
         return "original", None
-    originals = recorded_originals(prior, weights) if restores else None
+    every = recorded_weights(prior)
+    originals = recorded_originals(prior, every) if restores and recorded_originals(prior, weights) else None
     if originals is None:
         return describe_recorded_ablation(prior), None
     reporter.note(f"{source.spec} is ablated; its {RECORD_FILE} holds the original values, put back in "
                   "memory to zero them again and write the super activation back")
-    return ("original (the folder's recorded values put back in memory)",
-            lambda loaded: stack.enter_context(recorded_values_put_back(loaded.model, weights, originals)))
+    return (RECORDED_VALUES_PUT_BACK,
+            lambda loaded: stack.enter_context(recorded_values_put_back(loaded.model, every, originals)))
 
 
 def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions], source: ModelSource,

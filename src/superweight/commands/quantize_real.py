@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..distributed import main_alone
 from ..versions import __version__
 
 
@@ -75,11 +76,15 @@ def check_quantizer_options(quantizer: str, given: Sequence[str]) -> None:
                          f"(its settings are --scheme); drop {wrong}")
 
 
+# Under a launcher rank 0 alone runs it, as one process: the quantizer's files are in a temporary
+# folder of its own, where no other rank (maybe on another node) could read them to share the
+# scoring, and the quantizer itself is one program run once; the other ranks get None.
+@main_alone
 def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Optional[str] = None,
                   quantizer_path: Optional[str] = None, coords: Optional[Path] = None,
                   coord: Optional[list[str]] = None, select: str = "super", task: list[str] | str = ("wikitext",),
                   data_dir: Optional[str] = None, limit: Optional[int] = None, max_length: Optional[int] = None,
-                  options=None, reporter=None) -> RealQuantizationResult:
+                  options=None, reporter=None) -> Optional[RealQuantizationResult]:
     """`sw quantize --quantizer Q`: the real quantizer Q run naive and with the super weights'
     matrices kept in high precision, compared (edit/real_quantizers.py, measure/real_quantized.py)."""
     from ..coords import requested

@@ -6,15 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..versions import __version__
 from ..coords import select_weights, DEFAULT_SELECTION, SuperWeight, check_selection, requested
 from ..distributed import main_proceeds, on_main
+from ..edit.save import RECORD_FILE, recorded_ablation, recorded_originals, recorded_weights
 from ..edit.validate import CheckedCoords
 from ..errors import UsageError
 from ..find.detect import DEFAULT_PROMPT, encode_prompt
@@ -22,7 +24,7 @@ from ..measure import generate as generation
 from ..measure.configurations import SummaryTable, summary_table
 from ..measure.verify import labelled, verify
 from ..model.load import LoadedModel, model_fingerprint
-from ..model.source import cache_root
+from ..model.source import ModelSource, cache_root
 from ..model.options import LoadOptions
 from ..model.placement import execution_device
 from ..measure import study_runs
@@ -30,7 +32,7 @@ from ..measure.activation_profile import activation_profile
 from ..measure.stop_words import cached_stop_word_shift, load_stop_words
 from ..report import study as analysis
 from ..measure.limits import check_limits
-from .prepare import Model, batch_size_option, check_outputs, configuration_progress, detected, \
+from .prepare import Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, detected, \
     model_source, ready_model, slug, step, tasks_with_data
 from .reporter import Reporter
 
@@ -73,6 +75,25 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def recorded_folder(reporter: Reporter, source: ModelSource, stack: ExitStack
+                    ) -> tuple[str, Optional[Callable[[LoadedModel], None]], Optional[list[tuple[float, float]]]]:
+    """For a folder written by `sw ablate`: the name of Table 1's first row, the `put_back` of
+    `ready_model` that writes its record's original values back in memory while `stack` is open,
+    and those values (for the cache key). Every part of a study compares with the original model
+    (Table 1, the sweep's x1, the stop-word shift, the roles), so a record holding no original values
+    to put back (a control's, an unreadable one) is refused rather than studied as "original"."""
+    prior = recorded_ablation(source)
+    if not prior:
+        return "original", None, None
+    every = recorded_weights(prior)
+    unchanged, put_back = ablated_folder(reporter, source, every, True, stack)
+    if put_back is None:
+        raise UsageError(f"{source.spec} is {unchanged}, and its {RECORD_FILE} holds no original values of super "
+                         "weights to put back: a study compares every row with the original model; study the "
+                         "original model instead")
+    return unchanged, put_back, recorded_originals(prior, every)
+
+
 def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
               task: list[str] | str = ("all",), limit: Optional[int | str] = None, top: Optional[int] = None,
               grid: Optional[str] = None, stop_words: Optional[Path] = None, out: Optional[Path] = None,
@@ -103,62 +124,68 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
     # roles the file records; the verification below measures all of them for the report.
     acting = requested(coords, coord, select, say=lambda line: reporter.note(
         "Table 1 and the sweep act on " + line.removeprefix("acting on ")))
-    loaded, weights = ready_model(reporter, model, options, source, requested(coords, coord, "all"), coords)
-    model_key = model_fingerprint(loaded)
-    if isinstance(model, LoadedModel):
-        model_key = json.dumps([model_key, weights_digest(loaded.model)])
-    cache = study_runs.EvaluationCache(cache_root((options or LoadOptions()).cache_dir) / "evaluations")
-    prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
-    on_cpu = execution_device(loaded.model).type == "cpu"
-    cpu_budget = limit is None and on_cpu
-    limits = study_runs.task_limits(names, limit, on_cpu)
-    documents = study_runs.documents_note(limits)
-    if cpu_budget:
-        reporter.note(f"reading {documents} ({study_runs.CPU_BUDGET_NOTE})")
-    with reporter.bars() as bar:
-        if not weights:
-            weights = detected(reporter, loaded, bar, select="all", announce=False)  # verified and narrowed below
-        verification = None
-        if weights:
-            verification = step(bar, "measuring each weight's effect",
-                                lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
-            weights = labelled(weights, verification)
-        if acting:  # as given, and named as every command names them; the report gives the measured roles
-            weights = CheckedCoords(loaded.model, acting)  # checked with the file's every entry
-        else:  # detected here: narrowed by the roles just measured, as `detected` narrows them
-            selection = select_weights(weights, select, "the detection")
-            reporter.note("Table 1 and the sweep act on " + selection.reason + ": "
-                          + ", ".join(w.label() for w in selection.weights))
-            weights = selection.weights
-        table_configurations = study_runs.study_configurations(loaded.model, weights, top=top, seed=seed)
-        sweep = study_runs.scale_sweep_configurations(weights, factors)
-        on_start, on_progress = configuration_progress(bar)
-        runs = study_runs.run_cached(
-            cache, model_key, loaded.model, loaded.tokenizer, table_configurations + sweep, names,
-            on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limits,
-            batch_size=batch, max_length=max_length, seed=seed)
-        shift, shift_cached = on_main(lambda: cached_stop_word_shift(
-            cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir,
-            limit=study_runs.task_limits(["wikitext"], limit, on_cpu)["wikitext"],  # read even when not a task
-            max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total)))
-        if shift_cached:
-            bar("stop-word shift (from the cache)", 1, 1)
-        profile = step(bar, "activation profile",
-                       lambda: activation_profile(loaded.model, prompt_ids, weights))
-        generations = step(bar, "generations", lambda: on_main(
-            lambda: generation.generate(loaded.model, loaded.tokenizer, table_configurations)))
-        if not main_proceeds():  # every rank got here: rank 0 writes and prints
-            return None
-        table = summary_table({c.name: runs[c.name] for c in table_configurations})
-        cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
-        meta = {"command": command,
-                "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype,
-                          "device": str(execution_device(loaded.model))},
-                "tasks": names, "limit": limit, "documents": limits, "documents_note": documents,
-                "cpu_budget": cpu_budget, "seed": seed, "grid": factors,
-                "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
-                "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
-        step(bar, f"writing {out_dir}", lambda: analysis.write_report(
-            out_dir, force=force, super_weights=weights, table=table, sweep_rows=study_runs.sweep_rows(runs, sweep),
-            stop_words=shift, profile=profile, meta=meta, verification=verification, generations=generations))
+    with ExitStack() as recorded:  # a folder's recorded values, put back for the study only
+        unchanged, put_back, values_put_back = recorded_folder(reporter, source, recorded)
+        loaded, weights = ready_model(reporter, model, options, source, requested(coords, coord, "all"), coords,
+                                      put_back=put_back)
+        model_key = model_fingerprint(loaded)
+        if isinstance(model, LoadedModel):
+            model_key = json.dumps([model_key, weights_digest(loaded.model)])
+        if values_put_back:  # the same files, other values: never the folder's cached results as they are
+            model_key = json.dumps([model_key, {"recorded values put back": values_put_back}])
+        cache = study_runs.EvaluationCache(cache_root((options or LoadOptions()).cache_dir) / "evaluations")
+        prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
+        on_cpu = execution_device(loaded.model).type == "cpu"
+        cpu_budget = limit is None and on_cpu
+        limits = study_runs.task_limits(names, limit, on_cpu)
+        documents = study_runs.documents_note(limits)
+        if cpu_budget:
+            reporter.note(f"reading {documents} ({study_runs.CPU_BUDGET_NOTE})")
+        with reporter.bars() as bar:
+            if not weights:
+                weights = detected(reporter, loaded, bar, select="all", announce=False)  # verified and narrowed below
+            verification = None
+            if weights:
+                verification = step(bar, "measuring each weight's effect",
+                                    lambda: on_main(lambda: verify(loaded.model, loaded.tokenizer, weights)))
+                weights = labelled(weights, verification)
+            if acting:  # as given, and named as every command names them; the report gives the measured roles
+                weights = CheckedCoords(loaded.model, acting)  # checked with the file's every entry
+            else:  # detected here: narrowed by the roles just measured, as `detected` narrows them
+                selection = select_weights(weights, select, "the detection")
+                reporter.note("Table 1 and the sweep act on " + selection.reason + ": "
+                              + ", ".join(w.label() for w in selection.weights))
+                weights = selection.weights
+            table_configurations = study_runs.study_configurations(loaded.model, weights, top=top, seed=seed,
+                                                                   unchanged=unchanged)
+            sweep = study_runs.scale_sweep_configurations(weights, factors, unchanged=unchanged)
+            on_start, on_progress = configuration_progress(bar)
+            runs = study_runs.run_cached(
+                cache, model_key, loaded.model, loaded.tokenizer, table_configurations + sweep, names,
+                on_start=on_start, progress=on_progress, data_dir=data_dir, limit=limits,
+                batch_size=batch, max_length=max_length, seed=seed)
+            shift, shift_cached = on_main(lambda: cached_stop_word_shift(
+                cache, model_key, loaded.model, loaded.tokenizer, weights, words, data_dir=data_dir,
+                limit=study_runs.task_limits(["wikitext"], limit, on_cpu)["wikitext"],  # read even when not a task
+                max_length=max_length, progress=lambda done, total: bar("stop-word shift", done, total)))
+            if shift_cached:
+                bar("stop-word shift (from the cache)", 1, 1)
+            profile = step(bar, "activation profile",
+                           lambda: activation_profile(loaded.model, prompt_ids, weights))
+            generations = step(bar, "generations", lambda: on_main(
+                lambda: generation.generate(loaded.model, loaded.tokenizer, table_configurations)))
+            if not main_proceeds():  # every rank got here: rank 0 writes and prints
+                return None
+            table = summary_table({c.name: runs[c.name] for c in table_configurations})
+            cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
+            meta = {"command": command,
+                    "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype,
+                              "device": str(execution_device(loaded.model))},
+                    "tasks": names, "limit": limit, "documents": limits, "documents_note": documents,
+                    "cpu_budget": cpu_budget, "seed": seed, "grid": factors,
+                    "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},
+                    "seconds": round(time.perf_counter() - started, 1), "tool": f"superweight {__version__}"}
+            step(bar, f"writing {out_dir}", lambda: analysis.write_report(
+                out_dir, force=force, super_weights=weights, table=table, sweep_rows=study_runs.sweep_rows(runs, sweep),
+                stop_words=shift, profile=profile, meta=meta, verification=verification, generations=generations))
     return StudyResult(out=out_dir, table=table, super_weights=weights, runs=runs, meta=meta)

@@ -110,9 +110,14 @@ def describe_recorded_ablation(record: dict[str, Any]) -> str:
     return f"ablated by superweight: {name}" + (f" (source {source})" if source else "")
 
 
-def _name_of_unnamed(record: dict[str, Any]) -> str:
+def recorded_weights(record: dict[str, Any]) -> list[SuperWeight]:
+    """The weights `record` (a folder's superweight_ablation.json) says the ablation changed."""
     coordinates = [c for c in record.get("coordinates") or [] if isinstance(c, dict)]
-    weights = [SuperWeight(c.get("layer"), c.get("row"), c.get("col"), c.get("expert")) for c in coordinates]
+    return [SuperWeight(c.get("layer"), c.get("row"), c.get("col"), c.get("expert")) for c in coordinates]
+
+
+def _name_of_unnamed(record: dict[str, Any]) -> str:
+    weights = recorded_weights(record)
     factor = record.get("factor")
     scaled = record.get("mode") != "zero" and isinstance(factor, (int, float)) and not isinstance(factor, bool)
     mode, factor = ("scale", factor) if scaled else ("zero", None)

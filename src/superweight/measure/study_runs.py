@@ -59,10 +59,12 @@ def parse_grid(text: str | None) -> list[float]:
     return sorted(set(factors))
 
 
-def scale_sweep_configurations(super_weights: Sequence[SuperWeight], factors: Sequence[float]) -> list[Configuration]:
+def scale_sweep_configurations(super_weights: Sequence[SuperWeight], factors: Sequence[float],
+                               unchanged: str = "original") -> list[Configuration]:
     """One configuration per factor s: the super weights multiplied by s.
 
-    s = 1 is the original model: it touches nothing (no weights), so it costs no ablation.
+    s = 1 is the model as given (`unchanged` names it, as Table 1's first row): it touches nothing
+    (no weights), so it costs no ablation.
     """
     if not super_weights:
         raise UsageError("the scale sweep needs at least one super weight")
@@ -70,7 +72,7 @@ def scale_sweep_configurations(super_weights: Sequence[SuperWeight], factors: Se
     configurations = []
     for s in factors:
         if s == 1:
-            configurations.append(Configuration("scale x1 (original)", (), "scale", 1.0))
+            configurations.append(Configuration(f"scale x1 ({unchanged})", (), "scale", 1.0))
         else:
             configurations.append(Configuration(f"scale x{s:g}", weights, "scale", float(s)))
     return configurations
@@ -94,10 +96,10 @@ def default_outlier_count(model: nn.Module) -> int:
 
 
 def study_configurations(model: nn.Module, super_weights: Sequence[SuperWeight], *, top: int | None = None,
-                         seed: int = 0) -> list[Configuration]:
-    """The rows of the paper's Table 1, each named by what it zeroed: original, the super weights
-    zeroed, the other largest outliers zeroed (super weights excluded), the super weights zeroed
-    with the super activation restored, and as many random weights zeroed."""
+                         seed: int = 0, unchanged: str = "original") -> list[Configuration]:
+    """The rows of the paper's Table 1, each named by what it zeroed: original (`unchanged`), the
+    super weights zeroed, the other largest outliers zeroed (super weights excluded), the super
+    weights zeroed with the super activation restored, and as many random weights zeroed."""
     if not super_weights:
         raise UsageError("a study needs at least one super weight (run `sw detect` or give --coords)")
     top = default_outlier_count(model) if top is None else top
@@ -105,7 +107,7 @@ def study_configurations(model: nn.Module, super_weights: Sequence[SuperWeight],
     outliers = ablate.outlier_control(model, weights, top=top)
     random_weights = ablate.random_control(model, weights, seed=seed)
     return [
-        Configuration("original"),
+        Configuration(unchanged),
         Configuration(ablated_name(weights), weights),
         Configuration(control_name(outliers, "outliers"), tuple(outliers), control="outliers", control_top=top),
         Configuration(ablated_name(weights, restore_activation=True), weights, restore_activation=True),
