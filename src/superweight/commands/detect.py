@@ -17,6 +17,7 @@ from ..find.stream import Checkpoint, detect_streamed, open_checkpoint
 from ..edit.save import describe_recorded_ablation, recorded_ablation
 from ..measure.verify import Verification, check_attribution, labelled, read_verify_text, verify as measure_effects
 from ..model.adapters import adapter_for_config, resolve_adapter, tensor_templates
+from ..model.context import model_max_length
 from ..model.load import LoadedModel
 from ..model.options import LoadOptions
 from ..report.detection import KnownCheck, check_known, detection_document
@@ -101,7 +102,8 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
         else:
             loaded = load.load(model, progress=update, notice=reporter.say)
         update(f"detecting: {n} iteration(s) at most" + (", one layer at a time" if stream else ""))
-        input_ids = encode_prompt(loaded.tokenizer, text, chat_template=chat_template)
+        context = model_max_length(loaded.config if stream else loaded.model, loaded.tokenizer)
+        input_ids = encode_prompt(loaded.tokenizer, text, chat_template=chat_template, max_length=context)
         if stream:
             detection = detect_streamed(loaded, input_ids, device=load.device, iterations=n, rule=rule, prompt=text)
         else:

@@ -16,7 +16,8 @@ import torch
 from .. import distributed
 from ..errors import UsageError
 from ..versions import package_version
-from .limits import check_limits, model_max_length
+from .limits import check_limits
+from ..model.context import model_max_length
 from .metrics import task_metrics
 from .requests import Encoder, build_requests
 from .scoring import Scorer
