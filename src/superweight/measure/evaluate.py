@@ -16,8 +16,7 @@ import torch
 from .. import distributed
 from ..errors import UsageError
 from ..versions import package_version
-from .limits import check_limits
-from ..model.context import model_max_length
+from .limits import check_limits, check_max_length
 from .metrics import task_metrics
 from .requests import Encoder, build_requests
 from .scoring import Scorer
@@ -48,7 +47,7 @@ def evaluate(
     check_limits(limit, max_length)
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size <= 0):
         raise UsageError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
-    length = max_length or model_max_length(model, tokenizer)
+    length = check_max_length(model, tokenizer, max_length)
     loaded = [load_task(name, data_dir, limit) for name in names]  # fail on missing data before any scoring
     encoder = Encoder(tokenizer)
     scorer = Scorer(model, batch_size)
