@@ -435,6 +435,23 @@ def test_limit_and_bad_options(tiny_model, tmp_path):
         evaluate(tiny_model, tokenizer, ["arc_easy"], data_dir=str(tmp_path))
 
 
+def test_max_length_shorter_than_a_continuation_is_refused_before_any_scoring(tiny_model, tmp_path):
+    """PIQA's second solution is 5 tokens: --max-length 4 could score only its last 4 (a different
+    metric, where lm-eval's HF backend fails); refused in one line before wikitext, which comes first
+    and fits, is scored. --max-length 5 scores it whole."""
+    _write_wikitext(tmp_path)
+    _write_piqa(tmp_path, [{"goal": "the cat", "sol1": "sat", "sol2": "ran fast on the mat", "label": 0}])
+    scored = []
+    with pytest.raises(UsageError) as error:
+        evaluate(tiny_model, word_tokenizer(), ["wikitext", "piqa"], data_dir=str(tmp_path), max_length=4,
+                 progress=lambda task, done, total: scored.append(task))
+    assert str(error.value) == ("--max-length 4 is shorter than a piqa continuation (5 tokens), which could only "
+                                "be scored in part; give --max-length 5 or more")
+    assert scored == []
+    out = evaluate(tiny_model, word_tokenizer(), ["piqa"], data_dir=str(tmp_path), max_length=5)
+    assert out["n_samples"]["piqa"]["effective"] == 1
+
+
 def test_max_length_past_the_models_context_is_refused_in_one_line(tmp_path):
     """GPT-2's family has no position past n_positions (64 here): --max-length 65 would put a token
     there (an IndexError in the position embedding mid-evaluation); it is refused before scoring,

@@ -50,13 +50,14 @@ def evaluate(
     length = check_max_length(model, tokenizer, max_length)
     loaded = [load_task(name, data_dir, limit) for name in names]  # fail on missing data before any scoring
     encoder = Encoder(tokenizer)
+    # Every task's requests before any scoring: a --max-length too short for one task fails at once.
+    requests = [build_requests(task_data, encoder, length) for task_data in loaded]
     scorer = Scorer(model, batch_size)
     was_training = model.training
     model.eval()
     out: dict[str, Any] = {"results": {}, "n_samples": {}, "data_sha256": {}}
     try:
-        for name, task_data in zip(names, loaded):
-            built = build_requests(task_data, encoder, length)
+        for name, task_data, built in zip(names, loaded, requests):
             scored = scorer.score(built.requests, built.groups, _task_progress(progress, name, len(built.requests)))
             doc_scores = [[scored[i] for i in ids] for ids in built.doc_requests]
             # Rank 0 computes the metrics (every rank holds all scores); the others receive them.
