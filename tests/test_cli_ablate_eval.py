@@ -235,6 +235,10 @@ def test_eval_json_layout_and_compare(tiny_llama_dir, coords_file, tmp_path):
     written = json.loads(output.read_text())  # lm-eval's layout, a file per configuration's results
     assert {name: run["results"] for name, run in written["configurations"].items()} == \
         {name: run["results"] for name, run in runs.items()}
+    # lm-eval's own key is "n-samples" (--json keeps its documented "n_samples")
+    assert {name: run["n-samples"] for name, run in written["configurations"].items()} == \
+        {name: run["n_samples"] for name, run in runs.items()}
+    assert not any("n_samples" in run for run in written["configurations"].values())
     assert [run["ablation"]["kind"] for run in runs.values()] == ["unchanged", "ablated", "restored", "control"]
     # each row named by what it zeroed: the file's one weight (no measured role), one random weight
     assert list(runs) == ["original", "weight [1, 3, 5] zeroed", "weight [1, 3, 5] zeroed + activation restored",

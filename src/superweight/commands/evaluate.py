@@ -58,11 +58,14 @@ class EvaluationResult:
 
 
 def output_document(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The `--output` file in lm-eval's own layout (`results`, `n_samples`, `config` at the top, as
-    lm-eval writes them) for one configuration; with several, {"configurations": {name: that}}."""
-    if len(runs) == 1:
-        return dict(next(iter(runs.values())))
-    return {"configurations": runs}
+    """The `--output` file in lm-eval's own layout (`results`, `n-samples`, `config` at the top, as
+    lm-eval writes them: its key is `n-samples`, where `--json` and `runs` say `n_samples`) for one
+    configuration; with several, {"configurations": {name: that}}."""
+    files = {name: {("n-samples" if key == "n_samples" else key): value for key, value in run.items()}
+             for name, run in runs.items()}
+    if len(files) == 1:
+        return next(iter(files.values()))
+    return {"configurations": files}
 
 
 def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, force: bool = False,
