@@ -33,7 +33,7 @@ class EvaluationResult:
     document: dict[str, Any]  # the `--output` file: lm-eval's layout (see `output_document`)
     output: Optional[Path]
     harness_computed_by: Optional[str] = None  # with harness tasks: who computed their columns
-    limit: Optional[int] = None
+    limit: Optional[int] = None  # --limit where it left some documents out, else None
 
     @property
     def spec(self) -> str:
@@ -128,6 +128,9 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
     document["tool"] = f"superweight {__version__}"
     if output:
         atomic_write_text(output, json.dumps(document, indent=2) + "\n")
+    # A --limit at or past every task's size read every document: no "first N documents", no --limit note.
+    cut = any(count["effective"] < count["original"] for run in runs.values()
+              for count in run.get("n_samples", {}).values())
     return EvaluationResult(runs=runs, document=document, output=output,
                             harness_computed_by=lm_eval_tasks.describe()["computed_by"] if lm_eval_tasks else None,
-                            limit=limit)
+                            limit=limit if cut else None)
