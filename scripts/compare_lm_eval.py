@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from superweight.measure.evaluate import evaluate  # noqa: E402
-from superweight.measure.limits import model_max_length  # noqa: E402
+from superweight.model.context import model_max_length  # noqa: E402
 from superweight.measure.requests import Encoder, build_requests, pack  # noqa: E402
 from superweight.measure.scoring import Scored, Scorer  # noqa: E402
 from superweight.measure.tasks import TASKS, load_task, resolve_task_names  # noqa: E402

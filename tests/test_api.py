@@ -90,6 +90,7 @@ def test_evaluate_model_with_an_ablation_compares_it_with_the_original(planted_d
     assert zeroed != original.runs["original"]["results"]["wikitext"]["word_perplexity"]
     written = json.loads((tmp_path / "r.json").read_text())  # lm-eval's layout: results at the top
     assert written == result.document and written["results"] == result.runs["weight [1, 7, 13] zeroed"]["results"]
+    assert written["n-samples"] == result.runs["weight [1, 7, 13] zeroed"]["n_samples"] and "n_samples" not in written
     assert [run["name"] for run in result.to_dict()["configurations"]] == ["weight [1, 7, 13] zeroed"]
     stage = "weight [1, 7, 13] zeroed: wikitext"
     assert recorder.stages[stage][0] == recorder.stages[stage][1]

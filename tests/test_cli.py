@@ -214,7 +214,7 @@ def test_gguf_architecture_transformers_cannot_read(tmp_path, monkeypatch):
     assert not (tmp_path / "c.yaml").exists() and not list((tmp_path / "cache").rglob("config.json"))
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "binary", "no-verify", "stream"])
+@pytest.mark.parametrize("case", ["missing", "empty", "binary", "no-verify", "stream", "attribution", "stream-attribution"])
 def test_detect_verify_bad_input_is_one_line_before_loading(tmp_path, monkeypatch, case):
     monkeypatch.chdir(tmp_path)
     text = tmp_path / "text.txt"
@@ -226,11 +226,14 @@ def test_detect_verify_bad_input_is_one_line_before_loading(tmp_path, monkeypatc
         text.write_text("A few words of prose.", encoding="utf-8")
     args = {"missing": ["--verify", "--verify-text", tmp_path / "nope.txt"],
             "empty": ["--verify", "--verify-text", text], "binary": ["--verify", "--verify-text", text],
-            "no-verify": ["--verify-text", text], "stream": ["--verify", "--stream"]}[case]
+            "no-verify": ["--verify-text", text], "stream": ["--verify", "--stream"],
+            # --attribution splits --verify's measurement: alone (or with --stream) it would be ignored
+            "attribution": ["--attribution", "shapley"], "stream-attribution": ["--stream", "--attribution", "leave-one-out"]}[case]
     # a model that does not exist: the error must come before any load is tried
     result = invoke("detect", tmp_path / "no-such-model", "-o", "c.yaml", *args)
     line = assert_one_line_error(result, {"missing": "no such file", "empty": "empty", "binary": "UTF-8",
-                                          "no-verify": "add --verify", "stream": "drop --stream"}[case])
+                                          "no-verify": "add --verify", "stream": "drop --stream",
+                                          "attribution": "add --verify", "stream-attribution": "add --verify"}[case])
     assert result.exit_code == 2, line
     assert not (tmp_path / "c.yaml").exists()
 

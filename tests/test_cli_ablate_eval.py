@@ -225,6 +225,22 @@ def test_missing_data_offline_names_the_files(tiny_llama_dir, tmp_path):
     assert "valid.jsonl" in line
 
 
+def test_a_limit_past_every_tasks_size_is_not_reported_as_a_limit(tiny_llama_dir, coords_file, tmp_path):
+    """piqa with 3 documents, --limit 10: all 3 are read, so the table does not say "first 10
+    documents per task" and no note blames --limit for differences within their error."""
+    (tmp_path / "data" / "piqa").mkdir(parents=True)
+    for name in ("valid.jsonl", "valid-labels.lst"):
+        lines = (DATA_DIR / "piqa" / name).read_text().splitlines(keepends=True)[:3]
+        (tmp_path / "data" / "piqa" / name).write_text("".join(lines))
+    args = ("eval", tiny_llama_dir, "-q", "--data-dir", tmp_path / "data", "--task", "piqa", "--max-length", "40",
+            "--coords", coords_file, "--compare")
+    result = invoke(*args, "--limit", "10")
+    assert result.exit_code == 0, result.output
+    assert "first 10 documents" not in result.output and "--limit" not in result.output
+    cut = invoke(*args, "--limit", "2")
+    assert "first 2 documents per task" in cut.output
+
+
 def test_eval_json_layout_and_compare(tiny_llama_dir, coords_file, tmp_path):
     output = tmp_path / "results.json"
     result = invoke("eval", tiny_llama_dir, "-q", "--data-dir", DATA_DIR, "--task", "piqa", "--task", "arc_easy",
@@ -235,6 +251,10 @@ def test_eval_json_layout_and_compare(tiny_llama_dir, coords_file, tmp_path):
     written = json.loads(output.read_text())  # lm-eval's layout, a file per configuration's results
     assert {name: run["results"] for name, run in written["configurations"].items()} == \
         {name: run["results"] for name, run in runs.items()}
+    # lm-eval's own key is "n-samples" (--json keeps its documented "n_samples")
+    assert {name: run["n-samples"] for name, run in written["configurations"].items()} == \
+        {name: run["n_samples"] for name, run in runs.items()}
+    assert not any("n_samples" in run for run in written["configurations"].values())
     assert [run["ablation"]["kind"] for run in runs.values()] == ["unchanged", "ablated", "restored", "control"]
     # each row named by what it zeroed: the file's one weight (no measured role), one random weight
     assert list(runs) == ["original", "weight [1, 3, 5] zeroed", "weight [1, 3, 5] zeroed + activation restored",

@@ -175,7 +175,7 @@ def test_piped_output_never_wraps(tiny_llama_dir, coords_file, tmp_path):
     assert ("no layer writes a super activation under the current rule (README: How detection decides; "
             "see --min-spike, --min-concentration, --min-share)") in result.output.splitlines()
     result = invoke("eval", tiny_llama_dir, "-q", "--coords", coords_file, "--compare", "--task", "all",
-                    "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR)
+                    "--limit", "1", "--max-length", "40", "--data-dir", DATA_DIR)
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if line.startswith("│")]
     assert len(rows) == 4  # one line per configuration, however wide the table
@@ -211,7 +211,7 @@ def test_ablate_seed_help_is_about_the_random_control():
 
 @pytest.mark.parametrize("task", ["PIQA", "piqa,arc_easy", "Piqa, ARC_EASY"])
 def test_task_names_ignore_case_and_split_on_commas(tiny_llama_dir, task):
-    result = invoke("eval", tiny_llama_dir, "-q", "--json", "--task", task, "--limit", "1", "--max-length", "32",
+    result = invoke("eval", tiny_llama_dir, "-q", "--json", "--task", task, "--limit", "1", "--max-length", "40",
                     "--data-dir", DATA_DIR)
     assert result.exit_code == 0, result.output
     expected = ["piqa"] if task == "PIQA" else ["piqa", "arc_easy"]
@@ -463,7 +463,7 @@ def test_a_sweep_without_wikitext_has_no_empty_perplexity_panel_or_column(tmp_pa
 
 def test_quantize_reports_the_accuracy_of_a_task_without_perplexity(tiny_llama_dir, tmp_path):
     options = ["-q", "--coord", "1,3,5", "--task", "piqa", "--block-size", "64", "--data-dir", DATA_DIR,
-               "--limit", "2", "--max-length", "32"]
+               "--limit", "2", "--max-length", "40"]
     result = invoke("quantize", tiny_llama_dir, "--json", *options, "--plot", tmp_path / "rtn.png")
     assert result.exit_code == 0, result.output
     document = json.loads(result.output)

@@ -126,7 +126,7 @@ def test_cpu_study_without_limit_reads_the_cpu_budget_and_says_so(tiny_llama_dir
     monkeypatch.setattr(study_runs, "CPU_LIMIT", 3)  # the budget's shape, on a tiny scale
     monkeypatch.setattr(study_runs, "CPU_WIKITEXT_LIMIT", 1)
     out = tmp_path / "study"
-    result = invoke("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--max-length", "32", "--device", "cpu",
+    result = invoke("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--max-length", "40", "--device", "cpu",
                     "--task", "wikitext", "--task", "piqa", "--grid", "0,1", "--top", "3", "--out", out, "--json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
@@ -136,7 +136,7 @@ def test_cpu_study_without_limit_reads_the_cpu_budget_and_says_so(tiny_llama_dir
     assert "Documents read: the first document of wikitext; the first 3 documents of piqa (the CPU budget" in report
     assert "--limit all reads every document" in report
     # an explicit --limit is what every task reads, on a CPU too, and the report says that instead
-    again = invoke("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--max-length", "32", "--limit", "2",
+    again = invoke("study", tiny_llama_dir, *COORD, "--data-dir", DATA_DIR, "--max-length", "40", "--limit", "2",
                    "--task", "wikitext", "--task", "piqa", "--grid", "0,1", "--top", "3", "--out", out, "--force",
                    "--json")
     assert again.exit_code == 0, again.output

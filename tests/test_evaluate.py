@@ -435,6 +435,43 @@ def test_limit_and_bad_options(tiny_model, tmp_path):
         evaluate(tiny_model, tokenizer, ["arc_easy"], data_dir=str(tmp_path))
 
 
+def test_max_length_shorter_than_a_continuation_is_refused_before_any_scoring(tiny_model, tmp_path):
+    """PIQA's second solution is 5 tokens: --max-length 4 could score only its last 4 (a different
+    metric, where lm-eval's HF backend fails); refused in one line before wikitext, which comes first
+    and fits, is scored. --max-length 5 scores it whole."""
+    _write_wikitext(tmp_path)
+    _write_piqa(tmp_path, [{"goal": "the cat", "sol1": "sat", "sol2": "ran fast on the mat", "label": 0}])
+    scored = []
+    with pytest.raises(UsageError) as error:
+        evaluate(tiny_model, word_tokenizer(), ["wikitext", "piqa"], data_dir=str(tmp_path), max_length=4,
+                 progress=lambda task, done, total: scored.append(task))
+    assert str(error.value) == ("--max-length 4 is shorter than a piqa continuation (5 tokens), which could only "
+                                "be scored in part; give --max-length 5 or more")
+    assert scored == []
+    out = evaluate(tiny_model, word_tokenizer(), ["piqa"], data_dir=str(tmp_path), max_length=5)
+    assert out["n_samples"]["piqa"]["effective"] == 1
+
+
+def test_max_length_past_the_models_context_is_refused_in_one_line(tmp_path):
+    """GPT-2's family has no position past n_positions (64 here): --max-length 65 would put a token
+    there (an IndexError in the position embedding mid-evaluation); it is refused before scoring,
+    by the built-in engine and before lm-eval's. 64 itself evaluates."""
+    from synthetic import tiny_model as synthetic_model
+    from superweight.measure.harness import HarnessTasks, evaluate_harness
+
+    _write_wikitext(tmp_path, n_words=200)
+    model = synthetic_model("gpt2", vocab_size=len(WORDS) + 3)
+    tokenizer = word_tokenizer()
+    with pytest.raises(UsageError) as error:
+        evaluate(model, tokenizer, ["wikitext"], data_dir=str(tmp_path), max_length=65)
+    assert str(error.value) == ("--max-length 65 is more than this model reads (64 tokens); "
+                                "give --max-length 64 or less, or leave it out")
+    with pytest.raises(UsageError, match="--max-length 65 is more than this model reads"):
+        evaluate_harness(model, tokenizer, HarnessTasks(("lambada_openai",)), max_length=65)
+    out = evaluate(model, tokenizer, ["wikitext"], data_dir=str(tmp_path), max_length=64)
+    assert out["config"]["max_length"] == 64 and math.isfinite(out["results"]["wikitext"]["word_perplexity"])
+
+
 def test_model_is_left_in_its_training_mode(tiny_model, tmp_path):
     _write_piqa(tmp_path, [{"goal": "the cat", "sol1": "sat", "sol2": "ran", "label": 0}])
     tiny_model.train()

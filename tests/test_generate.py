@@ -70,6 +70,21 @@ def test_greedy_stops_at_end_of_sequence(planted):
         model.generation_config.eos_token_id = eos
 
 
+def test_prompt_and_continuation_past_a_gpt2_context_are_refused_before_decoding():
+    """64 learned positions: 60 prompt tokens + 5 new ones use all 64 (the last is never fed back);
+    one more token, or a prompt past 64, is refused in one line (before: an IndexError)."""
+    model = tiny_model("gpt2")
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(VOCAB - 3)])
+    prompt = " ".join(f"w{i}" for i in range(60))
+    [fits] = generate(model, tokenizer, [Configuration("original")], [prompt], max_new_tokens=5)
+    assert len(fits.token_ids) == 5
+    with pytest.raises(UsageError, match="the prompt is 60 tokens and --max-new-tokens 6; this model reads at most 64; "
+                                         "give at most 5 --max-new-tokens"):
+        generate(model, tokenizer, [Configuration("original")], [prompt], max_new_tokens=6)
+    with pytest.raises(UsageError, match="the prompt is 70 tokens; this model reads at most 64"):
+        generate(model, tokenizer, [Configuration("original")], [" ".join(f"w{i}" for i in range(70))], max_new_tokens=1)
+
+
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5])
 def test_max_new_tokens_must_be_positive(bad):
     with pytest.raises(UsageError, match="--max-new-tokens"):

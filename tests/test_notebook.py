@@ -160,3 +160,27 @@ def test_verify_reads_no_more_of_its_text_than_a_users_model_has_positions(tmp_p
     found = superweight.detect_model(loaded, out=tmp_path / "c.yaml", verify=True, verify_text=text)
     assert found.verification.num_tokens == model.config.n_positions
     assert [w.key[:3] for w in found.super_weights] == [PLANTED]
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_a_prompt_longer_than_a_users_models_context_is_refused_in_one_line(tmp_path, chat_template):
+    """GPT-2's family has no position past n_positions: a longer prompt is refused before any pass
+    (not an IndexError from the position embedding), and not cut either (the coordinates file
+    records the prompt the activation was seen on). One exactly as long as the context runs."""
+    from synthetic import tiny_model
+
+    model = tiny_model("gpt2")  # 64 positions
+    plant_super_weight(model, *PLANTED, input_spike=100.0, weight=10.0)
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(VOCAB - 3)])
+    if chat_template:
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    loaded = superweight.wrap(model, tokenizer)
+    with pytest.raises(UsageError) as error:
+        superweight.detect_model(loaded, prompt=" ".join(f"w{i % 50}" for i in range(100)), out=tmp_path / "c.yaml",
+                                 chat_template=chat_template)
+    message = str(error.value)
+    assert "the prompt is 100 tokens" in message and "at most 64" in message and "\n" not in message
+    assert not (tmp_path / "c.yaml").exists()
+    found = superweight.detect_model(loaded, prompt=" ".join(f"w{i % 50}" for i in range(64)), out=tmp_path / "c.yaml",
+                                     chat_template=chat_template)
+    assert found.detection.num_tokens == 64

@@ -168,6 +168,19 @@ def test_cli_stream_with_device_map_is_a_usage_error(tmp_path):
     assert result.output.strip().startswith("error: --stream") and "--device-map" in result.output
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_cli_prompt_longer_than_a_gpt2_context_is_one_line_with_or_without_stream(tmp_path, stream):
+    """Learned positions (64 here) end where the context does: a longer --prompt is refused before
+    a pass, in one line (before: an IndexError from the position embedding)."""
+    path = _save_planted(tmp_path / "gpt2", "gpt2")
+    prompt = " ".join(PROMPT_WORDS * 10)  # 130 tokens
+    result = CliRunner().invoke(app, ["detect", str(path), "-q", "--device", "cpu", "--prompt", prompt,
+                                      "--out", str(tmp_path / "c.yaml"), *(["--stream"] if stream else [])])
+    assert result.exit_code != 0 and not isinstance(result.exception, IndexError)
+    assert result.output.strip() == "error: the prompt is 130 tokens; this model reads at most 64; give a shorter --prompt"
+    assert not (tmp_path / "c.yaml").exists()
+
+
 def test_smollm2_streamed_equals_full_load(smollm2):
     input_ids = encode_prompt(smollm2.tokenizer, DEFAULT_PROMPT)
     full = detect(smollm2.model, input_ids)

@@ -66,11 +66,11 @@ def test_sw_eval_compare_prints_errors_and_the_limit_note(tiny_llama_dir, tmp_pa
     coords = tmp_path / "coords.yaml"
     coords.write_text("super_weights:\n  - {layer: 1, row: 3, col: 5}\n")
     result = invoke("eval", tiny_llama_dir, "-q", "--coords", coords, "--compare", "--task", "piqa", "--limit", "4",
-                    "--max-length", "32", "--data-dir", DATA_DIR)
+                    "--max-length", "40", "--data-dir", DATA_DIR)
     assert result.exit_code == 0, result.output
     assert "±" in result.output
     document = json.loads(invoke("eval", tiny_llama_dir, "-q", "--coords", coords, "--compare", "--task", "piqa",
-                                 "--limit", "4", "--max-length", "32", "--data-dir", DATA_DIR, "--json").output)
+                                 "--limit", "4", "--max-length", "40", "--data-dir", DATA_DIR, "--json").output)
     from superweight.measure.configurations import summary_table as table_of
 
     table = table_of({run["name"]: run for run in document["configurations"]})

@@ -82,7 +82,7 @@ def eval_(
             typer.echo(json.dumps(result.to_dict(), indent=2))
             return
         table = result.table()
-        print_table(f"{result.spec}" + first_documents(limit)
+        print_table(f"{result.spec}" + first_documents(result.limit)
                      + (f"; (lm-eval) columns computed by {result.harness_computed_by}"
                         if result.harness_computed_by else ""),
                      tuple(table.columns), [tuple(r) for r in table.rows])

@@ -17,6 +17,7 @@ from ..find.stream import Checkpoint, detect_streamed, open_checkpoint
 from ..edit.save import describe_recorded_ablation, recorded_ablation
 from ..measure.verify import Verification, check_attribution, labelled, read_verify_text, verify as measure_effects
 from ..model.adapters import adapter_for_config, resolve_adapter, tensor_templates
+from ..model.context import model_max_length
 from ..model.load import LoadedModel
 from ..model.options import LoadOptions
 from ..report.detection import KnownCheck, check_known, detection_document
@@ -49,7 +50,7 @@ class DetectionResult:
 
 
 def _check_options(text: str, iterations: int, stream: bool, options: LoadOptions, verify: bool,
-                   verify_text: Optional[Path], in_memory: bool) -> None:
+                   verify_text: Optional[Path], in_memory: bool, attribution: str = "auto") -> None:
     if iterations < 1:
         raise UsageError(f"--iterations must be at least 1, got {iterations}")
     if not text.strip():
@@ -60,6 +61,9 @@ def _check_options(text: str, iterations: int, stream: bool, options: LoadOption
         raise UsageError("--stream puts one layer at a time on --device; drop --device-map/--max-memory")
     if verify_text is not None and not verify:
         raise UsageError("--verify-text is the text --verify measures on; add --verify, or drop --verify-text")
+    if attribution != "auto" and not verify:
+        raise UsageError(f"--attribution {attribution} splits the effect --verify measures; add --verify, "
+                         f"or drop --attribution")
     if verify and stream:
         raise UsageError("--verify needs the whole model loaded to measure perplexity; drop --stream "
                          "(or verify later with `sw eval --coords`)")
@@ -79,9 +83,9 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     in_memory = isinstance(model, LoadedModel)
     text = DEFAULT_PROMPT if prompt is None else prompt
     n = DEFAULT_ITERATIONS if iterations is None else iterations
-    _check_options(text, n, stream, options or LoadOptions(), verify, verify_text, in_memory)
-    verify_source = read_verify_text(verify_text) if verify else None  # a bad file fails before the model loads
     check_attribution(attribution)
+    _check_options(text, n, stream, options or LoadOptions(), verify, verify_text, in_memory, attribution)
+    verify_source = read_verify_text(verify_text) if verify else None  # a bad file fails before the model loads
     given = {"min_spike": min_spike, "min_concentration": min_concentration, "min_share": min_share}
     rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
     source = model_source(model, options)
@@ -101,7 +105,8 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
         else:
             loaded = load.load(model, progress=update, notice=reporter.say)
         update(f"detecting: {n} iteration(s) at most" + (", one layer at a time" if stream else ""))
-        input_ids = encode_prompt(loaded.tokenizer, text, chat_template=chat_template)
+        context = model_max_length(loaded.config if stream else loaded.model, loaded.tokenizer)
+        input_ids = encode_prompt(loaded.tokenizer, text, chat_template=chat_template, max_length=context)
         if stream:
             detection = detect_streamed(loaded, input_ids, device=load.device, iterations=n, rule=rule, prompt=text)
         else:

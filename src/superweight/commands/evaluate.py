@@ -33,7 +33,7 @@ class EvaluationResult:
     document: dict[str, Any]  # the `--output` file: lm-eval's layout (see `output_document`)
     output: Optional[Path]
     harness_computed_by: Optional[str] = None  # with harness tasks: who computed their columns
-    limit: Optional[int] = None
+    limit: Optional[int] = None  # --limit where it left some documents out, else None
 
     @property
     def spec(self) -> str:
@@ -58,11 +58,14 @@ class EvaluationResult:
 
 
 def output_document(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The `--output` file in lm-eval's own layout (`results`, `n_samples`, `config` at the top, as
-    lm-eval writes them) for one configuration; with several, {"configurations": {name: that}}."""
-    if len(runs) == 1:
-        return dict(next(iter(runs.values())))
-    return {"configurations": runs}
+    """The `--output` file in lm-eval's own layout (`results`, `n-samples`, `config` at the top, as
+    lm-eval writes them: its key is `n-samples`, where `--json` and `runs` say `n_samples`) for one
+    configuration; with several, {"configurations": {name: that}}."""
+    files = {name: {("n-samples" if key == "n_samples" else key): value for key, value in run.items()}
+             for name, run in runs.items()}
+    if len(files) == 1:
+        return next(iter(files.values()))
+    return {"configurations": files}
 
 
 def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, force: bool = False,
@@ -125,6 +128,9 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
     document["tool"] = f"superweight {__version__}"
     if output:
         atomic_write_text(output, json.dumps(document, indent=2) + "\n")
+    # A --limit at or past every task's size read every document: no "first N documents", no --limit note.
+    cut = any(count["effective"] < count["original"] for run in runs.values()
+              for count in run.get("n_samples", {}).values())
     return EvaluationResult(runs=runs, document=document, output=output,
                             harness_computed_by=lm_eval_tasks.describe()["computed_by"] if lm_eval_tasks else None,
-                            limit=limit)
+                            limit=limit if cut else None)

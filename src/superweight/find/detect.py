@@ -120,9 +120,13 @@ def input_device(model: nn.Module) -> torch.device:
     return execution_device(model.get_input_embeddings())
 
 
-def encode_prompt(tokenizer, prompt: str, *, chat_template: bool = False) -> torch.Tensor:
+def encode_prompt(tokenizer, prompt: str, *, chat_template: bool = False, max_length: int | None = None) -> torch.Tensor:
     """`prompt` as input ids [1, seq]; with `chat_template`, wrapped first as one user turn in the
-    tokenizer's chat template (how an instruct model sees text), the assistant's turn opened."""
+    tokenizer's chat template (how an instruct model sees text), the assistant's turn opened.
+
+    A prompt longer than `max_length` (the model's context, model/context.py) is refused, not cut:
+    the coordinates file records the prompt the super activation was seen on, and a model with
+    learned positions (GPT-2's family) has no position past its context at all."""
     if not prompt or not prompt.strip():
         raise UsageError("the prompt is empty; pass a non-empty --prompt (default: the paper's sentence)")
     if chat_template:
@@ -131,6 +135,10 @@ def encode_prompt(tokenizer, prompt: str, *, chat_template: bool = False) -> tor
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     if input_ids.shape[-1] == 0:
         raise UsageError("the prompt encodes to no tokens; pass a longer --prompt")
+    if max_length is not None and input_ids.shape[-1] > max_length:
+        wrapped = " with the chat template" if chat_template else ""
+        raise UsageError(f"the prompt is {input_ids.shape[-1]} tokens{wrapped}; this model reads at most "
+                         f"{max_length}; give a shorter --prompt")
     return input_ids
 
 

@@ -16,7 +16,7 @@ import torch
 from .. import distributed
 from ..errors import UsageError
 from ..versions import package_version
-from .limits import check_limits, model_max_length
+from .limits import check_limits, check_max_length
 from .metrics import task_metrics
 from .requests import Encoder, build_requests
 from .scoring import Scorer
@@ -47,16 +47,17 @@ def evaluate(
     check_limits(limit, max_length)
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size <= 0):
         raise UsageError(f"batch size must be a positive integer or 'auto', got {batch_size!r}")
-    length = max_length or model_max_length(model, tokenizer)
+    length = check_max_length(model, tokenizer, max_length)
     loaded = [load_task(name, data_dir, limit) for name in names]  # fail on missing data before any scoring
     encoder = Encoder(tokenizer)
+    # Every task's requests before any scoring: a --max-length too short for one task fails at once.
+    requests = [build_requests(task_data, encoder, length) for task_data in loaded]
     scorer = Scorer(model, batch_size)
     was_training = model.training
     model.eval()
     out: dict[str, Any] = {"results": {}, "n_samples": {}, "data_sha256": {}}
     try:
-        for name, task_data in zip(names, loaded):
-            built = build_requests(task_data, encoder, length)
+        for name, task_data, built in zip(names, loaded, requests):
             scored = scorer.score(built.requests, built.groups, _task_progress(progress, name, len(built.requests)))
             doc_scores = [[scored[i] for i in ids] for ids in built.doc_requests]
             # Rank 0 computes the metrics (every rank holds all scores); the others receive them.

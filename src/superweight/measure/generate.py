@@ -19,6 +19,7 @@ import torch
 from ..find.detect import encode_prompt
 from ..errors import UsageError
 from .configurations import Configuration, applied
+from ..model.context import model_max_length
 from ..model.placement import execution_device
 
 DEFAULT_PROMPT = "My favourite condiment is"  # Yu et al. 2024, Figure 1
@@ -50,6 +51,18 @@ def check_max_new_tokens(max_new_tokens: int) -> int:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be a positive number of tokens, got {max_new_tokens!r}")
     return max_new_tokens
+
+
+def check_fits(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> None:
+    """Each prompt and its continuation within the model's context (GPT-2's family has no position
+    past it); refused before any configuration is applied, not an IndexError mid-decoding. The last
+    new token is never fed back, so a prompt of n tokens needs n + max_new_tokens - 1 positions."""
+    context = model_max_length(model, tokenizer)
+    for prompt in prompts:
+        length = encode_prompt(tokenizer, prompt, max_length=context).shape[-1]
+        if length + max_new_tokens - 1 > context:
+            raise UsageError(f"the prompt is {length} tokens and --max-new-tokens {max_new_tokens}; this model reads "
+                             f"at most {context}; give at most {context - length + 1} --max-new-tokens or a shorter --prompt")
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
@@ -103,6 +116,7 @@ def generate(model, tokenizer, configurations: Sequence[Configuration], prompts:
     """
     prompts = check_prompts(prompts)
     check_max_new_tokens(max_new_tokens)
+    check_fits(model, tokenizer, prompts, max_new_tokens)
     continuations: list[list[list[int]]] = []  # per configuration, per prompt
     for configuration in configurations:
         with applied(model, configuration):

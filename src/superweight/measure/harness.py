@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 from ..errors import DataError, MissingDependencyError, UsageError
 from ..model.placement import execution_device
+from .limits import check_max_length
 from ..versions import package_version
 from .metrics import BOOTSTRAP_RESAMPLES, plain
 
@@ -122,6 +123,7 @@ def evaluate_harness(model, tokenizer, tasks: HarnessTasks, *, limit: int | None
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    check_max_length(model, tokenizer, max_length)
     device = execution_device(model.get_input_embeddings())
     if batch_size == "auto" and device.type == "cpu":
         batch_size = CPU_BATCH_SIZE

@@ -139,6 +139,15 @@ class Group:
     shared: int = 0  # leading input tokens common to all, computed once (set by the scorer)
 
 
+def check_continuations_fit(task: str, continuation_lengths: list[int], max_length: int) -> None:
+    """A continuation longer than `max_length` cannot be scored whole (lm-eval's HF backend fails on
+    it); scoring its last tokens alone would be a different metric, so it is refused in one line."""
+    longest = max(continuation_lengths, default=0)
+    if longest > max_length:
+        raise UsageError(f"--max-length {max_length} is shorter than a {task} continuation ({longest} tokens), "
+                         f"which could only be scored in part; give --max-length {longest} or more")
+
+
 def make_request(context_enc: list[int], continuation_enc: list[int], max_length: int) -> Request:
     if not continuation_enc:
         raise UsageError("a continuation tokenised to nothing; the task text is empty")
@@ -275,6 +284,7 @@ def build_requests(loaded: LoadedTask, encoder: Encoder, max_length: int) -> Tas
     else:
         encoded = iter(encoder.encode_pairs([pair for prompt in built.prompts for pair in prompt.pairs]))
         doc_pairs = [[next(encoded) for _ in prompt.pairs] for prompt in built.prompts]
+        check_continuations_fit(loaded.task.name, [len(c) for pairs in doc_pairs for _, c in pairs], max_length)
     for pairs in doc_pairs:
         # A rolling window is scored on its own; the choices of a document together.
         together = [[pair] for pair in pairs] if loaded.task.scoring == "rolling" else [pairs]

@@ -54,7 +54,7 @@ from ..coords import SuperWeight
 from ..find.detect import DEFAULT_ITERATIONS, SpikeRule, detect, encode_prompt, input_device
 from ..errors import UsageError
 from ..model.source import configs_dir
-from .limits import model_max_length
+from ..model.context import model_max_length
 
 SUPER_FACTOR = 2.0  # perplexity ratio that counts as breaking the model
 MEMBER_SHARE = 0.10  # part of the set's log-perplexity effect a joint super weight carries at least
@@ -337,7 +337,8 @@ def verify(
     found = sorted(w.key for w in weights)
     for prompt in prompts:
         progress(f"verifying: detection on {prompt[:30]!r}")
-        other = detect(model, encode_prompt(tokenizer, prompt, chat_template=chat_template), iterations=iterations, rule=rule, prompt=prompt)
+        ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, max_length=model_max_length(model, tokenizer))
+        other = detect(model, ids, iterations=iterations, rule=rule, prompt=prompt)
         keys = sorted(w.key for w in other.super_weights)
         result.prompts.append(PromptCheck(prompt, keys, keys == found))
     result.seconds = time.perf_counter() - started
