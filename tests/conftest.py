@@ -101,7 +101,7 @@ def byte_llama_dir(tmp_path_factory) -> Path:
     from synthetic import plant_super_weight, tiny_model
 
     tokenizer = byte_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=128)
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256)
     plant_super_weight(model, *map(int, PLANTED.split(",")))
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
