@@ -121,3 +121,22 @@ def test_activations_on_a_mixture_of_experts_model_are_refused_before_the_weight
     loaded = wrap(tiny_model("mixtral"), build_word_tokenizer(PROMPT_WORDS))
     with pytest.raises(UsageError, match="drop --activations"):
         quantize_model(loaded, coord=["1,3,5,0"], activations=True, block_size=[64], data_dir=DATA_DIR, limit=1)
+
+
+def test_activations_on_a_mixture_of_experts_checkpoint_are_refused_before_the_load(tmp_path, monkeypatch):
+    """A large MoE model loads for minutes: its config says there are fused experts, so --activations
+    is refused before any weight is read."""
+    import superweight.commands.prepare as prepare
+    from superweight import quantize_model
+    from superweight.errors import UsageError
+    from synthetic import tiny_model
+
+    tiny_model("mixtral").save_pretrained(tmp_path / "moe", safe_serialization=True)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prepare, "load", no_load)
+    with pytest.raises(UsageError, match="drop --activations"):
+        quantize_model(str(tmp_path / "moe"), coord=["1,3,5,0"], activations=True, block_size=[64],
+                       data_dir=DATA_DIR, limit=1)

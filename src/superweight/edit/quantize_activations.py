@@ -23,7 +23,7 @@ from torch import nn
 
 from ..coords import SuperWeight
 from ..errors import UsageError
-from ..model.adapters import adapter_for, decoder_layers, down_proj_module
+from ..model.adapters import Adapter, adapter_for, decoder_layers, down_proj_module
 from .quantize import check_bits, checked_super_weights, round_to_nearest
 
 DEFAULT_ACTIVATION_BITS = 8
@@ -77,10 +77,14 @@ class ActivationQuantizationStats:
     held_out: int = 0
 
 
-def check_activations_supported(model: nn.Module):
+def check_activations_supported(model: nn.Module) -> Adapter:
     """The model's adapter row, or `UsageError` where its down projections' input cannot be quantized
     here (fused mixture-of-experts down projections)."""
-    adapter = adapter_for(model)
+    return check_adapter_activations(adapter_for(model))
+
+
+def check_adapter_activations(adapter: Adapter) -> Adapter:
+    """`check_activations_supported` on an adapter row (a config's, before its weights load)."""
     if adapter.experts:
         raise UsageError("activation quantization of fused mixture-of-experts down projections is not supported yet; "
                          "drop --activations for this model")

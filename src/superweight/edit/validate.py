@@ -125,6 +125,18 @@ def validate_coords(model: nn.Module, weights: Sequence[SuperWeight]) -> Checked
     return CheckedCoords(model, weights)
 
 
+def config_before_load(source: ModelSource, trust_remote_code: bool = False) -> Any | None:
+    """The config of a hub model or local directory, read before its weights (what checks that
+    need only the config run on); None for a GGUF (its config comes out of the dequantisation) or
+    a config that cannot be read here (the load reports it)."""
+    if source.kind not in ("hub", "local"):
+        return None
+    try:
+        return read_config(source, source.location, hub_options(source, trust_remote_code, lambda message: None))
+    except Exception:  # noqa: BLE001 - any failure here is the load's to report
+        return None
+
+
 def check_coords_before_load(source: ModelSource, weights: Sequence[SuperWeight], *,
                              trust_remote_code: bool = False) -> bool:
     """Out-of-range coordinates fail before the weights are read: `validate_coords` on a
@@ -141,10 +153,12 @@ def check_coords_before_load(source: ModelSource, weights: Sequence[SuperWeight]
         if shape is not None:
             _check_dense_ranges(weights, *shape)
         return False  # the header's sizes, not the dequantised model's own shapes: check those after the load
+    config = config_before_load(source, trust_remote_code)
     try:
-        options = hub_options(source, trust_remote_code, lambda message: None)
-        skeleton = weightless_model(read_config(source, source.location, options), trust_remote_code)
+        skeleton = weightless_model(config, trust_remote_code) if config is not None else None
     except Exception:  # noqa: BLE001 - any failure here is the load's to report
+        return False
+    if skeleton is None:
         return False
     validate_coords(skeleton, weights)
     return True
