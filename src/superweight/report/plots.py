@@ -247,7 +247,7 @@ def plot_stop_word_shift(shift: StopWordShift, path: str | Path, zeroed: str = "
     """Stop-word probability mass before/after, and the tokens that gain and lose most; `zeroed`
     names what was zeroed ("super weight [11, 507, 1229]", "3 super weights")."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 2.4]})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [1, 2.4]})
     axes[0].bar(["original", "zeroed"], [shift.stop_mass_original, shift.stop_mass_ablated],
                 color=["#3366aa", "#cc3311"])
     axes[0].set_title("next-token mass on stop words", fontsize=10)
@@ -257,7 +257,8 @@ def plot_stop_word_shift(shift: StopWordShift, path: str | Path, zeroed: str = "
     changes = [e["ablated"] - e["original"] for e in entries]
     labels = [repr(e["text"]) for e in entries]
     axes[1].barh(range(len(entries)), changes, color=["#cc3311" if c > 0 else "#3366aa" for c in changes])
-    axes[1].set_yticks(range(len(entries)), labels, fontsize=7)
+    # monospace: a token of one punctuation mark ('.', ',') stays readable beside its quotes
+    axes[1].set_yticks(range(len(entries)), labels, fontsize=8, fontfamily="monospace")
     axes[1].invert_yaxis()
     axes[1].axvline(0, color="black", lw=0.8)
     axes[1].set_title("largest changes in mean next-token probability (zeroed - original)", fontsize=10)
