@@ -31,7 +31,7 @@ from ..find.detect import DEFAULT_PROMPT, detect, encode_prompt
 from ..measure.configurations import Configuration
 from ..measure.verify import labelled, verify
 from ..measure.tasks import load_task, resolve_task_names
-from ..model.identity import coordinates_file_mismatch
+from ..model.identity import coordinates_mismatch
 from ..model.load import LoadedModel
 from ..model.source import ModelSource
 from ..model.options import LoadOptions
@@ -146,11 +146,12 @@ def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions]
     its recorded original values written back in memory)."""
     # Every entry of the file is checked, not only those `--select` picks: a file with one entry out
     # of range or made for another model is a wrong file, whichever entries a command acts on.
-    every = unique_coords([*weights, *(read_coords(coords)[0] if coords else ())])
+    entries, made_for = read_coords(coords) if coords else ([], {})  # the file read once
+    every = unique_coords([*weights, *entries])
     ranges_checked = False
     # A file made for another hub id is told before the load (minutes for a large model, time to
-    # stop it); one made for another model_type can only be told once the config is loaded.
-    told = None if isinstance(model, LoadedModel) else coordinates_file_mismatch(coords, source, None)
+    # stop it); one made for another model_type only once the config is loaded. Told once.
+    told = coords and not isinstance(model, LoadedModel) and coordinates_mismatch(made_for, source, None, coords)
     if told:
         reporter.warn(told)
     if isinstance(model, LoadedModel):
@@ -159,9 +160,10 @@ def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions]
         ranges_checked = check_coords_before_load(
             source, every, trust_remote_code=(options or LoadOptions()).trust_remote_code)
         loaded = load(reporter, model, options)
-    mismatch = told or coordinates_file_mismatch(coords, source, getattr(loaded.model.config, "model_type", None))
-    if mismatch and not told:
-        reporter.warn(mismatch)
+    if coords and not told:
+        mismatch = coordinates_mismatch(made_for, source, getattr(loaded.model.config, "model_type", None), coords)
+        if mismatch:
+            reporter.warn(mismatch)
     if put_back:
         put_back(loaded)
     if not weights:  # nothing to check: the command detects, or evaluates the model as it is

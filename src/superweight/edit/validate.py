@@ -154,11 +154,11 @@ def check_coords_before_load(source: ModelSource, weights: Sequence[SuperWeight]
             _check_dense_ranges(weights, *shape)
         return False  # the header's sizes, not the dequantised model's own shapes: check those after the load
     config = config_before_load(source, trust_remote_code)
-    try:
-        skeleton = weightless_model(config, trust_remote_code) if config is not None else None
-    except Exception:  # noqa: BLE001 - any failure here is the load's to report
+    if config is None:
         return False
-    if skeleton is None:
+    try:
+        skeleton = weightless_model(config, trust_remote_code)
+    except Exception:  # noqa: BLE001 - any failure here is the load's to report
         return False
     validate_coords(skeleton, weights)
     return True
