@@ -169,13 +169,19 @@ def apply(
 
 def undo(model: nn.Module, record: AblationRecord) -> None:
     """Write the original values back, bit-exactly."""
+    write_back(model, record.weights, record.original)
+
+
+def write_back(model: nn.Module, weights: Sequence[SuperWeight], values: Sequence[torch.Tensor]) -> None:
+    """Write `values`, read from `weights` before they were changed, back bit-exactly (in reverse
+    order, so a repeated coordinate ends with its first value)."""
     matrices = DownProjections(model, writable=True)
     with torch.no_grad():
-        for w, value in reversed(list(zip(record.weights, record.original))):
+        for w, value in reversed(list(zip(weights, values))):
             matrices(w)[w.row, w.col] = value
     # A disk-offloaded matrix was held in memory while edited; unchanged again, it can go back.
     adapter = adapter_for(model)
-    for layer, expert in dict.fromkeys((w.layer, w.expert) for w in record.weights):
+    for layer, expert in dict.fromkeys((w.layer, w.expert) for w in weights):
         release(*down_proj_tensor(model, layer, expert, adapter))
 
 

@@ -13,14 +13,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .ablate import AblationRecord, ablated_name, control_name
+from .ablate import AblationRecord, ablated_name, control_name, write_back
 from .validate import holds_recorded
 from ..errors import CoordinatesError, UsageError
 from ..files import atomic_directory, refuse_inside
 from ..coords import SuperWeight
-from ..model.adapters import DownProjections, down_proj_tensor
+from ..model.adapters import DownProjections
 from ..model.load import LoadedModel
-from ..model.placement import release
 from ..model.source import ModelSource
 from ..versions import __version__
 
@@ -166,8 +165,4 @@ def recorded_values_put_back(model: nn.Module, weights: Sequence[SuperWeight],
                 matrix[w.row, w.col] = torch.tensor(original, dtype=matrix.dtype)
         yield
     finally:
-        with torch.no_grad():
-            for w, value in zip(weights, ablated):
-                matrices(w)[w.row, w.col] = value
-        for layer, expert in dict.fromkeys((w.layer, w.expert) for w in weights):  # as ablate.undo
-            release(*down_proj_tensor(model, layer, expert, matrices.adapter))
+        write_back(model, weights, ablated)
