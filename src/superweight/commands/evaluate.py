@@ -12,7 +12,6 @@ from typing import Any, Optional
 from ..versions import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
-from ..edit.save import recorded_ablation
 from ..errors import UsageError
 from ..files import atomic_write_text
 from ..measure.configurations import SummaryTable, check_control, comparison_configurations, parse_factor, \
@@ -104,9 +103,9 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
     source = model_source(model, options)
     check_outputs(source, files=(output,), force=force, inputs={coords: "the coordinates file"})
     with ExitStack() as recorded:  # a folder's recorded values, put back for the evaluation only
-        unchanged, put_back = ablated_folder(reporter, source, weights, compare or (restore_activation and not control),
-                                             recorded)
-        loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=put_back)
+        folder = ablated_folder(reporter, source, weights, compare or (restore_activation and not control), recorded)
+        unchanged = folder.name
+        loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=folder.put_back)
         if compare:
             configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
                                                        unchanged=unchanged)
@@ -124,7 +123,7 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
         return None
     document = output_document(runs)
     document["model"] = {"spec": source.spec, "location": source.location, "kind": source.kind,
-                         "dtype": loaded.dtype, "superweight_ablation": recorded_ablation(source)}
+                         "dtype": loaded.dtype, "superweight_ablation": folder.record}
     document["tool"] = f"superweight {__version__}"
     if output:
         atomic_write_text(output, json.dumps(document, indent=2) + "\n")

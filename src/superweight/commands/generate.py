@@ -51,8 +51,9 @@ def generate_text(model: Model = None, *, coords: Optional[Path] = None, coord: 
     weights = requested(coords, coord, select, say=reporter.note)
     source = model_source(model, options)
     with ExitStack() as recorded:  # a folder's recorded values, put back for the decoding only
-        unchanged, put_back = ablated_folder(reporter, source, weights, True, recorded)
-        loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=put_back)
+        folder = ablated_folder(reporter, source, weights, True, recorded)
+        unchanged = folder.name
+        loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=folder.put_back)
         if not weights:
             weights = detected(reporter, loaded, select=select)
         configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,

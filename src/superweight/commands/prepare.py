@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from ..coords import DEFAULT_SELECTION, SuperWeight, read_coords, select_weights
 from ..distributed import on_main
@@ -112,26 +113,43 @@ def load(reporter: Reporter, model: Optional[str], options: Optional[LoadOptions
     return loaded
 
 
-def ablated_folder(reporter: Reporter, source: ModelSource, weights: Sequence[SuperWeight], restores: bool,
-                   stack: ExitStack) -> tuple[str, Optional[Callable[[LoadedModel], None]]]:
-    """What the model as given is called ("original", or for a folder written by `sw ablate` what
-    its record says was done), and the `put_back` for `ready_model` where a configuration restores
-    the super activation of `weights` and the record holds their original values: those are
-    written back in memory while `stack` is open and the ablated ones after it, so the rows are the
+@dataclass(frozen=True)
+class FolderAsGiven:
+    """The model as given, for a command's rows: `name` ("original", or for a folder written by
+    `sw ablate` what its record says was done), the folder's `record` (its superweight_ablation.json,
+    None for any other model), and where the record's original values are put back in memory for
+    the command, the `put_back` that `ready_model` calls and the (original, ablated) `values` put back
+    (else both None)."""
+    name: str
+    record: Optional[dict[str, Any]] = None
+    put_back: Optional[Callable[[LoadedModel], None]] = None
+    values: Optional[list[tuple[float, float]]] = None
+
+
+def ablated_folder(reporter: Reporter, source: ModelSource, weights: Optional[Sequence[SuperWeight]], restores: bool,
+                   stack: ExitStack) -> FolderAsGiven:
+    """The model as given (its record read once). Its values are put back where a configuration
+    restores the super activation of `weights` (None: every weight the record holds) and the record
+    holds their original values: written
+    back in memory while `stack` is open and the ablated ones after it, so the rows are the
     original, zeroed and restored model, not the ablated folder under three names. Every weight the
     record holds is put back, not only `weights`: the first row is the original model, also where
     `weights` are some of those the folder had zeroed."""
     prior = recorded_ablation(source)
     if not prior:
-        return "original", None
+        return FolderAsGiven("original")
     every = recorded_weights(prior)
-    originals = recorded_originals(prior, every) if restores and recorded_originals(prior, weights) else None
+    weights = every if weights is None else weights
+    held = {w.key for w in every}
+    originals = recorded_originals(prior, every) if restores and weights and all(w.key in held for w in weights) \
+        else None
     if originals is None:
-        return describe_recorded_ablation(prior), None
+        return FolderAsGiven(describe_recorded_ablation(prior), prior)
     reporter.note(f"{source.spec} is ablated; its {RECORD_FILE} holds the original values, put back in "
                   "memory to zero them again and write the super activation back")
-    return (RECORDED_VALUES_PUT_BACK,
-            lambda loaded: stack.enter_context(recorded_values_put_back(loaded.model, every, originals)))
+    return FolderAsGiven(RECORDED_VALUES_PUT_BACK, prior, values=originals,
+                         put_back=lambda loaded: stack.enter_context(
+                             recorded_values_put_back(loaded.model, every, originals)))
 
 
 def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions], source: ModelSource,

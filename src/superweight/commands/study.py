@@ -9,14 +9,14 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from ..versions import __version__
 from ..coords import select_weights, DEFAULT_SELECTION, SuperWeight, check_selection, requested
 from ..distributed import main_proceeds, on_main
-from ..edit.save import RECORD_FILE, recorded_ablation, recorded_originals, recorded_weights
+from ..edit.save import RECORD_FILE
 from ..edit.validate import CheckedCoords
 from ..errors import UsageError
 from ..find.detect import DEFAULT_PROMPT, encode_prompt
@@ -32,7 +32,7 @@ from ..measure.activation_profile import activation_profile
 from ..measure.stop_words import cached_stop_word_shift, load_stop_words
 from ..report import study as analysis
 from ..measure.limits import check_limits
-from .prepare import Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, detected, \
+from .prepare import FolderAsGiven, Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, detected, \
     model_source, ready_model, slug, step, tasks_with_data
 from .reporter import Reporter
 
@@ -75,23 +75,18 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def recorded_folder(reporter: Reporter, source: ModelSource, stack: ExitStack
-                    ) -> tuple[str, Optional[Callable[[LoadedModel], None]], Optional[list[tuple[float, float]]]]:
-    """For a folder written by `sw ablate`: the name of Table 1's first row, the `put_back` of
-    `ready_model` that writes its record's original values back in memory while `stack` is open,
-    and those values (for the cache key). Every part of a study compares with the original model
-    (Table 1, the sweep's x1, the stop-word shift, the roles), so a record holding no original values
-    to put back (a control's, an unreadable one) is refused rather than studied as "original"."""
-    prior = recorded_ablation(source)
-    if not prior:
-        return "original", None, None
-    every = recorded_weights(prior)
-    unchanged, put_back = ablated_folder(reporter, source, every, True, stack)
-    if put_back is None:
-        raise UsageError(f"{source.spec} is {unchanged}, and its {RECORD_FILE} holds no original values of super "
+def recorded_folder(reporter: Reporter, source: ModelSource, stack: ExitStack) -> FolderAsGiven:
+    """The model as given, for a study: for a folder written by `sw ablate`, every value its record
+    holds is put back in memory while `stack` is open. Every part of a study compares with the
+    original model (Table 1, the sweep's x1, the stop-word shift, the roles), so a record holding no
+    original values to put back (a control's, an unreadable one) is refused rather than studied as
+    "original"."""
+    folder = ablated_folder(reporter, source, None, True, stack)
+    if folder.record and folder.put_back is None:
+        raise UsageError(f"{source.spec} is {folder.name}, and its {RECORD_FILE} holds no original values of super "
                          "weights to put back: a study compares every row with the original model; study the "
                          "original model instead")
-    return unchanged, put_back, recorded_originals(prior, every)
+    return folder
 
 
 def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
@@ -125,14 +120,15 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
     acting = requested(coords, coord, select, say=lambda line: reporter.note(
         "Table 1 and the sweep act on " + line.removeprefix("acting on ")))
     with ExitStack() as recorded:  # a folder's recorded values, put back for the study only
-        unchanged, put_back, values_put_back = recorded_folder(reporter, source, recorded)
+        folder = recorded_folder(reporter, source, recorded)
+        unchanged = folder.name
         loaded, weights = ready_model(reporter, model, options, source, requested(coords, coord, "all"), coords,
-                                      put_back=put_back)
+                                      put_back=folder.put_back)
         model_key = model_fingerprint(loaded)
         if isinstance(model, LoadedModel):
             model_key = json.dumps([model_key, weights_digest(loaded.model)])
-        if values_put_back:  # the same files, other values: never the folder's cached results as they are
-            model_key = json.dumps([model_key, {"recorded values put back": values_put_back}])
+        if folder.values:  # the same files, other values: never the folder's cached results as they are
+            model_key = json.dumps([model_key, {"recorded values put back": folder.values}])
         cache = study_runs.EvaluationCache(cache_root((options or LoadOptions()).cache_dir) / "evaluations")
         prompt_ids = encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)
         on_cpu = execution_device(loaded.model).type == "cpu"
