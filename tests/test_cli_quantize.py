@@ -140,3 +140,31 @@ def test_activations_on_a_mixture_of_experts_checkpoint_are_refused_before_the_l
     with pytest.raises(UsageError, match="drop --activations"):
         quantize_model(str(tmp_path / "moe"), coord=["1,3,5,0"], activations=True, block_size=[64],
                        data_dir=DATA_DIR, limit=1)
+
+
+def test_activations_and_coordinates_read_the_config_once_before_the_load(tiny_llama_dir, monkeypatch):
+    """--activations checks the config for fused experts and the coordinates check their ranges
+    against it: one read serves both (with the hub online, each read asks the hub)."""
+    import superweight.commands.prepare as prepare
+    import superweight.edit.validate as validate
+    from superweight import quantize_model
+
+    reads = []
+    read_config = validate.read_config
+
+    def counted(*args, **kwargs):
+        reads.append(args[1])
+        return read_config(*args, **kwargs)
+
+    class Loading(Exception):
+        pass
+
+    def no_load(*args, **kwargs):
+        raise Loading
+
+    monkeypatch.setattr(validate, "read_config", counted)
+    monkeypatch.setattr(prepare, "load", no_load)
+    with pytest.raises(Loading):
+        quantize_model(str(tiny_llama_dir), coord=["1,3,5"], activations=True, block_size=[64],
+                       data_dir=DATA_DIR, limit=1)
+    assert reads == [str(tiny_llama_dir)]

@@ -25,7 +25,8 @@ from ..coords import DEFAULT_SELECTION, SuperWeight, read_coords, select_weights
 from ..distributed import on_main
 from ..edit.save import (RECORD_FILE, describe_recorded_ablation, recorded_ablation, recorded_originals,
                          recorded_values_put_back, recorded_weights)
-from ..edit.validate import CheckedCoords, check_coords_before_load, checked_coords, unique_coords
+from ..edit.validate import CheckedCoords, check_coords_before_load, checked_coords, config_before_load, \
+    unique_coords
 from ..errors import UsageError
 from ..files import check_writable, refuse_current_directory, refuse_inside
 from ..find.detect import DEFAULT_PROMPT, detect, encode_prompt
@@ -154,14 +155,16 @@ def ablated_folder(reporter: Reporter, source: ModelSource, weights: Optional[Se
 
 def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions], source: ModelSource,
                 weights: Sequence[SuperWeight] = (), coords: Optional[Path] = None,
-                put_back: Optional[Callable[[LoadedModel], None]] = None) -> tuple[LoadedModel, CheckedCoords]:
+                put_back: Optional[Callable[[LoadedModel], None]] = None,
+                config_check: Optional[Callable[[Any], None]] = None) -> tuple[LoadedModel, CheckedCoords]:
     """The model to work on, and `weights` checked once each way: against the config before a
     load (a wrong coordinates file fails in seconds, not after minutes of loading), then against
     the weights themselves (ranges, and the values the coordinates file recorded). The checked
     coordinates are what the command passes on: ablation, controls and restoration take them
     without checking again. A model given in memory is used as it is: nothing is loaded.
     `put_back` changes the loaded model before its values are checked (a folder `sw ablate` wrote,
-    its recorded original values written back in memory)."""
+    its recorded original values written back in memory). `config_check` is the command's own check
+    of the config before a load (of a hub model or a local directory; one read serves both checks)."""
     # Every entry of the file is checked, not only those `--select` picks: a file with one entry out
     # of range or made for another model is a wrong file, whichever entries a command acts on.
     entries, made_for = read_coords(coords) if coords else ([], {})  # the file read once
@@ -175,8 +178,11 @@ def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions]
     if isinstance(model, LoadedModel):
         loaded = model
     else:
-        ranges_checked = check_coords_before_load(
-            source, every, trust_remote_code=(options or LoadOptions()).trust_remote_code)
+        trust_remote_code = (options or LoadOptions()).trust_remote_code
+        config = config_before_load(source, trust_remote_code) if config_check else None
+        if config is not None:
+            config_check(config)
+        ranges_checked = check_coords_before_load(source, every, trust_remote_code=trust_remote_code, config=config)
         loaded = load(reporter, model, options)
     if coords and not told:
         mismatch = coordinates_mismatch(made_for, source, getattr(loaded.model.config, "model_type", None), coords)

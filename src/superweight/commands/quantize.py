@@ -13,7 +13,6 @@ from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
 from ..edit import quantize as rtn
 from ..edit.quantize_activations import check_activations_supported, check_adapter_activations
-from ..edit.validate import config_before_load
 from ..measure.quantized import activation_quantization_compare, comparison_runs, weight_quantization_sweep
 from ..report.plots import plot_sweep
 from ..errors import UsageError
@@ -101,11 +100,9 @@ def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord:
     source = model_source(model, options)
     check_outputs(source, plot=plot, directory=out, force=force, inputs={coords: "the coordinates file"})
     weights = requested(coords, coord, select, say=reporter.note)
-    config = None if isinstance(model, LoadedModel) or not activations else \
-        config_before_load(source, (options or LoadOptions()).trust_remote_code)
-    if config is not None:  # before the load (minutes for a large MoE model), where the config tells
-        check_adapter_activations(adapter_for_config(config)[0])
-    loaded, weights = ready_model(reporter, model, options, source, weights, coords)
+    # --activations on a MoE model is refused before the load (minutes for a large one) where the config tells
+    loaded, weights = ready_model(reporter, model, options, source, weights, coords, config_check=(
+        (lambda config: check_adapter_activations(adapter_for_config(config)[0])) if activations else None))
     if activations:  # before the detection and the weight sweep, not after them
         check_activations_supported(loaded.model)
     grid = sizes or rtn.default_block_sizes(loaded.model)

@@ -138,12 +138,13 @@ def config_before_load(source: ModelSource, trust_remote_code: bool = False) -> 
 
 
 def check_coords_before_load(source: ModelSource, weights: Sequence[SuperWeight], *,
-                             trust_remote_code: bool = False) -> bool:
+                             trust_remote_code: bool = False, config: Any | None = None) -> bool:
     """Out-of-range coordinates fail before the weights are read: `validate_coords` on a
     weightless (meta-device) model built from the config of a local directory or hub model; for a
     dense GGUF, layer/row/col against the sizes in its header (its config only comes out of the
     dequantisation). A config that cannot be read is left to the load, which reports it.
 
+    `config`: the one `config_before_load` read already for another check (read here otherwise).
     Returns whether every coordinate was checked against the model's shapes (then the loaded model
     need not check them again: `checked_coords(..., ranges_checked=True)`)."""
     if not weights:
@@ -153,7 +154,7 @@ def check_coords_before_load(source: ModelSource, weights: Sequence[SuperWeight]
         if shape is not None:
             _check_dense_ranges(weights, *shape)
         return False  # the header's sizes, not the dequantised model's own shapes: check those after the load
-    config = config_before_load(source, trust_remote_code)
+    config = config if config is not None else config_before_load(source, trust_remote_code)
     if config is None:
         return False
     try:
