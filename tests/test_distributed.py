@@ -429,3 +429,12 @@ def test_accelerate_launch_two_processes_equal_one_process(tiny_llama_dir, tmp_p
     [got], [expected] = got["configurations"], expected["configurations"]
     assert got["config"]["ranks"] == 2 and expected["config"]["ranks"] == 1
     assert got["results"] == expected["results"]  # exactly, stderr and perplexity too
+
+
+def test_help_and_version_print_once_under_a_launcher(tmp_path):
+    """Parsed before any command runs: the other ranks print neither, rank 0 prints both."""
+    for args in (["--version"], ["eval", "--help"]):
+        (code0, out0, _), (code1, out1, _) = [_finish(rank, timeout=60)
+                                              for rank in _launch_ranks(args, _env(tmp_path / "cache"), 2)]
+        assert (code0, code1) == (0, 0)
+        assert ("sw (superweight)" in out0 or "--task" in out0) and out1 == ""

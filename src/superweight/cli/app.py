@@ -242,4 +242,12 @@ def main() -> None:
     # read when tqdm is first imported: before any library is.
     os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, terminate_on_sigterm)
-    app(prog_name="sw")
+    with _muted(_another_rank()):  # also --help and --version, printed before any command runs
+        app(prog_name="sw")
+
+
+def _another_rank() -> bool:
+    """Under a launcher, a rank other than 0: what it would print, rank 0 prints once. Read from
+    RANK alone, not `distributed.launched()`: `sw --help` must not wait for torch to import."""
+    rank = os.environ.get("RANK", "0")
+    return "WORLD_SIZE" in os.environ and rank.isdigit() and int(rank) > 0
