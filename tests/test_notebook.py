@@ -89,6 +89,23 @@ def test_more_steps_on_the_same_model_generate_quantize_study(own_model, no_load
     assert all(torch.equal(before[k], v) for k, v in snapshot(loaded.model).items())
 
 
+def test_saving_a_model_prints_nothing(own_model, tmp_path, capfd):
+    """transformers draws "Writing model shards: 100%|..." on a save: not in a notebook's library call."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh notebook (a CLI test in this process turns bars off)
+    try:
+        loaded = superweight.wrap(*own_model)
+        superweight.ablate_model(loaded, coord=["1,7,13"], out=tmp_path / "zeroed")
+        superweight.quantize_model(loaded, coord=["1,7,13"], block_size=[64], task="wikitext", out=tmp_path / "rtn",
+                                   **QUICK)
+    finally:
+        if not bars_were_on:
+            hf_logging.disable_progress_bar()
+    assert (tmp_path / "rtn").is_dir() and capfd.readouterr().err == ""
+
+
 def test_the_study_cache_knows_a_model_changed_in_memory(own_model, tmp_path):
     """Same name, other weights: the cached evaluations of the first must not stand for the second."""
     loaded = superweight.wrap(*own_model, name="my-llama")
