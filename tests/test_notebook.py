@@ -1,6 +1,8 @@
 """A model in memory, many steps, as a notebook does them: a user's own model (built here, never
 read from disk) or one loaded once, given to every command function, and never loaded again."""
 
+import pickle
+
 import pytest
 import torch
 import transformers
@@ -86,6 +88,9 @@ def test_more_steps_on_the_same_model_generate_quantize_study(own_model, no_load
     study = superweight.run_study(loaded, coord=["1,7,13"], task="wikitext", grid="0,1", top=5,
                                   out=tmp_path / "study", **QUICK)
     assert study.report.is_file() and study.meta["model"]["spec"] == "my-llama"
+    for result in (generated, quantized, study):  # a notebook keeps its results (pickle, joblib)
+        assert pickle.loads(pickle.dumps(result)).to_dict() == result.to_dict()
+    assert pickle.loads(pickle.dumps(study)).super_weights == study.super_weights
     assert all(torch.equal(before[k], v) for k, v in snapshot(loaded.model).items())
 
 
