@@ -206,3 +206,12 @@ def test_a_prompt_longer_than_a_users_models_context_is_refused_in_one_line(tmp_
     found = superweight.detect_model(loaded, prompt=" ".join(f"w{i % 50}" for i in range(64)), out=tmp_path / "c.yaml",
                                      chat_template=chat_template)
     assert found.detection.num_tokens == 64
+
+
+def test_verify_on_a_users_text_says_so(own_model):
+    """verify(text=...) measured on the caller's text: its result must not name the shipped text."""
+    model, tokenizer = own_model
+    text = " ".join(f"w{i}" for i in range(40))
+    verification = superweight.verify(model, tokenizer, [superweight.SuperWeight(*PLANTED)], text=text, prompts=())
+    assert verification.text_source == "the text given to verify()" and verification.num_tokens == 40
+    assert verification.to_dict()["text"] == verification.text_source
