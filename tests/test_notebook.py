@@ -215,3 +215,24 @@ def test_verify_on_a_users_text_says_so(own_model):
     verification = superweight.verify(model, tokenizer, [superweight.SuperWeight(*PLANTED)], text=text, prompts=())
     assert verification.text_source == "the text given to verify()" and verification.num_tokens == 40
     assert verification.to_dict()["text"] == verification.text_source
+
+
+def test_a_library_error_names_the_keyword_the_caller_passed(own_model, tiny_llama_dir):
+    """The checks are shared with `sw`, whose messages name its options; a notebook passed keywords."""
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+
+    loaded = superweight.wrap(*own_model)
+    with pytest.raises(UsageError, match=r"^--max-length \(max_length=\) must be at least 2 tokens, got 1$"):
+        superweight.evaluate_model(loaded, task=["wikitext"], max_length=1, data_dir=str(DATA_DIR))
+    with pytest.raises(UsageError, match=r"--verify \(verify=True\)"):
+        superweight.detect_model(loaded, verify_text="text.txt")
+    with pytest.raises(UsageError, match=r"--max-memory \(LoadOptions\(max_memory=\)\)"):
+        superweight.load(str(tiny_llama_dir), superweight.LoadOptions(max_memory="lots"))
+    with pytest.raises(UsageError, match=r"^--limit \(limit=\) must"):
+        superweight.evaluate(*own_model, ["wikitext"], limit=0, data_dir=str(DATA_DIR))
+    # `sw` keeps its own words
+    result = CliRunner().invoke(app, ["eval", str(tiny_llama_dir), "-q", "--task", "wikitext", "--max-length", "1",
+                                      "--data-dir", str(DATA_DIR)])
+    assert result.exit_code == 2 and "--max-length must be at least 2" in result.output and "max_length=" not in result.output
