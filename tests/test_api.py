@@ -63,7 +63,7 @@ def test_detect_model_finds_the_planted_weight_and_writes_its_coordinates(plante
 
 
 def test_detect_model_bad_input_raises_before_anything_is_written(planted_dir, tmp_path):
-    with pytest.raises(UsageError, match="--iterations must be at least 1"):
+    with pytest.raises(UsageError, match=r"--iterations \(iterations=\) must be at least 1"):
         api.detect_model(str(planted_dir), iterations=0, out=tmp_path / "c.yaml")
     with pytest.raises(SuperweightError, match="inside"):
         api.detect_model(str(planted_dir), out=planted_dir / "c.yaml")
@@ -98,7 +98,7 @@ def test_evaluate_model_with_an_ablation_compares_it_with_the_original(planted_d
 
 
 def test_evaluate_model_refuses_compare_without_coordinates(planted_dir):
-    with pytest.raises(UsageError, match="need --coords FILE"):
+    with pytest.raises(UsageError, match=r"need --coords \(coords=\) FILE"):
         api.evaluate_model(str(planted_dir), compare=True, **QUICK)
 
 
@@ -156,7 +156,7 @@ def test_quantize_model_compares_naive_and_aware_rtn(planted_dir, tmp_path):
     assert {"unquantized", "naive, block 64", "aware, block 64"} == {row[0] for row in result.weight_table().rows}
     settings = json.loads((tmp_path / "w4" / "superweight_quantization.json").read_text())
     assert (settings["bits"], settings["block_size"]) == (4, 64)
-    with pytest.raises(UsageError, match="--block-size must be a positive integer, got 'x'"):
+    with pytest.raises(UsageError, match=r"--block-size \(block_size=\) must be a positive integer, got 'x'"):
         api.quantize_model(str(planted_dir), block_size=["x"], **QUICK)
 
 

@@ -1,6 +1,8 @@
 """A model in memory, many steps, as a notebook does them: a user's own model (built here, never
 read from disk) or one loaded once, given to every command function, and never loaded again."""
 
+import pickle
+
 import pytest
 import torch
 import transformers
@@ -86,7 +88,27 @@ def test_more_steps_on_the_same_model_generate_quantize_study(own_model, no_load
     study = superweight.run_study(loaded, coord=["1,7,13"], task="wikitext", grid="0,1", top=5,
                                   out=tmp_path / "study", **QUICK)
     assert study.report.is_file() and study.meta["model"]["spec"] == "my-llama"
+    for result in (generated, quantized, study):  # a notebook keeps its results (pickle, joblib)
+        assert pickle.loads(pickle.dumps(result)).to_dict() == result.to_dict()
+    assert pickle.loads(pickle.dumps(study)).super_weights == study.super_weights
     assert all(torch.equal(before[k], v) for k, v in snapshot(loaded.model).items())
+
+
+def test_saving_a_model_prints_nothing(own_model, tmp_path, capfd):
+    """transformers draws "Writing model shards: 100%|..." on a save: not in a notebook's library call."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh notebook (a CLI test in this process turns bars off)
+    try:
+        loaded = superweight.wrap(*own_model)
+        superweight.ablate_model(loaded, coord=["1,7,13"], out=tmp_path / "zeroed")
+        superweight.quantize_model(loaded, coord=["1,7,13"], block_size=[64], task="wikitext", out=tmp_path / "rtn",
+                                   **QUICK)
+    finally:
+        if not bars_were_on:
+            hf_logging.disable_progress_bar()
+    assert (tmp_path / "rtn").is_dir() and capfd.readouterr().err == ""
 
 
 def test_the_study_cache_knows_a_model_changed_in_memory(own_model, tmp_path):
@@ -184,3 +206,33 @@ def test_a_prompt_longer_than_a_users_models_context_is_refused_in_one_line(tmp_
     found = superweight.detect_model(loaded, prompt=" ".join(f"w{i % 50}" for i in range(64)), out=tmp_path / "c.yaml",
                                      chat_template=chat_template)
     assert found.detection.num_tokens == 64
+
+
+def test_verify_on_a_users_text_says_so(own_model):
+    """verify(text=...) measured on the caller's text: its result must not name the shipped text."""
+    model, tokenizer = own_model
+    text = " ".join(f"w{i}" for i in range(40))
+    verification = superweight.verify(model, tokenizer, [superweight.SuperWeight(*PLANTED)], text=text, prompts=())
+    assert verification.text_source == "the text given to verify()" and verification.num_tokens == 40
+    assert verification.to_dict()["text"] == verification.text_source
+
+
+def test_a_library_error_names_the_keyword_the_caller_passed(own_model, tiny_llama_dir):
+    """The checks are shared with `sw`, whose messages name its options; a notebook passed keywords."""
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+
+    loaded = superweight.wrap(*own_model)
+    with pytest.raises(UsageError, match=r"^--max-length \(max_length=\) must be at least 2 tokens, got 1$"):
+        superweight.evaluate_model(loaded, task=["wikitext"], max_length=1, data_dir=str(DATA_DIR))
+    with pytest.raises(UsageError, match=r"--verify \(verify=True\)"):
+        superweight.detect_model(loaded, verify_text="text.txt")
+    with pytest.raises(UsageError, match=r"--max-memory \(LoadOptions\(max_memory=\)\)"):
+        superweight.load(str(tiny_llama_dir), superweight.LoadOptions(max_memory="lots"))
+    with pytest.raises(UsageError, match=r"^--limit \(limit=\) must"):
+        superweight.evaluate(*own_model, ["wikitext"], limit=0, data_dir=str(DATA_DIR))
+    # `sw` keeps its own words
+    result = CliRunner().invoke(app, ["eval", str(tiny_llama_dir), "-q", "--task", "wikitext", "--max-length", "1",
+                                      "--data-dir", str(DATA_DIR)])
+    assert result.exit_code == 2 and "--max-length must be at least 2" in result.output and "max_length=" not in result.output

@@ -8,9 +8,11 @@ on `loaded.model` directly. Names are imported on first use: `import superweight
 
 from __future__ import annotations
 
+import inspect
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from .errors import keyword_errors
 from .versions import __version__
 
 # public name -> the module that defines it
@@ -56,8 +58,24 @@ def __getattr__(name: str) -> Any:
     if home is None:
         raise AttributeError(f"module 'superweight' has no attribute '{name}'")
     value = getattr(import_module(home), name)
+    if inspect.isfunction(value):  # its errors name the keyword arguments a notebook passed
+        value = keyword_errors(value, _keywords(value))
     globals()[name] = value  # once imported, a plain attribute
     return value
+
+
+def _keywords(function: Any) -> dict[str, str]:
+    """How a caller of `function` writes each option its errors may name: `max_length=`,
+    `force=True` for a flag, and `LoadOptions(dtype=)` for a loading option."""
+    parameters = inspect.signature(function).parameters
+    keywords = {name: f"{name}=True" if p.default is False else f"{name}=" for name, p in parameters.items()}
+    if "options" in parameters:
+        from dataclasses import fields
+
+        from .model import options as model_options
+
+        keywords.update({f.name: f"LoadOptions({f.name}=)" for f in fields(model_options.LoadOptions)})
+    return keywords
 
 
 def __dir__() -> list[str]:

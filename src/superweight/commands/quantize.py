@@ -21,6 +21,7 @@ from ..measure.configurations import SummaryTable, summary_table
 from ..model.adapters import adapter_for_config
 from ..model.load import LoadedModel
 from ..model.options import LoadOptions
+from ..model.quiet import quiet_transformers
 from ..measure.limits import check_limits
 from .prepare import Model, check_outputs, detected, model_source, ready_model, tasks_with_data
 from .reporter import Reporter
@@ -51,7 +52,7 @@ class QuantizationResult:
 
 def _save_quantized(loaded: LoadedModel, out: Path, force: bool, settings: dict[str, Any]) -> None:
     """The fake-quantized (dequantized values) model as safetensors, written atomically."""
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force) as tmp, quiet_transformers():
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "superweight_quantization.json").write_text(json.dumps(

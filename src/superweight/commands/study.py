@@ -184,4 +184,6 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
             step(bar, f"writing {out_dir}", lambda: analysis.write_report(
                 out_dir, force=force, super_weights=weights, table=table, sweep_rows=study_runs.sweep_rows(runs, sweep),
                 stop_words=shift, profile=profile, meta=meta, verification=verification, generations=generations))
-    return StudyResult(out=out_dir, table=table, super_weights=weights, runs=runs, meta=meta)
+    # A plain list: the CheckedCoords above hold the model weakly, which pickle (and a notebook's
+    # saved results) cannot carry.
+    return StudyResult(out=out_dir, table=table, super_weights=list(weights), runs=runs, meta=meta)

@@ -20,6 +20,7 @@ from ..files import atomic_directory, refuse_inside
 from ..coords import SuperWeight
 from ..model.adapters import DownProjections
 from ..model.load import LoadedModel
+from ..model.quiet import quiet_transformers
 from ..model.source import ModelSource
 from ..versions import __version__
 
@@ -66,7 +67,7 @@ def save_ablated(loaded: LoadedModel, record: AblationRecord, out_dir: str | Pat
         if was_quantized is not None:
             model.is_quantized = False
     try:
-        with atomic_directory(out_dir, force) as tmp:
+        with atomic_directory(out_dir, force) as tmp, quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(tmp)

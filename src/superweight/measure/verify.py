@@ -65,6 +65,7 @@ BROKEN_PERPLEXITY = 1000.0  # working models read plain English prose far below 
 ROLES = ("super", "joint", "inert")
 VERIFY_TEXT_NAME = "verify_text.txt"
 SHIPPED_TEXT = "the project's verification text (configs/verify_text.txt)"
+GIVEN_TEXT = "the text given to verify()"
 MAX_VERIFY_TOKENS = 1024  # enough for a stable ratio; keeps --verify to seconds on a CPU
 VERIFY_PROMPTS = (
     "The weather in the mountains changed quickly that afternoon.",
@@ -290,7 +291,7 @@ def verify(
     weights: Sequence[SuperWeight],
     *,
     text: str | None = None,
-    text_source: str = SHIPPED_TEXT,
+    text_source: str | None = None,
     prompts: Sequence[str] = VERIFY_PROMPTS,
     rule: SpikeRule | None = None,
     iterations: int = DEFAULT_ITERATIONS,
@@ -307,6 +308,8 @@ def verify(
     exact = check_attribution(attribution, len(weights))
     if text is None:
         text, text_source = read_verify_text()
+    elif text_source is None:  # not the shipped text: the report must not say it was
+        text_source = GIVEN_TEXT
     input_ids = encode_text(model, tokenizer, text)
 
     progress("verifying: perplexity of the original")

@@ -22,7 +22,7 @@ from .gguf import dequantized_gguf
 from .hub import Progress, hub_options, model_load_error, read_config
 from .integrity import check_complete, check_finite_offloaded_down_projections, check_finite_weights, \
     damaged_file_error, damaged_weight_file
-from .quiet import quiet_loading
+from .quiet import quiet_transformers
 from .source import ModelSource, cache_root, resolve
 from ..errors import OutputPathError
 from ..files import refuse_inside
@@ -124,7 +124,7 @@ def load_model(
     location, hub_kwargs = source.location, {}
     if source.kind == "gguf":
         # Under a launcher rank 0 dequantizes and writes the cache first; the others then read it.
-        with quiet_loading(quiet):
+        with quiet_transformers(quiet):
             cached, from_cache = distributed.in_turns(
                 lambda: dequantized_gguf(source, dtype, cache_dir, progress, notice))
         location = str(cached)
@@ -132,7 +132,7 @@ def load_model(
     else:
         hub_kwargs = hub_options(source, trust_remote_code, notice)
         progress(f"reading config of {source.spec}")
-        with quiet_loading(quiet):
+        with quiet_transformers(quiet):
             read_config(source, location, hub_kwargs)
     placement: dict[str, Any] = {}
     if max_memory and not device_map:
@@ -152,7 +152,7 @@ def load_model(
     progress(f"loading weights of {source.spec}")
     where = source.spec if source.kind == "hub" else location
     try:
-        with quiet_loading(quiet):
+        with quiet_transformers(quiet):
             # Mismatched shapes are reported (then refused below with the rest), not raised as a RuntimeError.
             model, loading_info = AutoModelForCausalLM.from_pretrained(
                 location, dtype=dtype_option, output_loading_info=True, ignore_mismatched_sizes=True,

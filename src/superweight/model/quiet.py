@@ -1,5 +1,6 @@
 """Library calls print nothing unless asked: transformers' and huggingface_hub's progress bars
-("Loading weights: 100%|...") and their info/warning logging are silenced around a load."""
+("Loading weights: 100%|...", "Writing model shards: 100%|...") and their info/warning logging
+are silenced around a load and around a save."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Iterator
 
 
 @contextmanager
-def quiet_loading(quiet: bool = True) -> Iterator[None]:
+def quiet_transformers(quiet: bool = True) -> Iterator[None]:
     """Within the block, no progress bar and no log line below ERROR from transformers or
     huggingface_hub (when `quiet`); their previous settings come back afterwards, even on error."""
     if not quiet:
