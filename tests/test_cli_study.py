@@ -46,6 +46,8 @@ def test_study_writes_report_and_reuses_cached_evaluations(tiny_llama_dir, tmp_p
     for heading in ("## Super weights", "## Table 1", "## Generations", "## Scaling the weight [1, 3, 5]",
                     "## Stop-word shift", "## Activation profile"):
         assert heading in report
+    # the roles were measured on the text that comes with the tool, named in words, not by its internal label
+    assert "Perplexity on the sample paragraph that comes with superweight (configs/verify_text.txt) (" in report
     generations = document["generations"]
     assert [g["configuration"] for g in generations] == list(rows)  # every Table 1 row, one prompt
     assert {g["prompt"] for g in generations} == {"My favourite condiment is"}

@@ -17,7 +17,7 @@ from ..measure.configurations import SummaryTable
 from ..measure.generate import Generation
 from ..measure.stop_words import StopWordShift
 from ..measure.study_runs import CPU_BUDGET_NOTE, SWEEP_METRICS
-from ..measure.verify import labelled
+from ..measure.verify import GIVEN_TEXT, SHIPPED_TEXT, labelled
 from .plots import plot_activation_profile, plot_scale_sweep, plot_stop_word_shift
 
 REPORT_FILE = "REPORT.md"
@@ -226,8 +226,10 @@ def _generations_section(generations: Sequence[Generation]) -> list[str]:
 
 
 def _text_name(source: str) -> str:
-    """Where the verification text came from, in words (verify.py's "shipped text" is its own sample)."""
-    return "the sample paragraph that comes with superweight" if source == "shipped text" else f"`{source}`"
+    """Where the verification text came from, in words: a file by its path, in backticks."""
+    if source == SHIPPED_TEXT:
+        return "the sample paragraph that comes with superweight (configs/verify_text.txt)"
+    return source if source == GIVEN_TEXT else f"`{source}`"
 
 
 def table_reading(meta: dict[str, Any]) -> str | None:
