@@ -236,3 +236,21 @@ def test_a_library_error_names_the_keyword_the_caller_passed(own_model, tiny_lla
     result = CliRunner().invoke(app, ["eval", str(tiny_llama_dir), "-q", "--task", "wikitext", "--max-length", "1",
                                       "--data-dir", str(DATA_DIR)])
     assert result.exit_code == 2 and "--max-length must be at least 2" in result.output and "max_length=" not in result.output
+
+
+def test_results_show_briefly_on_a_cells_last_line(own_model, no_loading, tmp_path):
+    """A notebook prints the object a cell ends with: its class, its short fields as they are, the
+    long ones by type and size, the weights by coordinates; not kilobytes of tables or a module tree."""
+    loaded = superweight.wrap(*own_model, name="my-llama")
+    found = superweight.detect_model(loaded, out=tmp_path / "c.yaml")
+    evaluation = superweight.evaluate_model(loaded, coord=["1,7,13"], compare=True, task=["wikitext"], **QUICK)
+    saved = superweight.ablate_model(loaded, coord=["1,7,13"], out=tmp_path / "zeroed")
+    shown = {type(result).__name__: repr(result) for result in (loaded, found, evaluation, saved)}
+    for name, text in shown.items():
+        print(text)
+        assert text.startswith(name + "(") and len(text) <= 500, text
+    assert "model=<LlamaForCausalLM>" in shown["LoadedModel"] and "source=<ModelSource 'my-llama'>" in shown["LoadedModel"]
+    assert "super_weights=[[1, 7, 13]]" in shown["DetectionResult"]
+    assert f"coords_path='{tmp_path / 'c.yaml'}'" in shown["DetectionResult"]
+    assert "runs=<dict of 4>" in shown["EvaluationResult"]
+    assert f"out='{tmp_path / 'zeroed'}'" in shown["AblationResult"] and "changed=1" in shown["AblationResult"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..brief_repr import BriefRepr
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_alone
 from ..edit.ablate import AblationRecord, ablated
@@ -17,8 +18,8 @@ from .prepare import Model, check_outputs, model_source, ready_model
 from .reporter import Reporter
 
 
-@dataclass
-class AblationResult:
+@dataclass(repr=False)
+class AblationResult(BriefRepr):
     """What `ablate_model` changed and where it wrote the model."""
 
     out: Path

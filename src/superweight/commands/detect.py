@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from ..brief_repr import BriefRepr
 from ..versions import __version__
 from ..coords import SuperWeight, write_coords
 from ..distributed import main_alone
@@ -25,9 +26,11 @@ from .prepare import Model, check_outputs, model_source, slug
 from .reporter import Reporter
 
 
-@dataclass
-class DetectionResult:
+@dataclass(repr=False)
+class DetectionResult(BriefRepr):
     """What `detect_model` found and wrote."""
+
+    shown = ("super_weights",)  # the candidates (labelled, with verify=True), in the repr
 
     detection: Detection  # super_weights, per-layer stats, iterations
     verification: Optional[Verification]  # with verify=True

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..brief_repr import BriefRepr
 from ..versions import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
@@ -24,8 +25,8 @@ from .prepare import Model, ablated_folder, batch_size_option, check_outputs, co
 from .reporter import Reporter
 
 
-@dataclass
-class EvaluationResult:
+@dataclass(repr=False)
+class EvaluationResult(BriefRepr):
     """The metrics of every evaluated configuration, and the document `--output` holds."""
 
     runs: dict[str, dict[str, Any]]  # configuration name -> lm-eval layout results of its tasks

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..brief_repr import BriefRepr
 from ..coords import DEFAULT_SELECTION, check_selection, read_coords, select_weights
 from ..distributed import main_alone
 from ..edit import export as handoff
@@ -18,8 +19,8 @@ from .prepare import Model, check_outputs, model_source
 from .reporter import Reporter
 
 
-@dataclass
-class ExportResult:
+@dataclass(repr=False)
+class ExportResult(BriefRepr):
     """What a quantizer needs to keep the super weights' matrices in high precision."""
 
     export: Export  # content, modules, gguf_tensors, usage, checked

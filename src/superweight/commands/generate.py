@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..brief_repr import BriefRepr
 from ..versions import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds, on_main
@@ -18,8 +19,8 @@ from .prepare import Model, ablated_folder, detected, model_source, ready_model
 from .reporter import Reporter
 
 
-@dataclass
-class GenerationResult:
+@dataclass(repr=False)
+class GenerationResult(BriefRepr):
     """Greedy continuations of each prompt under each configuration."""
 
     model: dict[str, Any]  # spec, location, dtype

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..brief_repr import BriefRepr
 from ..versions import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
@@ -29,8 +30,8 @@ from .reporter import Reporter
 DEFAULT_ACTIVATION_BITS = 8  # --activations without --activation-bits (None marks "not given": refused alone)
 
 
-@dataclass
-class QuantizationResult:
+@dataclass(repr=False)
+class QuantizationResult(BriefRepr):
     """Naive vs super-weight-aware round-to-nearest, per block size (and per activation width)."""
 
     document: dict[str, Any]  # the `sw quantize --json` document

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..brief_repr import BriefRepr
 from ..distributed import main_alone
 from ..versions import __version__
 
 
-@dataclass
-class RealQuantizationResult:
+@dataclass(repr=False)
+class RealQuantizationResult(BriefRepr):
     document: dict  # the `sw quantize --quantizer ... --json` document
     task: str
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..brief_repr import BriefRepr
 from ..versions import __version__
 from ..coords import select_weights, DEFAULT_SELECTION, SuperWeight, check_selection, requested
 from ..distributed import main_proceeds, on_main
@@ -37,8 +38,8 @@ from .prepare import FolderAsGiven, Model, ablated_folder, batch_size_option, ch
 from .reporter import Reporter
 
 
-@dataclass
-class StudyResult:
+@dataclass(repr=False)
+class StudyResult(BriefRepr):
     """The paper's analysis of one model, as written to `out` (REPORT.md, report.json, plots)."""
 
     out: Path

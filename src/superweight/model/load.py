@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
+from ..brief_repr import BriefRepr
 from .adapters import resolve_adapter
 from .devices import check_map_devices, resolve_device, torch_dtype
 from .gguf import dequantized_gguf
@@ -28,8 +29,8 @@ from ..errors import OutputPathError
 from ..files import refuse_inside
 
 
-@dataclass
-class LoadedModel:
+@dataclass(repr=False)
+class LoadedModel(BriefRepr):
     model: Any
     tokenizer: Any
     source: ModelSource
