@@ -144,7 +144,8 @@ def quantize(
     data_dir: Optional[str] = DATA_DIR,
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task."),
     max_length: Optional[int] = MAX_LENGTH,
-    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size (PNG)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size "
+                                        "(format from the suffix: .png, .pdf, .svg, ...; PNG without one)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Save the super-weight-aware fake-quantized model "
                                                                  "(needs exactly one --block-size)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory or an existing --plot."),
