@@ -90,7 +90,10 @@ write("quantize", "Round-to-nearest quantization, naive and super-weight-aware, 
       obj({"model": obj({"spec": str_, "location": str_}, ["spec"]), "bits": int_, "z": {"type": ["number", "string"]},
            "super_weights": arr(coordinate), "unquantized": task_results,
            "weights": arr(obj({"bits": int_, "block_size": int_, "naive": task_results, "aware": task_results,
-                               "naive_perplexity": nullable(num), "aware_perplexity": nullable(num)}, ["block_size", "naive", "aware"])),
+                               "naive_perplexity": nullable(num), "aware_perplexity": nullable(num),
+                               "aware_worse": {"type": "array", "items": str_, "description": "the headline metrics "
+                                               "('wikitext word_perplexity', ...) on which aware is worse than naive"}},
+                              ["block_size", "naive", "aware", "aware_worse"])),
            "activations": {"type": "array"}, "tool": str_}, ["model", "bits", "super_weights", "unquantized", "weights", "activations", "tool"]))
 
 write("study", "report.json as written: Table 1 as numbers with their standard errors, the scale sweep, the stop-word shift, "

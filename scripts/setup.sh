@@ -8,8 +8,11 @@ PYTHON="${PYTHON:-python3}"
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 # This machine has a CPU build of torch 2.13.0 on local disk; an unpinned torch would pull a
-# multi-GB CUDA build. Users elsewhere get any torch the package metadata allows.
-python -m pip install --quiet "torch==${SUPERWEIGHT_TORCH:-2.13.0}"
+# multi-GB CUDA build. Users elsewhere get any torch the package metadata allows. A torch the user
+# installed into .venv first (a CUDA build, say) is kept unless SUPERWEIGHT_TORCH asks for another.
+if [ -n "${SUPERWEIGHT_TORCH:-}" ] || ! python -c "import torch" 2>/dev/null; then
+  python -m pip install --quiet "torch==${SUPERWEIGHT_TORCH:-2.13.0}"
+fi
 if [ "${1:-}" = "--test" ]; then
   python -m pip install --quiet -e ".[test]"
 else

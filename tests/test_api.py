@@ -168,6 +168,26 @@ def test_generate_text_continues_each_prompt_under_each_configuration(planted_di
     assert result.to_dict()["decoding"] == "greedy"
 
 
+def test_generate_text_without_coordinates_reports_its_detection_and_verification(planted_dir):
+    """Detecting and verifying take minutes on a real model (2 on SmolLM2's CPU): stderr must not
+    stay silent through them, as it did when only the commands with stages showed them."""
+    class Statuses(api.Reporter):
+        def __init__(self):
+            self.statuses = []
+
+        @contextmanager
+        def status(self, message):
+            self.statuses.append(message)
+            yield lambda text: None
+
+    reporter = Statuses()
+    with pytest.raises(SuperweightError, match="holds no super weights"):  # the random model's weight is inert
+        api.generate_text(str(planted_dir), prompt="w10 w11 w12", max_new_tokens=1, reporter=reporter)
+    assert "detecting and verifying super weights" in reporter.statuses
+    api.generate_text(str(planted_dir), select="all", prompt="w10 w11 w12", max_new_tokens=1, reporter=reporter)
+    assert "detecting super weights" in reporter.statuses
+
+
 def test_export_names_writes_the_matrix_names(tiny_llama_dir, tmp_path):
     coords_file = tmp_path / "c.yaml"
     coords_file.write_text("super_weights:\n  - {layer: 1, row: 3, col: 5}\n")

@@ -151,6 +151,17 @@ def test_an_empty_coordinates_file_says_so(tiny_llama_dir, tmp_path, command):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_of_an_empty_coordinates_file_says_so_without_offering_an_option_it_lacks(tiny_llama_dir, tmp_path):
+    """README: a file that holds no super weights is refused by every command (sw export too), in
+    words that fit it: export has no --coord, so "give at least one LAYER,ROW,COL" would mislead."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("model: tiny\nsuper_weights: []\n")
+    result = invoke("export", empty, "--to", "llama.cpp", "--model", tiny_llama_dir, "-q", "--out", tmp_path / "t.txt")
+    assert_one_line_error(result, str(empty), "holds no super weights")
+    assert "LAYER,ROW,COL" not in result.output and "--coord" not in result.output
+    assert not (tmp_path / "t.txt").exists()
+
+
 def test_a_bad_coord_value_is_a_usage_error(tmp_path):
     result = invoke("ablate", tmp_path / "no-model", "--coord", "1,2", "--out", tmp_path / "out")
     assert_one_line_error(result, "LAYER,ROW,COL")

@@ -48,6 +48,22 @@ def test_command_help_shows_metavars_each_default_once_and_whole_examples(comman
             assert line.strip().startswith("sw "), (line, examples)
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_names_its_values_and_says_only_what_applies_to_its_command(command):
+    """Typer's generic TEXT hides the choices (`sw generate --control TEXT` beside `sw eval --control
+    random|outliers`), sw export has no --coord and no detection for --select to speak of, and
+    --plot writes what its suffix names."""
+    text = help_text(command)
+    if "--control" in text:
+        assert "--control random|outliers" in text, text
+    if "  --plot" in text:  # README: the plot's format is its suffix, not always PNG
+        plot = " ".join(text.split("  --plot", 1)[1].split("\n  -")[0].split())
+        assert "suffix" in plot and ".pdf" in plot, plot
+    if command == "export":
+        select = " ".join(text.split("--select", 1)[1].split("\n  -")[0].split())
+        assert "--coord" not in select and "detection" not in select, select
+
+
 def test_generate_seed_says_what_it_seeds():
     # generate computes no bootstrap errors: its --seed seeds the random control only
     seed = " ".join(help_text("generate").split("--seed", 1)[1].split("\n  -")[0].split())

@@ -346,3 +346,26 @@ def test_consumer_model_of_a_hub_repository_s_gguf_file_names_the_repository(tmp
     source = ModelSource("someone/m-GGUF", "gguf", str(tmp_path / "blob-link.gguf"), revision="v2",
                          hub_id="someone/m-GGUF")
     assert consumer_model(source) == "'someone/m-GGUF', gguf_file='blob-link.gguf', revision='v2'"
+
+
+@pytest.mark.parametrize("torch_installed, wanted, installs", [
+    (False, None, "torch==2.13.0"), (True, None, None), (True, "2.6.0", "torch==2.6.0")])
+def test_setup_keeps_a_torch_installed_first_unless_another_is_asked_for(tmp_path, torch_installed, wanted, installs):
+    """README: setup.sh pins torch 2.13.0, "set SUPERWEIGHT_TORCH to pick another, or install torch
+    yourself first". Run against a stand-in .venv whose python logs what pip is asked to do."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "activate").write_text(f'PATH="{bin_dir}:$PATH"\n')
+    python = bin_dir / "python"
+    python.write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/calls"\n'
+                      f'[ "$1" = "-c" ] && exit {0 if torch_installed else 1}\nexit 0\n')
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "SUPERWEIGHT_TORCH"}
+    if wanted:
+        env["SUPERWEIGHT_TORCH"] = wanted
+    subprocess.run(["bash", str(tmp_path / "scripts" / "setup.sh")], env=env, check=True, capture_output=True)
+    torch_installs = [line for line in (tmp_path / "calls").read_text().splitlines()
+                      if line.startswith("-m pip install") and "torch==" in line]
+    assert torch_installs == ([f"-m pip install --quiet {installs}"] if installs else [])

@@ -158,6 +158,18 @@ def test_everything_public_is_listed_and_importing_the_package_reads_no_torch():
                           check=True).stdout.strip() == "False"
 
 
+def test_distributed_is_reached_from_a_plain_import_as_readme_writes_it():
+    """README: a script torchrun starts runs `with superweight.distributed.session():` after
+    `import superweight`, with nothing else imported first."""
+    import subprocess
+    import sys
+
+    code = ("import superweight; print(callable(superweight.distributed.session), "
+            "callable(superweight.distributed.is_main), 'distributed' in dir(superweight))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "True True True"
+
+
 @pytest.mark.integration
 def test_smollm2_loaded_once_goes_through_detect_evaluate_generate(smollm2, no_loading, tmp_path):
     found = superweight.detect_model(smollm2, out=tmp_path / "c.yaml")

@@ -50,10 +50,16 @@ _HOMES = {
     "SuperweightError": "superweight.errors",
 }
 
+# public submodules, reached as attributes (README: `superweight.distributed.session()` after a plain
+# `import superweight`, in a script torchrun starts)
+_SUBMODULES = ("distributed",)
+
 __all__ = ["__version__", *_HOMES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return import_module(f"superweight.{name}")  # the import binds it as a plain attribute
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module 'superweight' has no attribute '{name}'")
@@ -79,7 +85,7 @@ def _keywords(function: Any) -> dict[str, str]:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))
+    return sorted(set(globals()) | set(_HOMES) | set(_SUBMODULES))
 
 
 if TYPE_CHECKING:  # what editors and type checkers see

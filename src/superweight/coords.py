@@ -178,6 +178,15 @@ def write_coords(path: str | Path, weights: list[SuperWeight], **meta: Any) -> P
     return path
 
 
+def empty_file_error(coords_file: str | Path, action: str, alternative: str = "") -> CoordinatesError:
+    """A coordinates file whose detection found nothing is refused, by every command, rather than
+    acting on nothing (an ablation of nothing would pass for one of the super weights)."""
+    return CoordinatesError(
+        f"{coords_file} holds no super weights (the detection that wrote it found none), so there is nothing to "
+        f"{action}; detect again with lower thresholds (--min-spike, --min-concentration, --min-share)"
+        + (f", {alternative}" if alternative else ""))
+
+
 def requested(coords_file: str | Path | None, coord_texts: list[str] | None, select: str = DEFAULT_SELECTION,
               say: Callable[[str], None] | None = None) -> list[SuperWeight]:
     """The weights a command acts on: the candidates of `--coords FILE` that `--select` names (by
@@ -188,10 +197,7 @@ def requested(coords_file: str | Path | None, coord_texts: list[str] | None, sel
     if coords_file:
         candidates = read_coords(coords_file)[0]
         if not candidates and not coord_texts:  # else the original model would pass as ablated
-            raise CoordinatesError(
-                f"{coords_file} holds no super weights (the detection that wrote it found none), so there is "
-                "nothing to ablate; detect again with lower thresholds (--min-spike, --min-concentration, --min-share), or give --coord L,R,C"
-            )
+            raise empty_file_error(coords_file, "ablate", "or give --coord L,R,C")
         if candidates:
             selection = select_weights(candidates, select, str(coords_file))
             weights += selection.weights

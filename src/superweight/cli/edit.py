@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 
 from .app import Session, stdout
-from .options import (CONTROL, CONTROL_SEED, COORD, COORDS, DATA_DIR, DEBUG, FACTOR, FORCE_OUT_DIR, JSON, MAX_LENGTH, MODE,
-                      MODEL_ARG, QUIET, SELECT, TOP, first_documents, loads_model, print_table, typed_options)
+from .options import (CONTROL, CONTROL_SEED, COORD, COORDS, DATA_DIR, DEBUG, EXPORT_SELECT, FACTOR, FORCE_OUT_DIR, JSON,
+                      MAX_LENGTH, MODE, MODEL_ARG, QUIET, SELECT, TOP, first_documents, loads_model, print_table,
+                      typed_options)
 
 
 @loads_model()
@@ -63,7 +64,7 @@ def ablate(
 @loads_model("revision", "gguf_file", "trust_remote_code", "cache_dir")
 def export(
     coords_file: Path = typer.Argument(..., metavar="COORDS", help="Coordinates file from `sw detect` (YAML or JSON)."),
-    select: str = SELECT,
+    select: str = EXPORT_SELECT,
     to: str = typer.Option(..., "--to", metavar="FORMAT", help="llama.cpp (llama-quantize --tensor-type-file), bitsandbytes "
                                              "(llm_int8_skip_modules / modules_to_not_convert) or llm-compressor "
                                              "(a recipe's ignore list)."),
@@ -143,7 +144,8 @@ def quantize(
     data_dir: Optional[str] = DATA_DIR,
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task."),
     max_length: Optional[int] = MAX_LENGTH,
-    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size (PNG)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size "
+                                        "(format from the suffix: .png, .pdf, .svg, ...; PNG without one)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Save the super-weight-aware fake-quantized model "
                                                                  "(needs exactly one --block-size)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory or an existing --plot."),

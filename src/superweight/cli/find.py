@@ -33,7 +33,8 @@ def detect(
                                                                            "other weights work against it)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Coordinates file (.yaml or .json). "
                                                                  "Default: ./<model>.superweights.yaml"),
-    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Write the per-layer activation plot (PNG)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Write the per-layer activation plot "
+                                        "(format from the suffix: .png, .pdf, .svg, ...; PNG without one)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file or --plot (a coordinates "
                                                       "file may hold an earlier --verify's roles)."),
     stream: bool = typer.Option(False, "--stream", help="Read a safetensors checkpoint one decoder layer at a "

@@ -102,8 +102,9 @@ def generate(
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompt to continue; repeatable "
                                                "(default: the paper's \"My favourite condiment is\")."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Tokens to generate per prompt (default 16)."),
-    control: Optional[str] = typer.Option(None, "--control", help="The control row: random (default: same count, "
-                                                                  "same matrices) or outliers (--top N)."),
+    control: Optional[str] = typer.Option(None, "--control", metavar="random|outliers",
+                                          help="The control row: random (default: same count, "
+                                               "same matrices) or outliers (--top N)."),
     top: Optional[int] = TOP,
     seed: int = CONTROL_SEED,
     as_json: bool = JSON,

@@ -118,6 +118,9 @@ SELECT = typer.Option("super", "--select", metavar="super|set|all",
                       help="Which candidates of --coords (or of the detection) to act on, by their measured role: "
                            "super (the paper's: breaks the model alone), set (super + joint), all. --coord weights "
                            "are taken as given.")
+EXPORT_SELECT = typer.Option("super", "--select", metavar="super|set|all",
+                             help="Which candidates of COORDS keep their matrices, by their measured role: super "
+                                  "(the paper's: breaks the model alone), set (super + joint), all.")
 MODE = typer.Option(None, "--mode", metavar="zero|scale", help="zero (default) or scale.")
 FACTOR = typer.Option(None, "--factor", metavar="S", help="Multiply by S instead of zeroing (implies --mode scale; 0 zeroes, "
                                              "> 1 amplifies).")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..brief_repr import BriefRepr
-from ..coords import DEFAULT_SELECTION, check_selection, read_coords, select_weights
+from ..coords import DEFAULT_SELECTION, check_selection, empty_file_error, read_coords, select_weights
 from ..distributed import main_alone
 from ..edit import export as handoff
 from ..edit.export import Export
@@ -50,12 +50,13 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
     handoff.check_format(to)
     check_selection(select)
     weights, meta = read_coords(coords_file)
+    if not weights:
+        raise empty_file_error(coords_file, "keep")
     entries = weights
-    if weights:
-        selection = select_weights(weights, select, str(coords_file))
-        reporter.note("keeping the matrices of " + selection.reason + ": "
-                      + ", ".join(w.label() for w in selection.weights))
-        weights = selection.weights
+    selection = select_weights(weights, select, str(coords_file))
+    reporter.note("keeping the matrices of " + selection.reason + ": "
+                  + ", ".join(w.label() for w in selection.weights))
+    weights = selection.weights
     if isinstance(model, LoadedModel):
         if model.source.kind == "memory":
             raise UsageError("export checks names against the checkpoint a quantizer reads, and this model was "

@@ -238,7 +238,11 @@ def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
         return on_main(measured)
 
     stage = "detecting super weights" if select == "all" else "detecting and verifying super weights"
-    weights = step(bar, stage, find) if bar else find()
+    if bar:
+        weights = step(bar, stage, find)
+    else:  # a command without stages (sw generate): still say what the minutes of verification are
+        with reporter.status(stage):
+            weights = find()
     if not weights:
         reporter.say("detected no candidates")
         return weights
