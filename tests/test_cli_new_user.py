@@ -517,3 +517,10 @@ def test_unknown_device_fails_before_the_load(tiny_llama_dir, monkeypatch):
     result = invoke("detect", tiny_llama_dir, "-q", "--device", "bogus")
     assert_one_line_error(result, "unknown --device 'bogus'")
     assert result.exit_code == 2
+
+
+def test_a_typed_coordinate_out_of_range_is_not_blamed_on_a_file(tiny_llama_dir, tmp_path):
+    """--coord L,R,C names no file: "was the file made for another model?" misled."""
+    result = invoke("ablate", tiny_llama_dir, "--coord", "99,1,1", "--out", tmp_path / "out", "-q")
+    assert_one_line_error(result, "layer 99 is out of range", "made for another model")
+    assert "the file" not in result.output

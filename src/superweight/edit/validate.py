@@ -25,7 +25,7 @@ from ..model.hub import hub_options, read_config
 from ..model.load import weightless_model
 from ..model.source import ModelSource
 
-ANOTHER_MODEL = "was the file made for another model?"
+ANOTHER_MODEL = "were the coordinates made for another model?"  # a --coord as much as a file
 RECORDED_VALUE_RTOL = 0.01  # a recorded value vs the model's: bfloat16 rounds by up to 2**-8 relative
 
 

@@ -280,7 +280,7 @@ def _location(model: nn.Module, layer: int, expert: Expert, adapter: Adapter) ->
         if expert is not None:
             raise UnsupportedArchitectureError(
                 f"layer {layer} of this model has no experts, but a coordinate names expert {expert}; "
-                "was the file made for another model?"
+                "were the coordinates made for another model?"
             )
         if adapter.experts:
             return adapter.dense_down_proj, "weight", False, False
@@ -288,7 +288,7 @@ def _location(model: nn.Module, layer: int, expert: Expert, adapter: Adapter) ->
     if expert == SHARED_EXPERT:
         if not adapter.shared_expert:
             raise UnsupportedArchitectureError("this mixture-of-experts model has no shared expert, but a "
-                                               "coordinate names one; was the file made for another model?")
+                                               "coordinate names one; were the coordinates made for another model?")
         return adapter.shared_expert, "weight", False, False
     if expert is None:
         raise UnsupportedArchitectureError(
