@@ -91,6 +91,48 @@ def test_a_truncated_weight_file_is_named(tiny_llama_dir, tmp_path):
         load_model(str(broken), device="cpu")
 
 
+def _sharded(tiny_llama_dir, target: Path) -> Path:
+    """The tiny Llama saved as a sharded checkpoint (several model-0000N-of-0000M files and their index)."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_llama_dir, target)
+    (target / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(target, max_shard_size="20KB")
+    return target
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
+def test_a_lost_shard_or_a_broken_shard_index_is_named(tiny_llama_dir, tmp_path, stream):
+    open_model = (lambda path: open_checkpoint(str(path))) if stream else (lambda path: load_model(str(path), device="cpu"))
+    lost = _sharded(tiny_llama_dir, tmp_path / "lost")
+    shard = sorted(lost.glob("model-0000*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ModelLoadError, match=rf"^weight file {shard} is missing \(the checkpoint's "
+                                             r"model\.safetensors\.index\.json names it\); download or copy"):
+        open_model(lost)
+    index = _sharded(tiny_llama_dir, tmp_path / "index") / "model.safetensors.index.json"
+    for text in ('{"weight_map": ', '{"metadata": {}}', '[]'):  # cut off; no weight_map; not an object
+        index.write_text(text)
+        with pytest.raises(ModelLoadError, match=rf"^{index} is corrupt \(no readable weight_map\); download"):
+            open_model(index.parent)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
+def test_a_missing_or_broken_tokenizer_is_named_before_the_weights_load(tiny_llama_dir, tmp_path, stream, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    open_model = (lambda path: open_checkpoint(str(path))) if stream else (lambda path: load_model(str(path), device="cpu"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    missing = _copy(tiny_llama_dir, tmp_path / "missing")
+    (missing / "tokenizer.json").unlink()
+    broken = _copy(tiny_llama_dir, tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("xx")
+    for directory in (missing, broken):
+        with pytest.raises(ModelLoadError, match=rf"^cannot read the tokenizer of {directory} \(.+\); a model "
+                                                 "folder needs its tokenizer files .*copy them from the original"):
+            open_model(directory)
+
+
 @pytest.mark.parametrize("tensor", ["mlp.down_proj", "self_attn.q_proj"])  # a q_proj NaN never reaches the CPU's output
 def test_a_weight_with_nan_or_inf_is_refused_by_name_at_load(tiny_llama_dir, tmp_path, weights, tensor):
     weights[f"model.layers.3.{tensor}.weight"][5, 7] = float("nan")

@@ -78,17 +78,28 @@ def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return {name: tuple(entry["shape"]) for name, entry in tensors.items()}
 
 
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def shard_map(directory: str | Path) -> dict[str, Path] | None:
+    """Which file holds each tensor, from a sharded checkpoint's index (None without one); an index
+    that is not JSON or has no weight_map of names to files is refused in one line."""
+    index = Path(directory) / SHARD_INDEX
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {str(name): Path(directory) / file for name, file in weight_map.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ModelLoadError(f"{index} is corrupt (no readable weight_map); download or copy it again") from None
+
+
 def weight_files(directory: str | Path) -> list[Path]:
     """A checkpoint directory's safetensors files: those its shard index names, else model*.safetensors."""
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            raise ModelLoadError(f"{index} is corrupt (no readable weight_map); download or copy it again") from None
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    return sorted(directory.glob("model*.safetensors"))
+    shards = shard_map(directory)
+    if shards is not None:
+        return sorted(set(shards.values()))
+    return sorted(Path(directory).glob("model*.safetensors"))
 
 
 def damaged_weight_file(directory: str | Path) -> tuple[Path, str] | None:
@@ -101,6 +112,9 @@ def damaged_weight_file(directory: str | Path) -> tuple[Path, str] | None:
 
 
 def damaged_file_error(path: str | Path, problem: str) -> ModelLoadError:
+    if problem == "missing":  # a shard the index names, lost in a copy or an interrupted download
+        return ModelLoadError(f"weight file {path} is missing (the checkpoint's {SHARD_INDEX} names it); "
+                              "download or copy the model again")
     return ModelLoadError(f"weight file {path} is damaged ({problem}); download or copy the model again")
 
 

@@ -19,7 +19,7 @@ from .. import distributed
 from .adapters import resolve_adapter
 from .devices import check_map_devices, resolve_device, torch_dtype
 from .gguf import dequantized_gguf
-from .hub import Progress, hub_options, model_load_error, read_config
+from .hub import Progress, hub_options, model_load_error, read_config, read_tokenizer
 from .integrity import check_complete, check_finite_offloaded_down_projections, check_finite_weights, \
     damaged_file_error, damaged_weight_file
 from .quiet import quiet_loading
@@ -111,7 +111,7 @@ def load_model(
     Without `progress`, transformers' own progress bars and log lines are silenced: a library call
     prints nothing unless asked.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     quiet = progress is None
     progress = progress or (lambda message: None)
@@ -149,15 +149,21 @@ def load_model(
         # Any placement may send weights to "disk" ("auto" too, when they do not fit).
         offload_folder = _fresh_offload_folder(cache_dir, source)
         placement["offload_folder"] = str(offload_folder)
-    progress(f"loading weights of {source.spec}")
     where = source.spec if source.kind == "hub" else location
+    if source.kind == "local":  # a lost shard or a broken index named now, not deep in from_pretrained
+        found = damaged_weight_file(location)
+        if found:
+            raise damaged_file_error(*found)
+    # The tokenizer before the weights: a folder without one fails in seconds, not after a long load.
+    with quiet_loading(quiet):
+        tokenizer = read_tokenizer(where, location, hub_kwargs)
+    progress(f"loading weights of {source.spec}")
     try:
         with quiet_loading(quiet):
             # Mismatched shapes are reported (then refused below with the rest), not raised as a RuntimeError.
             model, loading_info = AutoModelForCausalLM.from_pretrained(
                 location, dtype=dtype_option, output_loading_info=True, ignore_mismatched_sizes=True,
                 **hub_kwargs, **placement)
-            tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
         check_complete(loading_info, where)
         check_finite_weights(model)  # those in memory
         check_finite_offloaded_down_projections(model)  # and those accelerate offloaded, read where it keeps them
