@@ -4,6 +4,7 @@ with ordinary file modes, and output that scripts can read."""
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -89,6 +90,22 @@ def test_a_missing_output_folder_is_refused_not_created(tiny_llama_dir, tmp_path
     assert_one_line_error(result, "does not exist")
     assert result.exit_code == 2
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no one can create a file")
+@pytest.mark.parametrize("command, out", [("detect", "c.yaml"), ("ablate", "model"), ("export", "skip.json")])
+def test_an_output_folder_where_no_file_can_be_created_is_refused_before_the_work(tiny_llama_dir, tmp_path, command,
+                                                                                  out):
+    """os.access says /proc (like a read-only mount, for root) is writable; the write then failed
+    after the model had loaded, as 'FileNotFoundError: ... /proc/.c.yaml.xxxx.tmp'."""
+    from superweight.coords import SuperWeight, write_coords
+
+    coords = write_coords(tmp_path / "c.yaml", [SuperWeight(1, 3, 5)], model=str(tiny_llama_dir), model_type="llama")
+    args = {"detect": (tiny_llama_dir,), "ablate": (tiny_llama_dir, "--coord", "1,3,5"),
+            "export": (coords, "--to", "bitsandbytes")}
+    result = invoke(command, *args[command], "--out", f"/proc/{out}")
+    assert_one_line_error(result, "cannot write to /proc (", "choose another output path")
+    assert result.exit_code == 2 and "loaded" not in result.output
 
 
 # ----------------------------------------------------------------------------- point 1: options that need another

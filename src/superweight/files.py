@@ -24,6 +24,15 @@ def check_writable(path: str | Path) -> None:
                               f"(mkdir -p {parent}) or choose another path")
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"cannot write to {parent}: permission denied; choose another output path")
+    # os.access says yes to root, and on a read-only mount or a system folder (/proc) where creating
+    # a file still fails: create one (the kind the atomic write makes) and remove it.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise OutputPathError(f"cannot write to {parent} ({e.strerror or type(e).__name__}); choose another "
+                              "output path") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def refuse_inside(path: str | Path, protected: dict[Path, str]) -> None:
