@@ -80,6 +80,15 @@ def test_an_existing_directory_as_output_file_is_refused_before_the_work(tiny_ll
     assert "delete" not in line
 
 
+@pytest.mark.parametrize("force", [(), ("--force",)], ids=["plain", "force"])
+def test_an_existing_file_as_output_folder_is_refused_before_the_model_loads(tiny_llama_dir, tmp_path, force):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = invoke("ablate", tiny_llama_dir, "--coord", "1,3,5", "--out", tmp_path / "notes.txt", *force)
+    assert_one_line_error(result, "notes.txt exists and is not a directory; choose another --out")
+    assert result.exit_code == 2 and "loaded" not in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(tmp_path.iterdir()) == [tmp_path / "notes.txt"]
+
+
 def test_a_missing_output_folder_is_refused_not_created(tiny_llama_dir, tmp_path):
     target = tmp_path / "no" / "such" / "x.yaml"
     result = invoke("detect", tiny_llama_dir, "-q", "--out", target)

@@ -93,6 +93,8 @@ def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), dir
     for path in filter(None, (*files, directory)):
         if path != directory and Path(path).is_dir():  # first: a file output replaces no folder
             raise UsageError(f"{path} is a directory; give a file name for this output")
+        if path == directory and path.exists() and not path.is_dir():  # nor a folder output a file, even with --force
+            raise UsageError(f"{path} exists and is not a directory; choose another --out")
         refuse_inside(path, protected)
         if path != directory and Path(path).exists() and not force:
             raise UsageError(f"{path} exists; choose another output file or pass --force to replace it")
