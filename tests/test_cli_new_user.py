@@ -89,6 +89,23 @@ def test_an_existing_file_as_output_folder_is_refused_before_the_model_loads(tin
     assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(tmp_path.iterdir()) == [tmp_path / "notes.txt"]
 
 
+@pytest.mark.parametrize("command, option", [("detect", "--out"), ("detect", "--plot"), ("eval", "--output"),
+                                             ("export", "--out"), ("quantize", "--plot")])
+def test_a_file_output_ending_in_a_slash_is_refused_not_written_as_a_file(tiny_llama_dir, tmp_path, command, option):
+    """pathlib drops the '/': `--out results/` wrote a file named 'results'."""
+    from superweight.coords import SuperWeight, write_coords
+
+    coords = write_coords(tmp_path / "c.yaml", [SuperWeight(1, 3, 5)], model=str(tiny_llama_dir), model_type="llama")
+    args = {"detect": (tiny_llama_dir,), "eval": (tiny_llama_dir, "--coords", coords, "-t", "piqa"),
+            "export": (coords, "--to", "bitsandbytes"), "quantize": (tiny_llama_dir, "--coords", coords, "-t", "piqa")}
+    target = f"{tmp_path / 'results'}/"
+    result = invoke(command, *args[command], "--data-dir", DATA_DIR, option, target) if command in ("eval", "quantize") \
+        else invoke(command, *args[command], option, target)
+    assert_one_line_error(result, f"{target} ends in '/', so it names a folder, but this output is a file")
+    assert result.exit_code == 2 and "loaded" not in result.output
+    assert not (tmp_path / "results").exists()
+
+
 def test_a_missing_output_folder_is_refused_not_created(tiny_llama_dir, tmp_path):
     target = tmp_path / "no" / "such" / "x.yaml"
     result = invoke("detect", tiny_llama_dir, "-q", "--out", target)

@@ -12,6 +12,18 @@ from typing import Iterator
 from .errors import OutputPathError
 
 
+def output_file(path: str | os.PathLike | None) -> Path | None:
+    """`path` (an option's text) as a file to write, None when not given. A name ending in '/' means
+    a folder, and pathlib drops that '/': `--out results/` would become a file named 'results'."""
+    if path is None or os.fspath(path) == "":
+        return None
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)):
+        raise OutputPathError(f"{text} ends in '/', so it names a folder, but this output is a file; give a file name "
+                              f"(e.g. {text}NAME)")
+    return Path(text)
+
+
 def check_writable(path: str | Path) -> None:
     """Fail early, before slow work, when `path` could not be written."""
     path = Path(path)
