@@ -201,6 +201,16 @@ def test_a_bad_coord_value_is_a_usage_error(tmp_path):
     result = invoke("ablate", tmp_path / "no-model", "--coords", tmp_path / "none.yaml", "--out", tmp_path / "out")
     assert_one_line_error(result, "coordinates file not found")
     assert result.exit_code == 2
+    result = invoke("ablate", tmp_path / "no-model", "--coords", tmp_path, "--out", tmp_path / "out")
+    assert_one_line_error(result, f"{tmp_path} is a folder, not a coordinates file")  # was "... not found"
+    assert result.exit_code == 2
+
+
+def test_a_file_of_a_model_folder_given_as_model_names_the_folder(tiny_llama_dir):
+    for name in ("config.json", "model.safetensors"):  # was "model path not found", of a file that is there
+        assert_one_line_error(invoke("detect", tiny_llama_dir / name, "-q"),
+                              f"{tiny_llama_dir / name} is a file, not a model directory or a .gguf file; give the "
+                              f"folder that holds config.json and the weights ({tiny_llama_dir})")
 
 
 def test_missing_data_names_the_data_dir_option(tiny_llama_dir, monkeypatch):

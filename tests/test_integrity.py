@@ -133,6 +133,16 @@ def test_a_missing_or_broken_tokenizer_is_named_before_the_weights_load(tiny_lla
             open_model(directory)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
+def test_a_config_field_of_the_wrong_type_is_named(tiny_llama_dir, tmp_path, stream):
+    """transformers validates the field with huggingface_hub's StrictDataclassError, which is no
+    ValueError: it came out as 'StrictDataclassFieldValidationError: Validation error for field ...'."""
+    broken = _copy(tiny_llama_dir, tmp_path / "typed", config_changes={"hidden_size": "abc"})
+    with pytest.raises(ModelLoadError, match=rf"^the config\.json of {broken} does not describe a model transformers "
+                                             r"can build \(.*'hidden_size'.*'abc'.*\); fix that field"):
+        open_checkpoint(str(broken)) if stream else load_model(str(broken), device="cpu")
+
+
 @pytest.mark.parametrize("tensor", ["mlp.down_proj", "self_attn.q_proj"])  # a q_proj NaN never reaches the CPU's output
 def test_a_weight_with_nan_or_inf_is_refused_by_name_at_load(tiny_llama_dir, tmp_path, weights, tensor):
     weights[f"model.layers.3.{tensor}.weight"][5, 7] = float("nan")

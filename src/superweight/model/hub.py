@@ -163,12 +163,17 @@ def read_config(source: ModelSource, location: str | Path, options: dict[str, An
     the dequantised GGUF cache) with from_pretrained `options` (`hub_options` for a hub model or
     local directory); a config that cannot be read, or that superweight cannot work with, fails
     here with a `ModelLoadError` that says what to do."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(location, **options)
     except (OSError, ValueError) as e:
         raise model_load_error(source, e) from None
+    except (StrictDataclassError, TypeError) as e:  # a field of the wrong type ("hidden_size": "abc")
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise ModelLoadError(f"the config.json of {source.spec} does not describe a model transformers can build "
+                             f"({why}); fix that field, or download or copy the model again") from None
     check_supported_config(config)
     return config
 
