@@ -47,6 +47,22 @@ def check_writable(path: str | Path) -> None:
     os.unlink(probe)
 
 
+def cache_folder(path: str | Path) -> Path:
+    """`path`, a folder of the cache (SUPERWEIGHT_CACHE), created if need be; one that cannot be
+    created or written (the variable names a file, a read-only place) is refused in one line before
+    slow work is done for it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"cannot write the cache folder {path} ({e.strerror or type(e).__name__}); point "
+                              "SUPERWEIGHT_CACHE (or --cache-dir) at a writable folder") from None
+    return path
+
+
 def refuse_inside(path: str | Path, protected: dict[Path, str]) -> None:
     """Refuse to write `path` when it is, is inside, or contains one of the `protected` directories
     or files (each with what it is: "the model directory", ...); an output directory replaced with

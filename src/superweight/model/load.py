@@ -25,7 +25,7 @@ from .integrity import check_complete, check_finite_offloaded_down_projections, 
 from .quiet import quiet_loading
 from .source import ModelSource, cache_root, resolve
 from ..errors import OutputPathError
-from ..files import refuse_inside
+from ..files import cache_folder, refuse_inside
 
 
 @dataclass
@@ -70,8 +70,7 @@ def _fresh_offload_folder(cache_dir: str | None, source: ModelSource) -> Path:
             f"the disk-offload folder {parent} would be inside the model's directory or the hub cache; "
             "point SUPERWEIGHT_CACHE (or --cache-dir) elsewhere"
         ) from None
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=cache_folder(parent)))
 
 
 def _unreadable_weights_error(source: ModelSource, location: str, where: str, error: Exception) -> Exception:
