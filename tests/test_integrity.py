@@ -101,6 +101,23 @@ def _sharded(tiny_llama_dir, target: Path) -> Path:
     return target
 
 
+def test_a_truncated_or_empty_pytorch_pickle_is_named(tiny_llama_dir, tmp_path, weights):
+    """A pytorch_model.bin cut short gave 'cannot load DIR: [Errno 22] Invalid argument', an empty
+    one 'EOFError:'."""
+    pickled = _copy(tiny_llama_dir, tmp_path / "bin")
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    load_model(str(pickled), device="cpu")  # whole: loads
+    data = (pickled / "pytorch_model.bin").read_bytes()
+    (pickled / "pytorch_model.bin").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelLoadError, match=rf"^weight file {pickled / 'pytorch_model.bin'} is damaged \(truncated: "
+                                             rf"{len(data) // 3} bytes, not a complete zip archive\); download"):
+        load_model(str(pickled), device="cpu")
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin is damaged \(0 bytes\); download or copy"):
+        load_model(str(pickled), device="cpu")
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
 def test_a_lost_shard_or_a_broken_shard_index_is_named(tiny_llama_dir, tmp_path, stream):
     open_model = (lambda path: open_checkpoint(str(path))) if stream else (lambda path: load_model(str(path), device="cpu"))
