@@ -118,6 +118,14 @@ def test_a_truncated_or_empty_pytorch_pickle_is_named(tiny_llama_dir, tmp_path, 
         load_model(str(pickled), device="cpu")
 
 
+def test_a_model_larger_than_memory_gets_the_ways_to_load_it(tiny_llama_dir, tmp_path):
+    """torch's "DefaultCPUAllocator: can't allocate memory" came out as a bare RuntimeError."""
+    huge = _copy(tiny_llama_dir, tmp_path / "huge", config_changes={"intermediate_size": 10**12})  # 128 TB a layer
+    with pytest.raises(ModelLoadError, match=rf"^not enough memory to load {huge} \(.*can't allocate memory.*\); load "
+                                             r"it in half precision \(--dtype bfloat16\), .*--device-map auto"):
+        load_model(str(huge), device="cpu")
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
 def test_a_lost_shard_or_a_broken_shard_index_is_named(tiny_llama_dir, tmp_path, stream):
     open_model = (lambda path: open_checkpoint(str(path))) if stream else (lambda path: load_model(str(path), device="cpu"))

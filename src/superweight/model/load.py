@@ -24,7 +24,7 @@ from .integrity import check_complete, check_finite_offloaded_down_projections, 
     damaged_file_error, damaged_weight_file
 from .quiet import quiet_loading
 from .source import ModelSource, cache_root, resolve
-from ..errors import OutputPathError
+from ..errors import ModelLoadError, OutputPathError
 from ..files import cache_folder, refuse_inside
 
 
@@ -87,6 +87,16 @@ def _unreadable_weights_error(source: ModelSource, location: str, where: str, er
     if found:
         return damaged_file_error(*found)
     return damaged_file_error(f"of {where}", str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0] or type(error).__name__
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """torch's allocators say so in a RuntimeError (CPU: "can't allocate memory"; CUDA: OutOfMemoryError)."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 def load_model(
@@ -173,6 +183,10 @@ def load_model(
             raise _unreadable_weights_error(source, location, where, e) from None
         if isinstance(e, (OSError, ValueError)):
             raise model_load_error(source, e) from None
+        if _out_of_memory(e):
+            raise ModelLoadError(
+                f"not enough memory to load {where} ({_first_line(e)}); load it in half precision (--dtype bfloat16), "
+                "spread it over GPUs, CPU and disk (--device-map auto, --max-memory), or detect with --stream") from None
         raise
     if offload_folder is not None:
         if any(offload_folder.iterdir()):
