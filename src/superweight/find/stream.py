@@ -133,7 +133,7 @@ def open_checkpoint(
     progress(f"reading config of {source.spec}")
     config = read_config(source, directory, {"trust_remote_code": trust_remote_code})  # on disk now: no hub
     files = safetensors_files(directory, source.spec)
-    tokenizer = read_tokenizer(source.spec, directory, {"trust_remote_code": trust_remote_code})
+    tokenizer = read_tokenizer(source, directory, {"trust_remote_code": trust_remote_code})
     return Checkpoint(
         source=source, directory=directory, config=config, tokenizer=tokenizer,
         dtype=_checkpoint_dtype(config, files) if dtype == "auto" else dtype, files=files,

@@ -178,17 +178,21 @@ def read_config(source: ModelSource, location: str | Path, options: dict[str, An
     return config
 
 
-def read_tokenizer(where: str, location: str | Path, options: dict[str, Any]) -> Any:
-    """The tokenizer of the model `where` names, read from `location` with from_pretrained `options`;
-    one that is missing or unreadable is named as such (transformers says only "Couldn't instantiate
-    the backend tokenizer", or shows a bare JSON error without the file)."""
+def read_tokenizer(source: ModelSource, location: str | Path, options: dict[str, Any]) -> Any:
+    """The tokenizer of `source`, read from `location` with from_pretrained `options`. A hub model's
+    failure is told as the hub's (`model_load_error`); a folder whose tokenizer is missing or
+    unreadable is named as such (transformers says only "Couldn't instantiate the backend
+    tokenizer", or shows a bare JSON error without the file)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(location, **options)
     except (OSError, ValueError, TypeError, KeyError) as e:
+        if source.kind == "hub" and isinstance(e, (OSError, ValueError)) and str(location) == source.location:
+            raise model_load_error(source, e) from None
         why = (str(e).splitlines() or [""])[0].rstrip(": ") or type(e).__name__
         raise ModelLoadError(
-            f"cannot read the tokenizer of {where} ({why}); a model folder needs its tokenizer files "
-            "(tokenizer.json or tokenizer.model, with tokenizer_config.json): copy them from the original model"
+            f"cannot read the tokenizer of {source.spec if source.kind == 'hub' else location} ({why}); a model "
+            "folder needs its tokenizer files (tokenizer.json or tokenizer.model, with tokenizer_config.json): "
+            "copy them from the original model"
         ) from None

@@ -165,7 +165,7 @@ def load_model(
             raise damaged_file_error(*found)
     # The tokenizer before the weights: a folder without one fails in seconds, not after a long load.
     with quiet_loading(quiet):
-        tokenizer = read_tokenizer(where, location, hub_kwargs)
+        tokenizer = read_tokenizer(source, location, hub_kwargs)
     progress(f"loading weights of {source.spec}")
     try:
         with quiet_loading(quiet):
