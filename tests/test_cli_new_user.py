@@ -4,6 +4,7 @@ with ordinary file modes, and output that scripts can read."""
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,32 @@ def test_an_existing_directory_as_output_file_is_refused_before_the_work(tiny_ll
     assert "delete" not in line
 
 
+@pytest.mark.parametrize("force", [(), ("--force",)], ids=["plain", "force"])
+def test_an_existing_file_as_output_folder_is_refused_before_the_model_loads(tiny_llama_dir, tmp_path, force):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = invoke("ablate", tiny_llama_dir, "--coord", "1,3,5", "--out", tmp_path / "notes.txt", *force)
+    assert_one_line_error(result, "notes.txt exists and is not a directory; choose another --out")
+    assert result.exit_code == 2 and "loaded" not in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(tmp_path.iterdir()) == [tmp_path / "notes.txt"]
+
+
+@pytest.mark.parametrize("command, option", [("detect", "--out"), ("detect", "--plot"), ("eval", "--output"),
+                                             ("export", "--out"), ("quantize", "--plot")])
+def test_a_file_output_ending_in_a_slash_is_refused_not_written_as_a_file(tiny_llama_dir, tmp_path, command, option):
+    """pathlib drops the '/': `--out results/` wrote a file named 'results'."""
+    from superweight.coords import SuperWeight, write_coords
+
+    coords = write_coords(tmp_path / "c.yaml", [SuperWeight(1, 3, 5)], model=str(tiny_llama_dir), model_type="llama")
+    args = {"detect": (tiny_llama_dir,), "eval": (tiny_llama_dir, "--coords", coords, "-t", "piqa"),
+            "export": (coords, "--to", "bitsandbytes"), "quantize": (tiny_llama_dir, "--coords", coords, "-t", "piqa")}
+    target = f"{tmp_path / 'results'}/"
+    result = invoke(command, *args[command], "--data-dir", DATA_DIR, option, target) if command in ("eval", "quantize") \
+        else invoke(command, *args[command], option, target)
+    assert_one_line_error(result, f"{target} ends in '/', so it names a folder, but this output is a file")
+    assert result.exit_code == 2 and "loaded" not in result.output
+    assert not (tmp_path / "results").exists()
+
+
 def test_a_missing_output_folder_is_refused_not_created(tiny_llama_dir, tmp_path):
     target = tmp_path / "no" / "such" / "x.yaml"
     result = invoke("detect", tiny_llama_dir, "-q", "--out", target)
@@ -89,6 +116,22 @@ def test_a_missing_output_folder_is_refused_not_created(tiny_llama_dir, tmp_path
     assert_one_line_error(result, "does not exist")
     assert result.exit_code == 2
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no one can create a file")
+@pytest.mark.parametrize("command, out", [("detect", "c.yaml"), ("ablate", "model"), ("export", "skip.json")])
+def test_an_output_folder_where_no_file_can_be_created_is_refused_before_the_work(tiny_llama_dir, tmp_path, command,
+                                                                                  out):
+    """os.access says /proc (like a read-only mount, for root) is writable; the write then failed
+    after the model had loaded, as 'FileNotFoundError: ... /proc/.c.yaml.xxxx.tmp'."""
+    from superweight.coords import SuperWeight, write_coords
+
+    coords = write_coords(tmp_path / "c.yaml", [SuperWeight(1, 3, 5)], model=str(tiny_llama_dir), model_type="llama")
+    args = {"detect": (tiny_llama_dir,), "ablate": (tiny_llama_dir, "--coord", "1,3,5"),
+            "export": (coords, "--to", "bitsandbytes")}
+    result = invoke(command, *args[command], "--out", f"/proc/{out}")
+    assert_one_line_error(result, "cannot write to /proc (", "choose another output path")
+    assert result.exit_code == 2 and "loaded" not in result.output
 
 
 # ----------------------------------------------------------------------------- point 1: options that need another
@@ -169,6 +212,16 @@ def test_a_bad_coord_value_is_a_usage_error(tmp_path):
     result = invoke("ablate", tmp_path / "no-model", "--coords", tmp_path / "none.yaml", "--out", tmp_path / "out")
     assert_one_line_error(result, "coordinates file not found")
     assert result.exit_code == 2
+    result = invoke("ablate", tmp_path / "no-model", "--coords", tmp_path, "--out", tmp_path / "out")
+    assert_one_line_error(result, f"{tmp_path} is a folder, not a coordinates file")  # was "... not found"
+    assert result.exit_code == 2
+
+
+def test_a_file_of_a_model_folder_given_as_model_names_the_folder(tiny_llama_dir):
+    for name in ("config.json", "model.safetensors"):  # was "model path not found", of a file that is there
+        assert_one_line_error(invoke("detect", tiny_llama_dir / name, "-q"),
+                              f"{tiny_llama_dir / name} is a file, not a model directory or a .gguf file; give the "
+                              f"folder that holds config.json and the weights ({tiny_llama_dir})")
 
 
 def test_missing_data_names_the_data_dir_option(tiny_llama_dir, monkeypatch):

@@ -104,6 +104,14 @@ def test_detect_keeps_an_existing_coordinates_file_without_force(tiny_llama_dir,
     assert "super_weights" in out.read_text()
 
 
+def test_detect_refuses_one_file_for_both_coordinates_and_plot(tiny_llama_dir, tmp_path, monkeypatch):
+    """`--out x.png --plot x.png` wrote the coordinates, then the plot over them: one output lost."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("detect", tiny_llama_dir, "--out", "x.png", "--plot", tmp_path / "x.png", "--force")
+    assert_one_line_error(result, f"two outputs of this command are {tmp_path / 'x.png'}; give each its own file name")
+    assert result.exit_code == 2 and "loaded" not in result.output and not (tmp_path / "x.png").exists()
+
+
 def test_export_keeps_an_existing_file_without_force(tmp_path):
     coords = tmp_path / "c.yaml"
     coords.write_text("model: smollm2-135m\nsuper_weights:\n  - {layer: 3, row: 124, col: 405}\n")

@@ -135,6 +135,9 @@ def test_cli_export_checks_the_given_gguf(tiny_coords, tmp_path):
     assert not out.exists()
     result = invoke("export", tiny_coords, "--to", "llama.cpp", "--gguf", tiny_coords, "-q")
     assert_one_line_error(result, "not a readable GGUF file")
+    result = invoke("export", tiny_coords, "--to", "llama.cpp", "--gguf", tmp_path / "none.gguf", "-q")
+    assert_one_line_error(result, f"--gguf {tmp_path / 'none.gguf'}: no such file")  # was "(FileNotFoundError)"
+    assert result.exit_code == 2
 
 
 def test_format_checks():

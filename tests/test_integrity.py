@@ -91,6 +91,83 @@ def test_a_truncated_weight_file_is_named(tiny_llama_dir, tmp_path):
         load_model(str(broken), device="cpu")
 
 
+def _sharded(tiny_llama_dir, target: Path) -> Path:
+    """The tiny Llama saved as a sharded checkpoint (several model-0000N-of-0000M files and their index)."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_llama_dir, target)
+    (target / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(target, max_shard_size="20KB")
+    return target
+
+
+def test_a_truncated_or_empty_pytorch_pickle_is_named(tiny_llama_dir, tmp_path, weights):
+    """A pytorch_model.bin cut short gave 'cannot load DIR: [Errno 22] Invalid argument', an empty
+    one 'EOFError:'."""
+    pickled = _copy(tiny_llama_dir, tmp_path / "bin")
+    (pickled / "model.safetensors").unlink()
+    torch.save(weights, pickled / "pytorch_model.bin")
+    load_model(str(pickled), device="cpu")  # whole: loads
+    data = (pickled / "pytorch_model.bin").read_bytes()
+    (pickled / "pytorch_model.bin").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelLoadError, match=rf"^weight file {pickled / 'pytorch_model.bin'} is damaged \(truncated: "
+                                             rf"{len(data) // 3} bytes, not a complete zip archive\); download"):
+        load_model(str(pickled), device="cpu")
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin is damaged \(0 bytes\); download or copy"):
+        load_model(str(pickled), device="cpu")
+
+
+def test_a_model_larger_than_memory_gets_the_ways_to_load_it(tiny_llama_dir, tmp_path):
+    """torch's "DefaultCPUAllocator: can't allocate memory" came out as a bare RuntimeError."""
+    huge = _copy(tiny_llama_dir, tmp_path / "huge", config_changes={"intermediate_size": 10**12})  # 128 TB a layer
+    with pytest.raises(ModelLoadError, match=rf"^not enough memory to load {huge} \(.*can't allocate memory.*\); load "
+                                             r"it in half precision \(--dtype bfloat16\), .*--device-map auto"):
+        load_model(str(huge), device="cpu")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
+def test_a_lost_shard_or_a_broken_shard_index_is_named(tiny_llama_dir, tmp_path, stream):
+    open_model = (lambda path: open_checkpoint(str(path))) if stream else (lambda path: load_model(str(path), device="cpu"))
+    lost = _sharded(tiny_llama_dir, tmp_path / "lost")
+    shard = sorted(lost.glob("model-0000*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ModelLoadError, match=rf"^weight file {shard} is missing \(the checkpoint's "
+                                             r"model\.safetensors\.index\.json names it\); download or copy"):
+        open_model(lost)
+    index = _sharded(tiny_llama_dir, tmp_path / "index") / "model.safetensors.index.json"
+    for text in ('{"weight_map": ', '{"metadata": {}}', '[]'):  # cut off; no weight_map; not an object
+        index.write_text(text)
+        with pytest.raises(ModelLoadError, match=rf"^{index} is corrupt \(no readable weight_map\); download"):
+            open_model(index.parent)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
+def test_a_missing_or_broken_tokenizer_is_named_before_the_weights_load(tiny_llama_dir, tmp_path, stream, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    open_model = (lambda path: open_checkpoint(str(path))) if stream else (lambda path: load_model(str(path), device="cpu"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    missing = _copy(tiny_llama_dir, tmp_path / "missing")
+    (missing / "tokenizer.json").unlink()
+    broken = _copy(tiny_llama_dir, tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("xx")
+    for directory in (missing, broken):
+        with pytest.raises(ModelLoadError, match=rf"^cannot read the tokenizer of {directory} \(.+\); a model "
+                                                 "folder needs its tokenizer files .*copy them from the original"):
+            open_model(directory)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
+def test_a_config_field_of_the_wrong_type_is_named(tiny_llama_dir, tmp_path, stream):
+    """transformers validates the field with huggingface_hub's StrictDataclassError, which is no
+    ValueError: it came out as 'StrictDataclassFieldValidationError: Validation error for field ...'."""
+    broken = _copy(tiny_llama_dir, tmp_path / "typed", config_changes={"hidden_size": "abc"})
+    with pytest.raises(ModelLoadError, match=rf"^the config\.json of {broken} does not describe a model transformers "
+                                             r"can build \(.*'hidden_size'.*'abc'.*\); fix that field"):
+        open_checkpoint(str(broken)) if stream else load_model(str(broken), device="cpu")
+
+
 @pytest.mark.parametrize("tensor", ["mlp.down_proj", "self_attn.q_proj"])  # a q_proj NaN never reaches the CPU's output
 def test_a_weight_with_nan_or_inf_is_refused_by_name_at_load(tiny_llama_dir, tmp_path, weights, tensor):
     weights[f"model.layers.3.{tensor}.weight"][5, 7] = float("nan")

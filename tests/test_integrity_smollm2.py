@@ -125,3 +125,21 @@ def test_a_damaged_gguf_cache_entry_is_rebuilt_with_a_notice(smollm2_dir, tmp_pa
     assert (entry / "model.safetensors").stat().st_size == (smollm2_dir / "model.safetensors").stat().st_size
     # the rebuilt entry is used as it is from now on
     assert load_model("smollm2-135m", device="cpu").from_cache
+
+
+def test_a_cache_that_cannot_be_written_is_named_before_the_dequantization(tmp_path, monkeypatch, tiny_llama_dir):
+    """SUPERWEIGHT_CACHE naming a file (or a place no one can write) gave, after the GGUF had been
+    dequantized, 'NotADirectoryError: [Errno 20] Not a directory: '.../gguf''; a device map's disk
+    offload folder the same."""
+    from transformers import AutoModelForCausalLM
+
+    from superweight.errors import OutputPathError
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "a-file"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("dequantized"))
+    with pytest.raises(OutputPathError, match=rf"^cannot write the cache folder {tmp_path / 'a-file' / 'gguf'} "
+                                              r"\(Not a directory\); point SUPERWEIGHT_CACHE"):
+        load_model("smollm2-135m", device="cpu")
+    with pytest.raises(OutputPathError, match=rf"^cannot write the cache folder {tmp_path / 'a-file' / 'offload'} "):
+        load_model(str(tiny_llama_dir), device_map="auto")

@@ -82,6 +82,9 @@ def test_device_map_and_max_memory_parsing(tmp_path):
             parse_max_memory(bad)
     with pytest.raises(UsageError, match="--device-map"):
         parse_device_map("everywhere")
+    path.write_bytes(b"\xff\xfe{")  # a .json file that is not UTF-8: the same usage error, not UnicodeDecodeError
+    with pytest.raises(UsageError, match="bad --device-map"):
+        parse_device_map(str(path))
 
 
 def test_cli_malformed_max_memory_is_one_line(tiny_llama_dir, tmp_path):

@@ -295,7 +295,9 @@ def test_stop_words_come_from_configs_and_can_be_replaced(tmp_path):
     assert stop_words.load_stop_words(custom) == ["The", "of"]
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
-    for bad, fragment in ((empty, "empty"), (tmp_path / "missing.txt", "cannot read")):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))  # was 'UnicodeDecodeError: ...', not a UsageError
+    for bad, fragment in ((empty, "empty"), (tmp_path / "missing.txt", "cannot read"), (latin1, "is not UTF-8 text")):
         with pytest.raises(UsageError) as error:
             stop_words.load_stop_words(bad)
         assert fragment in str(error.value) and "\n" not in str(error.value)

@@ -242,6 +242,32 @@ def test_a_task_folder_given_as_data_dir_suggests_its_parent(tmp_path):
     assert load_task("piqa", tmp_path).n_total == 1  # the parent works
 
 
+PIQA_DOC = '{"goal": "g", "sol1": "a", "sol2": "b"}'
+
+
+@pytest.mark.parametrize("task, files, problem", [
+    ("piqa", {"valid.jsonl": PIQA_DOC + "\n" + PIQA_DOC[:20], "valid-labels.lst": "0\n1\n"},
+     "valid.jsonl line 2 is not JSON (Expecting"),
+    ("piqa", {"valid.jsonl": "[1, 2]\n", "valid-labels.lst": "0\n"}, "valid.jsonl line 1 is a JSON list, not an object"),
+    ("piqa", {"valid.jsonl": PIQA_DOC + "\n", "valid-labels.lst": "x\n"}, "valid-labels.lst row 1 is 'x', not a label 0 or 1"),
+    ("piqa", {"valid.jsonl": PIQA_DOC.replace("sol2", "solution") + "\n", "valid-labels.lst": "0\n"},
+     "valid.jsonl: document 1 has no field 'sol2'"),
+    ("lambada_openai", {"lambada_test.jsonl": b"\xff\xfe"}, "lambada_test.jsonl is not UTF-8 text"),
+    ("lambada_openai", {"lambada_test.jsonl": "\n"}, "no documents found for task lambada_openai in "),
+    ("arc_easy", {"ARC-Easy-Test.jsonl": '{"id": "x"}\n'}, "ARC-Easy-Test.jsonl: a document has no field 'question'"),
+    ("sciq", {"test.json": '[{"question": "q"'}, "test.json line 1 is not JSON"),
+])
+def test_a_damaged_data_file_is_named_with_its_line(tmp_path, task, files, problem):
+    folder = tmp_path / task
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError) as error:
+        load_task(task, tmp_path, limit=1)
+    assert problem in str(error.value)
+    assert str(folder) in str(error.value) and str(error.value).endswith("copy it again (README: Evaluation data)")
+
+
 def re_escape(text: str) -> str:
     import re
 

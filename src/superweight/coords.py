@@ -136,6 +136,9 @@ def parse_coord(text: str) -> SuperWeight:
 def read_coords(path: str | Path) -> tuple[list[SuperWeight], dict[str, Any]]:
     """Read a coordinates file; returns (super weights, the file's other top-level fields)."""
     path = Path(path)
+    if path.is_dir():
+        raise CoordinateOptionError(f"{path} is a folder, not a coordinates file; give the .yaml or .json file "
+                                    "`sw detect` wrote")
     if not path.is_file():  # a bad --coords value, as click treats a missing path: exit 2
         raise CoordinateOptionError(f"coordinates file not found: {path}; make one with `sw detect MODEL --out {path}`")
     try:

@@ -12,6 +12,18 @@ from typing import Iterator
 from .errors import OutputPathError
 
 
+def output_file(path: str | os.PathLike | None) -> Path | None:
+    """`path` (an option's text) as a file to write, None when not given. A name ending in '/' means
+    a folder, and pathlib drops that '/': `--out results/` would become a file named 'results'."""
+    if path is None or os.fspath(path) == "":
+        return None
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)):
+        raise OutputPathError(f"{text} ends in '/', so it names a folder, but this output is a file; give a file name "
+                              f"(e.g. {text}NAME)")
+    return Path(text)
+
+
 def check_writable(path: str | Path) -> None:
     """Fail early, before slow work, when `path` could not be written."""
     path = Path(path)
@@ -24,6 +36,31 @@ def check_writable(path: str | Path) -> None:
                               f"(mkdir -p {parent}) or choose another path")
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"cannot write to {parent}: permission denied; choose another output path")
+    # os.access says yes to root, and on a read-only mount or a system folder (/proc) where creating
+    # a file still fails: create one (the kind the atomic write makes) and remove it.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise OutputPathError(f"cannot write to {parent} ({e.strerror or type(e).__name__}); choose another "
+                              "output path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def cache_folder(path: str | Path) -> Path:
+    """`path`, a folder of the cache (SUPERWEIGHT_CACHE), created if need be; one that cannot be
+    created or written (the variable names a file, a read-only place) is refused in one line before
+    slow work is done for it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"cannot write the cache folder {path} ({e.strerror or type(e).__name__}); point "
+                              "SUPERWEIGHT_CACHE (or --cache-dir) at a writable folder") from None
+    return path
 
 
 def refuse_inside(path: str | Path, protected: dict[Path, str]) -> None:

@@ -73,7 +73,7 @@ def export(
     gguf: Optional[Path] = typer.Option(None, "--gguf", metavar="FILE", help="llama.cpp: the GGUF you will quantize, to check the "
                                                              "tensor names in (default: MODEL itself when a GGUF)."),
     ggml_type: str = typer.Option("f16", "--type", metavar="TYPE", help="llama.cpp: the type those tensors keep (default f16)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Write to FILE (default: stdout)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="FILE", help="Write to FILE (default: stdout)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
     as_json: bool = JSON,
     quiet: bool = QUIET,
@@ -144,7 +144,7 @@ def quantize(
     data_dir: Optional[str] = DATA_DIR,
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task."),
     max_length: Optional[int] = MAX_LENGTH,
-    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size "
+    plot: Optional[str] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size "
                                         "(format from the suffix: .png, .pdf, .svg, ...; PNG without one)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Save the super-weight-aware fake-quantized model "
                                                                  "(needs exactly one --block-size)."),

@@ -31,9 +31,9 @@ def detect(
                                                                            "makes, in (0, 1] (default 0.5): the "
                                                                            "table's share (above 1 when the row's "
                                                                            "other weights work against it)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE", help="Coordinates file (.yaml or .json). "
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="FILE", help="Coordinates file (.yaml or .json). "
                                                                  "Default: ./<model>.superweights.yaml"),
-    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png", help="Write the per-layer activation plot "
+    plot: Optional[str] = typer.Option(None, "--plot", metavar="FILE.png", help="Write the per-layer activation plot "
                                         "(format from the suffix: .png, .pdf, .svg, ...; PNG without one)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file or --plot (a coordinates "
                                                       "file may hold an earlier --verify's roles)."),

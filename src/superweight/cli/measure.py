@@ -45,7 +45,7 @@ def eval_(
     batch_size: str = BATCH_SIZE,
     max_length: Optional[int] = MAX_LENGTH,
     seed: int = SEED,
-    output: Optional[Path] = typer.Option(None, "--output", metavar="FILE.json", help="Write the results to FILE.json in lm-eval's own layout (--json prints superweight's)."),
+    output: Optional[str] = typer.Option(None, "--output", metavar="FILE.json", help="Write the results to FILE.json in lm-eval's own layout (--json prints superweight's)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --output file."),
     as_json: bool = JSON,
     quiet: bool = QUIET,

@@ -12,6 +12,7 @@ from ..versions import __version__
 from ..coords import SuperWeight, write_coords
 from ..distributed import main_alone
 from ..errors import UsageError
+from ..files import output_file
 from ..find.detect import DEFAULT_ITERATIONS, DEFAULT_PROMPT, Detection, SpikeRule, detect, encode_prompt
 from ..find.stream import Checkpoint, detect_streamed, open_checkpoint
 from ..edit.save import describe_recorded_ablation, recorded_ablation
@@ -91,8 +92,8 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     given = {"min_spike": min_spike, "min_concentration": min_concentration, "min_share": min_share}
     rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
     source = model_source(model, options)
-    coords_path = Path(out) if out else Path(f"{slug(source.alias or source.spec)}.superweights.yaml")
-    plot = Path(plot) if plot else None
+    coords_path = output_file(out) or Path(f"{slug(source.alias or source.spec)}.superweights.yaml")
+    plot = output_file(plot)
     check_outputs(source, files=(coords_path,), plot=plot, force=force,
                   inputs={verify_text: "the --verify-text file"})
     load = options or LoadOptions()

@@ -14,7 +14,7 @@ from ..versions import __version__
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
 from ..errors import UsageError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, output_file
 from ..measure.configurations import SummaryTable, check_control, comparison_configurations, parse_factor, \
     run_configurations, single_configuration, summary_table
 from ..measure.harness import HarnessTasks, check_harness_tasks
@@ -82,7 +82,7 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
     reporter = reporter or Reporter()
     check_selection(select)
     factor = None if factor is None else str(factor)
-    output = Path(output) if output else None
+    output = output_file(output)
     if isinstance(task, str):
         task = [task]
     if compare and (mode not in (None, "zero") or factor is not None):

@@ -12,7 +12,7 @@ from ..distributed import main_alone
 from ..edit import export as handoff
 from ..edit.export import Export
 from ..errors import UsageError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, output_file
 from ..model.load import LoadedModel
 from ..model.options import LoadOptions
 from .prepare import Model, check_outputs, model_source
@@ -46,7 +46,7 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
     names; a model in memory stands for the checkpoint it was loaded from. Under a launcher rank 0
     alone exports (the others return None): one writer."""
     reporter = reporter or Reporter()
-    out = Path(out) if out is not None else None
+    out = output_file(out)
     handoff.check_format(to)
     check_selection(select)
     weights, meta = read_coords(coords_file)

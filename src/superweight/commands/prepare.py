@@ -90,11 +90,17 @@ def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), dir
         files = (*files, plot)
     if directory:  # checked again when written (atomic_directory); here before the slow work
         refuse_current_directory(directory)
+    named = [Path(path).expanduser().resolve() for path in filter(None, files)]
+    twice = next((path for path in named if named.count(path) > 1), None)
+    if twice is not None:  # the second write would replace the first
+        raise UsageError(f"two outputs of this command are {twice}; give each its own file name")
     protected = {**source.output_protected_dirs,
                  **{Path(path): what for path, what in (inputs or {}).items() if path is not None}}
     for path in filter(None, (*files, directory)):
         if path != directory and Path(path).is_dir():  # first: a file output replaces no folder
             raise UsageError(f"{path} is a directory; give a file name for this output")
+        if path == directory and path.exists() and not path.is_dir():  # nor a folder output a file, even with --force
+            raise UsageError(f"{path} exists and is not a directory; choose another --out")
         refuse_inside(path, protected)
         if path != directory and Path(path).exists() and not force:
             raise UsageError(f"{path} exists; choose another output file or pass --force to replace it")

@@ -17,7 +17,7 @@ from ..edit.quantize_activations import check_activations_supported, check_adapt
 from ..measure.quantized import activation_quantization_compare, comparison_runs, weight_quantization_sweep
 from ..report.plots import plot_sweep
 from ..errors import UsageError
-from ..files import atomic_directory
+from ..files import atomic_directory, output_file
 from ..measure.configurations import SummaryTable, summary_table
 from ..model.adapters import adapter_for_config
 from ..model.load import LoadedModel
@@ -85,7 +85,7 @@ def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord:
     memory is restored to its own weights after each quantization."""
     reporter = reporter or Reporter()
     check_selection(select)
-    plot = Path(plot) if plot else None
+    plot = output_file(plot)
     out = Path(out) if out is not None else None
     sizes = _block_sizes(block_size)
     rtn.check_bits(bits)

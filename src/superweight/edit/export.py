@@ -280,6 +280,8 @@ def export(
         ggml_type = check_ggml_type(ggml_type)
     elif ggml_type != DEFAULT_GGML_TYPE:
         raise UsageError("--type sets llama-quantize's tensor type; it only applies to --to llama.cpp")
+    if gguf is not None and not Path(gguf).is_file():  # gguf-py's reader would say only FileNotFoundError
+        raise UsageError(f"--gguf {gguf}: no such file; give the GGUF file you will quantize")
     weights = list(weights)
     skeleton = _skeleton(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir,
                          trust_remote_code=trust_remote_code, progress=progress)

@@ -14,7 +14,6 @@ found by one pass are zeroed in the streamed tensors of the next (the iteration 
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -31,9 +30,9 @@ from ..errors import ModelLoadError, UnsupportedArchitectureError
 from .hooks import LayerStats, around_layers, capture_layer_stats
 from ..model.devices import resolve_device, torch_dtype
 from ..model.gguf import dequantized_gguf
-from ..model.hub import Progress, hub_access, model_load_error, read_config
+from ..model.hub import Progress, hub_access, model_load_error, read_config, read_tokenizer
 from ..model.integrity import (
-    check_complete, check_finite_weights, damaged_file_error, stored_shapes, weight_file_problem,
+    check_complete, check_finite_weights, damaged_file_error, shard_map, stored_shapes, weight_file_problem,
 )
 from ..model.source import ModelSource, resolve
 
@@ -61,11 +60,10 @@ class Checkpoint:
 def safetensors_files(directory: Path, spec: str) -> dict[str, Path]:
     """Which file holds each tensor: from the shard index, or the one model.safetensors; each file's
     header checked (a truncated or corrupt one is named)."""
-    index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = {name: directory / file for name, file in weight_map.items()}
+    shards = shard_map(directory)
+    if shards is not None:
+        files = shards
     elif single.is_file():
         files = {name: single for name in stored_shapes(single)}
     else:
@@ -118,8 +116,6 @@ def open_checkpoint(
     notice: Progress | None = None,
 ) -> Checkpoint:
     """MODEL as a safetensors directory (a hub snapshot, a local dir, or the GGUF cache) + config + tokenizer."""
-    from transformers import AutoTokenizer
-
     progress = progress or (lambda message: None)
     notice = notice or (lambda message: None)
     torch_dtype(dtype)  # an unknown --dtype fails before anything is read
@@ -136,11 +132,8 @@ def open_checkpoint(
         directory = Path(source.location)
     progress(f"reading config of {source.spec}")
     config = read_config(source, directory, {"trust_remote_code": trust_remote_code})  # on disk now: no hub
-    try:
-        files = safetensors_files(directory, source.spec)
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise model_load_error(source, e) from None
+    files = safetensors_files(directory, source.spec)
+    tokenizer = read_tokenizer(source, directory, {"trust_remote_code": trust_remote_code})
     return Checkpoint(
         source=source, directory=directory, config=config, tokenizer=tokenizer,
         dtype=_checkpoint_dtype(config, files) if dtype == "auto" else dtype, files=files,

@@ -49,6 +49,8 @@ def load_stop_words(path: str | Path | None = None) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise UsageError(f"cannot read the stop-word list {path}: {e.strerror}; give a readable file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the stop-word list {path} is not UTF-8 text; give a UTF-8 file, one word per line") from None
     words = [line.split("#", 1)[0].strip() for line in lines]
     words = [w for w in words if w]
     if not words:

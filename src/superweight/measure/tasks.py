@@ -72,14 +72,35 @@ class Task:
 # ----------------------------------------------------------------------------- readers
 
 
+def _damaged(path: Path, where: str, what: str) -> DataError:
+    """A data file that does not read as its task's format: a cut-off copy, or another file."""
+    return DataError(f"{path}{where} {what}; the file is damaged or not this task's: copy it again (README: Evaluation data)")
+
+
+def _read_text_lines(path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 file, with their 1-based numbers."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError:
+        raise _damaged(path, "", "is not UTF-8 text") from None
+
+
 def _read_jsonl(path: Path) -> list[Doc]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    docs = []
+    for number, line in _read_text_lines(path):
+        try:
+            doc = json.loads(line)
+        except ValueError as e:
+            raise _damaged(path, f" line {number}", f"is not JSON ({e.msg})") from None
+        if not isinstance(doc, dict):
+            raise _damaged(path, f" line {number}", f"is a JSON {type(doc).__name__}, not an object")
+        docs.append(doc)
+    return docs
 
 
 def _read_labels(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for _, line in _read_text_lines(path)]
 
 
 def _read_piqa(task_dir: Path) -> list[Doc]:
@@ -87,6 +108,9 @@ def _read_piqa(task_dir: Path) -> list[Doc]:
     labels = _read_labels(task_dir / "valid-labels.lst")
     if len(labels) != len(docs):
         raise DataError(f"{task_dir}: valid.jsonl has {len(docs)} rows but valid-labels.lst {len(labels)}; re-copy both files")
+    bad = next((i for i, label in enumerate(labels) if label not in ("0", "1")), None)
+    if bad is not None:
+        raise _damaged(task_dir / "valid-labels.lst", f" row {bad + 1}", f"is {labels[bad]!r}, not a label 0 or 1")
     return [{**doc, "label": int(label)} for doc, label in zip(docs, labels)]
 
 
@@ -110,8 +134,16 @@ def _read_arc(file_name: str) -> Callable[[Path], list[Doc]]:
 
 
 def _read_sciq(task_dir: Path) -> list[Doc]:
-    with open(task_dir / "test.json", encoding="utf-8") as f:
-        return json.load(f)
+    path = task_dir / "test.json"
+    try:
+        docs = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise _damaged(path, "", "is not UTF-8 text") from None
+    except ValueError as e:
+        raise _damaged(path, f" line {e.lineno}", f"is not JSON ({e.msg})") from None
+    if not isinstance(docs, list) or not all(isinstance(doc, dict) for doc in docs):
+        raise _damaged(path, "", "is not a JSON list of objects")
+    return docs
 
 
 def _reader(file_name: str) -> Callable[[Path], list[Doc]]:
@@ -328,7 +360,7 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
     if missing and root is not None:
         check_not_a_task_folder(root, option)
     if not missing:
-        docs = task.read(task_dir)
+        docs = _read_documents(task, task_dir)
         sha = {f"{task.name}/{f}": sha256_file(task_dir / f) for f in task.files}
     elif hub_offline():
         absent = f"{task_dir / missing[0]} does not exist and " if task_dir else ""
@@ -337,8 +369,41 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
     else:
         docs, sha = _load_from_hub(task, task_dir)
     if not docs:
-        raise DataError(f"no documents found for task {task.name}; check its data files")
-    return LoadedTask(task, docs[:limit] if limit else docs, len(docs), sha)
+        where = f" in {task_dir / task.files[0]}" if not missing else ""
+        raise DataError(f"no documents found for task {task.name}{where}; the file is empty or cut off: copy it again "
+                        "(README: Evaluation data)")
+    kept = docs[:limit] if limit else docs
+    _check_prompts(task, kept, task_dir / task.files[0] if not missing else f"the hub dataset {task.hub.repo_id}")
+    return LoadedTask(task, kept, len(docs), sha)
+
+
+_MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError)  # a field missing or of another type
+
+
+def _malformed(task: Task, where: Any, index: int | None, error: Exception) -> DataError:
+    what = f"has no field {error.args[0]!r}" if isinstance(error, KeyError) and error.args else \
+        f"does not read as a {task.name} document ({type(error).__name__}: {error})"
+    which = "a document" if index is None else f"document {index + 1}"
+    return DataError(f"{where}: {which} {what}; the file is damaged or not this task's: copy it again "
+                     "(README: Evaluation data)")
+
+
+def _read_documents(task: Task, task_dir: Path) -> list[Doc]:
+    """The task's documents from its folder; a reader that finds a field missing says which."""
+    try:
+        return task.read(task_dir)
+    except _MALFORMED as e:  # DataError (the readers' own) is none of these, and passes through
+        raise _malformed(task, task_dir / task.files[0], None, e) from None
+
+
+def _check_prompts(task: Task, docs: list[Doc], where: Any) -> None:
+    """Every kept document makes its prompt now (cheap string work), so a missing field fails here,
+    before a model is loaded, not in the middle of scoring."""
+    for index, doc in enumerate(docs):
+        try:
+            task.prompt(doc)
+        except _MALFORMED as e:
+            raise _malformed(task, where, index, e) from None
 
 
 def _how_to_supply(task: Task, task_dir: Path | None) -> str:

@@ -49,10 +49,10 @@ def parse_device_map(text: str | None) -> str | dict | None:
         return None
     if text in DEVICE_MAP_STRATEGIES:
         return text
-    raw = Path(text).read_text(encoding="utf-8") if text.endswith(".json") and Path(text).is_file() else text
     try:
+        raw = Path(text).read_text(encoding="utf-8") if text.endswith(".json") and Path(text).is_file() else text
         mapping = json.loads(raw)
-    except json.JSONDecodeError:
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: the same advice
         mapping = None
     if not isinstance(mapping, dict) or not mapping:
         raise UsageError(

@@ -21,7 +21,7 @@ from .hub import Progress, check_supported_config
 from .integrity import check_complete, manifest_problem, write_manifest
 from .source import ModelSource, cache_root
 from ..errors import ModelLoadError
-from ..files import atomic_directory
+from ..files import atomic_directory, cache_folder
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -90,6 +90,7 @@ def dequantized_gguf(source: ModelSource, dtype: str, cache_dir: str | None, pro
         if problem is None:
             return target, True
         notice(f"the cached copy of {name} in {target} is damaged ({problem}): rebuilding it")
+    cache_folder(target.parent)  # before the slow dequantization whose result it will hold
     float32_entry = target.with_name(f"{digest[:32]}-float32")
     if dtype_name != "float32" and float32_entry.is_dir() and manifest_problem(float32_entry) is None:
         if not target.is_dir():

@@ -163,11 +163,36 @@ def read_config(source: ModelSource, location: str | Path, options: dict[str, An
     the dequantised GGUF cache) with from_pretrained `options` (`hub_options` for a hub model or
     local directory); a config that cannot be read, or that superweight cannot work with, fails
     here with a `ModelLoadError` that says what to do."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(location, **options)
     except (OSError, ValueError) as e:
         raise model_load_error(source, e) from None
+    except (StrictDataclassError, TypeError) as e:  # a field of the wrong type ("hidden_size": "abc")
+        why = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise ModelLoadError(f"the config.json of {source.spec} does not describe a model transformers can build "
+                             f"({why}); fix that field, or download or copy the model again") from None
     check_supported_config(config)
     return config
+
+
+def read_tokenizer(source: ModelSource, location: str | Path, options: dict[str, Any]) -> Any:
+    """The tokenizer of `source`, read from `location` with from_pretrained `options`. A hub model's
+    failure is told as the hub's (`model_load_error`); a folder whose tokenizer is missing or
+    unreadable is named as such (transformers says only "Couldn't instantiate the backend
+    tokenizer", or shows a bare JSON error without the file)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(location, **options)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        if source.kind == "hub" and isinstance(e, (OSError, ValueError)) and str(location) == source.location:
+            raise model_load_error(source, e) from None
+        why = (str(e).splitlines() or [""])[0].rstrip(": ") or type(e).__name__
+        raise ModelLoadError(
+            f"cannot read the tokenizer of {source.spec if source.kind == 'hub' else location} ({why}); a model "
+            "folder needs its tokenizer files (tokenizer.json or tokenizer.model, with tokenizer_config.json): "
+            "copy them from the original model"
+        ) from None

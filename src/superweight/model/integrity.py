@@ -7,7 +7,7 @@ the file. Each of these becomes a one-line `ModelLoadError` here:
 
 - `weight_file_problem`: a safetensors file judged from its header and size alone (no tensor
   read): truncated, or a header that does not parse. `damaged_weight_file` finds the first such
-  file of a checkpoint.
+  file of a checkpoint (or of its PyTorch pickles, empty or a zip cut short: `pickle_file_problem`).
 - `check_complete`: transformers' loading report (missing, unexpected and mismatched-shape
   tensors). What transformers recreates itself (a tied LM head, non-persistent buffers such as
   rotary tables) never appears in that report, so it is no error.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -78,29 +79,63 @@ def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return {name: tuple(entry["shape"]) for name, entry in tensors.items()}
 
 
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def shard_map(directory: str | Path) -> dict[str, Path] | None:
+    """Which file holds each tensor, from a sharded checkpoint's index (None without one); an index
+    that is not JSON or has no weight_map of names to files is refused in one line."""
+    index = Path(directory) / SHARD_INDEX
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {str(name): Path(directory) / file for name, file in weight_map.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ModelLoadError(f"{index} is corrupt (no readable weight_map); download or copy it again") from None
+
+
 def weight_files(directory: str | Path) -> list[Path]:
     """A checkpoint directory's safetensors files: those its shard index names, else model*.safetensors."""
-    directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            raise ModelLoadError(f"{index} is corrupt (no readable weight_map); download or copy it again") from None
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    return sorted(directory.glob("model*.safetensors"))
+    shards = shard_map(directory)
+    if shards is not None:
+        return sorted(set(shards.values()))
+    return sorted(Path(directory).glob("model*.safetensors"))
+
+
+def pickle_file_problem(path: Path) -> str | None:
+    """What is wrong with a PyTorch weight file (pytorch_model*.bin), judged without unpickling it:
+    empty, or a zip archive (torch.save's format since torch 1.6) cut short; None otherwise (an
+    older, non-zip file cannot be judged from outside)."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if not start:
+        return "0 bytes"
+    if start.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return f"truncated: {path.stat().st_size} bytes, not a complete zip archive"
+    return None
 
 
 def damaged_weight_file(directory: str | Path) -> tuple[Path, str] | None:
-    """The first damaged safetensors file of a checkpoint directory and what is wrong with it, or None."""
-    for path in weight_files(directory):
+    """The first damaged weight file of a checkpoint directory and what is wrong with it, or None:
+    its safetensors files, else (transformers reads them only then) its PyTorch pickles."""
+    files = weight_files(directory)
+    for path in files:
         problem = weight_file_problem(path)
         if problem:
             return path, problem
+    if not files:
+        for path in sorted(Path(directory).glob("pytorch_model*.bin")):
+            problem = pickle_file_problem(path)
+            if problem:
+                return path, problem
     return None
 
 
 def damaged_file_error(path: str | Path, problem: str) -> ModelLoadError:
+    if problem == "missing":  # a shard the index names, lost in a copy or an interrupted download
+        return ModelLoadError(f"weight file {path} is missing (the checkpoint's {SHARD_INDEX} names it); "
+                              "download or copy the model again")
     return ModelLoadError(f"weight file {path} is damaged ({problem}); download or copy the model again")
 
 

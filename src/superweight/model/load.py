@@ -20,13 +20,13 @@ from ..brief_repr import BriefRepr
 from .adapters import resolve_adapter
 from .devices import check_map_devices, resolve_device, torch_dtype
 from .gguf import dequantized_gguf
-from .hub import Progress, hub_options, model_load_error, read_config
+from .hub import Progress, hub_options, model_load_error, read_config, read_tokenizer
 from .integrity import check_complete, check_finite_offloaded_down_projections, check_finite_weights, \
     damaged_file_error, damaged_weight_file
 from .quiet import quiet_transformers
 from .source import ModelSource, cache_root, resolve
-from ..errors import OutputPathError
-from ..files import refuse_inside
+from ..errors import ModelLoadError, OutputPathError
+from ..files import cache_folder, refuse_inside
 
 
 @dataclass(repr=False)
@@ -71,8 +71,7 @@ def _fresh_offload_folder(cache_dir: str | None, source: ModelSource) -> Path:
             f"the disk-offload folder {parent} would be inside the model's directory or the hub cache; "
             "point SUPERWEIGHT_CACHE (or --cache-dir) elsewhere"
         ) from None
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=cache_folder(parent)))
 
 
 def _unreadable_weights_error(source: ModelSource, location: str, where: str, error: Exception) -> Exception:
@@ -89,6 +88,16 @@ def _unreadable_weights_error(source: ModelSource, location: str, where: str, er
     if found:
         return damaged_file_error(*found)
     return damaged_file_error(f"of {where}", str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0] or type(error).__name__
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """torch's allocators say so in a RuntimeError (CPU: "can't allocate memory"; CUDA: OutOfMemoryError)."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 def load_model(
@@ -112,7 +121,7 @@ def load_model(
     Without `progress`, transformers' own progress bars and log lines are silenced: a library call
     prints nothing unless asked.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     quiet = progress is None
     progress = progress or (lambda message: None)
@@ -150,15 +159,21 @@ def load_model(
         # Any placement may send weights to "disk" ("auto" too, when they do not fit).
         offload_folder = _fresh_offload_folder(cache_dir, source)
         placement["offload_folder"] = str(offload_folder)
-    progress(f"loading weights of {source.spec}")
     where = source.spec if source.kind == "hub" else location
+    if source.kind == "local":  # a lost shard or a broken index named now, not deep in from_pretrained
+        found = damaged_weight_file(location)
+        if found:
+            raise damaged_file_error(*found)
+    # The tokenizer before the weights: a folder without one fails in seconds, not after a long load.
+    with quiet_transformers(quiet):
+        tokenizer = read_tokenizer(source, location, hub_kwargs)
+    progress(f"loading weights of {source.spec}")
     try:
         with quiet_transformers(quiet):
             # Mismatched shapes are reported (then refused below with the rest), not raised as a RuntimeError.
             model, loading_info = AutoModelForCausalLM.from_pretrained(
                 location, dtype=dtype_option, output_loading_info=True, ignore_mismatched_sizes=True,
                 **hub_kwargs, **placement)
-            tokenizer = AutoTokenizer.from_pretrained(location, **hub_kwargs)
         check_complete(loading_info, where)
         check_finite_weights(model)  # those in memory
         check_finite_offloaded_down_projections(model)  # and those accelerate offloaded, read where it keeps them
@@ -169,6 +184,10 @@ def load_model(
             raise _unreadable_weights_error(source, location, where, e) from None
         if isinstance(e, (OSError, ValueError)):
             raise model_load_error(source, e) from None
+        if _out_of_memory(e):
+            raise ModelLoadError(
+                f"not enough memory to load {where} ({_first_line(e)}); load it in half precision (--dtype bfloat16), "
+                "spread it over GPUs, CPU and disk (--device-map auto, --max-memory), or detect with --stream") from None
         raise
     if offload_folder is not None:
         if any(offload_folder.iterdir()):

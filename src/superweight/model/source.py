@@ -157,6 +157,9 @@ def _resolve(spec: str, revision: str | None, gguf_file: str | None, cache_dir: 
         return ModelSource(spec, "gguf", str(path))
     if path.is_dir():
         return _directory_source(spec, path)
+    if path.is_file():  # one file of a model folder (config.json, model.safetensors), given for the folder
+        raise ModelLoadError(f"{spec} is a file, not a model directory or a .gguf file; give the folder that holds "
+                             f"config.json and the weights ({path.parent})")
     looks_like_path = spec.startswith((".", "/", "~")) or os.sep in spec and path.parent.exists() and spec.count("/") > 1
     if looks_like_path or path.suffix in (".safetensors", ".bin", ".pt"):
         raise ModelLoadError(f"model path not found: {spec}; give a model directory, a .gguf file, a hub id or an alias")
