@@ -245,3 +245,28 @@ def test_detect_rule_thresholds_checked_before_loading(tmp_path, monkeypatch, op
     result = invoke("detect", tmp_path / "no-such-model", "-o", "c.yaml", option, value)
     assert_one_line_error(result, option)
     assert result.exit_code == 2 and not (tmp_path / "c.yaml").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [(["eval", "--limit", "abc"], "'--limit'"),
+                                            (["detect", "--bogus"], "--bogus"),
+                                            (["bogus"], "'bogus'"),
+                                            (["detect", "a", "b"], "extra argument")])
+def test_a_mistake_found_while_parsing_is_one_line_too(args, fragment):
+    """What click refuses before a command runs (an unknown option, a word where a number goes) is
+    one line, exit 2, naming the help to read, as every other usage error (click's own form is four)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "superweight", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], done.stderr
+    assert lines[0].endswith(" -h"), lines[0]
+
+
+def test_sw_alone_shows_the_help():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "superweight"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Usage: " in done.stdout + done.stderr and "detect" in done.stdout + done.stderr

@@ -243,7 +243,35 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     signal.signal(signal.SIGTERM, terminate_on_sigterm)
     with _muted(_another_rank()):  # also --help and --version, printed before any command runs
-        app(prog_name="sw")
+        sys.exit(_run_app())
+
+
+def _run_app() -> int:
+    """The CLI's exit code. A mistake click finds while parsing (an unknown option, a value that is
+    not a number) is one line, as every other usage error: what is wrong, and where the help is;
+    click's own form is four (usage, hint, blank, error)."""
+    try:  # recent typer carries its own copy of click
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+
+    try:
+        code = app(prog_name="sw", standalone_mode=False)
+    except click.NoArgsIsHelpError as e:  # `sw` alone, or a group without its command
+        e.show()
+        return e.exit_code
+    except click.UsageError as e:
+        where = f"; see {e.ctx.command_path} -h" if e.ctx is not None else ""
+        if not _another_rank():
+            stderr.print(f"error: {e.format_message().rstrip('.')}{where}", markup=False, soft_wrap=True)
+        return e.exit_code
+    except click.ClickException as e:  # a file option click could not open
+        if not _another_rank():
+            stderr.print(f"error: {e.format_message()}", markup=False, soft_wrap=True)
+        return e.exit_code
+    except click.Abort:  # Ctrl-C at a prompt
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 def _another_rank() -> bool:
