@@ -255,9 +255,10 @@ def _run_app() -> int:
     except ImportError:
         from click import exceptions as click
 
+    no_args_is_help = getattr(click, "NoArgsIsHelpError", ())  # click >= 8.2 raises it for `sw` alone
     try:
         code = app(prog_name="sw", standalone_mode=False)
-    except click.NoArgsIsHelpError as e:  # `sw` alone, or a group without its command
+    except no_args_is_help as e:  # the help, as click shows it
         e.show()
         return e.exit_code
     except click.UsageError as e:
