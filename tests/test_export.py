@@ -102,6 +102,16 @@ def test_cli_export_json_and_out_file(tiny_coords, tmp_path):
     assert any("gguf-py" in c and "no GGUF file" in c for c in document["checked"])
 
 
+def test_cli_export_of_a_file_whose_model_moved_says_where_the_model_came_from(tiny_llama_dir, tmp_path):
+    """The model a coordinates file names, moved or deleted since: the error says it came from the file
+    and that --model gives another; with --model the same file exports."""
+    coords = write_coords(tmp_path / "c.yaml", [SuperWeight(1, 3, 5)], model=str(tmp_path / "moved"))
+    line = assert_one_line_error(invoke("export", coords, "--to", "llama.cpp", "-q"), "model path not found")
+    assert line.startswith(f"error: the model {coords} was made for cannot be read: ") and line.endswith("with --model")
+    given = invoke("export", coords, "--to", "llama.cpp", "--model", tiny_llama_dir, "-q")
+    assert given.exit_code == 0 and given.output == "^blk\\.1\\.ffn_down\\.weight$=f16\n", given.output
+
+
 @pytest.mark.parametrize("args, fragment, code", [
     (("--to", "gptq"), "unknown --to format 'gptq'", 2),
     (("--to", "llama.cpp", "--type", "q9_9"), "unknown GGML type", 2),

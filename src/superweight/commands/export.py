@@ -11,7 +11,7 @@ from ..coords import DEFAULT_SELECTION, check_selection, empty_file_error, read_
 from ..distributed import main_alone
 from ..edit import export as handoff
 from ..edit.export import Export
-from ..errors import UsageError
+from ..errors import SuperweightError, UsageError
 from ..files import atomic_write_text, output_file
 from ..model.load import LoadedModel
 from ..model.options import LoadOptions
@@ -67,7 +67,14 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
     else:
         spec = model or (meta.get("model") if isinstance(meta.get("model"), str) else None)
         load = options or LoadOptions()
-        source = load.resolve(spec)
+        try:
+            source = load.resolve(spec)
+        except SuperweightError as error:
+            if model or spec is None:
+                raise
+            # the model the file names, moved or deleted since `sw detect` wrote it
+            raise type(error)(f"the model {coords_file} was made for cannot be read: {error}; or give the checkpoint "
+                              "to check the names against with --model") from None
     if out is not None:
         check_outputs(source, files=(out,), force=force,
                       inputs={Path(coords_file): "the coordinates file", gguf: "the GGUF file"})
