@@ -126,6 +126,20 @@ def test_a_model_larger_than_memory_gets_the_ways_to_load_it(tiny_llama_dir, tmp
         load_model(str(huge), device="cpu")
 
 
+def test_a_model_that_fits_in_memory_but_not_on_its_device_gets_the_ways_to_load_it(tiny_llama_dir, monkeypatch):
+    """A model read into RAM, then moved to the GPU --device names: CUDA's OutOfMemoryError there is
+    the same one line, naming the device (the CPU stands in for the GPU here)."""
+    import torch
+
+    def no_room(module, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.nn.Module, "to", no_room)
+    with pytest.raises(ModelLoadError, match=rf"^not enough memory to load {tiny_llama_dir} on cpu \(CUDA out of "
+                                             r"memory\. Tried to allocate 2\.00 GiB\); load it in half precision"):
+        load_model(str(tiny_llama_dir), device="cpu")
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["load", "stream"])
 def test_a_lost_shard_or_a_broken_shard_index_is_named(tiny_llama_dir, tmp_path, stream):
     open_model = (lambda path: open_checkpoint(str(path))) if stream else (lambda path: load_model(str(path), device="cpu"))

@@ -100,6 +100,12 @@ def _out_of_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
+def _not_enough_memory(where: str, error: BaseException) -> ModelLoadError:
+    return ModelLoadError(
+        f"not enough memory to load {where} ({_first_line(error)}); load it in half precision (--dtype bfloat16), "
+        "spread it over GPUs, CPU and disk (--device-map auto, --max-memory), or detect with --stream")
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -185,9 +191,7 @@ def load_model(
         if isinstance(e, (OSError, ValueError)):
             raise model_load_error(source, e) from None
         if _out_of_memory(e):
-            raise ModelLoadError(
-                f"not enough memory to load {where} ({_first_line(e)}); load it in half precision (--dtype bfloat16), "
-                "spread it over GPUs, CPU and disk (--device-map auto, --max-memory), or detect with --stream") from None
+            raise _not_enough_memory(where, e) from None
         raise
     if offload_folder is not None:
         if any(offload_folder.iterdir()):
@@ -197,7 +201,12 @@ def load_model(
         else:
             offload_folder.rmdir()  # nothing written (a safetensors checkpoint is read in place)
     if not device_map:
-        model.to(target_device)
+        try:
+            model.to(target_device)
+        except BaseException as e:  # a model that fits in RAM but not on the GPU --device names
+            if _out_of_memory(e):
+                raise _not_enough_memory(f"{where} on {target_device}", e) from None
+            raise
     model.eval()
     _, note = resolve_adapter(model)  # a model type the table lacks: which row's layout it follows
     return LoadedModel(
