@@ -293,6 +293,25 @@ def test_transposed_fused_experts_keep_the_super_weight_and_follow_the_out_in_la
     assert all(torch.equal(before[k], v) for k, v in snapshot(model).items())
 
 
+@pytest.mark.parametrize("model_type, layer", [("gpt_oss", 1), ("llama4_text", 1)])
+def test_transposed_fused_gate_up_follows_the_out_in_layout_and_biases_are_left_alone(model_type, layer):
+    """gate_up_proj is stored [expert, in, out] in these families too, so its blocks run along each
+    output's inputs as in every other matrix; gpt-oss's per-expert biases ([expert, out], 2-D) are
+    biases, which the paper's RTN leaves alone."""
+    model = tiny_model(model_type, seed=0)
+    experts = f"model.layers.{layer}.{'mlp' if model_type == 'gpt_oss' else 'feed_forward'}.experts"
+    before = snapshot(model)
+    with quantized_weights(model, 4, 64) as record:
+        after = snapshot(model)
+    for e in range(before[f"{experts}.gate_up_proj"].shape[0]):
+        expected = fake_quantize_blockwise(before[f"{experts}.gate_up_proj"][e].T, 4, 64).T
+        assert torch.equal(after[f"{experts}.gate_up_proj"][e], expected)
+    biases = [name for name in before if name.startswith("model.layers.") and name.endswith("bias")]
+    assert (len(biases) > 0) == (model_type == "gpt_oss")
+    assert all(torch.equal(after[name], before[name]) for name in biases)
+    assert not any(name.endswith("bias") for name in record.names)
+
+
 def test_default_block_sizes():
     model = tiny_model("llama")  # largest matrix 32 x 64 = 2048 weights
     assert default_block_sizes(model) == [64, 256, 1024]

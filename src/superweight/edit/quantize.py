@@ -323,10 +323,13 @@ def weight_targets(model: nn.Module, super_weights: Sequence[SuperWeight] = ()) 
     for i, layer in enumerate(layers):
         for module_name, module in layer.named_modules():
             for param_name, param in module.named_parameters(recurse=False):
+                # Fused experts stored [in, out] (gpt-oss, Llama 4) store gate_up_proj that way too, not
+                # only down_proj: blocks must run along each matrix's input as everywhere else.
                 transposed = type(module).__name__ == "Conv1D" or (
-                    adapter.experts and adapter.transposed and param.dim() == 3
-                    and (module_name, param_name) == (adapter.down_proj, adapter.weight_name))
-                if param.dim() < 2 or id(param) in seen:
+                    adapter.experts and adapter.transposed and param.dim() == 3 and module_name == adapter.down_proj)
+                # gpt-oss keeps its experts' biases as [expert, out] tensors: 2-D, but biases, not matrices.
+                is_bias = param_name == "bias" or param_name.endswith("_bias")
+                if param.dim() < 2 or is_bias or id(param) in seen:
                     continue
                 if param.is_meta:  # accelerate offloaded it: rewriting every matrix needs them in memory
                     raise UsageError("sw quantize rewrites every weight matrix, so it needs the whole model in "
