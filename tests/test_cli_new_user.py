@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, PLANTED
 from test_cli import assert_one_line_error, invoke
 
 
@@ -384,6 +384,26 @@ def test_compare_on_an_ablated_directory_is_the_original_zeroed_and_restored(tin
         assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
     else:
         assert [g["text"] for g in from_folder["generations"]] == [g["text"] for g in from_original["generations"]]
+
+
+def test_generate_without_coordinates_on_an_ablated_directory_detects_in_the_original(byte_llama_dir, tmp_path):
+    """`sw generate` on a folder `sw ablate` wrote, without coordinates: as `sw study`, the record's
+    values are put back and the super weights detected and verified there, so the rows are the
+    original and its super weight zeroed, named and decoded as on the original model (before,
+    detection ran on the ablated folder, verification refused it as already ablated, and the
+    folder's leftover candidates were zeroed under an "ablated by superweight" first row)."""
+    out = tmp_path / "no-sw"
+    assert invoke("ablate", byte_llama_dir, "-q", "--coord", PLANTED, "--out", out).exit_code == 0
+    documents = []
+    for model in (out, byte_llama_dir):
+        result = invoke("generate", model, "-q", "--json", "--prompt", "Apple Inc. is", "--max-new-tokens", "3")
+        assert result.exit_code == 0, result.output
+        documents.append(json.loads(result.output))
+    from_folder, from_original = documents
+    names = [c["name"] for c in from_folder["configurations"]]
+    assert names[0] == "original (the folder's recorded values put back in memory)"
+    assert names[1:] == [c["name"] for c in from_original["configurations"]][1:]
+    assert [g["text"] for g in from_folder["generations"]] == [g["text"] for g in from_original["generations"]]
 
 
 def test_study_on_an_ablated_directory_is_the_original_zeroed_and_restored(tiny_llama_dir, tmp_path, monkeypatch):

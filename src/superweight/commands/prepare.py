@@ -224,16 +224,18 @@ def configuration_progress(bar: Bar) -> tuple[Callable[[Configuration], None], C
 
 
 def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
-             select: str = DEFAULT_SELECTION, announce: bool = True) -> list[SuperWeight]:
+             select: str = DEFAULT_SELECTION, announce: bool = True, put_back: bool = False) -> list[SuperWeight]:
     """The candidates of the loaded model on the paper's prompt, found once (rank 0) for every
     rank, narrowed to what `select` names: unless it is "all", each candidate's role is measured
     first (`sw detect --verify`'s verification); `bar` shows it as a stage. `announce` says which
-    weights the command acts on (off for a caller that narrows them itself and says so)."""
+    weights the command acts on (off for a caller that narrows them itself and says so). `put_back`:
+    the model is a folder `sw ablate` wrote with its recorded values put back in memory (the
+    original model, verified as such, not refused as already ablated)."""
     def measured() -> list[SuperWeight]:
         candidates = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
         if select == "all" or not candidates:
             return candidates
-        prior = recorded_ablation(loaded.source)
+        prior = None if put_back else recorded_ablation(loaded.source)
         verification = verify(loaded.model, loaded.tokenizer, candidates, prompts=(),
                               recorded_ablation=describe_recorded_ablation(prior) if prior else None)
         if verification.broken:  # no roles: the candidates of a model whose super weights are gone
