@@ -109,9 +109,10 @@ def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), dir
         check_writable(path)
 
 
-def load(reporter: Reporter, model: Optional[str], options: Optional[LoadOptions]) -> LoadedModel:
-    """MODEL loaded by name, its progress and notes reported."""
-    with reporter.status(f"loading {model or 'default model'}") as update:
+def load(reporter: Reporter, model: Optional[str], options: Optional[LoadOptions], source: ModelSource) -> LoadedModel:
+    """MODEL loaded by name, its progress and notes reported; named by its resolved `source`, as
+    `sw detect` names it ("loading smollm2-135m", not "loading default model")."""
+    with reporter.status(f"loading {source.spec}") as update:
         loaded = (options or LoadOptions()).load(model, progress=update, notice=reporter.say)
     reporter.say(f"loaded {loaded.source.spec} ({loaded.dtype}) in {loaded.load_seconds:.1f} s"
                  + (" from the GGUF cache" if loaded.from_cache else ""))
@@ -189,7 +190,7 @@ def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions]
         if config is not None:
             config_check(config)
         ranges_checked = check_coords_before_load(source, every, trust_remote_code=trust_remote_code, config=config)
-        loaded = load(reporter, model, options)
+        loaded = load(reporter, model, options, source)
     if coords and not told:
         mismatch = coordinates_mismatch(made_for, source, getattr(loaded.model.config, "model_type", None), coords)
         if mismatch:
