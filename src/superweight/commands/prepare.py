@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
-from ..coords import DEFAULT_SELECTION, SuperWeight, read_coords, select_weights
+from ..coords import DEFAULT_SELECTION, UNVERIFIABLE, SuperWeight, read_coords, select_weights
 from ..distributed import on_main
 from ..edit.save import (RECORD_FILE, describe_recorded_ablation, recorded_ablation, recorded_originals,
                          recorded_values_put_back, recorded_weights)
@@ -255,7 +255,7 @@ def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
     if not weights:
         reporter.say("detected no candidates")
         return weights
-    selection = select_weights(weights, select, "the detection")
+    selection = select_weights(weights, select, "the detection", UNVERIFIABLE)
     if announce:
         reporter.note("acting on " + selection.reason + ": " + ", ".join(w.label() for w in selection.weights))
     return selection.weights
