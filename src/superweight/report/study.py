@@ -278,9 +278,10 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
             lines += [f"- prompt {c.prompt!r}: {c.difference(found)}" for c in verification.prompts] + [""]
             document["verification"] = verification.to_dict()
         if table is not None:
-            lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), "",
-                      "± is the standard error over the documents read (none is computed for word perplexity, "
-                      "as in lm-eval).", ""]
+            lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), ""]
+            if any("±" in str(cell) for row in table.rows for cell in row):  # one document read has no error
+                lines += ["± is the standard error over the documents read (none is computed for word perplexity, "
+                          "as in lm-eval).", ""]
             notes = table.limit_notes(table_reading(meta))
             if notes:  # a lead sentence, then one bullet per metric
                 lines += ["Note: " + notes[0], "", *notes[1:], ""]
