@@ -440,6 +440,12 @@ def test_study_on_an_ablated_directory_is_the_original_zeroed_and_restored(tiny_
     assert names[1:] == [row["configuration"] for row in from_original["table"]["rows"]][1:]
     assert names[1] == ablated_name([SuperWeight(1, 3, 5)])
     assert from_folder["meta"]["evaluations"]["from_cache"] == 2  # the sweep's x0 and x1; not the stale entry
+    # what the folder is, as sw eval's JSON says it, and in the report's model lines
+    assert from_folder["meta"]["model"]["superweight_ablation"]["name"] == ablated_name([SuperWeight(1, 3, 5),
+                                                                                         SuperWeight(2, 4, 6)])
+    assert from_original["meta"]["model"]["superweight_ablation"] is None
+    report = (tmp_path / f"study-{out.name}" / "REPORT.md").read_text()
+    assert "- The folder is ablated by superweight: " in report and "put back in memory" in report
     values = [[row["values"][0] for row in d["table"]["rows"]] for d in documents]
     assert values[0] == pytest.approx(values[1], rel=1e-6)
     assert [r["perplexity"] for r in from_folder["sweep"]] == pytest.approx(

@@ -177,7 +177,8 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
             cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
             meta = {"command": command,
                     "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype,
-                              "device": str(execution_device(loaded.model))},
+                              "device": str(execution_device(loaded.model)),
+                              "superweight_ablation": folder.record},  # as in sw eval's JSON
                     "tasks": names, "limit": limit, "documents": limits, "documents_note": documents,
                     "cpu_budget": cpu_budget, "seed": seed, "grid": factors,
                     "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},

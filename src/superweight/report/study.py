@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..coords import SuperWeight, weights_named, weights_noun
+from ..edit.save import describe_recorded_ablation
 from ..files import atomic_directory
 from ..measure.activation_profile import ActivationProfile
 from ..measure.configurations import SummaryTable
@@ -146,6 +147,10 @@ def model_lines(meta: dict[str, Any]) -> list[str]:
                         if quantization and quantization.startswith(("Q4", "IQ4")) else "") + ".")
     elif model.get("dtype"):
         lines.append(f"- Weights: {model['dtype']}.")
+    if model.get("superweight_ablation"):  # a study puts a folder's recorded values back (README: sw study)
+        lines.append(f"- The folder is {describe_recorded_ablation(model['superweight_ablation'])}; the original "
+                     "values its superweight_ablation.json records were put back in memory, so every row is "
+                     "measured on the original model.")
     device = model.get("device") or meta.get("device")
     if device:
         lines.append(f"- Device: {device}.")
