@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, PLANTED
 from test_cli import assert_one_line_error, invoke
 
 
@@ -386,6 +386,26 @@ def test_compare_on_an_ablated_directory_is_the_original_zeroed_and_restored(tin
         assert [g["text"] for g in from_folder["generations"]] == [g["text"] for g in from_original["generations"]]
 
 
+def test_generate_without_coordinates_on_an_ablated_directory_detects_in_the_original(byte_llama_dir, tmp_path):
+    """`sw generate` on a folder `sw ablate` wrote, without coordinates: as `sw study`, the record's
+    values are put back and the super weights detected and verified there, so the rows are the
+    original and its super weight zeroed, named and decoded as on the original model (before,
+    detection ran on the ablated folder, verification refused it as already ablated, and the
+    folder's leftover candidates were zeroed under an "ablated by superweight" first row)."""
+    out = tmp_path / "no-sw"
+    assert invoke("ablate", byte_llama_dir, "-q", "--coord", PLANTED, "--out", out).exit_code == 0
+    documents = []
+    for model in (out, byte_llama_dir):
+        result = invoke("generate", model, "-q", "--json", "--prompt", "Apple Inc. is", "--max-new-tokens", "3")
+        assert result.exit_code == 0, result.output
+        documents.append(json.loads(result.output))
+    from_folder, from_original = documents
+    names = [c["name"] for c in from_folder["configurations"]]
+    assert names[0] == "original (the folder's recorded values put back in memory)"
+    assert names[1:] == [c["name"] for c in from_original["configurations"]][1:]
+    assert [g["text"] for g in from_folder["generations"]] == [g["text"] for g in from_original["generations"]]
+
+
 def test_study_on_an_ablated_directory_is_the_original_zeroed_and_restored(tiny_llama_dir, tmp_path, monkeypatch):
     """`sw study` on a folder `sw ablate` wrote: every value its record holds is put back (also of
     a weight the study does not act on), so Table 1 and the sweep are those of the original model,
@@ -420,6 +440,12 @@ def test_study_on_an_ablated_directory_is_the_original_zeroed_and_restored(tiny_
     assert names[1:] == [row["configuration"] for row in from_original["table"]["rows"]][1:]
     assert names[1] == ablated_name([SuperWeight(1, 3, 5)])
     assert from_folder["meta"]["evaluations"]["from_cache"] == 2  # the sweep's x0 and x1; not the stale entry
+    # what the folder is, as sw eval's JSON says it, and in the report's model lines
+    assert from_folder["meta"]["model"]["superweight_ablation"]["name"] == ablated_name([SuperWeight(1, 3, 5),
+                                                                                         SuperWeight(2, 4, 6)])
+    assert from_original["meta"]["model"]["superweight_ablation"] is None
+    report = (tmp_path / f"study-{out.name}" / "REPORT.md").read_text()
+    assert "- The folder is ablated by superweight: " in report and "put back in memory" in report
     values = [[row["values"][0] for row in d["table"]["rows"]] for d in documents]
     assert values[0] == pytest.approx(values[1], rel=1e-6)
     assert [r["perplexity"] for r in from_folder["sweep"]] == pytest.approx(

@@ -160,3 +160,15 @@ def test_cli_generate_bad_input_is_one_line(tiny_llama_dir, args, fragment, code
     result = invoke("generate", tiny_llama_dir, *(("--coord", "1,3,5") if "--coord" not in args else ()), *args, "-q")
     assert_one_line_error(result, fragment)
     assert result.exit_code == code
+
+
+def test_candidates_of_a_model_verification_calls_broken_are_not_blamed_on_a_file(byte_llama_dir):
+    """Without coordinates, a model whose verification gives no roles (this random tiny model reads
+    prose far above perplexity 1000) has every candidate taken; the note says why, and does not
+    tell the reader to remake a coordinates file with `sw detect --verify` (there is none)."""
+    from test_cli import invoke
+
+    result = invoke("generate", byte_llama_dir, "--prompt", "Apple Inc. is", "--max-new-tokens", "1", "--json")
+    assert result.exit_code == 0, result.output
+    [note] = [line for line in result.output.splitlines() if line.startswith("note: acting on")]
+    assert "of the detection: verification gave no roles" in note and "sw detect --verify" not in note

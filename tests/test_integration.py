@@ -220,3 +220,14 @@ def test_cli_detect_verify_writes_labels(smollm2, tmp_path):
     assert kept["super"] == ["blk.11.ffn_down.weight"]
     assert kept["set"] == ["blk.11.ffn_down.weight", "blk.2.ffn_down.weight"]
     assert kept["all"] == ["blk.1.ffn_down.weight", "blk.11.ffn_down.weight", "blk.2.ffn_down.weight"]
+
+
+def test_every_command_names_the_default_model_it_loads_as_detect_does(smollm2, tmp_path):
+    """Without MODEL, `sw eval` (and every command loading through prepare) says "loading
+    smollm2-135m" on stderr, as `sw detect` does; it said "loading default model"."""
+    from conftest import DATA_DIR
+
+    result = CliRunner().invoke(app, ["eval", "--task", "wikitext", "--limit", "1", "--max-length", "32",
+                                      "--data-dir", DATA_DIR, "--output", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    assert "loading smollm2-135m" in result.output and "default model" not in result.output

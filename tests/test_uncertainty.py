@@ -62,6 +62,16 @@ def test_report_json_holds_numbers_and_report_md_shows_the_errors(tmp_path):
     assert "1.3e+07" in report
 
 
+def test_report_md_explains_the_errors_only_where_it_shows_one(tmp_path):
+    """With one document per task (`--limit 1`) no metric has a standard error: REPORT.md then does
+    not explain a ± that its Table 1 does not show."""
+    one = {"original": run(1.0, "N/A", 30.5), ZEROED: run(0.0, "N/A", 1.3e7, "ablated")}
+    write_report(tmp_path / "one", table=summary_table(one), meta={"limit": 1})
+    assert "±" not in (tmp_path / "one" / "REPORT.md").read_text()
+    write_report(tmp_path / "five", table=summary_table(RUNS), meta={"limit": 5})
+    assert "± is the standard error over the documents read" in (tmp_path / "five" / "REPORT.md").read_text()
+
+
 def test_sw_eval_compare_prints_errors_and_the_limit_note(tiny_llama_dir, tmp_path):
     coords = tmp_path / "coords.yaml"
     coords.write_text("super_weights:\n  - {layer: 1, row: 3, col: 5}\n")

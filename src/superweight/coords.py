@@ -245,18 +245,24 @@ class Selection:
     reason: str
 
 
-def select_weights(weights: list[SuperWeight], selection: str, source: str) -> Selection:
+# Why a detection's candidates have no roles: verification measured the model as already broken.
+UNVERIFIABLE = "verification gave no roles, the model being already broken or ablated"
+
+
+def select_weights(weights: list[SuperWeight], selection: str, source: str,
+                   unmeasured: str | None = None) -> Selection:
     """The candidates of `source` that `--select` names. Weights without a measured role (a file
-    written without `--verify`) cannot be told apart: then every candidate is taken, and the reason
-    says so. A selection that leaves nothing is an error, never an unablated run."""
+    written without `--verify`; `unmeasured` says why, for a detection whose verification could not
+    label them) cannot be told apart: then every candidate is taken, and the reason says so. A
+    selection that leaves nothing is an error, never an unablated run."""
     roles = _SELECTED_ROLES[check_selection(selection)]
     every = "the only candidate" if len(weights) == 1 else f"all {len(weights)} candidates"
     if roles is None:
         return Selection(list(weights), f"{every} of {source} (--select all)")
     if not any(w.role for w in weights):
-        return Selection(list(weights), f"{every} of {source}: it records no measured "
-                                        "roles, so super weights cannot be told from candidates (make it with "
-                                        "`sw detect --verify`)")
+        why = unmeasured or "it records no measured roles"
+        return Selection(list(weights), f"{every} of {source}: {why}, so super weights cannot be told from "
+                                        "candidates" + ("" if unmeasured else " (make it with `sw detect --verify`)"))
     chosen = [w for w in weights if w.role in roles]
     plural = "s" if len(chosen) != 1 else ""
     what = f"super weight{plural} " + ("(role super)" if selection == "super" else "of the set (role super or joint)")

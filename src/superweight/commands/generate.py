@@ -52,11 +52,14 @@ def generate_text(model: Model = None, *, coords: Optional[Path] = None, coord: 
     weights = requested(coords, coord, select, say=reporter.note)
     source = model_source(model, options)
     with ExitStack() as recorded:  # a folder's recorded values, put back for the decoding only
-        folder = ablated_folder(reporter, source, weights, True, recorded)
+        # Without coordinates the super weights are detected: on a folder `sw ablate` wrote, in the
+        # original model its record puts back (every value, as `sw study` does), so the rows are the
+        # original and its measured super weights zeroed, not the ablated folder's leftover candidates.
+        folder = ablated_folder(reporter, source, weights or None, True, recorded)
         unchanged = folder.name
         loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=folder.put_back)
         if not weights:
-            weights = detected(reporter, loaded, select=select)
+            weights = detected(reporter, loaded, select=select, put_back=folder.put_back is not None)
         configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
                                                    unchanged=unchanged)
         with reporter.status(f"generating {max_new_tokens} tokens x {len(prompts)} prompt(s) x "

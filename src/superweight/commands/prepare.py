@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
-from ..coords import DEFAULT_SELECTION, SuperWeight, read_coords, select_weights
+from ..coords import DEFAULT_SELECTION, UNVERIFIABLE, SuperWeight, read_coords, select_weights
 from ..distributed import on_main
 from ..edit.save import (RECORD_FILE, describe_recorded_ablation, recorded_ablation, recorded_originals,
                          recorded_values_put_back, recorded_weights)
@@ -109,9 +109,10 @@ def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), dir
         check_writable(path)
 
 
-def load(reporter: Reporter, model: Optional[str], options: Optional[LoadOptions]) -> LoadedModel:
-    """MODEL loaded by name, its progress and notes reported."""
-    with reporter.status(f"loading {model or 'default model'}") as update:
+def load(reporter: Reporter, model: Optional[str], options: Optional[LoadOptions], source: ModelSource) -> LoadedModel:
+    """MODEL loaded by name, its progress and notes reported; named by its resolved `source`, as
+    `sw detect` names it ("loading smollm2-135m", not "loading default model")."""
+    with reporter.status(f"loading {source.spec}") as update:
         loaded = (options or LoadOptions()).load(model, progress=update, notice=reporter.say)
     reporter.say(f"loaded {loaded.source.spec} ({loaded.dtype}) in {loaded.load_seconds:.1f} s"
                  + (" from the GGUF cache" if loaded.from_cache else ""))
@@ -189,7 +190,7 @@ def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions]
         if config is not None:
             config_check(config)
         ranges_checked = check_coords_before_load(source, every, trust_remote_code=trust_remote_code, config=config)
-        loaded = load(reporter, model, options)
+        loaded = load(reporter, model, options, source)
     if coords and not told:
         mismatch = coordinates_mismatch(made_for, source, getattr(loaded.model.config, "model_type", None), coords)
         if mismatch:
@@ -224,16 +225,18 @@ def configuration_progress(bar: Bar) -> tuple[Callable[[Configuration], None], C
 
 
 def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
-             select: str = DEFAULT_SELECTION, announce: bool = True) -> list[SuperWeight]:
+             select: str = DEFAULT_SELECTION, announce: bool = True, put_back: bool = False) -> list[SuperWeight]:
     """The candidates of the loaded model on the paper's prompt, found once (rank 0) for every
     rank, narrowed to what `select` names: unless it is "all", each candidate's role is measured
     first (`sw detect --verify`'s verification); `bar` shows it as a stage. `announce` says which
-    weights the command acts on (off for a caller that narrows them itself and says so)."""
+    weights the command acts on (off for a caller that narrows them itself and says so). `put_back`:
+    the model is a folder `sw ablate` wrote with its recorded values put back in memory (the
+    original model, verified as such, not refused as already ablated)."""
     def measured() -> list[SuperWeight]:
         candidates = detect(loaded.model, encode_prompt(loaded.tokenizer, DEFAULT_PROMPT)).super_weights
         if select == "all" or not candidates:
             return candidates
-        prior = recorded_ablation(loaded.source)
+        prior = None if put_back else recorded_ablation(loaded.source)
         verification = verify(loaded.model, loaded.tokenizer, candidates, prompts=(),
                               recorded_ablation=describe_recorded_ablation(prior) if prior else None)
         if verification.broken:  # no roles: the candidates of a model whose super weights are gone
@@ -252,7 +255,7 @@ def detected(reporter: Reporter, loaded: LoadedModel, bar: Optional[Bar] = None,
     if not weights:
         reporter.say("detected no candidates")
         return weights
-    selection = select_weights(weights, select, "the detection")
+    selection = select_weights(weights, select, "the detection", UNVERIFIABLE)
     if announce:
         reporter.note("acting on " + selection.reason + ": " + ", ".join(w.label() for w in selection.weights))
     return selection.weights

@@ -15,7 +15,7 @@ import torch
 
 from ..brief_repr import BriefRepr
 from ..versions import __version__
-from ..coords import select_weights, DEFAULT_SELECTION, SuperWeight, check_selection, requested
+from ..coords import select_weights, DEFAULT_SELECTION, UNVERIFIABLE, SuperWeight, check_selection, requested
 from ..distributed import main_proceeds, on_main
 from ..edit.save import RECORD_FILE
 from ..edit.validate import CheckedCoords
@@ -149,7 +149,7 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
             if acting:  # as given, and named as every command names them; the report gives the measured roles
                 weights = CheckedCoords(loaded.model, acting)  # checked with the file's every entry
             else:  # detected here: narrowed by the roles just measured, as `detected` narrows them
-                selection = select_weights(weights, select, "the detection")
+                selection = select_weights(weights, select, "the detection", UNVERIFIABLE)
                 reporter.note("Table 1 and the sweep act on " + selection.reason + ": "
                               + ", ".join(w.label() for w in selection.weights))
                 weights = selection.weights
@@ -177,7 +177,8 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
             cached = sum(len(runs[c.name]["cached_tasks"]) for c in table_configurations + sweep)
             meta = {"command": command,
                     "model": {"spec": source.spec, "location": source.location, "dtype": loaded.dtype,
-                              "device": str(execution_device(loaded.model))},
+                              "device": str(execution_device(loaded.model)),
+                              "superweight_ablation": folder.record},  # as in sw eval's JSON
                     "tasks": names, "limit": limit, "documents": limits, "documents_note": documents,
                     "cpu_budget": cpu_budget, "seed": seed, "grid": factors,
                     "evaluations": {"total": len(names) * len(table_configurations + sweep), "from_cache": cached},

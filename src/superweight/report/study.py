@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..coords import SuperWeight, weights_named, weights_noun
+from ..edit.save import describe_recorded_ablation
 from ..files import atomic_directory
 from ..measure.activation_profile import ActivationProfile
 from ..measure.configurations import SummaryTable
@@ -146,6 +147,10 @@ def model_lines(meta: dict[str, Any]) -> list[str]:
                         if quantization and quantization.startswith(("Q4", "IQ4")) else "") + ".")
     elif model.get("dtype"):
         lines.append(f"- Weights: {model['dtype']}.")
+    if model.get("superweight_ablation"):  # a study puts a folder's recorded values back (README: sw study)
+        lines.append(f"- The folder is {describe_recorded_ablation(model['superweight_ablation'])}; the original "
+                     "values its superweight_ablation.json records were put back in memory, so every row is "
+                     "measured on the original model.")
     device = model.get("device") or meta.get("device")
     if device:
         lines.append(f"- Device: {device}.")
@@ -278,9 +283,10 @@ def write_report(out_dir: str | Path, *, force: bool = False, super_weights: Seq
             lines += [f"- prompt {c.prompt!r}: {c.difference(found)}" for c in verification.prompts] + [""]
             document["verification"] = verification.to_dict()
         if table is not None:
-            lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), "",
-                      "± is the standard error over the documents read (none is computed for word perplexity, "
-                      "as in lm-eval).", ""]
+            lines += ["## Table 1: zeroing super weights", "", markdown_table(table.columns, table.rows), ""]
+            if any("±" in str(cell) for row in table.rows for cell in row):  # one document read has no error
+                lines += ["± is the standard error over the documents read (none is computed for word perplexity, "
+                          "as in lm-eval).", ""]
             notes = table.limit_notes(table_reading(meta))
             if notes:  # a lead sentence, then one bullet per metric
                 lines += ["Note: " + notes[0], "", *notes[1:], ""]
