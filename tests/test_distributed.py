@@ -337,6 +337,24 @@ def test_a_hanging_rank_times_out(tiny_llama_dir, tmp_path):
         hanging.communicate()
 
 
+def test_when_rank_0_hangs_another_rank_says_why(tiny_llama_dir, tmp_path):
+    """Rank 0, which prints every error, is the one that hangs: the first other rank to give up on it
+    says so (before, nobody did, and the launcher's stop read 'interrupted')."""
+    output = tmp_path / "results.json"
+    args = ["eval", tiny_llama_dir, "--task", "piqa", "--limit", "4", *TINY, "--output", output]
+    env = _env(tmp_path / "cache", SUPERWEIGHT_TEST_FAIL_RANK="0:hang", SUPERWEIGHT_DIST_TIMEOUT="5")
+    hanging, other = _launch_ranks(args, env, 2)
+    try:
+        code, out, err = _finish(other, timeout=150)  # 5 s, then EXIT_WAIT_S for rank 0 to say it
+        assert code != 0 and not out.strip()
+        lines = _error_lines(err)
+        assert len(lines) == 1 and lines[0].startswith("error: rank 1 lost contact") and "5 s" in lines[0], err
+        assert not output.exists()
+    finally:
+        hanging.kill()  # what the launcher does once a rank has exited
+        hanging.communicate()
+
+
 RANK_0_ALONE = """import sys, time
 from superweight import distributed
 

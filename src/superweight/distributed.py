@@ -51,6 +51,8 @@ FAIL_ENV = "SUPERWEIGHT_TEST_FAIL_RANK"  # tests only: "R" raises on rank R whil
 UNLAUNCHED_COPIES = {"SLURM_STEP_NUM_TASKS": "srun", "OMPI_COMM_WORLD_SIZE": "mpirun"}
 _FAILED_KEY = "superweight/failed"
 _MAIN_EXITED_KEY = "superweight/main-exited"
+_SPEAKER_KEY = "superweight/speaker"
+_SPEAKS_ATTR = "superweight_speaks_for_main"
 POLL_S = 0.2  # how often a rank waiting for rank 0's work alone looks in the store
 
 
@@ -160,7 +162,11 @@ def session() -> Iterator[Ranks]:
     except BaseException as error:
         if not isinstance(error, RankFailed):
             _report(error)
-        _exit_after_main(ranks)
+        if not _exit_after_main(ranks) and _first_to_speak():
+            try:
+                setattr(error, _SPEAKS_ATTR, True)
+            except AttributeError:  # an exception type without a __dict__: nobody prints it
+                pass
         raise
     finally:
         _current = Ranks()
@@ -194,17 +200,37 @@ def _report(error: BaseException) -> None:
         pass
 
 
-def _exit_after_main(ranks: Ranks) -> None:
+def _exit_after_main(ranks: Ranks) -> bool:
     """A launcher stops every rank as soon as one exits non-zero: the others leave only after rank 0
-    (which prints the error) is on its way out, or after EXIT_WAIT_S."""
+    (which prints the error) is on its way out, or after EXIT_WAIT_S. False when rank 0 did not get
+    there: it hung (the launcher then stops it without a word about why) or died."""
     try:
         store = _store()
         if ranks.is_main:
             atexit.register(_set_quietly, store, _MAIN_EXITED_KEY)
-        else:
-            store.wait([_MAIN_EXITED_KEY], timedelta(seconds=EXIT_WAIT_S))
-    except Exception:  # rank 0's process (and a store it hosted) is gone: it has exited
-        pass
+            return True
+        # polled: a store.wait that times out prints two lines of torch's own warnings
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while not store.check([_MAIN_EXITED_KEY]):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+    except Exception:  # rank 0's process (and a store it hosted) is gone
+        return ranks.is_main
+
+
+def _first_to_speak() -> bool:
+    """One rank prints the error that rank 0 could not: the first to ask."""
+    try:
+        return int(_store().add(_SPEAKER_KEY, 1)) == 1
+    except Exception:  # no store to agree in: each says it
+        return True
+
+
+def speaks_for_main(error: BaseException) -> bool:
+    """Whether this rank, not rank 0, prints `error`: rank 0 hung or died before it could."""
+    return getattr(error, _SPEAKS_ATTR, False)
 
 
 def _set_quietly(store, key: str) -> None:
