@@ -84,7 +84,7 @@ def test_launcher_environment(monkeypatch):
         distributed.launched()
 
 
-@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"])
+@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
 def test_copies_started_without_torchrun_are_refused_before_writing(tiny_llama_dir, tmp_path, monkeypatch, variable):
     """`srun -n 2 sw eval ...` (or mpirun) starts two whole jobs that each write --output: one line instead."""
     from test_cli import assert_one_line_error

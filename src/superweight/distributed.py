@@ -48,7 +48,8 @@ RELEASE_WAIT_S = 5.0  # how long a rank waits at exit for gloo's threads to let 
 FAIL_ENV = "SUPERWEIGHT_TEST_FAIL_RANK"  # tests only: "R" raises on rank R while scoring, "R:hang" hangs
 # A process manager that starts N copies itself, without torch's launcher, and where each copy reads
 # N: every copy would run the whole job as one process and write the same outputs.
-UNLAUNCHED_COPIES = {"SLURM_STEP_NUM_TASKS": "srun", "OMPI_COMM_WORLD_SIZE": "mpirun"}
+UNLAUNCHED_COPIES = {"SLURM_STEP_NUM_TASKS": "srun", "OMPI_COMM_WORLD_SIZE": "mpirun",
+                     "PMI_SIZE": "mpiexec"}  # PMI_SIZE: MPICH's and Intel MPI's mpiexec
 _FAILED_KEY = "superweight/failed"
 _MAIN_EXITED_KEY = "superweight/main-exited"
 _SPEAKER_KEY = "superweight/speaker"
