@@ -84,7 +84,7 @@ def test_launcher_environment(monkeypatch):
         distributed.launched()
 
 
-@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE"])
+@pytest.mark.parametrize("variable", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
 def test_copies_started_without_torchrun_are_refused_before_writing(tiny_llama_dir, tmp_path, monkeypatch, variable):
     """`srun -n 2 sw eval ...` (or mpirun) starts two whole jobs that each write --output: one line instead."""
     from test_cli import assert_one_line_error
@@ -337,6 +337,56 @@ def test_a_hanging_rank_times_out(tiny_llama_dir, tmp_path):
         hanging.communicate()
 
 
+def test_when_rank_0_hangs_another_rank_says_why(tiny_llama_dir, tmp_path):
+    """Rank 0, which prints every error, is the one that hangs: the first other rank to give up on it
+    says so (before, nobody did, and the launcher's stop read 'interrupted')."""
+    output = tmp_path / "results.json"
+    args = ["eval", tiny_llama_dir, "--task", "piqa", "--limit", "4", *TINY, "--output", output]
+    env = _env(tmp_path / "cache", SUPERWEIGHT_TEST_FAIL_RANK="0:hang", SUPERWEIGHT_DIST_TIMEOUT="5")
+    hanging, other = _launch_ranks(args, env, 2)
+    try:
+        code, out, err = _finish(other, timeout=150)  # 5 s, then EXIT_WAIT_S for rank 0 to say it
+        assert code != 0 and not out.strip()
+        lines = _error_lines(err)
+        assert len(lines) == 1 and lines[0].startswith("error: rank 1 lost contact") and "5 s" in lines[0], err
+        assert not output.exists()
+    finally:
+        hanging.kill()  # what the launcher does once a rank has exited
+        hanging.communicate()
+
+
+RANK_0_ALONE = """import sys, time
+from superweight import distributed
+
+SLOW_S = float(sys.argv[1])  # longer than SUPERWEIGHT_DIST_TIMEOUT
+with distributed.session() as ranks:
+    detected = distributed.main_alone(lambda: time.sleep(SLOW_S) or "detected")()  # sw detect, ablate, export
+    harness = distributed.on_main(lambda: time.sleep(SLOW_S) or "harness")  # --harness, study's verification
+    if distributed.main_proceeds():
+        time.sleep(SLOW_S)  # rank 0 writes --out while the others are at the session's end
+        print(detected, harness, flush=True)
+    else:
+        print(detected is None, harness, flush=True)
+"""
+
+
+def test_work_rank_0_does_alone_may_outlast_the_timeout(tmp_path):
+    """SUPERWEIGHT_DIST_TIMEOUT bounds the gaps between collectives: a detection, lm-eval's tasks or a
+    save that rank 0 does alone take as long as they take in one process. Before, the other ranks
+    waited in a collective, timed out, and the launcher stopped rank 0 mid-work ('interrupted')."""
+    script = tmp_path / "alone.py"
+    script.write_text(RANK_0_ALONE)
+    port = str(_free_port())
+    ranks = [subprocess.Popen([sys.executable, str(script), "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**_env(tmp_path / "cache", SUPERWEIGHT_DIST_TIMEOUT="1"),
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+                                              "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"})
+             for rank in range(2)]
+    (code0, out0, err0), (code1, out1, err1) = [_finish(rank, timeout=120) for rank in ranks]
+    assert (code0, code1) == (0, 0), (err0[-2000:], err1[-2000:])
+    assert (out0, out1) == ("detected harness\n", "True harness\n")
+
+
 def test_generate_decodes_on_rank_0_alone(tiny_llama_dir, monkeypatch):
     """On rank 1 of 2 the continuations come from rank 0 (here: a stand-in), not from decoding."""
     import superweight as api
@@ -345,6 +395,8 @@ def test_generate_decodes_on_rank_0_alone(tiny_llama_dir, monkeypatch):
     from_main = []
 
     def fake_exchange(payload):  # what all_gather_object returns on rank 1: rank 0's payload first
+        if isinstance(payload, bool):  # who works while the others wait: rank 0
+            return [True, payload]
         main = from_main.pop(0) if from_main else None
         return [main, payload]
 
@@ -354,6 +406,7 @@ def test_generate_decodes_on_rank_0_alone(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(distributed, "_current", distributed.Ranks(rank=1, world_size=2, local_rank=1,
                                                                    local_world_size=2))
     monkeypatch.setattr(distributed, "exchange", fake_exchange)
+    monkeypatch.setattr(distributed, "_wait_for", lambda done: None)  # rank 0 (not here) is done at once
     monkeypatch.setattr(generate, "generate", no_decoding)
     assert api.generate_text(str(tiny_llama_dir), coord=["1,3,5"], max_new_tokens=2) is None
 

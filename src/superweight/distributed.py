@@ -10,7 +10,10 @@ its error instead of its data; every rank then raises `RankFailed`, rank 0 names
 and nobody waits for data that will never come. A failing rank also sets a flag in the process
 group's store, which `check_peers` (called after each scoring batch) reads, so the others stop
 within one batch rather than at the end of their share. A rank that hangs or dies is given up on
-after the process group's timeout (`SUPERWEIGHT_DIST_TIMEOUT`, seconds, default 1800). Before the
+after the process group's timeout (`SUPERWEIGHT_DIST_TIMEOUT`, seconds, default 1800). Work that rank 0
+does alone (a detection, a save, lm-eval's tasks, its writing at the end) has no such bound, as in one
+process: the others wait for it in the store (`_wait_for`), not in a collective that would time out
+and end the job under rank 0's feet. Before the
 group is destroyed, a gloo rank waits until gloo's threads have let go of the tensors its
 collectives were given: one still releasing them as the interpreter exits aborts the process.
 
@@ -45,9 +48,13 @@ RELEASE_WAIT_S = 5.0  # how long a rank waits at exit for gloo's threads to let 
 FAIL_ENV = "SUPERWEIGHT_TEST_FAIL_RANK"  # tests only: "R" raises on rank R while scoring, "R:hang" hangs
 # A process manager that starts N copies itself, without torch's launcher, and where each copy reads
 # N: every copy would run the whole job as one process and write the same outputs.
-UNLAUNCHED_COPIES = {"SLURM_STEP_NUM_TASKS": "srun", "OMPI_COMM_WORLD_SIZE": "mpirun"}
+UNLAUNCHED_COPIES = {"SLURM_STEP_NUM_TASKS": "srun", "OMPI_COMM_WORLD_SIZE": "mpirun",
+                     "PMI_SIZE": "mpiexec"}  # PMI_SIZE: MPICH's and Intel MPI's mpiexec
 _FAILED_KEY = "superweight/failed"
 _MAIN_EXITED_KEY = "superweight/main-exited"
+_SPEAKER_KEY = "superweight/speaker"
+_SPEAKS_ATTR = "superweight_speaks_for_main"
+POLL_S = 0.2  # how often a rank waiting for rank 0's work alone looks in the store
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,8 @@ class Ranks:
 
 _current = Ranks()
 _rounds = 0  # scoring rounds so far; names each round's progress counter in the store
+_waits = 0  # stretches of work some ranks did while the others waited; names each one's counter
+_sessions = 0  # sessions started by this process: the store outlives one under torchrun, so its counters' names
 _handed: list[weakref.ref] = []  # the tensors given to collectives that their threads may still hold
 
 
@@ -130,7 +139,7 @@ def timeout_seconds() -> float:
 def session() -> Iterator[Ranks]:
     """Run the body as one rank of the launched job: the process group exists inside, and is gone
     after, however the body ends. On error, every rank learns which rank failed and why."""
-    global _current, _rounds
+    global _current, _rounds, _waits, _sessions
     ranks = launched()
     if ranks.world_size == 1:
         yield ranks
@@ -141,10 +150,12 @@ def session() -> Iterator[Ranks]:
     if backend == "nccl":
         torch.cuda.set_device(_local_gpu(ranks))  # where NCCL keeps this rank's buffers
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
-    _current, _rounds = ranks, 0
+    _current, _rounds, _waits, _sessions = ranks, 0, 0, _sessions + 1
     interrupted = False
     try:
-        yield ranks
+        with _done_by(ranks.is_main) as done:  # rank 0 may still be writing what the others computed
+            yield ranks
+        _wait_for(done)
         exchange(None)  # every rank finished: nobody leaves while another still needs it
     except KeyboardInterrupt:  # Ctrl-C or the launcher's SIGTERM: every rank is being stopped anyway
         interrupted = True
@@ -152,7 +163,11 @@ def session() -> Iterator[Ranks]:
     except BaseException as error:
         if not isinstance(error, RankFailed):
             _report(error)
-        _exit_after_main(ranks)
+        if not _exit_after_main(ranks) and _first_to_speak():
+            try:
+                setattr(error, _SPEAKS_ATTR, True)
+            except AttributeError:  # an exception type without a __dict__: nobody prints it
+                pass
         raise
     finally:
         _current = Ranks()
@@ -186,17 +201,37 @@ def _report(error: BaseException) -> None:
         pass
 
 
-def _exit_after_main(ranks: Ranks) -> None:
+def _exit_after_main(ranks: Ranks) -> bool:
     """A launcher stops every rank as soon as one exits non-zero: the others leave only after rank 0
-    (which prints the error) is on its way out, or after EXIT_WAIT_S."""
+    (which prints the error) is on its way out, or after EXIT_WAIT_S. False when rank 0 did not get
+    there: it hung (the launcher then stops it without a word about why) or died."""
     try:
         store = _store()
         if ranks.is_main:
             atexit.register(_set_quietly, store, _MAIN_EXITED_KEY)
-        else:
-            store.wait([_MAIN_EXITED_KEY], timedelta(seconds=EXIT_WAIT_S))
-    except Exception:  # rank 0's process (and a store it hosted) is gone: it has exited
-        pass
+            return True
+        # polled: a store.wait that times out prints two lines of torch's own warnings
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while not store.check([_MAIN_EXITED_KEY]):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+    except Exception:  # rank 0's process (and a store it hosted) is gone
+        return ranks.is_main
+
+
+def _first_to_speak() -> bool:
+    """One rank prints the error that rank 0 could not: the first to ask."""
+    try:
+        return int(_store().add(_SPEAKER_KEY, 1)) == 1
+    except Exception:  # no store to agree in: each says it
+        return True
+
+
+def speaks_for_main(error: BaseException) -> bool:
+    """Whether this rank, not rank 0, prints `error`: rank 0 hung or died before it could."""
+    return getattr(error, _SPEAKS_ATTR, False)
 
 
 def _set_quietly(store, key: str) -> None:
@@ -274,7 +309,53 @@ def _wait_for_release(limit_s: float = RELEASE_WAIT_S) -> None:
 
 def on_main(compute: Callable[[], T]) -> T:
     """`compute()` run once, on rank 0; its result on every rank."""
-    return exchange(compute() if _current.is_main else None)[0]
+    if _current.world_size == 1:
+        return compute()
+    result = None
+    with _done_by(_current.is_main) as done:
+        if _current.is_main:
+            result = compute()
+    _wait_for(done)
+    return exchange(result)[0]
+
+
+@contextmanager
+def _done_by(working: bool) -> Iterator[tuple[str, int]]:
+    """A stretch of work that the ranks where `working` is true do while the others wait for it:
+    yields (the store counter each of them adds 1 to as it ends, however it ends; how many do it).
+    Every rank enters it at the same point of the job, so the counters' names agree."""
+    global _waits
+    if _current.world_size == 1:
+        yield "", 0
+        return
+    _waits += 1
+    key = f"superweight/session-{_sessions}/done/{_waits}"
+    workers = sum(exchange(bool(working)))  # also: every rank has reached this point
+    try:
+        yield key, workers
+    finally:
+        if working:
+            try:
+                _store().add(key, 1)
+            except Exception:  # the store is gone: the waiting ranks learn it in _wait_for
+                pass
+
+
+def _wait_for(done: tuple[str, int]) -> None:
+    """Until every rank of a `_done_by` stretch has ended it, or a rank has failed: however long that
+    takes (a detection or a save on rank 0 takes what it takes in one process), but never in a
+    collective, which would time out after SUPERWEIGHT_DIST_TIMEOUT and stop the job."""
+    key, workers = done
+    if workers == 0:
+        return
+    try:
+        store = _store()
+        while int(store.add(key, 0)) < workers and not store.check([_FAILED_KEY]):
+            time.sleep(POLL_S)
+    except Exception as e:  # the store's host (rank 0 when started by hand, else the launcher) is gone
+        first_line = (str(e).splitlines() or [""])[0]
+        raise RankFailed(f"rank {_current.rank} lost contact with the other ranks (a rank was killed): "
+                         f"{first_line}") from None
 
 
 def main_proceeds() -> bool:
@@ -303,10 +384,14 @@ def main_alone(command: Callable[..., T]) -> Callable[..., T | None]:
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> T | None:
-        if not main_proceeds():
-            return None
-        with alone():
-            return command(*args, **kwargs)
+        result = None
+        main = _current.is_main
+        with _done_by(main) as done:  # every rank reports in before rank 0 writes anything
+            if main:
+                with alone():
+                    result = command(*args, **kwargs)
+        _wait_for(done)
+        return result
 
     return run
 
@@ -319,9 +404,10 @@ def in_turns(work: Callable[[], T]) -> T:
     turn = 0 if _current.is_main else 1 if _current.local_rank == 0 else 2
     result = None
     for this_turn in range(3):
-        if this_turn == turn:
-            result = work()
-        exchange(None)
+        with _done_by(this_turn == turn) as done:
+            if this_turn == turn:
+                result = work()
+        _wait_for(done)
     return result  # type: ignore[return-value]
 
 

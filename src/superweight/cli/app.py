@@ -101,7 +101,7 @@ class Session(Reporter):
         return _progress_bars(self)
 
     def run(self, work: Callable[[], None]) -> None:
-        from ..distributed import launched, session
+        from ..distributed import launched, session, speaks_for_main
 
         _quiet_libraries()
         # Under a launcher only rank 0 prints: it reports the other ranks' errors and progress too.
@@ -117,7 +117,7 @@ class Session(Reporter):
         except SuperweightError as e:
             if self.debug:
                 raise
-            if main:
+            if main or speaks_for_main(e):
                 stderr.print(f"error: {e}", markup=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:
@@ -130,7 +130,7 @@ class Session(Reporter):
             if self.debug:
                 raise
             first_line = (str(e).splitlines() or [""])[0]
-            if main:
+            if main or speaks_for_main(e):
                 stderr.print(f"error: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
                              markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
