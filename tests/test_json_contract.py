@@ -4,9 +4,9 @@ golden outputs were captured (tests/golden/), except timings, versions and tempo
 The golden files were first written by the code before the package was regrouped into stages
 (HEAD 5205329), and the move was checked against them; they were re-captured once since, for the
 intended changes of issue #20 (roles and attribution in `--verify`, the registry's per-source
-`known` field) and #21 (numbers in reports); two keys were added since: `ablate`'s
+`known` field) and #21 (numbers in reports); three keys were added since: `ablate`'s
 `ablation.name` and each `eval` configuration's `kind` (one name, and `kind` found the same way,
-in every command). A change that alters what a user sees fails here. To
+in every command), and the study's `meta.model.superweight_ablation` (as in `sw eval`'s JSON). A change that alters what a user sees fails here. To
 re-capture after an intended change of output: `SW_UPDATE_GOLDEN=1 pytest tests/test_json_contract.py`,
 and say why in the commit.
 """
