@@ -36,13 +36,17 @@ def check_writable(path: str | Path) -> None:
                               f"(mkdir -p {parent}) or choose another path")
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"cannot write to {parent}: permission denied; choose another output path")
-    # os.access says yes to root, and on a read-only mount or a system folder (/proc) where creating
-    # a file still fails: create one (the kind the atomic write makes) and remove it.
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        _create_a_file_in(parent, prefix=f".{path.name}.")  # the kind the atomic write makes
     except OSError as e:
         raise OutputPathError(f"cannot write to {parent} ({e.strerror or type(e).__name__}); choose another "
                               "output path") from None
+
+
+def _create_a_file_in(folder: Path, prefix: str) -> None:
+    """Create a file in `folder` and remove it: OSError where that fails. os.access says yes to root,
+    and on a read-only mount or a system folder (/proc), where creating a file still fails."""
+    fd, probe = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     os.close(fd)
     os.unlink(probe)
 
@@ -54,9 +58,7 @@ def cache_folder(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        _create_a_file_in(path, prefix=".write-check.")
     except OSError as e:
         raise OutputPathError(f"cannot write the cache folder {path} ({e.strerror or type(e).__name__}); point "
                               "SUPERWEIGHT_CACHE (or --cache-dir) at a writable folder") from None
