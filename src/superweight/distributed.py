@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from .errors import RankFailed, SuperweightError, UsageError
+from .errors import RankFailed, SuperweightError, UsageError, first_line
 
 T = TypeVar("T")
 
@@ -179,8 +179,7 @@ def session() -> Iterator[Ranks]:
 def _describe(error: BaseException) -> str:
     if isinstance(error, SuperweightError):
         return str(error)
-    first_line = (str(error).splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first_line}"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 @dataclass(frozen=True)
@@ -261,9 +260,8 @@ def exchange(payload: Any) -> list[Any]:
     try:
         gathered = _all_gather_objects(payload)
     except Exception as e:  # DistBackendError and friends: a timeout, or a peer that died
-        first_line = (str(e).splitlines() or [""])[0]
         raise RankFailed(f"rank {_current.rank} lost contact with the other ranks (a rank hung past "
-                         f"{TIMEOUT_ENV}={timeout_seconds():g} s, or was killed): {first_line}") from None
+                         f"{TIMEOUT_ENV}={timeout_seconds():g} s, or was killed): {first_line(e)}") from None
     failures = [g for g in gathered if isinstance(g, _Failure)]
     if failures:
         first = failures[0]
@@ -353,9 +351,8 @@ def _wait_for(done: tuple[str, int]) -> None:
         while int(store.add(key, 0)) < workers and not store.check([_FAILED_KEY]):
             time.sleep(POLL_S)
     except Exception as e:  # the store's host (rank 0 when started by hand, else the launcher) is gone
-        first_line = (str(e).splitlines() or [""])[0]
         raise RankFailed(f"rank {_current.rank} lost contact with the other ranks (a rank was killed): "
-                         f"{first_line}") from None
+                         f"{first_line(e)}") from None
 
 
 def main_proceeds() -> bool:

@@ -61,6 +61,12 @@ class RankFailed(SuperweightError):
     """Another rank of a distributed run failed, hung or died; the message names it."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, for a one-line report ("" when it has none): a library's
+    own message may run to a traceback-like page, and a one-line error quotes only its head."""
+    return (str(error).splitlines() or [""])[0]
+
+
 def closest_name(name: str, known: Iterable[str], cutoff: float) -> str | None:
     """The known name `name` is most likely a typo of, for an error's "did you mean": the closest
     one with a similarity of at least `cutoff` (0..1), else None."""

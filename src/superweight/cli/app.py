@@ -20,7 +20,7 @@ from rich.console import Console
 
 from ..versions import __version__
 from ..commands.reporter import Reporter
-from ..errors import SuperweightError
+from ..errors import SuperweightError, first_line
 
 app = typer.Typer(
     help="Find, ablate and evaluate the super weights of large language models (Yu et al. 2024).",
@@ -129,9 +129,8 @@ class Session(Reporter):
         except Exception as e:  # last resort: still one line, unless --debug
             if self.debug:
                 raise
-            first_line = (str(e).splitlines() or [""])[0]
             if main or speaks_for_main(e):
-                stderr.print(f"error: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
+                stderr.print(f"error: {type(e).__name__}: {first_line(e)} (rerun with --debug for the traceback)",
                              markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import DataError, MissingDependencyError, UsageError
+from ..errors import DataError, MissingDependencyError, UsageError, first_line
 from ..model.placement import execution_device
 from .limits import check_max_length
 from ..versions import package_version
@@ -83,8 +83,7 @@ def check_harness_tasks(tasks: HarnessTasks, builtin: Sequence[str] = ()) -> Non
         with _quiet_output():
             get_task_dict(list(tasks.names), manager)
     except Exception as e:  # lm-eval and datasets raise anything from OSError to ValueError here
-        first_line = (str(e).splitlines() or [""])[0]
-        raise DataError(f"lm-eval could not load {', '.join(tasks.names)}: {type(e).__name__}: {first_line}") from None
+        raise DataError(f"lm-eval could not load {', '.join(tasks.names)}: {type(e).__name__}: {first_line(e)}") from None
 
 
 @contextmanager

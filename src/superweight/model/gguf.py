@@ -20,7 +20,7 @@ from pathlib import Path
 from .hub import Progress, check_supported_config
 from .integrity import check_complete, manifest_problem, write_manifest
 from .source import ModelSource, cache_root
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from ..files import atomic_directory, cache_folder
 
 
@@ -110,7 +110,7 @@ def dequantized_gguf(source: ModelSource, dtype: str, cache_dir: str | None, pro
     except ValueError as e:
         raise ModelLoadError(
             f"transformers cannot read the '{architecture}' architecture of {source.location}: "
-            f"{str(e).splitlines()[0]}; convert the model to safetensors"
+            f"{first_line(e) or type(e).__name__}; convert the model to safetensors"
         ) from None
     check_supported_config(model.config)
     check_complete(loading_info, source.location)  # a GGUF that lacks tensors is not cached

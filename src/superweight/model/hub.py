@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .source import ModelSource, aliases, close_alias
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 
 Progress = Callable[[str], None]
 HUB_PROBE_SECONDS = 3.0  # how long to wait for the hub (or proxy) to take a connection before calling it unreachable
@@ -94,7 +94,7 @@ def hub_options(source: ModelSource, trust_remote_code: bool, notice: Progress) 
 
 def model_load_error(source: ModelSource, error: Exception) -> ModelLoadError:
     """What a failed from_pretrained (OSError, ValueError) of `source` means, in one line that says what to do."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = first_line(error) or type(error).__name__
     if source.kind == "hub":
         offline = hub_offline()
         hint = " (offline: HF_HUB_OFFLINE is set)" if offline else ""
@@ -139,7 +139,7 @@ def hub_gguf(repo_id: str, filename: str, revision: str | None, cache_dir: str |
         raise ModelLoadError(f"cannot download {where}: {type(error).__name__}; check MODEL, --revision and "
                              "your access to the repository") from None
     except OSError as error:
-        raise ModelLoadError(f"cannot download {where}: {str(error).splitlines()[0] if str(error) else error!r}; "
+        raise ModelLoadError(f"cannot download {where}: {first_line(error) or repr(error)}; "
                              "check the network and the disk") from None
 
 
@@ -190,7 +190,7 @@ def read_tokenizer(source: ModelSource, location: str | Path, options: dict[str,
     except (OSError, ValueError, TypeError, KeyError) as e:
         if source.kind == "hub" and isinstance(e, (OSError, ValueError)) and str(location) == source.location:
             raise model_load_error(source, e) from None
-        why = (str(e).splitlines() or [""])[0].rstrip(": ") or type(e).__name__
+        why = first_line(e).rstrip(": ") or type(e).__name__
         raise ModelLoadError(
             f"cannot read the tokenizer of {source.spec if source.kind == 'hub' else location} ({why}); a model "
             "folder needs its tokenizer files (tokenizer.json or tokenizer.model, with tokenizer_config.json): "

@@ -25,7 +25,7 @@ from .integrity import check_complete, check_finite_offloaded_down_projections, 
     damaged_file_error, damaged_weight_file
 from .quiet import quiet_transformers
 from .source import ModelSource, cache_root, resolve
-from ..errors import ModelLoadError, OutputPathError
+from ..errors import ModelLoadError, OutputPathError, first_line
 from ..files import cache_folder, refuse_inside
 
 
@@ -87,11 +87,7 @@ def _unreadable_weights_error(source: ModelSource, location: str, where: str, er
     found = damaged_weight_file(directory) if directory else None
     if found:
         return damaged_file_error(*found)
-    return damaged_file_error(f"of {where}", str(error).splitlines()[0] if str(error) else type(error).__name__)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [""])[0] or type(error).__name__
+    return damaged_file_error(f"of {where}", first_line(error) or type(error).__name__)
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -102,7 +98,7 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def _not_enough_memory(where: str, error: BaseException) -> ModelLoadError:
     return ModelLoadError(
-        f"not enough memory to load {where} ({_first_line(error)}); load it in half precision (--dtype bfloat16), "
+        f"not enough memory to load {where} ({first_line(error) or type(error).__name__}); load it in half precision (--dtype bfloat16), "
         "spread it over GPUs, CPU and disk (--device-map auto, --max-memory), or detect with --stream")
 
 
