@@ -138,13 +138,18 @@ def test_activation_plot_marks_each_weight_by_its_role(tmp_path, monkeypatch):
         role: str | None = None
 
     stats = [LayerStats(layer=i, input_max=1.0 + 100 * (i == 2), output_max=1.0 + 50 * (i == 2)) for i in range(4)]
-    weights = [WithRole(2, 1, 1, role="super"), WithRole(2, 1, 2, role="joint"), SuperWeight(3, 1, 3)]
+    weights = [WithRole(2, 1, 1, role="super"), WithRole(2, 1, 2, role="inert"), WithRole(1, 1, 4, role="joint"),
+               SuperWeight(3, 1, 3)]
     axes = _axes_of(monkeypatch, lambda: plot_activations(Detection(weights, [stats]), tmp_path / "act.png"))
     legend = axes[0].figure.legends[0]
     texts = [t.get_text() for t in legend.get_texts()]
+    # Layer 2's super and inert weights share one point: only the super star is drawn there (an inert
+    # cross over it hid it); the label names both roles.
     assert [t.split(" ")[0] for t in texts] == ["super", "joint", "candidate"]
+    markers = [(line.get_xdata()[0], line.get_marker()) for line in axes[0].lines if line.get_linestyle() == "None"]
+    assert sorted(markers) == [(1, "*"), (2, "*"), (3, "*")]
     annotations = [c.get_text() for c in axes[0].texts]
-    assert "1,1 super\n1,2 joint" in annotations and "1,3 candidate" in annotations
+    assert "1,1 super\n1,2 inert" in annotations and "1,3 candidate" in annotations
     # README: the found layers starred; each legend entry looks like the marker drawn (none hollow).
     def look(line):
         return line.get_marker(), line.get_markerfacecolor(), line.get_color(), line.get_markersize()

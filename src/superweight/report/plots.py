@@ -125,11 +125,11 @@ def plot_activations(detection: Detection, path: str | Path, title: str = "",
             if layer not in layers:
                 continue
             value = max(values[layers.index(layer)], 1e-12)
-            # Weights of one layer share a point: the larger markers first, so every one stays visible.
-            roles = sorted({weight_role(w) for w in here}, key=lambda role: -ROLE_STYLE[role]["ms"])
-            for rank, role in enumerate(roles):
-                ax.plot([layer], [value], zorder=3 + rank, **_marker(role))
-                shown.add(role)
+            # Weights of one layer share a point: one marker, the weightiest role's (drawn one over
+            # another, an inert cross hid the super weight's star); the label names each one's role.
+            role = max((weight_role(w) for w in here), key=lambda role: ROLE_STYLE[role]["ms"])
+            ax.plot([layer], [value], zorder=3, **_marker(role))
+            shown.add(role)
             ax.annotate("\n".join(f"{w.row},{w.col} {weight_role(w)}" for w in here), (layer, value),
                         textcoords="offset points", xytext=(8, -10), fontsize=7, color="#333333")
         ax.set_yscale("log")
