@@ -13,7 +13,8 @@ within one batch rather than at the end of their share. A rank that hangs or die
 after the process group's timeout (`SUPERWEIGHT_DIST_TIMEOUT`, seconds, default 1800). Work that rank 0
 does alone (a detection, a save, lm-eval's tasks, its writing at the end) has no such bound, as in one
 process: the others wait for it in the store (`_wait_for`), not in a collective that would time out
-and end the job under rank 0's feet. Before the
+and end the job under rank 0's feet. Each session keeps to its own part of the launcher's store,
+which outlives it: a script that caught `RankFailed` may start another. Before the
 group is destroyed, a gloo rank waits until gloo's threads have let go of the tensors its
 collectives were given: one still releasing them as the interpreter exits aborts the process.
 
@@ -74,7 +75,8 @@ class Ranks:
 _current = Ranks()
 _rounds = 0  # scoring rounds so far; names each round's progress counter in the store
 _waits = 0  # stretches of work some ranks did while the others waited; names each one's counter
-_sessions = 0  # sessions started by this process: the store outlives one under torchrun, so its counters' names
+_sessions = 0  # sessions started by this process (the same on every rank): names the part of the store each one uses
+_main_leaving: Any = None  # rank 0, after a failed session: that session's store, where the others wait for it
 _handed: list[weakref.ref] = []  # the tensors given to collectives that their threads may still hold
 
 
@@ -149,8 +151,17 @@ def session() -> Iterator[Ranks]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(_local_gpu(ranks))  # where NCCL keeps this rank's buffers
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
-    _current, _rounds, _waits, _sessions = ranks, 0, 0, _sessions + 1
+    timeout = timedelta(seconds=timeout_seconds())
+    _main_left()  # before the rendezvous: the other ranks of a failed session come to it only after this
+    # The launcher's store outlives a session (torchrun's agent holds it; a store rank 0 hosts is shared by
+    # the sessions of its process): each session, torch's keys and ours, keeps to its own part of it, so that
+    # a script that caught RankFailed starts another one without reading the last one's keys.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    _sessions += 1
+    dist.init_process_group(backend, store=dist.PrefixStore(f"superweight/session-{_sessions}", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
+    _current, _rounds, _waits = ranks, 0, 0
     interrupted = False
     try:
         with _done_by(ranks.is_main) as done:  # rank 0 may still be writing what the others computed
@@ -205,8 +216,10 @@ def _exit_after_main(ranks: Ranks) -> bool:
     (which prints the error) is on its way out, or after EXIT_WAIT_S. False when rank 0 did not get
     there: it hung (the launcher then stops it without a word about why) or died."""
     try:
+        global _main_leaving
         store = _store()
         if ranks.is_main:
+            _main_leaving = store
             atexit.register(_set_quietly, store, _MAIN_EXITED_KEY)
             return True
         # polled: a store.wait that times out prints two lines of torch's own warnings
@@ -231,6 +244,15 @@ def _first_to_speak() -> bool:
 def speaks_for_main(error: BaseException) -> bool:
     """Whether this rank, not rank 0, prints `error`: rank 0 hung or died before it could."""
     return getattr(error, _SPEAKS_ATTR, False)
+
+
+def _main_left() -> None:
+    """Rank 0 starts another session (a script caught the last one's error): the other ranks of the
+    failed one, still waiting for rank 0 to exit, may go on (and join it)."""
+    global _main_leaving
+    if _main_leaving is not None:
+        _set_quietly(_main_leaving, _MAIN_EXITED_KEY)
+        _main_leaving = None
 
 
 def _set_quietly(store, key: str) -> None:
@@ -327,7 +349,7 @@ def _done_by(working: bool) -> Iterator[tuple[str, int]]:
         yield "", 0
         return
     _waits += 1
-    key = f"superweight/session-{_sessions}/done/{_waits}"
+    key = f"superweight/done/{_waits}"
     workers = sum(exchange(bool(working)))  # also: every rank has reached this point
     try:
         yield key, workers
