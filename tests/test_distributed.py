@@ -410,7 +410,7 @@ def test_a_script_that_caught_a_failure_starts_another_session(tmp_path):
     and rank 0 timed out waiting for it in the second session)."""
     script = tmp_path / "two_sessions.py"
     script.write_text(TWO_SESSIONS)
-    code, out, err = _finish(_torchrun(7, env=_env(tmp_path / "cache", SUPERWEIGHT_DIST_TIMEOUT="5"), nproc=2,
+    code, out, err = _finish(_torchrun(13, env=_env(tmp_path / "cache", SUPERWEIGHT_DIST_TIMEOUT="10"), nproc=2,
                                        program=[script]), timeout=120)
     assert code == 0, err[-3000:]
     assert sorted(out.splitlines()) == ["first: rank 1 of 2 failed: RuntimeError: the first session fails on rank 1",
