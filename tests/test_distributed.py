@@ -364,16 +364,21 @@ with distributed.session() as ranks:
     detected = distributed.main_alone(lambda: time.sleep(SLOW_S) or "detected")()  # sw detect, ablate, export
     harness = distributed.on_main(lambda: time.sleep(SLOW_S) or "harness")  # --harness, study's verification
     if distributed.main_proceeds():
-        time.sleep(SLOW_S)  # rank 0 writes --out while the others are at the session's end
+        time.sleep(SLOW_S)  # rank 0 writes (a command's --out, or the script's own files)
         print(detected, harness, flush=True)
     else:
         print(detected is None, harness, flush=True)
+    seen = distributed.exchange(ranks.rank)  # the script goes on: the next command's first collective
+    if distributed.main_proceeds():
+        time.sleep(SLOW_S)  # rank 0 writes while the others are at the session's end
+        print(seen, flush=True)
 """
 
 
 def test_work_rank_0_does_alone_may_outlast_the_timeout(tmp_path):
     """SUPERWEIGHT_DIST_TIMEOUT bounds the gaps between collectives: a detection, lm-eval's tasks or a
-    save that rank 0 does alone take as long as they take in one process. Before, the other ranks
+    save that rank 0 does alone take as long as they take in one process, and so does what it writes
+    after `main_proceeds`, also when the script goes on to another collective. Before, the other ranks
     waited in a collective, timed out, and the launcher stopped rank 0 mid-work ('interrupted')."""
     script = tmp_path / "alone.py"
     script.write_text(RANK_0_ALONE)
@@ -385,7 +390,7 @@ def test_work_rank_0_does_alone_may_outlast_the_timeout(tmp_path):
              for rank in range(2)]
     (code0, out0, err0), (code1, out1, err1) = [_finish(rank, timeout=120) for rank in ranks]
     assert (code0, code1) == (0, 0), (err0[-2000:], err1[-2000:])
-    assert (out0, out1) == ("detected harness\n", "True harness\n")
+    assert (out0, out1) == ("detected harness\n[0, 1]\n", "True harness\n")
 
 
 TWO_SESSIONS = """import sys, time

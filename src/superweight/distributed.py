@@ -11,9 +11,9 @@ and nobody waits for data that will never come. A failing rank also sets a flag 
 group's store, which `check_peers` (called after each scoring batch) reads, so the others stop
 within one batch rather than at the end of their share. A rank that hangs or dies is given up on
 after the process group's timeout (`SUPERWEIGHT_DIST_TIMEOUT`, seconds, default 1800). Work that rank 0
-does alone (a detection, a save, lm-eval's tasks, its writing at the end) has no such bound, as in one
-process: the others wait for it in the store (`_wait_for`), not in a collective that would time out
-and end the job under rank 0's feet. Each session keeps to its own part of the launcher's store,
+does alone (a detection, a save, lm-eval's tasks, its writing after `main_proceeds`) has no such bound,
+as in one process: the others wait for it in the store (`_wait_for`), not in a collective that would time
+out and end the job under rank 0's feet. Each session keeps to its own part of the launcher's store,
 which outlives it: a script that caught `RankFailed` may start another. Before the
 group is destroyed, a gloo rank waits until gloo's threads have let go of the tensors its
 collectives were given: one still releasing them as the interpreter exits aborts the process.
@@ -77,6 +77,7 @@ _rounds = 0  # scoring rounds so far; names each round's progress counter in the
 _waits = 0  # stretches of work some ranks did while the others waited; names each one's counter
 _sessions = 0  # sessions started by this process (the same on every rank): names the part of the store each one uses
 _main_leaving: Any = None  # rank 0, after a failed session: that session's store, where the others wait for it
+_behind_main: str | None = None  # after main_proceeds: the counter rank 0 adds 1 to at its next collective
 _handed: list[weakref.ref] = []  # the tensors given to collectives that their threads may still hold
 
 
@@ -141,7 +142,7 @@ def timeout_seconds() -> float:
 def session() -> Iterator[Ranks]:
     """Run the body as one rank of the launched job: the process group exists inside, and is gone
     after, however the body ends. On error, every rank learns which rank failed and why."""
-    global _current, _rounds, _waits, _sessions
+    global _current, _rounds, _waits, _sessions, _behind_main
     ranks = launched()
     if ranks.world_size == 1:
         yield ranks
@@ -181,7 +182,7 @@ def session() -> Iterator[Ranks]:
                 pass
         raise
     finally:
-        _current = Ranks()
+        _current, _behind_main = Ranks(), None
         if backend == "gloo" and not interrupted:  # a stopped collective may hold its tensors until killed
             _wait_for_release()
         dist.destroy_process_group()
@@ -279,6 +280,8 @@ def exchange(payload: Any) -> list[Any]:
     """
     if _current.world_size == 1:
         return [payload]
+    if _behind_main is not None:
+        _catch_up_with_main()
     try:
         gathered = _all_gather_objects(payload)
     except Exception as e:  # DistBackendError and friends: a timeout, or a peer that died
@@ -344,21 +347,30 @@ def _done_by(working: bool) -> Iterator[tuple[str, int]]:
     """A stretch of work that the ranks where `working` is true do while the others wait for it:
     yields (the store counter each of them adds 1 to as it ends, however it ends; how many do it).
     Every rank enters it at the same point of the job, so the counters' names agree."""
-    global _waits
     if _current.world_size == 1:
         yield "", 0
         return
-    _waits += 1
-    key = f"superweight/done/{_waits}"
+    key = _new_done_key()
     workers = sum(exchange(bool(working)))  # also: every rank has reached this point
     try:
         yield key, workers
     finally:
         if working:
-            try:
-                _store().add(key, 1)
-            except Exception:  # the store is gone: the waiting ranks learn it in _wait_for
-                pass
+            _count_done(key)
+
+
+def _new_done_key() -> str:
+    """The counter of a new stretch of work alone: every rank starts the same ones in the same order."""
+    global _waits
+    _waits += 1
+    return f"superweight/done/{_waits}"
+
+
+def _count_done(key: str) -> None:
+    try:
+        _store().add(key, 1)
+    except Exception:  # the store is gone: the waiting ranks learn it in _wait_for
+        pass
 
 
 def _wait_for(done: tuple[str, int]) -> None:
@@ -378,10 +390,24 @@ def _wait_for(done: tuple[str, int]) -> None:
 
 
 def main_proceeds() -> bool:
-    """Every rank reports in; True on rank 0 only, which goes on to write and print. Called before
-    any output is written, so a failure anywhere leaves nothing written."""
+    """Every rank reports in; True on rank 0 only, which goes on alone to write and print. Called before
+    any output is written, so a failure anywhere leaves nothing written. The other ranks wait for rank 0
+    in the store at their next collective (or the session's end): what it does alone takes what it takes."""
+    global _behind_main
     exchange(None)
+    if _current.world_size > 1:
+        _behind_main = _new_done_key()
     return _current.is_main
+
+
+def _catch_up_with_main() -> None:
+    """The first collective after `main_proceeds`: rank 0, there, is done with its work alone."""
+    global _behind_main
+    key, _behind_main = _behind_main, None
+    if _current.is_main:
+        _count_done(key)
+    else:
+        _wait_for((key, 1))
 
 
 @contextmanager
