@@ -116,7 +116,8 @@ def test_session_starts_nccl_on_cuda_and_gloo_on_cpu(monkeypatch, cuda):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "rendezvous", lambda url, timeout: iter([(dist.HashStore(), 5, 8)]))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **options: calls.append(("init", backend)))
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
     monkeypatch.setattr(distributed, "_all_gather_objects", lambda payload: [payload] * 8)
     with distributed.session() as ranks:
@@ -182,13 +183,13 @@ def _env(cache: Path, **extra) -> dict:
     return env
 
 
-def _torchrun(*args, env: dict, nproc: int, timeout: float = RUN_TIMEOUT_S, **launch):
+def _torchrun(*args, env: dict, nproc: int, timeout: float = RUN_TIMEOUT_S, program=("-m", "superweight"), **launch):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     if not launch:
         launcher += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     for option, value in launch.items():
         launcher += [f"--{option.replace('_', '-')}", str(value)]
-    return subprocess.Popen([*launcher, "-m", "superweight", *map(str, args)], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([*launcher, *map(str, program), *map(str, args)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -363,16 +364,21 @@ with distributed.session() as ranks:
     detected = distributed.main_alone(lambda: time.sleep(SLOW_S) or "detected")()  # sw detect, ablate, export
     harness = distributed.on_main(lambda: time.sleep(SLOW_S) or "harness")  # --harness, study's verification
     if distributed.main_proceeds():
-        time.sleep(SLOW_S)  # rank 0 writes --out while the others are at the session's end
+        time.sleep(SLOW_S)  # rank 0 writes (a command's --out, or the script's own files)
         print(detected, harness, flush=True)
     else:
         print(detected is None, harness, flush=True)
+    seen = distributed.exchange(ranks.rank)  # the script goes on: the next command's first collective
+    if distributed.main_proceeds():
+        time.sleep(SLOW_S)  # rank 0 writes while the others are at the session's end
+        print(seen, flush=True)
 """
 
 
 def test_work_rank_0_does_alone_may_outlast_the_timeout(tmp_path):
     """SUPERWEIGHT_DIST_TIMEOUT bounds the gaps between collectives: a detection, lm-eval's tasks or a
-    save that rank 0 does alone take as long as they take in one process. Before, the other ranks
+    save that rank 0 does alone take as long as they take in one process, and so does what it writes
+    after `main_proceeds`, also when the script goes on to another collective. Before, the other ranks
     waited in a collective, timed out, and the launcher stopped rank 0 mid-work ('interrupted')."""
     script = tmp_path / "alone.py"
     script.write_text(RANK_0_ALONE)
@@ -384,7 +390,36 @@ def test_work_rank_0_does_alone_may_outlast_the_timeout(tmp_path):
              for rank in range(2)]
     (code0, out0, err0), (code1, out1, err1) = [_finish(rank, timeout=120) for rank in ranks]
     assert (code0, code1) == (0, 0), (err0[-2000:], err1[-2000:])
-    assert (out0, out1) == ("detected harness\n", "True harness\n")
+    assert (out0, out1) == ("detected harness\n[0, 1]\n", "True harness\n")
+
+
+TWO_SESSIONS = """import sys, time
+from superweight import distributed
+from superweight.errors import RankFailed
+
+try:
+    with distributed.session() as ranks:
+        if ranks.rank == 1:
+            raise RuntimeError("the first session fails on rank 1")
+        distributed.exchange(None)
+except (RankFailed, RuntimeError) as error:  # rank 0 is told of rank 1's own error
+    print("first:", error, flush=True)
+with distributed.session():  # longer than SUPERWEIGHT_DIST_TIMEOUT: the others wait in the store
+    print("second:", distributed.on_main(lambda: time.sleep(float(sys.argv[1])) or "done"), flush=True)
+"""
+
+
+def test_a_script_that_caught_a_failure_starts_another_session(tmp_path):
+    """torchrun's store outlives a session: the second one must not read the first one's failure (its
+    ranks then stopped waiting for rank 0 and timed out), nor rank 1 wait for rank 0 to exit (30 s,
+    and rank 0 timed out waiting for it in the second session)."""
+    script = tmp_path / "two_sessions.py"
+    script.write_text(TWO_SESSIONS)
+    code, out, err = _finish(_torchrun(13, env=_env(tmp_path / "cache", SUPERWEIGHT_DIST_TIMEOUT="10"), nproc=2,
+                                       program=[script]), timeout=120)
+    assert code == 0, err[-3000:]
+    assert sorted(out.splitlines()) == ["first: rank 1 of 2 failed: RuntimeError: the first session fails on rank 1",
+                                        "first: the first session fails on rank 1", "second: done", "second: done"]
 
 
 def test_generate_decodes_on_rank_0_alone(tiny_llama_dir, monkeypatch):

@@ -11,9 +11,10 @@ and nobody waits for data that will never come. A failing rank also sets a flag 
 group's store, which `check_peers` (called after each scoring batch) reads, so the others stop
 within one batch rather than at the end of their share. A rank that hangs or dies is given up on
 after the process group's timeout (`SUPERWEIGHT_DIST_TIMEOUT`, seconds, default 1800). Work that rank 0
-does alone (a detection, a save, lm-eval's tasks, its writing at the end) has no such bound, as in one
-process: the others wait for it in the store (`_wait_for`), not in a collective that would time out
-and end the job under rank 0's feet. Before the
+does alone (a detection, a save, lm-eval's tasks, its writing after `main_proceeds`) has no such bound,
+as in one process: the others wait for it in the store (`_wait_for`), not in a collective that would time
+out and end the job under rank 0's feet. Each session keeps to its own part of the launcher's store,
+which outlives it: a script that caught `RankFailed` may start another. Before the
 group is destroyed, a gloo rank waits until gloo's threads have let go of the tensors its
 collectives were given: one still releasing them as the interpreter exits aborts the process.
 
@@ -74,7 +75,9 @@ class Ranks:
 _current = Ranks()
 _rounds = 0  # scoring rounds so far; names each round's progress counter in the store
 _waits = 0  # stretches of work some ranks did while the others waited; names each one's counter
-_sessions = 0  # sessions started by this process: the store outlives one under torchrun, so its counters' names
+_sessions = 0  # sessions started by this process (the same on every rank): names the part of the store each one uses
+_main_leaving: Any = None  # rank 0, after a failed session: that session's store, where the others wait for it
+_behind_main: str | None = None  # after main_proceeds: the counter rank 0 adds 1 to at its next collective
 _handed: list[weakref.ref] = []  # the tensors given to collectives that their threads may still hold
 
 
@@ -139,7 +142,7 @@ def timeout_seconds() -> float:
 def session() -> Iterator[Ranks]:
     """Run the body as one rank of the launched job: the process group exists inside, and is gone
     after, however the body ends. On error, every rank learns which rank failed and why."""
-    global _current, _rounds, _waits, _sessions
+    global _current, _rounds, _waits, _sessions, _behind_main
     ranks = launched()
     if ranks.world_size == 1:
         yield ranks
@@ -149,8 +152,17 @@ def session() -> Iterator[Ranks]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(_local_gpu(ranks))  # where NCCL keeps this rank's buffers
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
-    _current, _rounds, _waits, _sessions = ranks, 0, 0, _sessions + 1
+    timeout = timedelta(seconds=timeout_seconds())
+    _main_left()  # before the rendezvous: the other ranks of a failed session come to it only after this
+    # The launcher's store outlives a session (torchrun's agent holds it; a store rank 0 hosts is shared by
+    # the sessions of its process): each session, torch's keys and ours, keeps to its own part of it, so that
+    # a script that caught RankFailed starts another one without reading the last one's keys.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    _sessions += 1
+    dist.init_process_group(backend, store=dist.PrefixStore(f"superweight/session-{_sessions}", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
+    _current, _rounds, _waits = ranks, 0, 0
     interrupted = False
     try:
         with _done_by(ranks.is_main) as done:  # rank 0 may still be writing what the others computed
@@ -170,7 +182,7 @@ def session() -> Iterator[Ranks]:
                 pass
         raise
     finally:
-        _current = Ranks()
+        _current, _behind_main = Ranks(), None
         if backend == "gloo" and not interrupted:  # a stopped collective may hold its tensors until killed
             _wait_for_release()
         dist.destroy_process_group()
@@ -205,8 +217,10 @@ def _exit_after_main(ranks: Ranks) -> bool:
     (which prints the error) is on its way out, or after EXIT_WAIT_S. False when rank 0 did not get
     there: it hung (the launcher then stops it without a word about why) or died."""
     try:
+        global _main_leaving
         store = _store()
         if ranks.is_main:
+            _main_leaving = store
             atexit.register(_set_quietly, store, _MAIN_EXITED_KEY)
             return True
         # polled: a store.wait that times out prints two lines of torch's own warnings
@@ -233,6 +247,15 @@ def speaks_for_main(error: BaseException) -> bool:
     return getattr(error, _SPEAKS_ATTR, False)
 
 
+def _main_left() -> None:
+    """Rank 0 starts another session (a script caught the last one's error): the other ranks of the
+    failed one, still waiting for rank 0 to exit, may go on (and join it)."""
+    global _main_leaving
+    if _main_leaving is not None:
+        _set_quietly(_main_leaving, _MAIN_EXITED_KEY)
+        _main_leaving = None
+
+
 def _set_quietly(store, key: str) -> None:
     try:
         store.set(key, "1")
@@ -257,6 +280,8 @@ def exchange(payload: Any) -> list[Any]:
     """
     if _current.world_size == 1:
         return [payload]
+    if _behind_main is not None:
+        _catch_up_with_main()
     try:
         gathered = _all_gather_objects(payload)
     except Exception as e:  # DistBackendError and friends: a timeout, or a peer that died
@@ -322,21 +347,30 @@ def _done_by(working: bool) -> Iterator[tuple[str, int]]:
     """A stretch of work that the ranks where `working` is true do while the others wait for it:
     yields (the store counter each of them adds 1 to as it ends, however it ends; how many do it).
     Every rank enters it at the same point of the job, so the counters' names agree."""
-    global _waits
     if _current.world_size == 1:
         yield "", 0
         return
-    _waits += 1
-    key = f"superweight/session-{_sessions}/done/{_waits}"
+    key = _new_done_key()
     workers = sum(exchange(bool(working)))  # also: every rank has reached this point
     try:
         yield key, workers
     finally:
         if working:
-            try:
-                _store().add(key, 1)
-            except Exception:  # the store is gone: the waiting ranks learn it in _wait_for
-                pass
+            _count_done(key)
+
+
+def _new_done_key() -> str:
+    """The counter of a new stretch of work alone: every rank starts the same ones in the same order."""
+    global _waits
+    _waits += 1
+    return f"superweight/done/{_waits}"
+
+
+def _count_done(key: str) -> None:
+    try:
+        _store().add(key, 1)
+    except Exception:  # the store is gone: the waiting ranks learn it in _wait_for
+        pass
 
 
 def _wait_for(done: tuple[str, int]) -> None:
@@ -356,10 +390,24 @@ def _wait_for(done: tuple[str, int]) -> None:
 
 
 def main_proceeds() -> bool:
-    """Every rank reports in; True on rank 0 only, which goes on to write and print. Called before
-    any output is written, so a failure anywhere leaves nothing written."""
+    """Every rank reports in; True on rank 0 only, which goes on alone to write and print. Called before
+    any output is written, so a failure anywhere leaves nothing written. The other ranks wait for rank 0
+    in the store at their next collective (or the session's end): what it does alone takes what it takes."""
+    global _behind_main
     exchange(None)
+    if _current.world_size > 1:
+        _behind_main = _new_done_key()
     return _current.is_main
+
+
+def _catch_up_with_main() -> None:
+    """The first collective after `main_proceeds`: rank 0, there, is done with its work alone."""
+    global _behind_main
+    key, _behind_main = _behind_main, None
+    if _current.is_main:
+        _count_done(key)
+    else:
+        _wait_for((key, 1))
 
 
 @contextmanager
