@@ -179,6 +179,11 @@ def test_format_checks():
     ("glm4_moe", 0, None, "blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj"),
     ("llama4_text", 0, None, "blk.0.ffn_down.weight", "model.layers.0.feed_forward.down_proj"),
     ("llama4_text", 1, "shared", "blk.1.ffn_down_shexp.weight", "model.layers.1.feed_forward.shared_expert.down_proj"),
+    # multimodal checkpoints: llama.cpp's converter drops "language_model." from each name, the text
+    # model goes to one GGUF with its layers numbered as they are (Gemma 3's is not in the table:
+    # it follows Gemma 4's layout)
+    ("gemma4", 2, None, "blk.2.ffn_down.weight", "model.language_model.layers.2.mlp.down_proj"),
+    ("gemma3", 2, None, "blk.2.ffn_down.weight", "model.language_model.layers.2.mlp.down_proj"),
 ])
 def test_gguf_and_module_names_per_family(model_type, layer, expert, expected, module):
     from superweight.model.adapters import down_proj_tensor, gguf_architecture
