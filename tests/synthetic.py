@@ -73,8 +73,11 @@ _DEEPSEEK_EXPERTS = {"moe_intermediate_size": INTERMEDIATE, "n_shared_experts": 
 # Model types whose checkpoints hold a composite (text + vision) config that AutoModelForCausalLM
 # loads as the text model: the tiny model is built from the text type.
 COMPOSITE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text", "llama4": "llama4_text"}
-# Composite types that load as the multimodal model, the text model inside: given a tiny text config.
-WRAPPING = {"gemma4": "gemma4_text"}
+# Composite types that load as the multimodal model, the text model inside: given a tiny text config
+# (and, where the default vision tower is large, a one-layer one). Gemma 3's has no row in the table.
+WRAPPING = {"gemma4": "gemma4_text", "gemma3": "gemma3_text"}
+_TINY_VISION = {"gemma3": dict(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
+                               num_attention_heads=HEADS)}
 
 # Family-specific config bits (sizes the common names above do not reach).
 FAMILY_CONFIG: dict[str, dict] = {
@@ -172,6 +175,8 @@ def tiny_config(model_type: str, **overrides):
     if model_type in WRAPPING:
         config = AutoConfig.for_model(model_type)
         config.text_config = tiny_config(WRAPPING[model_type], **overrides)
+        for key, value in _TINY_VISION.get(model_type, {}).items():
+            setattr(config.vision_config, key, value)
         return config
     settings = {**_COMMON, **FAMILY_CONFIG.get(model_type, {}), **overrides}
     for key in _PER_LAYER_KEYS & settings.keys():  # one entry per layer, as the family expects

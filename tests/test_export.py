@@ -179,6 +179,11 @@ def test_format_checks():
     ("glm4_moe", 0, None, "blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj"),
     ("llama4_text", 0, None, "blk.0.ffn_down.weight", "model.layers.0.feed_forward.down_proj"),
     ("llama4_text", 1, "shared", "blk.1.ffn_down_shexp.weight", "model.layers.1.feed_forward.shared_expert.down_proj"),
+    # multimodal checkpoints: llama.cpp's converter drops "language_model." from each name, the text
+    # model goes to one GGUF with its layers numbered as they are (Gemma 3's is not in the table:
+    # it follows Gemma 4's layout)
+    ("gemma4", 2, None, "blk.2.ffn_down.weight", "model.language_model.layers.2.mlp.down_proj"),
+    ("gemma3", 2, None, "blk.2.ffn_down.weight", "model.language_model.layers.2.mlp.down_proj"),
 ])
 def test_gguf_and_module_names_per_family(model_type, layer, expert, expected, module):
     from superweight.model.adapters import down_proj_tensor, gguf_architecture
@@ -223,13 +228,19 @@ def test_export_of_a_saved_moe_model_checks_dense_and_shared_expert_values(tmp_p
         export([SuperWeight(1, 4, 6, expert="shared", value=shared + 1.0)], "bitsandbytes", spec=str(tmp_path / "m"))
 
 
-def test_a_family_llama_cpp_cannot_convert_is_a_usage_error():
+@pytest.mark.parametrize("model_type, overrides, message", [
+    ("opt", {}, "llama.cpp has no 'opt' architecture"),  # OPTForCausalLM: no converter class
+    ("ministral", {}, "llama.cpp has no 'ministral' architecture"),  # MinistralForCausalLM: none either
+    # llama.cpp's qwen3moe has no ffn_down: its converter fails on a dense mlp_only_layers layer
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "gguf-py has no GGUF name for model.layers.1.mlp.down_proj.weight"),
+])
+def test_what_llama_cpp_cannot_convert_is_a_usage_error(model_type, overrides, message):
     from superweight.model.adapters import gguf_architecture
     from superweight.edit.export import gguf_tensor_names
     from synthetic import tiny_model
 
-    with pytest.raises(UsageError, match="llama.cpp has no 'opt' architecture"):
-        gguf_tensor_names(tiny_model("opt"), [SuperWeight(1, 3, 5)], gguf_architecture("opt"))
+    with pytest.raises(UsageError, match=re.escape(message)):
+        gguf_tensor_names(tiny_model(model_type, **overrides), [SuperWeight(1, 3, 5)], gguf_architecture(model_type))
 
 
 def test_the_usage_line_names_a_model_from_pretrained_can_read(tiny_llama_dir, tiny_coords):

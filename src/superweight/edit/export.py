@@ -29,7 +29,8 @@ import yaml
 from torch import nn
 
 from .validate import check_recorded_values, unique_coords, validate_coords
-from ..model.adapters import adapter_for, down_proj_path, down_proj_tensor, gguf_architecture, tensor_name
+from ..model.adapters import (adapter_for, decoder_layers, down_proj_path, down_proj_tensor, gguf_architecture,
+                               tensor_name)
 from ..coords import SuperWeight
 from ..errors import CoordinatesError, ModelLoadError, UsageError
 from ..find.stream import safetensors_files
@@ -152,18 +153,22 @@ def module_names(model: nn.Module, weights: Sequence[SuperWeight]) -> list[str]:
 
 
 def gguf_tensor_names(model: nn.Module, weights: Sequence[SuperWeight], architecture: str) -> list[str]:
-    """The GGUF tensors of those matrices, by gguf-py's name table (the one convert_hf_to_gguf.py uses)."""
+    """The GGUF tensors of those matrices, by gguf-py's name table (the one convert_hf_to_gguf.py uses).
+
+    As llama.cpp's converter does before it looks a name up, "language_model." is dropped: a multimodal
+    checkpoint's text model (Gemma 3 and 4, Llama 4, Qwen 3.5) becomes a GGUF of its own, its layers
+    numbered as in the checkpoint (the vision tower goes to a separate mmproj file)."""
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
     arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == architecture), None)
     if arch is None:
         raise UsageError(f"llama.cpp has no '{architecture}' architecture (gguf-py {_gguf_version()}); "
                          "use --to bitsandbytes or llm-compressor for this model")
-    n_layers = model.config.num_hidden_layers
-    name_map = get_tensor_name_map(arch, n_layers)
+    # the decoder layers, not config.num_hidden_layers: a multimodal config keeps that in its text_config
+    name_map = get_tensor_name_map(arch, len(decoder_layers(model)))
     names = []
     for layer, expert in _matrices(weights):
-        hf_name = tensor_name(model, layer, expert=expert)
+        hf_name = tensor_name(model, layer, expert=expert).replace("language_model.", "")
         mapped = name_map.get_name(hf_name, try_suffixes=(".weight",))
         if mapped is None:
             raise UsageError(f"gguf-py has no GGUF name for {hf_name} ({architecture}); use --to bitsandbytes "

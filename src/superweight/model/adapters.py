@@ -432,8 +432,9 @@ def tensor_templates(adapter: Adapter) -> dict[str, str]:
 
 
 # llama.cpp's architecture name (GGUF `general.architecture`, gguf-py's MODEL_ARCH_NAMES) where it is
-# not the transformers `model_type`: convert_hf_to_gguf.py writes Mistral and Mixtral as "llama",
+# not the transformers `model_type`: llama.cpp's converter writes Mistral and Mixtral as "llama",
 # DeepSeek-V3 as "deepseek2" (its DeepseekV2Model class) and OLMo 3 as "olmo2" (its Olmo2Model class).
+# Every row was checked against llama.cpp's converter: docs/architectures.md, "llama.cpp names".
 _GGUF_ARCHITECTURES = {
     "mistral": "llama",
     "mixtral": "llama",
