@@ -306,7 +306,7 @@ def export(
     missing = [name for name in modules if name not in present]
     if missing:  # the adapter table and the model disagree: nothing a user can fix by retrying
         raise UsageError(f"this model has no module {missing[0]}; check the adapter row for "
-                         f"'{model.config.model_type}' in superweight/arch.py")
+                         f"'{model.config.model_type}' in superweight/model/adapters.py")
     gguf_tensors: list[str] = []
     if fmt == "llama.cpp":
         gguf_path = gguf if gguf is not None else (source.location if source.kind == "gguf" else None)

@@ -134,7 +134,7 @@ def supported_families() -> list[str]:
 def _unsupported(model_type: str, why: str = "is not supported") -> UnsupportedArchitectureError:
     return UnsupportedArchitectureError(
         f"model type '{model_type}' {why}; supported: {', '.join(supported_families())}. "
-        "To add a family, add one row to ADAPTERS in superweight/arch.py (see docs/architectures.md)"
+        "To add a family, add one row to ADAPTERS in superweight/model/adapters.py (see docs/architectures.md)"
     )
 
 
