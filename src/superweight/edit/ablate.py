@@ -40,6 +40,10 @@ from ..model.placement import release
 
 MODES = ("zero", "scale")
 CONTROLS = ("random", "outliers")
+# What a record keeps of each weight: where it is, and (where known) what detection and verification
+# said of it, so that a row named from the record reads as `sw ablate` named it ("super weight
+# [11, 507, 1229] zeroed", "5 candidates zeroed"; `coords.weights_noun`).
+RECORDED_FIELDS = ("layer", "row", "col", "expert", "iteration", "role")
 
 
 @dataclass
@@ -85,8 +89,7 @@ class AblationRecord:
                 control["super_weights"] = [w.to_dict() for w in self.reference]
         return {
             "name": self.name,
-            "coordinates": [{k: v for k, v in w.to_dict().items() if k in ("layer", "row", "col", "expert")}
-                            for w in self.weights],
+            "coordinates": [{k: v for k, v in w.to_dict().items() if k in RECORDED_FIELDS} for w in self.weights],
             "mode": self.mode,
             "factor": self.factor,
             "original_values": self.original_values,

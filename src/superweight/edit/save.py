@@ -111,9 +111,18 @@ def describe_recorded_ablation(record: dict[str, Any]) -> str:
 
 
 def recorded_weights(record: dict[str, Any]) -> list[SuperWeight]:
-    """The weights `record` (a folder's superweight_ablation.json) says the ablation changed."""
+    """The weights `record` (a folder's superweight_ablation.json) says the ablation changed, with
+    their detection iteration and measured role where it keeps them (a record written before it
+    kept them has neither: its weights are named as coordinates, "2 weights")."""
     coordinates = [c for c in record.get("coordinates") or [] if isinstance(c, dict)]
-    return [SuperWeight(c.get("layer"), c.get("row"), c.get("col"), c.get("expert")) for c in coordinates]
+    return [SuperWeight(c.get("layer"), c.get("row"), c.get("col"), c.get("expert"),
+                        iteration=_typed(c.get("iteration"), int), role=_typed(c.get("role"), str))
+            for c in coordinates]
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """`value` if it is a `kind` (a bool is no int), else None: a hand-edited record names no role."""
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
 def _name_of_unnamed(record: dict[str, Any]) -> str:
