@@ -41,9 +41,11 @@ from ..model.placement import release
 MODES = ("zero", "scale")
 CONTROLS = ("random", "outliers")
 # What a record keeps of each weight: where it is, and (where known) what detection and verification
-# said of it, so that a row named from the record reads as `sw ablate` named it ("super weight
-# [11, 507, 1229] zeroed", "5 candidates zeroed"; `coords.weights_noun`).
-RECORDED_FIELDS = ("layer", "row", "col", "expert", "iteration", "role")
+# said of it, so that a command acting on the record's weights does what it does with the coordinates
+# the folder was ablated with: rows named as `sw ablate` named them ("super weight [11, 507, 1229]
+# zeroed", "5 candidates zeroed"; `coords.weights_noun`), and the super activation restored where
+# the same spike threshold says (`restore.restore_threshold` reads output_spike and raw_output).
+RECORDED_FIELDS = ("layer", "row", "col", "expert", "iteration", "role", "output_spike", "raw_output")
 
 
 @dataclass
