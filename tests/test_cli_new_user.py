@@ -386,6 +386,108 @@ def test_compare_on_an_ablated_directory_is_the_original_zeroed_and_restored(tin
         assert [g["text"] for g in from_folder["generations"]] == [g["text"] for g in from_original["generations"]]
 
 
+def ablated_with_roles(model_dir, tmp_path, *extra) -> tuple[Path, Path]:
+    """A folder `sw ablate` wrote from a `sw detect --verify` file (an iteration and a role per
+    weight), and that file."""
+    tmp_path.mkdir(exist_ok=True)
+    coords = tmp_path / "verified.yaml"
+    coords.write_text("super_weights:\n  - {layer: 1, row: 3, col: 5, iteration: 0, role: super}\n"
+                      "  - {layer: 2, row: 4, col: 6, iteration: 1, role: joint}\n")
+    out = tmp_path / "no-sw"
+    result = invoke("ablate", model_dir, "-q", "--coords", coords, "--select", "set", *extra, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, coords
+
+
+@pytest.mark.parametrize("flag", ["--compare", "--restore-activation"])
+def test_compare_without_coordinates_on_an_ablated_directory_takes_its_record(tiny_llama_dir, tmp_path, flag):
+    """`sw eval DIR --compare` (or --restore-activation) without coordinates, on a folder `sw ablate`
+    wrote: its record's weights, in the original its record puts back; the rows, their kinds and
+    numbers are those of `sw eval MODEL --compare --coords` with the file the folder was ablated
+    from, named by the roles the record keeps; the ablated row is the folder as written."""
+    out, coords = ablated_with_roles(tiny_llama_dir, tmp_path)
+    options = ["--json", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR, flag, "--select", "set"]
+    result = invoke("eval", out, *options)
+    assert result.exit_code == 0, result.output
+    assert "no coordinates given: acting on the weights" in result.stderr and "[1, 3, 5], [2, 4, 6]" in result.stderr
+    from_folder = json.loads(result.stdout)
+    from_original = json.loads(invoke("eval", tiny_llama_dir, *options, "--coords", coords).stdout)
+    names = [c["name"] for c in from_folder["configurations"]]
+    assert [c["kind"] for c in from_folder["configurations"]] == [c["kind"] for c in from_original["configurations"]]
+    ppl = [[c["results"]["wikitext"]["word_perplexity"] for c in d["configurations"]] for d in (from_folder, from_original)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+    if flag == "--restore-activation":
+        assert names == ["2 super weights zeroed + activation restored"]
+        return
+    assert names[0] == "original (the folder's recorded values put back in memory)"
+    assert names[1:] == [c["name"] for c in from_original["configurations"]][1:]
+    assert names[1:3] == ["2 super weights zeroed", "2 super weights zeroed + activation restored"]
+    assert from_folder["model"]["superweight_ablation"]["name"] == "2 super weights zeroed"
+    [as_written] = json.loads(invoke("eval", out, *options[:-3]).stdout)["configurations"]
+    assert ppl[0][1] == pytest.approx(as_written["results"]["wikitext"]["word_perplexity"], rel=1e-6)
+
+
+def test_compare_on_an_ablated_directory_without_coordinates_or_originals(tiny_llama_dir, tmp_path):
+    """A record written before it kept roles names the rows by coordinates; a scaled folder is compared
+    in the zeroing layout (said in a note); a control's record has no original values to put back,
+    and a model that is no such folder has no record: both are refused in one line."""
+    options = ["--json", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR, "--compare"]
+    out, coords = ablated_with_roles(tiny_llama_dir, tmp_path / "old")
+    record = json.loads((out / "superweight_ablation.json").read_text())
+    record["coordinates"] = [{k: c[k] for k in ("layer", "row", "col")} for c in record["coordinates"]]
+    (out / "superweight_ablation.json").write_text(json.dumps(record))
+    names = [c["name"] for c in json.loads(invoke("eval", out, *options).stdout)["configurations"]]
+    assert names[1:3] == ["2 weights zeroed", "2 weights zeroed + activation restored"]
+    out, coords = ablated_with_roles(tiny_llama_dir, tmp_path / "scaled", "--factor", "3")
+    result = invoke("eval", out, *options)
+    assert result.exit_code == 0, result.output
+    assert "scaled these weights; these rows zero them" in result.stderr
+    from_original = json.loads(invoke("eval", tiny_llama_dir, *options, "--coords", coords, "--select", "set").stdout)
+    assert [[c["name"], c["results"]] for c in json.loads(result.stdout)["configurations"][1:]] == \
+        [[c["name"], c["results"]] for c in from_original["configurations"][1:]]
+    control = tmp_path / "random"
+    assert invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--control", "random", "--out", control).exit_code == 0
+    assert_one_line_error(invoke("eval", control, *options), "holds no original values of super weights to put back",
+                          "give --coords FILE")
+    assert_one_line_error(invoke("eval", tiny_llama_dir, *options), "--compare, --restore-activation and --control "
+                          "need --coords FILE or --coord L,R,C")
+
+
+def test_restore_activation_from_a_record_uses_the_spike_the_coordinates_recorded(byte_llama_dir, tmp_path):
+    """The record keeps each weight's recorded output spike, so the super activation is restored
+    above the same threshold as with the coordinates file the folder was ablated with (here 0.1 x
+    20000: the planted spike of ~1000 is left zeroed; the default floor of 100 would restore it)."""
+    layer, row, col = PLANTED.split(",")
+    coords = tmp_path / "c.yaml"
+    coords.write_text(f"super_weights:\n  - {{layer: {layer}, row: {row}, col: {col}, output_spike: 20000.0}}\n")
+    out = tmp_path / "no-sw"
+    assert invoke("ablate", byte_llama_dir, "-q", "--coords", coords, "--out", out).exit_code == 0
+    assert json.loads((out / "superweight_ablation.json").read_text())["coordinates"][0]["output_spike"] == 20000.0
+    options = ["-q", "--json", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR, "--restore-activation"]
+    ppl = [json.loads(invoke("eval", *args, *options).stdout)["configurations"][0]["results"]["wikitext"]["word_perplexity"]
+           for args in ((out,), (byte_llama_dir, "--coords", coords), (out, "--coord", PLANTED))]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+    assert ppl[2] != pytest.approx(ppl[1], rel=1e-3)  # restored above the floor: another number
+
+
+def test_eval_compare_and_study_of_an_ablated_directory_tell_one_story(byte_llama_dir, tmp_path):
+    """`sw eval DIR --compare` and `sw study DIR`, both without coordinates, on a folder `sw ablate`
+    wrote: the same original (the record put back), the same weight zeroed, restored and random
+    control, the same numbers."""
+    out = tmp_path / "no-sw"
+    assert invoke("ablate", byte_llama_dir, "-q", "--coord", PLANTED, "--out", out).exit_code == 0
+    quick = ["--data-dir", DATA_DIR, "--task", "wikitext", "--limit", "1", "--max-length", "32", "-q", "--json"]
+    result = invoke("eval", out, *quick, "--compare")
+    assert result.exit_code == 0, result.output
+    evaluated = {c["kind"]: c["results"]["wikitext"]["word_perplexity"] for c in json.loads(result.stdout)["configurations"]}
+    result = invoke("study", out, *quick, "--grid", "1", "--top", "1", "--out", tmp_path / "study")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["table"]["rows"]
+    studied = {row["kind"]: row["values"][0] for row in rows if "outliers" not in row["configuration"]}
+    assert studied == pytest.approx(evaluated, rel=1e-6)
+    assert evaluated["ablated"] != pytest.approx(evaluated["unchanged"], rel=1e-3)
+
+
 def test_generate_without_coordinates_on_an_ablated_directory_detects_in_the_original(byte_llama_dir, tmp_path):
     """`sw generate` on a folder `sw ablate` wrote, without coordinates: as `sw study`, the record's
     values are put back and the super weights detected and verified there, so the rows are the

@@ -21,7 +21,7 @@ from ..measure.harness import HarnessTasks, check_harness_tasks
 from ..model.options import LoadOptions
 from ..measure.limits import check_limits
 from .prepare import Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, model_source, \
-    ready_model, tasks_with_data
+    ready_model, recorded_coordinates, tasks_with_data
 from .reporter import Reporter
 
 
@@ -99,12 +99,23 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
         lm_eval_tasks = HarnessTasks(tuple(harness or ()), tuple(map(str, harness_include or ())))
         check_harness_tasks(lm_eval_tasks, builtin=names)
     weights = requested(coords, coord, select, say=reporter.note)
-    if (compare or restore_activation or control) and not weights:
-        raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C")
     source = model_source(model, options)
     check_outputs(source, files=(output,), force=force, inputs={coords: "the coordinates file"})
     with ExitStack() as recorded:  # a folder's recorded values, put back for the evaluation only
-        folder = ablated_folder(reporter, source, weights, compare or (restore_activation and not control), recorded)
+        # Without coordinates, --compare and --restore-activation on a folder `sw ablate` wrote act on
+        # the weights its record holds, in the original model its record puts back: the rows are the
+        # original and the folder's own ablation, as `sw eval MODEL --compare --coords` gives them.
+        from_record = not weights and (compare or restore_activation)
+        folder = ablated_folder(reporter, source, None if from_record else weights,
+                                from_record or compare or (restore_activation and not control), recorded)
+        if from_record:
+            weights = recorded_coordinates(reporter, source, folder)
+            if weights and how == "zero" and folder.record.get("mode") == "scale":
+                reporter.note("the folder's ablation scaled these weights; these rows zero them (the paper's "
+                              f"layout); `sw eval {source.spec}` alone evaluates the folder as written")
+        if (compare or restore_activation or control) and not weights:
+            raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C "
+                             "(on a folder `sw ablate` wrote, --compare and --restore-activation take its record's)")
         unchanged = folder.name
         loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=folder.put_back)
         if compare:

@@ -126,11 +126,12 @@ class FolderAsGiven:
     """The model as given, for a command's rows: `name` ("original", or for a folder written by
     `sw ablate` what its record says was done), the folder's `record` (its superweight_ablation.json,
     None for any other model), and where the record's original values are put back in memory for
-    the command, the `put_back` that `ready_model` calls and the (original, ablated) `values` put back
-    (else both None)."""
+    the command, the `put_back` that `ready_model` calls, the `weights` the record holds and the
+    (original, ablated) `values` put back (else None, (), None)."""
     name: str
     record: Optional[dict[str, Any]] = None
     put_back: Optional[Callable[[LoadedModel], None]] = None
+    weights: tuple[SuperWeight, ...] = ()
     values: Optional[list[tuple[float, float]]] = None
 
 
@@ -155,9 +156,32 @@ def ablated_folder(reporter: Reporter, source: ModelSource, weights: Optional[Se
         return FolderAsGiven(describe_recorded_ablation(prior), prior)
     reporter.note(f"{source.spec} is ablated; its {RECORD_FILE} holds the original values, put back in "
                   "memory to zero them again and write the super activation back")
-    return FolderAsGiven(RECORDED_VALUES_PUT_BACK, prior, values=originals,
+    return FolderAsGiven(RECORDED_VALUES_PUT_BACK, prior, weights=tuple(every), values=originals,
                          put_back=lambda loaded: stack.enter_context(
                              recorded_values_put_back(loaded.model, every, originals)))
+
+
+def no_original_values(source: ModelSource, folder: FolderAsGiven, then: str) -> UsageError:
+    """The refusal of a folder `sw ablate` wrote whose record holds no original values to put back (a
+    control's, an unreadable one), where the command compares with the original model; `then` says
+    why and what to do instead."""
+    return UsageError(f"{source.spec} is {folder.name}, and its {RECORD_FILE} holds no original values of super "
+                      f"weights to put back: {then}")
+
+
+def recorded_coordinates(reporter: Reporter, source: ModelSource, folder: FolderAsGiven) -> list[SuperWeight]:
+    """For a command given no coordinates that compares with the original model (`sw eval --compare`,
+    `--restore-activation`): on a folder `sw ablate` wrote, every weight its record holds (the rows
+    are that folder's ablation; `--select` narrows none of them), named by the roles the record keeps;
+    `folder` is `ablated_folder`'s with every value put back. [] for any other model. A record with
+    no original values to put back is refused: the first row would be the ablated folder."""
+    if folder.record is None:
+        return []
+    if folder.put_back is None:
+        raise no_original_values(source, folder, "give --coords FILE or --coord L,R,C, or evaluate the original model")
+    reporter.note(f"no coordinates given: acting on the weights {source.spec}'s {RECORD_FILE} records ("
+                  f"{describe_recorded_ablation(folder.record)}): " + ", ".join(w.label() for w in folder.weights))
+    return list(folder.weights)
 
 
 def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions], source: ModelSource,

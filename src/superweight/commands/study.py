@@ -17,7 +17,6 @@ from ..brief_repr import BriefRepr
 from ..versions import __version__
 from ..coords import select_weights, DEFAULT_SELECTION, UNVERIFIABLE, SuperWeight, check_selection, requested
 from ..distributed import main_proceeds, on_main
-from ..edit.save import RECORD_FILE
 from ..edit.validate import CheckedCoords
 from ..errors import UsageError
 from ..find.detect import DEFAULT_PROMPT, encode_prompt
@@ -34,7 +33,7 @@ from ..measure.stop_words import cached_stop_word_shift, load_stop_words
 from ..report import study as analysis
 from ..measure.limits import check_limits
 from .prepare import FolderAsGiven, Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, detected, \
-    model_source, ready_model, slug, step, tasks_with_data
+    model_source, no_original_values, ready_model, slug, step, tasks_with_data
 from .reporter import Reporter
 
 
@@ -84,9 +83,8 @@ def recorded_folder(reporter: Reporter, source: ModelSource, stack: ExitStack) -
     "original"."""
     folder = ablated_folder(reporter, source, None, True, stack)
     if folder.record and folder.put_back is None:
-        raise UsageError(f"{source.spec} is {folder.name}, and its {RECORD_FILE} holds no original values of super "
-                         "weights to put back: a study compares every row with the original model; study the "
-                         "original model instead")
+        raise no_original_values(source, folder, "a study compares every row with the original model; study the "
+                                 "original model instead")
     return folder
 
 

@@ -40,6 +40,12 @@ from ..model.placement import release
 
 MODES = ("zero", "scale")
 CONTROLS = ("random", "outliers")
+# What a record keeps of each weight: where it is, and (where known) what detection and verification
+# said of it, so that a command acting on the record's weights does what it does with the coordinates
+# the folder was ablated with: rows named as `sw ablate` named them ("super weight [11, 507, 1229]
+# zeroed", "5 candidates zeroed"; `coords.weights_noun`), and the super activation restored where
+# the same spike threshold says (`restore.restore_threshold` reads output_spike and raw_output).
+RECORDED_FIELDS = ("layer", "row", "col", "expert", "iteration", "role", "output_spike", "raw_output")
 
 
 @dataclass
@@ -85,8 +91,7 @@ class AblationRecord:
                 control["super_weights"] = [w.to_dict() for w in self.reference]
         return {
             "name": self.name,
-            "coordinates": [{k: v for k, v in w.to_dict().items() if k in ("layer", "row", "col", "expert")}
-                            for w in self.weights],
+            "coordinates": [{k: v for k, v in w.to_dict().items() if k in RECORDED_FIELDS} for w in self.weights],
             "mode": self.mode,
             "factor": self.factor,
             "original_values": self.original_values,

@@ -6,6 +6,7 @@ evaluation of the saved model does not pass it off as the original.
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -111,9 +112,26 @@ def describe_recorded_ablation(record: dict[str, Any]) -> str:
 
 
 def recorded_weights(record: dict[str, Any]) -> list[SuperWeight]:
-    """The weights `record` (a folder's superweight_ablation.json) says the ablation changed."""
+    """The weights `record` (a folder's superweight_ablation.json) says the ablation changed, with
+    what it keeps of their detection and verification (`ablate.RECORDED_FIELDS`: iteration, role,
+    output_spike, raw_output; a record written before it kept them has none: its weights are named
+    as coordinates, "2 weights", and their activation restored above the default floor)."""
     coordinates = [c for c in record.get("coordinates") or [] if isinstance(c, dict)]
-    return [SuperWeight(c.get("layer"), c.get("row"), c.get("col"), c.get("expert")) for c in coordinates]
+    return [SuperWeight(c.get("layer"), c.get("row"), c.get("col"), c.get("expert"),
+                        iteration=_typed(c.get("iteration"), int), role=_typed(c.get("role"), str),
+                        output_spike=_typed(c.get("output_spike"), float),
+                        raw_output=_typed(c.get("raw_output"), float))
+            for c in coordinates]
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """`value` if it is a `kind` (a bool is no number; an int is a float, a NaN none), else None: a
+    hand-edited record names no role."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is float and not math.isfinite(value)):
+        return None
+    return value
 
 
 def _name_of_unnamed(record: dict[str, Any]) -> str:
