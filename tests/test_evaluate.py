@@ -218,6 +218,7 @@ def test_pack_puts_the_prefix_once_and_keeps_each_choice_own_positions():
     assert packed.inputs.tolist() == [[5, 6, 7, 8, 7, 3, 4], [1, 2, 0, 0, 0, 0, 0]]
     assert packed.positions[0].tolist() == [0, 1, 2, 3, 2, 3, 4]
     assert packed.segments.tolist() == [[0, 0, 1, 1, 2, 2, 2], [1, 1, -1, -1, -1, -1, -1]]
+    assert packed.tokens.tolist() == (packed.segments != -1).tolist()  # what hooks read (model.padding)
     # Scored positions predict each request's last n_scored tokens, from its own columns.
     assert packed.picks == list(range(6)) and packed.owners == [0, 0, 1, 1, 1, 2]
     assert list(zip(packed.rows, packed.cols, packed.targets)) == [

@@ -27,10 +27,13 @@ from superweight.edit.quantize import (
 )
 from superweight.edit.quantize_activations import (
     fake_quantize_activation_aware,
-    fake_quantize_per_tensor,
+    fake_quantize_per_sequence,
     quantized_activations,
     super_activation_mask,
 )
+from superweight.measure.requests import Group, Request
+from superweight.measure.scoring import Scorer
+from superweight.model import padding
 from superweight.measure.quantized import activation_quantization_compare, weight_quantization_sweep
 from superweight.report.plots import plot_sweep
 
@@ -110,7 +113,7 @@ def test_bad_bits(bits):
         fake_quantize_blockwise(torch.ones(4), bits, 2)
     assert "\n" not in str(e.value)
     with pytest.raises(UsageError, match="bits"):
-        fake_quantize_per_tensor(torch.ones(4), bits)
+        fake_quantize_per_sequence(torch.ones(4), bits)
 
 
 @pytest.mark.parametrize("block", [0, -8, 2.5, None, False])
@@ -331,7 +334,7 @@ def test_activation_tensor_quantizers():
     assert out[1, 0].item() == 100.0
     # without the spike the range is [0, 3]: scale 1, so values land on integers
     assert out[0].tolist() == [0.0, 1.0, 2.0, 3.0]
-    naive = fake_quantize_per_tensor(x, bits=2)  # scale 100 / 3: everything small becomes 0
+    naive = fake_quantize_per_sequence(x, bits=2)  # scale 100 / 3: everything small becomes 0
     assert naive[0].tolist() == [0.0, 0.0, 0.0, 0.0]
     # the median replaces the spike while quantizing: (range [0, 3] either way here)
     assert torch.equal(fake_quantize_activation_aware(x, 2, torch.zeros_like(mask)), naive)
@@ -379,6 +382,75 @@ def test_quantized_activations_keeps_the_super_activation_exact(planted):
     with pytest.raises(UsageError, match="activation bits"):
         with quantized_activations(planted, 9):
             pass
+
+
+def test_activation_ranges_are_per_sequence_and_leave_padding_out():
+    x = torch.tensor([[[0.0, 1.0], [2.0, 3.0], [-50.0, 90.0]],  # its last position is padding
+                      [[0.0, 10.0], [20.0, 30.0], [15.0, 6.0]]])
+    tokens = torch.tensor([[True, True, False], [True, True, True]])
+    out = fake_quantize_per_sequence(x, bits=2, tokens=tokens)
+    assert out[0, :2].tolist() == [[0.0, 1.0], [2.0, 3.0]]  # range [0, 3]: neither the pads' nor row 1's
+    assert out[1].tolist() == [[0.0, 10.0], [20.0, 30.0], [20.0, 10.0]]  # range [0, 30], scale 10
+    assert torch.equal(fake_quantize_per_sequence(x[1], 2), out[1])  # one sequence: as alone
+    x[0, 2, 0] = 1000.0  # the largest |x[..., 0]| of row 0, but padding: not the super activation
+    mask = super_activation_mask(x, [0], tokens=tokens)
+    assert mask[..., 0].tolist() == [[False, True, False], [False, True, True]]
+    aware = fake_quantize_activation_aware(x, 2, mask, tokens)
+    assert aware[0, 1, 0] == 2.0 and aware[1, 1, 0] == 20.0 and aware[1, 2, 0] == 15.0  # held out: exact
+    # row 1's spikes replaced by its median, 10 (of 0, 6, 10, 15, 20, 30), while quantizing: range [0, 30]
+    assert aware[1, 0].tolist() == [0.0, 10.0] and aware[1, 2, 1] == 10.0
+    assert torch.equal(aware[1], fake_quantize_activation_aware(x[1], 2, mask[1]))
+
+
+def _quantized_inputs(model, run) -> list[torch.Tensor]:
+    """Every down projection's input as quantized in `run()` (under quantized_activations)."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [down_proj_module(model, i).register_forward_hook(lambda m, args, out, i=i: seen.update({i: args[0].clone()}))
+               for i in range(len(decoder_layers(model)))]
+    try:
+        with torch.inference_mode():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[i] for i in sorted(seen)]
+
+
+@pytest.mark.parametrize("super_weights", [None, [SW]], ids=["naive", "aware"])
+def test_padding_is_left_out_of_the_quantization_range(planted, super_weights):
+    """A sequence padded in a batch (with an attention mask, or marked as the scorer marks it) is
+    quantized as it is alone: the pads' activations never set its range."""
+    alone_ids = PROBE_IDS[:, :6]
+    pads = torch.arange(100, 110)  # whatever the pads hold: these tokens widen the range where they count
+    batch = torch.stack([torch.cat([alone_ids[0], pads]), torch.arange(16) * 7 + 3])
+    tokens = torch.ones(batch.shape, dtype=torch.bool)
+    tokens[0, 6:] = False
+
+    def same(padded: list[torch.Tensor], alone: list[torch.Tensor]) -> list[bool]:
+        return [torch.allclose(p[0, :6], a[0], rtol=1e-5, atol=1e-5) for p, a in zip(padded, alone)]
+
+    with quantized_activations(planted, 4, super_weights):
+        alone = _quantized_inputs(planted, lambda: planted(alone_ids))
+        masked = _quantized_inputs(planted, lambda: planted(batch, attention_mask=tokens.long()))
+        with padding.marked(planted, tokens):
+            marked = _quantized_inputs(planted, lambda: planted(batch))
+        unmarked = _quantized_inputs(planted, lambda: planted(batch))
+    assert all(same(masked, alone)) and all(same(marked, alone))
+    assert not all(same(unmarked, alone))  # the pads count where nothing says which they are
+
+
+def test_a_documents_score_does_not_depend_on_its_batch():
+    """`sw quantize --activations` scores each request alike at batch size 1 and 4: its sequence has
+    its own range, whatever else and however much padding share its batch."""
+    model = tiny_model("llama", seed=3, initializer_range=0.3)  # weights large enough for INT4 to show
+    plant_super_weight(model, LAYER, ROW, COL)
+    lengths = [12, 5, 9, 3, 7, 11, 4, 8]
+    requests = [Request(tuple((3 + 11 * i + 5 * j) % 120 + 3 for j in range(n)), 2) for i, n in enumerate(lengths)]
+    groups = [Group([i]) for i in range(len(requests))]
+    for super_weights in (None, [SW]):
+        with quantized_activations(model, 4, super_weights):
+            scores = {size: [s.logprob for s in Scorer(model, size).score(requests, groups)] for size in (1, 4)}
+        assert scores[1] == pytest.approx(scores[4], rel=1e-5, abs=1e-5), super_weights
 
 
 # ----------------------------------------------------------------------------- drivers

@@ -136,7 +136,7 @@ def quantize(
     z: str = typer.Option("9", "--z", metavar="Z|auto", help="Clip weights with |z-score| above this before "
                                                              "quantizing (paper: 9); auto: per matrix, the threshold "
                                                              "with the least largest rounding error."),
-    activations: bool = typer.Option(False, "--activations", help="Also compare per-tensor activation RTN of the "
+    activations: bool = typer.Option(False, "--activations", help="Also compare per-sequence activation RTN of the "
                                                                    "down-projection input, naive vs super-activation-aware."),
     activation_bits: Optional[int] = typer.Option(None, "--activation-bits", metavar="N", help="Bits for --activations "
                                                   "(default 8)."),
@@ -198,7 +198,7 @@ def quantize(
                      tuple(table.columns), [tuple(r) for r in table.rows])
         if result.activation_rows:
             table = result.activation_table()
-            print_table("down-projection input, per-tensor RTN (aware: super activation held out)",
+            print_table("down-projection input, per-sequence RTN (aware: super activation held out)",
                          tuple(table.columns), [tuple(r) for r in table.rows])
 
     session.run(work)

@@ -4,12 +4,16 @@
 Fake (simulated) quantization, as for the weights (`edit.quantize`): the input is quantized and
 dequantized in a forward pre-hook, in the model's own dtype; the hooks are removed on exit.
 
-Per-tensor asymmetric min-max round-to-nearest of the down projections' *input* (one scale for the
-whole [batch, tokens, channels] tensor, 8 bits by default as in the paper's W8A8).
+Per-sequence asymmetric min-max round-to-nearest of the down projections' *input* (8 bits by
+default as in the paper's W8A8): one scale per sequence of the batch (per row of [batch, tokens,
+channels]), its range taken over that sequence's tokens, padding left out (`model.padding`): the
+paper's per-tensor scale, taken for each sequence as if it ran alone. One scale for the whole
+padded batch, as before, made a document's score depend on the documents batched with it and on
+the padding (docs/benchmarks.md).
 Super-activation aware: in the super weights' layers, the super activation is held out: the
 entries of the super weights' input channel `col` whose magnitude is at least `SPIKE_FRACTION`
-(0.5) x the largest |x[..., col]| of their sequence are replaced by the median of the whole tensor,
-the tensor is quantized, and those entries are put back at their exact original values.
+(0.5) x the largest |x[..., col]| of their sequence are replaced by the median of their sequence,
+the sequence is quantized, and those entries are put back at their exact original values.
 """
 
 from __future__ import annotations
@@ -24,49 +28,84 @@ from torch import nn
 from ..coords import SuperWeight
 from ..errors import UsageError
 from ..model.adapters import Adapter, adapter_for, decoder_layers, down_proj_module
+from ..model.padding import token_positions
 from .quantize import check_bits, checked_super_weights, round_to_nearest
 
 DEFAULT_ACTIVATION_BITS = 8
 SPIKE_FRACTION = 0.5  # |x[..., col]| >= this x the sequence's largest counts as the super activation
 
 
-def fake_quantize_per_tensor(x: torch.Tensor, bits: int = DEFAULT_ACTIVATION_BITS) -> torch.Tensor:
-    """Asymmetric min-max RTN of the whole tensor with one scale; same shape and dtype."""
+def _token_entries(x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor | None:
+    """`tokens` ([..., positions], False at padding) spread over x's channels; None: every entry."""
+    return None if tokens is None else tokens[..., None].expand(x.shape)
+
+
+def _per_sequence(values: torch.Tensor) -> torch.Tensor:
+    """[..., positions, channels] -> [..., positions x channels]: one row per sequence (a
+    [positions, channels] tensor is one sequence, a 1-D one too)."""
+    return values.reshape(*values.shape[:-2], -1) if values.dim() >= 2 else values
+
+
+def fake_quantize_per_sequence(x: torch.Tensor, bits: int = DEFAULT_ACTIVATION_BITS,
+                               tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Asymmetric min-max RTN of `x` [..., positions, channels] with one scale per sequence, its
+    range over the sequence's `tokens` ([..., positions] bool, False at padding; default: all);
+    same shape and dtype. Padding is quantized with its sequence's scale (a pad reads nothing back)."""
     bits = check_bits(bits, "activation")
     flat = x.detach().float()
     if flat.numel() == 0:
         return x.detach().clone()
-    return round_to_nearest(flat, flat.min(), flat.max(), bits).to(x.dtype)
+    entries = _token_entries(flat, tokens)
+    inf = torch.tensor(torch.inf, device=flat.device)
+    lo = _per_sequence(flat if entries is None else torch.where(entries, flat, inf)).amin(dim=-1)
+    hi = _per_sequence(flat if entries is None else torch.where(entries, flat, -inf)).amax(dim=-1)
+    empty = lo > hi  # a sequence of padding only: any range will do
+    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+    if flat.dim() >= 2:
+        lo, hi = lo[..., None, None], hi[..., None, None]
+    return round_to_nearest(flat, lo, hi, bits).to(x.dtype)
 
 
-def super_activation_mask(x: torch.Tensor, cols: Iterable[int], fraction: float = SPIKE_FRACTION) -> torch.Tensor:
-    """Boolean mask of the super activation in a down-projection input `x` [..., tokens, channels]:
+def super_activation_mask(x: torch.Tensor, cols: Iterable[int], fraction: float = SPIKE_FRACTION,
+                          tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask of the super activation in a down-projection input `x` [..., positions, channels]:
     the entries of channel `col` (each of `cols`) with |x| >= `fraction` x the largest |x[..., col]|
-    of their sequence (so the largest itself always counts)."""
+    of their sequence's `tokens` ([..., positions] bool, False at padding; default: all), so the
+    largest itself always counts and padding never does."""
     if x.dim() < 2:
         raise UsageError(f"expected a [..., tokens, channels] activation, got shape {tuple(x.shape)}")
     mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
     for col in cols:
-        column = x[..., col].detach().abs()  # [..., tokens]
+        column = x[..., col].detach().abs()  # [..., positions]
+        if tokens is not None:
+            column = torch.where(tokens, column, torch.zeros_like(column))
         mask[..., col] |= column >= fraction * column.amax(dim=-1, keepdim=True)
-    return mask
+    return mask if tokens is None else mask & tokens[..., None]
 
 
 def fake_quantize_activation_aware(
-    x: torch.Tensor, bits: int = DEFAULT_ACTIVATION_BITS, mask: torch.Tensor | None = None
+    x: torch.Tensor, bits: int = DEFAULT_ACTIVATION_BITS, mask: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Replace the `mask`ed entries (the super activation) with the tensor's median, quantize per
-    tensor, then put the masked entries back at their exact original values.
+    """Replace the `mask`ed entries (the super activation) with their sequence's median, quantize
+    per sequence (`fake_quantize_per_sequence`), then put the masked entries back at their exact
+    original values.
 
-    The median is torch's (the lower of the two middle values for an even count), over all entries.
+    The median is torch's (the lower of the two middle values for an even count), over all entries
+    of the sequence's `tokens` (default: all positions).
     """
     bits = check_bits(bits, "activation")
     if mask is None or not bool(mask.any()):
-        return fake_quantize_per_tensor(x, bits)
-    source = x.detach()
-    held_out = torch.where(mask, source.float().median(), source.float())
-    out = fake_quantize_per_tensor(held_out, bits).to(x.dtype)
-    return torch.where(mask, source, out)
+        return fake_quantize_per_sequence(x, bits, tokens)
+    source = x.detach().float()
+    entries = _token_entries(source, tokens)
+    counted = _per_sequence(source if entries is None else torch.where(entries, source, torch.nan))
+    median = counted.nanmedian(dim=-1).values
+    if source.dim() >= 2:
+        median = median[..., None, None]
+    held_out = torch.where(mask, median, source)
+    out = fake_quantize_per_sequence(held_out, bits, tokens).to(x.dtype)
+    return torch.where(mask, x.detach(), out)
 
 
 @dataclass
@@ -99,7 +138,8 @@ def quantized_activations(
     *,
     spike_fraction: float = SPIKE_FRACTION,
 ) -> Iterator[ActivationQuantizationStats]:
-    """Within the block, every down projection's input is fake-quantized per tensor at `bits`.
+    """Within the block, every down projection's input is fake-quantized per sequence at `bits`,
+    padding left out of each sequence's range (see `model.padding`).
 
     With `super_weights`, the layers that hold them keep their super activation out of the
     quantization (see `super_activation_mask`, `fake_quantize_activation_aware`); other layers are
@@ -116,28 +156,31 @@ def quantized_activations(
             cols[w.layer].append(w.col)
     stats = ActivationQuantizationStats()
 
-    def make_hook(layer_cols: list[int]) -> Callable:
+    def make_hook(layer_cols: list[int], tokens_of: Callable) -> Callable:
         def hook(module, args, kwargs):
             if not args or not torch.is_tensor(args[0]):
                 return None
             x = args[0]
+            tokens = tokens_of(x)
             stats.calls += 1
             if layer_cols:
-                mask = super_activation_mask(x, layer_cols, spike_fraction)
+                mask = super_activation_mask(x, layer_cols, spike_fraction, tokens)
                 stats.held_out += int(mask.sum())
-                quantized = fake_quantize_activation_aware(x, bits, mask)
+                quantized = fake_quantize_activation_aware(x, bits, mask, tokens)
             else:
-                quantized = fake_quantize_per_tensor(x, bits)
+                quantized = fake_quantize_per_sequence(x, bits, tokens)
             return (quantized, *args[1:]), kwargs
 
         return hook
 
     handles = []
-    try:
-        for layer in range(len(decoder_layers(model, adapter))):
-            module = down_proj_module(model, layer, adapter)
-            handles.append(module.register_forward_pre_hook(make_hook(cols.get(layer, [])), with_kwargs=True))
-        yield stats
-    finally:
-        for handle in handles:
-            handle.remove()
+    with token_positions(model) as tokens_of:
+        try:
+            for layer in range(len(decoder_layers(model, adapter))):
+                module = down_proj_module(model, layer, adapter)
+                handles.append(module.register_forward_pre_hook(make_hook(cols.get(layer, []), tokens_of),
+                                                                with_kwargs=True))
+            yield stats
+        finally:
+            for handle in handles:
+                handle.remove()

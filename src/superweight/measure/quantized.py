@@ -144,7 +144,7 @@ def activation_quantization_compare(
     progress: StageProgress | None = None,
     **evaluate_options: Any,
 ) -> list[dict[str, Any]]:
-    """Per bit width: down-projection inputs quantized per tensor naively and with the super
+    """Per bit width: down-projection inputs quantized per sequence naively and with the super
     activation held out, each evaluated on `tasks`. Rows like `weight_quantization_sweep`'s, with
     "held_out" (super-activation entries kept in full precision) instead of block size / z."""
     widths = check_bits_list(bits, "activation")

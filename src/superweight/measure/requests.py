@@ -199,6 +199,7 @@ class PackedBatch:
     owners: list[int] = field(default_factory=list)  # ... and the request's index in `order`
     positions: torch.Tensor | None = None  # [rows, width] position ids, only when a row holds choices
     segments: torch.Tensor | None = None  # [rows, width] 0 prefix, k the k-th request, -1 padding
+    tokens: torch.Tensor | None = None  # [rows, width] True at a token, False at padding
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive [rows, 1, width, width] mask: causal, and a request sees only the prefix and itself."""
@@ -218,7 +219,8 @@ def pack(requests: list[Request], batch: list[Group]) -> PackedBatch:
     in a row of its own. A scored position inside the prefix is listed once, for every request.
     """
     width = max(packed_length(requests, group) for group in batch)
-    packed = PackedBatch(torch.zeros((len(batch), width), dtype=torch.long))
+    packed = PackedBatch(torch.zeros((len(batch), width), dtype=torch.long),
+                         tokens=torch.zeros((len(batch), width), dtype=torch.bool))
     if any(len(group.requests) > 1 for group in batch):
         packed.positions = torch.zeros((len(batch), width), dtype=torch.long)
         packed.segments = torch.full((len(batch), width), -1, dtype=torch.long)
@@ -249,6 +251,7 @@ def pack(requests: list[Request], batch: list[Group]) -> PackedBatch:
                 packed.owners.append(len(packed.order))
             packed.order.append(i)
             start = end
+        packed.tokens[row, :start] = True
     return packed
 
 

@@ -24,6 +24,7 @@ import torch
 
 from .. import distributed
 from ..errors import UsageError
+from ..model import padding
 from ..model.placement import execution_device
 from .requests import Group, PackedBatch, Request, pack, packed_length, shared_prefix
 
@@ -243,10 +244,12 @@ class Scorer:
         if packed.positions is not None:
             kwargs["position_ids"] = packed.positions.to(self.device)
             kwargs["attention_mask"] = packed.attention_mask(self.model.dtype).to(self.device)
-        # Right padding needs no mask otherwise: causal attention never looks ahead at the pads.
-        if self.split_head:
-            return self.base(input_ids=packed.inputs.to(self.device), use_cache=False, **kwargs).last_hidden_state
-        return self.model(input_ids=packed.inputs.to(self.device), use_cache=False, **kwargs).logits
+        # Right padding needs no mask otherwise: causal attention never looks ahead at the pads. Hooks
+        # that must leave the pads out (activation quantization's ranges) read them from `padding`.
+        with padding.marked(self.model, packed.tokens):
+            if self.split_head:
+                return self.base(input_ids=packed.inputs.to(self.device), use_cache=False, **kwargs).last_hidden_state
+            return self.model(input_ids=packed.inputs.to(self.device), use_cache=False, **kwargs).logits
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden.to(self.head_device))
