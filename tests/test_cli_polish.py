@@ -104,6 +104,25 @@ def test_detect_keeps_an_existing_coordinates_file_without_force(tiny_llama_dir,
     assert "super_weights" in out.read_text()
 
 
+def test_sw_keeps_its_default_outputs_the_library_leaves_to_its_caller(tiny_llama_dir, tmp_path, monkeypatch):
+    """`sw detect` without --out writes ./<model>.superweights.yaml, and `sw study` writes to
+    ./<model>-study (a full one is refused before any work): the CLI passes the defaults that
+    `detect_model` and `run_study` do not assume."""
+    from conftest import DATA_DIR
+    from superweight.commands.prepare import slug
+
+    monkeypatch.chdir(tmp_path)
+    name = slug(str(tiny_llama_dir))
+    result = invoke("detect", tiny_llama_dir, "-q")
+    assert result.exit_code == 0, result.output
+    assert f"coordinates written to {name}.superweights.yaml" in result.output
+    assert "super_weights" in (tmp_path / f"{name}.superweights.yaml").read_text()
+    (tmp_path / f"{name}-study").mkdir()
+    (tmp_path / f"{name}-study" / "REPORT.md").write_text("an earlier report\n")
+    assert_one_line_error(invoke("study", tiny_llama_dir, "-q", "--task", "wikitext", "--data-dir", DATA_DIR),
+                          f"{name}-study exists and is not empty", "--force")
+
+
 def test_detect_refuses_one_file_for_both_coordinates_and_plot(tiny_llama_dir, tmp_path, monkeypatch):
     """`--out x.png --plot x.png` wrote the coordinates, then the plot over them: one output lost."""
     monkeypatch.chdir(tmp_path)

@@ -266,3 +266,110 @@ def test_results_show_briefly_on_a_cells_last_line(own_model, no_loading, tmp_pa
     assert f"coords_path='{tmp_path / 'c.yaml'}'" in shown["DetectionResult"]
     assert "runs=<dict of 4>" in shown["EvaluationResult"]
     assert f"out='{tmp_path / 'zeroed'}'" in shown["AblationResult"] and "changed=1" in shown["AblationResult"]
+
+
+class Notes(superweight.Reporter):
+    """Keeps the notes and warnings a command reports."""
+
+    def __init__(self):
+        self.notes, self.warnings = [], []
+
+    def note(self, message):
+        self.notes.append(message)
+
+    def warn(self, message):
+        self.warnings.append(message)
+
+
+def test_the_library_writes_no_file_it_was_not_asked_for(own_model, no_loading, tmp_path, monkeypatch):
+    """A notebook cell run twice: without out= detect_model writes no ./<model>.superweights.yaml
+    (`sw detect` passes its default itself), so the second run is not refused as "exists"; its result
+    goes to the other functions as coords=, and no function writes what no argument named."""
+    monkeypatch.chdir(tmp_path)
+    loaded = superweight.wrap(*own_model, name="my-llama")
+    found = superweight.detect_model(loaded)
+    again = superweight.detect_model(loaded)
+    assert found.coords_path is None and found.to_dict()["coordinates_file"] is None
+    assert again.super_weights == found.super_weights and [w.key[:3] for w in found.super_weights] == [PLANTED]
+    evaluation = superweight.evaluate_model(loaded, coords=found, compare=True, task=["wikitext"], **QUICK)
+    assert list(evaluation.runs)[1] == "candidate [1, 7, 13] zeroed"
+    superweight.generate_text(loaded, coords=found, prompt="w10", max_new_tokens=1)
+    superweight.quantize_model(loaded, coords=found, block_size=[64], task="wikitext", **QUICK)
+    with pytest.raises(TypeError, match="'out'"):  # the study's result is its report: a folder the caller names
+        superweight.run_study(loaded, coords=found, task="wikitext", **QUICK)
+    with pytest.raises(UsageError, match=r"^--out \(out=\) names the folder the report is written to"):
+        superweight.run_study(loaded, coords=found, task="wikitext", out=None, **QUICK)
+    assert {path.name for path in tmp_path.iterdir()} <= {"cache"}  # SUPERWEIGHT_CACHE (private_cache)
+
+
+def test_a_detection_result_is_taken_as_the_file_it_would_have_written(own_model, no_loading, tmp_path):
+    """coords=found: the entries, their verified roles and the model they were made for, as the
+    file `out=` writes holds them; select= narrows them alike, and names where they came from."""
+    from superweight.errors import CoordinatesError
+
+    loaded = superweight.wrap(*own_model, name="my-llama")
+    found = superweight.detect_model(loaded, verify=True)
+    written = superweight.detect_model(loaded, verify=True, out=tmp_path / "c.yaml")
+    entries, meta = superweight.read_coords(tmp_path / "c.yaml")
+    assert found.coordinates.weights == entries and entries[0].role == "inert"  # a random tiny model's: inert
+    assert found.coordinates.meta == meta and found.coordinates.path is None
+    assert written.coordinates.path == tmp_path / "c.yaml" and written.coordinates.name == str(tmp_path / "c.yaml")
+    unverified = superweight.detect_model(loaded)
+    superweight.detect_model(loaded, out=tmp_path / "plain.yaml")
+
+    def acting(coords, select):
+        """What a command says it acts on, or why it refuses, with the file named as the result is."""
+        notes = Notes()
+        try:
+            superweight.generate_text(loaded, coords=coords, select=select, prompt="w10", max_new_tokens=1,
+                                      reporter=notes)
+        except CoordinatesError as error:
+            said = [str(error)]
+        else:
+            said = [note for note in notes.notes if note.startswith("acting on")]
+        return [line.replace(str(tmp_path / "c.yaml"), "the detection of my-llama")
+                .replace(str(tmp_path / "plain.yaml"), "the detection of my-llama") for line in said]
+
+    for result, path in ((found, tmp_path / "c.yaml"), (unverified, tmp_path / "plain.yaml")):
+        for select in ("super", "all"):
+            assert acting(result, select) == acting(path, select)
+    refused = acting(found, "super")[0]  # its measured role goes with it
+    assert "the detection of my-llama holds no super weights (role super) (roles there: inert)" in refused
+    assert acting(unverified, "super") == ["acting on the only candidate of the detection of my-llama: it records no "
+                                           "measured roles, so super weights cannot be told from candidates (make it "
+                                           "with `sw detect --verify`): [1, 7, 13]"]
+
+
+def test_a_detection_of_another_model_is_refused_as_its_file_is(own_model, tmp_path):
+    """Coordinates carry the model they were made for, in a file or in a result: applied to another
+    model both are told (another model_type) and refused (the recorded values differ) alike."""
+    from superweight.errors import CoordinatesError
+    from synthetic import tiny_model
+
+    found = superweight.detect_model(superweight.wrap(*own_model, name="my-llama"))
+    superweight.detect_model(superweight.wrap(*own_model, name="my-llama"), out=tmp_path / "c.yaml")
+    other = superweight.wrap(tiny_model("mistral"), own_model[1], name="other")
+    told, refused = [], []
+    for coords in (tmp_path / "c.yaml", found):
+        notes = Notes()
+        with pytest.raises(CoordinatesError) as error:
+            superweight.evaluate_model(other, coords=coords, task=["wikitext"], reporter=notes, **QUICK)
+        told.append([warning.replace(str(tmp_path / "c.yaml"), "the detection of my-llama")
+                     for warning in notes.warnings])
+        refused.append(str(error.value))
+    assert told[0] == told[1] and len(told[0]) == 1 and "not for other (mistral)" in told[0][0]
+    assert refused[0] == refused[1] and "another model" in refused[0]
+
+
+def test_coords_takes_a_file_or_a_detection_result_only(own_model, tmp_path):
+    """An output never replaces the file a result was written to, as it never replaces the file
+    coords= names; anything else given as coords= is refused in one line."""
+    from superweight.errors import SuperweightError
+
+    loaded = superweight.wrap(*own_model, name="my-llama")
+    written = superweight.detect_model(loaded, out=tmp_path / "c.yaml")
+    with pytest.raises(SuperweightError, match="it is the coordinates file"):
+        superweight.evaluate_model(loaded, coords=written, task=["wikitext"], output=tmp_path / "c.yaml", force=True,
+                                   **QUICK)
+    with pytest.raises(SuperweightError, match=r"^--coords \(coords=\) takes a coordinates file .*not a list$"):
+        superweight.generate_text(loaded, coords=written.super_weights, prompt="w10", max_new_tokens=1)

@@ -19,6 +19,13 @@ def test_the_library_section_shows_loading_once():
     assert not re.search(r"_model\(\"|run_study\(\"|generate_text\(\"", code)  # no command is given a name
 
 
+def test_the_library_section_hands_the_detection_on_without_a_file():
+    """A notebook needs no coordinates file: the result of `detect_model` is `coords=` itself."""
+    code = "\n".join(library_snippets())
+    assert "found = superweight.detect_model(loaded)\n" in code and ".superweights." not in code
+    assert all(f"{name}(loaded, coords=found," in code for name in ("evaluate_model", "run_study", "generate_text"))
+
+
 def test_the_library_section_reads_the_study_table_as_numbers():
     """report.json's table holds numbers; a notebook reading README gets the same, not the text
     of the printed table ("0.5000 ± 0.5000")."""
@@ -57,6 +64,7 @@ def test_readme_library_section_runs_as_written(gguf_cache, tmp_path, monkeypatc
         assert text in printed
     assert len(loads) == 1
     assert (tmp_path / "smollm2-study" / "REPORT.md").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "smollm2-study"]  # nothing unasked
     table = namespace["table"]
     assert all(isinstance(v, float) for row in table.values for v in row), table.values
     assert [run["ablation"]["kind"] for run in namespace["evaluation"].runs.values()] == [

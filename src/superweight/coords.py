@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -165,6 +166,43 @@ def read_coords(path: str | Path) -> tuple[list[SuperWeight], dict[str, Any]]:
     return weights, meta
 
 
+@dataclass(frozen=True)
+class Coordinates:
+    """What `coords=` stands for, read once: the entries of a coordinates file and its other fields
+    (`model`, `model_type`, `tensor`, ...), or those of a `detect_model` result (the file it wrote,
+    or would have written with `out=`). `name` says where they came from in messages; `path` is
+    the file, which no output may replace (None for a result held only in memory)."""
+
+    weights: list[SuperWeight]
+    meta: dict[str, Any]
+    name: str
+    path: Path | None = None
+
+
+def coordinates(given: Any) -> Coordinates:
+    """`coords=` as given, THE one place it is read: a coordinates file's path, or a `detect_model`
+    result (anything whose `coordinates` is a `Coordinates`), taken as the file it wrote or would
+    have written: its roles (with verify=True) and the model it was made for included."""
+    if isinstance(given, Coordinates):
+        return given
+    held = getattr(given, "coordinates", None)
+    if isinstance(held, Coordinates):
+        return held
+    if not isinstance(given, (str, os.PathLike)):
+        raise CoordinateOptionError(f"--coords takes a coordinates file (in Python, also detect_model's result), "
+                                    f"not a {type(given).__name__}")
+    weights, meta = read_coords(given)
+    return Coordinates(weights, meta, str(given), Path(given))
+
+
+def coordinates_file(given: Any) -> Path | None:
+    """The file `coords=` names, not read (None when none is given, or for a result held only in
+    memory): an input no output of the command may replace."""
+    if given is None or isinstance(given, (str, os.PathLike)):
+        return Path(given) if given else None
+    return coordinates(given).path
+
+
 def coords_document(weights: list[SuperWeight], **meta: Any) -> dict[str, Any]:
     return {**meta, "super_weights": [w.to_dict() for w in weights]}
 
@@ -190,19 +228,20 @@ def empty_file_error(coords_file: str | Path, action: str, alternative: str = ""
         + (f", {alternative}" if alternative else ""))
 
 
-def requested(coords_file: str | Path | None, coord_texts: list[str] | None, select: str = DEFAULT_SELECTION,
+def requested(coords_file: Any, coord_texts: list[str] | None, select: str = DEFAULT_SELECTION,
               say: Callable[[str], None] | None = None) -> list[SuperWeight]:
-    """The weights a command acts on: the candidates of `--coords FILE` that `--select` names (by
-    their measured role), then each `--coord L,R,C` as given, without repeats. `say` gets one
-    line saying which weights and why."""
+    """The weights a command acts on: the candidates of `--coords FILE` (or of a `detect_model`
+    result: `coordinates`) that `--select` names (by their measured role), then each `--coord
+    L,R,C` as given, without repeats. `say` gets one line saying which weights and why."""
     weights: list[SuperWeight] = []
     reasons = []
     if coords_file:
-        candidates = read_coords(coords_file)[0]
+        given = coordinates(coords_file)
+        candidates = given.weights
         if not candidates and not coord_texts:  # else the original model would pass as ablated
-            raise empty_file_error(coords_file, "ablate", "or give --coord L,R,C")
+            raise empty_file_error(given.name, "ablate", "or give --coord L,R,C")
         if candidates:
-            selection = select_weights(candidates, select, str(coords_file))
+            selection = select_weights(candidates, select, given.name)
             weights += selection.weights
             reasons.append(selection.reason)
     if coord_texts:

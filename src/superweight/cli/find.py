@@ -71,11 +71,12 @@ def detect(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from ..commands.detect import detect_model
+        from ..commands.detect import DEFAULT_OUT, detect_model
         from ..report.detection import super_weight_table
 
         result = detect_model(model, prompt=prompt, iterations=iterations, min_spike=min_spike,
-                              min_concentration=min_concentration, min_share=min_share, out=out, plot=plot,
+                              min_concentration=min_concentration, min_share=min_share,
+                              out=out or DEFAULT_OUT, plot=plot,
                               stream=stream, verify=verify, verify_text=verify_text, attribution=attribution,
                               chat_template=chat_template, force=force, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints

@@ -193,13 +193,13 @@ def study(
     session = Session(quiet, debug)
 
     def work() -> None:
-        from ..commands.study import run_study
+        from ..commands.study import DEFAULT_OUT, run_study
 
         # The command line as typed, for the report (not when global options come first).
         command = "sw study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else None
         result = run_study(
             model, coords=coords, coord=coord, select=select, task=task, limit=limit, top=top, grid=grid, stop_words=stop_words,
-            out=out, force=force, data_dir=data_dir, batch_size=batch_size, max_length=max_length, seed=seed,
+            out=out or DEFAULT_OUT, force=force, data_dir=data_dir, batch_size=batch_size, max_length=max_length, seed=seed,
             options=options, command=command, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return

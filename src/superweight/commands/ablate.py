@@ -14,7 +14,7 @@ from ..edit.save import save_ablated
 from ..errors import UsageError
 from ..measure.configurations import check_control, control_weights, outlier_count, parse_factor
 from ..model.options import LoadOptions
-from .prepare import Model, check_outputs, model_source, ready_model
+from .prepare import Coords, Model, check_outputs, model_source, ready_model
 from .reporter import Reporter
 
 
@@ -41,7 +41,7 @@ class AblationResult(BriefRepr):
 
 
 @main_alone  # under a launcher rank 0 alone runs it, as one process
-def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = None,
+def ablate_model(model: Model = None, *, out: Path, coords: Coords = None,
                  coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION, mode: Optional[str] = None, factor: Optional[str] = None,
                  control: Optional[str] = None, top: Optional[int] = None, seed: int = 0, force: bool = False,
                  options: Optional[LoadOptions] = None,
@@ -60,7 +60,7 @@ def ablate_model(model: Model = None, *, out: Path, coords: Optional[Path] = Non
     if not weights:
         raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
     source = model_source(model, options)
-    check_outputs(source, directory=out, force=force, inputs={coords: "the coordinates file"})
+    check_outputs(source, directory=out, force=force, coords=coords)
     loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     top = outlier_count(loaded.model, control, top)
     targets = control_weights(loaded.model, weights, control, seed=seed, top=top) if control else weights

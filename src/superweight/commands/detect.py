@@ -1,4 +1,4 @@
-"""`sw detect`: find the super weights, write the coordinates file (and the plot)."""
+"""`sw detect`: find the super weights; write the coordinates file (and the plot) where asked."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 from ..brief_repr import BriefRepr
 from ..versions import __version__
-from ..coords import SuperWeight, write_coords
+from ..coords import Coordinates, SuperWeight, write_coords
 from ..distributed import main_alone
 from ..errors import UsageError
 from ..files import output_file
@@ -23,13 +23,18 @@ from ..model.load import LoadedModel
 from ..model.options import LoadOptions
 from ..report.detection import KnownCheck, check_known, detection_document
 from ..report.plots import plot_activations
-from .prepare import Model, check_outputs, model_source, slug
+from .prepare import Model, NamedAfterModel, check_outputs, model_source
 from .reporter import Reporter
+
+
+# `sw detect`'s --out when none is given; the library writes a coordinates file only to an `out=` given
+DEFAULT_OUT = NamedAfterModel(".superweights.yaml")
 
 
 @dataclass(repr=False)
 class DetectionResult(BriefRepr):
-    """What `detect_model` found and wrote."""
+    """What `detect_model` found (and wrote, with `out=`). Give it as `coords=` to the other
+    command functions: it stands for the coordinates file it wrote or would have written."""
 
     shown = ("super_weights",)  # the candidates (labelled, with verify=True), in the repr
 
@@ -37,17 +42,24 @@ class DetectionResult(BriefRepr):
     verification: Optional[Verification]  # with verify=True
     known: Optional[KnownCheck]  # against the paper's published coordinates, for a model it lists
     model: dict  # spec, location, kind, model_type, dtype
-    coords_path: Path
+    coords_path: Optional[Path]  # None: no out= given, nothing written
     plot: Optional[Path]
+    coords_meta: dict  # the coordinates file's other fields (model made for, model_type, tensor, prompt, ...)
 
     @property
     def super_weights(self) -> list[SuperWeight]:
         return self.detection.super_weights
 
+    @property
+    def coordinates(self) -> Coordinates:
+        """What `coords=` reads from this result: the file's content, without the file."""
+        name = str(self.coords_path) if self.coords_path else f"the detection of {self.model['spec']}"
+        return Coordinates(list(self.super_weights), self.coords_meta, name, self.coords_path)
+
     def to_dict(self) -> dict:
         """The `sw detect --json` document."""
         document = detection_document(self.detection, self.model, self.known)
-        document["coordinates_file"] = str(self.coords_path)
+        document["coordinates_file"] = str(self.coords_path) if self.coords_path else None
         document["verification"] = self.verification.to_dict() if self.verification else None
         return document
 
@@ -75,13 +87,14 @@ def _check_options(text: str, iterations: int, stream: bool, options: LoadOption
 @main_alone  # under a launcher rank 0 alone runs it, as one process
 def detect_model(model: Model = None, *, prompt: Optional[str] = None, iterations: Optional[int] = None,
                  min_spike: Optional[float] = None, min_concentration: Optional[float] = None,
-                 min_share: Optional[float] = None, out: Optional[Path] = None, plot: Optional[Path] = None,
-                 stream: bool = False, verify: bool = False, verify_text: Optional[Path] = None,
-                 attribution: str = "auto", chat_template: bool = False, force: bool = False,
+                 min_share: Optional[float] = None, out: Union[Path, NamedAfterModel, None] = None,
+                 plot: Optional[Path] = None, stream: bool = False, verify: bool = False,
+                 verify_text: Optional[Path] = None, attribution: str = "auto", chat_template: bool = False, force: bool = False,
                  options: Optional[LoadOptions] = None,
                  reporter: Optional[Reporter] = None) -> Optional[DetectionResult]:
-    """`sw detect`: find the super weights, write the coordinates file (and the plot). An existing
-    coordinates file or plot (which may hold a --verify's roles) is only replaced with `force`."""
+    """`sw detect`: find the super weights; write the coordinates file to `out` and the plot to
+    `plot`, each only where given (the result stands for the file as `coords=` of the other
+    functions). An existing file (which may hold a --verify's roles) is only replaced with `force`."""
     reporter = reporter or Reporter()
     in_memory = isinstance(model, LoadedModel)
     text = DEFAULT_PROMPT if prompt is None else prompt
@@ -92,7 +105,7 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     given = {"min_spike": min_spike, "min_concentration": min_concentration, "min_share": min_share}
     rule = SpikeRule(**{name: value for name, value in given.items() if value is not None})
     source = model_source(model, options)
-    coords_path = output_file(out) or Path(f"{slug(source.alias or source.spec)}.superweights.yaml")
+    coords_path = out.path(source) if isinstance(out, NamedAfterModel) else output_file(out)
     plot = output_file(plot)
     check_outputs(source, files=(coords_path,), plot=plot, force=force,
                   inputs={verify_text: "the --verify-text file"})
@@ -137,10 +150,11 @@ def detect_model(model: Model = None, *, prompt: Optional[str] = None, iteration
     # export FILE` (whose MODEL defaults to this) then finds it from any directory; an alias or hub
     # id as typed (identity.py compares those). abspath, not resolve: the hub cache's files are links.
     made_for = source.spec if source.kind == "hub" or source.alias else os.path.abspath(source.location)
-    write_coords(coords_path, detection.super_weights, model=made_for,
-                 model_type=config.model_type, **tensor_templates(adapter),
-                 prompt=text, chat_template=chat_template, tool=f"superweight {__version__}")
+    meta = dict(model=made_for, model_type=config.model_type, **tensor_templates(adapter),
+                prompt=text, chat_template=chat_template, tool=f"superweight {__version__}")
+    if coords_path:
+        write_coords(coords_path, detection.super_weights, **meta)
     if plot:
         plot_activations(detection, plot, title=f"{source.spec}: down-projection activations")
     return DetectionResult(detection=detection, verification=verification, known=known, model=model_info,
-                           coords_path=coords_path, plot=plot)
+                           coords_path=coords_path, plot=plot, coords_meta=meta)

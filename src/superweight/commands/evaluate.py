@@ -20,8 +20,8 @@ from ..measure.configurations import SummaryTable, check_control, comparison_con
 from ..measure.harness import HarnessTasks, check_harness_tasks
 from ..model.options import LoadOptions
 from ..measure.limits import check_limits
-from .prepare import Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, model_source, \
-    ready_model, recorded_coordinates, tasks_with_data
+from .prepare import Coords, Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, \
+    model_source, ready_model, recorded_coordinates, tasks_with_data
 from .reporter import Reporter
 
 
@@ -70,7 +70,7 @@ def output_document(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, force: bool = False,
                    harness: Optional[list[str]] = None, harness_include: Optional[list[Path]] = None,
-                   coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION, mode: Optional[str] = None,
+                   coords: Coords = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION, mode: Optional[str] = None,
                    factor: Optional[str] = None, control: Optional[str] = None, top: Optional[int] = None,
                    restore_activation: bool = False, compare: bool = False, data_dir: Optional[str] = None,
                    limit: Optional[int] = None, batch_size: int | str = "auto", max_length: Optional[int] = None,
@@ -100,7 +100,7 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
         check_harness_tasks(lm_eval_tasks, builtin=names)
     weights = requested(coords, coord, select, say=reporter.note)
     source = model_source(model, options)
-    check_outputs(source, files=(output,), force=force, inputs={coords: "the coordinates file"})
+    check_outputs(source, files=(output,), force=force, coords=coords)
     with ExitStack() as recorded:  # a folder's recorded values, put back for the evaluation only
         # Without coordinates, --compare and --restore-activation on a folder `sw ablate` wrote act on
         # the weights its record holds, in the original model its record puts back: the rows are the

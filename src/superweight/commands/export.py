@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..brief_repr import BriefRepr
-from ..coords import DEFAULT_SELECTION, check_selection, empty_file_error, read_coords, select_weights
+from ..coords import DEFAULT_SELECTION, check_selection, coordinates, empty_file_error, select_weights
 from ..distributed import main_alone
 from ..edit import export as handoff
 from ..edit.export import Export
@@ -15,7 +15,7 @@ from ..errors import SuperweightError, UsageError
 from ..files import atomic_write_text, output_file
 from ..model.load import LoadedModel
 from ..model.options import LoadOptions
-from .prepare import Model, check_outputs, model_source
+from .prepare import Coords, Model, check_outputs, model_source
 from .reporter import Reporter
 
 
@@ -36,24 +36,25 @@ class ExportResult(BriefRepr):
 
 
 @main_alone  # under a launcher rank 0 alone runs it, as one process
-def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optional[Path] = None,
+def export_names(coords_file: Coords, *, to: str, model: Model = None, gguf: Optional[Path] = None,
                  ggml_type: str = "f16", out: Optional[Path] = None, select: str = DEFAULT_SELECTION,
                  force: bool = False, options: Optional[LoadOptions] = None,
                  reporter: Optional[Reporter] = None) -> ExportResult | None:
     """`sw export`: the super weights' matrices under this model's own names, in the format of
     llama.cpp, bitsandbytes or llm-compressor, checked against the model's checkpoint (its config:
-    no weights are read); written to `out` if given. MODEL defaults to the one the coordinates file
-    names; a model in memory stands for the checkpoint it was loaded from. Under a launcher rank 0
-    alone exports (the others return None): one writer."""
+    no weights are read); written to `out` if given. `coords_file` is a coordinates file, or
+    `detect_model`'s result. MODEL defaults to the one the coordinates name; a model in memory
+    stands for the checkpoint it was loaded from. Under a launcher rank 0 alone exports (the others
+    return None): one writer."""
     reporter = reporter or Reporter()
     out = output_file(out)
     handoff.check_format(to)
     check_selection(select)
-    weights, meta = read_coords(coords_file)
+    given = coordinates(coords_file)
+    weights, meta = given.weights, given.meta
     if not weights:
-        raise empty_file_error(coords_file, "keep")
-    entries = weights
-    selection = select_weights(weights, select, str(coords_file))
+        raise empty_file_error(given.name, "keep")
+    selection = select_weights(weights, select, given.name)
     reporter.note("keeping the matrices of " + selection.reason + ": "
                   + ", ".join(w.label() for w in selection.weights))
     weights = selection.weights
@@ -73,16 +74,15 @@ def export_names(coords_file: Path, *, to: str, model: Model = None, gguf: Optio
             if model or spec is None:
                 raise
             # the model the file names, moved or deleted since `sw detect` wrote it
-            raise type(error)(f"the model {coords_file} was made for cannot be read: {error}; or give the checkpoint "
+            raise type(error)(f"the model {given.name} was made for cannot be read: {error}; or give the checkpoint "
                               "to check the names against with --model") from None
     if out is not None:
-        check_outputs(source, files=(out,), force=force,
-                      inputs={Path(coords_file): "the coordinates file", gguf: "the GGUF file"})
+        check_outputs(source, files=(out,), force=force, coords=given, inputs={gguf: "the GGUF file"})
     with reporter.status(f"checking names against {source.spec}") as update:
         result = handoff.export(weights, to, spec=spec, revision=load.revision, gguf_file=load.gguf_file,
                                 cache_dir=load.cache_dir, trust_remote_code=load.trust_remote_code, gguf=gguf,
                                 ggml_type=ggml_type, out_name=str(out or "FILE"), hub_id=_hub_id(source),
-                                progress=update, coords_file=(entries, meta, str(coords_file)), warn=reporter.warn)
+                                progress=update, coords=given, warn=reporter.warn)
     if out is not None:
         atomic_write_text(out, result.content)
     return ExportResult(export=result, out=out)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from ..brief_repr import BriefRepr
@@ -15,7 +14,7 @@ from ..measure import generate as generation
 from ..measure.configurations import Configuration, comparison_configurations
 from ..measure.generate import Generation
 from ..model.options import LoadOptions
-from .prepare import Model, ablated_folder, detected, model_source, ready_model
+from .prepare import Coords, Model, ablated_folder, detected, model_source, ready_model
 from .reporter import Reporter
 
 
@@ -36,7 +35,7 @@ class GenerationResult(BriefRepr):
                 "generations": [g.to_dict() for g in self.generations], "tool": f"superweight {__version__}"}
 
 
-def generate_text(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
+def generate_text(model: Model = None, *, coords: Coords = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
                   prompt: Optional[list[str] | str] = None, max_new_tokens: int = 16, control: Optional[str] = None,
                   top: Optional[int] = None, seed: int = 0, options: Optional[LoadOptions] = None,
                   reporter: Optional[Reporter] = None) -> Optional[GenerationResult]:

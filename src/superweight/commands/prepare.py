@@ -19,9 +19,9 @@ import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar, Union
 
-from ..coords import DEFAULT_SELECTION, UNVERIFIABLE, SuperWeight, read_coords, select_weights
+from ..coords import DEFAULT_SELECTION, UNVERIFIABLE, SuperWeight, coordinates, coordinates_file, select_weights
 from ..distributed import on_main
 from ..edit.save import (RECORD_FILE, describe_recorded_ablation, recorded_ablation, recorded_originals,
                          recorded_values_put_back, recorded_weights)
@@ -40,14 +40,30 @@ from ..model.options import LoadOptions
 from ..report.plots import check_plot_format
 from .reporter import Bar, Reporter
 
+if TYPE_CHECKING:
+    from .detect import DetectionResult
+
 T = TypeVar("T")
 Model = Union[str, LoadedModel, None]  # a name (alias, hub id, directory, .gguf; None: the default) or a model in memory
+# `coords=`: a coordinates file from `sw detect`, or `detect_model`'s result itself (coords.coordinates)
+Coords = Union[str, Path, "DetectionResult", None]
 RECORDED_VALUES_PUT_BACK = "original (the folder's recorded values put back in memory)"  # its first row's name
 
 
 def slug(text: str) -> str:
     """A model's name as a file name (the default output names)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name if text.endswith(".gguf") else text).strip("-")
+
+
+@dataclass(frozen=True)
+class NamedAfterModel:
+    """An output named after the model, in the current directory: `sw detect`'s default
+    ./<model>.superweights.yaml, `sw study`'s ./<model>-study. The CLI passes it for an --out not
+    given; a library function writes only what its caller names."""
+    suffix: str
+
+    def path(self, source: ModelSource) -> Path:
+        return Path(f"{slug(source.alias or source.spec)}{self.suffix}")
 
 
 def batch_size_option(value: int | str) -> int | str:
@@ -79,12 +95,12 @@ def model_source(model: Model, options: Optional[LoadOptions]) -> ModelSource:
 
 
 def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), directory: Optional[Path] = None,
-                  force: bool = False, plot: Optional[Path] = None,
+                  force: bool = False, plot: Optional[Path] = None, coords: Coords = None,
                   inputs: Optional[dict[Optional[Path], str]] = None) -> None:
-    """Outputs are never inside the model's own files, never the command's `inputs` (each path with
-    what it is: "the coordinates file"), nor a folder holding one, and are writable. One rule for
-    files and folders: an existing output file, or a non-empty output directory, is only replaced
-    with --force. A `plot` is a file whose format matplotlib must be able to write."""
+    """Outputs are never inside the model's own files, never the file `coords` names nor the
+    command's other `inputs` (each path with what it is: "the GGUF file"), nor a folder holding one,
+    and are writable. One rule for files and folders: an existing output file, or a non-empty output
+    directory, is only replaced with --force. A `plot` is a file whose format matplotlib must be able to write."""
     if plot:
         check_plot_format(plot)
         files = (*files, plot)
@@ -94,8 +110,9 @@ def check_outputs(source: ModelSource, files: Sequence[Optional[Path]] = (), dir
     twice = next((path for path in named if named.count(path) > 1), None)
     if twice is not None:  # the second write would replace the first
         raise UsageError(f"two outputs of this command are {twice}; give each its own file name")
+    inputs = {coordinates_file(coords): "the coordinates file", **(inputs or {})}
     protected = {**source.output_protected_dirs,
-                 **{Path(path): what for path, what in (inputs or {}).items() if path is not None}}
+                 **{Path(path): what for path, what in inputs.items() if path is not None}}
     for path in filter(None, (*files, directory)):
         if path != directory and Path(path).is_dir():  # first: a file output replaces no folder
             raise UsageError(f"{path} is a directory; give a file name for this output")
@@ -185,7 +202,7 @@ def recorded_coordinates(reporter: Reporter, source: ModelSource, folder: Folder
 
 
 def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions], source: ModelSource,
-                weights: Sequence[SuperWeight] = (), coords: Optional[Path] = None,
+                weights: Sequence[SuperWeight] = (), coords: Coords = None,
                 put_back: Optional[Callable[[LoadedModel], None]] = None,
                 config_check: Optional[Callable[[Any], None]] = None) -> tuple[LoadedModel, CheckedCoords]:
     """The model to work on, and `weights` checked once each way: against the config before a
@@ -198,12 +215,13 @@ def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions]
     of the config before a load (of a hub model or a local directory; one read serves both checks)."""
     # Every entry of the file is checked, not only those `--select` picks: a file with one entry out
     # of range or made for another model is a wrong file, whichever entries a command acts on.
-    entries, made_for = read_coords(coords) if coords else ([], {})  # the file read once
+    given = coordinates(coords) if coords else None  # the file read once
+    entries, made_for = (given.weights, given.meta) if given else ([], {})
     every = unique_coords([*weights, *entries])
     ranges_checked = False
     # A file made for another hub id is told before the load (minutes for a large model, time to
     # stop it); one made for another model_type only once the config is loaded. Told once.
-    told = coords and not isinstance(model, LoadedModel) and coordinates_mismatch(made_for, source, None, coords)
+    told = given and not isinstance(model, LoadedModel) and coordinates_mismatch(made_for, source, None, given.name)
     if told:
         reporter.warn(told)
     if isinstance(model, LoadedModel):
@@ -215,8 +233,8 @@ def ready_model(reporter: Reporter, model: Model, options: Optional[LoadOptions]
             config_check(config)
         ranges_checked = check_coords_before_load(source, every, trust_remote_code=trust_remote_code, config=config)
         loaded = load(reporter, model, options, source)
-    if coords and not told:
-        mismatch = coordinates_mismatch(made_for, source, getattr(loaded.model.config, "model_type", None), coords)
+    if given and not told:
+        mismatch = coordinates_mismatch(made_for, source, getattr(loaded.model.config, "model_type", None), given.name)
         if mismatch:
             reporter.warn(mismatch)
     if put_back:

@@ -24,7 +24,7 @@ from ..model.load import LoadedModel
 from ..model.options import LoadOptions
 from ..model.quiet import quiet_transformers
 from ..measure.limits import check_limits
-from .prepare import Model, check_outputs, detected, model_source, ready_model, tasks_with_data
+from .prepare import Coords, Model, check_outputs, detected, model_source, ready_model, tasks_with_data
 from .reporter import Reporter
 
 DEFAULT_ACTIVATION_BITS = 8  # --activations without --activation-bits (None marks "not given": refused alone)
@@ -73,7 +73,7 @@ def _block_sizes(block_size: Optional[list[int | str]]) -> Optional[list[int]]:
     return sizes
 
 
-def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
+def quantize_model(model: Model = None, *, coords: Coords = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
                    bits: int = 4, block_size: Optional[list[int | str]] = None, z: float | str = "9",
                    activations: bool = False, activation_bits: Optional[int] = None, task: list[str] | str = ("wikitext",),
                    data_dir: Optional[str] = None, limit: Optional[int] = None, max_length: Optional[int] = None,
@@ -100,7 +100,7 @@ def quantize_model(model: Model = None, *, coords: Optional[Path] = None, coord:
     if out is not None and (not sizes or len(sizes) != 1):
         raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
     source = model_source(model, options)
-    check_outputs(source, plot=plot, directory=out, force=force, inputs={coords: "the coordinates file"})
+    check_outputs(source, plot=plot, directory=out, force=force, coords=coords)
     weights = requested(coords, coord, select, say=reporter.note)
     # --activations on a MoE model is refused before the load (minutes for a large one) where the config tells
     loaded, weights = ready_model(reporter, model, options, source, weights, coords, config_check=(

@@ -32,9 +32,12 @@ from ..measure.activation_profile import activation_profile
 from ..measure.stop_words import cached_stop_word_shift, load_stop_words
 from ..report import study as analysis
 from ..measure.limits import check_limits
-from .prepare import FolderAsGiven, Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, detected, \
-    model_source, no_original_values, ready_model, slug, step, tasks_with_data
+from .prepare import Coords, FolderAsGiven, Model, NamedAfterModel, ablated_folder, batch_size_option, check_outputs, \
+    configuration_progress, detected, model_source, no_original_values, ready_model, step, tasks_with_data
 from .reporter import Reporter
+
+
+DEFAULT_OUT = NamedAfterModel("-study")  # `sw study`'s --out when none is given
 
 
 @dataclass(repr=False)
@@ -88,19 +91,22 @@ def recorded_folder(reporter: Reporter, source: ModelSource, stack: ExitStack) -
     return folder
 
 
-def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
+def run_study(model: Model = None, *, coords: Coords = None, coord: Optional[list[str]] = None, select: str = DEFAULT_SELECTION,
               task: list[str] | str = ("all",), limit: Optional[int | str] = None, top: Optional[int] = None,
-              grid: Optional[str] = None, stop_words: Optional[Path] = None, out: Optional[Path] = None,
+              grid: Optional[str] = None, stop_words: Optional[Path] = None, out: Path | NamedAfterModel,
               force: bool = False, data_dir: Optional[str] = None, batch_size: int | str = "auto",
               max_length: Optional[int] = None, seed: int = 0, options: Optional[LoadOptions] = None,
               command: Optional[str] = None, reporter: Optional[Reporter] = None) -> Optional[StudyResult]:
     """`sw study`: Table 1, the scale sweep, the stop-word shift, the activation profile and
-    generations, written to `out` (default ./<model>-study); cached evaluations are not run again.
+    generations, written to the folder `out` (required: the report is the result; `sw study` passes
+    DEFAULT_OUT, ./<model>-study); cached evaluations are not run again.
     `limit`: documents per task, or "all"; without it a CPU run reads `study.CPU_LIMIT` documents of
     each zero-shot task and `study.CPU_WIKITEXT_LIMIT` of wikitext, an accelerator run all of them.
     `command` is recorded in the report as the command line that asked for it."""
     reporter = reporter or Reporter()
     check_selection(select)
+    if out is None or str(out) == "":
+        raise UsageError("--out names the folder the report is written to; give one (sw study writes ./<model>-study)")
     started = time.perf_counter()
     factors = study_runs.parse_grid(grid)
     limit = study_runs.parse_limit(limit)
@@ -112,8 +118,8 @@ def run_study(model: Model = None, *, coords: Optional[Path] = None, coord: Opti
                             also=("wikitext",))  # the stop-word shift reads wikitext
     words = load_stop_words(stop_words)
     source = model_source(model, options)
-    out_dir = Path(out) if out else Path(f"{slug(source.alias or source.spec)}-study")
-    check_outputs(source, directory=out_dir, force=force, inputs={coords: "the coordinates file"})
+    out_dir = out.path(source) if isinstance(out, NamedAfterModel) else Path(out)
+    check_outputs(source, directory=out_dir, force=force, coords=coords)
     # Given coordinates are narrowed as every command narrows them (README: Vocabulary), by the
     # roles the file records; the verification below measures all of them for the report.
     acting = requested(coords, coord, select, say=lambda line: reporter.note(

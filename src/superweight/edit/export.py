@@ -31,7 +31,7 @@ from torch import nn
 from .validate import check_recorded_values, unique_coords, validate_coords
 from ..model.adapters import (adapter_for, decoder_layers, down_proj_path, down_proj_tensor, gguf_architecture,
                                tensor_name)
-from ..coords import SuperWeight
+from ..coords import Coordinates, SuperWeight
 from ..errors import CoordinatesError, ModelLoadError, UsageError
 from ..find.stream import safetensors_files
 from ..model.gguf import dequantized_gguf
@@ -266,7 +266,7 @@ def export(
     out_name: str = "FILE",
     hub_id: str | None = None,
     progress: Callable[[str], None] | None = None,
-    coords_file: tuple[Sequence[SuperWeight], dict[str, Any], str] | None = None,
+    coords: Coordinates | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Export:
     """What `fmt`'s quantizer needs to keep the super weights' matrices of model `spec` in high precision.
@@ -274,8 +274,8 @@ def export(
     The coordinates are checked against the model (in range; a recorded weight value must match
     where the checkpoint is on this machine). For llama.cpp the GGUF names are checked against
     `gguf` (default: the model itself when it is a GGUF file) or, without a GGUF, come from gguf-py's
-    table alone. `coords_file` is the file `weights` were picked from (its entries, its other
-    fields, its name): every entry is checked, and `warn` is told when it was made for another model.
+    table alone. `coords` are what `weights` were picked from (a file's entries, its other fields,
+    its name): every entry is checked, and `warn` is told when it was made for another model.
     """
     from transformers.quantizers.base import get_keys_to_not_convert
 
@@ -291,12 +291,12 @@ def export(
     skeleton = _skeleton(spec, revision=revision, gguf_file=gguf_file, cache_dir=cache_dir,
                          trust_remote_code=trust_remote_code, progress=progress)
     model, source = skeleton.model, skeleton.source
-    every = unique_coords([*weights, *(coords_file[0] if coords_file else ())])
+    every = unique_coords([*weights, *(coords.weights if coords else ())])
     validate_coords(model, every)
     checked = [f"{source.spec}: modules and matrix shapes (from its config)"]
     read = _read_down_projections(skeleton, [w for w in every if w.value is not None])
     check_recorded_values(model, read)
-    mismatch = coords_file and coordinates_mismatch(coords_file[1], source, model.config.model_type, coords_file[2])
+    mismatch = coords and coordinates_mismatch(coords.meta, source, model.config.model_type, coords.name)
     if mismatch and warn:
         warn(mismatch)
     if read:

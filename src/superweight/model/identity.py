@@ -51,11 +51,11 @@ def coordinates_mismatch(meta: dict[str, Any], source: ModelSource, model_type: 
     return None
 
 
-def coordinates_file_mismatch(coords_file: str | Path | None, source: ModelSource,
-                              model_type: str | None) -> str | None:
-    """`coordinates_mismatch` for a `--coords FILE` (None when no file was given)."""
+def coordinates_file_mismatch(coords_file: Any, source: ModelSource, model_type: str | None) -> str | None:
+    """`coordinates_mismatch` for a `--coords FILE` or a detection result (None when none was given)."""
     if coords_file is None:
         return None
-    from ..coords import read_coords
+    from ..coords import coordinates
 
-    return coordinates_mismatch(read_coords(coords_file)[1], source, model_type, coords_file)
+    given = coordinates(coords_file)
+    return coordinates_mismatch(given.meta, source, model_type, given.name)
