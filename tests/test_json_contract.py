@@ -6,12 +6,13 @@ The golden files were first written by the code before the package was regrouped
 intended changes of issue #20 (roles and attribution in `--verify`, the registry's per-source
 `known` field) and #21 (numbers in reports); three keys were added since: `ablate`'s
 `ablation.name` and each `eval` configuration's `kind` (one name, and `kind` found the same way,
-in every command), and the study's `meta.model.superweight_ablation` (as in `sw eval`'s JSON). A change that alters what a user sees fails here. To
+in every command), and the study's `meta.model.superweight_ablation` (as in `sw eval`'s JSON). A change that alters what a user sees fails here (numbers: beyond float32 noise across CPUs, `RELATIVE`). To
 re-capture after an intended change of output: `SW_UPDATE_GOLDEN=1 pytest tests/test_json_contract.py`,
 and say why in the commit.
 """
 
 import json
+import math
 import os
 import re
 import sys
@@ -86,4 +87,41 @@ def test_json_outputs_and_exit_codes_match_the_golden_files(gguf_cache, tmp_path
             (GOLDEN / f"{name}.json").write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
     for name, value in captured.items():
         expected = json.loads((GOLDEN / f"{name}.json").read_text())
-        assert json.loads(json.dumps(value)) == expected, f"`sw {name}` --json output changed"
+        changed = _differences(json.loads(json.dumps(value)), expected)
+        assert not changed, f"`sw {name}` --json output changed: " + "; ".join(changed[:10])
+
+
+# float32 on another CPU sums in another order: the same code on an AMD EPYC moved the golden values
+# by up to 3e-5 (relative) from those captured on the machine before, and a bootstrap standard error
+# (a value of a few resamples' spread) by 1.4e-3. Any change of what the code computes moves more.
+RELATIVE = 1e-4
+RELATIVE_STDERR = 1e-2
+
+
+def _differences(value, expected, path: str = "") -> list[str]:
+    """Where `value` differs from `expected`: keys, lengths, types and strings exactly; numbers
+    within RELATIVE (RELATIVE_STDERR for a standard error)."""
+    if isinstance(expected, dict) and isinstance(value, dict):
+        keys = sorted(set(value) | set(expected))
+        return [f"{path}/{key}: {'new' if key not in expected else 'missing'}" for key in keys
+                if (key in value) != (key in expected)] + \
+            [d for key in keys if key in value and key in expected for d in _differences(value[key], expected[key], f"{path}/{key}")]
+    if isinstance(expected, list) and isinstance(value, list):
+        if len(value) != len(expected):
+            return [f"{path}: {len(value)} items, not {len(expected)}"]
+        return [d for i, (v, e) in enumerate(zip(value, expected)) for d in _differences(v, e, f"{path}[{i}]")]
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (value, expected))
+    if numbers and (isinstance(value, float) or isinstance(expected, float)):
+        tolerance = RELATIVE_STDERR if "stderr" in path else RELATIVE
+        return [] if math.isclose(value, expected, rel_tol=tolerance, abs_tol=1e-12) else [f"{path}: {value} != {expected}"]
+    return [] if value == expected and type(value) is type(expected) else [f"{path}: {value!r} != {expected!r}"]
+
+
+def test_golden_comparison_tells_a_changed_value_from_float_noise():
+    golden = {"layers": [{"share": 0.730183, "token": 0}], "stderr": 4.62313, "name": "x"}
+    assert _differences({"layers": [{"share": 0.730184, "token": 0}], "stderr": 4.61652, "name": "x"}, golden) == []
+    assert _differences({"layers": [{"share": 0.7311, "token": 0}], "stderr": 4.62313, "name": "x"}, golden) \
+        == ["/layers[0]/share: 0.7311 != 0.730183"]
+    assert _differences({"layers": [{"share": 0.730183, "token": 1}], "stderr": 4.8, "name": "y", "new": 1}, golden) \
+        == ["/new: new", "/layers[0]/token: 1 != 0", "/name: 'y' != 'x'", "/stderr: 4.8 != 4.62313"]
+    assert _differences({"layers": [], "stderr": 4.62313, "name": "x"}, golden) == ["/layers: 0 items, not 1"]
