@@ -393,9 +393,12 @@ def test_work_rank_0_does_alone_may_outlast_the_timeout(tmp_path):
     assert (out0, out1) == ("detected harness\n[0, 1]\n", "True harness\n")
 
 
-TWO_SESSIONS = """import sys, time
+TWO_SESSIONS = """import os, sys, time
 from superweight import distributed
 from superweight.errors import RankFailed
+
+def say(line):  # one write per line: two ranks share the pipe, and print's pieces interleaved
+    os.write(1, (line + "\\n").encode())
 
 try:
     with distributed.session() as ranks:
@@ -403,9 +406,9 @@ try:
             raise RuntimeError("the first session fails on rank 1")
         distributed.exchange(None)
 except (RankFailed, RuntimeError) as error:  # rank 0 is told of rank 1's own error
-    print("first:", error, flush=True)
+    say(f"first: {error}")
 with distributed.session():  # longer than SUPERWEIGHT_DIST_TIMEOUT: the others wait in the store
-    print("second:", distributed.on_main(lambda: time.sleep(float(sys.argv[1])) or "done"), flush=True)
+    say("second: " + distributed.on_main(lambda: time.sleep(float(sys.argv[1])) or "done"))
 """
 
 
