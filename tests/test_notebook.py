@@ -158,6 +158,18 @@ def test_everything_public_is_listed_and_importing_the_package_reads_no_torch():
                           check=True).stdout.strip() == "False"
 
 
+def test_every_public_signature_resolves_its_type_hints():
+    """Editors, `help()` and tools such as pydantic or typer read hints with get_type_hints: a name
+    that resolves only under TYPE_CHECKING makes it raise NameError."""
+    import inspect
+    import typing
+
+    for name in superweight.__all__:
+        value = getattr(superweight, name)
+        if inspect.isfunction(value) or inspect.isclass(value):
+            typing.get_type_hints(value)
+
+
 def test_distributed_is_reached_from_a_plain_import_as_readme_writes_it():
     """README: a script torchrun starts runs `with superweight.distributed.session():` after
     `import superweight`, with nothing else imported first."""

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import yaml
 
@@ -177,6 +177,13 @@ class Coordinates:
     meta: dict[str, Any]
     name: str
     path: Path | None = None
+
+
+class HoldsCoordinates(Protocol):
+    """Anything whose `coordinates` is a `Coordinates`: `detect_model`'s result, given as `coords=`."""
+
+    @property
+    def coordinates(self) -> Coordinates: ...
 
 
 def coordinates(given: Any) -> Coordinates:

@@ -19,9 +19,9 @@ import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
-from ..coords import DEFAULT_SELECTION, UNVERIFIABLE, SuperWeight, coordinates, coordinates_file, select_weights
+from ..coords import DEFAULT_SELECTION, UNVERIFIABLE, HoldsCoordinates, SuperWeight, coordinates, coordinates_file, select_weights
 from ..distributed import on_main
 from ..edit.save import (RECORD_FILE, describe_recorded_ablation, recorded_ablation, recorded_originals,
                          recorded_values_put_back, recorded_weights)
@@ -40,13 +40,10 @@ from ..model.options import LoadOptions
 from ..report.plots import check_plot_format
 from .reporter import Bar, Reporter
 
-if TYPE_CHECKING:
-    from .detect import DetectionResult
-
 T = TypeVar("T")
 Model = Union[str, LoadedModel, None]  # a name (alias, hub id, directory, .gguf; None: the default) or a model in memory
 # `coords=`: a coordinates file from `sw detect`, or `detect_model`'s result itself (coords.coordinates)
-Coords = Union[str, Path, "DetectionResult", None]
+Coords = Union[str, Path, HoldsCoordinates, None]
 RECORDED_VALUES_PUT_BACK = "original (the folder's recorded values put back in memory)"  # its first row's name
 
 
