@@ -226,11 +226,12 @@ def write_coords(path: str | Path, weights: list[SuperWeight], **meta: Any) -> P
     return path
 
 
-def empty_file_error(coords_file: str | Path, action: str, alternative: str = "") -> CoordinatesError:
-    """A coordinates file whose detection found nothing is refused, by every command, rather than
-    acting on nothing (an ablation of nothing would pass for one of the super weights)."""
+def no_candidates_error(source: str, action: str, alternative: str = "") -> CoordinatesError:
+    """Coordinates whose detection found nothing (a file, or a detect_model result: `source` names
+    it) are refused, by every command, rather than acting on nothing (an ablation of nothing would
+    pass for one of the super weights)."""
     return CoordinatesError(
-        f"{coords_file} holds no super weights (the detection that wrote it found none), so there is nothing to "
+        f"{source} holds no super weights (its detection found none), so there is nothing to "
         f"{action}; detect again with lower thresholds (--min-spike, --min-concentration, --min-share)"
         + (f", {alternative}" if alternative else ""))
 
@@ -246,7 +247,7 @@ def requested(coords_file: Any, coord_texts: list[str] | None, select: str = DEF
         given = coordinates(coords_file)
         candidates = given.weights
         if not candidates and not coord_texts:  # else the original model would pass as ablated
-            raise empty_file_error(given.name, "ablate", "or give --coord L,R,C")
+            raise no_candidates_error(given.name, "ablate", "or give --coord L,R,C")
         if candidates:
             selection = select_weights(candidates, select, given.name)
             weights += selection.weights

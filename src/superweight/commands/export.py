@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..brief_repr import BriefRepr
-from ..coords import DEFAULT_SELECTION, check_selection, coordinates, empty_file_error, select_weights
+from ..coords import DEFAULT_SELECTION, check_selection, coordinates, no_candidates_error, select_weights
 from ..distributed import main_alone
 from ..edit import export as handoff
 from ..edit.export import Export
@@ -53,7 +53,7 @@ def export_names(coords_file: Coords, *, to: str, model: Model = None, gguf: Opt
     given = coordinates(coords_file)
     weights, meta = given.weights, given.meta
     if not weights:
-        raise empty_file_error(given.name, "keep")
+        raise no_candidates_error(given.name, "keep")
     selection = select_weights(weights, select, given.name)
     reporter.note("keeping the matrices of " + selection.reason + ": "
                   + ", ".join(w.label() for w in selection.weights))
