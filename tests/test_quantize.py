@@ -453,6 +453,27 @@ def test_a_documents_score_does_not_depend_on_its_batch():
         assert scores[1] == pytest.approx(scores[4], rel=1e-5, abs=1e-5), super_weights
 
 
+def test_choices_that_share_a_context_are_quantized_each_as_its_own_sequence():
+    """lm-eval runs each choice with its context as one sequence; packed in one row, the choices
+    would share one activation range. Under activation quantization each is scored alone; the
+    packing comes back after the block."""
+    model = tiny_model("llama", seed=3, initializer_range=0.3)
+    plant_super_weight(model, LAYER, ROW, COL)
+    context = tuple((5 + 7 * j) % 120 + 3 for j in range(10))
+    choices = [(40, 41, 42), (90, 17), (118, 119, 3, 4)]  # the last reaches far: it widens a shared range
+    requests = [Request(context + c, len(c)) for c in choices]
+    scorer = Scorer(model, 4)
+    scorer.score(requests[:1], [Group([0])])  # checks the shortcuts on this model
+    assert scorer.share_prefix  # packing reproduces the plain forward here: the test is about it
+    for super_weights in (None, [SW]):
+        with quantized_activations(model, 4, super_weights):
+            assert not scorer.packs_prefixes
+            packed = [s.logprob for s in scorer.score(requests, [Group([0, 1, 2])])]
+            alone = [scorer.score([r], [Group([0])])[0].logprob for r in requests]
+        assert packed == pytest.approx(alone, rel=1e-5, abs=1e-5), super_weights
+    assert scorer.packs_prefixes
+
+
 # ----------------------------------------------------------------------------- drivers
 
 

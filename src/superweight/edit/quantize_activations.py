@@ -28,22 +28,24 @@ from torch import nn
 from ..coords import SuperWeight
 from ..errors import UsageError
 from ..model.adapters import Adapter, adapter_for, decoder_layers, down_proj_module
-from ..model.padding import token_positions
+from ..model.padding import per_sequence_hooks, token_positions
 from .quantize import check_bits, checked_super_weights, round_to_nearest
 
 DEFAULT_ACTIVATION_BITS = 8
 SPIKE_FRACTION = 0.5  # |x[..., col]| >= this x the sequence's largest counts as the super activation
 
 
-def _token_entries(x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor | None:
-    """`tokens` ([..., positions], False at padding) spread over x's channels; None: every entry."""
-    return None if tokens is None else tokens[..., None].expand(x.shape)
-
-
-def _per_sequence(values: torch.Tensor) -> torch.Tensor:
-    """[..., positions, channels] -> [..., positions x channels]: one row per sequence (a
-    [positions, channels] tensor is one sequence, a 1-D one too)."""
-    return values.reshape(*values.shape[:-2], -1) if values.dim() >= 2 else values
+def _per_sequence(x: torch.Tensor, tokens: torch.Tensor | None, padding_value: float,
+                  reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`reduce` (over the last dimension) of each sequence's entries of `x` [..., positions,
+    channels] (a [positions, channels] tensor is one sequence, a 1-D one too), the entries at
+    padding (False in `tokens`, [..., positions]) set to `padding_value`, which `reduce` must pass
+    over; shaped to broadcast against x."""
+    if tokens is not None:
+        x = torch.where(tokens[..., None].expand(x.shape), x, torch.tensor(padding_value, device=x.device))
+    if x.dim() < 2:
+        return reduce(x)
+    return reduce(x.reshape(*x.shape[:-2], -1))[..., None, None]
 
 
 def fake_quantize_per_sequence(x: torch.Tensor, bits: int = DEFAULT_ACTIVATION_BITS,
@@ -55,14 +57,10 @@ def fake_quantize_per_sequence(x: torch.Tensor, bits: int = DEFAULT_ACTIVATION_B
     flat = x.detach().float()
     if flat.numel() == 0:
         return x.detach().clone()
-    entries = _token_entries(flat, tokens)
-    inf = torch.tensor(torch.inf, device=flat.device)
-    lo = _per_sequence(flat if entries is None else torch.where(entries, flat, inf)).amin(dim=-1)
-    hi = _per_sequence(flat if entries is None else torch.where(entries, flat, -inf)).amax(dim=-1)
+    lo = _per_sequence(flat, tokens, torch.inf, lambda v: v.amin(dim=-1))
+    hi = _per_sequence(flat, tokens, -torch.inf, lambda v: v.amax(dim=-1))
     empty = lo > hi  # a sequence of padding only: any range will do
     lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
-    if flat.dim() >= 2:
-        lo, hi = lo[..., None, None], hi[..., None, None]
     return round_to_nearest(flat, lo, hi, bits).to(x.dtype)
 
 
@@ -98,11 +96,7 @@ def fake_quantize_activation_aware(
     if mask is None or not bool(mask.any()):
         return fake_quantize_per_sequence(x, bits, tokens)
     source = x.detach().float()
-    entries = _token_entries(source, tokens)
-    counted = _per_sequence(source if entries is None else torch.where(entries, source, torch.nan))
-    median = counted.nanmedian(dim=-1).values
-    if source.dim() >= 2:
-        median = median[..., None, None]
+    median = _per_sequence(source, tokens, torch.nan, lambda v: v.nanmedian(dim=-1).values)
     held_out = torch.where(mask, median, source)
     out = fake_quantize_per_sequence(held_out, bits, tokens).to(x.dtype)
     return torch.where(mask, x.detach(), out)
@@ -139,7 +133,8 @@ def quantized_activations(
     spike_fraction: float = SPIKE_FRACTION,
 ) -> Iterator[ActivationQuantizationStats]:
     """Within the block, every down projection's input is fake-quantized per sequence at `bits`,
-    padding left out of each sequence's range (see `model.padding`).
+    padding left out of each sequence's range (see `model.padding`). Meanwhile the scorer gives each
+    request a row of its own: requests that share a prefix in one row would share one range.
 
     With `super_weights`, the layers that hold them keep their super activation out of the
     quantization (see `super_activation_mask`, `fake_quantize_activation_aware`); other layers are
@@ -174,7 +169,7 @@ def quantized_activations(
         return hook
 
     handles = []
-    with token_positions(model) as tokens_of:
+    with token_positions(model) as tokens_of, per_sequence_hooks(model):
         try:
             for layer in range(len(decoder_layers(model, adapter))):
                 module = down_proj_module(model, layer, adapter)

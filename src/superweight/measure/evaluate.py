@@ -77,7 +77,7 @@ def evaluate(
         "limit": limit,
         "seed": seed,
         "prefix_token_id": encoder.prefix_token_id,
-        "shared_prefix": scorer.share_prefix,
+        "shared_prefix": scorer.packs_prefixes,
         "versions": {"torch": torch.__version__, "transformers": package_version("transformers"),
                      "python": platform.python_version()},
     }

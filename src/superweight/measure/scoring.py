@@ -7,7 +7,8 @@ Speed comes from doing less, not from approximating:
     full-vocabulary logits never exist for the whole batch;
   * rows are sorted by length and batched (`Batching`), identical requests are scored once.
 Both shortcuts are checked against a plain forward pass on the model at hand before use and
-switched off when the model does not reproduce it (see `Scorer._check_shortcuts`).
+switched off when the model does not reproduce it (see `Scorer._check_shortcuts`); packing is also
+off while hooks compute a statistic per sequence (activation quantization's range).
 
 Under a launcher (`torchrun ...`) the batches are shared out between the ranks by their tokens
 and the scores gathered (see `superweight.distributed`): the same numbers, sooner.
@@ -154,12 +155,18 @@ class Scorer:
         self.share_prefix = False
         self._checked = False
 
+    @property
+    def packs_prefixes(self) -> bool:
+        """Whether requests that share a prefix share a row: the shortcut reproduces this model's
+        forward, and no hook computes a statistic per sequence (`padding.per_sequence_hooks`)."""
+        return self.share_prefix and not padding.sequences_must_stand_alone(self.model)
+
     def score(self, requests: list[Request], groups: list[Group], on_batch: Callable[[int], None] | None = None) -> list[Scored]:
         """Each request's score, in order; `on_batch(n)` after each batch, n requests of all ranks further."""
         if not self._checked and requests:
             self._check_shortcuts(list(max(requests, key=lambda r: len(r.tokens)).tokens))
         # Longest first, as lm-eval: out-of-memory shows at once and padding stays small.
-        rows = sorted(self.batching.rows(requests, groups, self.share_prefix), key=lambda row: -packed_length(requests, row))
+        rows = sorted(self.batching.rows(requests, groups, self.packs_prefixes), key=lambda row: -packed_length(requests, row))
         batches = self.batching.plan(requests, rows)
         # Under a launcher each rank scores whole batches of this one-process plan, balanced by the
         # tokens they compute, so every request is computed exactly as it would be in one process.

@@ -1,5 +1,6 @@
 """Which positions of the batch a model is running are padding, for hooks that must leave them out
-(activation quantization takes its range over each sequence's own tokens).
+(activation quantization takes its range over each sequence's own tokens), and whether such hooks
+are on, so that whoever lays out the batch gives each request a sequence of its own.
 
 Two sources, the first that applies: what the caller that padded the batch marked for the duration
 of the pass (`marked`: the scorer right-pads its rows and gives no attention mask, since causal
@@ -17,6 +18,26 @@ import torch
 from torch import nn
 
 _MARKED: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+_PER_SEQUENCE: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def per_sequence_hooks(model: nn.Module) -> Iterator[None]:
+    """Within the block, hooks of `model` compute a statistic over each whole sequence (activation
+    quantization's range), so a sequence must hold one request: requests that share a prefix in one
+    row would share a statistic that each computes alone (see `sequences_must_stand_alone`)."""
+    _PER_SEQUENCE[model] = _PER_SEQUENCE.get(model, 0) + 1
+    try:
+        yield
+    finally:
+        _PER_SEQUENCE[model] -= 1
+        if not _PER_SEQUENCE[model]:
+            del _PER_SEQUENCE[model]
+
+
+def sequences_must_stand_alone(model: nn.Module) -> bool:
+    """Whether `per_sequence_hooks` is on for `model`: then each request runs as its own sequence."""
+    return model in _PER_SEQUENCE
 
 
 @contextmanager
