@@ -50,6 +50,7 @@ def test_quantize_auto_z_reports_and_saves_the_thresholds_it_chose(tiny_llama_di
     (["--z", "abc"], "--z must be a positive number or auto"),
     (["--task", "nosuchtask"], "nosuchtask"),
     (["--out", "somewhere"], "exactly one --block-size"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer or auto"),
 ])
 def test_bad_quantize_options(tiny_llama_dir, tmp_path, args, fragment):
     assert_one_line_error(invoke("quantize", tiny_llama_dir, "-q", "--coord", "1,3,5", "--data-dir", DATA_DIR, *args),
@@ -67,6 +68,8 @@ def test_bad_quantize_options(tiny_llama_dir, tmp_path, args, fragment):
     (["--plot", "rtn.txt"], ("--plot rtn.txt", "cannot write .txt")),
     (["--quantizer", "llama.cpp", "--dtype", "bfloat16"], ("--dtype does not apply to a real quantizer",)),
     (["--quantizer", "quanto", "--device-map", "auto"], ("--device-map does not apply to a real quantizer",)),
+    (["--quantizer", "llama.cpp", "--batch-size", "4"], ("--batch-size does not apply to --quantizer llama.cpp",)),
+    (["--batch-size", "zero"], ("--batch-size must be a positive integer or auto, got 'zero'",)),
 ])
 def test_quantize_options_that_would_be_ignored_or_fail_late_are_usage_errors(tiny_llama_dir, tmp_path, monkeypatch,
                                                                                args, fragments):
@@ -83,6 +86,25 @@ def test_quantize_options_that_would_be_ignored_or_fail_late_are_usage_errors(ti
     result = invoke("quantize", tiny_llama_dir, "-q", "--coord", "1,3,5", "--data-dir", DATA_DIR, "--limit", "1", *args)
     assert_one_line_error(result, *fragments)
     assert result.exit_code == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_the_batch_size_reaches_every_evaluation(tiny_llama_dir, monkeypatch):
+    """--batch-size as sw eval's: each evaluation of the sweep (unquantized, per block size naive and
+    aware, per activation width naive and aware) runs at it."""
+    import superweight.measure.quantized as quantized
+
+    seen = []
+    evaluate = quantized.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(quantized, "evaluate", spy)
+    result = invoke("quantize", tiny_llama_dir, "-q", "--json", "--coord", "1,3,5", "--block-size", "256",
+                    "--activations", "--batch-size", "3", "--data-dir", DATA_DIR, "--limit", "1", "--max-length", "64")
+    assert result.exit_code == 0, result.output
+    assert seen == [3] * 5
 
 
 def test_quantize_unwritable_out(tiny_llama_dir, tmp_path):

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .app import Session, stdout
-from .options import (CONTROL, CONTROL_SEED, COORD, COORDS, DATA_DIR, DEBUG, EXPORT_SELECT, FACTOR, FORCE_OUT_DIR, JSON,
+from .options import (BATCH_SIZE, CONTROL, CONTROL_SEED, COORD, COORDS, DATA_DIR, DEBUG, EXPORT_SELECT, FACTOR, FORCE_OUT_DIR, JSON,
                       MAX_LENGTH, MODE, MODEL_ARG, QUIET, SELECT, TOP, first_documents, loads_model, print_table,
                       typed_options)
 
@@ -144,6 +144,7 @@ def quantize(
     data_dir: Optional[str] = DATA_DIR,
     limit: Optional[int] = typer.Option(None, "--limit", metavar="N", help="First N documents of each task."),
     max_length: Optional[int] = MAX_LENGTH,
+    batch_size: str = BATCH_SIZE,
     plot: Optional[str] = typer.Option(None, "--plot", metavar="FILE.png", help="Each task's headline metrics vs block size "
                                         "(format from the suffix: .png, .pdf, .svg, ...; PNG without one)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Save the super-weight-aware fake-quantized model "
@@ -170,7 +171,7 @@ def quantize(
     given = typed_options(ctx)
     if quantizer != "rtn":
         session.run(lambda: _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, select, task,
-                                           data_dir, limit, max_length, options, as_json, session, given))
+                                           data_dir, limit, max_length, batch_size, options, as_json, session, given))
         return
 
     def work() -> None:
@@ -184,7 +185,7 @@ def quantize(
         result = quantize_model(
             model, coords=coords, coord=coord, select=select, bits=bits, block_size=block_size, z=z, activations=activations,
             activation_bits=activation_bits, task=task, data_dir=data_dir, limit=limit, max_length=max_length,
-            plot=plot, out=out, force=force, options=options, reporter=session)
+            batch_size=batch_size, plot=plot, out=out, force=force, options=options, reporter=session)
         if result is None:  # another rank than 0: rank 0 prints
             return
         for line in quantization_warnings(result.rows):
@@ -205,7 +206,7 @@ def quantize(
 
 
 def _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, select, task, data_dir, limit, max_length,
-                   options, as_json, session, given) -> None:
+                   batch_size, options, as_json, session, given) -> None:
     """`sw quantize --quantizer NAME`: a real quantizer, naive vs protected."""
     from ..commands.quantize_real import check_quantizer_options, quantize_with
 
@@ -213,7 +214,7 @@ def _quantize_real(model, quantizer, scheme, quantizer_path, coords, coord, sele
 
     result = quantize_with(model, quantizer=quantizer, scheme=scheme, quantizer_path=quantizer_path, coords=coords,
                            coord=coord, select=select, task=task, data_dir=data_dir, limit=limit,
-                           max_length=max_length, options=options, reporter=session)
+                           max_length=max_length, batch_size=batch_size, options=options, reporter=session)
     if result is None:  # another rank than 0: rank 0 prints
         return
     if as_json:

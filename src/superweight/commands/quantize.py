@@ -24,7 +24,7 @@ from ..model.load import LoadedModel
 from ..model.options import LoadOptions
 from ..model.quiet import quiet_transformers
 from ..measure.limits import check_limits
-from .prepare import Coords, Model, check_outputs, detected, model_source, ready_model, tasks_with_data
+from .prepare import Coords, Model, batch_size_option, check_outputs, detected, model_source, ready_model, tasks_with_data
 from .reporter import Reporter
 
 DEFAULT_ACTIVATION_BITS = 8  # --activations without --activation-bits (None marks "not given": refused alone)
@@ -77,7 +77,7 @@ def quantize_model(model: Model = None, *, coords: Coords = None, coord: Optiona
                    bits: int = 4, block_size: Optional[list[int | str]] = None, z: float | str = "9",
                    activations: bool = False, activation_bits: Optional[int] = None, task: list[str] | str = ("wikitext",),
                    data_dir: Optional[str] = None, limit: Optional[int] = None, max_length: Optional[int] = None,
-                   plot: Optional[Path] = None, out: Optional[Path] = None, force: bool = False,
+                   batch_size: int | str = "auto", plot: Optional[Path] = None, out: Optional[Path] = None, force: bool = False,
                    options: Optional[LoadOptions] = None,
                    reporter: Optional[Reporter] = None) -> Optional[QuantizationResult]:
     """`sw quantize`: evaluate INT`bits` RTN with and without the super weights held out, per block
@@ -96,6 +96,7 @@ def quantize_model(model: Model = None, *, coords: Coords = None, coord: Optiona
                                      "activation")
     z_value = rtn.parse_z(str(z))
     check_limits(limit, max_length)
+    batch = batch_size_option(batch_size)
     names = tasks_with_data(list(task) if not isinstance(task, str) else task, data_dir)
     if out is not None and (not sizes or len(sizes) != 1):
         raise UsageError("--out saves one quantized model: give exactly one --block-size with it")
@@ -108,7 +109,7 @@ def quantize_model(model: Model = None, *, coords: Coords = None, coord: Optiona
     if activations:  # before the detection and the weight sweep, not after them
         check_activations_supported(loaded.model)
     grid = sizes or rtn.default_block_sizes(loaded.model)
-    evaluation = dict(data_dir=data_dir, limit=limit, max_length=max_length)
+    evaluation = dict(data_dir=data_dir, limit=limit, max_length=max_length, batch_size=batch)
     with reporter.bars() as bar:
         if not weights:
             weights = detected(reporter, loaded, bar, select)

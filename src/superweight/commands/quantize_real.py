@@ -85,7 +85,7 @@ def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Option
                   quantizer_path: Optional[str] = None, coords: Optional[Path] = None,
                   coord: Optional[list[str]] = None, select: str = "super", task: list[str] | str = ("wikitext",),
                   data_dir: Optional[str] = None, limit: Optional[int] = None, max_length: Optional[int] = None,
-                  options=None, reporter=None) -> Optional[RealQuantizationResult]:
+                  batch_size: int | str = "auto", options=None, reporter=None) -> Optional[RealQuantizationResult]:
     """`sw quantize --quantizer Q`: the real quantizer Q run naive and with the super weights'
     matrices kept in high precision, compared (edit/real_quantizers.py, measure/real_quantized.py)."""
     from ..coords import requested
@@ -98,6 +98,7 @@ def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Option
     from ..coords import check_selection
     from ..measure.limits import check_limits
     from ..model.options import LoadOptions
+    from .prepare import batch_size_option
     from .reporter import Reporter
 
     reporter = reporter or Reporter()
@@ -108,6 +109,10 @@ def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Option
     if any(placement.values()):
         raise UsageError(f"{next(flag for flag, given in placement.items() if given)} does not apply to a real "
                          "quantizer: it quantizes the float32 checkpoint itself and is measured on the CPU; drop it")
+    batch = batch_size_option(batch_size)
+    if quantizer == "llama.cpp" and batch != "auto":
+        raise UsageError("--batch-size does not apply to --quantizer llama.cpp: llama-perplexity scores its files; "
+                         "drop --batch-size")
     revision, gguf_file, cache_dir = options.revision, options.gguf_file, options.cache_dir
     trust_remote_code = options.trust_remote_code
     settings = rq.parse_scheme(quantizer, scheme)
@@ -135,7 +140,7 @@ def quantize_with(model: Optional[str] = None, *, quantizer: str, scheme: Option
             folder = _float_folder(source, work, load_options, reporter.say)
             document = real_quantized.compare(folder, weights, tools, settings, tasks=names, work=work,
                                               data_dir=data_dir, limit=limit, max_length=max_length,
-                                              progress=update)
+                                              batch_size=batch, progress=update)
     document = {"model": {"spec": source.spec, "location": source.location},
                 "super_weights": [w.to_dict() for w in weights], **document, "tasks": names, "limit": limit,
                 "max_length": max_length, "tool": f"superweight {__version__}"}

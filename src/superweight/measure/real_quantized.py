@@ -85,7 +85,8 @@ def read_back(quantizer: str, mode: str, result: dict, keep: list[str], gguf_ten
 
 def compare(model_dir: Path, weights: Sequence[SuperWeight], tools: rq.QuantizerTools, settings: dict, *,
             tasks: list[str], work: Path, data_dir: Optional[str] = None, limit: Optional[int] = None,
-            max_length: Optional[int] = None, progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+            max_length: Optional[int] = None, batch_size: int | str = "auto",
+            progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Quantize `model_dir` (a float safetensors folder) naive and protected; measure both."""
     progress = progress or (lambda message: None)
     quantizer = tools.quantizer
@@ -104,7 +105,7 @@ def compare(model_dir: Path, weights: Sequence[SuperWeight], tools: rq.Quantizer
     if quantizer != "llama.cpp":
         rq.check_model_fits(quantizer, settings, model_dir, keep["protected"])
     super_weights = [[w.layer, w.row, w.col] for w in weights]
-    evaluate_options = dict(data_dir=data_dir, limit=limit, max_length=max_length)
+    evaluate_options = dict(data_dir=data_dir, limit=limit, max_length=max_length, batch_size=batch_size)
     text_file = _wikitext_file(work, data_dir, limit) if gguf else None
     context = max_length or 512
     runs: dict[str, Any] = {}
