@@ -399,14 +399,14 @@ def ablated_with_roles(model_dir, tmp_path, *extra) -> tuple[Path, Path]:
     return out, coords
 
 
-@pytest.mark.parametrize("flag", ["--compare", "--restore-activation"])
+@pytest.mark.parametrize("flag", ["--compare", "--restore-activation", "--control random"])
 def test_compare_without_coordinates_on_an_ablated_directory_takes_its_record(tiny_llama_dir, tmp_path, flag):
     """`sw eval DIR --compare` (or --restore-activation) without coordinates, on a folder `sw ablate`
     wrote: its record's weights, in the original its record puts back; the rows, their kinds and
     numbers are those of `sw eval MODEL --compare --coords` with the file the folder was ablated
     from, named by the roles the record keeps; the ablated row is the folder as written."""
     out, coords = ablated_with_roles(tiny_llama_dir, tmp_path)
-    options = ["--json", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR, flag, "--select", "set"]
+    options = ["--json", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR, *flag.split(), "--select", "set"]
     result = invoke("eval", out, *options)
     assert result.exit_code == 0, result.output
     assert "no coordinates given: acting on the weights" in result.stderr and "[1, 3, 5], [2, 4, 6]" in result.stderr
@@ -418,6 +418,17 @@ def test_compare_without_coordinates_on_an_ablated_directory_takes_its_record(ti
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
     if flag == "--restore-activation":
         assert names == ["2 super weights zeroed + activation restored"]
+        return
+    if flag == "--control random":  # its random weights zeroed in the original, not on top of the folder's zeros
+        assert names == ["2 random weights zeroed"]
+        given = json.loads(invoke("eval", out, *options, "--coords", coords).stdout)["configurations"]
+        assert given[0]["results"] == from_original["configurations"][0]["results"]
+        control = tmp_path / "random"
+        assert invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--control", "random", "--out",
+                      control).exit_code == 0
+        assert_one_line_error(invoke("eval", control, *options, "--coords", coords),
+                              "holds no original values of super weights to put back",
+                              "a control zeroes random weights of the original model")
         return
     assert names[0] == "original (the folder's recorded values put back in memory)"
     assert names[1:] == [c["name"] for c in from_original["configurations"]][1:]

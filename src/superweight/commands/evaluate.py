@@ -21,7 +21,7 @@ from ..measure.harness import HarnessTasks, check_harness_tasks
 from ..model.options import LoadOptions
 from ..measure.limits import check_limits
 from .prepare import Coords, Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, \
-    model_source, ready_model, recorded_coordinates, tasks_with_data
+    model_source, no_original_values, ready_model, recorded_coordinates, tasks_with_data
 from .reporter import Reporter
 
 
@@ -102,20 +102,26 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
     source = model_source(model, options)
     check_outputs(source, files=(output,), force=force, coords=coords)
     with ExitStack() as recorded:  # a folder's recorded values, put back for the evaluation only
-        # Without coordinates, --compare and --restore-activation on a folder `sw ablate` wrote act on
-        # the weights its record holds, in the original model its record puts back: the rows are the
-        # original and the folder's own ablation, as `sw eval MODEL --compare --coords` gives them.
-        from_record = not weights and (compare or restore_activation)
-        folder = ablated_folder(reporter, source, None if from_record else weights,
-                                from_record or compare or (restore_activation and not control), recorded)
+        # Without coordinates, --compare, --restore-activation and --control on a folder `sw ablate`
+        # wrote act on the weights its record holds, in the original model its record puts back: the
+        # rows are the original and the folder's own ablation, as `sw eval MODEL --compare --coords`
+        # gives them. A lone control row, with coordinates too, zeroes its random weights in that
+        # original, not on top of the folder's ablation, which its name would not mention.
+        from_record = not weights and (compare or restore_activation or control)
+        lone_control = bool(control) and not compare
+        folder = ablated_folder(reporter, source, None if from_record or lone_control else weights,
+                                from_record or compare or restore_activation or lone_control, recorded)
+        if lone_control and folder.record is not None and folder.put_back is None:
+            raise no_original_values(source, folder, "a control zeroes random weights of the original model; "
+                                     "evaluate the original model with --control")
         if from_record:
             weights = recorded_coordinates(reporter, source, folder)
-            if weights and how == "zero" and folder.record.get("mode") == "scale":
+            if weights and how == "zero" and not lone_control and folder.record.get("mode") == "scale":
                 reporter.note("the folder's ablation scaled these weights; these rows zero them (the paper's "
                               f"layout); `sw eval {source.spec}` alone evaluates the folder as written")
         if (compare or restore_activation or control) and not weights:
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C "
-                             "(on a folder `sw ablate` wrote, --compare and --restore-activation take its record's)")
+                             "(on a folder `sw ablate` wrote, they take its record's)")
         unchanged = folder.name
         loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=folder.put_back)
         if compare:

@@ -169,7 +169,7 @@ def ablated_folder(reporter: Reporter, source: ModelSource, weights: Optional[Se
     if originals is None:
         return FolderAsGiven(describe_recorded_ablation(prior), prior)
     reporter.note(f"{source.spec} is ablated; its {RECORD_FILE} holds the original values, put back in "
-                  "memory to zero them again and write the super activation back")
+                  "memory: the command acts on the original model")
     return FolderAsGiven(RECORDED_VALUES_PUT_BACK, prior, weights=tuple(every), values=originals,
                          put_back=lambda loaded: stack.enter_context(
                              recorded_values_put_back(loaded.model, every, originals)))
