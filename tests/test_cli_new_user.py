@@ -426,9 +426,9 @@ def test_compare_without_coordinates_on_an_ablated_directory_takes_its_record(ti
         control = tmp_path / "random"
         assert invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--control", "random", "--out",
                       control).exit_code == 0
-        assert_one_line_error(invoke("eval", control, *options, "--coords", coords),
-                              "holds no original values of super weights to put back",
-                              "a control zeroes random weights of the original model")
+        [on_control] = json.loads(invoke("eval", control, *options, "--coords", coords).stdout)["configurations"]
+        assert on_control["name"].startswith("ablated by superweight: 1 random weight zeroed") and \
+            on_control["name"].endswith(", then 2 random weights zeroed")  # no original values: on top, and said
         return
     assert names[0] == "original (the folder's recorded values put back in memory)"
     assert names[1:] == [c["name"] for c in from_original["configurations"]][1:]
@@ -436,6 +436,24 @@ def test_compare_without_coordinates_on_an_ablated_directory_takes_its_record(ti
     assert from_folder["model"]["superweight_ablation"]["name"] == "2 super weights zeroed"
     [as_written] = json.loads(invoke("eval", out, *options[:-3]).stdout)["configurations"]
     assert ppl[0][1] == pytest.approx(as_written["results"]["wikitext"]["word_perplexity"], rel=1e-6)
+
+
+def test_a_lone_row_on_an_ablated_directory_is_what_its_name_says(tiny_llama_dir, tmp_path):
+    """`sw eval DIR --coords FILE` on a folder ablated with the whole set (both weights zeroed), acting
+    on the super weight alone (default --select super): the row "super weight [1, 3, 5] zeroed" is the
+    original with that one weight zeroed, as on the original model, not the folder's two zeros."""
+    out, coords = ablated_with_roles(tiny_llama_dir, tmp_path)
+    options = ["--json", "--limit", "1", "--max-length", "32", "--data-dir", DATA_DIR, "--coords", coords]
+    runs = []
+    for model in (out, tiny_llama_dir):
+        result = invoke("eval", model, *options)
+        assert result.exit_code == 0, result.output
+        [run] = json.loads(result.stdout)["configurations"]
+        runs.append(run)
+    assert runs[0]["name"] == runs[1]["name"] == "super weight [1, 3, 5] zeroed"
+    assert runs[0]["results"] == runs[1]["results"]
+    [as_written] = json.loads(invoke("eval", out, *options[:-2]).stdout)["configurations"]
+    assert as_written["results"] != runs[0]["results"]  # the folder's own two zeros differ from one
 
 
 def test_compare_on_an_ablated_directory_without_coordinates_or_originals(tiny_llama_dir, tmp_path):

@@ -21,7 +21,7 @@ from ..measure.harness import HarnessTasks, check_harness_tasks
 from ..model.options import LoadOptions
 from ..measure.limits import check_limits
 from .prepare import Coords, Model, ablated_folder, batch_size_option, check_outputs, configuration_progress, \
-    model_source, no_original_values, ready_model, recorded_coordinates, tasks_with_data
+    model_source, ready_model, recorded_coordinates, tasks_with_data
 from .reporter import Reporter
 
 
@@ -105,24 +105,23 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
         # Without coordinates, --compare, --restore-activation and --control on a folder `sw ablate`
         # wrote act on the weights its record holds, in the original model its record puts back: the
         # rows are the original and the folder's own ablation, as `sw eval MODEL --compare --coords`
-        # gives them. A lone control row, with coordinates too, zeroes its random weights in that
-        # original, not on top of the folder's ablation, which its name would not mention.
+        # gives them. A lone row that acts on weights (no --compare: no first row to say what the
+        # model is) acts in that original too, so that it is what its name says, not the folder's
+        # zeros and then its own; where the record holds no original values, its name says so.
         from_record = not weights and (compare or restore_activation or control)
-        lone_control = bool(control) and not compare
-        folder = ablated_folder(reporter, source, None if from_record or lone_control else weights,
-                                from_record or compare or restore_activation or lone_control, recorded)
-        if lone_control and folder.record is not None and folder.put_back is None:
-            raise no_original_values(source, folder, "a control zeroes random weights of the original model; "
-                                     "evaluate the original model with --control")
+        lone_row = not compare
+        folder = ablated_folder(reporter, source, None if from_record or lone_row else weights,
+                                compare or from_record or bool(weights), recorded)
         if from_record:
             weights = recorded_coordinates(reporter, source, folder)
-            if weights and how == "zero" and not lone_control and folder.record.get("mode") == "scale":
+            if weights and how == "zero" and not control and folder.record.get("mode") == "scale":
                 reporter.note("the folder's ablation scaled these weights; these rows zero them (the paper's "
                               f"layout); `sw eval {source.spec}` alone evaluates the folder as written")
         if (compare or restore_activation or control) and not weights:
             raise UsageError("--compare, --restore-activation and --control need --coords FILE or --coord L,R,C "
                              "(on a folder `sw ablate` wrote, they take its record's)")
         unchanged = folder.name
+        on_top_of = folder.name if folder.record is not None and folder.put_back is None else None
         loaded, weights = ready_model(reporter, model, options, source, weights, coords, put_back=folder.put_back)
         if compare:
             configurations = comparison_configurations(loaded.model, weights, control=control, seed=seed, top=top,
@@ -130,7 +129,7 @@ def evaluate_model(model: Model = None, *, task: Optional[list[str]] = None, for
         else:
             configurations = [single_configuration(loaded.model, weights, mode=how, factor=value,
                                                    restore_activation=restore_activation, control=control,
-                                                   seed=seed, top=top, unchanged=unchanged)]
+                                                   seed=seed, top=top, unchanged=unchanged, on_top_of=on_top_of)]
         with reporter.bars() as bar:
             on_start, on_progress = configuration_progress(bar)
             runs = run_configurations(

@@ -116,21 +116,23 @@ def control_weights(model, super_weights: list[SuperWeight], control: str, *, se
 
 def single_configuration(model, super_weights: list[SuperWeight], *, mode: str, factor: float | None,
                          restore_activation: bool, control: str | None, seed: int, top: int | None,
-                         unchanged: str = "original") -> Configuration:
+                         unchanged: str = "original", on_top_of: str | None = None) -> Configuration:
     """What `sw eval --coords ...` (without --compare) evaluates; `unchanged` names the model as
-    loaded (a directory that `sw ablate` wrote is not the original)."""
+    loaded (a directory that `sw ablate` wrote is not the original); `on_top_of` names an ablation
+    the model already holds, which the row's name then starts with ("<it>, then ...")."""
     if not super_weights:
         return Configuration(unchanged)
     if control and restore_activation:
         raise UsageError("--restore-activation writes back the super weights' activation, which a --control "
                          "ablation leaves alone; drop one of them (--compare evaluates both)")
+    prefix = f"{on_top_of}, then " if on_top_of else ""
     if control:
         top = outlier_count(model, control, top)
         chosen = control_weights(model, super_weights, control, seed=seed, top=top)
-        return Configuration(control_name(chosen, control, mode, factor), tuple(chosen), mode, factor, False,
-                             control, seed, top)
-    return Configuration(ablated_name(super_weights, mode, factor, restore_activation), tuple(super_weights), mode,
-                         factor, restore_activation)
+        return Configuration(prefix + control_name(chosen, control, mode, factor), tuple(chosen), mode, factor,
+                             False, control, seed, top)
+    return Configuration(prefix + ablated_name(super_weights, mode, factor, restore_activation), tuple(super_weights),
+                         mode, factor, restore_activation)
 
 
 def comparison_configurations(model, super_weights: list[SuperWeight], *, control: str | None, seed: int,
