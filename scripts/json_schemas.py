@@ -59,9 +59,18 @@ write("detect", "The detected super weights, the rule that chose them, per-layer
            "coordinates_file": nullable(str_), "verification": nullable(verification)},
           required=["model", "prompt", "num_tokens", "rule", "super_weights", "layers", "known", "coordinates_file"]))
 
+recorded_coordinate = obj({
+    **coordinate["properties"],
+    "iteration": {**int_, "description": "the detection iteration that found it, where the coordinates came from `sw detect`"},
+    "role": {"enum": ["super", "joint", "inert"],
+             "description": "its role measured by `sw detect --verify`, where known; `sw eval DIR --compare` names its rows by it"},
+    "output_spike": {**num, "description": "the output spike the coordinates recorded, where known; --restore-activation "
+                                           "on the folder restores above the same threshold"},
+    "raw_output": {**num, "description": "the raw down-projection output the coordinates recorded (post-norm families' "
+                                         "restore threshold), where known"}}, required=["layer", "row", "col"])
 write("ablate", "The model directory written and the weights changed in it.",
       obj({"out": str_, "ablation": obj({"name": {"type": "string", "description": "what was done, as `sw ablate` printed it and `sw eval` names the folder's row"},
-                                          "coordinates": arr(coordinate), "mode": {"enum": ["zero", "scale"]}, "factor": num,
+                                          "coordinates": arr(recorded_coordinate), "mode": {"enum": ["zero", "scale"]}, "factor": num,
                                           "original_values": arr(num), "new_values": arr(num), "dtype": str_,
                                           "control": nullable({"type": "object"}), "notes": arr(str_)},
                                          ["name", "coordinates", "mode", "original_values", "new_values", "dtype"])}))
@@ -87,7 +96,8 @@ write("export", "What a quantizer needs to keep the super weights' matrices in h
            "checked": arr(str_), "out": nullable(str_)}))
 
 write("quantize", "Round-to-nearest quantization, naive and super-weight-aware, per block size (and per activation row).",
-      obj({"model": obj({"spec": str_, "location": str_}, ["spec"]), "bits": int_, "z": {"type": ["number", "string"]},
+      obj({"model": obj({"spec": str_, "location": str_, "superweight_ablation": nullable({"type": "object"})},
+                        ["spec", "superweight_ablation"]), "bits": int_, "z": {"type": ["number", "string"]},
            "super_weights": arr(coordinate), "unquantized": task_results,
            "weights": arr(obj({"bits": int_, "block_size": int_, "naive": task_results, "aware": task_results,
                                "naive_perplexity": nullable(num), "aware_perplexity": nullable(num),

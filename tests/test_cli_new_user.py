@@ -701,6 +701,22 @@ def test_quantize_reports_the_accuracy_of_a_task_without_perplexity(tiny_llama_d
     assert all(f"{row[s]['piqa']['acc']:.4f}" in rows[f"{s}, block 64"] for s in ("naive", "aware"))
 
 
+def test_quantize_says_when_it_quantizes_an_ablated_folder(tiny_llama_dir, tmp_path):
+    """A folder `sw ablate` wrote is quantized as written: its 'unquantized' row is that folder, which
+    stderr and the JSON's model.superweight_ablation say, as sw eval's do."""
+    out = tmp_path / "no-sw"
+    assert invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--out", out).exit_code == 0
+    options = ["--json", "--coord", "1,3,5", "--block-size", "64", "--data-dir", DATA_DIR, "--limit", "1",
+               "--max-length", "32"]
+    result = invoke("quantize", out, *options)
+    assert result.exit_code == 0, result.output
+    assert "is ablated by superweight: weight [1, 3, 5] zeroed" in result.stderr
+    assert "'unquantized' is this folder, not the original model" in result.stderr
+    assert json.loads(result.stdout)["model"]["superweight_ablation"]["coordinates"][0]["layer"] == 1
+    plain = invoke("quantize", tiny_llama_dir, *options)
+    assert "ablated" not in plain.stderr and json.loads(plain.stdout)["model"]["superweight_ablation"] is None
+
+
 @pytest.mark.parametrize("command", ["ablate", "eval", "study", "quantize"])
 def test_out_of_range_coordinates_fail_before_the_weights_load(tiny_llama_dir, tmp_path, monkeypatch, command):
     import superweight.model.load

@@ -14,6 +14,7 @@ from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_proceeds
 from ..edit import quantize as rtn
 from ..edit.quantize_activations import check_activations_supported, check_adapter_activations
+from ..edit.save import describe_recorded_ablation, recorded_ablation
 from ..measure.quantized import activation_quantization_compare, comparison_runs, weight_quantization_sweep
 from ..report.plots import plot_sweep
 from ..errors import UsageError
@@ -108,6 +109,10 @@ def quantize_model(model: Model = None, *, coords: Coords = None, coord: Optiona
         (lambda config: check_adapter_activations(adapter_for_config(config)[0])) if activations else None))
     if activations:  # before the detection and the weight sweep, not after them
         check_activations_supported(loaded.model)
+    ablation = recorded_ablation(source)  # a folder `sw ablate` wrote is quantized as written: say so
+    if ablation:
+        reporter.note(f"{source.spec} is {describe_recorded_ablation(ablation)}; it is quantized as written, so "
+                      "'unquantized' is this folder, not the original model")
     grid = sizes or rtn.default_block_sizes(loaded.model)
     evaluation = dict(data_dir=data_dir, limit=limit, max_length=max_length, batch_size=batch)
     with reporter.bars() as bar:
@@ -134,7 +139,8 @@ def quantize_model(model: Model = None, *, coords: Coords = None, coord: Optiona
     def without_baseline(row: dict[str, Any]) -> dict[str, Any]:  # the unquantized results appear once, at the top
         return {k: v for k, v in row.items() if k != "baseline"}
 
-    document = {"model": {"spec": source.spec, "location": source.location}, "bits": bits, "z": z_value,
+    document = {"model": {"spec": source.spec, "location": source.location, "superweight_ablation": ablation},
+                "bits": bits, "z": z_value,
                 "super_weights": [w.to_dict() for w in weights],
                 "unquantized": rows[0].get("baseline") if rows else None,
                 "weights": [without_baseline(r) for r in rows],
