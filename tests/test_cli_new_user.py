@@ -438,6 +438,17 @@ def test_compare_without_coordinates_on_an_ablated_directory_takes_its_record(ti
     assert ppl[0][1] == pytest.approx(as_written["results"]["wikitext"]["word_perplexity"], rel=1e-6)
 
 
+def test_an_ablated_directory_is_not_ablated_again(tiny_llama_dir, tmp_path):
+    """The second folder's record would hold only its own weights: `sw eval --compare` on it would put
+    back those alone and call the result the original. Refused in one line before the load."""
+    out = tmp_path / "no-sw"
+    assert invoke("ablate", tiny_llama_dir, "-q", "--coord", "1,3,5", "--out", out).exit_code == 0
+    result = invoke("ablate", out, "-q", "--coord", "2,4,6", "--out", tmp_path / "twice")
+    assert_one_line_error(result, "is ablated by superweight: weight [1, 3, 5] zeroed",
+                          "ablate the original model with every weight at once")
+    assert result.exit_code == 2 and not (tmp_path / "twice").exists()
+
+
 def test_a_lone_row_on_an_ablated_directory_is_what_its_name_says(tiny_llama_dir, tmp_path):
     """`sw eval DIR --coords FILE` on a folder ablated with the whole set (both weights zeroed), acting
     on the super weight alone (default --select super): the row "super weight [1, 3, 5] zeroed" is the

@@ -10,7 +10,7 @@ from ..brief_repr import BriefRepr
 from ..coords import DEFAULT_SELECTION, check_selection, requested
 from ..distributed import main_alone
 from ..edit.ablate import AblationRecord, ablated
-from ..edit.save import save_ablated
+from ..edit.save import describe_recorded_ablation, recorded_ablation, save_ablated
 from ..errors import UsageError
 from ..measure.configurations import check_control, control_weights, outlier_count, parse_factor
 from ..model.options import LoadOptions
@@ -60,6 +60,11 @@ def ablate_model(model: Model = None, *, out: Path, coords: Coords = None,
     if not weights:
         raise UsageError("no coordinates given; pass --coords FILE (from `sw detect`) or --coord LAYER,ROW,COL")
     source = model_source(model, options)
+    prior = recorded_ablation(source)
+    if prior:  # a second record would hold only its own weights: "the original" put back from it would not be
+        raise UsageError(f"{source.spec} is {describe_recorded_ablation(prior)}; an ablation of it would record only "
+                         "its own weights, so the commands that put the original back from its record would not; "
+                         "ablate the original model with every weight at once (--coord repeated, or --coords)")
     check_outputs(source, directory=out, force=force, coords=coords)
     loaded, weights = ready_model(reporter, model, options, source, weights, coords)
     top = outlier_count(loaded.model, control, top)
